@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint typecheck install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch/torchvision first and pinned: pip takes them from this machine's disk; other versions
+# download gigabytes.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python cli.py convert resnet18 --out artifacts/demo
+	$(BIN)/python cli.py bench artifacts/demo --backends eager,torchscript,ort --batch-sizes 1,4 --warmup 3 --iters 20
+	@echo "report: artifacts/demo/bench/results.md (results.json is the source of truth)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_cpu.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy core convert runtimes calibration reports cli.py
+
+clean:
+	rm -rf artifacts .pytest_cache .mypy_cache .ruff_cache

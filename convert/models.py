@@ -1,0 +1,216 @@
+"""Resolve the MODEL argument into an ``nn.Module`` (or an ONNX file) plus what we know about it."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import InputError
+from core.manifest import Preprocessing, SourceInfo
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to export (``module``) or an ONNX file taken as is (``onnx_path``)."""
+
+    source: SourceInfo
+    module: Any = None  # torch.nn.Module | torch.jit.ScriptModule
+    onnx_path: Path | None = None
+    default_shape: tuple[int, ...] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def torchvision_classifiers() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _check_file(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"{what} {path} is not a file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise InputError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    return path
+
+
+def _preprocessing_from_weights(weights: Any) -> Preprocessing | None:
+    try:
+        t = weights.transforms()
+        return Preprocessing(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=list(t.mean),
+                             std=list(t.std), source=f"torchvision {weights}")
+    except Exception:
+        return None
+
+
+def load_state_dict_file(path: Path) -> dict[str, Any]:
+    """Read a state dict (plain, or under 'state_dict'/'model', with DataParallel prefixes removed)."""
+    import torch
+
+    _check_file(path, "weights file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"weights file {path} is not a readable PyTorch state dict: {str(exc).splitlines()[0]}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise InputError(f"weights file {path} does not hold a state dict (name -> tensor)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def apply_state_dict(module: Any, state: dict[str, Any], origin: str) -> None:
+    """Load ``state`` strictly; on mismatch, say which keys and shapes disagree."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+        raise InputError(f"weights {origin} do not match the architecture: " + ", ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+def _torchvision(name: str, weights: str | None, seed: int) -> LoadedModel:
+    import torch
+    import torchvision
+
+    names = torchvision_classifiers()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
+        raise InputError(f"unknown model {name!r}: not a torchvision classification model, a .py:factory, "
+                         f"a TorchScript .pt or an .onnx file{hint}")
+    enum = torchvision.models.get_model_weights(name)
+    default_w = getattr(enum, "DEFAULT", None)
+    pre = _preprocessing_from_weights(default_w) if default_w is not None else None
+    num_classes = len(default_w.meta.get("categories") or []) or None if default_w is not None else None
+    source = SourceInfo(model=name, kind="torchvision", weights=weights, num_classes=num_classes, preprocessing=pre)
+    torch.manual_seed(seed)
+    notes: list[str] = []
+    if weights is None:
+        module = torchvision.models.get_model(name, weights=None)
+        source.weights_note = f"random init (seed {seed}); pass --weights to use trained weights"
+        notes.append(source.weights_note)
+    elif Path(weights).suffix in {".pt", ".pth", ".bin", ".ckpt"} or Path(weights).exists():
+        module = torchvision.models.get_model(name, weights=None)
+        apply_state_dict(module, load_state_dict_file(Path(weights)), str(weights))
+        source.weights_note = f"local state dict {weights}"
+    else:
+        try:
+            w = enum[weights] if weights in enum.__members__ else torchvision.models.get_weight(weights)
+        except (KeyError, ValueError, AttributeError):
+            options = [f"{name}:{m}" for m in enum.__members__] + ["a local state-dict file"]
+            raise InputError(f"unknown weights {weights!r} for {name}; available: {', '.join(options)}") from None
+        try:
+            module = torchvision.models.get_model(name, weights=w)
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(f"could not fetch weights {w} (no internet here?): {reason}; "
+                             "download them elsewhere and pass the state-dict file with --weights PATH") from None
+        source.weights = str(w)
+        source.weights_note = f"torchvision weights {w}"
+        source.preprocessing = _preprocessing_from_weights(w) or pre
+    crop = pre.crop if pre else 224
+    return LoadedModel(source=source, module=module.eval(), default_shape=(1, 3, crop, crop), notes=notes)
+
+
+def _factory(spec: str, weights: str | None, seed: int) -> LoadedModel:
+    import torch
+
+    file_part, _, attr = spec.rpartition(":")
+    path = _check_file(Path(file_part), "model file")
+    mod_name = f"_onnxkit_user_{abs(hash(path.resolve()))}"
+    try:
+        mspec = importlib.util.spec_from_file_location(mod_name, path)
+        if mspec is None or mspec.loader is None:
+            raise InputError(f"{path} cannot be imported as a Python module")
+        mod = importlib.util.module_from_spec(mspec)
+        sys.modules[mod_name] = mod
+        mspec.loader.exec_module(mod)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
+    factory = getattr(mod, attr, None)
+    if factory is None or not callable(factory):
+        found = [n for n, v in vars(mod).items() if callable(v) and not n.startswith("_")]
+        raise InputError(f"{path} has no callable {attr!r}; callables there: {found[:10]}")
+    torch.manual_seed(seed)
+    try:
+        module = factory()
+    except Exception as exc:
+        raise InputError(f"{spec}() raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"{spec}() returned {type(module).__name__}, not a torch.nn.Module")
+    source = SourceInfo(model=spec, kind="factory", weights=weights)
+    if weights:
+        apply_state_dict(module, load_state_dict_file(Path(weights)), weights)
+        source.weights_note = f"local state dict {weights}"
+    else:
+        source.weights_note = f"as returned by the factory (seed {seed})"
+    shape = getattr(mod, "INPUT_SHAPE", None)
+    return LoadedModel(source=source, module=module.eval(), default_shape=tuple(shape) if shape else None)
+
+
+def _torchscript(path: Path, weights: str | None) -> LoadedModel:
+    import torch
+
+    _check_file(path, "TorchScript file")
+    if weights:
+        raise InputError("--weights cannot be combined with a TorchScript file: its weights are inside it")
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path} is not a loadable TorchScript file ({first}); for a state dict use "
+                         "MODEL=<torchvision name> --weights FILE") from None
+    source = SourceInfo(model=str(path), kind="torchscript", weights_note="weights inside the TorchScript file")
+    return LoadedModel(source=source, module=module.eval())
+
+
+def resolve_model(spec: str, weights: str | None = None, seed: int = 0) -> LoadedModel:
+    """MODEL -> LoadedModel. Every failure is an ``InputError`` with one clear line."""
+    spec = spec.strip()
+    if not spec:
+        raise InputError("MODEL is empty")
+    if spec.lower().endswith(".onnx"):
+        path = _check_file(Path(spec), "ONNX file")
+        if weights:
+            raise InputError("--weights cannot be combined with an .onnx model: its weights are inside it")
+        return LoadedModel(source=SourceInfo(model=spec, kind="onnx", weights_note="weights inside the ONNX file"),
+                           onnx_path=path)
+    if spec.lower().endswith((".pt", ".pth", ".ts", ".jit")):
+        return _torchscript(Path(spec), weights)
+    if ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+        return _factory(spec, weights, seed)
+    return _torchvision(spec, weights, seed)
+
+
+def rebuild_module(source: SourceInfo, state_dict_path: Path | None, seed: int = 0) -> Any:
+    """Rebuild the PyTorch module an artifact folder was exported from (for the eager/TorchScript runners)."""
+    if source.kind == "onnx":
+        raise InputError("this artifact folder was made from an .onnx file: there is no PyTorch model to run")
+    loaded = resolve_model(source.model, None, seed)
+    if state_dict_path is not None and source.kind != "torchscript":
+        apply_state_dict(loaded.module, load_state_dict_file(state_dict_path), str(state_dict_path))
+    return loaded.module

@@ -1,0 +1,170 @@
+"""The artifact manifest: every file the pipeline writes, with its hash, IOSpec, step and versions.
+
+``bench``, ``package`` and ``serve`` read the manifest; none of them guesses file names.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from core.errors import InputError, ValidationError
+from core.fsutil import atomic_write_text, sha256_file
+from core.iospec import IOSpec
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+ArtifactKind = Literal["onnx", "state_dict", "torchscript", "plan"]
+Precision = Literal["fp32", "fp16", "bf16", "int8", "mixed"]
+
+_VERSIONED = ("torch", "torchvision", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxslim", "onnxscript",
+              "onnxconverter-common", "numpy", "polygraphy", "tensorrt", "torch-pruning")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape an artifact (absent ones are left out)."""
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+class Preprocessing(BaseModel):
+    """How raw images become the model's input (resize, center crop, normalize)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resize: int = Field(description="Shorter side is resized to this many pixels")
+    crop: int = Field(description="Center crop size (square)")
+    mean: list[float] = Field(default=[0.485, 0.456, 0.406])
+    std: list[float] = Field(default=[0.229, 0.224, 0.225])
+    source: str = Field(default="default", description="Where these numbers came from")
+
+
+class SourceInfo(BaseModel):
+    """What the user asked to convert."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="The MODEL argument as given")
+    kind: Literal["torchvision", "factory", "torchscript", "onnx"]
+    weights: str | None = Field(default=None, description="Weights name or file; None = random init")
+    weights_note: str = Field(default="", description="Human note, e.g. 'random init (seed 0)'")
+    num_classes: int | None = None
+    preprocessing: Preprocessing | None = None
+
+
+class FileRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="Path relative to the manifest's folder")
+    sha256: str
+    size_bytes: int
+
+
+class Artifact(BaseModel):
+    """One file the pipeline produced, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Unique key, e.g. 'fp32', 'opt', 'int8_static_minmax'")
+    kind: ArtifactKind
+    precision: Precision = "fp32"
+    file: FileRecord
+    step: str = Field(description="The step that wrote it: export, optimize, quantize_static, ...")
+    params: dict[str, Any] = Field(default_factory=dict, description="The step's parameters")
+    parent: str | None = Field(default=None, description="Artifact this one was derived from")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="Parity / accuracy numbers")
+    status: Literal["ok", "failed"] = "ok"
+    notes: list[str] = Field(default_factory=list)
+    extra: dict[str, Any] = Field(default_factory=dict, description="Backend-specific facts (e.g. TRT build)")
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: the source of truth for an artifact folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    created_at: str = Field(default_factory=utc_now)
+    updated_at: str = Field(default_factory=utc_now)
+    source: SourceInfo
+    iospec: IOSpec
+    opset: int | None = None
+    exporter: str | None = None
+    versions: dict[str, str] = Field(default_factory=library_versions)
+    artifacts: dict[str, Artifact] = Field(default_factory=dict)
+
+    # -- files ---------------------------------------------------------------------------------
+    def record(self, base: Path, path: Path, *, name: str, kind: ArtifactKind, step: str,
+               precision: Precision = "fp32", params: dict[str, Any] | None = None,
+               parent: str | None = None, metrics: dict[str, Any] | None = None,
+               notes: list[str] | None = None, extra: dict[str, Any] | None = None) -> Artifact:
+        """Hash ``path`` and add (or replace) the artifact ``name``."""
+        path = Path(path)
+        rec = FileRecord(path=str(path.resolve().relative_to(Path(base).resolve())),
+                         sha256=sha256_file(path), size_bytes=path.stat().st_size)
+        art = Artifact(name=name, kind=kind, precision=precision, file=rec, step=step, params=params or {},
+                       parent=parent, metrics=metrics or {}, notes=notes or [], extra=extra or {})
+        self.artifacts[name] = art
+        return art
+
+    def path_of(self, base: Path, name: str) -> Path:
+        if name not in self.artifacts:
+            raise InputError(f"artifact {name!r} not in manifest; available: {sorted(self.artifacts)}")
+        return Path(base) / self.artifacts[name].file.path
+
+    def by_kind(self, kind: ArtifactKind) -> list[Artifact]:
+        return [a for a in self.artifacts.values() if a.kind == kind]
+
+    def verify(self, base: Path) -> list[str]:
+        """Every problem with the files on disk versus their recorded hashes (empty = all good)."""
+        problems: list[str] = []
+        for art in self.artifacts.values():
+            p = Path(base) / art.file.path
+            if not p.is_file():
+                problems.append(f"{art.name}: {art.file.path} is missing")
+            elif sha256_file(p) != art.file.sha256:
+                problems.append(f"{art.name}: {art.file.path} sha256 does not match the manifest")
+        return problems
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, base: Path) -> Path:
+        self.updated_at = utc_now()
+        path = Path(base) / MANIFEST_NAME
+        atomic_write_text(path, self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, base: Path) -> Manifest:
+        base = Path(base)
+        path = base / MANIFEST_NAME if base.is_dir() or not base.suffix else base
+        if not path.is_file():
+            raise InputError(f"no {MANIFEST_NAME} in {base}: run `python cli.py convert MODEL --out {base}` first")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path} is not readable JSON: {exc}") from None
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise InputError(f"{path} has schema_version {data.get('schema_version')!r}; "
+                             f"this toolkit reads version {SCHEMA_VERSION}")
+        try:
+            return cls.model_validate(data)
+        except PydanticValidationError as exc:
+            errs = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+            raise ValidationError(f"{path} is not a valid manifest", [errs]) from None

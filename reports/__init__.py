@@ -1,0 +1,1 @@
+"""Result models (pydantic) and the writers that turn them into JSON, CSV, Markdown, HTML and plots."""

@@ -1,0 +1,148 @@
+"""Pydantic result models. ``results.json`` is the source of truth; every other format derives from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+
+from core.errors import InputError
+from core.manifest import library_versions, utc_now
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+class LatencyStats(BaseModel):
+    """Per-call latency in milliseconds over the timed iterations (warm-up excluded)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    min: float
+    max: float
+    std: float
+    iters: int
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float]) -> LatencyStats:
+        import numpy as np
+
+        a = np.asarray(samples_ms, dtype=np.float64)
+        if a.size == 0:
+            raise ValueError("no latency samples")
+        p50, p90, p99 = np.percentile(a, [50, 90, 99])
+        return cls(p50=float(p50), p90=float(p90), p99=float(p99), mean=float(a.mean()), min=float(a.min()),
+                   max=float(a.max()), std=float(a.std()), iters=int(a.size))
+
+
+class AccuracyStats(BaseModel):
+    """Agreement of a backend's outputs with the FP32 reference, and accuracy against labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference: str = Field(description="What the outputs were compared with, e.g. 'eager:fp32'")
+    samples: int
+    max_abs_err: float
+    mean_abs_err: float
+    cosine: float
+    top1_agreement: float | None = None
+    top5_agreement: float | None = None
+    top1_acc: float | None = None
+    top5_acc: float | None = None
+    ref_top1_acc: float | None = None
+    ref_top5_acc: float | None = None
+
+
+class BenchRecord(BaseModel):
+    """One (backend, variant, batch size) measurement."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    backend: str
+    variant: str = Field(description="Manifest artifact name (e.g. 'opt', 'int8_static_minmax')")
+    precision: str
+    device: str
+    batch_size: int
+    latency_ms: LatencyStats
+    throughput: float = Field(description="Samples per second = batch_size / mean latency")
+    ram_mb: float | None = Field(default=None, description="Peak process RSS during load + run (MB)")
+    ram_delta_mb: float | None = Field(default=None, description="Peak RSS minus RSS before load (MB)")
+    vram_mb: float | None = Field(default=None, description="Peak GPU memory (MB)")
+    cpu_util: float | None = Field(default=None, description="Process CPU use over the timed loop, % of all cores")
+    gpu_util: float | None = Field(default=None, description="Mean GPU utilisation over the timed loop (%)")
+    model_size_mb: float | None = None
+    load_s: float | None = None
+    input_digest: str = Field(description="sha256 prefix of the exact inputs: equal across backends")
+    accuracy: AccuracyStats | None = None
+    notes: list[str] = Field(default_factory=list)
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+def machine_info() -> dict[str, Any]:
+    import psutil
+
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+    try:
+        from calibration.cpu import cpu_features  # optional: added with INT8 support
+
+        info["cpu_flags"] = cpu_features().model_dump()
+    except Exception:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return info
+
+
+class BenchResults(BaseModel):
+    """``results.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = RESULTS_SCHEMA_VERSION
+    kind: str = Field(default="bench", description="bench | loadtest")
+    created_at: str = Field(default_factory=utc_now)
+    model: str
+    artifact_dir: str | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    machine: dict[str, Any] = Field(default_factory=machine_info)
+    versions: dict[str, str] = Field(default_factory=library_versions)
+    records: list[BenchRecord] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> BenchResults:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"results file {path} does not exist")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{path} is not a readable results JSON file: {exc}") from None
+        if not isinstance(data, dict) or data.get("schema_version") != RESULTS_SCHEMA_VERSION:
+            got = data.get("schema_version") if isinstance(data, dict) else None
+            raise InputError(f"{path} has results schema_version {got!r}; expected {RESULTS_SCHEMA_VERSION}")
+        try:
+            return cls.model_validate(data)
+        except PydanticValidationError as exc:
+            first = exc.errors()[0]
+            loc = ".".join(str(x) for x in first["loc"])
+            raise InputError(f"{path} does not match the results schema: {loc}: {first['msg']}") from None

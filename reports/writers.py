@@ -1,0 +1,101 @@
+"""results.json (source of truth) -> CSV, Markdown and a rich table."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from core.fsutil import atomic_write_text
+from reports.models import BenchRecord, BenchResults
+
+CSV_COLUMNS = [
+    "model", "backend", "variant", "precision", "device", "batch_size", "latency_ms_p50", "latency_ms_p90",
+    "latency_ms_p99", "latency_ms_mean", "throughput", "ram_mb", "vram_mb", "cpu_util", "gpu_util",
+    "model_size_mb", "max_abs_err", "mean_abs_err", "cosine", "top1_agreement", "top5_agreement",
+    "top1_acc", "top5_acc", "input_digest",
+]
+
+
+def flat_row(r: BenchRecord) -> dict[str, Any]:
+    acc = r.accuracy
+    return {
+        "model": r.model, "backend": r.backend, "variant": r.variant, "precision": r.precision, "device": r.device,
+        "batch_size": r.batch_size, "latency_ms_p50": r.latency_ms.p50, "latency_ms_p90": r.latency_ms.p90,
+        "latency_ms_p99": r.latency_ms.p99, "latency_ms_mean": r.latency_ms.mean, "throughput": r.throughput,
+        "ram_mb": r.ram_mb, "vram_mb": r.vram_mb, "cpu_util": r.cpu_util, "gpu_util": r.gpu_util,
+        "model_size_mb": r.model_size_mb,
+        "max_abs_err": acc.max_abs_err if acc else None, "mean_abs_err": acc.mean_abs_err if acc else None,
+        "cosine": acc.cosine if acc else None, "top1_agreement": acc.top1_agreement if acc else None,
+        "top5_agreement": acc.top5_agreement if acc else None, "top1_acc": acc.top1_acc if acc else None,
+        "top5_acc": acc.top5_acc if acc else None, "input_digest": r.input_digest,
+    }
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 10 ** -digits or abs(v) >= 1e6):
+            return f"{v:.2e}"
+        return f"{v:.{digits}f}".rstrip("0").rstrip(".") if "." in f"{v:.{digits}f}" else f"{v:.{digits}f}"
+    return str(v)
+
+
+def to_csv(results: BenchResults) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in results.records:
+        w.writerow({k: ("" if v is None else v) for k, v in flat_row(r).items()})
+    return buf.getvalue()
+
+
+SUMMARY_COLUMNS = [("backend", "backend"), ("variant", "variant"), ("precision", "precision"),
+                   ("batch", "batch_size"), ("p50 ms", "latency_ms_p50"), ("p90 ms", "latency_ms_p90"),
+                   ("p99 ms", "latency_ms_p99"), ("samples/s", "throughput"), ("RAM MB", "ram_mb"),
+                   ("size MB", "model_size_mb"), ("max abs err", "max_abs_err"), ("top-1 agree", "top1_agreement"),
+                   ("top-1 acc", "top1_acc")]
+
+
+def to_markdown(results: BenchResults) -> str:
+    lines = [f"# Benchmark: {results.model}", "",
+             f"- created: {results.created_at}", f"- device: {results.records[0].device if results.records else '-'}",
+             f"- machine: {results.machine.get('processor', '-')}, {results.machine.get('cpu_count')} cores, "
+             f"{results.machine.get('ram_gb')} GiB" + (f", GPU {results.machine['gpu']}" if 'gpu' in results.machine
+                                                        else ""),
+             f"- inputs: {results.config.get('inputs', '-')}",
+             f"- warm-up {results.config.get('warmup')}, timed iterations {results.config.get('iters')}",
+             f"- versions: " + ", ".join(f"{k} {v}" for k, v in results.versions.items() if k != "platform"), ""]
+    header = [h for h, _ in SUMMARY_COLUMNS]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for r in results.records:
+        row = flat_row(r)
+        lines.append("| " + " | ".join(_fmt(row[k]) for _, k in SUMMARY_COLUMNS) + " |")
+    if results.warnings:
+        lines += ["", "## Warnings", *[f"- {w}" for w in results.warnings]]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: BenchResults, json_path: Path) -> dict[str, Path]:
+    """Write results.json plus .csv and .md beside it (same stem); return the paths."""
+    json_path = Path(json_path)
+    paths = {"json": json_path, "csv": json_path.with_suffix(".csv"), "md": json_path.with_suffix(".md")}
+    atomic_write_text(paths["json"], results.model_dump_json(indent=2) + "\n")
+    atomic_write_text(paths["csv"], to_csv(results))
+    atomic_write_text(paths["md"], to_markdown(results))
+    return paths
+
+
+def rich_table(results: BenchResults) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{results.model} — {results.records[0].device if results.records else ''}")
+    for h, _ in SUMMARY_COLUMNS:
+        table.add_column(h, justify="left" if h in ("backend", "variant", "precision") else "right")
+    for r in results.records:
+        row = flat_row(r)
+        table.add_row(*[_fmt(row[k]) for _, k in SUMMARY_COLUMNS])
+    return table

@@ -1,0 +1,127 @@
+"""The Runner protocol: load / infer / close, used as a context manager.
+
+Heavy imports (torch, onnxruntime, tensorrt) happen inside ``load()`` so that a machine without
+one backend still imports every other. ``infer`` returns host NumPy arrays and is synchronised:
+when it returns, the work is done, so the harness can time it with ``perf_counter_ns``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.manifest import Artifact, ArtifactKind, Manifest
+
+Device = Literal["cpu", "cuda"]
+
+
+class RunnerOptions(BaseModel):
+    """Options common to every backend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: Device = Field(default="cpu", description="cpu or cuda")
+    threads: int | None = Field(default=None, description="Intra-op threads; None = library default")
+    precision: str = Field(default="fp32", description="Eager/TorchScript compute precision: fp32, fp16, bf16")
+    channels_last: bool = Field(default=False, description="PyTorch: use channels_last memory format")
+    cuda_graphs: bool = Field(default=False, description="Eager PyTorch on CUDA: capture a CUDA graph")
+    include_transfers: bool = Field(default=False,
+                                    description="GPU: time host->device->host copies inside the loop")
+
+
+class Runner:
+    """Base class for every backend; subclasses implement ``_load``, ``infer`` and ``_close``."""
+
+    name: ClassVar[str] = "base"
+    #: Manifest artifact kinds this runner can execute.
+    artifact_kinds: ClassVar[tuple[ArtifactKind, ...]] = ()
+    #: Devices this runner can use.
+    devices: ClassVar[tuple[Device, ...]] = ("cpu",)
+
+    def __init__(self, manifest: Manifest, base: Path, artifact: Artifact, options: RunnerOptions) -> None:
+        self.manifest = manifest
+        self.base = Path(base)
+        self.artifact = artifact
+        self.options = options
+        self.loaded = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @classmethod
+    def available(cls, device: Device) -> str | None:
+        """None when usable on ``device``, else one line saying what is missing."""
+        return None if device in cls.devices else f"{cls.name} does not run on {device}"
+
+    @property
+    def precision(self) -> str:
+        """The precision actually computed (artifact precision, or the autocast one for PyTorch)."""
+        return self.artifact.precision
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.artifact.name}"
+
+    def load(self) -> Runner:
+        self._load()
+        self.loaded = True
+        return self
+
+    def close(self) -> None:
+        if self.loaded:
+            self._close()
+            self.loaded = False
+
+    def __enter__(self) -> Runner:
+        return self.load()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- to implement ------------------------------------------------------------------------
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+    def prepare(self, feed: dict[str, np.ndarray]) -> Any:
+        """Turn a host feed into what ``infer_prepared`` consumes (e.g. device tensors).
+
+        Done once per batch outside the timed loop; the default is the feed itself.
+        """
+        return feed
+
+    def infer_prepared(self, prepared: Any) -> list[np.ndarray]:
+        """Run on a prepared feed; synchronised; returns host arrays in IOSpec output order."""
+        raise NotImplementedError
+
+    def infer(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.infer_prepared(self.prepare(feed))
+
+    def run_once(self, prepared: Any) -> None:
+        """One timed call. GPU runners override it to leave outputs on the device (no host copy)
+        unless ``include_transfers`` is set; the default runs ``infer_prepared``."""
+        self.infer_prepared(prepared)
+
+    def time_iterations(self, prepared: Any, warmup: int, iters: int) -> list[float]:
+        """Latencies in milliseconds of ``iters`` calls after ``warmup`` untimed ones.
+
+        CPU: ``time.perf_counter_ns`` around each synchronised call. GPU runners override this
+        with CUDA events recorded on their stream, synchronised after each iteration.
+        """
+        for _ in range(warmup):
+            self.run_once(prepared)
+        out: list[float] = []
+        clock = time.perf_counter_ns
+        for _ in range(iters):
+            t0 = clock()
+            self.run_once(prepared)
+            out.append((clock() - t0) / 1e6)
+        return out
+
+    def memory_stats(self) -> dict[str, float]:
+        """Backend-specific memory facts (e.g. peak GPU memory allocated, MB)."""
+        return {}

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models converted once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "fixtures" / "tiny_cnn.py"
+
+
+def _convert(model: str, out: Path, **export: object) -> Path:
+    from convert.pipeline import ConvertConfig, ExportConfig, run_convert
+
+    run_convert(ConvertConfig(export=ExportConfig(model=model, **export), out=out), log=lambda _m: None)  # type: ignore[arg-type]
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/fixtures/tiny_cnn.py:build at 32x32, dynamic batch, converted and optimized."""
+    return _convert(f"{TINY}:build", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def resnet18_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """torchvision resnet18 (random init) at 64x64."""
+    return _convert("resnet18", tmp_path_factory.mktemp("r18"), input_shape=(1, 3, 64, 64))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU/TensorRT tests skip by themselves where there is no GPU / no TensorRT."""
+    import importlib.util
+
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:
+        has_gpu = False
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="no CUDA GPU here"))
+        if "trt" in item.keywords and not (has_trt and has_gpu):
+            item.add_marker(pytest.mark.skip(reason="TensorRT and a GPU are needed"))
