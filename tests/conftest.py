@@ -45,3 +45,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="no CUDA GPU here"))
         if "trt" in item.keywords and not (has_trt and has_gpu):
             item.add_marker(pytest.mark.skip(reason="TensorRT and a GPU are needed"))
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A small CNN trained on scikit-learn's digits (real labelled data), with calib/test splits."""
+    from tests.digits import train_digits_model
+
+    return train_digits_model(tmp_path_factory.mktemp("digits"))
