@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,17 @@ def _dummy_args(spec: IOSpec, batch: int) -> tuple[Any, ...]:
     return tuple(torch.from_numpy(feed[n]) for n in spec.input_names)
 
 
+def _summary(exc: BaseException) -> str:
+    """The informative line of an exporter error (torch.onnx wraps the cause in a long report)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "## Exception summary" in lines:
+        after = lines[lines.index("## Exception summary") + 1:]
+        if after:
+            return after[0]
+    return lines[0] if lines else type(exc).__name__
+
+
 def export_onnx(module: Any, spec: IOSpec, out: Path, *, opset: int, exporter: Exporter) -> None:
     """Write ``out`` atomically. The dummy batch is 2 when the batch is dynamic, so that no exporter
     specialises on a batch of 1."""
@@ -37,10 +49,11 @@ def export_onnx(module: Any, spec: IOSpec, out: Path, *, opset: int, exporter: E
         warnings.simplefilter("ignore")
         try:
             if exporter == "dynamo":
-                dyn: dict[str, dict[int, Any]] | None = None
+                dyn: tuple[dict[int, Any], ...] | None = None
                 if spec.dynamic_batch:
+                    # Positional form: torch.export matches dict keys to forward()'s arg names, not ours.
                     b = torch.export.Dim("batch", min=1, max=4096)
-                    dyn = {name: {0: b} for name in spec.input_names}
+                    dyn = tuple({0: b} for _ in spec.input_names)
                 prog = torch.onnx.export(module, args, None, input_names=spec.input_names,
                                          output_names=spec.output_names, opset_version=opset, dynamo=True,
                                          dynamic_shapes=dyn, external_data=False, optimize=True)
@@ -54,7 +67,7 @@ def export_onnx(module: Any, spec: IOSpec, out: Path, *, opset: int, exporter: E
         except ToolkitError:
             raise
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = _summary(exc)
             raise ExportError(f"ONNX export ({exporter}, opset {opset}) failed: {type(exc).__name__}: {msg}") from exc
 
 

@@ -52,6 +52,16 @@ def _preprocessing_from_weights(weights: Any) -> Preprocessing | None:
         return None
 
 
+def _check_onnx_readable(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path} is not a readable ONNX model (corrupt or truncated?): {first}") from None
+
+
 def load_state_dict_file(path: Path) -> dict[str, Any]:
     """Read a state dict (plain, or under 'state_dict'/'model', with DataParallel prefixes removed)."""
     import torch
@@ -195,6 +205,7 @@ def resolve_model(spec: str, weights: str | None = None, seed: int = 0) -> Loade
         raise InputError("MODEL is empty")
     if spec.lower().endswith(".onnx"):
         path = _check_file(Path(spec), "ONNX file")
+        _check_onnx_readable(path)
         if weights:
             raise InputError("--weights cannot be combined with an .onnx model: its weights are inside it")
         return LoadedModel(source=SourceInfo(model=spec, kind="onnx", weights_note="weights inside the ONNX file"),

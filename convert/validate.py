@@ -119,7 +119,11 @@ def validate_onnx(path: Path, spec: IOSpec, reference: Reference | None, *, batc
                                "shape_inference": "ok" if not any(f.startswith("shape") for f in failures)
                                else "failed", "parity": {}}
     if reference is not None:
-        sess = ort_session(path)
+        try:
+            sess = ort_session(path)
+        except InputError as exc:
+            failures.append(str(exc))
+            batches = ()
         for batch in batches:
             feed = spec.random_feed(batch, seed=1234 + batch)
             try:

@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmark scripts: machine description, converting once, writing results."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    from reports.models import machine_info
+
+    return {"cpu_model": cpu_model(), **machine_info()}
+
+
+def ensure_converted(model: str, out: Path, extra: list[str] | None = None) -> Path:
+    """Convert ``model`` with the CLI unless ``out`` already holds a manifest."""
+    if not (out / "manifest.json").is_file():
+        cmd = [sys.executable, str(ROOT / "cli.py"), "convert", model, "--out", str(out), *(extra or [])]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    return out
+
+
+def write(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    j, m = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+    j.write_text(json.dumps(payload, indent=2) + "\n")
+    m.write_text(markdown)
+    return j, m

@@ -1,0 +1,100 @@
+"""IOSpec, manifest and atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.errors import InputError, ValidationError
+from core.fsutil import atomic_path, ensure_writable_dir, sha256_file
+from core.iospec import IOSpec, feed_digest, parse_shape
+from core.manifest import Manifest, SourceInfo
+
+
+@pytest.mark.parametrize("text,want", [("1x3x224x224", (1, 3, 224, 224)), ("8X3x64x64", (8, 3, 64, 64)),
+                                       (" 1,3,32,32 ", (1, 3, 32, 32))])
+def test_parse_shape_ok(text: str, want: tuple[int, ...]) -> None:
+    assert parse_shape(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "1x3xx224", "abc", "1x-3x4", "1x0x4", "1.5x3"])
+def test_parse_shape_rejects_malformed(text: str) -> None:
+    with pytest.raises(InputError, match="--input-shape"):
+        parse_shape(text)
+
+
+def test_iospec_dynamic_axes_and_feeds() -> None:
+    spec = IOSpec.for_image_model((1, 3, 8, 8))
+    assert spec.dynamic_axes() == {"input": {0: "batch"}, "logits": {0: "batch"}}
+    a, b = spec.random_feed(4, seed=3), spec.random_feed(4, seed=3)
+    assert a["input"].shape == (4, 3, 8, 8) and a["input"].dtype == np.float32
+    assert feed_digest(a) == feed_digest(b)
+    assert feed_digest(a) != feed_digest(spec.random_feed(4, seed=4))
+    spec.check_feed(a)
+    with pytest.raises(InputError, match="missing inputs"):
+        spec.check_feed({"x": a["input"]})
+    with pytest.raises(InputError, match="shape"):
+        spec.check_feed({"input": np.zeros((4, 3, 9, 8), np.float32)})
+
+
+def test_fixed_batch_spec_refuses_other_batches() -> None:
+    spec = IOSpec.for_image_model((4, 3, 8, 8), dynamic_batch=False)
+    assert spec.fixed_batch() == 4 and spec.dynamic_axes() == {}
+    with pytest.raises(InputError, match="fixed batch of 4"):
+        spec.random_feed(2)
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "model.onnx"
+    target.write_text("previous")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert target.read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_ensure_writable_dir_rejects_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(InputError, match="cannot be written"):
+        ensure_writable_dir(f / "sub")
+
+
+def _manifest(tmp_path: Path) -> Manifest:
+    m = Manifest(source=SourceInfo(model="m", kind="factory"), iospec=IOSpec.for_image_model((1, 3, 4, 4)))
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"hello")
+    m.record(tmp_path, f, name="fp32", kind="onnx", step="export")
+    return m
+
+
+def test_manifest_roundtrip_and_verify(tmp_path: Path) -> None:
+    m = _manifest(tmp_path)
+    m.save(tmp_path)
+    loaded = Manifest.load(tmp_path)
+    assert loaded.artifacts["fp32"].file.sha256 == sha256_file(tmp_path / "a.bin")
+    assert loaded.verify(tmp_path) == []
+    (tmp_path / "a.bin").write_bytes(b"hellp")
+    assert loaded.verify(tmp_path) == ["fp32: a.bin sha256 does not match the manifest"]
+    (tmp_path / "a.bin").unlink()
+    assert "missing" in loaded.verify(tmp_path)[0]
+
+
+def test_manifest_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no manifest.json"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(InputError, match="not readable JSON"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(InputError, match="schema_version 99"):
+        Manifest.load(tmp_path)
+    data = json.loads(_manifest(tmp_path).model_dump_json())
+    data["unknown_field"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ValidationError, match="not a valid manifest"):
+        Manifest.load(tmp_path)
