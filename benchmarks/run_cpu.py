@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, ensure_converted, machine, write  # noqa: E402
+from benchmarks.common import ROOT, ensure_converted, machine, write
 
 
 def bare_ort_loop(model_path: Path, feed: dict[str, np.ndarray], warmup: int, iters: int) -> list[float]:
@@ -48,12 +48,12 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench"))
     args = ap.parse_args()
 
-    from runtimes.harness import BenchConfig, InputPool, build_pool, run_bench
     from core.manifest import Manifest
+    from runtimes.harness import BenchConfig, InputPool, build_pool, run_bench
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
     payload: dict = {"command": "python " + " ".join(sys.argv), "machine": machine(), "models": {}}
-    md = [f"# CPU spine benchmark\n", f"Command: `{payload['command']}`  ",
+    md = ["# CPU spine benchmark\n", f"Command: `{payload['command']}`  ",
           f"Machine: {payload['machine']['cpu_model']}, {payload['machine']['cpu_count']} cores, "
           f"{payload['machine']['ram_gb']} GiB; random-init weights, 224x224, warm-up {args.warmup}, "
           f"{args.iters} timed iterations.\n",

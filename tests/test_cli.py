@@ -21,7 +21,7 @@ runner = CliRunner()
 
 def invoke(*args: str) -> tuple[int, str]:
     res = runner.invoke(cli.app, list(args))
-    return res.exit_code, res.output + (res.stderr if res.stderr_bytes else "")
+    return res.exit_code, res.output  # click >= 8.2: stdout and stderr interleaved
 
 
 def test_convert_then_bench_writes_reports(tmp_path: Path) -> None:
@@ -34,7 +34,8 @@ def test_convert_then_bench_writes_reports(tmp_path: Path) -> None:
     assert code == 0, text
     res = BenchResults.load(tmp_path / "res" / "results.json")
     assert len(res.records) == 6 and res.schema_version == 1
-    rows = list(csv.DictReader(open(tmp_path / "res" / "results.csv")))
+    with open(tmp_path / "res" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 6
     for col in ("model", "backend", "precision", "device", "batch_size", "latency_ms_p50", "latency_ms_p90",
                 "latency_ms_p99", "throughput", "ram_mb", "vram_mb", "cpu_util", "gpu_util", "model_size_mb",
