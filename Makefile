@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint typecheck install clean
+.PHONY: demo test bench lint typecheck install clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Optional: Debian's chromium, for the HTML report's screenshot test. Installs only as root with apt and
+# never fails: without chromium that one test skips.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq \
+	    --no-install-recommends chromium fonts-dejavu-core) >/dev/null 2>&1 \
+	  || echo "chromium could not be installed: the report screenshot test will skip"; \
+	else echo "no chromium (installing it needs root and apt): the report screenshot test will skip"; fi
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_cpu.py
