@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from runtimes.base import Runner, RunnerOptions
-from runtimes.ort import OrtRunner
+from runtimes.ort import OrtRunner, OrtTensorrtRunner
 from runtimes.torch_eager import EagerRunner
 from runtimes.torchscript import TorchScriptRunner
+from runtimes.trt import TrtRunner
 
 RUNNERS: dict[str, type[Runner]] = {
     "eager": EagerRunner,
     "torchscript": TorchScriptRunner,
     "ort": OrtRunner,
+    "ort-trt": OrtTensorrtRunner,
+    "trt": TrtRunner,
 }
 
 __all__ = ["RUNNERS", "Runner", "RunnerOptions"]

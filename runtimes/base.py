@@ -106,12 +106,20 @@ class Runner:
         unless ``include_transfers`` is set; the default runs ``infer_prepared``."""
         self.infer_prepared(prepared)
 
+    def cuda_stream(self) -> Any:
+        """The torch CUDA stream this runner's work is queued on (None = the current stream)."""
+        return None
+
     def time_iterations(self, prepared: Any, warmup: int, iters: int) -> list[float]:
         """Latencies in milliseconds of ``iters`` calls after ``warmup`` untimed ones.
 
-        CPU: ``time.perf_counter_ns`` around each synchronised call. GPU runners override this
-        with CUDA events recorded on their stream, synchronised after each iteration.
+        CPU: ``time.perf_counter_ns`` around each synchronised call. CUDA: CUDA events recorded on
+        ``cuda_stream()`` around each call, synchronised after each iteration.
         """
+        if self.options.device == "cuda":
+            from runtimes.gpu import cuda_event_times
+
+            return cuda_event_times(lambda: self.run_once(prepared), warmup, iters, stream=self.cuda_stream())
         for _ in range(warmup):
             self.run_once(prepared)
         out: list[float] = []

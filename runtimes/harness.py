@@ -99,11 +99,46 @@ def build_pool(manifest: Manifest, cfg: BenchConfig, size: int, log: Callable[[s
     return InputPool(arrays={spec.input_names[0]: loaded.array}, labels=loaded.labels, source=desc)
 
 
+TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+GPU_ONLY_OPTIONS = ("cuda_graphs", "include_transfers")
+
+
+def check_gpu_request(cfg: BenchConfig) -> None:
+    """Precisions and options that cannot apply to the requested device: one clear line."""
+    unknown = [p for p in cfg.precisions if p not in TORCH_PRECISIONS]
+    if unknown:
+        raise InputError(f"unknown precision(s) {unknown}; choose from {', '.join(TORCH_PRECISIONS)}")
+    if cfg.device == "cpu":
+        gpu_only = [f"--precisions {p}" for p in cfg.precisions if p != "fp32"]
+        gpu_only += [f"--{k.replace('_', '-')}" for k in GPU_ONLY_OPTIONS if cfg.options.get(k)]
+        if gpu_only:
+            raise InputError(f"{', '.join(gpu_only)}: only measured with --device cuda")
+
+
+def check_engine_batches(manifest: Manifest, cfg: BenchConfig) -> None:
+    """Every requested batch size must lie in each selected TensorRT engine's profile."""
+    from convert.engine import batch_range
+
+    if not any("plan" in RUNNERS[b].artifact_kinds for b in cfg.backends if b in RUNNERS):
+        return
+    for a in manifest.by_kind("plan"):
+        if a.status != "ok" or (cfg.variants is not None and a.name not in cfg.variants):
+            continue
+        lo, hi = batch_range(a)
+        outside = [b for b in cfg.batch_sizes if not lo <= b <= hi]
+        if outside:
+            raise InputError(f"TensorRT engine {a.name} ({a.file.path}) accepts batch {lo}..{hi}, but --batch-sizes "
+                             f"asks for {outside}: rebuild with `convert ... --trt --max-batch "
+                             f"{max([hi, *outside])}` (and --min-batch) or drop those sizes")
+
+
 def select_targets(manifest: Manifest, cfg: BenchConfig) -> list[Target]:
     """(backend, artifact, precision) triples; unknown/unavailable backends are one clear error."""
     unknown = [b for b in cfg.backends if b not in RUNNERS]
     if unknown:
         raise InputError(f"unknown backend(s) {unknown}; available: {', '.join(RUNNERS)}")
+    check_gpu_request(cfg)
+    check_engine_batches(manifest, cfg)
     problems = {b: why for b in cfg.backends if (why := RUNNERS[b].available(cfg.device)) is not None}
     if problems:
         usable = [b for b in RUNNERS if RUNNERS[b].available(cfg.device) is None]
@@ -235,11 +270,15 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
     log(f"reference: {ref_label} on {pool.size} inputs ({pool.source})")
 
     extra_opts = RunnerOptions(**cfg.options) if cfg.options else RunnerOptions()
+    from runtimes.gpu import NvmlSampler
+
     for t in targets:
         opts = extra_opts.model_copy(update={"device": cfg.device, "threads": cfg.threads, "precision": t.precision})
         runner = RUNNERS[t.backend](manifest, base, t.artifact, opts)
         sampler = ResourceSampler()
-        with sampler:
+        # GPU utilisation per timed loop and device memory growth since before load (NVML, optional).
+        gpu = NvmlSampler(enabled=cfg.device == "cuda")
+        with sampler, gpu:
             t_load = time.perf_counter()
             try:
                 runner.load()
@@ -254,10 +293,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
                     if progress:
                         progress(f"{runner.label} {t.precision} batch {b}")
                     prepared = runner.prepare(feeds[b])
+                    mark = gpu.mark()
                     with cpu_meter() as cpu:
                         samples = runner.time_iterations(prepared, cfg.warmup, cfg.iters)
                     lat = LatencyStats.from_samples(samples)
-                    mem = runner.memory_stats()
+                    mem = {"vram_mb": gpu.growth_mb, "gpu_util": gpu.util_since(mark)} | runner.memory_stats()
                     results.records.append(BenchRecord(
                         model=manifest.source.model, backend=t.backend, variant=t.artifact.name,
                         precision=t.precision, device=cfg.device, batch_size=b, latency_ms=lat,

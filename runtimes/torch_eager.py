@@ -1,7 +1,9 @@
-"""PyTorch eager: the FP32 reference on CPU; on CUDA also FP16/BF16 autocast and channels_last."""
+"""PyTorch eager: the FP32 reference on CPU; on CUDA also FP16/BF16 autocast, channels_last and
+CUDA graphs (``--cuda-graphs``: one graph per input shape, replayed in the timed loop)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,11 +35,25 @@ def load_torch_module(runner: Runner) -> Any:
     return rebuild_module(runner.manifest.source, path).eval()
 
 
+@dataclass
+class TorchFeed:
+    """A feed ready for the timed loop: device tensors (plus the host arrays, for
+    ``--include-transfers``) and, with CUDA graphs, the graph that reads ``tensors``."""
+
+    tensors: list[Any]
+    host: list[np.ndarray] = field(default_factory=list)
+    graph: Any = None
+    graph_out: Any = None
+
+
 class TorchRunnerBase(Runner):
     artifact_kinds: ClassVar[tuple[str, ...]] = ("state_dict", "torchscript")  # type: ignore[assignment]
     devices: ClassVar[tuple[Device, ...]] = ("cpu", "cuda")
 
     module: Any = None
+    #: Whether ``--cuda-graphs`` applies (eager only: TorchScript's profiling executor re-specialises).
+    supports_cuda_graphs: ClassVar[bool] = False
+    _graphs: dict[tuple[tuple[int, ...], ...], TorchFeed]
 
     @classmethod
     def available(cls, device: Device) -> str | None:
@@ -58,6 +74,12 @@ class TorchRunnerBase(Runner):
             raise BackendUnavailableError(f"{self.name} on cuda: {why}")
         if self.options.precision != "fp32" and self.options.device == "cpu":
             raise BackendUnavailableError(f"{self.name}: {self.options.precision} autocast is only measured on cuda")
+        if self.options.precision == "bf16" and self.options.device == "cuda" and \
+                not torch.cuda.is_bf16_supported(including_emulation=False):
+            major, minor = torch.cuda.get_device_capability()
+            raise BackendUnavailableError(f"{self.name}: bf16 needs compute capability 8.0 or newer (Ampere+); "
+                                          f"{torch.cuda.get_device_name()} is {major}.{minor}")
+        self._graphs = {}
         return torch
 
     def _dtype(self) -> Any:
@@ -65,17 +87,50 @@ class TorchRunnerBase(Runner):
 
         return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[self.options.precision]
 
-    def prepare(self, feed: dict[str, np.ndarray]) -> Any:
+    def _to_device(self, arrays: list[np.ndarray]) -> list[Any]:
         import torch
 
-        dev = self.options.device
         tensors = []
-        for name in self.manifest.iospec.input_names:
-            t = torch.from_numpy(np.ascontiguousarray(feed[name])).to(dev)
+        for a in arrays:
+            t = torch.from_numpy(a).to(self.options.device)
             if self.options.channels_last and t.dim() == 4:
                 t = t.contiguous(memory_format=torch.channels_last)
             tensors.append(t)
         return tensors
+
+    @property
+    def _use_graphs(self) -> bool:
+        return self.options.cuda_graphs and self.options.device == "cuda" and self.supports_cuda_graphs
+
+    def prepare(self, feed: dict[str, np.ndarray]) -> TorchFeed:
+        host = [np.ascontiguousarray(feed[n]) for n in self.manifest.iospec.input_names]
+        tensors = self._to_device(host)
+        if not self._use_graphs:
+            return TorchFeed(tensors=tensors, host=host)
+        key = tuple(tuple(t.shape) for t in tensors)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(tensors)
+        captured = self._graphs[key]
+        for static, new in zip(captured.tensors, tensors, strict=True):
+            static.copy_(new)
+        return TorchFeed(tensors=captured.tensors, host=host, graph=captured.graph, graph_out=captured.graph_out)
+
+    def _capture(self, tensors: list[Any]) -> TorchFeed:
+        """Capture one forward pass on static input buffers (after warm-up on a side stream, as
+        CUDA graph capture requires); replaying it re-runs the pass on whatever those buffers hold."""
+        import torch
+
+        static = [t.clone() for t in tensors]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._forward(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._forward(static)
+        return TorchFeed(tensors=static, graph=graph, graph_out=out)
 
     def _forward(self, tensors: list[Any]) -> Any:
         import torch
@@ -83,27 +138,54 @@ class TorchRunnerBase(Runner):
         dtype = self._dtype()
         with torch.inference_mode():
             if dtype is not None:
-                with torch.autocast(device_type=self.options.device, dtype=dtype):
+                # No autocast weight cache under graph capture: cached casts would be freed memory.
+                with torch.autocast(device_type=self.options.device, dtype=dtype,
+                                    cache_enabled=not self._use_graphs):
                     return self.module(*tensors)
             return self.module(*tensors)
 
-    def _sync(self) -> None:
-        if self.options.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
+    def _execute(self, prepared: TorchFeed) -> Any:
+        if prepared.graph is not None:
+            prepared.graph.replay()
+            return prepared.graph_out
+        return self._forward(prepared.tensors)
 
     def run_once(self, prepared: Any) -> None:
-        self._forward(prepared)
-        self._sync()
+        """CPU: one forward. CUDA: one forward (or graph replay) left on the device; the CUDA-event
+        timer synchronises. With ``include_transfers`` the host->device and device->host copies
+        are part of the call."""
+        if self.options.device == "cuda" and self.options.include_transfers:
+            for static, new in zip(prepared.tensors, self._to_device(prepared.host), strict=True):
+                static.copy_(new)
+            out = self._execute(prepared)
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                o.cpu()
+            return
+        self._execute(prepared)
 
     def infer_prepared(self, prepared: Any) -> list[np.ndarray]:
-        out = self._forward(prepared)
+        out = self._execute(prepared)
         outs = out if isinstance(out, (tuple, list)) else [out]
         return [o.detach().float().cpu().numpy() for o in outs]
 
+    def time_iterations(self, prepared: Any, warmup: int, iters: int) -> list[float]:
+        if self.options.device == "cuda":
+            from runtimes.gpu import reset_peak_memory
+
+            reset_peak_memory()
+        return super().time_iterations(prepared, warmup, iters)
+
+    def memory_stats(self) -> dict[str, float]:
+        """CUDA: peak memory allocated through PyTorch over the last timed loop (weights included)."""
+        if self.options.device != "cuda":
+            return {}
+        from runtimes.gpu import peak_allocated_mb
+
+        return {"vram_mb": peak_allocated_mb()}
+
     def _close(self) -> None:
         self.module = None
+        self._graphs = {}
         if self.options.device == "cuda":
             import torch
 
@@ -114,6 +196,7 @@ class EagerRunner(TorchRunnerBase):
     """PyTorch eager mode, ``model.eval()`` under ``torch.inference_mode``."""
 
     name = "eager"
+    supports_cuda_graphs = True
 
     def _load(self) -> None:
         torch = self._torch_setup()

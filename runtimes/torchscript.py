@@ -20,7 +20,7 @@ class TorchScriptRunner(TorchRunnerBase):
         spec = self.manifest.iospec
         example_batch = spec.fixed_batch() or 2
         feed = spec.random_feed(example_batch, seed=0)
-        example = tuple(self.prepare(feed))
+        example = tuple(self.prepare(feed).tensors)
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if isinstance(module, torch.jit.ScriptModule):
@@ -28,7 +28,8 @@ class TorchScriptRunner(TorchRunnerBase):
             else:
                 dtype = self._dtype()
                 if dtype is not None:
-                    with torch.autocast(device_type=self.options.device, dtype=dtype):
+                    # Tracing under autocast needs its cast cache off, or cached casts become constants.
+                    with torch.autocast(device_type=self.options.device, dtype=dtype, cache_enabled=False):
                         traced = torch.jit.trace(module, example, check_trace=False)
                 else:
                     traced = torch.jit.trace(module, example, check_trace=False)

@@ -1,0 +1,464 @@
+"""TensorRT engines through Polygraphy's API (never trtexec).
+
+ONNX -> ``NetworkFromOnnxPath`` -> ``CreateConfig`` (FP16, INT8 with a calibrator fed by
+calibration/, sparse weights for 2:4 variants, one optimization profile from the IOSpec, timing
+cache, workspace limit, builder optimization level) -> ``EngineFromNetwork`` -> ``model.plan``,
+written atomically and recorded in the manifest with the TensorRT version, GPU name, compute
+capability, build flags and engine sha256.
+
+An engine only runs on the GPU model and TensorRT version it was built with; ``load_engine``
+refuses any other, naming both. TensorRT is imported lazily: everything here except building and
+deserializing works (and is tested) without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import itertools
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from convert.quantize import CalibConfig
+from core.errors import BackendUnavailableError, InputError, ToolkitError, ValidationError
+from core.fsutil import atomic_write_bytes, sha256_file
+from core.iospec import IOSpec
+from core.manifest import Artifact, Precision
+
+if TYPE_CHECKING:
+    from convert.pipeline import ConvertContext
+
+PLAN_NAME = "model.plan"
+TRT_INSTALL_HINT = "pip install .[trt]"
+DEFAULT_MAX_BATCH = 32
+DEFAULT_OPT_BATCH = 8
+
+
+class EngineBuildError(ToolkitError):
+    """TensorRT could not build (or serialize) an engine."""
+
+
+class EngineMismatchError(InputError):
+    """The engine was built for another GPU or TensorRT version, or its file is not the recorded one."""
+
+
+class EngineConfig(BaseModel):
+    """How to build a TensorRT engine (``convert --trt``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fp16: bool = Field(default=False, description="Allow FP16 kernels (BuilderFlag.FP16)")
+    int8: bool = Field(default=False, description="Allow INT8 kernels: calibrated from `calib`, or the Q/DQ "
+                                                  "scales of an INT8 ONNX `source`")
+    calib: CalibConfig | None = Field(default=None, description="Calibration data (the same as `convert --int8`'s: "
+                                                                "data, size, seed, image preprocessing) for INT8 "
+                                                                "from an FP32 ONNX; its batch and methods do not "
+                                                                "apply (TensorRT calibrates at the opt batch)")
+    calib_algo: Literal["entropy2", "minmax"] = Field(default="entropy2",
+                                                      description="TensorRT calibrator (IInt8EntropyCalibrator2 "
+                                                                  "or IInt8MinMaxCalibrator)")
+    source: str | None = Field(default=None, description="Manifest ONNX artifact to build from; default: the best "
+                                                         "FP32 ONNX ('opt', else 'fp32')")
+    min_batch: int | None = Field(default=None, ge=1, description="Profile min batch (default 1)")
+    opt_batch: int | None = Field(default=None, ge=1, description=f"Profile opt batch: the one kernels are tuned "
+                                                                  f"for, and the calibration batch (default "
+                                                                  f"{DEFAULT_OPT_BATCH}, clamped to min..max)")
+    max_batch: int | None = Field(default=None, ge=1, description=f"Profile max batch (default {DEFAULT_MAX_BATCH})")
+    workspace_mb: int | None = Field(default=None, ge=1, description="Workspace memory pool limit (MiB); "
+                                                                     "default: TensorRT's (all device memory)")
+    builder_opt_level: int | None = Field(default=None, ge=0, le=5, description="Builder optimization level 0-5; "
+                                                                                "default: TensorRT's (3)")
+    timing_cache: Path | None = Field(default=None, description="Tactic timing cache, read if present and updated "
+                                                                "after the build; default OUT/timing.cache")
+
+
+
+class TrtEnv(BaseModel):
+    """What an engine is tied to: the TensorRT version and the GPU model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str = Field(description="major.minor, e.g. '8.9'")
+
+    def describe(self) -> str:
+        return f"{self.gpu_name} (compute capability {self.compute_capability}) with TensorRT {self.tensorrt_version}"
+
+
+# -- environment ------------------------------------------------------------------------------
+def tensorrt_installed() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def tensorrt_problem() -> str | None:
+    """None when TensorRT and a CUDA GPU are both usable here, else one line saying what is missing."""
+    if not tensorrt_installed():
+        return f"TensorRT is not installed ({TRT_INSTALL_HINT}; it needs an NVIDIA GPU and driver too)"
+    from runtimes.torch_eager import cuda_problem
+
+    if (why := cuda_problem()) is not None:
+        return f"TensorRT needs an NVIDIA GPU: {why}"
+    return None
+
+
+def require_tensorrt(what: str = "--trt") -> None:
+    """Raise one clear BackendUnavailableError unless TensorRT and a GPU are usable."""
+    if (why := tensorrt_problem()) is not None:
+        raise BackendUnavailableError(f"{what} builds a TensorRT engine, which needs TensorRT and an NVIDIA GPU: {why}")
+
+
+def preflight(cfg: EngineConfig) -> None:
+    """What can be checked before any export: the batch flags' order, then TensorRT and the GPU."""
+    given = [(f"--{k.replace('_', '-')}", v) for k, v in
+             (("min_batch", cfg.min_batch), ("opt_batch", cfg.opt_batch), ("max_batch", cfg.max_batch))
+             if v is not None]
+    if any(a[1] > b[1] for a, b in itertools.pairwise(given)):
+        raise InputError("the optimization profile needs --min-batch <= --opt-batch <= --max-batch; got "
+                         + ", ".join(f"{k} {v}" for k, v in given))
+    if cfg.int8 and not has_calib_data(cfg) and cfg.source is None:
+        raise InputError("--trt --int8 needs calibration data (--calib SOURCE), or --trt-from an INT8 Q/DQ ONNX "
+                         "variant")
+    require_tensorrt()
+
+
+def current_trt_env() -> TrtEnv:
+    """This machine's TensorRT version and GPU 0 (tests replace this function)."""
+    require_tensorrt("loading a TensorRT engine")
+    import tensorrt as trt
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(0)
+    return TrtEnv(tensorrt_version=str(trt.__version__), gpu_name=torch.cuda.get_device_name(0),
+                  compute_capability=f"{major}.{minor}")
+
+
+# -- optimization profile -----------------------------------------------------------------------
+def profile_batches(cfg: EngineConfig, spec: IOSpec) -> tuple[int, int, int]:
+    """(min, opt, max) batch of the one optimization profile; a static-batch spec pins all three."""
+    fixed = spec.fixed_batch()
+    if fixed is not None:
+        asked = {v for v in (cfg.min_batch, cfg.opt_batch, cfg.max_batch) if v is not None}
+        if asked - {fixed}:
+            raise InputError(f"this model was exported with a fixed batch of {fixed}: --min-batch/--opt-batch/"
+                             f"--max-batch must be {fixed} or left out (export with a dynamic batch to vary it)")
+        return fixed, fixed, fixed
+    lo = cfg.min_batch or 1
+    hi = cfg.max_batch or max(DEFAULT_MAX_BATCH, lo)
+    opt = cfg.opt_batch or min(max(DEFAULT_OPT_BATCH, lo), hi)
+    if not lo <= opt <= hi:
+        raise InputError(f"the optimization profile needs --min-batch <= --opt-batch <= --max-batch; "
+                         f"got {lo} <= {opt} <= {hi}")
+    return lo, opt, hi
+
+
+def compute_profile(cfg: EngineConfig, spec: IOSpec) -> dict[str, dict[str, list[int]]]:
+    """Per input: the min/opt/max shapes, the batch dim from ``profile_batches``."""
+    lo, opt, hi = profile_batches(cfg, spec)
+    out: dict[str, dict[str, list[int]]] = {}
+    for t in spec.inputs:
+        try:
+            out[t.name] = {"min": list(t.concrete_shape(lo)), "opt": list(t.concrete_shape(opt)),
+                           "max": list(t.concrete_shape(hi))}
+        except InputError as exc:
+            raise InputError(f"cannot make a TensorRT optimization profile: {exc} (only the batch may be dynamic)") \
+                from None
+    return out
+
+
+# -- builder configuration ----------------------------------------------------------------------
+def source_is_sparse(source: Artifact) -> bool:
+    """A 2:4 structured-sparse variant (its step's params say so)."""
+    return str(source.params.get("sparsity", "")) == "2:4"
+
+
+def source_is_quantized(source: Artifact) -> bool:
+    """An INT8 Q/DQ ONNX variant: TensorRT takes its scales, no calibrator needed."""
+    return source.precision == "int8"
+
+
+def has_calib_data(cfg: EngineConfig) -> bool:
+    return cfg.calib is not None and bool(cfg.calib.data)
+
+
+def check_request(cfg: EngineConfig, source: Artifact) -> None:
+    """Reject impossible combinations in one clear line, before any work."""
+    if source.kind != "onnx":
+        raise InputError(f"TensorRT builds from an ONNX artifact; {source.name!r} is a {source.kind}")
+    if cfg.int8 and not source_is_quantized(source) and not has_calib_data(cfg):
+        raise InputError("--trt --int8 needs calibration data (--calib SOURCE) or an INT8 Q/DQ ONNX variant to "
+                         f"build from; {source.name!r} is {source.precision}")
+
+
+def engine_precision(flags: dict[str, Any]) -> Precision:
+    """The manifest precision of an engine built with ``flags`` (the lowest it may run in)."""
+    return "int8" if flags["int8"] else "fp16" if flags["fp16"] else "fp32"
+
+
+def build_flags(cfg: EngineConfig, source: Artifact, spec: IOSpec) -> dict[str, Any]:
+    """The build's settings as recorded in the manifest (JSON-friendly)."""
+    lo, opt, hi = profile_batches(cfg, spec)
+    quantized = source_is_quantized(source)
+    return {
+        "source": source.name, "fp16": cfg.fp16, "int8": cfg.int8 or quantized,
+        "int8_mode": ("explicit (Q/DQ)" if quantized else "calibrated" if cfg.int8 else None),
+        "calibrator": cfg.calib_algo if cfg.int8 and not quantized else None,
+        "sparse_weights": source_is_sparse(source), "min_batch": lo, "opt_batch": opt, "max_batch": hi,
+        "workspace_mb": cfg.workspace_mb, "builder_optimization_level": cfg.builder_opt_level,
+    }
+
+
+def config_kwargs(cfg: EngineConfig, spec: IOSpec, source: Artifact, *, calibrator: Any = None,
+                  timing_cache: Path | None = None) -> dict[str, Any]:
+    """Keyword arguments for Polygraphy's ``CreateConfig``, with TensorRT enums still named.
+
+    ``profiles`` are plain {input: {min, opt, max}} dicts and ``memory_pool_limits`` is keyed by
+    ``trt.MemoryPoolType`` member name; ``create_config`` turns them into Polygraphy/TensorRT objects.
+    """
+    flags = build_flags(cfg, source, spec)
+    kw: dict[str, Any] = {"profiles": [compute_profile(cfg, spec)], "fp16": flags["fp16"], "int8": flags["int8"],
+                          "sparse_weights": flags["sparse_weights"]}
+    if calibrator is not None:
+        if not (cfg.int8 and not source_is_quantized(source)):
+            raise InputError("a calibrator is only used for INT8 built from a non-quantized ONNX")
+        kw["calibrator"] = calibrator
+    if cfg.workspace_mb is not None:
+        kw["memory_pool_limits"] = {"WORKSPACE": cfg.workspace_mb * 2**20}
+    if cfg.builder_opt_level is not None:
+        kw["builder_optimization_level"] = cfg.builder_opt_level
+    if timing_cache is not None and timing_cache.is_file() and timing_cache.stat().st_size:
+        kw["load_timing_cache"] = str(timing_cache)
+    return kw
+
+
+def create_config(kwargs: dict[str, Any]) -> Any:
+    """Polygraphy ``CreateConfig`` from ``config_kwargs`` output (TensorRT needed only for memory pools)."""
+    from polygraphy.backend.trt import CreateConfig, Profile
+
+    kw = dict(kwargs)
+    profiles = []
+    for shapes in kw.pop("profiles"):
+        prof = Profile()
+        for name, s in shapes.items():
+            prof.add(name, min=tuple(s["min"]), opt=tuple(s["opt"]), max=tuple(s["max"]))
+        profiles.append(prof)
+    if "memory_pool_limits" in kw:
+        import tensorrt as trt
+
+        kw["memory_pool_limits"] = {getattr(trt.MemoryPoolType, k): v for k, v in kw["memory_pool_limits"].items()}
+    return CreateConfig(profiles=profiles, **kw)
+
+
+# -- build ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def staged_copy(final: Path | None) -> Iterator[Path | None]:
+    """A private working copy of a cache file that Polygraphy reads and rewrites in place.
+
+    The copy lives in a temporary folder (so Polygraphy's ``.lock`` files never land next to the
+    artifacts); on success a non-empty copy replaces ``final`` atomically, on failure ``final``
+    is left as it was.
+    """
+    if final is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxkit-trt-") as d:
+        work = Path(d) / final.name
+        if final.is_file() and final.stat().st_size:
+            shutil.copyfile(final, work)
+        yield work
+        if work.is_file() and work.stat().st_size:
+            atomic_write_bytes(final, work.read_bytes())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def build_engine(onnx_path: Path, plan_path: Path, kwargs: dict[str, Any], *,
+                 save_timing_cache: Path | None = None) -> Any:
+    """Build with Polygraphy, write ``plan_path`` atomically, return the deserialized engine."""
+    from polygraphy.backend.trt import EngineFromNetwork, NetworkFromOnnxPath, bytes_from_engine
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.WARNING):
+            engine = EngineFromNetwork(NetworkFromOnnxPath(str(onnx_path)), config=create_config(kwargs),
+                                       save_timing_cache=str(save_timing_cache) if save_timing_cache else None)()
+            data = bytes_from_engine(engine)
+    except PolygraphyException as exc:
+        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path.name}: {_first_line(exc)}") \
+            from None
+    atomic_write_bytes(plan_path, data)
+    return engine
+
+
+def engine_profile(engine: Any, names: list[str]) -> dict[str, dict[str, list[int]]]:
+    """The min/opt/max shapes of profile 0 as the built engine reports them."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for n in names:
+        lo, opt, hi = engine.get_tensor_profile_shape(n, 0)
+        out[n] = {"min": list(lo), "opt": list(opt), "max": list(hi)}
+    return out
+
+
+def engine_extra(env: TrtEnv, flags: dict[str, Any], engine_sha256: str,
+                 profile: dict[str, dict[str, list[int]]], **more: Any) -> dict[str, Any]:
+    """The manifest's ``extra`` for a plan artifact: what it is tied to and how it was built."""
+    return {"tensorrt_version": env.tensorrt_version, "gpu_name": env.gpu_name,
+            "compute_capability": env.compute_capability, "build_flags": flags, "engine_sha256": engine_sha256,
+            "profile": profile, **more}
+
+
+def recorded_env(artifact: Artifact) -> TrtEnv:
+    """The build environment recorded for a plan artifact; a missing one is refused."""
+    keys = ("tensorrt_version", "gpu_name", "compute_capability")
+    missing = [k for k in keys if not artifact.extra.get(k)]
+    if missing:
+        raise EngineMismatchError(f"engine {artifact.file.path} has no recorded {', '.join(missing)} in the "
+                                  "manifest: rebuild it with `python cli.py convert MODEL --trt`")
+    return TrtEnv(**{k: str(artifact.extra[k]) for k in keys})
+
+
+def check_engine_compat(artifact: Artifact, current: TrtEnv) -> None:
+    """Refuse an engine built for another GPU model or TensorRT version, naming both."""
+    built = recorded_env(artifact)
+    if (built.tensorrt_version, built.gpu_name, built.compute_capability) != \
+            (current.tensorrt_version, current.gpu_name, current.compute_capability):
+        raise EngineMismatchError(f"engine {artifact.file.path} was built for {built.describe()}; this machine has "
+                                  f"{current.describe()}: TensorRT engines only run where they were built, rebuild "
+                                  "it here with `python cli.py convert MODEL --trt`")
+
+
+def batch_range(artifact: Artifact) -> tuple[int, int]:
+    """(min, max) batch the engine's profile accepts, from the manifest."""
+    flags = artifact.extra.get("build_flags") or {}
+    if "min_batch" not in flags or "max_batch" not in flags:
+        raise EngineMismatchError(f"engine {artifact.file.path} has no recorded batch range in the manifest: "
+                                  "rebuild it with `python cli.py convert MODEL --trt`")
+    return int(flags["min_batch"]), int(flags["max_batch"])
+
+
+def check_engine_file(base: Path, artifact: Artifact, env: TrtEnv | None = None) -> Path:
+    """The checks before deserializing: the file is the recorded one, and fits this machine."""
+    path = Path(base) / artifact.file.path
+    if not path.is_file():
+        raise EngineMismatchError(f"engine file {path} is missing")
+    if sha256_file(path) != artifact.file.sha256:
+        raise EngineMismatchError(f"engine file {path} does not match the manifest's sha256 (corrupt, truncated or "
+                                  "replaced): rebuild it with `python cli.py convert MODEL --trt`")
+    check_engine_compat(artifact, env if env is not None else current_trt_env())
+    return path
+
+
+def load_engine(base: Path, artifact: Artifact, env: TrtEnv | None = None) -> Any:
+    """Deserialize a plan artifact after ``check_engine_file``; a file TensorRT rejects is refused."""
+    path = check_engine_file(base, artifact, env)
+    from polygraphy.backend.trt import engine_from_bytes
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+            engine = engine_from_bytes(path.read_bytes())
+    except PolygraphyException:
+        engine = None
+    if not engine:
+        raise EngineMismatchError(f"TensorRT could not deserialize {path} (corrupt file, or built by another "
+                                  "TensorRT?): rebuild it with `python cli.py convert MODEL --trt`")
+    return engine
+
+
+# -- pipeline step ----------------------------------------------------------------------------------
+def calibration_cache_path(out: Path, onnx_sha256: str, source_digest: str, batch: int, algo: str,
+                           trt_version: str) -> Path:
+    """One cache per (model, data, batch, algorithm, TensorRT): reused only when all match."""
+    key = hashlib.sha256("|".join([onnx_sha256, source_digest, str(batch), algo, trt_version]).encode())
+    return out / f"calib.{key.hexdigest()[:16]}.cache"
+
+
+def _engine_parity(engine: Any, ctx: ConvertContext, batches: list[int]) -> dict[str, Any]:
+    """Run the fresh engine on the parity inputs and compare with the conversion's reference."""
+    from polygraphy.backend.trt import TrtRunner
+
+    from convert.validate import compare_outputs
+
+    parity: dict[str, Any] = {}
+    if ctx.reference is None:
+        return parity
+    with TrtRunner(engine) as runner:
+        for b in batches:
+            feed = ctx.spec.random_feed(b, seed=1234 + b)
+            out = runner.infer(feed)
+            got = [out[n].copy() for n in ctx.spec.output_names]
+            parity[f"batch_{b}"] = compare_outputs(got, ctx.reference(feed))
+    return parity
+
+
+def step_engine(ctx: ConvertContext) -> None:
+    """Build ``model.plan`` from the best FP32 ONNX (or ``engine.source``) and record it."""
+    from convert.validate import Tolerance
+
+    cfg = ctx.cfg.engine
+    if cfg is None:
+        return
+    source_name = cfg.source or ctx.best_fp32()
+    source = ctx.manifest.artifacts.get(source_name)
+    if source is None:
+        raise InputError(f"--trt-from {source_name!r} is not in the manifest; available: {sorted(ctx.manifest.artifacts)}")
+    check_request(cfg, source)
+    env = current_trt_env()
+    onnx_path = ctx.out / source.file.path
+    flags = build_flags(cfg, source, ctx.spec)
+    precision = engine_precision(flags)
+    more: dict[str, Any] = {}
+    timing_cache = cfg.timing_cache or ctx.out / "timing.cache"
+    plan = ctx.path(PLAN_NAME)
+    with contextlib.ExitStack() as stack:
+        staged_timing = stack.enter_context(staged_copy(timing_cache))
+        calibrator = None
+        c = cfg.calib
+        if cfg.int8 and not source_is_quantized(source) and c is not None and c.data:  # see check_request
+            from calibration.polygraphy_adapter import PolygraphyDataLoader, make_calibrator
+            from calibration.sources import open_source, resolve_preprocessing
+
+            pre = ctx.manifest.source.preprocessing
+            if c.resize is not None or c.mean is not None or c.std is not None:
+                pre = resolve_preprocessing(ctx.spec, pre, resize=c.resize, mean=c.mean, std=c.std)
+            data = open_source(c.data, ctx.spec, pre, size=c.size, seed=c.seed)
+            loader = PolygraphyDataLoader(data, batch_size=flags["opt_batch"], input_names=ctx.spec.input_names)
+            cache = calibration_cache_path(ctx.out, source.file.sha256, data.digest(), flags["opt_batch"],
+                                           cfg.calib_algo, env.tensorrt_version)
+            reused = cache.is_file() and cache.stat().st_size > 0
+            work = stack.enter_context(staged_copy(cache))
+            calibrator = make_calibrator(loader, work, cfg.calib_algo)
+            more["calibration"] = {"data": data.describe(), "digest": data.digest(), **loader.plan(),
+                                   "cache": cache.name, "cache_reused": reused}
+            ctx.log(f"INT8 calibration: {data.describe()}; " + ("reusing " if reused else "writing ") + cache.name)
+        kwargs = config_kwargs(cfg, ctx.spec, source, calibrator=calibrator, timing_cache=staged_timing)
+        ctx.log(f"building TensorRT engine from {source.file.path} ({precision}, batch "
+                f"{flags['min_batch']}..{flags['max_batch']}, opt {flags['opt_batch']}) on {env.describe()}")
+        engine = build_engine(onnx_path, plan, kwargs, save_timing_cache=staged_timing)
+    sha = sha256_file(plan)
+    more["timing_cache"] = str(timing_cache)
+    extra = engine_extra(env, flags, sha, engine_profile(engine, ctx.spec.input_names), **more)
+    name = f"trt_{precision}" + ("" if cfg.source is None else f"_{source.name}")
+    art = ctx.manifest.record(ctx.out, plan, name=name, kind="plan", precision=precision, step="build_engine",
+                              params=flags, parent=source.name, extra=extra)
+    art.metrics["parity"] = _engine_parity(engine, ctx, sorted({flags["min_batch"], flags["opt_batch"]}))
+    if precision != "int8":
+        tol = Tolerance.fp16() if cfg.fp16 else Tolerance.fp32()
+        bad = [f"parity at {k}: cosine {v['cosine']:.6f} < {tol.min_cosine}"
+               for k, v in art.metrics["parity"].items() if v["cosine"] < tol.min_cosine]
+        if bad:
+            art.status = "failed"
+            art.notes.extend(bad)
+            ctx.manifest.save(ctx.out)
+            raise ValidationError(f"TensorRT engine {PLAN_NAME}", bad)
