@@ -65,21 +65,23 @@ def scan_image_folder(root: Path, categories: Sequence[str] | None = None) -> Im
     return result
 
 
-def load_image(path: Path, pre: Preprocessing) -> np.ndarray:
-    """One image -> CHW float32, normalised. Raises OSError/ValueError for unreadable files."""
+def load_image(path: Path, pre: Preprocessing, channels: int = 3) -> np.ndarray:
+    """One image -> CHW float32, normalised (RGB, or grayscale when ``channels`` is 1).
+    Raises OSError/ValueError for unreadable files."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        scale = pre.resize / min(w, h)
-        im = im.resize((max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))), Image.BILINEAR)
-        w, h = im.size
-        left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
-        im = im.crop((left, top, left + pre.crop, top + pre.crop))
-        arr = np.asarray(im, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    with Image.open(path) as src:
+        im = src.convert("L" if channels == 1 else "RGB")
+    w, h = im.size
+    scale = pre.resize / min(w, h)
+    im = im.resize((max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))),
+                   Image.Resampling.BILINEAR)
+    w, h = im.size
+    left, top = (w - pre.crop) // 2, (h - pre.crop) // 2
+    im = im.crop((left, top, left + pre.crop, top + pre.crop))
+    arr = np.asarray(im, dtype=np.float32).reshape(pre.crop, pre.crop, -1) / np.float32(255.0)
+    norm = (arr - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(norm.transpose(2, 0, 1), dtype=np.float32)
 
 
 @dataclass

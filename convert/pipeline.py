@@ -15,11 +15,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from convert.engine import EngineConfig, preflight, step_engine
 from convert.export import Exporter, complete_output_spec, export_onnx
+from convert.gates import check_gates
 from convert.models import LoadedModel, resolve_model
 from convert.optimize import optimize_onnx
+from convert.quantize import QuantConfig, quant_steps
+from convert.sparsity import SparsityConfig, check_sparsity_inputs, step_sparsity
 from convert.validate import Reference, Tolerance, ort_reference, torch_reference, validate_onnx
-from core.errors import InputError
+from core.errors import InputError, ValidationError
 from core.fsutil import atomic_path, ensure_writable_dir
 from core.iospec import IOSpec, spec_from_onnx
 from core.manifest import Manifest
@@ -50,6 +54,12 @@ class ConvertConfig(BaseModel):
 
     export: ExportConfig
     out: Path | None = Field(default=None, description="Output folder; default artifacts/<model name>")
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig,
+                                     description="2:4 sparse and channel-pruned variants (convert/sparsity.py)")
+    quant: QuantConfig | None = Field(default=None, description="FP16 / dynamic INT8 / static INT8 variants and their "
+                                                              "accuracy gates (convert/quantize.py); None = none")
+    engine: EngineConfig | None = Field(default=None, description="Also build a TensorRT engine (convert/engine.py); "
+                                                                  "None = no engine")
 
 
 @dataclass
@@ -142,8 +152,15 @@ def step_validate(name: str) -> Callable[[ConvertContext], None]:
     def run(ctx: ConvertContext) -> None:
         art = ctx.manifest.artifacts[name]
         ctx.log(f"validating {art.file.path}: checker, shape inference, parity at batch {_batches(ctx)}")
-        art.metrics.update(validate_onnx(ctx.out / art.file.path, ctx.spec, ctx.reference, batches=_batches(ctx),
-                                         tol=Tolerance.fp32(), what=art.file.path))
+        try:
+            art.metrics.update(validate_onnx(ctx.out / art.file.path, ctx.spec, ctx.reference,
+                                             batches=_batches(ctx), tol=Tolerance.fp32(), what=art.file.path))
+        except ValidationError as exc:
+            # The file stays (it is complete), but the manifest says it failed and why.
+            art.status = "failed"
+            art.notes.extend(exc.failures)
+            ctx.manifest.save(ctx.out)
+            raise
     run.__name__ = f"validate_{name}"
     return run
 
@@ -164,6 +181,13 @@ Step = Callable[[ConvertContext], Any]
 def build_steps(cfg: ConvertConfig) -> list[Step]:
     """The ordered list of steps for ``cfg``: variant modules append theirs here."""
     steps: list[Step] = [step_export, step_validate("fp32"), step_optimize]
+    if cfg.sparsity.enabled:  # the preflight: wrong source or eval data fail before the slow export
+        steps = [check_sparsity_inputs, *steps, step_sparsity]
+    if cfg.quant is not None:
+        before, after = quant_steps(cfg.quant)  # before: flag/data checks ahead of the slow export
+        steps = [*before, *steps, *after]
+    if cfg.engine is not None:
+        steps.append(step_engine)  # last: it may build from any ONNX variant above
     return steps
 
 
@@ -174,6 +198,8 @@ def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print) -> tuple
     and no file is ever left half-written.
     """
     e = cfg.export
+    if cfg.engine is not None:
+        preflight(cfg.engine)  # before any work: one clear line where TensorRT or the GPU is missing
     loaded = resolve_model(e.model, e.weights, e.seed)
     out = ensure_writable_dir(Path(cfg.out) if cfg.out else default_out(e.model))
     for note in loaded.notes:
@@ -185,4 +211,5 @@ def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print) -> tuple
     for step in build_steps(cfg):
         step(ctx)
         manifest.save(out)
+    check_gates(manifest)  # every variant is built and recorded first; then a failed gate exits non-zero
     return manifest, out

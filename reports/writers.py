@@ -67,7 +67,7 @@ def to_markdown(results: BenchResults) -> str:
                                                         else ""),
              f"- inputs: {results.config.get('inputs', '-')}",
              f"- warm-up {results.config.get('warmup')}, timed iterations {results.config.get('iters')}",
-             f"- versions: " + ", ".join(f"{k} {v}" for k, v in results.versions.items() if k != "platform"), ""]
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in results.versions.items() if k != "platform"), ""]
     header = [h for h, _ in SUMMARY_COLUMNS]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))

@@ -1,0 +1,132 @@
+"""What this CPU can do for INT8 and FP16, and what that means for ONNX Runtime's quantized models.
+
+ONNX Runtime documents (``quantize_static``'s docstring, "Choosing parameters for CPU inference") that
+on x86-64 without VNNI the U8S8 integer kernels can saturate their 16-bit intermediates, so weights
+should be quantized with ``reduce_range`` (7 bits). Without an int8 dot-product instruction (VNNI or
+AMX on x86, the dot-product extension on ARM) INT8 kernels do not beat FP32 kernels by much, and often
+lose (dynamic INT8 always does): the tool says so before the user finds out from a benchmark.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
+_ARM = {"aarch64", "arm64", "armv8l", "armv8", "arm"}
+
+
+class CpuFeatures(BaseModel):
+    """The instruction-set facts that decide how INT8/FP16 should be built and how fast they run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field(description="platform.machine()")
+    model: str = Field(default="", description="CPU model name, when the OS tells it")
+    avx2: bool = False
+    avx512: bool = Field(default=False, description="AVX-512 Foundation")
+    vnni: bool = Field(default=False, description="AVX512-VNNI or AVX-VNNI: int8 dot products")
+    amx: bool = Field(default=False, description="AMX tiles with INT8 support")
+    fp16_arith: bool = Field(default=False, description="Native FP16 arithmetic (AVX512-FP16, AMX-FP16, ARM fphp)")
+    arm_dotprod: bool = Field(default=False, description="ARM SDOT/UDOT (asimddp)")
+    source: str = Field(default="", description="Where the flags were read from")
+    summary: str = ""
+
+    @property
+    def is_x86(self) -> bool:
+        return self.arch.lower() in _X86
+
+    @property
+    def int8_dot_product(self) -> bool:
+        """An instruction that multiplies-and-accumulates int8 without 16-bit saturation."""
+        return self.vnni or self.amx or self.arm_dotprod
+
+    @property
+    def needs_reduce_range(self) -> bool:
+        """ONNX Runtime's guidance: U8S8 on x86-64 without VNNI -> quantize weights to 7 bits."""
+        return self.is_x86 and not (self.vnni or self.amx)
+
+    def int8_advice(self, dynamic: bool) -> str | None:
+        """A warning when this CPU has no int8 dot-product instruction (INT8 gains little or loses), else None."""
+        if self.int8_dot_product:
+            return None
+        missing = "AVX-VNNI/AVX512-VNNI or AMX" if self.is_x86 else "an int8 dot-product extension"
+        have = "AVX2" if self.avx2 else ("AVX-512" if self.avx512 else "no wide SIMD")
+        expect = ("dynamic INT8 is expected to be several times slower than FP32 here (it quantizes activations "
+                  "at run time and runs ConvInteger/MatMulInteger kernels that have no fast path on this CPU)"
+                  if dynamic else
+                  "static INT8's speed-up over FP32 is limited here, depends on the model and may be none (its "
+                  "u8s8 kernels multiply through 16-bit intermediates; reduce_range keeps them from saturating)")
+        return (f"this CPU ({self.model or self.arch}: {have}, no {missing}) has no int8 dot-product instruction, "
+                f"so {expect}; the sure gain on this CPU is a ~4x smaller file. Measure with `bench` before deploying")
+
+    def fp16_advice(self) -> str | None:
+        if self.fp16_arith:
+            return None
+        return (f"this CPU ({self.model or self.arch}) has no native FP16 arithmetic: ONNX Runtime casts FP16 "
+                "to FP32 around most kernels, so expect FP16 to be slower than FP32 on CPU; FP16 is for GPUs "
+                "(TensorRT, CUDA) and for a 2x smaller file")
+
+
+def _linux_flags() -> tuple[set[str], str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set(), ""
+    flags: set[str] = set()
+    model = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("flags", "features") and not flags:
+            flags = set(value.split())
+        elif key in ("model name", "cpu model", "hardware") and not model:
+            model = value.strip()
+        if flags and model:
+            break
+    return flags, model
+
+
+def _numpy_flags() -> set[str]:
+    """NumPy's own runtime CPU dispatch table (works on every OS), as lower-case cpuinfo-style names."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as feats
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as feats  # type: ignore[no-redef]
+        except ImportError:
+            return set()
+    names = {"AVX2": "avx2", "AVX512F": "avx512f", "AVX512_CLX": "avx512_vnni",
+             "AVX512_SPR": "avx512_fp16", "ASIMDDP": "asimddp", "ASIMDHP": "fphp"}
+    return {names[k] for k, v in feats.items() if v and k in names}
+
+
+@functools.cache
+def cpu_features() -> CpuFeatures:
+    """Detect the CPU's INT8/FP16-relevant features (Linux /proc/cpuinfo, else NumPy's dispatch table)."""
+    arch = platform.machine() or "unknown"
+    flags, model = _linux_flags()
+    source = "/proc/cpuinfo" if flags else "numpy cpu dispatch"
+    if not flags:
+        flags = _numpy_flags()
+    model = model or platform.processor()
+    feats = CpuFeatures(
+        arch=arch, model=model,
+        avx2="avx2" in flags,
+        avx512="avx512f" in flags,
+        vnni=bool({"avx512_vnni", "avx_vnni", "avx512vnni", "avxvnni"} & flags),
+        amx=bool({"amx_int8"} & flags),
+        fp16_arith=bool({"avx512_fp16", "amx_fp16", "fphp", "asimdhp"} & flags),
+        arm_dotprod=bool({"asimddp", "dotprod"} & flags),
+        source=source,
+    )
+    have = [n for n, on in (("AVX2", feats.avx2), ("AVX-512", feats.avx512), ("VNNI", feats.vnni),
+                            ("AMX", feats.amx), ("FP16", feats.fp16_arith), ("dotprod", feats.arm_dotprod)) if on]
+    lacks = [n for n, on in (("VNNI", feats.vnni), ("AMX", feats.amx)) if not on] if feats.is_x86 else []
+    feats.summary = (f"{arch}{' ' + model if model else ''}: {', '.join(have) or 'no wide SIMD flags found'}"
+                     + (f"; no {'/'.join(lacks)}" if lacks else "")
+                     + (" -> INT8 reduce_range on" if feats.needs_reduce_range else ""))
+    return feats

@@ -1,0 +1,301 @@
+"""Accuracy gates: every variant is checked against the FP32 model on held-out inputs.
+
+- :class:`HeldOutEvaluator` runs the FP32 ONNX model once on the held-out inputs (never the calibration
+  samples), then each variant on the same inputs: top-1 agreement, max/mean abs error, cosine and, with
+  labels, accuracy (:func:`runtimes.harness.accuracy_stats`, the same statistics ``bench`` reports).
+- :func:`gate_verdict` applies ``--max-accuracy-drop`` (top-1 points; agreement where there are no labels).
+- :func:`rank_nodes` ranks quantized nodes by the error each one *adds* (relative error of its output
+  minus that of its inputs, FP32 vs QDQ, on calibration samples); :func:`auto_search` uses it for
+  ``--auto``: try the calibration methods, then keep the worst nodes in FP32 until within budget.
+- :func:`check_gates` turns failed gates into one ``AccuracyGateError`` after every variant was built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from calibration.sources import Source
+from core.errors import AccuracyGateError, InputError
+from core.manifest import Manifest
+from reports.models import AccuracyStats
+
+
+class GateConfig(BaseModel):
+    """How variants are checked against FP32, and the budget they must meet."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_accuracy_drop: float | None = Field(
+        default=None, ge=0, description="Allowed top-1 loss in points (agreement loss when there are no labels); "
+                                        "exceeded -> artifact marked failed, convert exits non-zero")
+    auto: bool = Field(default=False, description="Static INT8: try calibration methods, then keep the most "
+                                                  "error-adding nodes in FP32 until within budget")
+    eval_data: str | None = Field(default=None, description="Held-out data (image folder, .npz with optional "
+                                                            "'labels', imagenet_subset); default: a window of "
+                                                            "the calibration data that calibration never sees")
+    eval_size: int = Field(default=200, ge=1, description="At most this many held-out samples")
+    eval_batch: int = Field(default=16, ge=1, description="Batch size for the held-out runs")
+
+
+def _session(path: Path) -> Any:
+    from convert.validate import ort_session
+
+    return ort_session(path)
+
+
+class HeldOutEvaluator:
+    """FP32 reference outputs on the held-out source, computed once, and variant statistics against them."""
+
+    def __init__(self, source: Source, batch: int, fixed_batch: int | None = None) -> None:
+        self.source = source
+        self.batch = fixed_batch or batch
+        self.fixed = fixed_batch
+        self.reference: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+        self.reference_name = ""
+
+    def _run(self, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+        sess = _session(path)
+        outs: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        for feed, lab in self.source.iter_labelled(self.batch):
+            n = len(next(iter(feed.values())))
+            if self.fixed and n != self.fixed:
+                continue
+            outs.append(np.asarray(sess.run(None, feed)[0], dtype=np.float32))
+            if lab is not None:
+                labels.append(lab)
+        if not outs:
+            raise InputError(f"no held-out batch could be run ({self.source.describe()})")
+        return np.concatenate(outs), (np.concatenate(labels) if labels else None)
+
+    def set_reference(self, path: Path, name: str) -> None:
+        self.reference, self.labels = self._run(path)
+        self.reference_name = name
+
+    def evaluate(self, path: Path) -> AccuracyStats:
+        from runtimes.harness import accuracy_stats
+
+        if self.reference is None:
+            raise RuntimeError("set_reference() first")
+        got, _ = self._run(path)
+        return accuracy_stats(got, self.reference, self.labels, f"ort:{self.reference_name}:fp32")
+
+    def record(self) -> dict[str, Any]:
+        return self.source.manifest_record() | {"used": 0 if self.reference is None else len(self.reference)}
+
+
+def accuracy_drop(stats: AccuracyStats) -> tuple[float | None, str]:
+    """(drop in points, basis): top-1 accuracy loss with labels, else top-1 disagreement with FP32."""
+    if stats.top1_acc is not None and stats.ref_top1_acc is not None:
+        return 100.0 * (stats.ref_top1_acc - stats.top1_acc), "top-1 accuracy (labels)"
+    if stats.top1_agreement is not None:
+        return 100.0 * (1.0 - stats.top1_agreement), "top-1 agreement with FP32 (no labels)"
+    return None, "none: the output is not a class-score matrix"
+
+
+def gate_verdict(stats: AccuracyStats, budget: float | None) -> dict[str, Any]:
+    """The gate record kept in the manifest: drop, basis, budget, passed (None when no budget)."""
+    drop, basis = accuracy_drop(stats)
+    if budget is not None and drop is None:
+        raise InputError("--max-accuracy-drop needs a classifier output (batch x classes) to compare top-1; "
+                         "this model's first output is not one")
+    passed = None if budget is None or drop is None else bool(drop <= budget + 1e-9)
+    return {"drop_points": None if drop is None else round(drop, 4), "basis": basis, "budget_points": budget,
+            "passed": passed, "samples": stats.samples}
+
+
+def summary_line(stats: AccuracyStats, gate: dict[str, Any]) -> str:
+    parts = []
+    if stats.top1_agreement is not None:
+        parts.append(f"top-1 agree {100 * stats.top1_agreement:.1f}%")
+    if stats.top1_acc is not None and stats.ref_top1_acc is not None:
+        parts.append(f"acc {100 * stats.top1_acc:.1f}% (fp32 {100 * stats.ref_top1_acc:.1f}%)")
+    parts.append(f"cos {stats.cosine:.4f}")
+    if gate["passed"] is not None:
+        parts.append(f"gate {'ok' if gate['passed'] else 'FAILED'} ({gate['drop_points']:.2f} vs "
+                     f"{gate['budget_points']:g} pts)")
+    return ", ".join(parts) + f" on {stats.samples} held-out"
+
+
+def check_gates(manifest: Manifest) -> None:
+    """Raise one AccuracyGateError naming every variant whose gate failed (they stay in the manifest,
+    marked failed, so ``bench`` skips them)."""
+    failed = [a for a in manifest.artifacts.values() if (a.metrics.get("gate") or {}).get("passed") is False]
+    if failed:
+        parts = [f"{a.name} lost {a.metrics['gate']['drop_points']:.2f} points of "
+                 f"{a.metrics['gate']['basis']} (budget {a.metrics['gate']['budget_points']:g})" for a in failed]
+        raise AccuracyGateError("accuracy gate failed: " + "; ".join(parts)
+                                + " -> marked failed in manifest.json (try --auto, another --calib-method, "
+                                  "more calibration data, or a larger budget)")
+
+
+# -- node sensitivity ------------------------------------------------------------------------------
+
+@dataclass
+class NodeScore:
+    node: str
+    op_type: str
+    added_error: float  # relative L2 error of the output minus the worst of its inputs
+
+
+def _float_tensor_types(model: Any) -> dict[str, int]:
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types: dict[str, int] = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def _with_outputs(model: Any, names: Iterable[str]) -> bytes:
+    """The model serialised with ``names`` (float tensors) added as graph outputs."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    present = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in present:
+            m.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
+            present.add(n)
+    return m.SerializeToString()
+
+
+def rank_nodes(float_path: Path, qdq_path: Path, batches: Iterable[dict[str, np.ndarray]]) -> list[NodeScore]:
+    """Quantized nodes of ``qdq_path`` ranked by the relative error they add, worst first.
+
+    A tensor's error is ||qdq - fp32|| / ||fp32|| of what its consumers see (the DequantizeLinear output
+    in the QDQ model, against the same tensor of the FP32 model); what a node *adds* is its output's
+    error minus the largest error among its quantized activation inputs, so a node is not blamed for
+    what arrived from upstream. The QDQ graph is walked as written (the quantizer fuses Conv+Relu and
+    renames graph outputs ``X_QuantizeLinear_Input``); node names are those ``nodes_to_exclude`` takes.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    fmodel = onnx.load(str(float_path))
+    qmodel = onnx.load(str(qdq_path))
+    ftypes = _float_tensor_types(fmodel)
+    q_in = {n.output[0]: n.input[0] for n in qmodel.graph.node if n.op_type == "QuantizeLinear"}
+    q_of = {n.input[0]: n.output[0] for n in qmodel.graph.node if n.op_type == "QuantizeLinear"}
+    dq_in = {n.output[0]: n.input[0] for n in qmodel.graph.node if n.op_type == "DequantizeLinear"}
+    dq_of = {n.input[0]: n.output[0] for n in qmodel.graph.node if n.op_type == "DequantizeLinear"}
+
+    def float_name(t: str) -> str | None:
+        for name in (t, t.removesuffix("_QuantizeLinear_Input")):
+            if ftypes.get(name) == TensorProto.FLOAT:
+                return name
+        return None
+
+    # (node, [(qdq tensor, fp32 tensor) of quantized activation inputs], [(qdq tensor, fp32 tensor) of outputs])
+    candidates: list[tuple[Any, list[tuple[str, str]], list[tuple[str, str]]]] = []
+    for node in qmodel.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not node.name:
+            continue
+        ins = [(i, f) for i in node.input if i in dq_in and dq_in[i] in q_in
+               and (f := float_name(q_in[dq_in[i]])) is not None]
+        if not ins:
+            continue  # left in FP32 by the quantizer
+        outs = [(dq_of.get(q_of.get(o, ""), o), f) for o in node.output if (f := float_name(o)) is not None]
+        if outs:
+            candidates.append((node, ins, outs))
+    pairs = sorted({p for _, ins, outs in candidates for p in [*ins, *outs]})
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    fsess = ort.InferenceSession(_with_outputs(fmodel, {f for _, f in pairs}), so, providers=["CPUExecutionProvider"])
+    qsess = ort.InferenceSession(_with_outputs(qmodel, {q for q, _ in pairs}), so, providers=["CPUExecutionProvider"])
+    fnames = [o.name for o in fsess.get_outputs()]
+    qnames = [o.name for o in qsess.get_outputs()]
+    err2 = dict.fromkeys(pairs, 0.0)
+    ref2 = dict.fromkeys(pairs, 0.0)
+    for feed in batches:  # accumulate over batches: one batch of activations in memory at a time
+        fo = dict(zip(fnames, fsess.run(fnames, feed), strict=True))
+        qo = dict(zip(qnames, qsess.run(qnames, feed), strict=True))
+        for q, f in pairs:
+            a, b = np.asarray(fo[f], np.float64), np.asarray(qo[q], np.float64)
+            err2[(q, f)] += float(np.sum((a - b) ** 2))
+            ref2[(q, f)] += float(np.sum(a * a))
+    rel = {p: float(np.sqrt(err2[p] / max(ref2[p], 1e-30))) for p in pairs}
+    scores = [NodeScore(node=n.name, op_type=n.op_type,
+                        added_error=max(rel[o] for o in outs) - max(rel[i] for i in ins))
+              for n, ins, outs in candidates]
+    return sorted(scores, key=lambda s: s.added_error, reverse=True)
+
+
+# -- --auto ----------------------------------------------------------------------------------------
+
+@dataclass
+class Trial:
+    method: str
+    fp32_nodes: list[str]
+    stats: AccuracyStats
+    gate: dict[str, Any]
+    path: Path
+
+    def record(self) -> dict[str, Any]:
+        return {"method": self.method, "fp32_nodes": len(self.fp32_nodes), "drop_points": self.gate["drop_points"],
+                "passed": self.gate["passed"], "cosine": round(self.stats.cosine, 6)}
+
+
+@dataclass
+class AutoResult:
+    best: Trial
+    trials: list[Trial] = field(default_factory=list)
+    ranking: list[NodeScore] = field(default_factory=list)
+    reason: str = ""
+
+    def record(self) -> dict[str, Any]:
+        kept = set(self.best.fp32_nodes)
+        return {"chosen_method": self.best.method, "fp32_nodes": self.best.fp32_nodes, "reason": self.reason,
+                "trials": [t.record() for t in self.trials],
+                "ranking_top": [{"node": s.node, "op_type": s.op_type, "added_error": round(s.added_error, 6),
+                                 "kept_fp32": s.node in kept} for s in self.ranking[:20]]}
+
+
+def auto_search(methods: list[str], budget: float, build: Callable[[str, list[str]], Trial],
+                rank: Callable[[Trial], list[NodeScore]], log: Callable[[str], None]) -> AutoResult:
+    """``--auto``: each calibration method in turn (stop at the first within budget); if none is, take the
+    best method and keep its most error-adding nodes in FP32 — 1, 2, 4, ... of them — until within
+    budget (or every quantized node is in FP32, which then fails the gate honestly)."""
+    trials: list[Trial] = []
+    for m in methods:
+        t = build(m, [])
+        trials.append(t)
+        log(f"  --auto: {m}: drop {t.gate['drop_points']:.2f} points (budget {budget:g})")
+        if t.gate["passed"]:
+            return AutoResult(best=t, trials=trials, reason=f"{m} calibration is within budget with every "
+                                                             "supported node quantized")
+    best = min(trials, key=lambda t: (t.gate["drop_points"], -t.stats.cosine))
+    ranking = rank(best)
+    if not ranking:
+        return AutoResult(best=best, trials=trials, reason="no method is within budget and no quantized node "
+                                                           "could be ranked")
+    k = 1
+    current = best
+    while True:
+        k = min(k, len(ranking))
+        keep = [s.node for s in ranking[:k]]
+        t = build(best.method, keep)
+        trials.append(t)
+        log(f"  --auto: {best.method} with the {k} most error-adding node(s) in FP32: drop "
+            f"{t.gate['drop_points']:.2f} points")
+        current = t
+        if t.gate["passed"]:
+            return AutoResult(best=t, trials=trials, ranking=ranking,
+                              reason=f"no calibration method alone was within budget; {best.method} was closest "
+                                     f"({best.gate['drop_points']:.2f} points), and keeping its {k} most "
+                                     "error-adding node(s) in FP32 brings it within budget")
+        if k == len(ranking):
+            return AutoResult(best=current, trials=trials, ranking=ranking,
+                              reason="still over budget with every ranked node in FP32")
+        k *= 2

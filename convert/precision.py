@@ -1,0 +1,40 @@
+"""FP16: weights and compute in half precision, inputs and outputs kept FP32 (callers change nothing).
+
+Uses ``onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)``, which inserts Cast
+nodes at the graph boundary and keeps ops without FP16 kernels in FP32 (its default block list).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+from core.errors import ToolkitError
+from core.fsutil import atomic_path
+
+
+class PrecisionError(ToolkitError):
+    """The FP16 converter failed on this model."""
+
+
+def convert_fp16(src: Path, out: Path) -> dict[str, Any]:
+    """Write the FP16 model to ``out`` atomically; return what was done (for the manifest)."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(src))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # it warns about every value that FP16 clamps
+            fp16 = float16.convert_float_to_float16(model, keep_io_types=True)
+    except Exception as exc:
+        raise PrecisionError(f"FP16 conversion of {src.name} failed: {type(exc).__name__}: {exc}") from exc
+    with atomic_path(out) as tmp:
+        onnx.save(fp16, str(tmp))
+    casts = sum(1 for n in fp16.graph.node if n.op_type == "Cast") - sum(1 for n in model.graph.node
+                                                                         if n.op_type == "Cast")
+    return {"converter": "onnxconverter_common.float16.convert_float_to_float16", "keep_io_types": True,
+            "casts_added": casts}

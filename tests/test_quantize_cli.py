@@ -1,0 +1,70 @@
+"""`convert --int8 ...` through the CLI: every bad calibration input is one clear line and a non-zero exit,
+checked before the model is exported; a failed accuracy gate exits non-zero with the artifact kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import cli
+
+
+def _invoke(digits: Any, out: Path, *extra: str) -> Any:
+    args = ["convert", digits.factory, "--weights", str(digits.weights), "--out", str(out), *extra]
+    return CliRunner().invoke(cli.app, args)
+
+
+def _bad(kind: str, tmp: Path) -> tuple[list[str], str]:
+    if kind == "missing":
+        return ["--int8", "--calib", str(tmp / "nope")], "does not exist"
+    if kind == "empty":
+        (tmp / "empty").mkdir()
+        return ["--int8", "--calib", str(tmp / "empty")], "has no images"
+    if kind == "non_images":
+        folder = tmp / "junk"
+        folder.mkdir()
+        for i in range(6):
+            (folder / f"{i}.jpg").write_text("text, not an image")
+        return ["--int8", "--calib", str(folder)], "could be read as an image"
+    if kind == "npz_names":
+        np.savez(tmp / "n.npz", pixels=np.zeros((8, 1, 16, 16), np.float32))
+        return ["--int8", "--calib", str(tmp / "n.npz")], "but the model's inputs are ['input']"
+    if kind == "npz_shapes":
+        np.savez(tmp / "s.npz", input=np.zeros((8, 1, 8, 8), np.float32))
+        return ["--int8", "--calib", str(tmp / "s.npz")], "does not match the model's"
+    if kind == "method":
+        return ["--int8", "--calib", "synthetic", "--calib-method", "kl"], "unknown --calib-method 'kl'"
+    if kind == "no_calib":
+        return ["--int8"], "--int8 needs calibration data"
+    if kind == "auto_without_budget":
+        return ["--int8", "--calib", "synthetic", "--auto"], "--auto needs a budget"
+    if kind == "no_variant":
+        return ["--calib", "imagenet_subset"], "add --fp16, --int8 or --int8-dynamic"
+    return ["--int8", "--calib", "synthetic", "--activation-type", "int4"], "unknown --activation-type 'int4'"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "non_images", "npz_names", "npz_shapes", "method", "no_calib",
+                                  "auto_without_budget", "no_variant", "qtype"])
+def test_bad_calibration_input_is_one_line(digits_model: Any, tmp_path: Path, kind: str) -> None:
+    extra, expect = _bad(kind, tmp_path)
+    res = _invoke(digits_model, tmp_path / "out", *extra)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and expect in " ".join(res.output.split())
+    assert not (tmp_path / "out" / "model.onnx").exists(), "checked before the export"
+
+
+def test_failed_gate_exits_non_zero_and_keeps_the_failed_artifact(digits_model: Any, tmp_path: Path) -> None:
+    from core.manifest import Manifest
+
+    np.savez(tmp_path / "const.npz", input=np.full((16, 1, 16, 16), 1.0, np.float32))
+    np.savez(tmp_path / "test.npz", input=digits_model.x_test, labels=digits_model.y_test)
+    res = _invoke(digits_model, tmp_path / "out", "--int8", "--calib", str(tmp_path / "const.npz"),
+                  "--eval-data", str(tmp_path / "test.npz"), "--max-accuracy-drop", "1")
+    assert res.exit_code == 5, res.output
+    assert "accuracy gate failed: int8_static_minmax" in " ".join(res.output.split())
+    assert Manifest.load(tmp_path / "out").artifacts["int8_static_minmax"].status == "failed"

@@ -1,0 +1,135 @@
+"""FP16 / dynamic INT8 / static INT8 on a CNN trained on scikit-learn's digits, checked on the held-out split.
+
+Accuracies are computed here independently (ONNX Runtime on ``x_test`` against ``y_test``), not read
+back from the manifest; the manifest's numbers must then agree with them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from convert.gates import GateConfig
+from convert.pipeline import ConvertConfig, ExportConfig, run_convert
+from convert.quantize import CalibConfig, QuantConfig
+from core.errors import AccuracyGateError
+from core.fsutil import sha256_file
+from core.manifest import Manifest
+
+
+def _accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = np.concatenate([sess.run(None, {"input": x[i:i + 100]})[0] for i in range(0, len(x), 100)])
+    return float((logits.argmax(1) == y).mean())
+
+
+def _convert(digits: Any, out: Path, quant: QuantConfig) -> tuple[Manifest, Path]:
+    cfg = ConvertConfig(export=ExportConfig(model=digits.factory, weights=str(digits.weights)), out=out, quant=quant)
+    return run_convert(cfg, log=lambda _m: None)
+
+
+@pytest.fixture(scope="module")
+def eval_npz(digits_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("digits_eval") / "test.npz"
+    np.savez(path, input=digits_model.x_test, labels=digits_model.y_test)
+    return path
+
+
+@pytest.fixture(scope="module")
+def variants(digits_model: Any, eval_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Manifest, Path]:
+    quant = QuantConfig(fp16=True, int8_static=True, int8_dynamic=True,
+                        calib=CalibConfig(data=str(digits_model.calib_npz), size=200, methods=["minmax", "entropy"]),
+                        gate=GateConfig(eval_data=str(eval_npz), eval_size=400, max_accuracy_drop=1.0))
+    return _convert(digits_model, tmp_path_factory.mktemp("digits_q"), quant)
+
+
+@pytest.mark.parametrize(("name", "budget_points"), [("int8_static_minmax", 1.0), ("int8_static_entropy", 1.0),
+                                                     ("fp16", 0.2), ("int8_dynamic", 1.0)])
+def test_variant_accuracy_on_held_out_split(digits_model: Any, variants: tuple[Manifest, Path], name: str,
+                                            budget_points: float) -> None:
+    manifest, out = variants
+    x, y = digits_model.x_test, digits_model.y_test
+    fp32 = _accuracy(out / manifest.artifacts["opt"].file.path, x, y)
+    got = _accuracy(out / manifest.artifacts[name].file.path, x, y)
+    assert abs(fp32 - digits_model.test_accuracy) < 0.005  # the ONNX FP32 model is the trained model
+    assert 100 * (fp32 - got) <= budget_points, f"{name}: {got:.4f} vs fp32 {fp32:.4f}"
+    acc = manifest.artifacts[name].metrics["accuracy"]
+    assert acc["samples"] == len(y)
+    assert acc["top1_acc"] == pytest.approx(got) and acc["ref_top1_acc"] == pytest.approx(fp32)
+
+
+def test_variants_are_recorded_with_their_calibration(digits_model: Any, variants: tuple[Manifest, Path]) -> None:
+    from calibration.cpu import cpu_features
+    from calibration.sources import open_source
+
+    manifest, out = variants
+    assert manifest.verify(out) == []
+    static = manifest.artifacts["int8_static_minmax"]
+    assert (static.precision, static.parent, static.status, static.step) == ("int8", "opt", "ok", "quantize_static")
+    assert static.file.sha256 == sha256_file(out / static.file.path)
+    p = static.params
+    assert p["method"] == "minmax" and p["quant_format"] == "QDQ" and p["per_channel"] is True
+    assert p["reduce_range"] == cpu_features().needs_reduce_range
+    calib = p["calibration"]
+    expected = open_source(str(digits_model.calib_npz), manifest.iospec, None, size=200, seed=0)
+    assert calib["sha256"] == expected.digest() and calib["images_used"] == 200
+    assert str(digits_model.calib_npz) in calib["source"]
+    assert static.metrics["gate"] == {**static.metrics["gate"], "passed": True, "budget_points": 1.0}
+    assert "held_out" in static.metrics and static.metrics["held_out"]["labels"] is True
+    assert manifest.artifacts["fp16"].precision == "fp16" and manifest.artifacts["int8_dynamic"].precision == "int8"
+    assert not list(out.glob(".quant-*")), "the work folder is removed"
+
+
+def test_bench_picks_up_every_variant(variants: tuple[Manifest, Path]) -> None:
+    from runtimes.harness import BenchConfig, select_targets
+
+    manifest, out = variants
+    names = {t.artifact.name for t in select_targets(manifest, BenchConfig(artifact_dir=out, backends=["ort"]))}
+    assert {"fp16", "int8_dynamic", "int8_static_minmax", "int8_static_entropy", "opt"} <= names
+
+
+@pytest.fixture(scope="module")
+def constant_calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Calibration data that ruins static INT8: every input pixel is the same value."""
+    path = tmp_path_factory.mktemp("const") / "const.npz"
+    np.savez(path, input=np.full((16, 1, 16, 16), 1.0, np.float32))
+    return path
+
+
+def test_gate_fails_marks_artifact_and_bench_skips_it(digits_model: Any, eval_npz: Path, constant_calib: Path,
+                                                      tmp_path: Path) -> None:
+    from runtimes.harness import BenchConfig, select_targets
+
+    quant = QuantConfig(int8_static=True, calib=CalibConfig(data=str(constant_calib)),
+                        gate=GateConfig(eval_data=str(eval_npz), max_accuracy_drop=1.0))
+    with pytest.raises(AccuracyGateError, match=r"int8_static_minmax lost .* points of top-1 accuracy"):
+        _convert(digits_model, tmp_path, quant)
+    manifest = Manifest.load(tmp_path)
+    art = manifest.artifacts["int8_static_minmax"]
+    assert art.status == "failed" and art.metrics["gate"]["passed"] is False
+    assert art.metrics["gate"]["drop_points"] > 1.0
+    targets = select_targets(manifest, BenchConfig(artifact_dir=tmp_path, backends=["ort"]))
+    assert "int8_static_minmax" not in {t.artifact.name for t in targets}
+
+
+def test_auto_keeps_error_adding_nodes_in_fp32(digits_model: Any, eval_npz: Path, constant_calib: Path,
+                                               tmp_path: Path) -> None:
+    quant = QuantConfig(int8_static=True, calib=CalibConfig(data=str(constant_calib)),
+                        gate=GateConfig(eval_data=str(eval_npz), max_accuracy_drop=1.0, auto=True))
+    manifest, out = _convert(digits_model, tmp_path, quant)
+    art = next(a for a in manifest.artifacts.values() if a.step == "quantize_static")
+    auto = art.params["auto"]
+    assert art.status == "ok" and art.metrics["gate"]["passed"] is True
+    assert [t["method"] for t in auto["trials"][:3]] == ["minmax", "entropy", "percentile"]
+    assert auto["fp32_nodes"] and auto["fp32_nodes"] == art.params["fp32_nodes"]
+    ranked = [r["node"] for r in auto["ranking_top"]]
+    assert auto["fp32_nodes"] == ranked[:len(auto["fp32_nodes"])], "the worst-ranked nodes are the ones kept"
+    assert "within budget" in auto["reason"]
+    fp32 = _accuracy(out / manifest.artifacts["opt"].file.path, digits_model.x_test, digits_model.y_test)
+    got = _accuracy(out / art.file.path, digits_model.x_test, digits_model.y_test)
+    assert 100 * (fp32 - got) <= 1.0
