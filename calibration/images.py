@@ -91,21 +91,22 @@ class LoadedImages:
     skipped: list[str]
 
 
-def iter_images(files: Sequence[Path], pre: Preprocessing) -> Iterator[tuple[int, np.ndarray | None, str]]:
+def iter_images(files: Sequence[Path], pre: Preprocessing,
+                channels: int = 3) -> Iterator[tuple[int, np.ndarray | None, str]]:
     """Yield (index, CHW array or None when unreadable, reason) one file at a time (streams)."""
     for i, f in enumerate(files):
         try:
-            yield i, load_image(f, pre), ""
+            yield i, load_image(f, pre, channels), ""
         except (OSError, ValueError) as exc:
             yield i, None, f"{f.name}: {type(exc).__name__}"
 
 
-def load_images(images: ImageSet, pre: Preprocessing, limit: int | None = None) -> LoadedImages:
+def load_images(images: ImageSet, pre: Preprocessing, limit: int | None = None, channels: int = 3) -> LoadedImages:
     """Load up to ``limit`` readable images; unreadable files are skipped and counted."""
     arrays: list[np.ndarray] = []
     labels: list[int] = []
     skipped: list[str] = []
-    for i, arr, why in iter_images(images.files, pre):
+    for i, arr, why in iter_images(images.files, pre, channels):
         if limit is not None and len(arrays) >= limit:
             break
         if arr is None:

@@ -217,6 +217,20 @@ def resolve_model(spec: str, weights: str | None = None, seed: int = 0) -> Loade
     return _torchvision(spec, weights, seed)
 
 
+def categories_for(source: SourceInfo) -> list[str] | None:
+    """The class names of a torchvision classifier (from its weights' metadata; no download)."""
+    if source.kind != "torchvision":
+        return None
+    import torchvision
+
+    try:
+        default = torchvision.models.get_model_weights(source.model).DEFAULT
+    except (ValueError, AttributeError):
+        return None
+    cats = default.meta.get("categories")
+    return list(cats) if cats else None
+
+
 def rebuild_module(source: SourceInfo, state_dict_path: Path | None, seed: int = 0) -> Any:
     """Rebuild the PyTorch module an artifact folder was exported from (for the eager/TorchScript runners)."""
     if source.kind == "onnx":

@@ -81,16 +81,15 @@ def build_pool(manifest: Manifest, cfg: BenchConfig, size: int, log: Callable[[s
             feed = {n: np.concatenate([p[n] for p in parts])[:size] for n in spec.input_names}
         return InputPool(arrays=feed, labels=None, source=f"random normal (seed {cfg.seed})")
     from calibration.images import load_images, scan_image_folder
+    from calibration.sources import image_input, resolve_preprocessing
+    from convert.models import categories_for
 
-    pre = manifest.source.preprocessing
-    if pre is None or len(spec.inputs) != 1:
-        raise InputError("--data needs an image model with known preprocessing (a torchvision model)")
-    shape = spec.inputs[0].shape
-    if isinstance(shape[-1], int) and shape[-1] != pre.crop:
-        pre = pre.model_copy(update={"crop": int(shape[-1]), "resize": round(int(shape[-1]) * pre.resize / pre.crop)})
-    categories = None
-    images = scan_image_folder(cfg.data, categories)
-    loaded = load_images(images, pre, limit=size)
+    if len(spec.inputs) != 1:
+        raise InputError("--data gives images; this model has several inputs")
+    # The model's own preprocessing (torchvision weights' transforms), fitted to its input size.
+    pre = resolve_preprocessing(spec, manifest.source.preprocessing)
+    images = scan_image_folder(cfg.data, categories_for(manifest.source))
+    loaded = load_images(images, pre, limit=size, channels=image_input(spec)[1])
     if loaded.skipped:
         log(f"skipped {len(loaded.skipped)} unreadable file(s) in {cfg.data}")
     desc = f"{len(loaded.array)} images from {cfg.data}"

@@ -91,3 +91,21 @@ def test_tampered_artifact_is_refused(tiny_artifacts: Path, tmp_path: Path) -> N
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(InputError, match="sha256 does not match"):
         _bench(copy, backends=["ort"])
+
+
+def test_class_folders_named_after_categories_map_to_model_indices(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from calibration.images import scan_image_folder
+    from convert.models import categories_for
+    from core.manifest import SourceInfo
+
+    cats = categories_for(SourceInfo(model="resnet18", kind="torchvision"))
+    assert cats is not None and cats[0] == "tench" and cats[1] == "goldfish"
+    for name in ("goldfish", "tench"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+    images = scan_image_folder(tmp_path, cats)
+    assert images.labels == [1, 0] and "category names" in images.label_source
+    other = scan_image_folder(tmp_path, None)
+    assert other.labels == [0, 1] and "sorted order" in other.label_source
