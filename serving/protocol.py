@@ -1,0 +1,226 @@
+"""The KServe v2 / Triton HTTP inference protocol: tensors as JSON, and the binary-tensor extension.
+
+Shared by the server (decode requests, encode responses) and the load generator (the other way
+round). The binary-tensor extension is what ``tritonclient.http`` sends for NumPy inputs by default:
+the body is a JSON header of ``Inference-Header-Content-Length`` bytes followed by each tensor's raw
+little-endian bytes, in order, each announced by ``parameters.binary_data_size``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+#: Response header with the request's queue and model time (``queue;dur=MS, infer;dur=MS``), set by our server.
+SERVER_TIMING = "Server-Timing"
+
+#: KServe v2 datatype <-> NumPy dtype name. Triton's model config spells them ``TYPE_<datatype>``.
+DATATYPES: dict[str, str] = {
+    "BOOL": "bool", "UINT8": "uint8", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+    "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64", "FP16": "float16", "FP32": "float32",
+    "FP64": "float64",
+}
+_BY_NUMPY = {v: k for k, v in DATATYPES.items()}
+
+
+class RequestError(Exception):
+    """A request the server refuses: the HTTP status and one clear message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def datatype_of(dtype: str | np.dtype[Any]) -> str:
+    """The protocol datatype of a NumPy dtype (``float32`` -> ``FP32``)."""
+    name = np.dtype(dtype).name
+    if name not in _BY_NUMPY:
+        raise ValueError(f"dtype {name} has no KServe v2 datatype; supported: {sorted(_BY_NUMPY)}")
+    return _BY_NUMPY[name]
+
+
+def numpy_dtype(datatype: str) -> np.dtype[Any]:
+    if datatype not in DATATYPES:
+        raise RequestError(400, f"unsupported datatype {datatype!r}; supported: {', '.join(DATATYPES)}")
+    return np.dtype(DATATYPES[datatype]).newbyteorder("<")
+
+
+@dataclass
+class InferRequest:
+    """A decoded inference request."""
+
+    inputs: dict[str, np.ndarray]
+    datatypes: dict[str, str]
+    #: Output names asked for (empty: all of them).
+    outputs: list[str] = field(default_factory=list)
+    #: Output names to send as binary tensors.
+    binary_outputs: set[str] = field(default_factory=set)
+    #: ``parameters.binary_data_output``: every output binary unless asked otherwise.
+    binary_default: bool = False
+    id: str | None = None
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    try:
+        n = int(header_length)
+    except ValueError:
+        raise RequestError(400, f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    if not 0 < n <= len(body):
+        raise RequestError(400, f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes")
+    return body[:n], body[n:]
+
+
+def _load_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(400, f"malformed JSON in the request: {exc}") from None
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in value):
+        raise RequestError(400, f"{where}: 'shape' must be a list of non-negative integers, got {value!r}")
+    return tuple(value)
+
+
+def decode_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Parse a request body (JSON, or JSON header + binary tensors) into NumPy arrays."""
+    head, blob = _split_body(body, header_length)
+    doc = _load_json(head)
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise RequestError(400, "the request must be a JSON object with a non-empty 'inputs' list")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RequestError(400, "'parameters' must be a JSON object")
+    req = InferRequest(inputs={}, datatypes={}, binary_default=bool(params.get("binary_data_output", False)),
+                       id=str(doc["id"]) if "id" in doc else None)
+    offset = 0
+    for i, item in enumerate(doc["inputs"]):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise RequestError(400, f"inputs[{i}] must be an object with a 'name'")
+        name = item["name"]
+        where = f"input {name!r}"
+        if name in req.inputs:
+            raise RequestError(400, f"{where} is given twice")
+        datatype = item.get("datatype")
+        if not isinstance(datatype, str):
+            raise RequestError(400, f"{where}: 'datatype' is missing")
+        dtype = numpy_dtype(datatype)
+        shape = _shape(item.get("shape"), where)
+        count = int(np.prod(shape, dtype=np.int64))
+        iparams = item.get("parameters") or {}
+        size = iparams.get("binary_data_size") if isinstance(iparams, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(blob):
+                raise RequestError(400, f"{where}: binary_data_size {size!r} exceeds the {len(blob) - offset} "
+                                        "binary bytes left in the body")
+            if size != count * dtype.itemsize:
+                raise RequestError(400, f"{where}: binary_data_size {size} != {count} elements x "
+                                        f"{dtype.itemsize} bytes for shape {list(shape)} {datatype}")
+            arr = np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape(shape)
+            offset += size
+        else:
+            if "data" not in item:
+                raise RequestError(400, f"{where}: neither 'data' nor parameters.binary_data_size is given")
+            try:
+                arr = np.asarray(item["data"], dtype=dtype)
+            except (TypeError, ValueError) as exc:
+                raise RequestError(400, f"{where}: 'data' is not a list of {datatype} values: {exc}") from None
+            if arr.size != count:
+                raise RequestError(400, f"{where}: 'data' has {arr.size} values but shape {list(shape)} "
+                                        f"needs {count}")
+            arr = arr.reshape(shape)
+        req.inputs[name] = arr
+        req.datatypes[name] = datatype
+    if offset != len(blob):
+        raise RequestError(400, f"{len(blob) - offset} binary bytes after the last input are not announced by "
+                                "any binary_data_size")
+    for i, out in enumerate(doc.get("outputs") or []):
+        if not isinstance(out, dict) or not isinstance(out.get("name"), str):
+            raise RequestError(400, f"outputs[{i}] must be an object with a 'name'")
+        req.outputs.append(out["name"])
+        oparams = out.get("parameters") or {}
+        if isinstance(oparams, dict) and oparams.get("binary_data", req.binary_default):
+            req.binary_outputs.add(out["name"])
+    return req
+
+
+def _encode_tensors(arrays: dict[str, np.ndarray], binary: set[str]) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """Protocol tensor entries, with the raw bytes of the ``binary`` ones kept apart, in order."""
+    items: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, arr in arrays.items():
+        entry: dict[str, Any] = {"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape)}
+        if name in binary:
+            raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        items.append(entry)
+    return items, blobs
+
+
+def _join(doc: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, int | None]:
+    """The body and, when binary tensors follow the JSON, the header length to announce."""
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    return (b"".join([head, *blobs]), len(head)) if blobs else (head, None)
+
+
+def encode_response(model: str, version: str, outputs: dict[str, np.ndarray], binary: set[str],
+                    request_id: str | None = None) -> tuple[bytes, int | None]:
+    """A response body (and header length): ``binary`` names go as binary tensors, others as JSON."""
+    items, blobs = _encode_tensors(outputs, binary)
+    doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": items}
+    if request_id is not None:
+        doc["id"] = request_id
+    return _join(doc, blobs)
+
+
+def encode_request(feed: dict[str, np.ndarray], outputs: list[str], binary: bool = True) -> tuple[bytes, int | None]:
+    """A request body (and header length) for ``feed``, asking for ``outputs``; binary tensors when ``binary``."""
+    items, blobs = _encode_tensors(feed, set(feed) if binary else set())
+    doc = {"inputs": items, "outputs": [{"name": n, "parameters": {"binary_data": binary}} for n in outputs]}
+    return _join(doc, blobs)
+
+
+def decode_response(body: bytes, header_length: str | None) -> dict[str, np.ndarray]:
+    """Output arrays of a response body (JSON or binary); a server error document raises RequestError."""
+    head, blob = _split_body(body, header_length)
+    doc = _load_json(head)
+    if not isinstance(doc, dict) or "outputs" not in doc:
+        raise RequestError(502, f"not an inference response: {str(doc)[:200]}")
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for item in doc["outputs"]:
+        dtype = numpy_dtype(item["datatype"])
+        shape = tuple(item["shape"])
+        size = (item.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            count = size // dtype.itemsize
+            out[item["name"]] = np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape(shape)
+            offset += size
+        else:
+            out[item["name"]] = np.asarray(item["data"], dtype=dtype).reshape(shape)
+    return out
+
+
+def server_timing(header: str | None) -> dict[str, float]:
+    """``queue;dur=0.1, infer;dur=41.9`` -> {"queue": 0.1, "infer": 41.9} (ms); empty when absent/malformed."""
+    out: dict[str, float] = {}
+    for part in (header or "").split(","):
+        name, _, rest = part.strip().partition(";")
+        if rest.startswith("dur="):
+            try:
+                out[name] = float(rest[4:])
+            except ValueError:
+                continue
+    return out
