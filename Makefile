@@ -37,12 +37,18 @@ browser:
 	  || echo "chromium could not be installed: the report screenshot test will skip"; \
 	else echo "no chromium (installing it needs root and apt): the report screenshot test will skip"; fi
 
+# The recorded CPU benchmarks (minutes each; results in benchmarks/results/). On a GPU machine also
+# run `$(BIN)/python benchmarks/run_gpu.py`.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_cpu.py
+	$(BIN)/python benchmarks/run_quant.py
+	$(BIN)/python benchmarks/calib_memory.py
+	$(BIN)/python benchmarks/run_prune.py
+	$(BIN)/python benchmarks/run_serving.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy core convert runtimes calibration reports cli.py
+	$(BIN)/mypy core convert runtimes calibration reports serving cli.py
 
 clean:
 	rm -rf artifacts .pytest_cache .mypy_cache .ruff_cache

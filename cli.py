@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,19 +15,24 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from core.errors import InputError, ToolkitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert PyTorch models to ONNX/TensorRT, optimize, quantize, benchmark and hand off.")
 console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+# Wide tables when piped to a file or CI log; a real terminal keeps its own width.
+out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 180)
 STATE: dict[str, Any] = {"debug": False}
 
 
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors")] = False) -> None:
     STATE["debug"] = debug
+    if not debug:
+        # torch.jit's deprecation notices fire on every TorchScript load; keep the output readable.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
 
 
 @contextmanager
@@ -37,7 +43,8 @@ def user_errors() -> Iterator[None]:
     except ToolkitError as exc:
         if STATE["debug"]:
             raise
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        # escape: messages quote user input and URLs, whose brackets are not rich markup
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
@@ -45,7 +52,7 @@ def user_errors() -> Iterator[None]:
     except Exception as exc:
         if STATE["debug"]:
             raise
-        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (run with --debug for the traceback)",
                       soft_wrap=True)
         raise typer.Exit(1) from None
 
@@ -84,19 +91,111 @@ def convert(
     optimize: Annotated[bool, typer.Option(help="Write model.opt.onnx (onnxslim + ORT)")] = True,
     out: Annotated[Path | None, typer.Option(help="Output folder (default artifacts/<model>)")] = None,
     seed: Annotated[int, typer.Option(help="Seed for random init and test inputs")] = 0,
+    sparsity: Annotated[str | None, typer.Option(help="Also write a 2:4 sparse variant (magnitude, TensorRT's "
+                                                      "sparse pattern); only 2:4 is supported")] = None,
+    prune_channels: Annotated[str | None, typer.Option(metavar="F", help="Also write a channel-pruned variant "
+                                                       "without a fraction F (0<F<1) of every layer's channels")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write an FP16 variant (FP32 inputs/outputs kept)",
+                                       rich_help_panel="Precision")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write a static INT8 variant (QDQ; needs --calib)",
+                                       rich_help_panel="Precision")] = False,
+    int8_dynamic: Annotated[bool, typer.Option("--int8-dynamic", help="Also write a dynamic INT8 variant",
+                                               rich_help_panel="Precision")] = False,
+    calib: Annotated[str | None, typer.Option(help="Calibration data: image folder, .npy/.npz keyed by input name, "
+                                                   "imagenet_subset (built in, offline) or synthetic",
+                                              rich_help_panel="Precision")] = None,
+    calib_size: Annotated[int, typer.Option(min=1, help="Calibration samples (at most)",
+                                            rich_help_panel="Precision")] = 100,
+    calib_method: Annotated[str, typer.Option(help="minmax | entropy | percentile (comma-separated: one variant "
+                                                   "each)", rich_help_panel="Precision")] = "minmax",
+    calib_batch: Annotated[int, typer.Option(min=1, help="Calibration batch size", rich_help_panel="Precision")] = 8,
+    size: Annotated[int | None, typer.Option(min=1, help="Images: resize the shorter side to this before the center "
+                                                         "crop (default: the model's transforms, or crop/0.875)",
+                                             rich_help_panel="Precision")] = None,
+    mean: Annotated[str | None, typer.Option(help="Images: per-channel mean, e.g. 0.485,0.456,0.406",
+                                             rich_help_panel="Precision")] = None,
+    std: Annotated[str | None, typer.Option(help="Images: per-channel std, e.g. 0.229,0.224,0.225",
+                                            rich_help_panel="Precision")] = None,
+    activation_type: Annotated[str, typer.Option(help="Static INT8 activations: uint8 | int8",
+                                                 rich_help_panel="Precision")] = "uint8",
+    weight_type: Annotated[str, typer.Option(help="INT8 weights: int8 | uint8", rich_help_panel="Precision")] = "int8",
+    per_channel: Annotated[bool, typer.Option(help="Per-channel weight scales", rich_help_panel="Precision")] = True,
+    reduce_range: Annotated[bool | None, typer.Option("--reduce-range/--no-reduce-range", help="7-bit weights "
+                                                      "(default: on where ONNX Runtime advises it: x86 without "
+                                                      "VNNI)", rich_help_panel="Precision")] = None,
+    exclude_nodes: Annotated[str | None, typer.Option(help="Comma-separated node names kept in FP32",
+                                                      rich_help_panel="Precision")] = None,
+    exclude_op_types: Annotated[str | None, typer.Option(help="Comma-separated op types kept in FP32, e.g. Add",
+                                                         rich_help_panel="Precision")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(min=0.0, help="Top-1 points a variant may lose on "
+                                                            "held-out data (agreement without labels); exceeded: "
+                                                            "artifact marked failed, exit non-zero",
+                                                            rich_help_panel="Precision")] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="Static INT8: try calibration methods, then keep the most "
+                                                      "error-adding nodes in FP32 until within --max-accuracy-drop",
+                                       rich_help_panel="Precision")] = False,
+    eval_data: Annotated[str | None, typer.Option(help="Held-out data (image folder, .npy/.npz with optional "
+                                                       "'labels') for the accuracy of every variant: INT8/FP16 "
+                                                       "(default: samples of --calib that calibration never sees) "
+                                                       "and sparse/pruned (default: random inputs)",
+                                                  rich_help_panel="Precision")] = None,
+    eval_size: Annotated[int, typer.Option(min=1, help="Held-out samples (at most)",
+                                           rich_help_panel="Precision")] = 200,
+    trt: Annotated[bool, typer.Option("--trt", help="Also build a TensorRT engine (model.plan): with --fp16 / --int8 "
+                                                    "--calib; needs an NVIDIA GPU and `pip install .[trt]`",
+                                      rich_help_panel="TensorRT")] = False,
+    trt_from: Annotated[str | None, typer.Option(help="Artifact to build the engine from, e.g. sparse24 or an INT8 "
+                                                      "Q/DQ variant (default: opt, else fp32)",
+                                                 rich_help_panel="TensorRT")] = None,
+    min_batch: Annotated[int | None, typer.Option(min=1, help="Engine profile: smallest batch (default 1)",
+                                                  rich_help_panel="TensorRT")] = None,
+    opt_batch: Annotated[int | None, typer.Option(min=1, help="Engine profile: batch the kernels are tuned for, "
+                                                             "and the INT8 calibration batch (default 8)",
+                                                  rich_help_panel="TensorRT")] = None,
+    max_batch: Annotated[int | None, typer.Option(min=1, help="Engine profile: largest batch (default 32)",
+                                                  rich_help_panel="TensorRT")] = None,
+    workspace: Annotated[int | None, typer.Option(min=1, metavar="MIB", help="Workspace memory pool limit in MiB "
+                                                  "(default: TensorRT's)", rich_help_panel="TensorRT")] = None,
+    builder_opt_level: Annotated[int | None, typer.Option(min=0, max=5, help="Builder optimization level 0-5 "
+                                                          "(default: TensorRT's, 3)",
+                                                          rich_help_panel="TensorRT")] = None,
+    timing_cache: Annotated[Path | None, typer.Option(help="Tactic timing cache, read if present and updated "
+                                                           "(default OUT/timing.cache)",
+                                                      rich_help_panel="TensorRT")] = None,
 ) -> None:
     """Export MODEL to ONNX, validate it, optimize it, and write manifest.json."""
     with user_errors():
+        from convert.engine import EngineConfig
+        from convert.gates import GateConfig
         from convert.pipeline import ConvertConfig, ExportConfig, run_convert
+        from convert.quantize import CalibConfig, QuantConfig, parse_floats, parse_methods, parse_qtype
+        from convert.sparsity import SparsityConfig, parse_prune_ratio, parse_sparsity_pattern
         from core.iospec import parse_shape
 
+        quant = QuantConfig(
+            fp16=fp16, int8_static=int8, int8_dynamic=int8_dynamic,
+            calib=CalibConfig(data=calib, size=calib_size, batch=calib_batch, methods=parse_methods(calib_method),
+                              resize=size, mean=parse_floats(mean, "--mean") if mean else None,
+                              std=parse_floats(std, "--std") if std else None, seed=seed),
+            activation_type=parse_qtype(activation_type, "--activation-type"),
+            weight_type=parse_qtype(weight_type, "--weight-type"), per_channel=per_channel, reduce_range=reduce_range,
+            exclude_nodes=csv_list(exclude_nodes, "--exclude-nodes") if exclude_nodes else [],
+            exclude_op_types=csv_list(exclude_op_types, "--exclude-op-types") if exclude_op_types else [],
+            gate=GateConfig(max_accuracy_drop=max_accuracy_drop, auto=auto, eval_data=eval_data, eval_size=eval_size))
         if exporter not in ("torchscript", "dynamo"):
             raise InputError(f"unknown --exporter {exporter!r}; choose torchscript or dynamo")
         cfg = ConvertConfig(
             export=ExportConfig(model=model, weights=weights, input_shape=parse_shape(input_shape) if input_shape else None,
-                                opset=opset, exporter=exporter, dynamic_batch=dynamic_batch, optimize=optimize,
-                                seed=seed),  # type: ignore[arg-type]
+                                opset=opset, exporter=exporter,  # type: ignore[arg-type]
+                                dynamic_batch=dynamic_batch, optimize=optimize, seed=seed),
             out=out,
+            sparsity=SparsityConfig(pattern=parse_sparsity_pattern(sparsity) if sparsity is not None else None,
+                                    prune_channels=parse_prune_ratio(prune_channels) if prune_channels is not None
+                                    else None, eval_data=eval_data),
+            quant=None if quant == QuantConfig(calib=CalibConfig(seed=seed)) else quant,
+            engine=EngineConfig(fp16=fp16, int8=int8, calib=quant.calib if calib else None, source=trt_from,
+                                min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace,
+                                builder_opt_level=builder_opt_level, timing_cache=timing_cache) if trt else None,
         )
         manifest, folder = run_convert(cfg, log=log)
         from reports.manifest_view import manifest_table
@@ -126,6 +225,14 @@ def bench(
     variants: Annotated[str | None, typer.Option(help="Comma-separated artifact names (default: all)")] = None,
     accuracy_samples: Annotated[int, typer.Option(min=1, help="Inputs used for the accuracy checks")] = 32,
     out: Annotated[Path | None, typer.Option(help="results.json path (default ARTIFACT_DIR/bench/results.json)")] = None,
+    precisions: Annotated[str, typer.Option(help="PyTorch (eager, torchscript) compute precisions: fp32,fp16,bf16; "
+                                                 "fp16/bf16 autocast on cuda only")] = "fp32",
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Eager on cuda: replay a captured CUDA graph "
+                                                                    "(removes launch overhead)")] = False,
+    include_transfers: Annotated[bool, typer.Option("--include-transfers", help="cuda: time the host->device input "
+                                                    "and device->host output copies too")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="PyTorch: channels_last memory "
+                                                                        "format")] = False,
 ) -> None:
     """Benchmark every backend on the same inputs; check accuracy against the FP32 reference."""
     with user_errors():
@@ -144,7 +251,9 @@ def bench(
                           batch_sizes=int_list(batch_sizes, "--batch-sizes"), warmup=warmup, iters=iters,
                           device=device, threads=threads, data=data,  # type: ignore[arg-type]
                           variants=csv_list(variants, "--variants") if variants else None,
-                          accuracy_samples=accuracy_samples)
+                          accuracy_samples=accuracy_samples, precisions=csv_list(precisions, "--precisions"),
+                          options={k: True for k, v in [("cuda_graphs", cuda_graphs), ("channels_last", channels_last),
+                                                        ("include_transfers", include_transfers)] if v})
         json_path = out or folder / "bench" / "results.json"
         ensure_writable_dir(json_path.parent)
         from core.manifest import Manifest
@@ -163,6 +272,180 @@ def bench(
         for w in results.warnings:
             log(f"[yellow]warning:[/] {w}")
         out_console.print(f"report: {paths['json']} (+ {paths['csv'].name}, {paths['md'].name})")
+        try:  # results.json is written: a plotting problem must not lose the run
+            from reports.html import write_bench_html
+
+            out_console.print(f"html: {write_bench_html(results, json_path)}")
+        except Exception as exc:
+            log(f"[yellow]warning:[/] results.html not written: {type(exc).__name__}: {exc}")
+
+
+@app.command()
+def report(
+    results: Annotated[list[Path], typer.Argument(help="results.json files; the first is the baseline")],
+    html: Annotated[Path | None, typer.Option(help="HTML file (default: FIRST.html beside the first file, "
+                                                   "FIRST.compare.html for several)")] = None,
+    png_dir: Annotated[Path | None, typer.Option(help="Also write every plot as PNG here")] = None,
+    accuracy_budget: Annotated[float, typer.Option(min=0.0, help="Largest top-1 drop against FP32 allowed "
+                                                                 "for the recommendation (0.01 = 1 point)")] = 0.01,
+    fail_if_slower: Annotated[str | None, typer.Option(metavar="PCT", help="Exit non-zero when any row's p50 is "
+                                                       "more than PCT (e.g. 5%) slower than in the first file")] = None,
+) -> None:
+    """HTML report with plots and a recommendation; several files are compared side by side."""
+    with user_errors():
+        from reports.compare import check_regressions, parse_percent
+        from reports.html import ReportConfig, make_report
+
+        default = results[0].with_suffix(".html" if len(results) == 1 else ".compare.html")
+        cfg = ReportConfig(results=results, html=html or default, png_dir=png_dir, accuracy_budget=accuracy_budget,
+                           fail_if_slower=parse_percent(fail_if_slower) if fail_if_slower is not None else None)
+        rep = make_report(cfg)
+        for run, recs in rep.recommendations:
+            for r in recs:
+                out_console.print(f"[bold]{r.model} on {r.device}[/] ({run.label}): "
+                                  + (f"use {r.choice}" if r.choice else "nothing fits the accuracy budget"))
+                for line in r.evidence:
+                    out_console.print(f"  - {line}", soft_wrap=True)
+        for path in rep.png_paths:
+            out_console.print(f"png: {path}")
+        out_console.print(f"html: {rep.html_path}")
+        if cfg.fail_if_slower is not None:
+            check_regressions(rep.comparison, cfg.fail_if_slower)
+            out_console.print(f"no row is more than {cfg.fail_if_slower:g}% slower than {rep.runs[0].label}")
+
+
+@app.command()
+def profile(
+    artifact_dir: Annotated[Path, typer.Argument(help="Folder with manifest.json")],
+    backend: Annotated[str, typer.Option(help="ort | eager | torchscript")] = "ort",
+    variant: Annotated[str | None, typer.Option(help="Artifact name (default: opt for ort when present)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 1,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first")] = 5,
+    iters: Annotated[int, typer.Option(min=1, help="Profiled runs")] = 20,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads")] = None,
+    out: Annotated[Path | None, typer.Option(help="Trace JSON (default ARTIFACT_DIR/profile/BACKEND_VARIANT"
+                                                  ".trace.json)")] = None,
+    top: Annotated[int, typer.Option(min=1, help="Operators to list")] = 15,
+) -> None:
+    """Profile one backend: a Chrome trace for Perfetto / chrome://tracing and the top operators by time."""
+    with user_errors():
+        from runtimes.profile import ProfileConfig, run_profile, top_ops_table
+
+        if device not in ("cpu", "cuda"):
+            raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
+        cfg = ProfileConfig(artifact_dir=artifact_dir, backend=backend, variant=variant, batch_size=batch_size,
+                            warmup=warmup, iters=iters, device=device, threads=threads, out=out,  # type: ignore[arg-type]
+                            top=top)
+        result = run_profile(cfg, log=log)
+        out_console.print(top_ops_table(result, cfg.top))
+        for note in result.notes:
+            log(f"note: {note}")
+        out_console.print(f"trace: {result.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+
+
+@app.command()
+def package(
+    artifact_dir: Annotated[Path, typer.Argument(help="Folder with manifest.json (from `convert`)")],
+    format: Annotated[str, typer.Option("--format", help="Repository format (triton)")] = "triton",
+    out: Annotated[Path | None, typer.Option(help="Model repository folder to write")] = None,
+    variants: Annotated[str | None, typer.Option(help="Comma-separated artifact names, prefixes or kinds, e.g. "
+                                                      "opt,int8,plan (default: opt)")] = None,
+    name: Annotated[str | None, typer.Option(help="Model name prefix (default: the source model's name)")] = None,
+    max_batch_size: Annotated[int | None, typer.Option(min=0, help="Triton max_batch_size (default 8; 0 for a "
+                                                                   "fixed-batch model)")] = None,
+    dynamic_batching: Annotated[bool | None, typer.Option("--dynamic-batching/--no-dynamic-batching",
+                                                          help="Triton's dynamic batcher (default: on when "
+                                                               "batching)")] = None,
+    max_queue_delay_us: Annotated[int, typer.Option(min=0, help="Dynamic batcher max queue delay (µs)")] = 100,
+    instances: Annotated[int, typer.Option(min=1, help="Model instances (instance_group count)")] = 1,
+    kind: Annotated[str | None, typer.Option(help="cpu | gpu (default: cpu for ONNX, gpu for plans)")] = None,
+) -> None:
+    """Write a Triton model repository (config.pbtxt validated with Triton's schema, MANIFEST.json)."""
+    with user_errors():
+        from serving.triton import PackageConfig
+        from serving.triton import package as run_package
+
+        if format != "triton":
+            raise InputError(f"unknown --format {format!r}; supported: triton")
+        if out is None:
+            raise InputError("--out REPO is required: the model repository folder to write")
+        if kind not in (None, "cpu", "gpu"):
+            raise InputError(f"unknown --kind {kind!r}; choose cpu or gpu")
+        cfg = PackageConfig(artifact_dir=artifact_dir, out=out, name=name,
+                            variants=csv_list(variants, "--variants") if variants else None,
+                            max_batch_size=max_batch_size, dynamic_batching=dynamic_batching,
+                            max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind)  # type: ignore[arg-type]
+        repo, folder = run_package(cfg, log=log)
+        out_console.print(f"model repository: {folder} ({', '.join(m.name for m in repo.models)}); "
+                          f"check it with `python cli.py verify {folder}`")
+
+
+@app.command()
+def verify(repo: Annotated[Path, typer.Argument(help="Model repository written by `package`")]) -> None:
+    """Check every file of a model repository against MANIFEST.json (sha256, configs, engine targets)."""
+    with user_errors():
+        from serving.verify import verify_repo
+
+        report = verify_repo(repo)
+        for note in report.notes:
+            log(f"[yellow]note:[/] {note}")
+        out_console.print(f"ok: {report.files_checked} files match MANIFEST.json; models: {', '.join(report.models)}")
+
+
+@app.command()
+def serve(
+    artifact_dir: Annotated[Path, typer.Argument(help="Folder with manifest.json (from `convert`)")],
+    variant: Annotated[str | None, typer.Option(help="ONNX artifact to serve (default: opt)")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port")] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Micro-batching: most rows run together (1: off)")] = 8,
+    max_delay_ms: Annotated[float, typer.Option(min=0, max=1000, help="Micro-batching: longest wait for a "
+                                                                      "batch to fill (ms)")] = 2.0,
+    threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = None,
+    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body (MiB)")] = 64.0,
+) -> None:
+    """Serve one variant over the KServe v2 / Triton HTTP protocol, with /metrics and micro-batching."""
+    with user_errors():
+        from serving.server import ServeConfig
+        from serving.server import serve as run_serve
+
+        run_serve(ServeConfig(artifact_dir=artifact_dir, variant=variant, host=host, port=port, max_batch=max_batch,
+                              max_delay_ms=max_delay_ms, threads=threads, max_body_mb=max_body_mb), log=log)
+
+
+@app.command()
+def loadtest(
+    url: Annotated[str, typer.Argument(help="http://host:port[/v2/models/NAME]")],
+    concurrency: Annotated[int, typer.Option(min=1, max=1024, help="Concurrent clients")] = 8,
+    duration: Annotated[float, typer.Option(min=0.1, max=3600, help="Timed seconds")] = 30.0,
+    warmup: Annotated[float, typer.Option(min=0, max=600, help="Untimed seconds first")] = 1.0,
+    batch: Annotated[int, typer.Option(min=1, help="Rows per request")] = 1,
+    model: Annotated[str | None, typer.Option(help="Model name when the URL does not give it")] = None,
+    max_requests: Annotated[int | None, typer.Option(min=1, help="Stop after this many requests")] = None,
+    json_tensors: Annotated[bool, typer.Option("--json-tensors", help="Send JSON tensors, not binary")] = False,
+    reference: Annotated[Path | None, typer.Option(help="Artifact folder: check every response against ONNX "
+                                                        "Runtime run here on the served variant")] = None,
+    out: Annotated[Path | None, typer.Option(help="results.json to write (+ .csv, .md)")] = None,
+) -> None:
+    """Load-test a KServe v2 endpoint: p50/p90/p99 latency, throughput, errors, response checks."""
+    with user_errors():
+        from core.errors import ValidationError
+        from core.fsutil import ensure_writable_dir
+        from reports.writers import rich_table, write_results
+        from serving.loadtest import LoadTestConfig, run_loadtest
+
+        cfg = LoadTestConfig(url=url, model=model, concurrency=concurrency, duration_s=duration, warmup_s=warmup,
+                             batch=batch, max_requests=max_requests, binary=not json_tensors, reference=reference)
+        if out is not None:
+            ensure_writable_dir(out.parent)
+        results = run_loadtest(cfg, log=log)
+        if results.records:
+            out_console.print(rich_table(results))
+        if out is not None:
+            out_console.print(f"report: {write_results(results, out)['json']}")
+        if results.warnings:
+            raise ValidationError("load test", results.warnings)
 
 
 def main() -> None:
@@ -170,4 +453,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

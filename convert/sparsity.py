@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from runtimes.harness import InputPool
 
 SparsityPattern = Literal["2:4"]
-LABELS_KEY = "labels"
 CPU_24_NOTE = ("2:4 sparsity keeps every weight tensor's shape: the file is not smaller and ONNX Runtime "
                "on CPU is not faster (dense kernels multiply the zeros too). Only TensorRT's sparse "
                "tensor-core kernels on Ampere or newer GPUs use the pattern (params.sparsity = '2:4').")
@@ -51,8 +50,8 @@ class SparsityConfig(BaseModel):
                                          description="Fraction of channels to remove per prunable layer")
     round_to: int | None = Field(default=None, ge=1,
                                  description="Keep pruned channel counts a multiple of this (e.g. 8 for GPUs)")
-    eval_data: Path | None = Field(default=None, description=".npz with one array per input name and optional "
-                                                             "'labels': held-out inputs for the accuracy change")
+    eval_data: str | None = Field(default=None, description="Held-out inputs for the accuracy change (--eval-data: "
+                                                            "image folder, .npy/.npz with optional 'labels')")
     eval_samples: int = Field(default=64, ge=1, description="Random held-out inputs when there is no eval_data")
     latency_warmup: int = Field(default=5, ge=0, description="ONNX Runtime warm-up runs before timing")
     latency_iters: int = Field(default=30, ge=1, description="Timed ONNX Runtime runs at batch 1")
@@ -243,35 +242,30 @@ def _as_list(out: Any) -> list[Any]:
 
 
 # -- held-out evaluation and timing ------------------------------------------------------------------
-def load_eval_npz(path: Path, ctx: ConvertContext) -> InputPool:
-    """Held-out inputs from ``.npz``: one array per input name, optional integer 'labels'."""
+def held_out_pool(spec: str, ctx: ConvertContext, size: int | None = None) -> InputPool:
+    """Held-out inputs from ``--eval-data`` (image folder, .npy/.npz with optional 'labels', or a built-in
+    set), read through the same calibration/ sources as the INT8 accuracy gates."""
+    from calibration.sources import open_source, resolve_preprocessing
     from runtimes.harness import InputPool
 
-    if not path.is_file():
-        raise InputError(f"eval data {path} does not exist or is not a file")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as exc:
-        raise InputError(f"eval data {path} is not a readable .npz file: {exc}") from None
-    labels = data.pop(LABELS_KEY, None)
-    fixed = ctx.spec.fixed_batch()  # any number of samples: batches are cut (and wrapped) to the fixed size
-    ctx.spec.check_feed({k: np.broadcast_to(a[:1], (fixed, *a.shape[1:])) if fixed and a.ndim and len(a) else a
-                         for k, a in data.items()})
-    n = {len(a) for a in data.values()}
-    if len(n) != 1 or 0 in n:
-        raise InputError(f"eval data {path}: every input needs the same, non-zero number of samples; got {n}")
-    if labels is not None and (labels.shape != (next(iter(n)),) or not np.issubdtype(labels.dtype, np.integer)):
-        raise InputError(f"eval data {path}: '{LABELS_KEY}' must be one integer class per sample, "
-                         f"got shape {labels.shape} dtype {labels.dtype}")
-    arrays = {t.name: np.ascontiguousarray(data[t.name], dtype=t.dtype) for t in ctx.spec.inputs}
-    desc = f"{next(iter(n))} samples from {path}" + (" with labels" if labels is not None else "")
-    return InputPool(arrays=arrays, labels=labels, source=desc)
+        pre = resolve_preprocessing(ctx.spec, ctx.manifest.source.preprocessing)
+    except InputError:
+        pre = None  # not an image model: only tensor files apply, and open_source says so
+    source = open_source(spec, ctx.spec, pre, size=size, seed=ctx.cfg.export.seed)
+    feeds: list[dict[str, np.ndarray]] = []
+    labels: list[np.ndarray] = []
+    for feed, lab in source.iter_labelled(64):
+        feeds.append(feed)
+        if lab is not None:
+            labels.append(lab)
+    arrays = {n: np.ascontiguousarray(np.concatenate([f[n] for f in feeds])) for n in ctx.spec.input_names}
+    return InputPool(arrays=arrays, labels=np.concatenate(labels) if labels else None, source=source.describe())
 
 
 def eval_pool(ctx: ConvertContext, cfg: SparsityConfig) -> InputPool:
     if cfg.eval_data is not None:
-        return load_eval_npz(Path(cfg.eval_data), ctx)
+        return held_out_pool(cfg.eval_data, ctx)
     from runtimes.harness import BenchConfig, build_pool
 
     # A seed of its own: never the inputs the parity checks used.
@@ -402,7 +396,7 @@ def check_sparsity_inputs(ctx: ConvertContext) -> None:
     """Before the export: the source must be a PyTorch module, and the eval data must fit the IOSpec."""
     _pytorch_module(ctx)
     if ctx.cfg.sparsity.eval_data is not None:
-        load_eval_npz(Path(ctx.cfg.sparsity.eval_data), ctx)
+        held_out_pool(ctx.cfg.sparsity.eval_data, ctx, size=1)
 
 
 def step_sparsity(ctx: ConvertContext) -> None:

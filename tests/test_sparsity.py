@@ -32,7 +32,7 @@ def digits_sparse(digits_model: Any, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("digits_sparse")
     test_npz = out.parent / "digits_test.npz"
     np.savez(test_npz, input=digits_model.x_test, labels=digits_model.y_test)
-    cfg = SparsityConfig(pattern="2:4", prune_channels=0.3, eval_data=test_npz, latency_iters=5)
+    cfg = SparsityConfig(pattern="2:4", prune_channels=0.3, eval_data=str(test_npz), latency_iters=5)
     return _run(digits_model.factory, out, cfg, weights=str(digits_model.weights)), out
 
 
@@ -146,10 +146,10 @@ def test_bad_eval_data_and_onnx_input_fail_first(digits_sparse: tuple[Manifest, 
     _, out = digits_sparse
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, image=np.zeros((4, 1, 16, 16), np.float32))
-    with pytest.raises(InputError, match="missing inputs"):
-        _run(f"{TINY}:build", tmp_path / "a", SparsityConfig(pattern="2:4", eval_data=wrong))
+    with pytest.raises(InputError, match=r"missing \['input'\]"):
+        _run(f"{TINY}:build", tmp_path / "a", SparsityConfig(pattern="2:4", eval_data=str(wrong)))
     with pytest.raises(InputError, match="does not exist"):
-        _run(f"{TINY}:build", tmp_path / "b", SparsityConfig(prune_channels=0.5, eval_data=tmp_path / "nope.npz"))
+        _run(f"{TINY}:build", tmp_path / "b", SparsityConfig(prune_channels=0.5, eval_data=str(tmp_path / "nope.npz")))
     with pytest.raises(InputError, match="onnx inputs cannot be pruned"):
         _run(str(out / "model.onnx"), tmp_path / "c", SparsityConfig(pattern="2:4"), input_shape=(1, 1, 16, 16))
     assert not any((tmp_path / d / "model.onnx").exists() for d in "abc")  # refused before the export
