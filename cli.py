@@ -219,7 +219,7 @@ def bench(
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes")] = "1,8",
     warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up runs")] = 10,
     iters: Annotated[int, typer.Option(min=1, help="Timed runs")] = 100,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: cuda when a GPU is visible)")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads")] = None,
     data: Annotated[Path | None, typer.Option(help="Image folder; class sub-folders give labels")] = None,
     variants: Annotated[str | None, typer.Option(help="Comma-separated artifact names (default: all)")] = None,
@@ -240,16 +240,15 @@ def bench(
 
         from core.fsutil import ensure_writable_dir
         from reports.writers import rich_table, write_results
-        from runtimes.harness import BenchConfig, run_bench, select_targets
+        from runtimes.harness import BenchConfig, resolve_device, run_bench, select_targets
 
-        if device not in ("cpu", "cuda"):
-            raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
+        device = resolve_device(device)
         folder = artifact_dir or _latest_artifact_dir()
         if artifact_dir is None:
             log(f"using artifact folder {folder}")
         cfg = BenchConfig(artifact_dir=folder, backends=csv_list(backends, "--backends"),
                           batch_sizes=int_list(batch_sizes, "--batch-sizes"), warmup=warmup, iters=iters,
-                          device=device, threads=threads, data=data,  # type: ignore[arg-type]
+                          device=device, threads=threads, data=data,
                           variants=csv_list(variants, "--variants") if variants else None,
                           accuracy_samples=accuracy_samples, precisions=csv_list(precisions, "--precisions"),
                           options={k: True for k, v in [("cuda_graphs", cuda_graphs), ("channels_last", channels_last),

@@ -131,6 +131,17 @@ def check_engine_batches(manifest: Manifest, cfg: BenchConfig) -> None:
                              f"{max([hi, *outside])}` (and --min-batch) or drop those sizes")
 
 
+def resolve_device(device: str) -> Device:
+    """``auto`` -> cuda when PyTorch sees a GPU, else cpu; anything but auto/cpu/cuda is an InputError."""
+    if device == "auto":
+        from runtimes.torch_eager import cuda_problem
+
+        return "cuda" if cuda_problem() is None else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"unknown --device {device!r}; choose auto, cpu or cuda")
+    return device  # type: ignore[return-value]
+
+
 def select_targets(manifest: Manifest, cfg: BenchConfig) -> list[Target]:
     """(backend, artifact, precision) triples; unknown/unavailable backends are one clear error."""
     unknown = [b for b in cfg.backends if b not in RUNNERS]

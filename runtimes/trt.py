@@ -32,7 +32,11 @@ class TrtRunner(Runner):
     @classmethod
     def available(cls, device: Device) -> str | None:
         if device != "cuda":
-            return "TensorRT engines run on cuda only (use --device cuda)"
+            from runtimes.torch_eager import cuda_problem
+
+            why = cuda_problem()
+            return ("TensorRT needs an NVIDIA GPU and none is usable here: " + why) if why else \
+                "TensorRT engines run on cuda only (use --device cuda)"
         from convert.engine import tensorrt_problem
 
         return tensorrt_problem()

@@ -100,7 +100,11 @@ def test_polygraphy_calibrator_over_the_loader(tmp_path: Path) -> None:
 # -- requests and backends without a GPU --------------------------------------------------------------
 def test_backend_table_and_trt_availability() -> None:
     assert RUNNERS["trt"].__name__ == "TrtRunner" and RUNNERS["ort-trt"].__name__ == "OrtTensorrtRunner"
-    assert "cuda only" in (RUNNERS["trt"].available("cpu") or "")
+    on_cpu = RUNNERS["trt"].available("cpu") or ""
+    if cuda_problem() is not None:  # no GPU: say that TensorRT needs one, not just "use --device cuda"
+        assert "TensorRT needs an NVIDIA GPU" in on_cpu
+    else:
+        assert "cuda only" in on_cpu
     assert "does not run on cpu" in (RUNNERS["ort-trt"].available("cpu") or "")
     if cuda_problem() is not None:
         assert "GPU" in (RUNNERS["trt"].available("cuda") or "") or "pip install .[trt]" in (

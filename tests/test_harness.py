@@ -109,3 +109,14 @@ def test_class_folders_named_after_categories_map_to_model_indices(tmp_path: Pat
     assert images.labels == [1, 0] and "category names" in images.label_source
     other = scan_image_folder(tmp_path, None)
     assert other.labels == [0, 1] and "sorted order" in other.label_source
+
+
+def test_device_auto_picks_cuda_only_when_a_gpu_is_visible() -> None:
+    import torch
+
+    from runtimes.harness import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(InputError, match="choose auto, cpu or cuda"):
+        resolve_device("tpu")
