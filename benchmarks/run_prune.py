@@ -32,8 +32,9 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench_prune"))
     args = ap.parse_args()
 
-    from convert.sparsity import interleaved_latency, parse_prune_ratio
+    from convert.sparsity import parse_prune_ratio
     from core.manifest import Manifest
+    from runtimes.harness import interleaved_latency
 
     ratio = parse_prune_ratio(args.prune)
     pruned = f"pruned_{ratio:g}"
@@ -44,7 +45,7 @@ def main() -> None:
     md = ["# Sparsity and channel pruning on CPU (ONNX Runtime)\n", f"Command: `{payload['command']}`  ",
           f"Machine: {payload['machine']['cpu_model']}, {payload['machine']['cpu_count']} cores, "
           f"{payload['machine']['ram_gb']} GiB; random-init weights, 224x224; the three variants are timed in turn "
-          f"(one call each, {args.iters} rounds after {args.warmup} warm-up calls), threads "
+          f"(one call each, ONNX Runtime intra-op spinning off, {args.iters} rounds after {args.warmup} warm-up calls), threads "
           f"{args.threads or 'ORT default'}; 1-min load average before: {load_before[0]:.2f}.\n",
           "| model | variant | file MB | params | GMACs | batch | ORT p50 ms | p90 ms | speed-up vs opt (p50) | "
           "top-1 agreement vs FP32 |", "|---|---|---|---|---|---|---|---|---|---|"]

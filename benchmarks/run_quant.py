@@ -6,7 +6,7 @@ For each model (random init: no weights can be downloaded here, and latency does
 it runs ``cli.py convert MODEL --fp16 --int8-dynamic --int8 --calib-method minmax,entropy`` calibrating
 on 100 real photographs (seeded crops of the built-in photos, see calib_memory.py) with 32 more held
 out, then times the five ONNX variants with the bench harness' ONNX Runtime runner on the same input,
-*interleaved* (one call of each in turn, ``convert.sparsity.interleaved_latency``), so that load from
+*interleaved* (one call of each in turn, ``runtimes.harness.interleaved_latency``, ONNX Runtime thread spinning off), so that load from
 other processes on a shared CPU falls on every variant alike instead of on whichever ran first.
 Records p50/p90, ratios against FP32, calibration time and peak memory for 100 images, file sizes and
 held-out agreement in benchmarks/results/quant_cpu.{json,md}, with the load average.
@@ -37,8 +37,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench_quant"))
     args = ap.parse_args()
 
-    from convert.sparsity import interleaved_latency
     from core.manifest import Manifest
+    from runtimes.harness import interleaved_latency
 
     work = Path(args.work)
     photos = make_photo_folder(ROOT / "artifacts" / "bench_calib" / "photos", 512)
@@ -89,10 +89,11 @@ def main() -> None:
     md = ["# FP32 vs FP16 vs INT8 on CPU (ONNX Runtime)\n", f"Command: `{payload['command']}`  ",
           f"Machine: {payload['machine']['cpu_model']}, {payload['machine']['cpu_count']} cores ({cpu.summary}); "
           f"random-init weights, 224x224; ONNX Runtime CPU runner of `bench`, variants timed interleaved (one call "
-          f"each in turn) on the same random input, warm-up {args.warmup}, {args.iters} rounds per batch size, threads "
+          f"each in turn, ONNX Runtime intra-op spinning off so no session steals the cores from the next) on the "
+          f"same random input, warm-up {args.warmup}, {args.iters} rounds per batch size, threads "
           f"{args.threads or 'ORT default'}. 1-min load average before "
-          f"{load_before[0]:.2f}, after {payload['load_avg_after'][0]:.2f}: other processes shared this CPU, so the "
-          "timings are noisy.\n",
+          f"{load_before[0]:.2f}, after {payload['load_avg_after'][0]:.2f}: a load above about 2 "
+          "(this benchmark's own threads) means other processes shared this CPU.\n",
           "p50 vs FP32 is the ratio of p50 latencies (below 1 = faster than FP32). Held-out agreement: top-1 "
           "agreement with FP32 on 32 held-out photos (random-init weights, so agreement, not accuracy).\n",
           "| model | variant | batch | p50 ms | p90 ms | samples/s (at p50) | p50 vs FP32 | file MB | held-out top-1 agreement |",

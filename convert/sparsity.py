@@ -17,7 +17,6 @@ No fine-tuning is done: accuracy drops, and the manifest says by how much.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import tempfile
 from pathlib import Path
@@ -30,8 +29,7 @@ from core.errors import InputError, ToolkitError, ValidationError
 
 if TYPE_CHECKING:
     from convert.pipeline import ConvertContext
-    from core.manifest import Artifact, Manifest
-    from reports.models import LatencyStats
+    from core.manifest import Artifact
     from runtimes.harness import InputPool
 
 SparsityPattern = Literal["2:4"]
@@ -276,32 +274,11 @@ def eval_pool(ctx: ConvertContext, cfg: SparsityConfig) -> InputPool:
 def pool_outputs(ctx: ConvertContext, art: Artifact, pool: InputPool) -> np.ndarray:
     """The first output on the whole held-out pool, with the bench harness' ONNX Runtime CPU runner."""
     from runtimes.base import RunnerOptions
-    from runtimes.harness import _run_pool
+    from runtimes.harness import run_pool
     from runtimes.ort import OrtRunner
 
     with OrtRunner(ctx.manifest, ctx.out, art, RunnerOptions(device="cpu")) as runner:
-        return _run_pool(runner, pool, ctx.spec.fixed_batch() or 64)
-
-
-def interleaved_latency(manifest: Manifest, base: Path, arts: list[Artifact], feed: dict[str, np.ndarray], *,
-                        warmup: int, iters: int, threads: int | None = None) -> list[LatencyStats]:
-    """ONNX Runtime CPU latency of several artifacts on the same feed, one call of each in turn, so that
-    load from other processes on a shared CPU falls on all of them alike rather than on whichever ran first."""
-    from reports.models import LatencyStats
-    from runtimes.base import RunnerOptions
-    from runtimes.ort import OrtRunner
-
-    with contextlib.ExitStack() as stack:
-        runners = [stack.enter_context(OrtRunner(manifest, base, a, RunnerOptions(device="cpu", threads=threads)))
-                   for a in arts]
-        prepared = [r.prepare(feed) for r in runners]
-        for r, p in zip(runners, prepared, strict=True):
-            r.time_iterations(p, warmup, 0)
-        samples: list[list[float]] = [[] for _ in runners]
-        for _ in range(iters):
-            for r, p, out in zip(runners, prepared, samples, strict=True):
-                out.extend(r.time_iterations(p, 0, 1))
-    return [LatencyStats.from_samples(x) for x in samples]
+        return run_pool(runner, pool, ctx.spec.fixed_batch() or 64)
 
 
 def accuracy_change(got: np.ndarray, ref: np.ndarray, pool: InputPool, ref_name: str) -> dict[str, Any]:
@@ -320,6 +297,8 @@ def accuracy_change(got: np.ndarray, ref: np.ndarray, pool: InputPool, ref_name:
 def latency_change(ctx: ConvertContext, art: Artifact, ref_name: str, pool: InputPool,
                    cfg: SparsityConfig) -> dict[str, Any]:
     """p50 of ``art`` and of the FP32 artifact, timed in turn at batch 1 (or the fixed batch)."""
+    from runtimes.harness import interleaved_latency
+
     batch = ctx.spec.fixed_batch() or 1
     before, after = interleaved_latency(ctx.manifest, ctx.out, [ctx.manifest.artifacts[ref_name], art],
                                         pool.feed(0, batch), warmup=cfg.latency_warmup, iters=cfg.latency_iters)

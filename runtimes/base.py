@@ -29,6 +29,10 @@ class RunnerOptions(BaseModel):
     precision: str = Field(default="fp32", description="Eager/TorchScript compute precision: fp32, fp16, bf16")
     channels_last: bool = Field(default=False, description="PyTorch: use channels_last memory format")
     cuda_graphs: bool = Field(default=False, description="Eager PyTorch on CUDA: capture a CUDA graph")
+    ort_spinning: bool = Field(default=True,
+                               description="ONNX Runtime intra-op threads spin between runs (its default). "
+                                           "Interleaved comparisons turn it off: one session's spinning threads "
+                                           "would steal the cores from the next session's run")
     include_transfers: bool = Field(default=False,
                                     description="GPU: time host->device->host copies inside the loop")
 

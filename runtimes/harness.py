@@ -6,6 +6,7 @@ against the FP32 reference, then times every batch size on the exact same feeds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -240,10 +241,39 @@ def accuracy_stats(outputs: np.ndarray, ref: np.ndarray, labels: np.ndarray | No
     return stats
 
 
-def _run_pool(runner: Runner, pool: InputPool, chunk: int) -> np.ndarray:
-    outs = [runner.infer(pool.feed(s, min(chunk, pool.size - s)) if runner.manifest.iospec.fixed_batch() is None
-                         else pool.feed(s, chunk))[0] for s in range(0, pool.size, chunk)]
+def run_pool(runner: Runner, pool: InputPool, chunk: int) -> np.ndarray:
+    """The first output over the whole pool, in batches of ``chunk``. A fixed-batch model gets full
+    batches (the last one wraps around the pool) and the surplus rows are dropped."""
+    fixed = runner.manifest.iospec.fixed_batch() is not None
+    outs = [runner.infer(pool.feed(s, chunk if fixed else min(chunk, pool.size - s)))[0]
+            for s in range(0, pool.size, chunk)]
     return np.concatenate(outs)[: pool.size]
+
+
+def interleaved_latency(manifest: Manifest, base: Path, arts: list[Artifact], feed: dict[str, np.ndarray], *,
+                        warmup: int, iters: int, threads: int | None = None) -> list[LatencyStats]:
+    """ONNX Runtime CPU latency of several artifacts on the same feed, one call of each in turn, so that
+    load from other processes on a shared CPU falls on all of them alike rather than on whichever ran first.
+
+    Intra-op spinning is off for these sessions: with it on, the session that just ran keeps its threads
+    spinning and the next session's run loses the cores to them (measured on 2 cores: resnet50 batch 1
+    went from 73 ms alone to 135 ms alternating with a second session; 65 vs 67 ms with spinning off).
+    """
+    from runtimes.ort import OrtRunner
+
+    opts = RunnerOptions(device="cpu", threads=threads, ort_spinning=False)
+
+    with contextlib.ExitStack() as stack:
+        runners = [stack.enter_context(OrtRunner(manifest, base, a, opts))
+                   for a in arts]
+        prepared = [r.prepare(feed) for r in runners]
+        for r, p in zip(runners, prepared, strict=True):
+            r.time_iterations(p, warmup, 0)
+        samples: list[list[float]] = [[] for _ in runners]
+        for _ in range(iters):
+            for r, p, out in zip(runners, prepared, samples, strict=True):
+                out.extend(r.time_iterations(p, 0, 1))
+    return [LatencyStats.from_samples(x) for x in samples]
 
 
 def reference_runner(manifest: Manifest, base: Path, threads: int | None) -> Runner:
@@ -275,7 +305,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
                            config=cfg.model_dump(mode="json") | {"inputs": pool.source})
 
     with reference_runner(manifest, base, cfg.threads) as ref_runner:
-        ref_out = _run_pool(ref_runner, pool, chunk)
+        ref_out = run_pool(ref_runner, pool, chunk)
         ref_label = f"{ref_runner.name}:{ref_runner.artifact.name}:fp32:cpu"
     log(f"reference: {ref_label} on {pool.size} inputs ({pool.source})")
 
@@ -298,7 +328,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
                 continue
             load_s = time.perf_counter() - t_load
             try:
-                acc = accuracy_stats(_run_pool(runner, pool, chunk), ref_out, pool.labels, ref_label)
+                acc = accuracy_stats(run_pool(runner, pool, chunk), ref_out, pool.labels, ref_label)
                 for b in cfg.batch_sizes:
                     if progress:
                         progress(f"{runner.label} {t.precision} batch {b}")

@@ -80,6 +80,8 @@ class OrtRunner(Runner):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.options.threads:
             so.intra_op_num_threads = self.options.threads
+        if not self.options.ort_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return so
 
     def _load(self) -> None:
