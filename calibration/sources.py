@@ -27,7 +27,7 @@ import numpy as np
 
 from calibration.builtin import BUILTIN_SETS, builtin_path
 from calibration.images import IMAGE_SUFFIXES, load_image, scan_image_folder
-from core.errors import InputError
+from core.errors import InputError, first_line
 from core.fsutil import sha256_file
 from core.iospec import IOSpec, TensorSpec
 from core.manifest import Preprocessing
@@ -426,7 +426,7 @@ def _read_arrays(path: Path) -> tuple[dict[str, np.ndarray], bool]:
         return _npz_members(path)
     except Exception as exc:
         raise InputError(f"calibration file {path} is not a readable {path.suffix} file: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+                         f"{first_line(exc, with_type=True)}") from None
 
 
 def _open_arrays(path: Path, iospec: IOSpec, size: int | None, seed: int, offset: int) -> ArraySource:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from convert.quantize import CalibConfig
-from core.errors import BackendUnavailableError, InputError, ToolkitError, ValidationError
+from core.errors import BackendUnavailableError, InputError, ToolkitError, ValidationError, first_line
 from core.fsutil import atomic_write_bytes, sha256_file
 from core.iospec import IOSpec
 from core.manifest import Artifact, Precision
@@ -276,11 +276,6 @@ def staged_copy(final: Path | None) -> Iterator[Path | None]:
             atomic_write_bytes(final, work.read_bytes())
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def build_engine(onnx_path: Path, plan_path: Path, kwargs: dict[str, Any], *,
                  save_timing_cache: Path | None = None) -> Any:
     """Build with Polygraphy, write ``plan_path`` atomically, return the deserialized engine."""
@@ -294,7 +289,7 @@ def build_engine(onnx_path: Path, plan_path: Path, kwargs: dict[str, Any], *,
                                        save_timing_cache=str(save_timing_cache) if save_timing_cache else None)()
             data = bytes_from_engine(engine)
     except PolygraphyException as exc:
-        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path.name}: {_first_line(exc)}") \
+        raise EngineBuildError(f"TensorRT could not build an engine from {onnx_path.name}: {first_line(exc)}") \
             from None
     atomic_write_bytes(plan_path, data)
     return engine

@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from calibration.sources import Source
+from convert.validate import ort_session
 from core.errors import AccuracyGateError, InputError
 from core.manifest import Manifest
 from reports.models import AccuracyStats
@@ -43,12 +44,6 @@ class GateConfig(BaseModel):
     eval_batch: int = Field(default=16, ge=1, description="Batch size for the held-out runs")
 
 
-def _session(path: Path) -> Any:
-    from convert.validate import ort_session
-
-    return ort_session(path)
-
-
 class HeldOutEvaluator:
     """FP32 reference outputs on the held-out source, computed once, and variant statistics against them."""
 
@@ -61,7 +56,7 @@ class HeldOutEvaluator:
         self.reference_name = ""
 
     def _run(self, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-        sess = _session(path)
+        sess = ort_session(path)
         outs: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         for feed, lab in self.source.iter_labelled(self.batch):
@@ -180,7 +175,6 @@ def rank_nodes(float_path: Path, qdq_path: Path, batches: Iterable[dict[str, np.
     renames graph outputs ``X_QuantizeLinear_Input``); node names are those ``nodes_to_exclude`` takes.
     """
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto
 
     fmodel = onnx.load(str(float_path))
@@ -210,10 +204,8 @@ def rank_nodes(float_path: Path, qdq_path: Path, batches: Iterable[dict[str, np.
         if outs:
             candidates.append((node, ins, outs))
     pairs = sorted({p for _, ins, outs in candidates for p in [*ins, *outs]})
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    fsess = ort.InferenceSession(_with_outputs(fmodel, {f for _, f in pairs}), so, providers=["CPUExecutionProvider"])
-    qsess = ort.InferenceSession(_with_outputs(qmodel, {q for q, _ in pairs}), so, providers=["CPUExecutionProvider"])
+    fsess = ort_session(_with_outputs(fmodel, {f for _, f in pairs}))
+    qsess = ort_session(_with_outputs(qmodel, {q for q, _ in pairs}))
     fnames = [o.name for o in fsess.get_outputs()]
     qnames = [o.name for o in qsess.get_outputs()]
     err2 = dict.fromkeys(pairs, 0.0)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.errors import InputError
+from core.errors import InputError, first_line
 from core.manifest import Preprocessing, SourceInfo
 
 
@@ -58,8 +58,7 @@ def _check_onnx_readable(path: Path) -> None:
     try:
         onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path} is not a readable ONNX model (corrupt or truncated?): {first}") from None
+        raise InputError(f"{path} is not a readable ONNX model (corrupt or truncated?): {first_line(exc)}") from None
 
 
 def load_state_dict_file(path: Path) -> dict[str, Any]:
@@ -70,7 +69,7 @@ def load_state_dict_file(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"weights file {path} is not a readable PyTorch state dict: {str(exc).splitlines()[0]}") from None
+        raise InputError(f"weights file {path} is not a readable PyTorch state dict: {first_line(exc)}") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if key in obj and isinstance(obj[key], dict):
@@ -134,8 +133,7 @@ def _torchvision(name: str, weights: str | None, seed: int) -> LoadedModel:
         try:
             module = torchvision.models.get_model(name, weights=w)
         except Exception as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InputError(f"could not fetch weights {w} (no internet here?): {reason}; "
+            raise InputError(f"could not fetch weights {w} (no internet here?): {first_line(exc)}; "
                              "download them elsewhere and pass the state-dict file with --weights PATH") from None
         source.weights = str(w)
         source.weights_note = f"torchvision weights {w}"
@@ -191,8 +189,7 @@ def _torchscript(path: Path, weights: str | None) -> LoadedModel:
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path} is not a loadable TorchScript file ({first}); for a state dict use "
+        raise InputError(f"{path} is not a loadable TorchScript file ({first_line(exc)}); for a state dict use "
                          "MODEL=<torchvision name> --weights FILE") from None
     source = SourceInfo(model=str(path), kind="torchscript", weights_note="weights inside the TorchScript file")
     return LoadedModel(source=source, module=module.eval())

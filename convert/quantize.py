@@ -43,7 +43,7 @@ from convert.gates import (
     rank_nodes,
     summary_line,
 )
-from core.errors import BackendUnavailableError, InputError, ToolkitError
+from core.errors import BackendUnavailableError, InputError, ToolkitError, first_line
 from core.fsutil import atomic_path
 from core.manifest import Precision
 from reports.models import AccuracyStats
@@ -155,11 +155,6 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 def preprocess_for_quantization(src: Path, out: Path) -> None:
     """ONNX Runtime's ``quant_pre_process``: symbolic + ONNX shape inference and graph optimization."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -169,7 +164,7 @@ def preprocess_for_quantization(src: Path, out: Path) -> None:
             quant_pre_process(str(src), str(out))
     except Exception as exc:
         raise QuantizeError(f"ONNX Runtime's quantization pre-processing failed on {src.name}: "
-                            f"{_first_line(exc)}") from exc
+                            f"{first_line(exc, with_type=True)}") from exc
 
 
 def quantizable_op_types(exclude: list[str]) -> list[str]:
@@ -242,7 +237,7 @@ def calibrate(model: Path, source: Source, method: CalibMethod, batch: int, fixe
         except ToolkitError:
             raise
         except Exception as exc:
-            raise QuantizeError(f"{method} calibration failed: {_first_line(exc)}") from exc
+            raise QuantizeError(f"{method} calibration failed: {first_line(exc, with_type=True)}") from exc
     return CalibrationRun(method=method, cache=cache, seconds=time.perf_counter() - t0, samples=reader.samples_read,
                           batches=reader.batches_read, dropped=reader.dropped,
                           peak_rss_mb=round(sampler.peak_rss / 2**20, 1),
@@ -263,7 +258,7 @@ def quantize_static_file(model: Path, out: Path, run: CalibrationRun, cfg: Quant
                             nodes_to_exclude=[*cfg.exclude_nodes, *fp32_nodes], calibrate_method=_ort_method(run.method),
                             calibration_cache_path=str(run.cache))
     except Exception as exc:
-        raise QuantizeError(f"static INT8 quantization ({run.method}) failed: {_first_line(exc)}") from exc
+        raise QuantizeError(f"static INT8 quantization ({run.method}) failed: {first_line(exc, with_type=True)}") from exc
 
 
 def quantize_dynamic_file(model: Path, out: Path, cfg: QuantConfig, reduce_range: bool) -> None:
@@ -275,7 +270,7 @@ def quantize_dynamic_file(model: Path, out: Path, cfg: QuantConfig, reduce_range
                              per_channel=cfg.per_channel, reduce_range=reduce_range,
                              weight_type=_qtype(cfg.weight_type), nodes_to_exclude=list(cfg.exclude_nodes))
     except Exception as exc:
-        raise QuantizeError(f"dynamic INT8 quantization failed: {_first_line(exc)}") from exc
+        raise QuantizeError(f"dynamic INT8 quantization failed: {first_line(exc, with_type=True)}") from exc
 
 
 def check_exclusions(model: Path, cfg: QuantConfig) -> None:

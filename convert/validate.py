@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.errors import InputError, ValidationError
+from core.errors import InputError, ValidationError, first_line
 from core.iospec import IOSpec
 
 Reference = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
@@ -56,8 +56,9 @@ def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> dic
     return {"max_abs_err": max_abs, "max_rel_err": max_rel, "mean_abs_err": mean_abs, "cosine": cos_min}
 
 
-def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> Any:
-    """An ONNX Runtime CPU session (or the given providers); a corrupt file is an InputError."""
+def ort_session(model: Path | bytes, threads: int | None = None, providers: list[str] | None = None) -> Any:
+    """An ONNX Runtime CPU session (or the given providers) over a file or a serialised model;
+    a model ONNX Runtime refuses is an InputError."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -65,10 +66,11 @@ def ort_session(path: Path, threads: int | None = None, providers: list[str] | N
     if threads:
         so.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"])
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=so,
+                                    providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"ONNX Runtime cannot load {path}: {first}") from None
+        what = "the in-memory model" if isinstance(model, bytes) else str(model)
+        raise InputError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from None
 
 
 def ort_reference(path: Path) -> Reference:
@@ -98,15 +100,15 @@ def structural_checks(path: Path) -> tuple[Any, list[str]]:
         model = onnx.load(str(path))
     except Exception as exc:
         raise InputError(f"{path} is not a readable ONNX model (corrupt or truncated?): "
-                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+                         f"{first_line(exc)}") from None
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
-        failures.append(f"onnx.checker: {str(exc).strip().splitlines()[0]}")
+        failures.append(f"onnx.checker: {first_line(exc)}")
     try:
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:
-        failures.append(f"shape inference: {str(exc).strip().splitlines()[0]}")
+        failures.append(f"shape inference: {first_line(exc)}")
     return model, failures
 
 
@@ -129,7 +131,7 @@ def validate_onnx(path: Path, spec: IOSpec, reference: Reference | None, *, batc
             try:
                 got = list(sess.run(None, feed))
             except Exception as exc:
-                failures.append(f"ONNX Runtime run at batch {batch}: {str(exc).strip().splitlines()[0]}")
+                failures.append(f"ONNX Runtime run at batch {batch}: {first_line(exc)}")
                 continue
             ref = reference(feed)
             stats = compare_outputs(got, ref)

@@ -41,3 +41,13 @@ class AccuracyGateError(ToolkitError):
     """A variant lost more accuracy than the user's budget allows."""
 
     exit_code = 5
+
+
+def first_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an exception's message (libraries often append pages of context), or its
+    type name when the message is empty. ``with_type`` prefixes the type: ``DecodeError: ...``."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    return f"{type(exc).__name__}: {line}" if with_type else line

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from core.errors import BackendUnavailableError
+from core.errors import BackendUnavailableError, first_line
 from runtimes.base import Device, Runner
 
 
@@ -107,8 +107,7 @@ class OrtRunner(Runner):
                 self._stream = None
                 self.session = ort.InferenceSession(str(path), sess_options=so, providers=self.providers())
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BackendUnavailableError(f"ONNX Runtime cannot load {path.name}: {first}") from None
+            raise BackendUnavailableError(f"ONNX Runtime cannot load {path.name}: {first_line(exc)}") from None
         if self.options.device == "cuda" and self.gpu_provider not in self.session.get_providers():
             active = self.session.get_providers()
             self.session = None

@@ -98,3 +98,11 @@ def test_manifest_load_errors(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ValidationError, match="not a valid manifest"):
         Manifest.load(tmp_path)
+
+
+def test_first_line_of_an_error() -> None:
+    from core.errors import first_line
+
+    assert first_line(ValueError("bad shape\n  long context\n  more")) == "bad shape"
+    assert first_line(ValueError("  \n")) == "ValueError"  # empty message: the type, not an IndexError
+    assert first_line(KeyError("x"), with_type=True) == "KeyError: 'x'"
