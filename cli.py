@@ -141,16 +141,18 @@ def convert(
                                                   rich_help_panel="Precision")] = None,
     eval_size: Annotated[int, typer.Option(min=1, help="Held-out samples (at most)",
                                            rich_help_panel="Precision")] = 200,
-    trt: Annotated[bool, typer.Option("--trt", help="Also build a TensorRT engine (model.plan): with --fp16 / --int8 "
-                                                    "--calib; needs an NVIDIA GPU and `pip install .[trt]`",
+    trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines (model.plan): FP32, or one per "
+                                                    "--fp16 / --int8 --calib, each from that ONNX variant (strongly "
+                                                    "typed); needs an NVIDIA GPU and `pip install .[trt]`",
                                       rich_help_panel="TensorRT")] = False,
-    trt_from: Annotated[str | None, typer.Option(help="Artifact to build the engine from, e.g. sparse24 or an INT8 "
-                                                      "Q/DQ variant (default: opt, else fp32)",
+    trt_from: Annotated[str | None, typer.Option(help="Build one engine from this ONNX artifact instead, in its "
+                                                      "precision, e.g. sparse24 (default: opt/fp32, fp16, int8_trt "
+                                                      "as --fp16/--int8 ask)",
                                                  rich_help_panel="TensorRT")] = None,
     min_batch: Annotated[int | None, typer.Option(min=1, help="Engine profile: smallest batch (default 1)",
                                                   rich_help_panel="TensorRT")] = None,
-    opt_batch: Annotated[int | None, typer.Option(min=1, help="Engine profile: batch the kernels are tuned for, "
-                                                             "and the INT8 calibration batch (default 8)",
+    opt_batch: Annotated[int | None, typer.Option(min=1, help="Engine profile: batch the kernels are tuned for "
+                                                             "(default 8)",
                                                   rich_help_panel="TensorRT")] = None,
     max_batch: Annotated[int | None, typer.Option(min=1, help="Engine profile: largest batch (default 32)",
                                                   rich_help_panel="TensorRT")] = None,
@@ -193,7 +195,7 @@ def convert(
                                     prune_channels=parse_prune_ratio(prune_channels) if prune_channels is not None
                                     else None, eval_data=eval_data),
             quant=None if quant == QuantConfig(calib=CalibConfig(seed=seed)) else quant,
-            engine=EngineConfig(fp16=fp16, int8=int8, calib=quant.calib if calib else None, source=trt_from,
+            engine=EngineConfig(fp16=fp16 and not trt_from, int8=int8 and not trt_from, source=trt_from,
                                 min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace,
                                 builder_opt_level=builder_opt_level, timing_cache=timing_cache) if trt else None,
         )

@@ -1,10 +1,16 @@
 """TensorRT engines through Polygraphy's API (never trtexec).
 
-ONNX -> ``NetworkFromOnnxPath`` -> ``CreateConfig`` (FP16, INT8 with a calibrator fed by
-calibration/, sparse weights for 2:4 variants, one optimization profile from the IOSpec, timing
-cache, workspace limit, builder optimization level) -> ``EngineFromNetwork`` -> ``model.plan``,
-written atomically and recorded in the manifest with the TensorRT version, GPU name, compute
-capability, build flags and engine sha256.
+ONNX -> ``NetworkFromOnnxPath(strongly_typed=True)`` -> ``CreateConfig`` (sparse weights for 2:4
+variants, one optimization profile from the IOSpec, timing cache, workspace limit, builder
+optimization level) -> ``EngineFromNetwork`` -> ``model.plan``, written atomically and recorded in
+the manifest with the TensorRT version, GPU name, compute capability, build flags and sha256.
+
+Precision comes from the ONNX model, not from builder flags: TensorRT 11 removed the weak-typing
+builder flags (FP16, INT8, BF16) and implicit INT8 calibration, and TensorRT 10 deprecated
+them. So an FP16 engine is built from the ``fp16`` ONNX variant and an INT8 engine from
+``int8_trt``, the Q/DQ variant that convert/quantize.py calibrates (ONNX Runtime's MinMax, Entropy
+or Percentile, its ranges cached in the output folder) and quantizes by TensorRT's rules. A strongly
+typed network runs every layer in the precision its ONNX types say, on TensorRT 10 and 11 alike.
 
 An engine only runs on the GPU model and TensorRT version it was built with; ``load_engine``
 refuses any other, naming both. TensorRT is imported lazily: everything here except building and
@@ -14,18 +20,17 @@ deserializing works (and is tested) without it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import itertools
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from convert.quantize import CalibConfig
+from convert.quantize import QuantConfig, trt_qdq_problems
 from core.errors import BackendUnavailableError, InputError, ToolkitError, ValidationError, first_line
 from core.fsutil import atomic_write_bytes, sha256_file
 from core.iospec import IOSpec
@@ -49,26 +54,19 @@ class EngineMismatchError(InputError):
 
 
 class EngineConfig(BaseModel):
-    """How to build a TensorRT engine (``convert --trt``)."""
+    """How to build TensorRT engines (``convert --trt``): one per precision asked for."""
 
     model_config = ConfigDict(extra="forbid")
 
-    fp16: bool = Field(default=False, description="Allow FP16 kernels (BuilderFlag.FP16)")
-    int8: bool = Field(default=False, description="Allow INT8 kernels: calibrated from `calib`, or the Q/DQ "
-                                                  "scales of an INT8 ONNX `source`")
-    calib: CalibConfig | None = Field(default=None, description="Calibration data (the same as `convert --int8`'s: "
-                                                                "data, size, seed, image preprocessing) for INT8 "
-                                                                "from an FP32 ONNX; its batch and methods do not "
-                                                                "apply (TensorRT calibrates at the opt batch)")
-    calib_algo: Literal["entropy2", "minmax"] = Field(default="entropy2",
-                                                      description="TensorRT calibrator (IInt8EntropyCalibrator2 "
-                                                                  "or IInt8MinMaxCalibrator)")
-    source: str | None = Field(default=None, description="Manifest ONNX artifact to build from; default: the best "
-                                                         "FP32 ONNX ('opt', else 'fp32')")
+    fp16: bool = Field(default=False, description="An FP16 engine, built from the fp16 ONNX variant")
+    int8: bool = Field(default=False, description="An INT8 engine, built from int8_trt: Q/DQ by TensorRT's rules "
+                                                  "from the static INT8 calibration (needs its --calib data)")
+    source: str | None = Field(default=None, description="Manifest ONNX artifact to build one engine from instead "
+                                                         "(its precision is the engine's), e.g. sparse24")
     min_batch: int | None = Field(default=None, ge=1, description="Profile min batch (default 1)")
     opt_batch: int | None = Field(default=None, ge=1, description=f"Profile opt batch: the one kernels are tuned "
-                                                                  f"for, and the calibration batch (default "
-                                                                  f"{DEFAULT_OPT_BATCH}, clamped to min..max)")
+                                                                  f"for (default {DEFAULT_OPT_BATCH}, clamped to "
+                                                                  "min..max)")
     max_batch: int | None = Field(default=None, ge=1, description=f"Profile max batch (default {DEFAULT_MAX_BATCH})")
     workspace_mb: int | None = Field(default=None, ge=1, description="Workspace memory pool limit (MiB); "
                                                                      "default: TensorRT's (all device memory)")
@@ -77,6 +75,18 @@ class EngineConfig(BaseModel):
     timing_cache: Path | None = Field(default=None, description="Tactic timing cache, read if present and updated "
                                                                 "after the build; default OUT/timing.cache")
 
+    def precisions(self) -> list[Precision]:
+        """The engines asked for, by precision (FP32 when neither --fp16 nor --int8)."""
+        out: list[Precision] = []
+        if self.fp16:
+            out.append("fp16")
+        if self.int8:
+            out.append("int8")
+        return out or ["fp32"]
+
+
+#: The ONNX variant each engine precision is built from (FP32: the best FP32 model, opt or fp32).
+SOURCE_FOR: dict[Precision, str] = {"fp16": "fp16", "int8": "int8_trt"}
 
 
 class TrtEnv(BaseModel):
@@ -114,6 +124,25 @@ def require_tensorrt(what: str = "--trt") -> None:
         raise BackendUnavailableError(f"{what} builds a TensorRT engine, which needs TensorRT and an NVIDIA GPU: {why}")
 
 
+def with_source_variants(cfg: EngineConfig, quant: QuantConfig | None) -> QuantConfig | None:
+    """The quantization config that also makes the ONNX variants the engines are built from.
+
+    An FP16 engine needs the ``fp16`` variant; an INT8 engine needs static INT8 calibration and its
+    ``int8_trt`` variant. With ``source`` set, nothing is added.
+    """
+    if cfg.source is not None:
+        return quant
+    q = quant or QuantConfig()
+    if cfg.int8 and not (q.int8_static and q.calib.data):
+        raise InputError("--trt --int8 builds from Q/DQ scales calibrated on data: add --calib SOURCE (e.g. "
+                         "imagenet_subset), or --trt-from an INT8 Q/DQ variant that follows TensorRT's rules")
+    if cfg.fp16 and not q.fp16:
+        q = q.model_copy(update={"fp16": True})
+    if cfg.int8 and not q.trt_qdq:
+        q = q.model_copy(update={"trt_qdq": True})
+    return q if (quant is not None or q.any_variant) else None
+
+
 def preflight(cfg: EngineConfig) -> None:
     """What can be checked before any export: the batch flags' order, then TensorRT and the GPU."""
     given = [(f"--{k.replace('_', '-')}", v) for k, v in
@@ -122,9 +151,9 @@ def preflight(cfg: EngineConfig) -> None:
     if any(a[1] > b[1] for a, b in itertools.pairwise(given)):
         raise InputError("the optimization profile needs --min-batch <= --opt-batch <= --max-batch; got "
                          + ", ".join(f"{k} {v}" for k, v in given))
-    if cfg.int8 and not has_calib_data(cfg) and cfg.source is None:
-        raise InputError("--trt --int8 needs calibration data (--calib SOURCE), or --trt-from an INT8 Q/DQ ONNX "
-                         "variant")
+    if cfg.source is not None and (cfg.fp16 or cfg.int8):
+        raise InputError("--trt-from builds one engine in the precision of that ONNX variant: drop --fp16/--int8 "
+                         "for the engine, or drop --trt-from")
     require_tensorrt()
 
 
@@ -178,56 +207,37 @@ def source_is_sparse(source: Artifact) -> bool:
     return str(source.params.get("sparsity", "")) == "2:4"
 
 
-def source_is_quantized(source: Artifact) -> bool:
-    """An INT8 Q/DQ ONNX variant: TensorRT takes its scales, no calibrator needed."""
-    return source.precision == "int8"
-
-
-def has_calib_data(cfg: EngineConfig) -> bool:
-    return cfg.calib is not None and bool(cfg.calib.data)
-
-
-def check_request(cfg: EngineConfig, source: Artifact) -> None:
-    """Reject impossible combinations in one clear line, before any work."""
+def check_source(source: Artifact, base: Path) -> None:
+    """Refuse a source TensorRT cannot build from, in one clear line, before any work."""
     if source.kind != "onnx":
         raise InputError(f"TensorRT builds from an ONNX artifact; {source.name!r} is a {source.kind}")
-    if cfg.int8 and not source_is_quantized(source) and not has_calib_data(cfg):
-        raise InputError("--trt --int8 needs calibration data (--calib SOURCE) or an INT8 Q/DQ ONNX variant to "
-                         f"build from; {source.name!r} is {source.precision}")
-
-
-def engine_precision(flags: dict[str, Any]) -> Precision:
-    """The manifest precision of an engine built with ``flags`` (the lowest it may run in)."""
-    return "int8" if flags["int8"] else "fp16" if flags["fp16"] else "fp32"
+    if source.precision == "int8":
+        problems = trt_qdq_problems(base / source.file.path)
+        if problems:
+            raise InputError(f"{source.name!r} is not Q/DQ by TensorRT's rules ({problems[0]}): build the INT8 "
+                             "engine from int8_trt (convert --trt --int8 --calib SOURCE makes it)")
 
 
 def build_flags(cfg: EngineConfig, source: Artifact, spec: IOSpec) -> dict[str, Any]:
     """The build's settings as recorded in the manifest (JSON-friendly)."""
     lo, opt, hi = profile_batches(cfg, spec)
-    quantized = source_is_quantized(source)
     return {
-        "source": source.name, "fp16": cfg.fp16, "int8": cfg.int8 or quantized,
-        "int8_mode": ("explicit (Q/DQ)" if quantized else "calibrated" if cfg.int8 else None),
-        "calibrator": cfg.calib_algo if cfg.int8 and not quantized else None,
+        "source": source.name, "precision": source.precision, "strongly_typed": True,
+        "int8_mode": "explicit (Q/DQ)" if source.precision == "int8" else None,
         "sparse_weights": source_is_sparse(source), "min_batch": lo, "opt_batch": opt, "max_batch": hi,
         "workspace_mb": cfg.workspace_mb, "builder_optimization_level": cfg.builder_opt_level,
     }
 
 
-def config_kwargs(cfg: EngineConfig, spec: IOSpec, source: Artifact, *, calibrator: Any = None,
+def config_kwargs(cfg: EngineConfig, spec: IOSpec, source: Artifact, *,
                   timing_cache: Path | None = None) -> dict[str, Any]:
     """Keyword arguments for Polygraphy's ``CreateConfig``, with TensorRT enums still named.
 
-    ``profiles`` are plain {input: {min, opt, max}} dicts and ``memory_pool_limits`` is keyed by
-    ``trt.MemoryPoolType`` member name; ``create_config`` turns them into Polygraphy/TensorRT objects.
+    No precision flags: the network is strongly typed (``network_kwargs``). ``profiles`` are plain
+    {input: {min, opt, max}} dicts and ``memory_pool_limits`` is keyed by ``trt.MemoryPoolType``
+    member name; ``create_config`` turns them into Polygraphy/TensorRT objects.
     """
-    flags = build_flags(cfg, source, spec)
-    kw: dict[str, Any] = {"profiles": [compute_profile(cfg, spec)], "fp16": flags["fp16"], "int8": flags["int8"],
-                          "sparse_weights": flags["sparse_weights"]}
-    if calibrator is not None:
-        if not (cfg.int8 and not source_is_quantized(source)):
-            raise InputError("a calibrator is only used for INT8 built from a non-quantized ONNX")
-        kw["calibrator"] = calibrator
+    kw: dict[str, Any] = {"profiles": [compute_profile(cfg, spec)], "sparse_weights": source_is_sparse(source)}
     if cfg.workspace_mb is not None:
         kw["memory_pool_limits"] = {"WORKSPACE": cfg.workspace_mb * 2**20}
     if cfg.builder_opt_level is not None:
@@ -235,6 +245,10 @@ def config_kwargs(cfg: EngineConfig, spec: IOSpec, source: Artifact, *, calibrat
     if timing_cache is not None and timing_cache.is_file() and timing_cache.stat().st_size:
         kw["load_timing_cache"] = str(timing_cache)
     return kw
+
+
+#: Keyword arguments for Polygraphy's ``NetworkFromOnnxPath``: every layer in its ONNX type.
+NETWORK_KWARGS: dict[str, Any] = {"strongly_typed": True}
 
 
 def create_config(kwargs: dict[str, Any]) -> Any:
@@ -285,7 +299,8 @@ def build_engine(onnx_path: Path, plan_path: Path, kwargs: dict[str, Any], *,
 
     try:
         with G_LOGGER.verbosity(G_LOGGER.WARNING):
-            engine = EngineFromNetwork(NetworkFromOnnxPath(str(onnx_path)), config=create_config(kwargs),
+            engine = EngineFromNetwork(NetworkFromOnnxPath(str(onnx_path), **NETWORK_KWARGS),
+                                       config=create_config(kwargs),
                                        save_timing_cache=str(save_timing_cache) if save_timing_cache else None)()
             data = bytes_from_engine(engine)
     except PolygraphyException as exc:
@@ -372,13 +387,6 @@ def load_engine(base: Path, artifact: Artifact, env: TrtEnv | None = None) -> An
 
 
 # -- pipeline step ----------------------------------------------------------------------------------
-def calibration_cache_path(out: Path, onnx_sha256: str, source_digest: str, batch: int, algo: str,
-                           trt_version: str) -> Path:
-    """One cache per (model, data, batch, algorithm, TensorRT): reused only when all match."""
-    key = hashlib.sha256("|".join([onnx_sha256, source_digest, str(batch), algo, trt_version]).encode())
-    return out / f"calib.{key.hexdigest()[:16]}.cache"
-
-
 def _engine_parity(engine: Any, ctx: ConvertContext, batches: list[int]) -> dict[str, Any]:
     """Run the fresh engine on the parity inputs and compare with the conversion's reference."""
     from polygraphy.backend.trt import TrtRunner
@@ -397,63 +405,62 @@ def _engine_parity(engine: Any, ctx: ConvertContext, batches: list[int]) -> dict
     return parity
 
 
-def step_engine(ctx: ConvertContext) -> None:
-    """Build ``model.plan`` from the best FP32 ONNX (or ``engine.source``) and record it."""
-    from convert.validate import Tolerance
+def engine_sources(cfg: EngineConfig, best_fp32: str) -> list[tuple[str, str]]:
+    """(engine artifact name, ONNX source artifact name) for each engine to build."""
+    if cfg.source is not None:
+        return [(f"trt_{cfg.source}", cfg.source)]
+    return [(f"trt_{p}", SOURCE_FOR.get(p, best_fp32)) for p in cfg.precisions()]
 
+
+def plan_file(name: str, count: int) -> str:
+    """``model.plan`` for the one engine of a conversion; ``model.<name>.plan`` each when there are several."""
+    return PLAN_NAME if count == 1 else f"model.{name}.plan"
+
+
+def step_engine(ctx: ConvertContext) -> None:
+    """Build one strongly typed engine per precision asked for, from the matching ONNX variant."""
     cfg = ctx.cfg.engine
     if cfg is None:
         return
-    source_name = cfg.source or ctx.best_fp32()
-    source = ctx.manifest.artifacts.get(source_name)
-    if source is None:
-        raise InputError(f"--trt-from {source_name!r} is not in the manifest; available: {sorted(ctx.manifest.artifacts)}")
-    check_request(cfg, source)
-    env = current_trt_env()
-    onnx_path = ctx.out / source.file.path
-    flags = build_flags(cfg, source, ctx.spec)
-    precision = engine_precision(flags)
-    more: dict[str, Any] = {}
-    timing_cache = cfg.timing_cache or ctx.out / "timing.cache"
-    plan = ctx.path(PLAN_NAME)
-    with contextlib.ExitStack() as stack:
-        staged_timing = stack.enter_context(staged_copy(timing_cache))
-        calibrator = None
-        c = cfg.calib
-        if cfg.int8 and not source_is_quantized(source) and c is not None and c.data:  # see check_request
-            from calibration.polygraphy_adapter import PolygraphyDataLoader, make_calibrator
-            from calibration.sources import open_source, resolve_preprocessing
+    targets = engine_sources(cfg, ctx.best_fp32())
+    for name, source_name in targets:
+        source = ctx.manifest.artifacts.get(source_name)
+        if source is None:
+            raise InputError(f"--trt-from {source_name!r} is not in the manifest; available: "
+                             f"{sorted(ctx.manifest.artifacts)}")
+        if source.status == "failed":
+            ctx.log(f"[yellow]warning:[/] {name}: not built, its source {source_name} failed its checks")
+            continue
+        check_source(source, ctx.out)
+        _build_one(ctx, cfg, name, source, ctx.path(plan_file(name, len(targets))))
 
-            pre = ctx.manifest.source.preprocessing
-            if c.resize is not None or c.mean is not None or c.std is not None:
-                pre = resolve_preprocessing(ctx.spec, pre, resize=c.resize, mean=c.mean, std=c.std)
-            data = open_source(c.data, ctx.spec, pre, size=c.size, seed=c.seed)
-            loader = PolygraphyDataLoader(data, batch_size=flags["opt_batch"], input_names=ctx.spec.input_names)
-            cache = calibration_cache_path(ctx.out, source.file.sha256, data.digest(), flags["opt_batch"],
-                                           cfg.calib_algo, env.tensorrt_version)
-            reused = cache.is_file() and cache.stat().st_size > 0
-            work = stack.enter_context(staged_copy(cache))
-            calibrator = make_calibrator(loader, work, cfg.calib_algo)
-            more["calibration"] = {"data": data.describe(), "digest": data.digest(), **loader.plan(),
-                                   "cache": cache.name, "cache_reused": reused}
-            ctx.log(f"INT8 calibration: {data.describe()}; " + ("reusing " if reused else "writing ") + cache.name)
-        kwargs = config_kwargs(cfg, ctx.spec, source, calibrator=calibrator, timing_cache=staged_timing)
-        ctx.log(f"building TensorRT engine from {source.file.path} ({precision}, batch "
+
+def _build_one(ctx: ConvertContext, cfg: EngineConfig, name: str, source: Artifact, plan: Path) -> None:
+    from convert.validate import Tolerance
+
+    env = current_trt_env()
+    flags = build_flags(cfg, source, ctx.spec)
+    precision: Precision = source.precision
+    timing_cache = cfg.timing_cache or ctx.out / "timing.cache"
+    with staged_copy(timing_cache) as staged_timing:
+        kwargs = config_kwargs(cfg, ctx.spec, source, timing_cache=staged_timing)
+        ctx.log(f"building TensorRT engine {plan.name} from {source.file.path} ({precision}, strongly typed, batch "
                 f"{flags['min_batch']}..{flags['max_batch']}, opt {flags['opt_batch']}) on {env.describe()}")
-        engine = build_engine(onnx_path, plan, kwargs, save_timing_cache=staged_timing)
+        engine = build_engine(ctx.out / source.file.path, plan, kwargs, save_timing_cache=staged_timing)
     sha = sha256_file(plan)
-    more["timing_cache"] = str(timing_cache)
+    more: dict[str, Any] = {"timing_cache": str(timing_cache)}
+    if isinstance(source.params.get("calibration"), dict):
+        more["calibration"] = source.params["calibration"]
     extra = engine_extra(env, flags, sha, engine_profile(engine, ctx.spec.input_names), **more)
-    name = f"trt_{precision}" + ("" if cfg.source is None else f"_{source.name}")
     art = ctx.manifest.record(ctx.out, plan, name=name, kind="plan", precision=precision, step="build_engine",
                               params=flags, parent=source.name, extra=extra)
     art.metrics["parity"] = _engine_parity(engine, ctx, sorted({flags["min_batch"], flags["opt_batch"]}))
-    if precision != "int8":
-        tol = Tolerance.fp16() if cfg.fp16 else Tolerance.fp32()
+    if precision != "int8":  # INT8 is judged by the accuracy gate of its Q/DQ source, not by cosine
+        tol = Tolerance.fp16() if precision == "fp16" else Tolerance.fp32()
         bad = [f"parity at {k}: cosine {v['cosine']:.6f} < {tol.min_cosine}"
                for k, v in art.metrics["parity"].items() if v["cosine"] < tol.min_cosine]
         if bad:
             art.status = "failed"
             art.notes.extend(bad)
             ctx.manifest.save(ctx.out)
-            raise ValidationError(f"TensorRT engine {PLAN_NAME}", bad)
+            raise ValidationError(f"TensorRT engine {plan.name}", bad)

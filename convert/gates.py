@@ -55,8 +55,8 @@ class HeldOutEvaluator:
         self.labels: np.ndarray | None = None
         self.reference_name = ""
 
-    def _run(self, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-        sess = ort_session(path)
+    def _run(self, path: Path, simulate_qdq: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        sess = ort_session(path, simulate_qdq=simulate_qdq)
         outs: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         for feed, lab in self.source.iter_labelled(self.batch):
@@ -74,12 +74,13 @@ class HeldOutEvaluator:
         self.reference, self.labels = self._run(path)
         self.reference_name = name
 
-    def evaluate(self, path: Path) -> AccuracyStats:
+    def evaluate(self, path: Path, simulate_qdq: bool = False) -> AccuracyStats:
+        """Statistics of ``path`` against the reference (``simulate_qdq``: see ``ort_session``)."""
         from runtimes.harness import accuracy_stats
 
         if self.reference is None:
             raise RuntimeError("set_reference() first")
-        got, _ = self._run(path)
+        got, _ = self._run(path, simulate_qdq)
         return accuracy_stats(got, self.reference, self.labels, f"ort:{self.reference_name}:fp32")
 
     def record(self) -> dict[str, Any]:

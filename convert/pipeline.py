@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from convert.engine import EngineConfig, preflight, step_engine
+from convert.engine import EngineConfig, preflight, step_engine, with_source_variants
 from convert.export import Exporter, complete_output_spec, export_onnx
 from convert.gates import check_gates
 from convert.models import LoadedModel, resolve_model
@@ -198,8 +198,11 @@ def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print) -> tuple
     and no file is ever left half-written.
     """
     e = cfg.export
-    if cfg.engine is not None:
-        preflight(cfg.engine)  # before any work: one clear line where TensorRT or the GPU is missing
+    if (engine := cfg.engine) is not None:
+        # The engines' ONNX sources (fp16, int8_trt) are variants too; then, before any work, one
+        # clear line where TensorRT or the GPU is missing.
+        cfg = cfg.model_copy(update={"quant": with_source_variants(engine, cfg.quant)})
+        preflight(engine)
     loaded = resolve_model(e.model, e.weights, e.seed)
     out = ensure_writable_dir(Path(cfg.out) if cfg.out else default_out(e.model))
     for note in loaded.notes:

@@ -8,12 +8,22 @@ batch at a time (``collect_data`` per batch merges ranges/histograms), saves the
 memory does not grow with the number of calibration images and ``--auto`` re-quantizes without
 re-calibrating. On x86-64 without VNNI, ``reduce_range`` is switched on (ONNX Runtime's guidance for
 U8S8 there), and the user is told when INT8 is not expected to be faster than FP32 on this CPU.
+
+The ranges are kept in the output folder (``calib.<key>.json``, keyed by the model, the data, the
+method, the batch and ONNX Runtime's version) and reused by the next conversion that matches.
+
+For TensorRT (``convert --trt --int8``), the same ranges also give ``int8_trt``: a Q/DQ model that
+follows TensorRT's explicit-quantization rules (signed symmetric INT8 activations and weights with
+zero point 0, per-channel weights, FP32 bias, the full 8-bit range). TensorRT 11 removed implicit
+INT8 calibration, so that Q/DQ model is how an INT8 engine gets its scales on TensorRT 10 and 11.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import shutil
 import tempfile
@@ -44,7 +54,7 @@ from convert.gates import (
     summary_line,
 )
 from core.errors import BackendUnavailableError, InputError, ToolkitError, first_line
-from core.fsutil import atomic_path
+from core.fsutil import atomic_path, atomic_write_text
 from core.manifest import Precision
 from reports.models import AccuracyStats
 
@@ -122,6 +132,8 @@ class QuantConfig(BaseModel):
                                                                 "advises it (x86-64 without VNNI)")
     exclude_nodes: list[str] = Field(default_factory=list, description="Node names kept in FP32")
     exclude_op_types: list[str] = Field(default_factory=list, description="Op types kept in FP32")
+    trt_qdq: bool = Field(default=False, description="Also write int8_trt from the same calibration: Q/DQ by "
+                                                     "TensorRT's rules, for an INT8 engine (convert --trt --int8)")
     gate: GateConfig = Field(default_factory=GateConfig)
 
     @property
@@ -186,6 +198,42 @@ class CalibrationRun:
     dropped: int
     peak_rss_mb: float  # process peak during calibration
     rss_growth_mb: float  # that peak minus the RSS when calibration started
+    reused: bool = False  # read from an earlier conversion's cache, no calibration run
+
+    def record(self) -> dict[str, Any]:
+        return {"images_used": self.samples, "batches": self.batches, "dropped_short_batch": self.dropped,
+                "seconds": round(self.seconds, 3), "peak_rss_mb": self.peak_rss_mb,
+                "rss_growth_mb": self.rss_growth_mb, "cache": self.cache.name, "cache_reused": self.reused}
+
+
+def calibration_cache_path(out: Path, model_sha256: str, data_digest: str, method: CalibMethod, batch: int,
+                           op_types: list[str]) -> Path:
+    """One ranges file per (model, data, method, batch, op types, ONNX Runtime version)."""
+    import onnxruntime
+
+    key = "|".join([model_sha256, data_digest, method, str(batch), ",".join(op_types), onnxruntime.__version__])
+    return out / f"calib.{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def _meta_path(cache: Path) -> Path:
+    return cache.with_suffix(".meta.json")
+
+
+def reuse_calibration(cache: Path, method: CalibMethod) -> CalibrationRun | None:
+    """The run recorded with ``cache`` by an earlier conversion, or None (absent or unreadable: calibrate)."""
+    meta = _meta_path(cache)
+    if not (cache.is_file() and meta.is_file()):
+        return None
+    try:
+        from onnxruntime.quantization import load_tensors_data
+
+        load_tensors_data(cache)  # a cache ONNX Runtime cannot read is recomputed, not trusted
+        m = json.loads(meta.read_text(encoding="utf-8"))
+        return CalibrationRun(method=method, cache=cache, seconds=float(m["seconds"]), samples=int(m["samples"]),
+                              batches=int(m["batches"]), dropped=int(m["dropped"]), peak_rss_mb=0.0,
+                              rss_growth_mb=0.0, reused=True)
+    except Exception:
+        return None
 
 
 class _OneBatch:
@@ -200,11 +248,12 @@ class _OneBatch:
 
 
 def calibrate(model: Path, source: Source, method: CalibMethod, batch: int, fixed_batch: int | None,
-              work: Path, op_types: list[str]) -> CalibrationRun:
-    """Run ONNX Runtime's calibrator over ``source`` one batch at a time and save the ranges as JSON.
+              work: Path, op_types: list[str], cache: Path) -> CalibrationRun:
+    """Run ONNX Runtime's calibrator over ``source`` one batch at a time and save the ranges to ``cache``.
 
     ``collect_data`` is called once per batch: MinMax merges running ranges, Entropy/Percentile merge
     histograms, and the batch's intermediate outputs are dropped before the next batch is read.
+    ``cache`` (ranges JSON) and its ``.meta.json`` are written atomically, only on success.
     """
     try:
         from onnxruntime.quantization import create_calibrator, save_tensors_data
@@ -220,11 +269,10 @@ def calibrate(model: Path, source: Source, method: CalibMethod, batch: int, fixe
     from runtimes.harness import ResourceSampler
 
     reader = OrtCalibrationReader(source, batch, fixed_batch)
-    cache = work / f"ranges.{method}.json"
     t0 = time.perf_counter()
     with ResourceSampler() as sampler:
         try:
-            with _quiet():
+            with _quiet(), atomic_path(cache) as tmp:
                 calibrator = create_calibrator(str(model), op_types, augmented_model_path=str(work / f"aug.{method}.onnx"),
                                                calibrate_method=_ort_method(method), extra_options={})
                 while (feed := reader.get_next()) is not None:
@@ -232,16 +280,24 @@ def calibrate(model: Path, source: Source, method: CalibMethod, batch: int, fixe
                 if reader.batches_read == 0:
                     raise InputError(f"no calibration batch could be read from {source.describe()}"
                                      + (f" (the model's fixed batch is {fixed_batch})" if fixed_batch else ""))
-                ranges = calibrator.compute_data()
-                save_tensors_data(ranges, cache)
+                save_tensors_data(calibrator.compute_data(), tmp)
         except ToolkitError:
             raise
         except Exception as exc:
             raise QuantizeError(f"{method} calibration failed: {first_line(exc, with_type=True)}") from exc
-    return CalibrationRun(method=method, cache=cache, seconds=time.perf_counter() - t0, samples=reader.samples_read,
-                          batches=reader.batches_read, dropped=reader.dropped,
-                          peak_rss_mb=round(sampler.peak_rss / 2**20, 1),
-                          rss_growth_mb=round((sampler.peak_rss - sampler.baseline_rss) / 2**20, 1))
+    run = CalibrationRun(method=method, cache=cache, seconds=time.perf_counter() - t0, samples=reader.samples_read,
+                         batches=reader.batches_read, dropped=reader.dropped,
+                         peak_rss_mb=round(sampler.peak_rss / 2**20, 1),
+                         rss_growth_mb=round((sampler.peak_rss - sampler.baseline_rss) / 2**20, 1))
+    atomic_write_text(_meta_path(cache), json.dumps({"method": method, "samples": run.samples, "batches": run.batches,
+                                                     "dropped": run.dropped, "seconds": round(run.seconds, 3),
+                                                     "data": source.describe()}))
+    return run
+
+
+#: Op types whose inputs ``int8_trt`` quantizes: the weighted layers TensorRT runs in INT8, and Add so
+#: that a residual add fuses into the preceding INT8 convolution.
+TRT_QDQ_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 
 
 def quantize_static_file(model: Path, out: Path, run: CalibrationRun, cfg: QuantConfig, reduce_range: bool,
@@ -259,6 +315,70 @@ def quantize_static_file(model: Path, out: Path, run: CalibrationRun, cfg: Quant
                             calibration_cache_path=str(run.cache))
     except Exception as exc:
         raise QuantizeError(f"static INT8 quantization ({run.method}) failed: {first_line(exc, with_type=True)}") from exc
+
+
+def quantize_trt_file(model: Path, out: Path, run: CalibrationRun, cfg: QuantConfig, fp32_nodes: list[str]) -> None:
+    """Q/DQ by TensorRT's explicit-quantization rules, from the same saved ranges as the CPU variants.
+
+    Signed INT8 with zero point 0 on both activations and weights (TensorRT's parser refuses any
+    other zero point), FP32 bias (it refuses an INT32 DequantizeLinear and fuses the bias itself),
+    the full 8-bit range (no reduce_range: that is a CPU workaround), inputs of ``TRT_QDQ_OP_TYPES``.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    try:
+        with _quiet():
+            quantize_static(str(model), str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=[t for t in TRT_QDQ_OP_TYPES if t not in cfg.exclude_op_types],
+                            per_channel=cfg.per_channel, reduce_range=False, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=[*cfg.exclude_nodes, *fp32_nodes],
+                            calibrate_method=_ort_method(run.method), calibration_cache_path=str(run.cache),
+                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                           "QuantizeBias": False})
+    except Exception as exc:
+        raise QuantizeError(f"TensorRT Q/DQ quantization ({run.method}) failed: {first_line(exc, with_type=True)}") \
+            from exc
+
+
+def trt_qdq_problems(model: Path) -> list[str]:
+    """Why TensorRT's explicit quantization would refuse this Q/DQ model; [] when it follows the rules.
+
+    Checked: every Quantize/DequantizeLinear has a positive scale and a signed INT8 zero point of 0,
+    and no DequantizeLinear takes an INT32 tensor (ONNX Runtime's default quantized bias).
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    consts: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = a.t
+    found: dict[str, list[str]] = {}
+
+    def note(kind: str, node: onnx.NodeProto) -> None:
+        found.setdefault(kind, []).append(node.name or node.output[0])
+
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if node.op_type == "DequantizeLinear" and node.input[0] in consts and \
+                consts[node.input[0]].data_type == onnx.TensorProto.INT32:
+            note("an INT32 input to DequantizeLinear (quantized bias; TensorRT needs FP32 bias)", node)
+        scale = consts.get(node.input[1]) if len(node.input) > 1 else None
+        if scale is not None and not bool(np.all(numpy_helper.to_array(scale) > 0)):
+            note("a scale that is not positive", node)
+        zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zp is None:
+            continue
+        if zp.data_type != onnx.TensorProto.INT8:
+            note(f"a {onnx.TensorProto.DataType.Name(zp.data_type)} zero point (TensorRT needs signed INT8)", node)
+        elif np.any(numpy_helper.to_array(zp) != 0):
+            note("a non-zero zero point (TensorRT needs symmetric quantization)", node)
+    return [f"{len(nodes)} Q/DQ node(s) with {kind}, e.g. {nodes[0]!r}" for kind, nodes in found.items()]
 
 
 def quantize_dynamic_file(model: Path, out: Path, cfg: QuantConfig, reduce_range: bool) -> None:
@@ -474,14 +594,19 @@ class QuantRun:
     def _calibration(self, ctx: ConvertContext, method: CalibMethod) -> CalibrationRun:
         if method not in self._calibrations:
             assert self.calib is not None
-            c = self.cfg.calib
-            prepped = self._prepped_model(ctx)
-            ctx.log(f"calibrating ({method}) on {self.calib.num_samples} sample(s), batch "
-                    f"{ctx.spec.fixed_batch() or c.batch}")
-            run = calibrate(prepped, self.calib, method, c.batch, ctx.spec.fixed_batch(),
-                            self._work(ctx), quantizable_op_types(self.cfg.exclude_op_types))
-            ctx.log(f"  {run.samples} sample(s) in {run.seconds:.1f}s, peak RSS {run.peak_rss_mb:.0f} MB "
-                    f"(+{run.rss_growth_mb:.0f} MB during calibration)")
+            batch = ctx.spec.fixed_batch() or self.cfg.calib.batch
+            op_types = quantizable_op_types(self.cfg.exclude_op_types)
+            cache = calibration_cache_path(ctx.out, ctx.manifest.artifacts[ctx.best_fp32()].file.sha256,
+                                           self.calib.digest(), method, batch, op_types)
+            run = reuse_calibration(cache, method)
+            if run is not None:
+                ctx.log(f"calibration ({method}): reusing {cache.name} ({run.samples} sample(s), same model and data)")
+            else:
+                ctx.log(f"calibrating ({method}) on {self.calib.num_samples} sample(s), batch {batch}")
+                run = calibrate(self._prepped_model(ctx), self.calib, method, self.cfg.calib.batch,
+                                ctx.spec.fixed_batch(), self._work(ctx), op_types, cache)
+                ctx.log(f"  {run.samples} sample(s) in {run.seconds:.1f}s, peak RSS {run.peak_rss_mb:.0f} MB "
+                        f"(+{run.rss_growth_mb:.0f} MB during calibration); ranges saved to {cache.name}")
             self._calibrations[method] = run
         return self._calibrations[method]
 
@@ -531,15 +656,44 @@ class QuantRun:
                 "reduce_range": self.reduce_range, "exclude_nodes": self.cfg.exclude_nodes,
                 "exclude_op_types": self.cfg.exclude_op_types, "fp32_nodes": trial.fp32_nodes,
                 "preprocess": "onnxruntime quant_pre_process", "cpu": self.cpu.summary,
-                "calibration": self.calib.manifest_record() | {
-                    "images_used": run.samples, "batches": run.batches, "batch_size": ctx.spec.fixed_batch() or c.batch, "seed": c.seed,
-                    "dropped_short_batch": run.dropped, "seconds": round(run.seconds, 3),
-                    "peak_rss_mb": run.peak_rss_mb, "rss_growth_mb": run.rss_growth_mb},
+                "calibration": self._calibration_record(ctx, run),
             }
             if auto is not None:
                 params["auto"] = auto
             self._record(ctx, trial.path, name=f"int8_static_{trial.method}", precision="int8",
                          step="quantize_static", params=params, stats=trial.stats, notes=notes)
+        if self.cfg.trt_qdq:
+            self._build_trt(ctx, chosen[0][0])
+
+    def _calibration_record(self, ctx: ConvertContext, run: CalibrationRun) -> dict[str, Any]:
+        assert self.calib is not None
+        return self.calib.manifest_record() | run.record() | {
+            "batch_size": ctx.spec.fixed_batch() or self.cfg.calib.batch, "seed": self.cfg.calib.seed}
+
+    def _build_trt(self, ctx: ConvertContext, trial: Trial) -> None:
+        """``int8_trt``: the chosen method's ranges (and --auto's FP32 nodes), quantized by TensorRT's rules."""
+        assert self.evaluator is not None
+        run = self._calibrations[trial.method]
+        ctx.log(f"INT8 Q/DQ for TensorRT ({trial.method} ranges: signed symmetric INT8, per-channel "
+                f"{self.cfg.per_channel}, FP32 bias, ops {', '.join(TRT_QDQ_OP_TYPES)})")
+        out = self._work(ctx) / "int8_trt.onnx"
+        quantize_trt_file(self._prepped_model(ctx), out, run, self.cfg, trial.fp32_nodes)
+        if problems := trt_qdq_problems(out):
+            raise QuantizeError("the TensorRT Q/DQ model breaks TensorRT's rules: " + "; ".join(problems))
+        params: dict[str, Any] = {
+            "method": trial.method, "quant_format": "QDQ", "target": "tensorrt", "activation_type": "int8",
+            "weight_type": "int8", "symmetric": True, "bias": "fp32", "per_channel": self.cfg.per_channel,
+            "reduce_range": False, "op_types": [t for t in TRT_QDQ_OP_TYPES if t not in self.cfg.exclude_op_types],
+            "exclude_nodes": self.cfg.exclude_nodes, "fp32_nodes": trial.fp32_nodes,
+            "preprocess": "onnxruntime quant_pre_process", "calibration": self._calibration_record(ctx, run)}
+        # Judged as TensorRT computes it (Q/DQ simulated, INT32-exact): ONNX Runtime's fused x86 kernels
+        # saturate with full-range signed INT8 weights, which TensorRT's do not.
+        params["accuracy_evaluated_as"] = "simulated Q/DQ (ONNX Runtime, graph optimizations off)"
+        self._record(ctx, out, name="int8_trt", precision="int8", step="quantize_static_trt", params=params,
+                     stats=self.evaluator.evaluate(out, simulate_qdq=True),
+                     notes=["Q/DQ for a TensorRT INT8 engine (convert --trt --int8). For ONNX Runtime on CPU use "
+                            "int8_static_*: its fused x86 kernels can saturate with this variant's full-range "
+                            "signed INT8 weights, and lose accuracy TensorRT does not"])
 
     def step_cleanup(self, ctx: ConvertContext) -> None:
         if self._tmp is not None:

@@ -56,13 +56,22 @@ def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> dic
     return {"max_abs_err": max_abs, "max_rel_err": max_rel, "mean_abs_err": mean_abs, "cosine": cos_min}
 
 
-def ort_session(model: Path | bytes, threads: int | None = None, providers: list[str] | None = None) -> Any:
+def ort_session(model: Path | bytes, threads: int | None = None, providers: list[str] | None = None, *,
+                simulate_qdq: bool = False) -> Any:
     """An ONNX Runtime CPU session (or the given providers) over a file or a serialised model;
-    a model ONNX Runtime refuses is an InputError."""
+    a model ONNX Runtime refuses is an InputError.
+
+    ``simulate_qdq`` turns graph optimizations off, so Q/DQ pairs run as written (quantize, then
+    dequantize, then the FP32 op) instead of being fused into ONNX Runtime's integer kernels: the
+    arithmetic TensorRT's INT8 kernels follow (INT32 accumulation), without the x86 CPU kernels'
+    saturation of full-range signed INT8 weights.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if simulate_qdq:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
     try:

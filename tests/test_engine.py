@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import cli
 from convert import engine as eng
 from convert.engine import EngineConfig, TrtEnv
-from convert.quantize import CalibConfig
+from convert.quantize import CalibConfig, QuantConfig
 from core.errors import BackendUnavailableError, InputError
 from core.iospec import IOSpec, TensorSpec
 from core.manifest import Artifact, Manifest, SourceInfo
@@ -38,10 +38,10 @@ def plan_manifest(tmp_path: Path, env: TrtEnv = HERE, batches: tuple[int, int, i
     plan.write_bytes(PLACEHOLDER)
     manifest = Manifest(source=SourceInfo(model="tiny", kind="factory"), iospec=IMAGE)
     cfg = EngineConfig(fp16=True, min_batch=batches[0], opt_batch=batches[1], max_batch=batches[2])
-    flags = eng.build_flags(cfg, onnx_artifact(), IMAGE)
+    flags = eng.build_flags(cfg, onnx_artifact("fp16", precision="fp16"), IMAGE)
     extra = eng.engine_extra(env, flags, "will be checked", eng.compute_profile(cfg, IMAGE))
     art = manifest.record(tmp_path, plan, name="trt_fp16", kind="plan", precision="fp16", step="build_engine",
-                          params=flags, parent="opt", extra=extra)
+                          params=flags, parent="fp16", extra=extra)
     art.extra["engine_sha256"] = art.file.sha256
     manifest.save(tmp_path)
     return manifest
@@ -77,36 +77,64 @@ def test_static_batch_pins_the_profile() -> None:
 
 
 # -- builder configuration --------------------------------------------------------------------
-def test_config_kwargs_fp16_workspace_level_and_timing_cache(tmp_path: Path) -> None:
+def test_config_kwargs_workspace_level_and_timing_cache_and_no_precision_flags(tmp_path: Path) -> None:
     cache = tmp_path / "timing.cache"
     cfg = EngineConfig(fp16=True, workspace_mb=1024, builder_opt_level=5, max_batch=16)
-    kw = eng.config_kwargs(cfg, IMAGE, onnx_artifact(), timing_cache=cache)
+    kw = eng.config_kwargs(cfg, IMAGE, onnx_artifact("fp16", precision="fp16"), timing_cache=cache)
+    # No fp16/int8/calibrator: TensorRT 11 removed those builder flags; the ONNX types decide.
     assert kw == {"profiles": [{"input": {"min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [16, 3, 32, 32]}}],
-                  "fp16": True, "int8": False, "sparse_weights": False,
-                  "memory_pool_limits": {"WORKSPACE": 1024 * 2**20}, "builder_optimization_level": 5}
+                  "sparse_weights": False, "memory_pool_limits": {"WORKSPACE": 1024 * 2**20},
+                  "builder_optimization_level": 5}
+    assert eng.NETWORK_KWARGS == {"strongly_typed": True}
     cache.write_bytes(b"")
     assert "load_timing_cache" not in eng.config_kwargs(cfg, IMAGE, onnx_artifact(), timing_cache=cache)
     cache.write_bytes(b"cache")
     assert eng.config_kwargs(cfg, IMAGE, onnx_artifact(), timing_cache=cache)["load_timing_cache"] == str(cache)
 
 
-def test_config_kwargs_int8_calibrated_explicit_and_sparse() -> None:
-    calibrator = object()
-    int8 = EngineConfig(int8=True, calib=CalibConfig(data="synthetic"))
-    kw = eng.config_kwargs(int8, IMAGE, onnx_artifact(), calibrator=calibrator)
-    assert kw["int8"] is True and kw["calibrator"] is calibrator and kw["fp16"] is False
-    qdq = onnx_artifact("int8_static", precision="int8")
-    kw = eng.config_kwargs(EngineConfig(source="int8_static"), IMAGE, qdq)
-    assert kw["int8"] is True and "calibrator" not in kw
-    with pytest.raises(InputError, match="calibrator"):
-        eng.config_kwargs(EngineConfig(source="int8_static", int8=True), IMAGE, qdq, calibrator=calibrator)
+def test_each_engine_is_built_from_the_onnx_variant_of_its_precision() -> None:
+    assert eng.engine_sources(EngineConfig(), "opt") == [("trt_fp32", "opt")]
+    assert eng.engine_sources(EngineConfig(), "fp32") == [("trt_fp32", "fp32")]
+    assert eng.engine_sources(EngineConfig(fp16=True, int8=True), "opt") == [("trt_fp16", "fp16"),
+                                                                              ("trt_int8", "int8_trt")]
+    assert eng.engine_sources(EngineConfig(source="sparse24"), "opt") == [("trt_sparse24", "sparse24")]
+    assert eng.plan_file("trt_fp16", 1) == "model.plan" and eng.plan_file("trt_int8", 2) == "model.trt_int8.plan"
+    qdq = onnx_artifact("int8_trt", precision="int8")
+    flags = eng.build_flags(EngineConfig(int8=True), qdq, IMAGE)
+    assert flags["precision"] == "int8" and flags["int8_mode"] == "explicit (Q/DQ)" and flags["strongly_typed"]
     sparse = onnx_artifact("sparse24", sparsity="2:4")
-    assert eng.config_kwargs(EngineConfig(fp16=True, source="sparse24"), IMAGE, sparse)["sparse_weights"] is True
-    flags = eng.build_flags(EngineConfig(fp16=True, int8=True, calib=CalibConfig(data="x")), onnx_artifact(), IMAGE)
-    assert flags["int8_mode"] == "calibrated" and flags["calibrator"] == "entropy2"
-    assert eng.engine_precision(flags) == "int8"
-    assert eng.engine_precision(eng.build_flags(EngineConfig(source="int8_static"), qdq, IMAGE)) == "int8"
-    assert eng.engine_precision(eng.build_flags(EngineConfig(fp16=True), onnx_artifact(), IMAGE)) == "fp16"
+    assert eng.config_kwargs(EngineConfig(source="sparse24"), IMAGE, sparse)["sparse_weights"] is True
+    assert eng.build_flags(EngineConfig(source="sparse24"), sparse, IMAGE)["precision"] == "fp32"
+
+
+def test_engines_ask_for_the_onnx_variants_they_are_built_from() -> None:
+    calib = CalibConfig(data="imagenet_subset")
+    q = eng.with_source_variants(EngineConfig(fp16=True), None)
+    assert q is not None and q.fp16 and not q.trt_qdq
+    q = eng.with_source_variants(EngineConfig(int8=True), QuantConfig(int8_static=True, calib=calib))
+    assert q is not None and q.trt_qdq and q.int8_static and not q.fp16
+    assert eng.with_source_variants(EngineConfig(), None) is None
+    assert eng.with_source_variants(EngineConfig(source="sparse24"), None) is None
+    for quant in (None, QuantConfig(int8_static=True), QuantConfig(fp16=True, calib=calib)):
+        with pytest.raises(InputError, match="--calib SOURCE"):
+            eng.with_source_variants(EngineConfig(int8=True), quant)
+
+
+#: TensorRT Python APIs that TensorRT 11 removed (NVIDIA's 10.x -> 11.x migration guide).
+REMOVED_IN_TENSORRT_11 = ("BuilderFlag.FP16", "BuilderFlag.INT8", "BuilderFlag.BF16", "int8_calibrator",
+                          "IInt8EntropyCalibrator", "IInt8MinMaxCalibrator", "set_calibration_profile",
+                          "platform_has_fast_fp16", "platform_has_fast_int8", "OBEY_PRECISION_CONSTRAINTS",
+                          "PREFER_PRECISION_CONSTRAINTS", "device_memory_size", "backend.trt import Calibrator")
+
+
+def test_no_tensorrt_api_removed_in_tensorrt_11_is_used() -> None:
+    root = Path(__file__).resolve().parent.parent
+    files = [f for d in ("convert", "runtimes", "calibration", "serving", "benchmarks") for f in (root / d).rglob("*.py")]
+    files.append(root / "cli.py")
+    assert len(files) > 20
+    used = [(f.relative_to(root).as_posix(), name) for f in files for name in REMOVED_IN_TENSORRT_11
+            if name in f.read_text(encoding="utf-8")]
+    assert used == []
 
 
 def test_create_config_builds_polygraphy_objects() -> None:
@@ -116,24 +144,20 @@ def test_create_config_builds_polygraphy_objects() -> None:
                            onnx_artifact("sparse24", sparsity="2:4"))
     cfg = eng.create_config(kw)
     assert type(cfg).__name__ == "CreateConfig"
-    assert cfg.fp16 is True and cfg.int8 is False and cfg.sparse_weights is True
+    assert cfg.fp16 is False and cfg.int8 is False and cfg.calibrator is None and cfg.sparse_weights is True
     assert cfg.builder_optimization_level == 2 and cfg.memory_pool_limits is None
     shapes = cfg.profiles[0]["input"]
     assert (shapes.min, shapes.opt, shapes.max) == ((1, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32))
 
 
-def test_requests_that_cannot_work_are_refused_before_any_work() -> None:
-    with pytest.raises(InputError, match="needs calibration data"):
-        eng.check_request(EngineConfig(int8=True), onnx_artifact())
+def test_requests_that_cannot_work_are_refused_before_any_work(tmp_path: Path) -> None:
     state = onnx_artifact("torch").model_copy(update={"kind": "state_dict"})
     with pytest.raises(InputError, match="builds from an ONNX artifact"):
-        eng.check_request(EngineConfig(), state)
+        eng.check_source(state, tmp_path)
     with pytest.raises(InputError, match="--min-batch 16, --max-batch 8"):
         eng.preflight(EngineConfig(min_batch=16, max_batch=8))
-    with pytest.raises(InputError, match="--calib SOURCE"):
-        eng.preflight(EngineConfig(int8=True))
-    with pytest.raises(InputError, match="--calib SOURCE"):
-        eng.preflight(EngineConfig(int8=True, calib=CalibConfig()))
+    with pytest.raises(InputError, match="--trt-from builds one engine"):
+        eng.preflight(EngineConfig(source="sparse24", fp16=True))
 
 
 def test_missing_tensorrt_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,11 +171,12 @@ def test_missing_tensorrt_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) ->
 def test_manifest_records_what_the_engine_is_tied_to(tmp_path: Path) -> None:
     plan_manifest(tmp_path)
     art = Manifest.load(tmp_path).artifacts["trt_fp16"]
-    assert art.kind == "plan" and art.precision == "fp16" and art.parent == "opt"
+    assert art.kind == "plan" and art.precision == "fp16" and art.parent == "fp16"
     assert art.extra["tensorrt_version"] == "10.3.0" and art.extra["gpu_name"] == "NVIDIA L4"
     assert art.extra["compute_capability"] == "8.9" and art.extra["engine_sha256"] == art.file.sha256
     flags = art.extra["build_flags"]
-    assert flags["fp16"] is True and flags["int8"] is False and flags["sparse_weights"] is False
+    assert flags["source"] == "fp16" and flags["precision"] == "fp16" and flags["strongly_typed"] is True
+    assert flags["sparse_weights"] is False
     assert (flags["min_batch"], flags["opt_batch"], flags["max_batch"]) == (1, 8, 32)
     assert art.extra["profile"]["input"]["max"] == [32, 3, 32, 32]
     assert eng.recorded_env(art) == HERE and eng.batch_range(art) == (1, 32)
@@ -204,17 +229,6 @@ def test_staged_copy_seeds_replaces_on_success_and_keeps_on_failure(tmp_path: Pa
     assert final.read_bytes() == b"v1"
     with eng.staged_copy(None) as nothing:
         assert nothing is None
-
-
-def test_calibration_cache_is_keyed_by_model_data_batch_algo_and_version(tmp_path: Path) -> None:
-    base = dict(out=tmp_path, onnx_sha256="a" * 64, source_digest="d1", batch=8, algo="entropy2",
-                trt_version="10.3.0")
-    first = eng.calibration_cache_path(**base)  # type: ignore[arg-type]
-    assert first == eng.calibration_cache_path(**base)  # type: ignore[arg-type]
-    assert first.parent == tmp_path and first.name.startswith("calib.") and first.suffix == ".cache"
-    for key, value in [("source_digest", "d2"), ("batch", 16), ("algo", "minmax"), ("trt_version", "10.4.0"),
-                       ("onnx_sha256", "b" * 64)]:
-        assert eng.calibration_cache_path(**(base | {key: value})) != first  # type: ignore[arg-type]
 
 
 # -- the bench harness and the CLI ---------------------------------------------------------------------
@@ -278,15 +292,16 @@ def test_build_fp16_engine_records_and_reloads(tmp_path: Path) -> None:
 
 
 @pytest.mark.trt
-def test_int8_engine_writes_then_reuses_the_calibration_cache(tmp_path: Path) -> None:
+def test_int8_engine_from_int8_trt_reuses_the_calibration_cache(tmp_path: Path) -> None:
     from convert.pipeline import ConvertConfig, ExportConfig, run_convert
 
     out = tmp_path / "tiny"
-    engine_cfg = EngineConfig(int8=True, calib=CalibConfig(data="synthetic", size=32), max_batch=8,
-                              builder_opt_level=0)
-    cfg = ConvertConfig(export=ExportConfig(model=f"{TINY}:build"), out=out, engine=engine_cfg)
-    first = run_convert(cfg, log=lambda _m: None)[0].artifacts["trt_int8"].extra["calibration"]
+    quant = QuantConfig(int8_static=True, calib=CalibConfig(data="synthetic", size=32))
+    cfg = ConvertConfig(export=ExportConfig(model=f"{TINY}:build"), out=out, quant=quant,
+                        engine=EngineConfig(int8=True, max_batch=8, builder_opt_level=0))
+    art = run_convert(cfg, log=lambda _m: None)[0].artifacts["trt_int8"]
+    assert art.parent == "int8_trt" and art.precision == "int8" and art.extra["build_flags"]["strongly_typed"]
+    first = art.extra["calibration"]
     assert first["cache_reused"] is False and (out / first["cache"]).stat().st_size > 0
-    assert first["batches"] == 4 and first["batch_size"] == 8
     second = run_convert(cfg, log=lambda _m: None)[0].artifacts["trt_int8"].extra["calibration"]
     assert second["cache_reused"] is True and second["cache"] == first["cache"]

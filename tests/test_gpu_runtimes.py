@@ -1,22 +1,19 @@
-"""GPU backends, their measurement helpers, and the calibration data loader for TensorRT.
+"""GPU backends and their measurement helpers.
 
-CPU-runnable here: the Polygraphy data loader, the request checks, the samplers' behaviour without
-a GPU, and the CLI's one-line errors. ``@pytest.mark.gpu`` / ``@pytest.mark.trt`` tests run only
+CPU-runnable here: the request checks, the samplers' behaviour without a GPU, and the CLI's
+one-line errors. ``@pytest.mark.gpu`` / ``@pytest.mark.trt`` tests run only
 where a CUDA GPU (and TensorRT) is present and skip cleanly elsewhere.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import cli
-from calibration.polygraphy_adapter import PolygraphyDataLoader
 from core.errors import InputError
 from core.iospec import IOSpec
 from core.manifest import Manifest, SourceInfo
@@ -24,77 +21,6 @@ from runtimes import RUNNERS
 from runtimes.gpu import NvmlSampler
 from runtimes.harness import BenchConfig, check_gpu_request
 from runtimes.torch_eager import cuda_problem
-
-
-class ArraysSource:
-    """A CalibrationSource over in-memory arrays, yielding batches of its own size ``chunk``."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], chunk: int) -> None:
-        self.arrays, self.chunk, self.passes = arrays, chunk, 0
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self.arrays)
-
-    @property
-    def num_samples(self) -> int:
-        return len(next(iter(self.arrays.values())))
-
-    def iter_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        self.passes += 1
-        for i in range(0, self.num_samples, self.chunk):  # ignores batch_size on purpose: any batching works
-            yield {n: a[i:i + self.chunk] for n, a in self.arrays.items()}
-
-    def describe(self) -> str:
-        return f"{self.num_samples} in-memory samples"
-
-    def digest(self) -> str:
-        return "test"
-
-
-def two_inputs(n: int) -> dict[str, np.ndarray]:
-    return {"image": np.arange(n * 4, dtype=np.float16).reshape(n, 1, 2, 2),
-            "ids": np.arange(n * 3, dtype=np.int64).reshape(n, 3)}
-
-
-def test_loader_rechunks_to_exact_batches_and_drops_the_remainder() -> None:
-    source = ArraysSource(two_inputs(11), chunk=3)
-    loader = PolygraphyDataLoader(source, batch_size=4, input_names=["ids", "image"])
-    batches = list(loader)
-    assert len(batches) == len(loader) == 2 and loader.plan() == {"batches": 2, "batch_size": 4, "samples": 11,
-                                                                  "dropped": 3}
-    for i, b in enumerate(batches):
-        assert list(b) == ["ids", "image"]  # the network's input order
-        assert b["image"].dtype == np.float32 and b["ids"].dtype == np.int64  # TensorRT calibrates in float32
-        assert b["image"].shape == (4, 1, 2, 2) and b["image"].flags.c_contiguous
-        np.testing.assert_array_equal(b["image"], two_inputs(11)["image"][4 * i:4 * i + 4].astype(np.float32))
-        np.testing.assert_array_equal(b["ids"], two_inputs(11)["ids"][4 * i:4 * i + 4])
-    again = list(loader)  # Polygraphy's Calibrator.reset() iterates again
-    assert source.passes == 2 and all(np.array_equal(a["ids"], b["ids"]) for a, b in zip(batches, again, strict=True))
-
-
-def test_loader_refuses_data_that_cannot_calibrate() -> None:
-    with pytest.raises(InputError, match="fewer than one batch of 8"):
-        PolygraphyDataLoader(ArraysSource(two_inputs(5), chunk=5), batch_size=8)
-    with pytest.raises(InputError, match=r"has no input\(s\) \['mask'\]"):
-        PolygraphyDataLoader(ArraysSource(two_inputs(8), chunk=4), batch_size=4, input_names=["image", "mask"])
-
-    class Ragged(ArraysSource):
-        def iter_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-            yield {"image": self.arrays["image"][:4], "ids": self.arrays["ids"][:3]}
-
-    with pytest.raises(InputError, match="different batch sizes"):
-        list(PolygraphyDataLoader(Ragged(two_inputs(8), chunk=4), batch_size=2))
-
-
-@pytest.mark.trt
-def test_polygraphy_calibrator_over_the_loader(tmp_path: Path) -> None:
-    from calibration.polygraphy_adapter import make_calibrator
-
-    loader = PolygraphyDataLoader(ArraysSource(two_inputs(8), chunk=8), batch_size=4)
-    calibrator = make_calibrator(loader, tmp_path / "calib.cache", "minmax")
-    assert calibrator.get_batch_size() == 1 and calibrator.read_calibration_cache() is None
-    assert calibrator.get_batch(["image", "ids"]) is not None  # two device pointers
 
 
 # -- requests and backends without a GPU --------------------------------------------------------------

@@ -20,10 +20,13 @@ from core.fsutil import sha256_file
 from core.manifest import Manifest
 
 
-def _accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+def _accuracy(path: Path, x: np.ndarray, y: np.ndarray, simulate_qdq: bool = False) -> float:
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    if simulate_qdq:  # Q/DQ as written, no fused integer kernels: how TensorRT computes int8_trt
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     logits = np.concatenate([sess.run(None, {"input": x[i:i + 100]})[0] for i in range(0, len(x), 100)])
     return float((logits.argmax(1) == y).mean())
 
@@ -42,20 +45,20 @@ def eval_npz(digits_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="module")
 def variants(digits_model: Any, eval_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Manifest, Path]:
-    quant = QuantConfig(fp16=True, int8_static=True, int8_dynamic=True,
+    quant = QuantConfig(fp16=True, int8_static=True, int8_dynamic=True, trt_qdq=True,
                         calib=CalibConfig(data=str(digits_model.calib_npz), size=200, methods=["minmax", "entropy"]),
                         gate=GateConfig(eval_data=str(eval_npz), eval_size=400, max_accuracy_drop=1.0))
     return _convert(digits_model, tmp_path_factory.mktemp("digits_q"), quant)
 
 
 @pytest.mark.parametrize(("name", "budget_points"), [("int8_static_minmax", 1.0), ("int8_static_entropy", 1.0),
-                                                     ("fp16", 0.2), ("int8_dynamic", 1.0)])
+                                                     ("fp16", 0.2), ("int8_dynamic", 1.0), ("int8_trt", 1.0)])
 def test_variant_accuracy_on_held_out_split(digits_model: Any, variants: tuple[Manifest, Path], name: str,
                                             budget_points: float) -> None:
     manifest, out = variants
     x, y = digits_model.x_test, digits_model.y_test
     fp32 = _accuracy(out / manifest.artifacts["opt"].file.path, x, y)
-    got = _accuracy(out / manifest.artifacts[name].file.path, x, y)
+    got = _accuracy(out / manifest.artifacts[name].file.path, x, y, simulate_qdq=name == "int8_trt")
     assert abs(fp32 - digits_model.test_accuracy) < 0.005  # the ONNX FP32 model is the trained model
     assert 100 * (fp32 - got) <= budget_points, f"{name}: {got:.4f} vs fp32 {fp32:.4f}"
     acc = manifest.artifacts[name].metrics["accuracy"]
@@ -85,12 +88,66 @@ def test_variants_are_recorded_with_their_calibration(digits_model: Any, variant
     assert not list(out.glob(".quant-*")), "the work folder is removed"
 
 
+def test_int8_trt_follows_tensorrts_rules_from_the_same_ranges(variants: tuple[Manifest, Path]) -> None:
+    """TensorRT's explicit quantization: signed INT8 with zero point 0, FP32 bias, per-channel weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    from convert.engine import check_source
+    from convert.quantize import trt_qdq_problems
+    from core.errors import InputError
+
+    manifest, out = variants
+    trt = manifest.artifacts["int8_trt"]
+    assert (trt.precision, trt.parent, trt.status, trt.step) == ("int8", "opt", "ok", "quantize_static_trt")
+    assert trt.params["method"] == "minmax" and trt.params["calibration"]["cache"] == \
+        manifest.artifacts["int8_static_minmax"].params["calibration"]["cache"], "one calibration, two quantizations"
+    path = out / trt.file.path
+    assert trt_qdq_problems(path) == []
+    check_source(trt, out)  # an INT8 engine may be built from it
+    graph = onnx.load(str(path)).graph
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and all(init[n.input[2]].dtype == np.int8 and not init[n.input[2]].any() for n in qdq)
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    producers = {o: n for n in graph.node for o in n.output}
+    for conv in convs:
+        assert producers[conv.input[1]].op_type == "DequantizeLinear"  # INT8 weights
+        assert len(conv.input) < 3 or conv.input[2] in init, "bias stays an FP32 initializer"
+        weight_dq = producers[conv.input[1]]
+        assert init[weight_dq.input[1]].size == init[weight_dq.input[0]].shape[0], "one scale per output channel"
+    cpu = manifest.artifacts["int8_static_minmax"]  # ONNX Runtime's CPU layout: uint8 activations
+    problems = trt_qdq_problems(out / cpu.file.path)
+    assert any("UINT8 zero point" in x for x in problems) and any("INT32 input" in x for x in problems), problems
+    with pytest.raises(InputError, match="not Q/DQ by TensorRT's rules.*int8_trt"):
+        check_source(cpu, out)
+
+
+def test_calibration_ranges_are_cached_and_reused(digits_model: Any, eval_npz: Path, tmp_path: Path) -> None:
+    quant = QuantConfig(int8_static=True, calib=CalibConfig(data=str(digits_model.calib_npz), size=64),
+                        gate=GateConfig(eval_data=str(eval_npz), eval_size=100))
+    first, out = _convert(digits_model, tmp_path, quant)
+    c1 = first.artifacts["int8_static_minmax"].params["calibration"]
+    assert c1["cache_reused"] is False and c1["images_used"] == 64 and (out / c1["cache"]).is_file()
+    second, _ = _convert(digits_model, tmp_path, quant)
+    c2 = second.artifacts["int8_static_minmax"].params["calibration"]
+    assert c2["cache_reused"] is True and c2["cache"] == c1["cache"] and c2["images_used"] == 64
+    assert second.artifacts["int8_static_minmax"].file.sha256 == first.artifacts["int8_static_minmax"].file.sha256
+    other = quant.model_copy(update={"calib": CalibConfig(data=str(digits_model.calib_npz), size=32)})
+    third, _ = _convert(digits_model, tmp_path, other)  # other data: other key, calibrated afresh
+    c3 = third.artifacts["int8_static_minmax"].params["calibration"]
+    assert c3["cache_reused"] is False and c3["cache"] != c1["cache"] and c3["images_used"] == 32
+    (out / c3["cache"]).write_text("{not json")  # a damaged cache is recomputed, not trusted
+    fourth, _ = _convert(digits_model, tmp_path, other)
+    assert fourth.artifacts["int8_static_minmax"].params["calibration"]["cache_reused"] is False
+
+
 def test_bench_picks_up_every_variant(variants: tuple[Manifest, Path]) -> None:
     from runtimes.harness import BenchConfig, select_targets
 
     manifest, out = variants
     names = {t.artifact.name for t in select_targets(manifest, BenchConfig(artifact_dir=out, backends=["ort"]))}
-    assert {"fp16", "int8_dynamic", "int8_static_minmax", "int8_static_entropy", "opt"} <= names
+    assert {"fp16", "int8_dynamic", "int8_static_minmax", "int8_static_entropy", "int8_trt", "opt"} <= names
 
 
 @pytest.fixture(scope="module")
