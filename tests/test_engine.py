@@ -150,6 +150,28 @@ def test_create_config_builds_polygraphy_objects() -> None:
     assert (shapes.min, shapes.opt, shapes.max) == ((1, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32))
 
 
+def test_polygraphy_loaders_take_the_arguments_we_pass(tmp_path: Path) -> None:
+    """The loaders need TensorRT to be constructed, but their signatures are plain Python: checked here."""
+    import importlib
+    import inspect
+
+    pytest.importorskip("polygraphy")
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath
+
+    def params(obj: object) -> set[str]:
+        return set(inspect.signature(obj).parameters)  # type: ignore[arg-type]
+
+    assert set(eng.NETWORK_KWARGS) <= params(NetworkFromOnnxPath)
+    assert "save_timing_cache" in params(EngineFromNetwork)
+    (tmp_path / "t.cache").write_bytes(b"x")
+    full = eng.config_kwargs(EngineConfig(workspace_mb=64, builder_opt_level=1), IMAGE,
+                             onnx_artifact("sparse24", sparsity="2:4"), timing_cache=tmp_path / "t.cache")
+    assert set(full) == {"profiles", "sparse_weights", "memory_pool_limits", "builder_optimization_level",
+                         "load_timing_cache"}
+    common = importlib.import_module("polygraphy.backend.trt.config")._CreateConfigCommon  # CreateConfig's **kwargs
+    assert set(full) <= params(CreateConfig) | params(common)
+
+
 def test_requests_that_cannot_work_are_refused_before_any_work(tmp_path: Path) -> None:
     state = onnx_artifact("torch").model_copy(update={"kind": "state_dict"})
     with pytest.raises(InputError, match="builds from an ONNX artifact"):
