@@ -145,9 +145,9 @@ def convert(
                                                     "--fp16 / --int8 --calib, each from that ONNX variant (strongly "
                                                     "typed); needs an NVIDIA GPU and `pip install .[trt]`",
                                       rich_help_panel="TensorRT")] = False,
-    trt_from: Annotated[str | None, typer.Option(help="Build one engine from this ONNX artifact instead, in its "
-                                                      "precision, e.g. sparse24 (default: opt/fp32, fp16, int8_trt "
-                                                      "as --fp16/--int8 ask)",
+    trt_from: Annotated[str | None, typer.Option(help="Build one engine from this ONNX artifact instead, e.g. "
+                                                      "sparse24: in its precision, or its FP16 conversion with --fp16 "
+                                                      "(default: opt/fp32, fp16, int8_trt as --fp16/--int8 ask)",
                                                  rich_help_panel="TensorRT")] = None,
     min_batch: Annotated[int | None, typer.Option(min=1, help="Engine profile: smallest batch (default 1)",
                                                   rich_help_panel="TensorRT")] = None,
@@ -156,6 +156,8 @@ def convert(
                                                   rich_help_panel="TensorRT")] = None,
     max_batch: Annotated[int | None, typer.Option(min=1, help="Engine profile: largest batch (default 32)",
                                                   rich_help_panel="TensorRT")] = None,
+    tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="FP32 layers may use TF32 tensor cores "
+                                                                "(TensorRT's default)", rich_help_panel="TensorRT")] = True,
     workspace: Annotated[int | None, typer.Option(min=1, metavar="MIB", help="Workspace memory pool limit in MiB "
                                                   "(default: TensorRT's)", rich_help_panel="TensorRT")] = None,
     builder_opt_level: Annotated[int | None, typer.Option(min=0, max=5, help="Builder optimization level 0-5 "
@@ -195,7 +197,7 @@ def convert(
                                     prune_channels=parse_prune_ratio(prune_channels) if prune_channels is not None
                                     else None, eval_data=eval_data),
             quant=None if quant == QuantConfig(calib=CalibConfig(seed=seed)) else quant,
-            engine=EngineConfig(fp16=fp16 and not trt_from, int8=int8 and not trt_from, source=trt_from,
+            engine=EngineConfig(fp16=fp16, int8=int8, source=trt_from, tf32=tf32,
                                 min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace,
                                 builder_opt_level=builder_opt_level, timing_cache=timing_cache) if trt else None,
         )

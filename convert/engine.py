@@ -61,8 +61,12 @@ class EngineConfig(BaseModel):
     fp16: bool = Field(default=False, description="An FP16 engine, built from the fp16 ONNX variant")
     int8: bool = Field(default=False, description="An INT8 engine, built from int8_trt: Q/DQ by TensorRT's rules "
                                                   "from the static INT8 calibration (needs its --calib data)")
-    source: str | None = Field(default=None, description="Manifest ONNX artifact to build one engine from instead "
-                                                         "(its precision is the engine's), e.g. sparse24")
+    source: str | None = Field(default=None, description="Manifest ONNX artifact to build one engine from instead, "
+                                                         "e.g. sparse24: in its precision, or converted to FP16 "
+                                                         "first with fp16")
+    tf32: bool = Field(default=True, description="Let FP32 layers use TF32 tensor cores (TensorRT's default; "
+                                                 "Polygraphy's is off); the only precision switch left in "
+                                                 "TensorRT 11, and what 2:4 sparse FP32 layers need")
     min_batch: int | None = Field(default=None, ge=1, description="Profile min batch (default 1)")
     opt_batch: int | None = Field(default=None, ge=1, description=f"Profile opt batch: the one kernels are tuned "
                                                                   f"for (default {DEFAULT_OPT_BATCH}, clamped to "
@@ -151,9 +155,9 @@ def preflight(cfg: EngineConfig) -> None:
     if any(a[1] > b[1] for a, b in itertools.pairwise(given)):
         raise InputError("the optimization profile needs --min-batch <= --opt-batch <= --max-batch; got "
                          + ", ".join(f"{k} {v}" for k, v in given))
-    if cfg.source is not None and (cfg.fp16 or cfg.int8):
-        raise InputError("--trt-from builds one engine in the precision of that ONNX variant: drop --fp16/--int8 "
-                         "for the engine, or drop --trt-from")
+    if cfg.source is not None and cfg.int8:
+        raise InputError("--trt-from with --int8: an INT8 engine takes its scales from int8_trt, which --trt --int8 "
+                         "--calib SOURCE makes; drop --trt-from (or --trt-from an INT8 Q/DQ variant, without --int8)")
     require_tensorrt()
 
 
@@ -225,7 +229,7 @@ def build_flags(cfg: EngineConfig, source: Artifact, spec: IOSpec) -> dict[str, 
         "source": source.name, "precision": source.precision, "strongly_typed": True,
         "int8_mode": "explicit (Q/DQ)" if source.precision == "int8" else None,
         "sparse_weights": source_is_sparse(source), "min_batch": lo, "opt_batch": opt, "max_batch": hi,
-        "workspace_mb": cfg.workspace_mb, "builder_optimization_level": cfg.builder_opt_level,
+        "tf32": cfg.tf32, "workspace_mb": cfg.workspace_mb, "builder_optimization_level": cfg.builder_opt_level,
     }
 
 
@@ -233,11 +237,13 @@ def config_kwargs(cfg: EngineConfig, spec: IOSpec, source: Artifact, *,
                   timing_cache: Path | None = None) -> dict[str, Any]:
     """Keyword arguments for Polygraphy's ``CreateConfig``, with TensorRT enums still named.
 
-    No precision flags: the network is strongly typed (``network_kwargs``). ``profiles`` are plain
+    No FP16/INT8 flags: the network is strongly typed (``NETWORK_KWARGS``); TF32 is a math mode of
+    FP32 layers, not a type, and stays a flag. ``profiles`` are plain
     {input: {min, opt, max}} dicts and ``memory_pool_limits`` is keyed by ``trt.MemoryPoolType``
     member name; ``create_config`` turns them into Polygraphy/TensorRT objects.
     """
-    kw: dict[str, Any] = {"profiles": [compute_profile(cfg, spec)], "sparse_weights": source_is_sparse(source)}
+    kw: dict[str, Any] = {"profiles": [compute_profile(cfg, spec)], "tf32": cfg.tf32,
+                          "sparse_weights": source_is_sparse(source)}
     if cfg.workspace_mb is not None:
         kw["memory_pool_limits"] = {"WORKSPACE": cfg.workspace_mb * 2**20}
     if cfg.builder_opt_level is not None:
@@ -406,9 +412,14 @@ def _engine_parity(engine: Any, ctx: ConvertContext, batches: list[int]) -> dict
 
 
 def engine_sources(cfg: EngineConfig, best_fp32: str) -> list[tuple[str, str]]:
-    """(engine artifact name, ONNX source artifact name) for each engine to build."""
+    """(engine artifact name, ONNX source artifact name) for each engine to build.
+
+    With ``source`` and ``fp16``, the source is the FP16 conversion of ``source`` (``<source>_fp16``,
+    made by ``step_engine``).
+    """
     if cfg.source is not None:
-        return [(f"trt_{cfg.source}", cfg.source)]
+        src = f"{cfg.source}_fp16" if cfg.fp16 else cfg.source
+        return [(f"trt_{src}", src)]
     return [(f"trt_{p}", SOURCE_FOR.get(p, best_fp32)) for p in cfg.precisions()]
 
 
@@ -417,11 +428,34 @@ def plan_file(name: str, count: int) -> str:
     return PLAN_NAME if count == 1 else f"model.{name}.plan"
 
 
+def fp16_of(ctx: ConvertContext, name: str) -> None:
+    """Record ``<name>_fp16``: the FP16 conversion of ONNX artifact ``name`` (FP32 inputs/outputs kept).
+
+    Its params keep the source's (so a 2:4 variant stays marked sparse: zeros stay zeros in FP16).
+    """
+    from convert.precision import convert_fp16
+
+    source = ctx.manifest.artifacts.get(name)
+    if source is None:
+        raise InputError(f"--trt-from {name!r} is not in the manifest; available: {sorted(ctx.manifest.artifacts)}")
+    if source.kind != "onnx" or source.precision != "fp32":
+        raise InputError(f"--trt-from {name!r} --fp16 converts an FP32 ONNX variant; {name!r} is a "
+                         f"{source.precision} {source.kind}")
+    target = ctx.path(f"model.{name}_fp16.onnx")
+    ctx.log(f"FP16 conversion of {name} for the engine (onnxconverter-common, FP32 inputs/outputs kept)")
+    info = convert_fp16(ctx.out / source.file.path, target)
+    ctx.manifest.record(ctx.out, target, name=f"{name}_fp16", kind="onnx", step="fp16", precision="fp16",
+                        parent=name, params={**source.params, **info})
+    ctx.manifest.save(ctx.out)
+
+
 def step_engine(ctx: ConvertContext) -> None:
     """Build one strongly typed engine per precision asked for, from the matching ONNX variant."""
     cfg = ctx.cfg.engine
     if cfg is None:
         return
+    if cfg.source is not None and cfg.fp16:
+        fp16_of(ctx, cfg.source)
     targets = engine_sources(cfg, ctx.best_fp32())
     for name, source_name in targets:
         source = ctx.manifest.artifacts.get(source_name)
@@ -456,7 +490,7 @@ def _build_one(ctx: ConvertContext, cfg: EngineConfig, name: str, source: Artifa
                               params=flags, parent=source.name, extra=extra)
     art.metrics["parity"] = _engine_parity(engine, ctx, sorted({flags["min_batch"], flags["opt_batch"]}))
     if precision != "int8":  # INT8 is judged by the accuracy gate of its Q/DQ source, not by cosine
-        tol = Tolerance.fp16() if precision == "fp16" else Tolerance.fp32()
+        tol = Tolerance.fp16() if precision == "fp16" else Tolerance.tf32() if cfg.tf32 else Tolerance.fp32()
         bad = [f"parity at {k}: cosine {v['cosine']:.6f} < {tol.min_cosine}"
                for k, v in art.metrics["parity"].items() if v["cosine"] < tol.min_cosine]
         if bad:

@@ -35,6 +35,11 @@ class Tolerance(BaseModel):
     def fp16(cls) -> Tolerance:
         return cls(atol=5e-2, rtol=5e-2, min_cosine=0.999)
 
+    @classmethod
+    def tf32(cls) -> Tolerance:
+        """FP32 layers on TF32 tensor cores (10-bit mantissa products, FP32 accumulation)."""
+        return cls(atol=1e-2, rtol=1e-2, min_cosine=0.9995)
+
 
 def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> dict[str, float]:
     """Max abs / max rel / mean abs error and the minimum cosine over all outputs."""

@@ -83,7 +83,7 @@ def test_config_kwargs_workspace_level_and_timing_cache_and_no_precision_flags(t
     kw = eng.config_kwargs(cfg, IMAGE, onnx_artifact("fp16", precision="fp16"), timing_cache=cache)
     # No fp16/int8/calibrator: TensorRT 11 removed those builder flags; the ONNX types decide.
     assert kw == {"profiles": [{"input": {"min": [1, 3, 32, 32], "opt": [8, 3, 32, 32], "max": [16, 3, 32, 32]}}],
-                  "sparse_weights": False, "memory_pool_limits": {"WORKSPACE": 1024 * 2**20},
+                  "tf32": True, "sparse_weights": False, "memory_pool_limits": {"WORKSPACE": 1024 * 2**20},
                   "builder_optimization_level": 5}
     assert eng.NETWORK_KWARGS == {"strongly_typed": True}
     cache.write_bytes(b"")
@@ -98,6 +98,9 @@ def test_each_engine_is_built_from_the_onnx_variant_of_its_precision() -> None:
     assert eng.engine_sources(EngineConfig(fp16=True, int8=True), "opt") == [("trt_fp16", "fp16"),
                                                                               ("trt_int8", "int8_trt")]
     assert eng.engine_sources(EngineConfig(source="sparse24"), "opt") == [("trt_sparse24", "sparse24")]
+    assert eng.engine_sources(EngineConfig(source="sparse24", fp16=True), "opt") == [("trt_sparse24_fp16",
+                                                                                      "sparse24_fp16")]
+    assert eng.config_kwargs(EngineConfig(tf32=False), IMAGE, onnx_artifact())["tf32"] is False
     assert eng.plan_file("trt_fp16", 1) == "model.plan" and eng.plan_file("trt_int8", 2) == "model.trt_int8.plan"
     qdq = onnx_artifact("int8_trt", precision="int8")
     flags = eng.build_flags(EngineConfig(int8=True), qdq, IMAGE)
@@ -145,6 +148,7 @@ def test_create_config_builds_polygraphy_objects() -> None:
     cfg = eng.create_config(kw)
     assert type(cfg).__name__ == "CreateConfig"
     assert cfg.fp16 is False and cfg.int8 is False and cfg.calibrator is None and cfg.sparse_weights is True
+    assert cfg.tf32 is True
     assert cfg.builder_optimization_level == 2 and cfg.memory_pool_limits is None
     shapes = cfg.profiles[0]["input"]
     assert (shapes.min, shapes.opt, shapes.max) == ((1, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32))
@@ -166,7 +170,7 @@ def test_polygraphy_loaders_take_the_arguments_we_pass(tmp_path: Path) -> None:
     (tmp_path / "t.cache").write_bytes(b"x")
     full = eng.config_kwargs(EngineConfig(workspace_mb=64, builder_opt_level=1), IMAGE,
                              onnx_artifact("sparse24", sparsity="2:4"), timing_cache=tmp_path / "t.cache")
-    assert set(full) == {"profiles", "sparse_weights", "memory_pool_limits", "builder_optimization_level",
+    assert set(full) == {"profiles", "tf32", "sparse_weights", "memory_pool_limits", "builder_optimization_level",
                          "load_timing_cache"}
     common = importlib.import_module("polygraphy.backend.trt.config")._CreateConfigCommon  # CreateConfig's **kwargs
     assert set(full) <= params(CreateConfig) | params(common)
@@ -178,8 +182,8 @@ def test_requests_that_cannot_work_are_refused_before_any_work(tmp_path: Path) -
         eng.check_source(state, tmp_path)
     with pytest.raises(InputError, match="--min-batch 16, --max-batch 8"):
         eng.preflight(EngineConfig(min_batch=16, max_batch=8))
-    with pytest.raises(InputError, match="--trt-from builds one engine"):
-        eng.preflight(EngineConfig(source="sparse24", fp16=True))
+    with pytest.raises(InputError, match="--trt-from with --int8"):
+        eng.preflight(EngineConfig(source="sparse24", int8=True))
 
 
 def test_missing_tensorrt_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

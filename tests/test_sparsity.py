@@ -166,3 +166,36 @@ def test_resnet18_residual_pruning(tmp_path: Path) -> None:
     assert sparse.metrics["sparsity"]["fraction_groups_2of4"] == 1.0
     assert sparse.metrics["sparsity"]["ineligible_weights"] == ["/conv1/Conv (Conv, input dim 3)"]
     assert manifest.iospec.outputs[0].shape[-1] == 1000
+
+
+def test_fp16_conversion_of_the_sparse_variant_for_a_tensorrt_engine(digits_model: Any,
+                                                                       digits_sparse: tuple[Manifest, Path],
+                                                                       tmp_path: Path) -> None:
+    """``convert --sparsity 2:4 --trt --trt-from sparse24 --fp16``: the engine's FP16 source keeps the pattern."""
+    import shutil
+
+    from convert import engine as eng
+    from convert.pipeline import ConvertConfig, ConvertContext, ExportConfig
+
+    manifest, src = digits_sparse
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    manifest = Manifest.load(out)
+    cfg = ConvertConfig(export=ExportConfig(model=digits_model.factory),
+                        engine=eng.EngineConfig(source="sparse24", fp16=True))
+    ctx = ConvertContext(cfg=cfg, out=out, loaded=None, manifest=manifest, log=lambda _m: None)  # type: ignore[arg-type]
+    assert eng.engine_sources(cfg.engine, "opt") == [("trt_sparse24_fp16", "sparse24_fp16")]  # type: ignore[arg-type]
+    eng.fp16_of(ctx, "sparse24")
+    art = Manifest.load(out).artifacts["sparse24_fp16"]
+    assert (art.precision, art.parent, art.kind) == ("fp16", "sparse24", "onnx")
+    assert eng.source_is_sparse(art), "the engine build gets sparse_weights"
+    weights = _onnx_weights(out / art.file.path)
+    assert all(w.dtype == np.float16 for _, w in weights)
+    for _, w in weights:
+        if w.shape[1] % 4 == 0:
+            assert ((np.moveaxis(w, 1, -1).reshape(-1, 4) != 0).sum(axis=1) <= 2).all()
+    x, y = digits_model.x_test, digits_model.y_test
+    sparse_acc = _ort_accuracy(out / manifest.artifacts["sparse24"].file.path, x, y)
+    assert abs(_ort_accuracy(out / art.file.path, x, y) - sparse_acc) <= 0.01
+    with pytest.raises(InputError, match="converts an FP32 ONNX variant"):
+        eng.fp16_of(ctx, "sparse24_fp16")
