@@ -143,6 +143,19 @@ def resolve_device(device: str) -> Device:
     return device  # type: ignore[return-value]
 
 
+#: Backends that run a variant made for TensorRT (``int8_trt``) as TensorRT would; the others run it
+#: only when --variants names it (ONNX Runtime's x86 kernels can saturate with its full-range weights).
+TENSORRT_BACKENDS = ("ort-trt", "trt")
+
+
+def _wanted(a: Artifact, backend: str, variants: list[str] | None) -> bool:
+    if a.kind in ("state_dict", "torchscript"):
+        return True
+    if variants is not None:
+        return a.name in variants
+    return backend in TENSORRT_BACKENDS or a.params.get("target") != "tensorrt"
+
+
 def select_targets(manifest: Manifest, cfg: BenchConfig) -> list[Target]:
     """(backend, artifact, precision) triples; unknown/unavailable backends are one clear error."""
     unknown = [b for b in cfg.backends if b not in RUNNERS]
@@ -164,7 +177,7 @@ def select_targets(manifest: Manifest, cfg: BenchConfig) -> list[Target]:
     for b in cfg.backends:
         runner_cls = RUNNERS[b]
         arts = [a for a in manifest.artifacts.values() if a.kind in runner_cls.artifact_kinds and a.status == "ok"
-                and (cfg.variants is None or a.name in cfg.variants or a.kind in ("state_dict", "torchscript"))]
+                and _wanted(a, b, cfg.variants)]
         if not arts:
             raise InputError(f"backend {b} has nothing to run in this artifact folder "
                              f"(needs {'/'.join(runner_cls.artifact_kinds)}; have {sorted(manifest.artifacts)})")

@@ -147,7 +147,11 @@ def test_bench_picks_up_every_variant(variants: tuple[Manifest, Path]) -> None:
 
     manifest, out = variants
     names = {t.artifact.name for t in select_targets(manifest, BenchConfig(artifact_dir=out, backends=["ort"]))}
-    assert {"fp16", "int8_dynamic", "int8_static_minmax", "int8_static_entropy", "int8_trt", "opt"} <= names
+    assert {"fp16", "int8_dynamic", "int8_static_minmax", "int8_static_entropy", "opt"} <= names
+    assert "int8_trt" not in names, "made for TensorRT: ONNX Runtime runs it only when asked"
+    asked = BenchConfig(artifact_dir=out, backends=["ort", "eager"], variants=["int8_trt"])
+    assert {(t.backend, t.artifact.name) for t in select_targets(manifest, asked)} == {("ort", "int8_trt"),
+                                                                                      ("eager", "torch")}
 
 
 @pytest.fixture(scope="module")
