@@ -93,7 +93,7 @@ def test_int8_trt_follows_tensorrts_rules_from_the_same_ranges(variants: tuple[M
     import onnx
     from onnx import numpy_helper
 
-    from convert.engine import check_source
+    from convert.engine import check_source, source_reference
     from convert.quantize import trt_qdq_problems
     from core.errors import InputError
 
@@ -116,6 +116,16 @@ def test_int8_trt_follows_tensorrts_rules_from_the_same_ranges(variants: tuple[M
         assert len(conv.input) < 3 or conv.input[2] in init, "bias stays an FP32 initializer"
         weight_dq = producers[conv.input[1]]
         assert init[weight_dq.input[1]].size == init[weight_dq.input[0]].shape[0], "one scale per output channel"
+    # What an INT8 engine's parity is checked against: this Q/DQ graph run as written, not fused.
+    import onnxruntime as ort
+
+    feed = manifest.iospec.random_feed(4, seed=0)
+    got = source_reference(out, trt, manifest.iospec)(feed)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feed)
+    assert len(got) == 1 and got[0].shape == (4, 10)
+    np.testing.assert_array_equal(got[0], want[0])
     cpu = manifest.artifacts["int8_static_minmax"]  # ONNX Runtime's CPU layout: uint8 activations
     problems = trt_qdq_problems(out / cpu.file.path)
     assert any("UINT8 zero point" in x for x in problems) and any("INT32 input" in x for x in problems), problems
