@@ -406,6 +406,9 @@ def serve(
     max_delay_ms: Annotated[float, typer.Option(min=0, max=1000, help="Micro-batching: longest wait for a "
                                                                       "batch to fill (ms)")] = 2.0,
     threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime intra-op threads")] = None,
+    ort_spinning: Annotated[bool, typer.Option("--ort-spinning/--no-ort-spinning",
+                                               help="ONNX Runtime threads spin while idle (off: less CPU when "
+                                                    "other processes share the cores)")] = True,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body (MiB)")] = 64.0,
 ) -> None:
     """Serve one variant over the KServe v2 / Triton HTTP protocol, with /metrics and micro-batching."""
@@ -414,7 +417,8 @@ def serve(
         from serving.server import serve as run_serve
 
         run_serve(ServeConfig(artifact_dir=artifact_dir, variant=variant, host=host, port=port, max_batch=max_batch,
-                              max_delay_ms=max_delay_ms, threads=threads, max_body_mb=max_body_mb), log=log)
+                              max_delay_ms=max_delay_ms, threads=threads, max_body_mb=max_body_mb,
+                              ort_spinning=ort_spinning), log=log)
 
 
 @app.command()

@@ -67,7 +67,7 @@ def serve_subprocess(art: Path, max_batch: int, max_delay_ms: float) -> Iterator
     """`cli.py serve` on a free loopback port; yields its URL and stops it afterwards."""
     port = free_port()
     cmd = [sys.executable, str(ROOT / "cli.py"), "serve", str(art), "--variant", "opt", "--port", str(port),
-           "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
+           "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms), "--no-ort-spinning"]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -150,14 +150,18 @@ def main() -> None:
     art = ensure_converted(args.model, Path(args.artifact_dir))
     load_before = os.getloadavg()
     inproc = run_bench(BenchConfig(artifact_dir=art, backends=["ort"], variants=["opt"], batch_sizes=[1, 8],
-                                   warmup=5, iters=args.iters), log=lambda _m: None)
+                                   warmup=5, iters=args.iters, options={"ort_spinning": False}), log=lambda _m: None)
     for r in inproc.records:
         r.extra["mode"] = "in-process (bench harness)"
     results = BenchResults(kind="loadtest", model=args.model, artifact_dir=str(art),
                            config={"command": command, "duration_s": args.duration, "rounds": args.rounds,
-                                   "warmup_s": args.warmup, "inputs": "random normal, 8 distinct"},
+                                   "warmup_s": args.warmup, "inputs": "random normal, 8 distinct",
+                                   "ort_spinning": False},
                            records=list(inproc.records))
-    reference = artifact_reference(art, "opt")  # the harness's ORT runner on the same variant
+    # The harness's ORT runner on the same variant. Thread spinning is off in every session (this one,
+    # the harness's and both servers'): with three processes on two cores, a spinning session that
+    # has just run steals the cores from the next call in the alternation and inflates its latency.
+    reference = artifact_reference(art, "opt", ort_spinning=False)
     name = f"{args.model}_opt"
     modes = {"micro-batching": 8, "no batching": 1}
 
@@ -199,7 +203,9 @@ def main() -> None:
              "absolute numbers; the per-request, paired and alternating measurements below keep the comparisons "
              "fair despite that).  ",
              f"Model: {args.model}, random init, 224x224, variant `opt`, batch 1 per request, ONNX Runtime "
-             f"{results.versions.get('onnxruntime')} with its default threads in the harness and the server. The "
+             f"{results.versions.get('onnxruntime')} with its default threads in the harness and the servers, and "
+             "thread spinning off in every session (`serve --no-ort-spinning`): three processes share two cores, "
+             "and a session left spinning after its call would slow the next call in the alternation. The "
              "load generator runs in this process, the servers in their own (loopback only).", "",
              "## Latency and throughput", "",
              "| measurement | concurrency | p50 ms | p90 ms | p99 ms | samples/s | errors | incorrect |",

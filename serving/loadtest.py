@@ -355,7 +355,7 @@ def _param(config: Any, key: str) -> str | None:
     return str(value["string_value"]) if isinstance(value, dict) and "string_value" in value else None
 
 
-def artifact_reference(artifact_dir: Path, variant: str | None = None) -> Reference:
+def artifact_reference(artifact_dir: Path, variant: str | None = None, *, ort_spinning: bool = True) -> Reference:
     """Expected outputs from ONNX Runtime run in-process on an artifact (default variant: opt, else fp32)."""
     from runtimes.base import RunnerOptions
     from runtimes.ort import OrtRunner
@@ -366,5 +366,5 @@ def artifact_reference(artifact_dir: Path, variant: str | None = None) -> Refere
     arts = [a for a in resolve_variants(manifest, [variant or default_variant(manifest)]) if a.kind == "onnx"]
     if len(arts) != 1:
         raise InputError(f"--reference needs exactly one ONNX variant; {variant!r} gives {[a.name for a in arts]}")
-    runner = OrtRunner(manifest, base, arts[0], RunnerOptions(device="cpu")).load()
+    runner = OrtRunner(manifest, base, arts[0], RunnerOptions(device="cpu", ort_spinning=ort_spinning)).load()
     return runner.infer

@@ -70,6 +70,9 @@ class ServeConfig(BaseModel):
     max_delay_ms: float = Field(default=2.0, ge=0, le=1000, description="Longest a request waits for others to "
                                                                        "join its batch")
     threads: int | None = Field(default=None, ge=1, description="ONNX Runtime intra-op threads")
+    ort_spinning: bool = Field(default=True, description="ONNX Runtime's intra-op threads spin while waiting for "
+                                                         "work: lower latency on free cores, wasted CPU when other "
+                                                         "processes share them")
     max_body_mb: float = Field(default=64.0, gt=0, description="Largest request body accepted (MiB)")
     log_level: str = Field(default="warning", description="uvicorn log level")
 
@@ -305,7 +308,8 @@ def load_model(cfg: ServeConfig, log: Callable[[str], None] = print) -> ServedMo
         onnx_names = sorted(a.name for a in manifest.by_kind("onnx"))
         raise InputError(f"variant {art.name!r} is a TensorRT plan; `serve` runs ONNX variants in ONNX Runtime "
                          f"({onnx_names}); package plans for Triton with `package --format triton`")
-    runner = OrtRunner(manifest, base, art, RunnerOptions(device="cpu", threads=cfg.threads)).load()
+    runner = OrtRunner(manifest, base, art, RunnerOptions(device="cpu", threads=cfg.threads,
+                                                          ort_spinning=cfg.ort_spinning)).load()
     runner.infer(manifest.iospec.random_feed(manifest.iospec.fixed_batch() or 1))
     batched = manifest.iospec.dynamic_batch
     options = ModelOptions(max_batch_size=cfg.max_batch if batched else 0,
