@@ -195,3 +195,14 @@ def test_micro_batcher_waits_for_company_after_a_shared_batch() -> None:
 
     asyncio.run(scenario())
     assert calls == [2, 2]
+
+
+def test_ort_spinning_reaches_the_session(tiny_artifacts: Path) -> None:
+    from serving.server import load_model
+
+    key = "session.intra_op.allow_spinning"
+    off = load_model(ServeConfig(artifact_dir=tiny_artifacts, ort_spinning=False), log=lambda _m: None)
+    assert off.runner.session.get_session_options().get_session_config_entry(key) == "0"
+    on = load_model(ServeConfig(artifact_dir=tiny_artifacts), log=lambda _m: None)
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # left at ONNX Runtime's default
+        on.runner.session.get_session_options().get_session_config_entry(key)
