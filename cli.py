@@ -143,7 +143,7 @@ def convert(
                                            rich_help_panel="Precision")] = 200,
     trt: Annotated[bool, typer.Option("--trt", help="Also build TensorRT engines (model.plan): FP32, or one per "
                                                     "--fp16 / --int8 --calib, each from that ONNX variant (strongly "
-                                                    "typed); needs an NVIDIA GPU and `pip install .[trt]`",
+                                                    "typed); needs an NVIDIA GPU and `pip install .\\[trt]`",
                                       rich_help_panel="TensorRT")] = False,
     trt_from: Annotated[str | None, typer.Option(help="Build one engine from this ONNX artifact instead, e.g. "
                                                       "sparse24: in its precision, or its FP16 conversion with --fp16 "
