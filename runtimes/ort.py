@@ -167,6 +167,8 @@ class OrtTensorrtRunner(OrtRunner):
     def gpu_provider_options(self) -> dict[str, Any]:
         cache = self.base / "bench" / "ort_trt_cache"
         cache.mkdir(parents=True, exist_ok=True)
+        # Without trt_timing_cache_path ONNX Runtime writes its timing cache into the working directory.
         return super().gpu_provider_options() | {"trt_engine_cache_enable": True,
                                                  "trt_engine_cache_path": str(cache),
-                                                 "trt_timing_cache_enable": True}
+                                                 "trt_timing_cache_enable": True,
+                                                 "trt_timing_cache_path": str(cache)}

@@ -152,3 +152,19 @@ def test_trt_engine_in_the_harness(tmp_path: Path) -> None:
         res = run_bench(cfg.model_copy(update={"options": options}), log=lambda _m: None)
         assert [r.batch_size for r in res.records] == [1, 8]
         assert all(r.accuracy is not None and r.accuracy.cosine > 0.999 for r in res.records)
+
+
+def test_ort_tensorrt_provider_keeps_its_caches_in_the_artifact_folder(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """Its engine and timing caches go under ARTIFACT_DIR/bench, never into the working directory."""
+    import shutil
+
+    from runtimes.base import RunnerOptions
+
+    art_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_artifacts, art_dir)
+    manifest = Manifest.load(art_dir)
+    runner = RUNNERS["ort-trt"](manifest, art_dir, manifest.artifacts["opt"], RunnerOptions(device="cuda"))
+    opts = runner.gpu_provider_options()  # type: ignore[attr-defined]
+    cache = art_dir / "bench" / "ort_trt_cache"
+    assert cache.is_dir() and opts["trt_engine_cache_path"] == opts["trt_timing_cache_path"] == str(cache)
+    assert opts["trt_engine_cache_enable"] and opts["trt_timing_cache_enable"] and opts["device_id"] == 0
