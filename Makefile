@@ -44,6 +44,7 @@ browser:
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_cpu.py
 	$(BIN)/python benchmarks/run_quant.py
+	$(BIN)/python benchmarks/int8_trt_cpu.py
 	$(BIN)/python benchmarks/calib_memory.py
 	$(BIN)/python benchmarks/run_prune.py
 	$(BIN)/python benchmarks/run_serving.py
