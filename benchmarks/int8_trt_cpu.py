@@ -28,12 +28,9 @@ from benchmarks.common import machine, write
 
 
 def accuracy(path: Path, x: np.ndarray, y: np.ndarray, as_written: bool) -> float:
-    import onnxruntime as ort
+    from convert.validate import ort_session
 
-    so = ort.SessionOptions()
-    if as_written:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, simulate_qdq=as_written)
     logits = np.concatenate([sess.run(None, {"input": x[i:i + 100]})[0] for i in range(0, len(x), 100)])
     return float((logits.argmax(1) == y).mean())
 

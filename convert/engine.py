@@ -24,7 +24,7 @@ import importlib.util
 import itertools
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from core.manifest import Artifact, Precision
 
 if TYPE_CHECKING:
     from convert.pipeline import ConvertContext
+    from convert.validate import Reference
 
 PLAN_NAME = "model.plan"
 TRT_INSTALL_HINT = "pip install .[trt]"
@@ -393,16 +394,15 @@ def load_engine(base: Path, artifact: Artifact, env: TrtEnv | None = None) -> An
 
 
 # -- pipeline step ----------------------------------------------------------------------------------
-def source_reference(base: Path, source: Artifact, spec: IOSpec) -> Callable[[dict[str, Any]], list[Any]]:
+def source_reference(base: Path, source: Artifact) -> Reference:
     """Outputs of the engine's own ONNX source in ONNX Runtime on CPU: what the engine must reproduce.
 
     Not the PyTorch model: a sparse, pruned or quantized source legitimately differs from it. A Q/DQ
     source runs as written (``simulate_qdq``), the arithmetic TensorRT's INT8 kernels follow.
     """
-    from convert.validate import ort_session
+    from convert.validate import ort_reference
 
-    sess = ort_session(base / source.file.path, simulate_qdq=source.precision == "int8")
-    return lambda feed: list(sess.run(spec.output_names, feed))
+    return ort_reference(base / source.file.path, simulate_qdq=source.precision == "int8")
 
 
 def _engine_parity(engine: Any, ctx: ConvertContext, source: Artifact, batches: list[int]) -> dict[str, Any]:
@@ -411,7 +411,7 @@ def _engine_parity(engine: Any, ctx: ConvertContext, source: Artifact, batches: 
 
     from convert.validate import compare_outputs
 
-    reference = source_reference(ctx.out, source, ctx.spec)
+    reference = source_reference(ctx.out, source)
     parity: dict[str, Any] = {}
     with TrtRunner(engine) as runner:
         for b in batches:
@@ -439,6 +439,14 @@ def plan_file(name: str, count: int) -> str:
     return PLAN_NAME if count == 1 else f"model.{name}.plan"
 
 
+def _source_artifact(ctx: ConvertContext, name: str) -> Artifact:
+    """The manifest artifact an engine is built from, or one clear line naming what there is."""
+    source = ctx.manifest.artifacts.get(name)
+    if source is None:
+        raise InputError(f"--trt-from {name!r} is not in the manifest; available: {sorted(ctx.manifest.artifacts)}")
+    return source
+
+
 def fp16_of(ctx: ConvertContext, name: str) -> None:
     """Record ``<name>_fp16``: the FP16 conversion of ONNX artifact ``name`` (FP32 inputs/outputs kept).
 
@@ -446,9 +454,7 @@ def fp16_of(ctx: ConvertContext, name: str) -> None:
     """
     from convert.precision import convert_fp16
 
-    source = ctx.manifest.artifacts.get(name)
-    if source is None:
-        raise InputError(f"--trt-from {name!r} is not in the manifest; available: {sorted(ctx.manifest.artifacts)}")
+    source = _source_artifact(ctx, name)
     if source.kind != "onnx" or source.precision != "fp32":
         raise InputError(f"--trt-from {name!r} --fp16 converts an FP32 ONNX variant; {name!r} is a "
                          f"{source.precision} {source.kind}")
@@ -469,10 +475,7 @@ def step_engine(ctx: ConvertContext) -> None:
         fp16_of(ctx, cfg.source)
     targets = engine_sources(cfg, ctx.best_fp32())
     for name, source_name in targets:
-        source = ctx.manifest.artifacts.get(source_name)
-        if source is None:
-            raise InputError(f"--trt-from {source_name!r} is not in the manifest; available: "
-                             f"{sorted(ctx.manifest.artifacts)}")
+        source = _source_artifact(ctx, source_name)
         if source.status == "failed":
             ctx.log(f"[yellow]warning:[/] {name}: not built, its source {source_name} failed its checks")
             continue

@@ -300,21 +300,32 @@ def calibrate(model: Path, source: Source, method: CalibMethod, batch: int, fixe
 TRT_QDQ_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 
 
-def quantize_static_file(model: Path, out: Path, run: CalibrationRun, cfg: QuantConfig, reduce_range: bool,
-                         fp32_nodes: list[str]) -> None:
-    """QDQ static quantization of ``model`` into ``out`` from saved calibration ranges."""
+def _quantize_qdq(model: Path, out: Path, run: CalibrationRun, fp32_nodes: list[str], cfg: QuantConfig,
+                  what: str, **settings: Any) -> None:
+    """ONNX Runtime's QDQ ``quantize_static`` from ``run``'s saved ranges: ``settings`` choose the types."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     try:
         with _quiet():
             quantize_static(str(model), str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=quantizable_op_types(cfg.exclude_op_types),
-                            per_channel=cfg.per_channel, reduce_range=reduce_range,
-                            activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type),
-                            nodes_to_exclude=[*cfg.exclude_nodes, *fp32_nodes], calibrate_method=_ort_method(run.method),
-                            calibration_cache_path=str(run.cache))
+                            per_channel=cfg.per_channel, nodes_to_exclude=[*cfg.exclude_nodes, *fp32_nodes],
+                            calibrate_method=_ort_method(run.method), calibration_cache_path=str(run.cache),
+                            **settings)
     except Exception as exc:
-        raise QuantizeError(f"static INT8 quantization ({run.method}) failed: {first_line(exc, with_type=True)}") from exc
+        raise QuantizeError(f"{what} ({run.method}) failed: {first_line(exc, with_type=True)}") from exc
+
+
+def quantize_static_file(model: Path, out: Path, run: CalibrationRun, cfg: QuantConfig, reduce_range: bool,
+                         fp32_nodes: list[str]) -> None:
+    """QDQ static quantization of ``model`` into ``out`` from saved calibration ranges."""
+    _quantize_qdq(model, out, run, fp32_nodes, cfg, "static INT8 quantization",
+                  op_types_to_quantize=quantizable_op_types(cfg.exclude_op_types), reduce_range=reduce_range,
+                  activation_type=_qtype(cfg.activation_type), weight_type=_qtype(cfg.weight_type))
+
+
+def trt_op_types(cfg: QuantConfig) -> list[str]:
+    """The op types ``int8_trt`` quantizes: ``TRT_QDQ_OP_TYPES`` minus --exclude-op-types."""
+    return [t for t in TRT_QDQ_OP_TYPES if t not in cfg.exclude_op_types]
 
 
 def quantize_trt_file(model: Path, out: Path, run: CalibrationRun, cfg: QuantConfig, fp32_nodes: list[str]) -> None:
@@ -322,22 +333,12 @@ def quantize_trt_file(model: Path, out: Path, run: CalibrationRun, cfg: QuantCon
 
     Signed INT8 with zero point 0 on both activations and weights (TensorRT's parser refuses any
     other zero point), FP32 bias (it refuses an INT32 DequantizeLinear and fuses the bias itself),
-    the full 8-bit range (no reduce_range: that is a CPU workaround), inputs of ``TRT_QDQ_OP_TYPES``.
+    the full 8-bit range (no reduce_range: that is a CPU workaround), inputs of ``trt_op_types``.
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    try:
-        with _quiet():
-            quantize_static(str(model), str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=[t for t in TRT_QDQ_OP_TYPES if t not in cfg.exclude_op_types],
-                            per_channel=cfg.per_channel, reduce_range=False, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, nodes_to_exclude=[*cfg.exclude_nodes, *fp32_nodes],
-                            calibrate_method=_ort_method(run.method), calibration_cache_path=str(run.cache),
-                            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                           "QuantizeBias": False})
-    except Exception as exc:
-        raise QuantizeError(f"TensorRT Q/DQ quantization ({run.method}) failed: {first_line(exc, with_type=True)}") \
-            from exc
+    _quantize_qdq(model, out, run, fp32_nodes, cfg, "TensorRT Q/DQ quantization",
+                  op_types_to_quantize=trt_op_types(cfg), reduce_range=False, activation_type=_qtype("int8"),
+                  weight_type=_qtype("int8"),
+                  extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
 
 
 def trt_qdq_problems(model: Path) -> list[str]:
@@ -675,7 +676,7 @@ class QuantRun:
         assert self.evaluator is not None
         run = self._calibrations[trial.method]
         ctx.log(f"INT8 Q/DQ for TensorRT ({trial.method} ranges: signed symmetric INT8, per-channel "
-                f"{self.cfg.per_channel}, FP32 bias, ops {', '.join(TRT_QDQ_OP_TYPES)})")
+                f"{self.cfg.per_channel}, FP32 bias, ops {', '.join(trt_op_types(self.cfg))})")
         out = self._work(ctx) / "int8_trt.onnx"
         quantize_trt_file(self._prepped_model(ctx), out, run, self.cfg, trial.fp32_nodes)
         if problems := trt_qdq_problems(out):
@@ -683,7 +684,7 @@ class QuantRun:
         params: dict[str, Any] = {
             "method": trial.method, "quant_format": "QDQ", "target": "tensorrt", "activation_type": "int8",
             "weight_type": "int8", "symmetric": True, "bias": "fp32", "per_channel": self.cfg.per_channel,
-            "reduce_range": False, "op_types": [t for t in TRT_QDQ_OP_TYPES if t not in self.cfg.exclude_op_types],
+            "reduce_range": False, "op_types": trt_op_types(self.cfg),
             "exclude_nodes": self.cfg.exclude_nodes, "fp32_nodes": trial.fp32_nodes,
             "preprocess": "onnxruntime quant_pre_process", "calibration": self._calibration_record(ctx, run)}
         # Judged as TensorRT computes it (Q/DQ simulated, INT32-exact): ONNX Runtime's fused x86 kernels

@@ -87,8 +87,10 @@ def ort_session(model: Path | bytes, threads: int | None = None, providers: list
         raise InputError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from None
 
 
-def ort_reference(path: Path) -> Reference:
-    sess = ort_session(path)
+def ort_reference(path: Path, simulate_qdq: bool = False) -> Reference:
+    """Outputs of ``path`` in ONNX Runtime on CPU, in the model's output order (``simulate_qdq``: see
+    ``ort_session``)."""
+    sess = ort_session(path, simulate_qdq=simulate_qdq)
     return lambda feed: list(sess.run(None, feed))
 
 

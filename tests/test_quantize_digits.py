@@ -120,7 +120,7 @@ def test_int8_trt_follows_tensorrts_rules_from_the_same_ranges(variants: tuple[M
     import onnxruntime as ort
 
     feed = manifest.iospec.random_feed(4, seed=0)
-    got = source_reference(out, trt, manifest.iospec)(feed)
+    got = source_reference(out, trt)(feed)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     want = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feed)
