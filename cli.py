@@ -11,13 +11,27 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from core.errors import InputError, ToolkitError
+
+if TYPE_CHECKING:  # the library is imported inside each command: --help stays fast
+    from convert.config import (
+        CalibConfig,
+        ConvertConfig,
+        EngineConfig,
+        ExportConfig,
+        GateConfig,
+        QuantConfig,
+        SparsityConfig,
+    )
+    from core.manifest import Manifest
+    from reports.models import BenchResults
+    from runtimes.harness import BenchConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert PyTorch models to ONNX/TensorRT, optimize, quantize, benchmark and hand off.")
@@ -80,6 +94,7 @@ def int_list(text: str, what: str) -> list[int]:
 
 @app.command()
 def convert(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="torchvision name (densenet121), path/to/file.py:factory, a TorchScript "
                                               ".pt, or an .onnx file")],
     weights: Annotated[str | None, typer.Option(help="torchvision weights name (needs internet) or a local "
@@ -169,43 +184,129 @@ def convert(
 ) -> None:
     """Export MODEL to ONNX, validate it, optimize it, and write manifest.json."""
     with user_errors():
-        from convert.engine import EngineConfig
-        from convert.gates import GateConfig
-        from convert.pipeline import ConvertConfig, ExportConfig, run_convert
-        from convert.quantize import CalibConfig, QuantConfig, parse_floats, parse_methods, parse_qtype
-        from convert.sparsity import SparsityConfig, parse_prune_ratio, parse_sparsity_pattern
-        from core.iospec import parse_shape
+        from convert.config import ConvertConfig, GateConfig
+        from convert.pipeline import run_convert
 
-        quant = QuantConfig(
-            fp16=fp16, int8_static=int8, int8_dynamic=int8_dynamic,
-            calib=CalibConfig(data=calib, size=calib_size, batch=calib_batch, methods=parse_methods(calib_method),
-                              resize=size, mean=parse_floats(mean, "--mean") if mean else None,
-                              std=parse_floats(std, "--std") if std else None, seed=seed),
-            activation_type=parse_qtype(activation_type, "--activation-type"),
-            weight_type=parse_qtype(weight_type, "--weight-type"), per_channel=per_channel, reduce_range=reduce_range,
-            exclude_nodes=csv_list(exclude_nodes, "--exclude-nodes") if exclude_nodes else [],
-            exclude_op_types=csv_list(exclude_op_types, "--exclude-op-types") if exclude_op_types else [],
-            gate=GateConfig(max_accuracy_drop=max_accuracy_drop, auto=auto, eval_data=eval_data, eval_size=eval_size))
-        if exporter not in ("torchscript", "dynamo"):
-            raise InputError(f"unknown --exporter {exporter!r}; choose torchscript or dynamo")
-        cfg = ConvertConfig(
-            export=ExportConfig(model=model, weights=weights, input_shape=parse_shape(input_shape) if input_shape else None,
-                                opset=opset, exporter=exporter,  # type: ignore[arg-type]
-                                dynamic_batch=dynamic_batch, optimize=optimize, seed=seed),
-            out=out,
-            sparsity=SparsityConfig(pattern=parse_sparsity_pattern(sparsity) if sparsity is not None else None,
-                                    prune_channels=parse_prune_ratio(prune_channels) if prune_channels is not None
-                                    else None, eval_data=eval_data),
-            quant=None if quant == QuantConfig(calib=CalibConfig(seed=seed)) else quant,
-            engine=EngineConfig(fp16=fp16, int8=int8, source=trt_from, tf32=tf32,
-                                min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace,
-                                builder_opt_level=builder_opt_level, timing_cache=timing_cache) if trt else None,
-        )
+        export = _export_config(model, weights=weights, input_shape=input_shape, opset=opset, exporter=exporter,
+                                dynamic_batch=dynamic_batch, optimize=optimize, seed=seed)
+        quant = _quant_config(
+            ctx, fp16=fp16, int8=int8, int8_dynamic=int8_dynamic,
+            calib=_calib_config(calib, size=calib_size, batch=calib_batch, methods=calib_method, resize=size,
+                                mean=mean, std=std, seed=seed),
+            gate=GateConfig(max_accuracy_drop=max_accuracy_drop, auto=auto, eval_data=eval_data, eval_size=eval_size),
+            activation_type=activation_type, weight_type=weight_type, per_channel=per_channel,
+            reduce_range=reduce_range, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types)
+        engine = _engine_config(trt, fp16=fp16, int8=int8, source=trt_from, tf32=tf32, min_batch=min_batch,
+                                opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace,
+                                builder_opt_level=builder_opt_level, timing_cache=timing_cache)
+        cfg = ConvertConfig(export=export, out=out, quant=quant, engine=engine,
+                            sparsity=_sparsity_config(sparsity, prune_channels, eval_data))
+        _check_eval_data(cfg, eval_data)
         manifest, folder = run_convert(cfg, log=log)
-        from reports.manifest_view import manifest_table
+        _render_manifest(manifest, folder)
 
-        out_console.print(manifest_table(manifest, folder))
-        out_console.print(f"manifest: {folder / 'manifest.json'}")
+
+# Flags that tune the FP16/INT8 variants: without --fp16, --int8 or --int8-dynamic they act on nothing.
+# (--eval-data is not one of them: the sparse/pruned variants are measured on it too.)
+_QUANT_ONLY_PARAMS = ("calib", "calib_size", "calib_method", "calib_batch", "size", "mean", "std", "activation_type",
+                      "weight_type", "per_channel", "reduce_range", "exclude_nodes", "exclude_op_types",
+                      "max_accuracy_drop", "auto", "eval_size")
+
+
+def _flags_given(ctx: typer.Context, params: tuple[str, ...]) -> list[str]:
+    """The command-line spelling of each of ``params`` the user gave explicitly (not left at its default)."""
+    def explicit(name: str) -> bool:
+        # by name: recent typer vendors click, whose ParameterSource is not click.core.ParameterSource
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    given = {p.name: p for p in ctx.command.params if p.name in params and explicit(p.name)}
+    return [given[name].opts[0] for name in params if name in given]
+
+
+def _export_config(model: str, *, weights: str | None, input_shape: str | None, opset: int, exporter: str,
+                   dynamic_batch: bool, optimize: bool, seed: int) -> ExportConfig:
+    """What to export: the model, its weights and input shape, and the exporter's settings."""
+    from convert.config import ExportConfig
+    from core.iospec import parse_shape
+
+    if exporter not in ("torchscript", "dynamo"):
+        raise InputError(f"unknown --exporter {exporter!r}; choose torchscript or dynamo")
+    return ExportConfig(model=model, weights=weights, input_shape=parse_shape(input_shape) if input_shape else None,
+                        opset=opset, exporter=exporter,  # type: ignore[arg-type]
+                        dynamic_batch=dynamic_batch, optimize=optimize, seed=seed)
+
+
+def _calib_config(data: str | None, *, size: int, batch: int, methods: str, resize: int | None, mean: str | None,
+                  std: str | None, seed: int) -> CalibConfig:
+    """Where static INT8's calibration samples come from and how images are preprocessed."""
+    from convert.config import CalibConfig
+    from convert.quantize import parse_floats, parse_methods
+
+    return CalibConfig(data=data, size=size, batch=batch, methods=parse_methods(methods), resize=resize,
+                       mean=parse_floats(mean, "--mean") if mean else None,
+                       std=parse_floats(std, "--std") if std else None, seed=seed)
+
+
+def _quant_config(ctx: typer.Context, *, fp16: bool, int8: bool, int8_dynamic: bool, calib: CalibConfig,
+                  gate: GateConfig, activation_type: str, weight_type: str, per_channel: bool,
+                  reduce_range: bool | None, exclude_nodes: str | None,
+                  exclude_op_types: str | None) -> QuantConfig | None:
+    """The FP16/INT8 variants, or None when none was asked for (--fp16, --int8, --int8-dynamic).
+
+    A flag that only tunes those variants, given without one, is a user error: it would do nothing.
+    """
+    from convert.config import QuantConfig
+    from convert.quantize import parse_qtype
+
+    if not (fp16 or int8 or int8_dynamic):
+        if stray := _flags_given(ctx, _QUANT_ONLY_PARAMS):
+            raise InputError(f"{', '.join(stray)} appl{'ies' if len(stray) == 1 else 'y'} to FP16/INT8 variants: "
+                             "add --fp16, --int8 or --int8-dynamic")
+        return None
+    return QuantConfig(
+        fp16=fp16, int8_static=int8, int8_dynamic=int8_dynamic, calib=calib, gate=gate,
+        activation_type=parse_qtype(activation_type, "--activation-type"),
+        weight_type=parse_qtype(weight_type, "--weight-type"), per_channel=per_channel, reduce_range=reduce_range,
+        exclude_nodes=csv_list(exclude_nodes, "--exclude-nodes") if exclude_nodes else [],
+        exclude_op_types=csv_list(exclude_op_types, "--exclude-op-types") if exclude_op_types else [])
+
+
+def _sparsity_config(pattern: str | None, prune_channels: str | None, eval_data: str | None) -> SparsityConfig:
+    """The 2:4 sparse and channel-pruned variants (disabled when neither flag is given)."""
+    from convert.config import SparsityConfig
+    from convert.sparsity import parse_prune_ratio, parse_sparsity_pattern
+
+    return SparsityConfig(pattern=parse_sparsity_pattern(pattern) if pattern is not None else None,
+                          prune_channels=parse_prune_ratio(prune_channels) if prune_channels is not None else None,
+                          eval_data=eval_data)
+
+
+def _engine_config(trt: bool, *, fp16: bool, int8: bool, source: str | None, tf32: bool, min_batch: int | None,
+                   opt_batch: int | None, max_batch: int | None, workspace_mb: int | None,
+                   builder_opt_level: int | None, timing_cache: Path | None) -> EngineConfig | None:
+    """The TensorRT engines (--trt): one per --fp16 / --int8 asked for, FP32 otherwise; None without --trt."""
+    from convert.config import EngineConfig
+
+    if not trt:
+        return None
+    return EngineConfig(fp16=fp16, int8=int8, source=source, tf32=tf32, min_batch=min_batch, opt_batch=opt_batch,
+                        max_batch=max_batch, workspace_mb=workspace_mb, builder_opt_level=builder_opt_level,
+                        timing_cache=timing_cache)
+
+
+def _check_eval_data(cfg: ConvertConfig, eval_data: str | None) -> None:
+    """--eval-data measures the variants: with none asked for, it would be silently ignored."""
+    if eval_data is not None and cfg.quant is None and not cfg.sparsity.enabled:
+        raise InputError("--eval-data measures variants: add --fp16, --int8, --int8-dynamic, --sparsity or "
+                         "--prune-channels")
+
+
+def _render_manifest(manifest: Manifest, folder: Path) -> None:
+    from reports.manifest_view import manifest_table
+
+    out_console.print(manifest_table(manifest, folder))
+    out_console.print(f"manifest: {folder / 'manifest.json'}")
 
 
 def _latest_artifact_dir() -> Path:
@@ -240,47 +341,69 @@ def bench(
 ) -> None:
     """Benchmark every backend on the same inputs; check accuracy against the FP32 reference."""
     with user_errors():
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         from core.fsutil import ensure_writable_dir
-        from reports.writers import rich_table, write_results
-        from runtimes.harness import BenchConfig, resolve_device, run_bench, select_targets
 
-        device = resolve_device(device)
-        folder = artifact_dir or _latest_artifact_dir()
-        if artifact_dir is None:
-            log(f"using artifact folder {folder}")
-        cfg = BenchConfig(artifact_dir=folder, backends=csv_list(backends, "--backends"),
-                          batch_sizes=int_list(batch_sizes, "--batch-sizes"), warmup=warmup, iters=iters,
-                          device=device, threads=threads, data=data,
-                          variants=csv_list(variants, "--variants") if variants else None,
-                          accuracy_samples=accuracy_samples, precisions=csv_list(precisions, "--precisions"),
-                          options={k: True for k, v in [("cuda_graphs", cuda_graphs), ("channels_last", channels_last),
-                                                        ("include_transfers", include_transfers)] if v})
-        json_path = out or folder / "bench" / "results.json"
+        cfg = _bench_config(artifact_dir, backends=backends, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
+                            device=device, threads=threads, data=data, variants=variants,
+                            accuracy_samples=accuracy_samples, precisions=precisions,
+                            options={"cuda_graphs": cuda_graphs, "channels_last": channels_last,
+                                     "include_transfers": include_transfers})
+        json_path = out or cfg.artifact_dir / "bench" / "results.json"
         ensure_writable_dir(json_path.parent)
-        from core.manifest import Manifest
+        _render_bench(_run_bench_with_progress(cfg), json_path)
 
-        total = len(select_targets(Manifest.load(folder), cfg)) * len(cfg.batch_sizes)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task("benchmark", total=total)
 
-            def step(desc: str) -> None:
-                bar.update(task, description=desc, advance=1)
+def _bench_config(artifact_dir: Path | None, *, backends: str, batch_sizes: str, warmup: int, iters: int,
+                  device: str, threads: int | None, data: Path | None, variants: str | None, accuracy_samples: int,
+                  precisions: str, options: dict[str, bool]) -> BenchConfig:
+    """The benchmark request; without ARTIFACT_DIR, the newest folder under artifacts/ (said so)."""
+    from runtimes.harness import BenchConfig, resolve_device
 
-            results = run_bench(cfg, log=log, progress=step)
-        paths = write_results(results, json_path)
-        out_console.print(rich_table(results))
-        for w in results.warnings:
-            log(f"[yellow]warning:[/] {w}")
-        out_console.print(f"report: {paths['json']} (+ {paths['csv'].name}, {paths['md'].name})")
-        try:  # results.json is written: a plotting problem must not lose the run
-            from reports.html import write_bench_html
+    resolved = resolve_device(device)
+    folder = artifact_dir or _latest_artifact_dir()
+    if artifact_dir is None:
+        log(f"using artifact folder {folder}")
+    return BenchConfig(artifact_dir=folder, backends=csv_list(backends, "--backends"),
+                       batch_sizes=int_list(batch_sizes, "--batch-sizes"), warmup=warmup, iters=iters,
+                       device=resolved, threads=threads, data=data,
+                       variants=csv_list(variants, "--variants") if variants else None,
+                       accuracy_samples=accuracy_samples, precisions=csv_list(precisions, "--precisions"),
+                       options={k: True for k, v in options.items() if v})
 
-            out_console.print(f"html: {write_bench_html(results, json_path)}")
-        except Exception as exc:
-            log(f"[yellow]warning:[/] results.html not written: {type(exc).__name__}: {exc}")
+
+def _run_bench_with_progress(cfg: BenchConfig) -> BenchResults:
+    """run_bench with a transient progress bar: one tick per (target, batch size)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from core.manifest import Manifest
+    from runtimes.harness import run_bench, select_targets
+
+    total = len(select_targets(Manifest.load(cfg.artifact_dir), cfg)) * len(cfg.batch_sizes)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("benchmark", total=total)
+
+        def step(desc: str) -> None:
+            bar.update(task, description=desc, advance=1)
+
+        return run_bench(cfg, log=log, progress=step)
+
+
+def _render_bench(results: BenchResults, json_path: Path) -> None:
+    """Write results.json (+ .csv, .md, .html) and print the table and the warnings."""
+    from reports.writers import rich_table, write_results
+
+    paths = write_results(results, json_path)
+    out_console.print(rich_table(results))
+    for w in results.warnings:
+        log(f"[yellow]warning:[/] {w}")
+    out_console.print(f"report: {paths['json']} (+ {paths['csv'].name}, {paths['md'].name})")
+    try:  # results.json is written: a plotting problem must not lose the run
+        from reports.html import write_bench_html
+
+        out_console.print(f"html: {write_bench_html(results, json_path)}")
+    except Exception as exc:
+        log(f"[yellow]warning:[/] results.html not written: {type(exc).__name__}: {exc}")
 
 
 @app.command()
@@ -423,7 +546,7 @@ def serve(
 
 @app.command()
 def loadtest(
-    url: Annotated[str, typer.Argument(help="http://host:port[/v2/models/NAME]")],
+    url: Annotated[str, typer.Argument(help="http://host:port\\[/v2/models/NAME]")],
     concurrency: Annotated[int, typer.Option(min=1, max=1024, help="Concurrent clients")] = 8,
     duration: Annotated[float, typer.Option(min=0.1, max=3600, help="Timed seconds")] = 30.0,
     warmup: Annotated[float, typer.Option(min=0, max=600, help="Untimed seconds first")] = 1.0,

@@ -3,7 +3,7 @@
     python benchmarks/calib_memory.py [--model resnet18] [--counts 32,512] [--methods minmax,entropy]
 
 Converts the model once (random init, 224x224), makes a folder of 512 real photographs (seeded random
-crops and flips of the built-in ``imagenet_subset`` photos, JPEG), then runs ``convert.quantize.calibrate``
+crops and flips of the built-in ``imagenet_subset`` photos, JPEG), then runs ``convert.calibrate.calibrate``
 (the streaming calibration ``--int8`` uses) once per (method, image count), each in a fresh process,
 and records that process' RSS before calibration, its peak during calibration (sampled every 5 ms)
 and its lifetime peak (``ru_maxrss``). Writes benchmarks/results/calib_memory.{json,md}.
@@ -59,7 +59,8 @@ def child(model: str, images: str, count: int, method: str, batch: int) -> None:
     import psutil
 
     from calibration.sources import open_source
-    from convert.quantize import calibrate, preprocess_for_quantization, quantizable_op_types
+    from convert.calibrate import calibrate
+    from convert.ort_quant import preprocess_for_quantization, quantizable_op_types
     from core.manifest import Manifest
 
     folder = Path(model)
@@ -69,7 +70,8 @@ def child(model: str, images: str, count: int, method: str, batch: int) -> None:
         preprocess_for_quantization(folder / manifest.artifacts["opt"].file.path, prepped)
         source = open_source(images, manifest.iospec, manifest.source.preprocessing, size=count, seed=0)
         rss_before = psutil.Process().memory_info().rss
-        run = calibrate(prepped, source, method, batch, None, Path(tmp), quantizable_op_types([]))  # type: ignore[arg-type]
+        run = calibrate(prepped, source, method, batch, None, Path(tmp), quantizable_op_types([]),  # type: ignore[arg-type]
+                        Path(tmp) / "calib.json")
     print(json.dumps({"images": run.samples, "method": method, "batch": batch, "seconds": round(run.seconds, 2),
                       "rss_before_mb": round(rss_before / 2**20, 1), "peak_rss_during_mb": run.peak_rss_mb,
                       "growth_during_mb": run.rss_growth_mb,

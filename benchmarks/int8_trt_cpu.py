@@ -28,7 +28,7 @@ from benchmarks.common import machine, write
 
 
 def accuracy(path: Path, x: np.ndarray, y: np.ndarray, as_written: bool) -> float:
-    from convert.validate import ort_session
+    from runtimes.ort import ort_session
 
     sess = ort_session(path, simulate_qdq=as_written)
     logits = np.concatenate([sess.run(None, {"input": x[i:i + 100]})[0] for i in range(0, len(x), 100)])
@@ -41,9 +41,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from calibration.cpu import cpu_features
-    from convert.gates import GateConfig
-    from convert.pipeline import ConvertConfig, ExportConfig, run_convert
-    from convert.quantize import CalibConfig, QuantConfig
+    from convert.config import CalibConfig, ConvertConfig, ExportConfig, GateConfig, QuantConfig
+    from convert.pipeline import run_convert
     from tests.digits import train_digits_model
 
     command = "python " + " ".join(sys.argv)

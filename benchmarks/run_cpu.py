@@ -61,8 +61,9 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench"))
     args = ap.parse_args()
 
+    from calibration.pools import InputPool
     from core.manifest import Manifest
-    from runtimes.harness import BenchConfig, InputPool, build_pool, run_bench
+    from runtimes.harness import BenchConfig, build_pool, run_bench
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
     payload: dict = {"command": "python " + " ".join(sys.argv), "machine": machine(), "models": {}}

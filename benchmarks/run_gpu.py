@@ -23,7 +23,6 @@ from benchmarks.common import ROOT, machine, write
 
 #: FP16 / FP32 eager throughput at batch 32 on a T4, from the published study this issue cites.
 T4_FP16_OVER_FP32 = {"resnet50": 2.14, "vit_b_16": 4.24}
-OPTIONAL_BACKENDS = ("ort", "ort-trt", "trt")
 
 
 def gpu_slug(name: str) -> str:
@@ -32,8 +31,8 @@ def gpu_slug(name: str) -> str:
 
 def ensure_converted(model: str, out: Path, engine_batch: int | None) -> Path:
     """Convert once; with ``engine_batch`` also build a TensorRT FP16 engine tuned for that batch."""
-    from convert.engine import EngineConfig
-    from convert.pipeline import ConvertConfig, ExportConfig, run_convert
+    from convert.config import ConvertConfig, EngineConfig, ExportConfig
+    from convert.pipeline import run_convert
     from core.manifest import Manifest
 
     if (out / "manifest.json").is_file():
@@ -62,9 +61,9 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench_gpu"))
     args = ap.parse_args()
 
+    from core.resources import cuda_problem
     from runtimes import RUNNERS
     from runtimes.harness import BenchConfig, run_bench
-    from runtimes.torch_eager import cuda_problem
 
     if (why := cuda_problem()) is not None:
         print(f"error: this benchmark needs a CUDA GPU: {why}", file=sys.stderr)
@@ -73,16 +72,20 @@ def main() -> int:
 
     gpu = torch.cuda.get_device_name(0)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    extra = [b for b in OPTIONAL_BACKENDS if RUNNERS[b].available("cuda") is None]
-    skipped = {b: RUNNERS[b].available("cuda") for b in OPTIONAL_BACKENDS if b not in extra}
+    torch_backends = [b for b, r in RUNNERS.items() if r.torch_like]
+    optional = [b for b, r in RUNNERS.items() if not r.torch_like]  # ONNX Runtime and TensorRT, where installed
+    extra = [b for b in optional if RUNNERS[b].available("cuda") is None]
+    skipped = {b: RUNNERS[b].available("cuda") for b in optional if b not in extra}
+    # A TensorRT FP16 engine is built for the backends that run plans themselves.
+    plans = any("plan" in RUNNERS[b].artifact_kinds for b in extra)
     precisions = ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported(including_emulation=False) else [])
     payload: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "gpu": gpu, "machine": machine(),
                                "backends_skipped": skipped, "precisions": precisions, "models": {}}
     records: list[Any] = []
     for model in args.models.split(","):
-        folder = ensure_converted(model, Path(args.work) / model, max(batches) if "trt" in extra else None)
-        variants = ["opt", *(["trt_fp16"] if "trt" in extra else [])]
-        cfg = BenchConfig(artifact_dir=folder, backends=["eager", "torchscript", *extra], variants=variants,
+        folder = ensure_converted(model, Path(args.work) / model, max(batches) if plans else None)
+        variants = ["opt", *(["trt_fp16"] if plans else [])]
+        cfg = BenchConfig(artifact_dir=folder, backends=[*torch_backends, *extra], variants=variants,
                           batch_sizes=batches, warmup=args.warmup, iters=args.iters, device="cuda",
                           precisions=precisions, accuracy_samples=32,
                           options={"cuda_graphs": True} if args.cuda_graphs else {})

@@ -55,9 +55,10 @@ def main() -> None:
         manifest = Manifest.load(folder)
         spec = manifest.iospec
         variants = ["opt", "sparse24", pruned]
-        p = manifest.artifacts[pruned].metrics
-        facts = {"opt": (p["params_before"], p["macs_before"]), "sparse24": (p["params_before"], p["macs_before"]),
-                 pruned: (p["params_after"], p["macs_after"])}
+        p = manifest.artifacts[pruned].metrics.pruning
+        assert p is not None, f"{pruned} has no pruning statistics"
+        facts = {"opt": (p.params_before, p.macs_before), "sparse24": (p.params_before, p.macs_before),
+                 pruned: (p.params_after, p.macs_after)}
         rows = []
         for b in batches:
             stats = interleaved_latency(manifest, folder, [manifest.artifacts[v] for v in variants],
@@ -66,7 +67,8 @@ def main() -> None:
             for v, lat in zip(variants, stats, strict=True):
                 art = manifest.artifacts[v]
                 params, macs = facts[v]
-                agree = art.metrics["accuracy_vs_fp32"]["top1_agreement"] if v != "opt" else None
+                change = art.metrics.accuracy_vs_fp32
+                agree = change.top1_agreement if v != "opt" and change is not None else None
                 row = {"variant": v, "batch": b, "size_bytes": art.file.size_bytes, "params": params, "macs": macs,
                        "p50_ms": lat.p50, "p90_ms": lat.p90, "speedup_p50": stats[0].p50 / lat.p50,
                        "top1_agreement": agree, "latency": lat.model_dump()}
@@ -74,13 +76,15 @@ def main() -> None:
                 md.append(f"| {model} | {v} | {art.file.size_bytes / 2**20:.1f} | {params / 1e6:.2f} M | "
                           f"{macs / 1e9:.2f} | {b} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | "
                           f"{row['speedup_p50']:.2f}x | {'-' if agree is None else f'{agree:.3f}'} |")
-        sp = manifest.artifacts["sparse24"].metrics["sparsity"]
-        payload["models"][model] = {"rows": rows, "sparsity": sp,
-                                    "convert_latency": {v: manifest.artifacts[v].metrics["latency"]
-                                                        for v in ("sparse24", pruned)}}
-        md += ["", f"- {model} 2:4: {sp['fraction_groups_2of4']:.4f} of groups satisfy the pattern in the ONNX "
-                   f"file; {sp['fraction_weights_2of4']:.4f} of all Conv/Linear weights are covered "
-                   f"(not covered: {', '.join(sp['ineligible_weights']) or 'none'})."]
+        sp = manifest.artifacts["sparse24"].metrics.sparsity
+        assert sp is not None, "sparse24 has no 2:4 check"
+        payload["models"][model] = {"rows": rows, "sparsity": sp.model_dump(),
+                                    "convert_latency": {v: manifest.artifacts[v].metrics.latency.model_dump()
+                                                        for v in ("sparse24", pruned)
+                                                        if manifest.artifacts[v].metrics.latency is not None}}
+        md += ["", f"- {model} 2:4: {sp.fraction_groups_2of4:.4f} of groups satisfy the pattern in the ONNX "
+                   f"file; {sp.fraction_weights_2of4:.4f} of all Conv/Linear weights are covered "
+                   f"(not covered: {', '.join(sp.ineligible_weights) or 'none'})."]
     payload["load_avg_after"] = os.getloadavg()
     md += ["- 2:4 sparsity is not expected to be faster or smaller here: the shapes are unchanged and ONNX Runtime's "
            "CPU kernels are dense. Only TensorRT's sparse kernels on Ampere or newer GPUs use it.",

@@ -38,6 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from core.manifest import Manifest
+    from core.records import StaticQuantParams
     from runtimes.harness import interleaved_latency
 
     work = Path(args.work)
@@ -63,16 +64,18 @@ def main() -> None:
             timings.update({(v, b): st for v, st in zip(VARIANTS, stats, strict=True)})
         entry: dict = {"calibration": {}, "latency": []}
         for name in ("int8_static_minmax", "int8_static_entropy"):
-            c = manifest.artifacts[name].params["calibration"]
-            entry["calibration"][name] = {k: c[k] for k in ("images_used", "batch_size", "seconds", "peak_rss_mb",
-                                                            "rss_growth_mb")}
-            calib_md.append(f"| {model} | {name.removeprefix('int8_static_')} | {c['images_used']} | {c['seconds']:.1f} "
-                            f"| {c['peak_rss_mb']:.0f} | {c['rss_growth_mb']:.0f} |")
+            params = manifest.artifacts[name].params
+            assert isinstance(params, StaticQuantParams)
+            c = params.calibration
+            entry["calibration"][name] = c.model_dump(include={"images_used", "batch_size", "seconds", "peak_rss_mb",
+                                                               "rss_growth_mb"})
+            calib_md.append(f"| {model} | {name.removeprefix('int8_static_')} | {c.images_used} | {c.seconds:.1f} "
+                            f"| {c.peak_rss_mb:.0f} | {c.rss_growth_mb:.0f} |")
         for b in batches:
             base = timings[("opt", b)].p50
             for v in VARIANTS:
                 t, art = timings[(v, b)], manifest.artifacts[v]
-                held = art.metrics.get("accuracy", {}).get("top1_agreement")
+                held = art.metrics.accuracy.top1_agreement if art.metrics.accuracy is not None else None
                 row = {"variant": v, "precision": art.precision, "batch": b, "p50_ms": round(t.p50, 2),
                        "p90_ms": round(t.p90, 2), "throughput": round(b * 1000.0 / t.p50, 2),
                        "p50_vs_fp32": round(t.p50 / base, 2), "file_mb": round(art.file.size_bytes / 2**20, 1),

@@ -3,7 +3,8 @@
 ONNX -> ``NetworkFromOnnxPath(strongly_typed=True)`` -> ``CreateConfig`` (sparse weights for 2:4
 variants, one optimization profile from the IOSpec, timing cache, workspace limit, builder
 optimization level) -> ``EngineFromNetwork`` -> ``model.plan``, written atomically and recorded in
-the manifest with the TensorRT version, GPU name, compute capability, build flags and sha256.
+the manifest: its build parameters (``EngineParams``) and what it is tied to (``EngineBuild``: the
+TensorRT version, GPU name, compute capability, profile and sha256).
 
 Precision comes from the ONNX model, not from builder flags: TensorRT 11 removed the weak-typing
 builder flags (FP16, INT8, BF16) and implicit INT8 calibration, and TensorRT 10 deprecated
@@ -12,15 +13,14 @@ them. So an FP16 engine is built from the ``fp16`` ONNX variant and an INT8 engi
 or Percentile, its ranges cached in the output folder) and quantizes by TensorRT's rules. A strongly
 typed network runs every layer in the precision its ONNX types say, on TensorRT 10 and 11 alike.
 
-An engine only runs on the GPU model and TensorRT version it was built with; ``load_engine``
-refuses any other, naming both. TensorRT is imported lazily: everything here except building and
+An engine only runs on the GPU model and TensorRT version it was built with;
+``runtimes.trt.load_engine`` refuses any other, naming both. TensorRT is imported lazily: everything here except building and
 deserializing works (and is tested) without it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
 import shutil
 import tempfile
@@ -28,105 +28,37 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from convert.quantize import QuantConfig, trt_qdq_problems
-from core.errors import BackendUnavailableError, InputError, ToolkitError, ValidationError, first_line
+from convert.config import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, EngineConfig, QuantConfig
+from convert.trt_qdq import trt_qdq_problems
+from core.errors import InputError, ToolkitError, ValidationError, first_line
 from core.fsutil import atomic_write_bytes, sha256_file
 from core.iospec import IOSpec
 from core.manifest import Artifact, Precision
+from core.metrics import ParityStats
+from core.records import (
+    CalibrationRecord,
+    EngineBuild,
+    EngineParams,
+    Fp16Params,
+    SparsityParams,
+    StaticQuantParams,
+    TrtQdqParams,
+)
+from runtimes.trt import TrtEnv, current_trt_env, require_tensorrt
 
 if TYPE_CHECKING:
-    from convert.pipeline import ConvertContext
+    from convert.context import ConvertContext
     from convert.validate import Reference
 
 PLAN_NAME = "model.plan"
-TRT_INSTALL_HINT = "pip install .[trt]"
-DEFAULT_MAX_BATCH = 32
-DEFAULT_OPT_BATCH = 8
 
 
 class EngineBuildError(ToolkitError):
     """TensorRT could not build (or serialize) an engine."""
 
 
-class EngineMismatchError(InputError):
-    """The engine was built for another GPU or TensorRT version, or its file is not the recorded one."""
-
-
-class EngineConfig(BaseModel):
-    """How to build TensorRT engines (``convert --trt``): one per precision asked for."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    fp16: bool = Field(default=False, description="An FP16 engine, built from the fp16 ONNX variant")
-    int8: bool = Field(default=False, description="An INT8 engine, built from int8_trt: Q/DQ by TensorRT's rules "
-                                                  "from the static INT8 calibration (needs its --calib data)")
-    source: str | None = Field(default=None, description="Manifest ONNX artifact to build one engine from instead, "
-                                                         "e.g. sparse24: in its precision, or converted to FP16 "
-                                                         "first with fp16")
-    tf32: bool = Field(default=True, description="Let FP32 layers use TF32 tensor cores (TensorRT's default; "
-                                                 "Polygraphy's is off); the only precision switch left in "
-                                                 "TensorRT 11, and what 2:4 sparse FP32 layers need")
-    min_batch: int | None = Field(default=None, ge=1, description="Profile min batch (default 1)")
-    opt_batch: int | None = Field(default=None, ge=1, description=f"Profile opt batch: the one kernels are tuned "
-                                                                  f"for (default {DEFAULT_OPT_BATCH}, clamped to "
-                                                                  "min..max)")
-    max_batch: int | None = Field(default=None, ge=1, description=f"Profile max batch (default {DEFAULT_MAX_BATCH})")
-    workspace_mb: int | None = Field(default=None, ge=1, description="Workspace memory pool limit (MiB); "
-                                                                     "default: TensorRT's (all device memory)")
-    builder_opt_level: int | None = Field(default=None, ge=0, le=5, description="Builder optimization level 0-5; "
-                                                                                "default: TensorRT's (3)")
-    timing_cache: Path | None = Field(default=None, description="Tactic timing cache, read if present and updated "
-                                                                "after the build; default OUT/timing.cache")
-
-    def precisions(self) -> list[Precision]:
-        """The engines asked for, by precision (FP32 when neither --fp16 nor --int8)."""
-        out: list[Precision] = []
-        if self.fp16:
-            out.append("fp16")
-        if self.int8:
-            out.append("int8")
-        return out or ["fp32"]
-
-
 #: The ONNX variant each engine precision is built from (FP32: the best FP32 model, opt or fp32).
 SOURCE_FOR: dict[Precision, str] = {"fp16": "fp16", "int8": "int8_trt"}
-
-
-class TrtEnv(BaseModel):
-    """What an engine is tied to: the TensorRT version and the GPU model."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str = Field(description="major.minor, e.g. '8.9'")
-
-    def describe(self) -> str:
-        return f"{self.gpu_name} (compute capability {self.compute_capability}) with TensorRT {self.tensorrt_version}"
-
-
-# -- environment ------------------------------------------------------------------------------
-def tensorrt_installed() -> bool:
-    return importlib.util.find_spec("tensorrt") is not None
-
-
-def tensorrt_problem() -> str | None:
-    """None when TensorRT and a CUDA GPU are both usable here, else one line saying what is missing."""
-    if not tensorrt_installed():
-        return f"TensorRT is not installed ({TRT_INSTALL_HINT}; it needs an NVIDIA GPU and driver too)"
-    from runtimes.torch_eager import cuda_problem
-
-    if (why := cuda_problem()) is not None:
-        return f"TensorRT needs an NVIDIA GPU: {why}"
-    return None
-
-
-def require_tensorrt(what: str = "--trt") -> None:
-    """Raise one clear BackendUnavailableError unless TensorRT and a GPU are usable."""
-    if (why := tensorrt_problem()) is not None:
-        raise BackendUnavailableError(f"{what} builds a TensorRT engine, which needs TensorRT and an NVIDIA GPU: {why}")
 
 
 def with_source_variants(cfg: EngineConfig, quant: QuantConfig | None) -> QuantConfig | None:
@@ -160,17 +92,6 @@ def preflight(cfg: EngineConfig) -> None:
         raise InputError("--trt-from with --int8: an INT8 engine takes its scales from int8_trt, which --trt --int8 "
                          "--calib SOURCE makes; drop --trt-from (or --trt-from an INT8 Q/DQ variant, without --int8)")
     require_tensorrt()
-
-
-def current_trt_env() -> TrtEnv:
-    """This machine's TensorRT version and GPU 0 (tests replace this function)."""
-    require_tensorrt("loading a TensorRT engine")
-    import tensorrt as trt
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(0)
-    return TrtEnv(tensorrt_version=str(trt.__version__), gpu_name=torch.cuda.get_device_name(0),
-                  compute_capability=f"{major}.{minor}")
 
 
 # -- optimization profile -----------------------------------------------------------------------
@@ -208,8 +129,8 @@ def compute_profile(cfg: EngineConfig, spec: IOSpec) -> dict[str, dict[str, list
 
 # -- builder configuration ----------------------------------------------------------------------
 def source_is_sparse(source: Artifact) -> bool:
-    """A 2:4 structured-sparse variant (its step's params say so)."""
-    return str(source.params.get("sparsity", "")) == "2:4"
+    """A 2:4 structured-sparse variant (its step's params say so: the sparsity step, or its FP16 copy)."""
+    return isinstance(source.params, SparsityParams) or getattr(source.params, "sparsity", None) == "2:4"
 
 
 def check_source(source: Artifact, base: Path) -> None:
@@ -223,15 +144,15 @@ def check_source(source: Artifact, base: Path) -> None:
                              "engine from int8_trt (convert --trt --int8 --calib SOURCE makes it)")
 
 
-def build_flags(cfg: EngineConfig, source: Artifact, spec: IOSpec) -> dict[str, Any]:
-    """The build's settings as recorded in the manifest (JSON-friendly)."""
+def engine_params(cfg: EngineConfig, source: Artifact, spec: IOSpec) -> EngineParams:
+    """The build's settings as recorded in the manifest (the plan artifact's ``params``)."""
     lo, opt, hi = profile_batches(cfg, spec)
-    return {
-        "source": source.name, "precision": source.precision, "strongly_typed": True,
-        "int8_mode": "explicit (Q/DQ)" if source.precision == "int8" else None,
-        "sparse_weights": source_is_sparse(source), "min_batch": lo, "opt_batch": opt, "max_batch": hi,
-        "tf32": cfg.tf32, "workspace_mb": cfg.workspace_mb, "builder_optimization_level": cfg.builder_opt_level,
-    }
+    return EngineParams(
+        source=source.name, precision=source.precision, strongly_typed=True,
+        int8_mode="explicit (Q/DQ)" if source.precision == "int8" else None,
+        sparse_weights=source_is_sparse(source), min_batch=lo, opt_batch=opt, max_batch=hi,
+        tf32=cfg.tf32, workspace_mb=cfg.workspace_mb, builder_optimization_level=cfg.builder_opt_level,
+    )
 
 
 def config_kwargs(cfg: EngineConfig, spec: IOSpec, source: Artifact, *,
@@ -326,71 +247,18 @@ def engine_profile(engine: Any, names: list[str]) -> dict[str, dict[str, list[in
     return out
 
 
-def engine_extra(env: TrtEnv, flags: dict[str, Any], engine_sha256: str,
-                 profile: dict[str, dict[str, list[int]]], **more: Any) -> dict[str, Any]:
-    """The manifest's ``extra`` for a plan artifact: what it is tied to and how it was built."""
-    return {"tensorrt_version": env.tensorrt_version, "gpu_name": env.gpu_name,
-            "compute_capability": env.compute_capability, "build_flags": flags, "engine_sha256": engine_sha256,
-            "profile": profile, **more}
+def engine_build(env: TrtEnv, engine_sha256: str, profile: dict[str, dict[str, list[int]]], *,
+                 timing_cache: str | None = None, calibration: CalibrationRecord | None = None) -> EngineBuild:
+    """The manifest's ``engine`` record of a plan artifact: what it is tied to, its profile and caches."""
+    return EngineBuild(tensorrt_version=env.tensorrt_version, gpu_name=env.gpu_name,
+                       compute_capability=env.compute_capability, engine_sha256=engine_sha256, profile=profile,
+                       timing_cache=timing_cache, calibration=calibration)
 
 
-def recorded_env(artifact: Artifact) -> TrtEnv:
-    """The build environment recorded for a plan artifact; a missing one is refused."""
-    keys = ("tensorrt_version", "gpu_name", "compute_capability")
-    missing = [k for k in keys if not artifact.extra.get(k)]
-    if missing:
-        raise EngineMismatchError(f"engine {artifact.file.path} has no recorded {', '.join(missing)} in the "
-                                  "manifest: rebuild it with `python cli.py convert MODEL --trt`")
-    return TrtEnv(**{k: str(artifact.extra[k]) for k in keys})
-
-
-def check_engine_compat(artifact: Artifact, current: TrtEnv) -> None:
-    """Refuse an engine built for another GPU model or TensorRT version, naming both."""
-    built = recorded_env(artifact)
-    if (built.tensorrt_version, built.gpu_name, built.compute_capability) != \
-            (current.tensorrt_version, current.gpu_name, current.compute_capability):
-        raise EngineMismatchError(f"engine {artifact.file.path} was built for {built.describe()}; this machine has "
-                                  f"{current.describe()}: TensorRT engines only run where they were built, rebuild "
-                                  "it here with `python cli.py convert MODEL --trt`")
-
-
-def batch_range(artifact: Artifact) -> tuple[int, int]:
-    """(min, max) batch the engine's profile accepts, from the manifest."""
-    flags = artifact.extra.get("build_flags") or {}
-    if "min_batch" not in flags or "max_batch" not in flags:
-        raise EngineMismatchError(f"engine {artifact.file.path} has no recorded batch range in the manifest: "
-                                  "rebuild it with `python cli.py convert MODEL --trt`")
-    return int(flags["min_batch"]), int(flags["max_batch"])
-
-
-def check_engine_file(base: Path, artifact: Artifact, env: TrtEnv | None = None) -> Path:
-    """The checks before deserializing: the file is the recorded one, and fits this machine."""
-    path = Path(base) / artifact.file.path
-    if not path.is_file():
-        raise EngineMismatchError(f"engine file {path} is missing")
-    if sha256_file(path) != artifact.file.sha256:
-        raise EngineMismatchError(f"engine file {path} does not match the manifest's sha256 (corrupt, truncated or "
-                                  "replaced): rebuild it with `python cli.py convert MODEL --trt`")
-    check_engine_compat(artifact, env if env is not None else current_trt_env())
-    return path
-
-
-def load_engine(base: Path, artifact: Artifact, env: TrtEnv | None = None) -> Any:
-    """Deserialize a plan artifact after ``check_engine_file``; a file TensorRT rejects is refused."""
-    path = check_engine_file(base, artifact, env)
-    from polygraphy.backend.trt import engine_from_bytes
-    from polygraphy.exception import PolygraphyException
-    from polygraphy.logger import G_LOGGER
-
-    try:
-        with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
-            engine = engine_from_bytes(path.read_bytes())
-    except PolygraphyException:
-        engine = None
-    if not engine:
-        raise EngineMismatchError(f"TensorRT could not deserialize {path} (corrupt file, or built by another "
-                                  "TensorRT?): rebuild it with `python cli.py convert MODEL --trt`")
-    return engine
+def source_calibration(source: Artifact) -> CalibrationRecord | None:
+    """The calibration an INT8 source was made with (recorded with its engine too), else None."""
+    params = source.params
+    return params.calibration if isinstance(params, (StaticQuantParams, TrtQdqParams)) else None
 
 
 # -- pipeline step ----------------------------------------------------------------------------------
@@ -405,14 +273,15 @@ def source_reference(base: Path, source: Artifact) -> Reference:
     return ort_reference(base / source.file.path, simulate_qdq=source.precision == "int8")
 
 
-def _engine_parity(engine: Any, ctx: ConvertContext, source: Artifact, batches: list[int]) -> dict[str, Any]:
+def _engine_parity(engine: Any, ctx: ConvertContext, source: Artifact,
+                   batches: list[int]) -> dict[str, ParityStats]:
     """Run the fresh engine on random inputs and compare with its ONNX source (``source_reference``)."""
     from polygraphy.backend.trt import TrtRunner
 
-    from convert.validate import compare_outputs
+    from core.metrics import compare_outputs
 
     reference = source_reference(ctx.out, source)
-    parity: dict[str, Any] = {}
+    parity: dict[str, ParityStats] = {}
     with TrtRunner(engine) as runner:
         for b in batches:
             feed = ctx.spec.random_feed(b, seed=1234 + b)
@@ -450,7 +319,7 @@ def _source_artifact(ctx: ConvertContext, name: str) -> Artifact:
 def fp16_of(ctx: ConvertContext, name: str) -> None:
     """Record ``<name>_fp16``: the FP16 conversion of ONNX artifact ``name`` (FP32 inputs/outputs kept).
 
-    Its params keep the source's (so a 2:4 variant stays marked sparse: zeros stay zeros in FP16).
+    A 2:4 source's copy is marked sparse too (``Fp16Params.sparsity``): zeros stay zeros in FP16.
     """
     from convert.precision import convert_fp16
 
@@ -461,8 +330,9 @@ def fp16_of(ctx: ConvertContext, name: str) -> None:
     target = ctx.path(f"model.{name}_fp16.onnx")
     ctx.log(f"FP16 conversion of {name} for the engine (onnxconverter-common, FP32 inputs/outputs kept)")
     info = convert_fp16(ctx.out / source.file.path, target)
-    ctx.manifest.record(ctx.out, target, name=f"{name}_fp16", kind="onnx", step="fp16", precision="fp16",
-                        parent=name, params={**source.params, **info})
+    params = Fp16Params(**info.model_dump(), sparsity="2:4" if source_is_sparse(source) else None)
+    ctx.manifest.record(ctx.out, target, name=f"{name}_fp16", kind="onnx", precision="fp16", parent=name,
+                        params=params)
     ctx.manifest.save(ctx.out)
 
 
@@ -484,32 +354,37 @@ def step_engine(ctx: ConvertContext) -> None:
 
 
 def _build_one(ctx: ConvertContext, cfg: EngineConfig, name: str, source: Artifact, plan: Path) -> None:
-    from convert.validate import Tolerance
-
     env = current_trt_env()
-    flags = build_flags(cfg, source, ctx.spec)
-    precision: Precision = source.precision
+    params = engine_params(cfg, source, ctx.spec)
     timing_cache = cfg.timing_cache or ctx.out / "timing.cache"
     with staged_copy(timing_cache) as staged_timing:
         kwargs = config_kwargs(cfg, ctx.spec, source, timing_cache=staged_timing)
-        ctx.log(f"building TensorRT engine {plan.name} from {source.file.path} ({precision}, strongly typed, batch "
-                f"{flags['min_batch']}..{flags['max_batch']}, opt {flags['opt_batch']}) on {env.describe()}")
+        ctx.log(f"building TensorRT engine {plan.name} from {source.file.path} ({source.precision}, strongly typed, "
+                f"batch {params.min_batch}..{params.max_batch}, opt {params.opt_batch}) on {env.describe()}")
         engine = build_engine(ctx.out / source.file.path, plan, kwargs, save_timing_cache=staged_timing)
-    sha = sha256_file(plan)
-    more: dict[str, Any] = {"timing_cache": str(timing_cache)}
-    if isinstance(source.params.get("calibration"), dict):
-        more["calibration"] = source.params["calibration"]
-    extra = engine_extra(env, flags, sha, engine_profile(engine, ctx.spec.input_names), **more)
-    art = ctx.manifest.record(ctx.out, plan, name=name, kind="plan", precision=precision, step="build_engine",
-                              params=flags, parent=source.name, extra=extra)
-    art.metrics["parity"] = _engine_parity(engine, ctx, source, sorted({flags["min_batch"], flags["opt_batch"]}))
-    art.metrics["parity_reference"] = f"onnxruntime cpu on {source.name}"
-    if precision != "int8":  # INT8 is judged by the accuracy gate of its Q/DQ source, not by cosine
-        tol = Tolerance.fp16() if precision == "fp16" else Tolerance.tf32() if cfg.tf32 else Tolerance.fp32()
-        bad = [f"parity with {source.name} at {k}: cosine {v['cosine']:.6f} < {tol.min_cosine}"
-               for k, v in art.metrics["parity"].items() if v["cosine"] < tol.min_cosine]
-        if bad:
-            art.status = "failed"
-            art.notes.extend(bad)
-            ctx.manifest.save(ctx.out)
-            raise ValidationError(f"TensorRT engine {plan.name}", bad)
+    build = engine_build(env, sha256_file(plan), engine_profile(engine, ctx.spec.input_names),
+                         timing_cache=str(timing_cache), calibration=source_calibration(source))
+    art = ctx.manifest.record(ctx.out, plan, name=name, kind="plan", precision=source.precision, params=params,
+                              parent=source.name, engine=build)
+    art.metrics.parity = _engine_parity(engine, ctx, source, sorted({params.min_batch, params.opt_batch}))
+    art.metrics.parity_reference = f"onnxruntime cpu on {source.name}"
+    _check_parity(ctx, cfg, art, source, plan)
+
+
+def _check_parity(ctx: ConvertContext, cfg: EngineConfig, art: Artifact, source: Artifact, plan: Path) -> None:
+    """An FP32/FP16 engine must reproduce its source; a failure marks the artifact failed and raises.
+
+    INT8 is judged by the accuracy gate of its Q/DQ source, not by cosine.
+    """
+    from convert.validate import Tolerance
+
+    if art.precision == "int8":
+        return
+    tol = Tolerance.fp16() if art.precision == "fp16" else Tolerance.tf32() if cfg.tf32 else Tolerance.fp32()
+    bad = [f"parity with {source.name} at {k}: cosine {v.cosine:.6f} < {tol.min_cosine}"
+           for k, v in art.metrics.parity.items() if v.cosine < tol.min_cosine]
+    if bad:
+        art.status = "failed"
+        art.notes.extend(bad)
+        ctx.manifest.save(ctx.out)
+        raise ValidationError(f"TensorRT engine {plan.name}", bad)

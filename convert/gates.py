@@ -1,8 +1,8 @@
 """Accuracy gates: every variant is checked against the FP32 model on held-out inputs.
 
-- :class:`HeldOutEvaluator` runs the FP32 ONNX model once on the held-out inputs (never the calibration
-  samples), then each variant on the same inputs: top-1 agreement, max/mean abs error, cosine and, with
-  labels, accuracy (:func:`runtimes.harness.accuracy_stats`, the same statistics ``bench`` reports).
+- :class:`convert.heldout.HeldOutEvaluator` runs the FP32 ONNX model once on the held-out inputs (never
+  the calibration samples), then each variant on the same inputs: top-1 agreement, max/mean abs error,
+  cosine and, with labels, accuracy (:func:`core.metrics.accuracy_stats`, the statistics ``bench`` reports).
 - :func:`gate_verdict` applies ``--max-accuracy-drop`` (top-1 points; agreement where there are no labels).
 - :func:`rank_nodes` ranks quantized nodes by the error each one *adds* (relative error of its output
   minus that of its inputs, FP32 vs QDQ, on calibration samples); :func:`auto_search` uses it for
@@ -18,73 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
-from calibration.sources import Source
-from convert.validate import ort_session
+from convert.config import CalibMethod
 from core.errors import AccuracyGateError, InputError
 from core.manifest import Manifest
-from reports.models import AccuracyStats
-
-
-class GateConfig(BaseModel):
-    """How variants are checked against FP32, and the budget they must meet."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_accuracy_drop: float | None = Field(
-        default=None, ge=0, description="Allowed top-1 loss in points (agreement loss when there are no labels); "
-                                        "exceeded -> artifact marked failed, convert exits non-zero")
-    auto: bool = Field(default=False, description="Static INT8: try calibration methods, then keep the most "
-                                                  "error-adding nodes in FP32 until within budget")
-    eval_data: str | None = Field(default=None, description="Held-out data (image folder, .npz with optional "
-                                                            "'labels', imagenet_subset); default: a window of "
-                                                            "the calibration data that calibration never sees")
-    eval_size: int = Field(default=200, ge=1, description="At most this many held-out samples")
-    eval_batch: int = Field(default=16, ge=1, description="Batch size for the held-out runs")
-
-
-class HeldOutEvaluator:
-    """FP32 reference outputs on the held-out source, computed once, and variant statistics against them."""
-
-    def __init__(self, source: Source, batch: int, fixed_batch: int | None = None) -> None:
-        self.source = source
-        self.batch = fixed_batch or batch
-        self.fixed = fixed_batch
-        self.reference: np.ndarray | None = None
-        self.labels: np.ndarray | None = None
-        self.reference_name = ""
-
-    def _run(self, path: Path, simulate_qdq: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        sess = ort_session(path, simulate_qdq=simulate_qdq)
-        outs: list[np.ndarray] = []
-        labels: list[np.ndarray] = []
-        for feed, lab in self.source.iter_labelled(self.batch):
-            n = len(next(iter(feed.values())))
-            if self.fixed and n != self.fixed:
-                continue
-            outs.append(np.asarray(sess.run(None, feed)[0], dtype=np.float32))
-            if lab is not None:
-                labels.append(lab)
-        if not outs:
-            raise InputError(f"no held-out batch could be run ({self.source.describe()})")
-        return np.concatenate(outs), (np.concatenate(labels) if labels else None)
-
-    def set_reference(self, path: Path, name: str) -> None:
-        self.reference, self.labels = self._run(path)
-        self.reference_name = name
-
-    def evaluate(self, path: Path, simulate_qdq: bool = False) -> AccuracyStats:
-        """Statistics of ``path`` against the reference (``simulate_qdq``: see ``ort_session``)."""
-        from runtimes.harness import accuracy_stats
-
-        if self.reference is None:
-            raise RuntimeError("set_reference() first")
-        got, _ = self._run(path, simulate_qdq)
-        return accuracy_stats(got, self.reference, self.labels, f"ort:{self.reference_name}:fp32")
-
-    def record(self) -> dict[str, Any]:
-        return self.source.manifest_record() | {"used": 0 if self.reference is None else len(self.reference)}
+from core.metrics import AccuracyStats
+from core.records import AutoRecord, GateResult, NodeRank, TrialRecord
+from runtimes.ort import ort_session
 
 
 def accuracy_drop(stats: AccuracyStats) -> tuple[float | None, str]:
@@ -96,37 +36,37 @@ def accuracy_drop(stats: AccuracyStats) -> tuple[float | None, str]:
     return None, "none: the output is not a class-score matrix"
 
 
-def gate_verdict(stats: AccuracyStats, budget: float | None) -> dict[str, Any]:
+def gate_verdict(stats: AccuracyStats, budget: float | None) -> GateResult:
     """The gate record kept in the manifest: drop, basis, budget, passed (None when no budget)."""
     drop, basis = accuracy_drop(stats)
     if budget is not None and drop is None:
         raise InputError("--max-accuracy-drop needs a classifier output (batch x classes) to compare top-1; "
                          "this model's first output is not one")
     passed = None if budget is None or drop is None else bool(drop <= budget + 1e-9)
-    return {"drop_points": None if drop is None else round(drop, 4), "basis": basis, "budget_points": budget,
-            "passed": passed, "samples": stats.samples}
+    return GateResult(drop_points=None if drop is None else round(drop, 4), basis=basis, budget_points=budget,
+                      passed=passed, samples=stats.samples)
 
 
-def summary_line(stats: AccuracyStats, gate: dict[str, Any]) -> str:
+def summary_line(stats: AccuracyStats, gate: GateResult) -> str:
     parts = []
     if stats.top1_agreement is not None:
         parts.append(f"top-1 agree {100 * stats.top1_agreement:.1f}%")
     if stats.top1_acc is not None and stats.ref_top1_acc is not None:
         parts.append(f"acc {100 * stats.top1_acc:.1f}% (fp32 {100 * stats.ref_top1_acc:.1f}%)")
     parts.append(f"cos {stats.cosine:.4f}")
-    if gate["passed"] is not None:
-        parts.append(f"gate {'ok' if gate['passed'] else 'FAILED'} ({gate['drop_points']:.2f} vs "
-                     f"{gate['budget_points']:g} pts)")
+    if gate.passed is not None:
+        parts.append(f"gate {'ok' if gate.passed else 'FAILED'} ({gate.drop_points:.2f} vs {gate.budget_points:g} pts)")
     return ", ".join(parts) + f" on {stats.samples} held-out"
 
 
 def check_gates(manifest: Manifest) -> None:
     """Raise one AccuracyGateError naming every variant whose gate failed (they stay in the manifest,
     marked failed, so ``bench`` skips them)."""
-    failed = [a for a in manifest.artifacts.values() if (a.metrics.get("gate") or {}).get("passed") is False]
+    failed = [(a.name, a.metrics.gate) for a in manifest.artifacts.values()
+              if a.metrics.gate is not None and a.metrics.gate.passed is False]
     if failed:
-        parts = [f"{a.name} lost {a.metrics['gate']['drop_points']:.2f} points of "
-                 f"{a.metrics['gate']['basis']} (budget {a.metrics['gate']['budget_points']:g})" for a in failed]
+        parts = [f"{name} lost {gate.drop_points:.2f} points of {gate.basis} (budget {gate.budget_points:g})"
+                 for name, gate in failed]
         raise AccuracyGateError("accuracy gate failed: " + "; ".join(parts)
                                 + " -> marked failed in manifest.json (try --auto, another --calib-method, "
                                   "more calibration data, or a larger budget)")
@@ -229,15 +169,20 @@ def rank_nodes(float_path: Path, qdq_path: Path, batches: Iterable[dict[str, np.
 
 @dataclass
 class Trial:
-    method: str
+    method: CalibMethod
     fp32_nodes: list[str]
     stats: AccuracyStats
-    gate: dict[str, Any]
+    gate: GateResult
     path: Path
 
-    def record(self) -> dict[str, Any]:
-        return {"method": self.method, "fp32_nodes": len(self.fp32_nodes), "drop_points": self.gate["drop_points"],
-                "passed": self.gate["passed"], "cosine": round(self.stats.cosine, 6)}
+    def record(self) -> TrialRecord:
+        return TrialRecord(method=self.method, fp32_nodes=len(self.fp32_nodes), drop_points=self.gate.drop_points,
+                           passed=self.gate.passed, cosine=round(self.stats.cosine, 6))
+
+    @property
+    def drop(self) -> float:
+        """The gate's drop in points (inf when nothing could be compared, so it is never preferred)."""
+        return float("inf") if self.gate.drop_points is None else self.gate.drop_points
 
 
 @dataclass
@@ -247,15 +192,15 @@ class AutoResult:
     ranking: list[NodeScore] = field(default_factory=list)
     reason: str = ""
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> AutoRecord:
         kept = set(self.best.fp32_nodes)
-        return {"chosen_method": self.best.method, "fp32_nodes": self.best.fp32_nodes, "reason": self.reason,
-                "trials": [t.record() for t in self.trials],
-                "ranking_top": [{"node": s.node, "op_type": s.op_type, "added_error": round(s.added_error, 6),
-                                 "kept_fp32": s.node in kept} for s in self.ranking[:20]]}
+        return AutoRecord(chosen_method=self.best.method, fp32_nodes=self.best.fp32_nodes, reason=self.reason,
+                          trials=[t.record() for t in self.trials],
+                          ranking_top=[NodeRank(node=s.node, op_type=s.op_type, added_error=round(s.added_error, 6),
+                                                kept_fp32=s.node in kept) for s in self.ranking[:20]])
 
 
-def auto_search(methods: list[str], budget: float, build: Callable[[str, list[str]], Trial],
+def auto_search(methods: list[CalibMethod], budget: float, build: Callable[[CalibMethod, list[str]], Trial],
                 rank: Callable[[Trial], list[NodeScore]], log: Callable[[str], None]) -> AutoResult:
     """``--auto``: each calibration method in turn (stop at the first within budget); if none is, take the
     best method and keep its most error-adding nodes in FP32 — 1, 2, 4, ... of them — until within
@@ -264,11 +209,11 @@ def auto_search(methods: list[str], budget: float, build: Callable[[str, list[st
     for m in methods:
         t = build(m, [])
         trials.append(t)
-        log(f"  --auto: {m}: drop {t.gate['drop_points']:.2f} points (budget {budget:g})")
-        if t.gate["passed"]:
+        log(f"  --auto: {m}: drop {t.drop:.2f} points (budget {budget:g})")
+        if t.gate.passed:
             return AutoResult(best=t, trials=trials, reason=f"{m} calibration is within budget with every "
                                                              "supported node quantized")
-    best = min(trials, key=lambda t: (t.gate["drop_points"], -t.stats.cosine))
+    best = min(trials, key=lambda t: (t.drop, -t.stats.cosine))
     ranking = rank(best)
     if not ranking:
         return AutoResult(best=best, trials=trials, reason="no method is within budget and no quantized node "
@@ -281,12 +226,12 @@ def auto_search(methods: list[str], budget: float, build: Callable[[str, list[st
         t = build(best.method, keep)
         trials.append(t)
         log(f"  --auto: {best.method} with the {k} most error-adding node(s) in FP32: drop "
-            f"{t.gate['drop_points']:.2f} points")
+            f"{t.drop:.2f} points")
         current = t
-        if t.gate["passed"]:
+        if t.gate.passed:
             return AutoResult(best=t, trials=trials, ranking=ranking,
                               reason=f"no calibration method alone was within budget; {best.method} was closest "
-                                     f"({best.gate['drop_points']:.2f} points), and keeping its {k} most "
+                                     f"({best.drop:.2f} points), and keeping its {k} most "
                                      "error-adding node(s) in FP32 brings it within budget")
         if k == len(ranking):
             return AutoResult(best=current, trials=trials, ranking=ranking,

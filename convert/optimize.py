@@ -12,17 +12,18 @@ import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Any
 
 from core.errors import ToolkitError
 from core.fsutil import atomic_path
+from core.records import OptimizeInfo
+from runtimes.ort import session_options
 
 
 class OptimizeError(ToolkitError):
     """The graph optimizer failed on this model."""
 
 
-def optimize_onnx(src: Path, out: Path, *, slim: bool = True, ort_basic: bool = True) -> dict[str, Any]:
+def optimize_onnx(src: Path, out: Path, *, slim: bool = True, ort_basic: bool = True) -> OptimizeInfo:
     """Write the optimized model to ``out`` atomically and return what was done (node counts)."""
     import onnx
     import onnxruntime as ort
@@ -45,9 +46,7 @@ def optimize_onnx(src: Path, out: Path, *, slim: bool = True, ort_basic: bool = 
         if ort_basic:
             # ORT writes the optimized graph to its own file; it replaces tmp, which atomic_path renames.
             ort_out = tmp.with_name(tmp.stem + ".ort.onnx")
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            so = session_options(optimization="basic")
             so.optimized_model_filepath = str(ort_out)
             try:
                 ort.InferenceSession(str(tmp), sess_options=so, providers=["CPUExecutionProvider"])
@@ -57,5 +56,5 @@ def optimize_onnx(src: Path, out: Path, *, slim: bool = True, ort_basic: bool = 
                 raise OptimizeError(f"ONNX Runtime offline optimization failed on {src.name}: {exc}") from exc
             steps.append("ort_basic")
     final = onnx.load(str(out))
-    return {"steps": steps, "nodes_before": before, "nodes_after_slim": after_slim,
-            "nodes_after": len(final.graph.node)}
+    return OptimizeInfo(steps=steps, nodes_before=before, nodes_after_slim=after_slim,
+                        nodes_after=len(final.graph.node))

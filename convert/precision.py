@@ -10,17 +10,17 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
-from typing import Any
 
 from core.errors import ToolkitError
 from core.fsutil import atomic_path
+from core.records import Fp16Info
 
 
 class PrecisionError(ToolkitError):
     """The FP16 converter failed on this model."""
 
 
-def convert_fp16(src: Path, out: Path) -> dict[str, Any]:
+def convert_fp16(src: Path, out: Path) -> Fp16Info:
     """Write the FP16 model to ``out`` atomically; return what was done (for the manifest)."""
     import onnx
     from onnxconverter_common import float16
@@ -36,5 +36,5 @@ def convert_fp16(src: Path, out: Path) -> dict[str, Any]:
         onnx.save(fp16, str(tmp))
     casts = sum(1 for n in fp16.graph.node if n.op_type == "Cast") - sum(1 for n in model.graph.node
                                                                          if n.op_type == "Cast")
-    return {"converter": "onnxconverter_common.float16.convert_float_to_float16", "keep_io_types": True,
-            "casts_added": casts}
+    return Fp16Info(converter="onnxconverter_common.float16.convert_float_to_float16", keep_io_types=True,
+                    casts_added=casts)

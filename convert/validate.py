@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import InputError, ValidationError, first_line
 from core.iospec import IOSpec
+from core.metrics import compare_outputs
+from core.records import ArtifactMetrics
+from runtimes.ort import ort_session
 
 Reference = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
@@ -41,50 +44,6 @@ class Tolerance(BaseModel):
         return cls(atol=1e-2, rtol=1e-2, min_cosine=0.9995)
 
 
-def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> dict[str, float]:
-    """Max abs / max rel / mean abs error and the minimum cosine over all outputs."""
-    max_abs = max_rel = mean_abs = 0.0
-    cos_min = 1.0
-    for g, r in zip(got, ref, strict=True):
-        g64 = np.asarray(g, dtype=np.float64).reshape(-1)
-        r64 = np.asarray(r, dtype=np.float64).reshape(-1)
-        if g64.shape != r64.shape:
-            return {"max_abs_err": float("inf"), "max_rel_err": float("inf"), "mean_abs_err": float("inf"),
-                    "cosine": 0.0}
-        diff = np.abs(g64 - r64)
-        max_abs = max(max_abs, float(diff.max(initial=0.0)))
-        mean_abs = max(mean_abs, float(diff.mean()) if diff.size else 0.0)
-        max_rel = max(max_rel, float((diff / np.maximum(np.abs(r64), 1e-6)).max(initial=0.0)))
-        denom = float(np.linalg.norm(g64) * np.linalg.norm(r64))
-        cos = float(np.dot(g64, r64) / denom) if denom > 0 else float(np.allclose(g64, r64))
-        cos_min = min(cos_min, cos)
-    return {"max_abs_err": max_abs, "max_rel_err": max_rel, "mean_abs_err": mean_abs, "cosine": cos_min}
-
-
-def ort_session(model: Path | bytes, threads: int | None = None, providers: list[str] | None = None, *,
-                simulate_qdq: bool = False) -> Any:
-    """An ONNX Runtime CPU session (or the given providers) over a file or a serialised model;
-    a model ONNX Runtime refuses is an InputError.
-
-    ``simulate_qdq`` turns graph optimizations off, so Q/DQ pairs run as written (quantize, then
-    dequantize, then the FP32 op) instead of being fused into ONNX Runtime's integer kernels: the
-    arithmetic TensorRT's INT8 kernels follow (INT32 accumulation), without the x86 CPU kernels'
-    saturation of full-range signed INT8 weights.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if simulate_qdq:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=so,
-                                    providers=providers or ["CPUExecutionProvider"])
-    except Exception as exc:
-        what = "the in-memory model" if isinstance(model, bytes) else str(model)
-        raise InputError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from None
 
 
 def ort_reference(path: Path, simulate_qdq: bool = False) -> Reference:
@@ -129,13 +88,14 @@ def structural_checks(path: Path) -> tuple[Any, list[str]]:
 
 
 def validate_onnx(path: Path, spec: IOSpec, reference: Reference | None, *, batches: Sequence[int] = (1, 2),
-                  tol: Tolerance | None = None, what: str | None = None) -> dict[str, Any]:
-    """Run every check on ``path``; return the parity numbers; raise one ValidationError on any failure."""
+                  tol: Tolerance | None = None, what: str | None = None) -> ArtifactMetrics:
+    """Run every check on ``path``; return the checker, shape inference and parity results (merge them into
+    an artifact's metrics with ``ArtifactMetrics.update``); raise one ValidationError on any failure."""
     tol = tol or Tolerance.fp32()
     _, failures = structural_checks(path)
-    metrics: dict[str, Any] = {"checker": "ok" if not any(f.startswith("onnx.checker") for f in failures) else "failed",
-                               "shape_inference": "ok" if not any(f.startswith("shape") for f in failures)
-                               else "failed", "parity": {}}
+    metrics = ArtifactMetrics(checker="failed" if any(f.startswith("onnx.checker") for f in failures) else "ok",
+                              shape_inference="failed" if any(f.startswith("shape") for f in failures) else "ok",
+                              parity={})
     if reference is not None:
         try:
             sess = ort_session(path)
@@ -151,15 +111,15 @@ def validate_onnx(path: Path, spec: IOSpec, reference: Reference | None, *, batc
                 continue
             ref = reference(feed)
             stats = compare_outputs(got, ref)
-            metrics["parity"][f"batch_{batch}"] = stats
+            metrics.parity[f"batch_{batch}"] = stats
             bad = len(got) != len(ref) or any(
                 not np.allclose(np.asarray(g, np.float64), np.asarray(r, np.float64), atol=tol.atol, rtol=tol.rtol)
                 for g, r in zip(got, ref, strict=False))
             if bad:
-                failures.append(f"parity at batch {batch}: max abs err {stats['max_abs_err']:.3g} exceeds "
+                failures.append(f"parity at batch {batch}: max abs err {stats.max_abs_err:.3g} exceeds "
                                 f"atol {tol.atol:g} + rtol {tol.rtol:g}")
-            if stats["cosine"] < tol.min_cosine:
-                failures.append(f"parity at batch {batch}: cosine {stats['cosine']:.6f} < {tol.min_cosine}")
+            if stats.cosine < tol.min_cosine:
+                failures.append(f"parity at batch {batch}: cosine {stats.cosine:.6f} < {tol.min_cosine}")
     if failures:
         raise ValidationError(f"validation of {what or path.name}", failures)
     return metrics

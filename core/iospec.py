@@ -166,6 +166,11 @@ def feed_digest(feed: dict[str, np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
+def onnx_opset(model: Any) -> int | None:
+    """The default-domain opset an ``onnx.ModelProto`` imports (None when it imports none)."""
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def spec_from_onnx(model: Any) -> IOSpec:
     """Read an IOSpec from an ``onnx.ModelProto`` (graph inputs that are not initializers)."""
     from onnx import helper

@@ -18,9 +18,11 @@ from pydantic import ValidationError as PydanticValidationError
 from core.errors import InputError, ValidationError
 from core.fsutil import atomic_write_text, sha256_file
 from core.iospec import IOSpec
+from core.records import ArtifactMetrics, EngineBuild, StepParams, migrate_v1_artifact
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+#: 2: typed ``params`` (one record per step), ``metrics`` and ``engine`` (was the free dict ``extra``).
+SCHEMA_VERSION = 2
 
 ArtifactKind = Literal["onnx", "state_dict", "torchscript", "plan"]
 Precision = Literal["fp32", "fp16", "bf16", "int8", "mixed"]
@@ -86,13 +88,17 @@ class Artifact(BaseModel):
     kind: ArtifactKind
     precision: Precision = "fp32"
     file: FileRecord
-    step: str = Field(description="The step that wrote it: export, optimize, quantize_static, ...")
-    params: dict[str, Any] = Field(default_factory=dict, description="The step's parameters")
+    params: StepParams = Field(description="The step that wrote it (params.step) and its parameters")
     parent: str | None = Field(default=None, description="Artifact this one was derived from")
-    metrics: dict[str, Any] = Field(default_factory=dict, description="Parity / accuracy numbers")
+    metrics: ArtifactMetrics = Field(default_factory=ArtifactMetrics, description="Parity / accuracy numbers")
     status: Literal["ok", "failed"] = "ok"
     notes: list[str] = Field(default_factory=list)
-    extra: dict[str, Any] = Field(default_factory=dict, description="Backend-specific facts (e.g. TRT build)")
+    engine: EngineBuild | None = Field(default=None, description="TensorRT plans: what the engine is tied to")
+
+    @property
+    def step(self) -> str:
+        """The step that wrote it: export, optimize, quantize_static, ..."""
+        return self.params.step
 
 
 class Manifest(BaseModel):
@@ -111,16 +117,15 @@ class Manifest(BaseModel):
     artifacts: dict[str, Artifact] = Field(default_factory=dict)
 
     # -- files ---------------------------------------------------------------------------------
-    def record(self, base: Path, path: Path, *, name: str, kind: ArtifactKind, step: str,
-               precision: Precision = "fp32", params: dict[str, Any] | None = None,
-               parent: str | None = None, metrics: dict[str, Any] | None = None,
-               notes: list[str] | None = None, extra: dict[str, Any] | None = None) -> Artifact:
+    def record(self, base: Path, path: Path, *, name: str, kind: ArtifactKind, params: StepParams,
+               precision: Precision = "fp32", parent: str | None = None, metrics: ArtifactMetrics | None = None,
+               notes: list[str] | None = None, engine: EngineBuild | None = None) -> Artifact:
         """Hash ``path`` and add (or replace) the artifact ``name``."""
         path = Path(path)
         rec = FileRecord(path=str(path.resolve().relative_to(Path(base).resolve())),
                          sha256=sha256_file(path), size_bytes=path.stat().st_size)
-        art = Artifact(name=name, kind=kind, precision=precision, file=rec, step=step, params=params or {},
-                       parent=parent, metrics=metrics or {}, notes=notes or [], extra=extra or {})
+        art = Artifact(name=name, kind=kind, precision=precision, file=rec, params=params, parent=parent,
+                       metrics=metrics or ArtifactMetrics(), notes=notes or [], engine=engine)
         self.artifacts[name] = art
         return art
 
@@ -128,6 +133,10 @@ class Manifest(BaseModel):
         if name not in self.artifacts:
             raise InputError(f"artifact {name!r} not in manifest; available: {sorted(self.artifacts)}")
         return Path(base) / self.artifacts[name].file.path
+
+    def best_fp32(self) -> str:
+        """The FP32 model variants derive from and ONNX backends run by default: ``opt`` when present."""
+        return "opt" if "opt" in self.artifacts else "fp32"
 
     def by_kind(self, kind: ArtifactKind) -> list[Artifact]:
         return [a for a in self.artifacts.values() if a.kind == kind]
@@ -160,11 +169,23 @@ class Manifest(BaseModel):
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise InputError(f"{path} is not readable JSON: {exc}") from None
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise InputError(f"{path} has schema_version {data.get('schema_version')!r}; "
-                             f"this toolkit reads version {SCHEMA_VERSION}")
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            data = _from_v1(data)
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            version = data.get("schema_version") if isinstance(data, dict) else None
+            raise InputError(f"{path} has schema_version {version!r}; this toolkit reads versions 1 and "
+                             f"{SCHEMA_VERSION}")
         try:
             return cls.model_validate(data)
         except PydanticValidationError as exc:
             errs = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
             raise ValidationError(f"{path} is not a valid manifest", [errs]) from None
+
+
+def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 manifest (free dicts) as schema 2; a malformed one is left for validation to refuse."""
+    arts = data.get("artifacts")
+    if not isinstance(arts, dict) or not all(isinstance(a, dict) for a in arts.values()):
+        return {**data, "schema_version": SCHEMA_VERSION}
+    return {**data, "schema_version": SCHEMA_VERSION,
+            "artifacts": {k: migrate_v1_artifact(a) for k, a in arts.items()}}

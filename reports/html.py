@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import InputError
 from core.fsutil import atomic_write_text, ensure_writable_dir
+from core.metrics import NOISE_RATIO
 from reports.compare import Comparison, Run, compare_runs, key_text, load_runs, row_key
 from reports.models import BenchResults
 from reports.plots import Plot, render_plots, write_pngs
@@ -120,8 +121,8 @@ def _recommendation_html(recs: list[tuple[Run, list[Recommendation]]], budget: f
 def _ratio_cell(ratio: float | None, higher_is_worse: bool, regressed: bool = False) -> str:
     if ratio is None:
         return _td("-")
-    worse = ratio > 1.05 if higher_is_worse else ratio < 1 / 1.05
-    better = ratio < 1 / 1.05 if higher_is_worse else ratio > 1.05
+    worse = ratio > NOISE_RATIO if higher_is_worse else ratio < 1 / NOISE_RATIO
+    better = ratio < 1 / NOISE_RATIO if higher_is_worse else ratio > NOISE_RATIO
     cls = "slower" if (worse or regressed) else "faster" if better else ""
     return _td(f"{ratio:.2f}x", cls=cls)
 

@@ -15,8 +15,7 @@ def manifest_table(manifest: Manifest, folder: Path) -> Any:
     for col in ("artifact", "file", "precision", "step", "size MB", "status", "check"):
         table.add_column(col)
     for a in manifest.artifacts.values():
-        parity = a.metrics.get("parity") or {}
-        worst = max((v.get("max_abs_err", 0.0) for v in parity.values()), default=None)
-        check = f"max abs err {worst:.2e}" if worst is not None else a.metrics.get("summary", "")
+        worst = max((v.max_abs_err for v in a.metrics.parity.values()), default=None)
+        check = f"max abs err {worst:.2e}" if worst is not None else a.metrics.summary or ""
         table.add_row(a.name, a.file.path, a.precision, a.step, f"{a.file.size_bytes / 2**20:.1f}", a.status, check)
     return table

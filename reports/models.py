@@ -13,52 +13,10 @@ from pydantic import ValidationError as PydanticValidationError
 
 from core.errors import InputError
 from core.manifest import library_versions, utc_now
+from core.metrics import AccuracyStats, LatencyStats
 
 RESULTS_SCHEMA_VERSION = 1
 
-
-class LatencyStats(BaseModel):
-    """Per-call latency in milliseconds over the timed iterations (warm-up excluded)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    p50: float
-    p90: float
-    p99: float
-    mean: float
-    min: float
-    max: float
-    std: float
-    iters: int
-
-    @classmethod
-    def from_samples(cls, samples_ms: list[float]) -> LatencyStats:
-        import numpy as np
-
-        a = np.asarray(samples_ms, dtype=np.float64)
-        if a.size == 0:
-            raise ValueError("no latency samples")
-        p50, p90, p99 = np.percentile(a, [50, 90, 99])
-        return cls(p50=float(p50), p90=float(p90), p99=float(p99), mean=float(a.mean()), min=float(a.min()),
-                   max=float(a.max()), std=float(a.std()), iters=int(a.size))
-
-
-class AccuracyStats(BaseModel):
-    """Agreement of a backend's outputs with the FP32 reference, and accuracy against labels."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    reference: str = Field(description="What the outputs were compared with, e.g. 'eager:fp32'")
-    samples: int
-    max_abs_err: float
-    mean_abs_err: float
-    cosine: float
-    top1_agreement: float | None = None
-    top5_agreement: float | None = None
-    top1_acc: float | None = None
-    top5_acc: float | None = None
-    ref_top1_acc: float | None = None
-    ref_top5_acc: float | None = None
 
 
 class BenchRecord(BaseModel):

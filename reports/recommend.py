@@ -11,12 +11,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.metrics import NOISE_RATIO
 from reports.compare import record_label
 from reports.models import BenchRecord, BenchResults
 from reports.pareto import AccuracyMetric, accuracy_metric
 
-#: Ratios closer to 1 than this are called "within noise" rather than faster/slower.
-NOISE_RATIO = 1.05
 #: p99/p50 above this makes the measurement "noisy".
 NOISY_TAIL = 2.0
 

@@ -1,4 +1,8 @@
-"""Backends. ONE explicit table: name -> runner class. Heavy imports happen in ``Runner.load``."""
+"""Backends. ONE explicit table: name -> runner class. Heavy imports happen in ``Runner.load``.
+
+What a backend can do is a class attribute of its runner (``artifact_kinds``, ``devices``, ``torch_like``,
+``needs_weights``, ``tensorrt_like``, ``profiler``), never a list of names elsewhere.
+"""
 
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.manifest import Artifact, ArtifactKind, Manifest
 
 Device = Literal["cpu", "cuda"]
+#: How ``profile`` traces a runner: ONNX Runtime's own profiler, or ``torch.profiler``.
+Profiler = Literal["onnxruntime", "torch"]
 
 
 class RunnerOptions(BaseModel):
@@ -35,6 +37,9 @@ class RunnerOptions(BaseModel):
                                            "would steal the cores from the next session's run")
     include_transfers: bool = Field(default=False,
                                     description="GPU: time host->device->host copies inside the loop")
+    ort_profile_prefix: str | None = Field(default=None,
+                                           description="ONNX Runtime: switch its profiler on and write the trace "
+                                                       "to PREFIX*.json (what `profile` does)")
 
 
 class Runner:
@@ -46,12 +51,28 @@ class Runner:
     #: Devices this runner can use.
     devices: ClassVar[tuple[Device, ...]] = ("cpu",)
 
+    # -- capabilities: what the harness, `profile` and the benchmarks ask of a backend ----------
+    #: Runs a PyTorch module: takes ``--precisions`` (autocast compute precisions) instead of the
+    #: artifact's own precision.
+    torch_like: ClassVar[bool] = False
+    #: Needs the PyTorch weights (state_dict / TorchScript artifacts); it runs them whatever
+    #: ``--variants`` says, since they are the model, not a variant.
+    needs_weights: ClassVar[bool] = False
+    #: Runs a variant made for TensorRT (``int8_trt``) as TensorRT would; other backends run it only
+    #: when ``--variants`` names it (ONNX Runtime's x86 kernels can saturate with its full-range weights).
+    tensorrt_like: ClassVar[bool] = False
+    #: How ``profile`` traces it: ONNX Runtime's own profiler, ``torch.profiler``, or None (not profilable).
+    profiler: ClassVar[Profiler | None] = None
+    #: ``profile``: operators that, among the top three, need a word of explanation -> that word.
+    profile_notes: ClassVar[dict[str, str]] = {}
+
     def __init__(self, manifest: Manifest, base: Path, artifact: Artifact, options: RunnerOptions) -> None:
         self.manifest = manifest
         self.base = Path(base)
         self.artifact = artifact
         self.options = options
         self.loaded = False
+        self._started = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -69,14 +90,22 @@ class Runner:
         return f"{self.name}:{self.artifact.name}"
 
     def load(self) -> Runner:
-        self._load()
+        """Load the model; if that fails, release whatever was acquired before the failure, then raise."""
+        self._started = True
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
         self.loaded = True
         return self
 
     def close(self) -> None:
-        if self.loaded:
-            self._close()
+        """Release what ``load`` acquired, also after a failed ``load``; closing twice is harmless."""
+        if self._started:
+            self._started = False
             self.loaded = False
+            self._close()
 
     def __enter__(self) -> Runner:
         return self.load()

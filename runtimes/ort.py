@@ -7,12 +7,71 @@ stay there in the timed loop unless ``include_transfers``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from core.errors import BackendUnavailableError, first_line
-from runtimes.base import Device, Runner
+from core.errors import BackendUnavailableError, InputError, first_line
+from core.resources import cuda_problem
+from runtimes.base import Device, Profiler, Runner
+
+GraphOptimization = Literal["all", "basic", "none"]
+
+
+#: ONNX Runtime's tensor type strings (``NodeArg.type``) -> NumPy dtypes.
+ORT_TYPES: dict[str, type[np.generic]] = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(bool)": np.bool_,
+}
+
+
+def numpy_type(ort_type: str) -> np.dtype[Any]:
+    """The NumPy dtype of an ONNX Runtime type string (float32 for a type without one)."""
+    return np.dtype(ORT_TYPES.get(ort_type, np.float32))
+
+
+def session_options(threads: int | None = None, *, spinning: bool = True,
+                    optimization: GraphOptimization = "all", profile_prefix: str | None = None) -> Any:
+    """The one place ONNX Runtime ``SessionOptions`` are made: quiet logging, the graph optimization
+    level, intra-op threads (None = ONNX Runtime's default), whether idle threads spin, and (with
+    ``profile_prefix``) ONNX Runtime's profiler writing its trace to ``profile_prefix``*.json."""
+    import onnxruntime as ort
+
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = levels[optimization]
+    if threads:
+        so.intra_op_num_threads = threads
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return so
+
+
+def ort_session(model: Path | bytes, threads: int | None = None, providers: list[str] | None = None, *,
+                simulate_qdq: bool = False) -> Any:
+    """An ONNX Runtime CPU session (or the given providers) over a file or a serialised model;
+    a model ONNX Runtime refuses is an InputError.
+
+    ``simulate_qdq`` turns graph optimizations off, so Q/DQ pairs run as written (quantize, then
+    dequantize, then the FP32 op) instead of being fused into ONNX Runtime's integer kernels: the
+    arithmetic TensorRT's INT8 kernels follow (INT32 accumulation), without the x86 CPU kernels'
+    saturation of full-range signed INT8 weights.
+    """
+    import onnxruntime as ort
+
+    so = session_options(threads, optimization="none" if simulate_qdq else "all")
+    try:
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=so,
+                                    providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:
+        what = "the in-memory model" if isinstance(model, bytes) else str(model)
+        raise InputError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from None
 
 
 def ort_providers() -> list[str]:
@@ -31,6 +90,7 @@ class OrtRunner(Runner):
     devices: ClassVar[tuple[Device, ...]] = ("cpu", "cuda")
     #: The execution provider that must be active on CUDA (ONNX Runtime silently falls back otherwise).
     gpu_provider: ClassVar[str] = "CUDAExecutionProvider"
+    profiler: ClassVar[Profiler | None] = "onnxruntime"
 
     session: Any = None
     _stream: Any = None
@@ -48,8 +108,6 @@ class OrtRunner(Runner):
                 hint = "pip install .[gpu]" if cls.gpu_provider == "CUDAExecutionProvider" else \
                     "onnxruntime-gpu with TensorRT libraries: pip install .[gpu,trt]"
                 return f"ONNX Runtime has no {cls.gpu_provider} here ({hint}); available providers: {providers}"
-            from runtimes.torch_eager import cuda_problem
-
             if (why := cuda_problem()) is not None:
                 return f"the CUDA-event timer needs PyTorch with CUDA: {why}"
         return None
@@ -72,17 +130,13 @@ class OrtRunner(Runner):
         return self._stream
 
     def session_options(self) -> Any:
-        """The ``SessionOptions`` the session is created with (the profiler adds ``enable_profiling``)."""
-        import onnxruntime as ort
+        """The ``SessionOptions`` the session is created with (``ort_profile_prefix`` turns the profiler on)."""
+        return session_options(self.options.threads, spinning=self.options.ort_spinning,
+                               profile_prefix=self.options.ort_profile_prefix)
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.options.threads:
-            so.intra_op_num_threads = self.options.threads
-        if not self.options.ort_spinning:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return so
+    def end_profiling(self) -> Path:
+        """Stop ONNX Runtime's profiler (``ort_profile_prefix``) and return the trace file it wrote."""
+        return Path(self.session.end_profiling())
 
     def _load(self) -> None:
         import onnxruntime as ort
@@ -113,10 +167,7 @@ class OrtRunner(Runner):
             self.session = None
             raise BackendUnavailableError(f"ONNX Runtime could not start {self.gpu_provider} (CUDA/cuDNN/TensorRT "
                                           f"libraries missing or mismatched?); it fell back to {active}")
-        type_map = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-                    "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8,
-                    "tensor(bool)": np.bool_}
-        self._input_types = {i.name: np.dtype(type_map.get(i.type, np.float32)) for i in self.session.get_inputs()}
+        self._input_types = {i.name: numpy_type(i.type) for i in self.session.get_inputs()}
         self._output_names = [o.name for o in self.session.get_outputs()]
 
     def prepare(self, feed: dict[str, np.ndarray]) -> Any:
@@ -163,6 +214,8 @@ class OrtTensorrtRunner(OrtRunner):
     name = "ort-trt"
     devices: ClassVar[tuple[Device, ...]] = ("cuda",)
     gpu_provider = "TensorrtExecutionProvider"
+    tensorrt_like = True
+    profiler = None
 
     def gpu_provider_options(self) -> dict[str, Any]:
         cache = self.base / "bench" / "ort_trt_cache"

@@ -1,7 +1,8 @@
 """Operator-level profiles: where the time of one model call goes.
 
-``ort`` uses ONNX Runtime's own profiler (``SessionOptions.enable_profiling``); ``eager`` and
-``torchscript`` use ``torch.profiler``. Both write a Chrome-trace JSON file that opens in Perfetto
+Each runner says how it is profiled (``Runner.profiler``): ``ort`` with ONNX Runtime's own profiler
+(``SessionOptions.enable_profiling``, set by ``runtimes.ort.session_options``), ``eager`` and
+``torchscript`` with ``torch.profiler``. Both write a Chrome-trace JSON file that opens in Perfetto
 (https://ui.perfetto.dev) or chrome://tracing, and both are summarised as the top operators by time
 over the timed iterations (warm-up excluded). Models are loaded by the runners in ``runtimes/``,
 from the artifact folder's manifest, exactly as ``bench`` loads them.
@@ -23,11 +24,14 @@ from core.errors import InputError
 from core.fsutil import atomic_path, ensure_writable_dir
 from core.manifest import Manifest
 from runtimes import RUNNERS
-from runtimes.base import Device, Runner, RunnerOptions
-from runtimes.harness import BenchConfig, Target, select_targets
+from runtimes.base import Device, Profiler, Runner, RunnerOptions
+from runtimes.harness import BenchConfig, Target, load_checked_manifest, select_targets
 from runtimes.ort import OrtRunner
 
-PROFILED_BACKENDS = ("ort", "eager", "torchscript")
+
+def profilable_backends() -> list[str]:
+    """The backends ``profile`` can trace (``Runner.profiler`` set)."""
+    return [name for name, cls in RUNNERS.items() if cls.profiler is not None]
 
 
 class ProfileConfig(BaseModel):
@@ -37,7 +41,7 @@ class ProfileConfig(BaseModel):
 
     artifact_dir: Path = Field(description="Folder with manifest.json (from `convert`)")
     backend: str = Field(default="ort", description="ort | eager | torchscript")
-    variant: str | None = Field(default=None, description="Artifact name; default 'opt' for ort when present")
+    variant: str | None = Field(default=None, description="Artifact name; default for ONNX backends: opt, else fp32")
     batch_size: int = Field(default=1, ge=1)
     warmup: int = Field(default=5, ge=0, description="Untimed runs before profiling")
     iters: int = Field(default=20, ge=1, description="Profiled runs")
@@ -78,18 +82,6 @@ class ProfileResult(BaseModel):
         return self.ops[:n]
 
 
-class ProfilingOrtRunner(OrtRunner):
-    """The ``ort`` runner with ONNX Runtime's profiler switched on; the trace goes to ``prefix``*.json."""
-
-    profile_prefix: str = ""
-
-    def session_options(self) -> Any:
-        so = super().session_options()
-        so.enable_profiling = True
-        so.profile_file_prefix = self.profile_prefix
-        return so
-
-
 def _rank(totals: dict[str, tuple[int, float]]) -> tuple[float, list[OpStat]]:
     """(summed ms, OpStats most expensive first) from op -> (calls, total ms)."""
     whole = sum(ms for _, ms in totals.values())
@@ -115,19 +107,23 @@ def ort_op_times(events: list[dict[str, Any]], last_runs: int) -> dict[str, tupl
     return totals
 
 
-def _profile_ort(runner: ProfilingOrtRunner, prepared: Any, cfg: ProfileConfig, trace: Path) -> dict[str, Any]:
+def _profile_ort(runner: Runner, prepared: Any, cfg: ProfileConfig, trace: Path) -> dict[str, tuple[int, float]]:
+    """ONNX Runtime's profiler (on since the session was made: ``ort_profile_prefix``); the warm-up runs
+    are in its trace too, and ``ort_op_times`` leaves them out."""
+    if not isinstance(runner, OrtRunner):
+        raise TypeError(f"{runner.name} has no ONNX Runtime session to profile")
     for _ in range(cfg.warmup):
         runner.run_once(prepared)
     for _ in range(cfg.iters):
         runner.run_once(prepared)
-    written = Path(runner.session.end_profiling())
+    written = runner.end_profiling()
     events = json.loads(written.read_text(encoding="utf-8"))
     with atomic_path(trace) as tmp:
         shutil.move(written, tmp)
     return ort_op_times(events, cfg.iters)
 
 
-def _profile_torch(runner: Runner, prepared: Any, cfg: ProfileConfig, trace: Path) -> dict[str, Any]:
+def _profile_torch(runner: Runner, prepared: Any, cfg: ProfileConfig, trace: Path) -> dict[str, tuple[int, float]]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -154,9 +150,20 @@ def _profile_torch(runner: Runner, prepared: Any, cfg: ProfileConfig, trace: Pat
     return totals
 
 
+#: ``Runner.profiler`` -> how its operator times are collected.
+PROFILERS: dict[Profiler, Callable[[Runner, Any, ProfileConfig, Path], dict[str, tuple[int, float]]]] = {
+    "onnxruntime": _profile_ort, "torch": _profile_torch}
+
+
+def _profiler_of(backend: str) -> Profiler:
+    """How ``backend`` is profiled; a backend without a profiler is one clear InputError."""
+    runner_cls = RUNNERS.get(backend)
+    if runner_cls is None or runner_cls.profiler is None:
+        raise InputError(f"cannot profile backend {backend!r}; choose one of {', '.join(profilable_backends())}")
+    return runner_cls.profiler
+
+
 def _pick_target(manifest: Manifest, cfg: ProfileConfig) -> Target:
-    if cfg.backend not in PROFILED_BACKENDS:
-        raise InputError(f"cannot profile backend {cfg.backend!r}; choose one of {', '.join(PROFILED_BACKENDS)}")
     bench_cfg = BenchConfig(artifact_dir=cfg.artifact_dir, backends=[cfg.backend], batch_sizes=[cfg.batch_size],
                             device=cfg.device, threads=cfg.threads)
     targets = select_targets(manifest, bench_cfg)
@@ -167,42 +174,30 @@ def _pick_target(manifest: Manifest, cfg: ProfileConfig) -> Target:
                              f"{', '.join(t.artifact.name for t in targets)}")
         return found[0]
     # The optimized graph is what a user deploys with ONNX Runtime; profile it unless told otherwise.
-    return next((t for t in targets if t.artifact.name == "opt"), targets[0])
+    return next((t for t in targets if t.artifact.name == manifest.best_fp32()), targets[0])
 
 
 def run_profile(cfg: ProfileConfig, log: Callable[[str], None] = print) -> ProfileResult:
     """Load the chosen runner from the manifest, run warm-up + profiled iterations, write the trace."""
-    manifest = Manifest.load(cfg.artifact_dir)
-    problems = manifest.verify(cfg.artifact_dir)
-    if problems:
-        raise InputError("artifact folder does not match its manifest: " + "; ".join(problems))
-    manifest.iospec.check_batch(cfg.batch_size)
+    manifest = load_checked_manifest(BenchConfig(artifact_dir=cfg.artifact_dir, batch_sizes=[cfg.batch_size]))
+    profiler = _profiler_of(cfg.backend)
     target = _pick_target(manifest, cfg)
+    runner_cls = RUNNERS[cfg.backend]
     trace = cfg.out or Path(cfg.artifact_dir) / "profile" / f"{cfg.backend}_{target.artifact.name}.trace.json"
     ensure_writable_dir(trace.parent)
-    opts = RunnerOptions(device=cfg.device, threads=cfg.threads, precision=target.precision)
     feed = manifest.iospec.random_feed(cfg.batch_size, seed=cfg.seed)
     log(f"profiling {cfg.backend}:{target.artifact.name} ({target.precision}, {cfg.device}) at batch "
         f"{cfg.batch_size}: {cfg.warmup} warm-up + {cfg.iters} profiled runs")
     with tempfile.TemporaryDirectory(prefix=".profile-", dir=trace.parent) as scratch:
-        if cfg.backend == "ort":
-            ort_runner = ProfilingOrtRunner(manifest, Path(cfg.artifact_dir), target.artifact, opts)
-            ort_runner.profile_prefix = os.path.join(scratch, "ort")
-            runner: Runner = ort_runner
-        else:
-            runner = RUNNERS[cfg.backend](manifest, Path(cfg.artifact_dir), target.artifact, opts)
-        with runner:
+        opts = RunnerOptions(device=cfg.device, threads=cfg.threads, precision=target.precision,
+                             ort_profile_prefix=os.path.join(scratch, "ort")
+                             if profiler == "onnxruntime" else None)
+        with runner_cls(manifest, Path(cfg.artifact_dir), target.artifact, opts) as runner:
             prepared = runner.prepare(feed)
-            if isinstance(runner, ProfilingOrtRunner):
-                totals = _profile_ort(runner, prepared, cfg, trace)
-            else:
-                totals = _profile_torch(runner, prepared, cfg, trace)
+            totals = PROFILERS[profiler](runner, prepared, cfg, trace)
     whole, ops = _rank(totals)
-    notes = []
-    if cfg.backend == "torchscript" and any(o.op == "forward" for o in ops[:3]):
-        notes.append("'forward' is time inside the frozen TorchScript graph that no aten operator claims "
-                     "(fused and prepacked kernels, e.g. convolutions); profile --backend eager or ort for "
-                     "a per-operator split")
+    top3 = {o.op for o in ops[:3]}
+    notes = [note for op, note in runner_cls.profile_notes.items() if op in top3]
     return ProfileResult(backend=cfg.backend, variant=target.artifact.name, precision=target.precision,
                          device=cfg.device, batch_size=cfg.batch_size, iters=cfg.iters, trace=trace,
                          op_time_ms=whole, ops=ops, notes=notes)

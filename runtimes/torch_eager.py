@@ -9,25 +9,15 @@ from typing import Any, ClassVar
 import numpy as np
 
 from core.errors import BackendUnavailableError
+from core.resources import cuda_problem
 from runtimes.base import Device, Runner
-
-
-def cuda_problem() -> str | None:
-    """None when CUDA is usable, else one line saying why not."""
-    try:
-        import torch
-    except ImportError:
-        return "PyTorch is not installed"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False)"
-    return None
 
 
 def load_torch_module(runner: Runner) -> Any:
     """The PyTorch module behind an artifact folder: the TorchScript copy, or the rebuilt model."""
     import torch
 
-    from convert.models import rebuild_module
+    from core.models import rebuild_module
 
     path = runner.base / runner.artifact.file.path
     if runner.artifact.kind == "torchscript":
@@ -49,6 +39,9 @@ class TorchFeed:
 class TorchRunnerBase(Runner):
     artifact_kinds: ClassVar[tuple[str, ...]] = ("state_dict", "torchscript")  # type: ignore[assignment]
     devices: ClassVar[tuple[Device, ...]] = ("cpu", "cuda")
+    torch_like = True
+    needs_weights = True
+    profiler = "torch"
 
     module: Any = None
     #: Whether ``--cuda-graphs`` applies (eager only: TorchScript's profiling executor re-specialises).

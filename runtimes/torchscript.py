@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import ClassVar
 
 from runtimes.torch_eager import TorchRunnerBase, load_torch_module
 
@@ -11,6 +12,10 @@ class TorchScriptRunner(TorchRunnerBase):
     """``torch.jit.trace`` + ``torch.jit.freeze`` (+ ``optimize_for_inference`` on CPU)."""
 
     name = "torchscript"
+    profile_notes: ClassVar[dict[str, str]] = {
+        "forward": "'forward' is time inside the frozen TorchScript graph that no aten operator claims (fused and "
+                   "prepacked kernels, e.g. convolutions); profile --backend eager or ort for a per-operator split",
+    }
 
     def _load(self) -> None:
         torch = self._torch_setup()

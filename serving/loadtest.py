@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import BackendUnavailableError, InputError
 from core.iospec import BATCH, IOSpec, TensorSpec, feed_digest
-from reports.models import BenchRecord, BenchResults, LatencyStats
+from core.metrics import LatencyStats
+from reports.models import BenchRecord, BenchResults
 from serving.protocol import (
     DATATYPES,
     HEADER_LENGTH,
@@ -312,7 +313,7 @@ def run_loadtest(cfg: LoadTestConfig, reference: Reference | None = None,
         return results
     accuracy = None
     if expected is not None and tally.first_answer:
-        from runtimes.harness import accuracy_stats
+        from core.metrics import accuracy_stats
 
         idx = sorted(tally.first_answer)
         accuracy = accuracy_stats(np.concatenate([tally.first_answer[i][0] for i in idx]),

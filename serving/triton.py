@@ -25,8 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import BackendUnavailableError, InputError, ValidationError
 from core.fsutil import _umask, atomic_write_text, ensure_writable_dir, sha256_file
-from core.iospec import IOSpec, TensorSpec, spec_from_onnx
+from core.iospec import IOSpec, TensorSpec, onnx_opset, spec_from_onnx
 from core.manifest import Artifact, FileRecord, Manifest, library_versions, utc_now
+from core.models import factory_parts
 from serving.protocol import datatype_of
 
 REPO_MANIFEST = "MANIFEST.json"
@@ -111,8 +112,8 @@ def load_artifacts(base: Path) -> Manifest:
 def model_base_name(manifest: Manifest) -> str:
     """``densenet121`` for a torchvision name, the file stem for ``file.py:factory`` or a file path."""
     model = manifest.source.model
-    file_part, sep, _ = model.rpartition(":")
-    return safe_name(Path(file_part).stem if sep and file_part.endswith(".py") else Path(model).stem)
+    parts = factory_parts(model)
+    return safe_name(Path(parts[0] if parts else model).stem)
 
 
 def safe_name(text: str) -> str:
@@ -126,7 +127,8 @@ def served_name(base: str, artifact: Artifact) -> str:
 
 
 def default_variant(manifest: Manifest) -> str:
-    return "opt" if "opt" in manifest.artifacts else "fp32"
+    """What `package` and `serve` take without ``--variants``: the best FP32 model (opt, else fp32)."""
+    return manifest.best_fp32()
 
 
 def resolve_variants(manifest: Manifest, tokens: list[str]) -> list[Artifact]:
@@ -167,11 +169,13 @@ def _schema() -> Any:
 
 def engine_info(artifact: Artifact) -> dict[str, Any]:
     """The GPU, compute capability and TensorRT version a plan was built for (refused when not recorded)."""
-    from convert.engine import recorded_env
+    from runtimes.trt import recorded_env
 
     env = recorded_env(artifact)
+    build = artifact.engine.model_dump(mode="json") if artifact.engine is not None else {}
+    build["build_flags"] = artifact.params.model_dump(mode="json", exclude={"step"})
     return {"gpu": env.gpu_name, "compute_capability": env.compute_capability, "tensorrt": env.tensorrt_version,
-            "build": artifact.extra}
+            "build": build}
 
 
 def triton_dims(t: TensorSpec, batched: bool) -> list[int]:
@@ -197,7 +201,7 @@ def _resolve_batching(spec: IOSpec, cfg: ModelOptions) -> tuple[int, bool]:
 
 def _plan_batch(artifact: Artifact, mbs: int, explicit: bool) -> int:
     """max_batch_size within the engine's optimization profile (Triton sends any batch from 1 up to it)."""
-    from convert.engine import batch_range
+    from runtimes.trt import batch_range
 
     lo, hi = batch_range(artifact)
     if lo > 1:
@@ -291,8 +295,7 @@ def _onnx_facts(path: Path, spec: IOSpec, name: str) -> dict[str, Any]:
                             f"{[(t.name, t.dtype, t.shape) for t in want]}")
     if problems:
         raise ValidationError(f"variant {name!r} does not match the manifest's IOSpec", problems)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"onnx_opset": opset, "onnx_ir_version": model.ir_version}
+    return {"onnx_opset": onnx_opset(model), "onnx_ir_version": model.ir_version}
 
 
 def packaging_versions() -> dict[str, str]:

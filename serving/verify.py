@@ -98,7 +98,7 @@ def _check_model(repo: Path, model: RepoModel) -> list[str]:
 
 def _check_engine(model: RepoModel, notes: list[str]) -> list[str]:
     """A plan runs only on the GPU model and TensorRT version it was built with."""
-    from convert.engine import TrtEnv, current_trt_env, tensorrt_problem
+    from runtimes.trt import TrtEnv, current_trt_env, tensorrt_problem
 
     engine = model.engine or {}
     try:

@@ -11,7 +11,8 @@ TINY = ROOT / "tests" / "fixtures" / "tiny_cnn.py"
 
 
 def _convert(model: str, out: Path, **export: object) -> Path:
-    from convert.pipeline import ConvertConfig, ExportConfig, run_convert
+    from convert.config import ConvertConfig, ExportConfig
+    from convert.pipeline import run_convert
 
     run_convert(ConvertConfig(export=ExportConfig(model=model, **export), out=out), log=lambda _m: None)  # type: ignore[arg-type]
     return out

@@ -41,7 +41,7 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 def train_digits_model(out_dir: Path, epochs: int = 12, seed: int = 0) -> DigitsModel:
     import torch
 
-    from convert.models import resolve_model
+    from core.models import resolve_model
 
     x, y = digits_arrays()
     rng = np.random.default_rng(seed)

@@ -8,11 +8,14 @@ import numpy as np
 import onnx
 import pytest
 
+from convert.config import ConvertConfig, ExportConfig
 from convert.optimize import OptimizeError, optimize_onnx
-from convert.pipeline import ConvertConfig, ExportConfig, run_convert
-from convert.validate import ort_session, validate_onnx
+from convert.pipeline import run_convert
+from convert.validate import validate_onnx
 from core.errors import InputError, ValidationError
 from core.manifest import Manifest
+from core.records import OptimizeParams
+from runtimes.ort import ort_session
 from tests.conftest import TINY
 
 
@@ -32,15 +35,16 @@ def test_resnet18_export_is_valid_dynamic_and_matches_pytorch(resnet18_artifacts
     assert m.versions["torch"].startswith("2.14.1") and "onnxruntime" in m.versions
     for name in ("fp32", "opt"):
         art = m.artifacts[name]
-        assert art.metrics["checker"] == "ok" and art.metrics["shape_inference"] == "ok"
+        assert art.metrics.checker == "ok" and art.metrics.shape_inference == "ok"
         for b in ("batch_1", "batch_2"):
-            assert art.metrics["parity"][b]["max_abs_err"] < 1e-3
-            assert art.metrics["parity"][b]["cosine"] > 0.9999
+            assert art.metrics.parity[b].max_abs_err < 1e-3
+            assert art.metrics.parity[b].cosine > 0.9999
     # The batch dim really is symbolic: a batch never seen at export runs.
     sess = ort_session(resnet18_artifacts / "model.opt.onnx")
     out = sess.run(None, {"input": np.zeros((3, 3, 64, 64), np.float32)})[0]
     assert out.shape == (3, 1000)
-    assert m.artifacts["opt"].params["nodes_after"] <= m.artifacts["opt"].params["nodes_before"]
+    opt = m.artifacts["opt"].params
+    assert isinstance(opt, OptimizeParams) and opt.nodes_after <= opt.nodes_before
 
 
 def test_dynamo_exporter_and_onnx_input(tmp_path: Path) -> None:
@@ -62,7 +66,7 @@ def test_torchscript_input_and_fixed_batch(tmp_path: Path) -> None:
     m = _run(str(ts), tmp_path / "ts", input_shape=(4, 3, 32, 32), dynamic_batch=False)
     assert m.source.kind == "torchscript" and m.artifacts["torch"].kind == "torchscript"
     assert m.iospec.fixed_batch() == 4
-    assert list(m.artifacts["opt"].metrics["parity"]) == ["batch_4"]
+    assert list(m.artifacts["opt"].metrics.parity) == ["batch_4"]
 
 
 def test_validation_reports_every_failure_together(tiny_artifacts: Path) -> None:

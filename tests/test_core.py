@@ -12,6 +12,7 @@ from core.errors import InputError, ValidationError
 from core.fsutil import atomic_path, ensure_writable_dir, sha256_file
 from core.iospec import IOSpec, feed_digest, parse_shape
 from core.manifest import Manifest, SourceInfo
+from core.records import ExportParams
 
 
 @pytest.mark.parametrize("text,want", [("1x3x224x224", (1, 3, 224, 224)), ("8X3x64x64", (8, 3, 64, 64)),
@@ -68,7 +69,8 @@ def _manifest(tmp_path: Path) -> Manifest:
     m = Manifest(source=SourceInfo(model="m", kind="factory"), iospec=IOSpec.for_image_model((1, 3, 4, 4)))
     f = tmp_path / "a.bin"
     f.write_bytes(b"hello")
-    m.record(tmp_path, f, name="fp32", kind="onnx", step="export")
+    m.record(tmp_path, f, name="fp32", kind="onnx", params=ExportParams(exporter="torchscript", opset=18,
+                                                                         dynamic_batch=True))
     return m
 
 
@@ -106,3 +108,69 @@ def test_first_line_of_an_error() -> None:
     assert first_line(ValueError("bad shape\n  long context\n  more")) == "bad shape"
     assert first_line(ValueError("  \n")) == "ValueError"  # empty message: the type, not an IndexError
     assert first_line(KeyError("x"), with_type=True) == "KeyError: 'x'"
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def test_a_schema_1_manifest_reads_into_typed_records(tmp_path: Path) -> None:
+    """A manifest written by the previous toolkit (free params/metrics/extra dicts; converted digits CNN with
+    every CPU variant, plus a TensorRT plan entry) loads into the typed records with the same values."""
+    from core.records import (
+        CopyParams,
+        EngineParams,
+        PruneParams,
+        SparsityParams,
+        StaticQuantParams,
+        TrtQdqParams,
+        WeightsParams,
+    )
+
+    raw = json.loads((FIXTURES / "manifest_v1.json").read_text())
+    assert raw["schema_version"] == 1
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    m = Manifest.load(tmp_path)
+    assert m.schema_version == 2 and sorted(m.artifacts) == sorted(raw["artifacts"])
+    for name, old in raw["artifacts"].items():  # every artifact keeps its step, status and file
+        art = m.artifacts[name]
+        assert (art.kind, art.status, art.file.sha256, art.parent) == (old["kind"], old["status"],
+                                                                      old["file"]["sha256"], old["parent"])
+        assert art.step == old["step"] or (old["step"], art.step) == ("export", "save_weights")
+    static = m.artifacts["int8_static_minmax"].params
+    old_static = raw["artifacts"]["int8_static_minmax"]["params"]
+    assert isinstance(static, StaticQuantParams) and static.calibration.sha256 == old_static["calibration"]["sha256"]
+    assert static.auto is not None and static.auto.chosen_method == old_static["auto"]["chosen_method"]
+    assert isinstance(m.artifacts["int8_trt"].params, TrtQdqParams)
+    assert isinstance(m.artifacts["torch"].params, WeightsParams)
+    gate = m.artifacts["int8_static_minmax"].metrics.gate
+    assert gate is not None and gate.passed is raw["artifacts"]["int8_static_minmax"]["metrics"]["gate"]["passed"]
+    sparse = m.artifacts["sparse24"]
+    assert isinstance(sparse.params, SparsityParams) and sparse.metrics.sparsity is not None
+    assert sparse.metrics.sparsity.fraction_groups_2of4 == \
+        raw["artifacts"]["sparse24"]["metrics"]["sparsity"]["fraction_groups_2of4"]
+    pruned = m.artifacts["pruned_0.3"]
+    assert isinstance(pruned.params, PruneParams) and pruned.metrics.pruning is not None
+    assert pruned.metrics.pruning.params_after == raw["artifacts"]["pruned_0.3"]["metrics"]["params_after"]
+    assert pruned.metrics.latency is not None and pruned.metrics.latency.speedup_p50 > 0
+    plan = m.artifacts["trt_fp32"]
+    assert isinstance(plan.params, EngineParams) and (plan.params.min_batch, plan.params.max_batch) == (1, 32)
+    assert plan.engine is not None and plan.engine.gpu_name == "NVIDIA H100"
+    assert m.artifacts["opt"].metrics.parity["batch_1"].cosine > 0.999
+    # Saved again, it is schema 2 and reads back unchanged.
+    m.save(tmp_path)
+    assert json.loads((tmp_path / "manifest.json").read_text())["schema_version"] == 2
+    assert Manifest.load(tmp_path).artifacts == m.artifacts
+    assert CopyParams(copied_from="x.onnx").step == "copy"
+
+
+def test_typed_records_refuse_unknown_fields() -> None:
+    from pydantic import ValidationError as PydanticError
+
+    from core.records import ArtifactMetrics
+
+    with pytest.raises(PydanticError):
+        ArtifactMetrics.model_validate({"gate": {"drop_points": 1.0, "basis": "x", "budget_points": 1.0,
+                                                 "passed": True, "samples": 3, "typo": 1}})
+    with pytest.raises(PydanticError):  # params of an unknown step
+        ExportParams.model_validate({"step": "export", "exporter": "torchscript", "opset": 18, "dynamic_batch": True,
+                                     "extra_key": 1})

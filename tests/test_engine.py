@@ -14,11 +14,13 @@ from typer.testing import CliRunner
 
 import cli
 from convert import engine as eng
-from convert.engine import EngineConfig, TrtEnv
-from convert.quantize import CalibConfig, QuantConfig
+from convert.config import CalibConfig, EngineConfig, QuantConfig
 from core.errors import BackendUnavailableError, InputError
 from core.iospec import IOSpec, TensorSpec
 from core.manifest import Artifact, Manifest, SourceInfo
+from core.records import CopyParams, EngineParams, Fp16Params
+from runtimes import trt as rtrt
+from runtimes.trt import TrtEnv
 from tests.conftest import TINY
 
 HERE = TrtEnv(tensorrt_version="10.3.0", gpu_name="NVIDIA L4", compute_capability="8.9")
@@ -26,10 +28,15 @@ IMAGE = IOSpec.for_image_model((1, 3, 32, 32))
 PLACEHOLDER = b"placeholder bytes, not a TensorRT engine"
 
 
-def onnx_artifact(name: str = "opt", precision: str = "fp32", **params: object) -> Artifact:
-    return Artifact.model_validate({"name": name, "kind": "onnx", "precision": precision, "step": "optimize",
-                                    "params": params, "file": {"path": f"{name}.onnx", "sha256": "0" * 64,
-                                                               "size_bytes": 1}})
+def onnx_artifact(name: str = "opt", precision: str = "fp32", sparse: bool = False) -> Artifact:
+    """An ONNX artifact record; ``sparse``: written by the 2:4 sparsity step."""
+    params: dict[str, object] = {"step": "optimize", "steps": [], "nodes_before": 1, "nodes_after_slim": 1,
+                                 "nodes_after": 1}
+    if sparse:
+        params = {"step": "sparsity", "exporter": "torchscript", "opset": 18, "method": "magnitude",
+                  "group_axis": "input channels", "layers_pruned": 1, "layers_skipped": []}
+    return Artifact.model_validate({"name": name, "kind": "onnx", "precision": precision, "params": params,
+                                    "file": {"path": f"{name}.onnx", "sha256": "0" * 64, "size_bytes": 1}})
 
 
 def plan_manifest(tmp_path: Path, env: TrtEnv = HERE, batches: tuple[int, int, int] = (1, 8, 32)) -> Manifest:
@@ -38,11 +45,12 @@ def plan_manifest(tmp_path: Path, env: TrtEnv = HERE, batches: tuple[int, int, i
     plan.write_bytes(PLACEHOLDER)
     manifest = Manifest(source=SourceInfo(model="tiny", kind="factory"), iospec=IMAGE)
     cfg = EngineConfig(fp16=True, min_batch=batches[0], opt_batch=batches[1], max_batch=batches[2])
-    flags = eng.build_flags(cfg, onnx_artifact("fp16", precision="fp16"), IMAGE)
-    extra = eng.engine_extra(env, flags, "will be checked", eng.compute_profile(cfg, IMAGE))
-    art = manifest.record(tmp_path, plan, name="trt_fp16", kind="plan", precision="fp16", step="build_engine",
-                          params=flags, parent="fp16", extra=extra)
-    art.extra["engine_sha256"] = art.file.sha256
+    params = eng.engine_params(cfg, onnx_artifact("fp16", precision="fp16"), IMAGE)
+    build = eng.engine_build(env, "will be checked", eng.compute_profile(cfg, IMAGE))
+    art = manifest.record(tmp_path, plan, name="trt_fp16", kind="plan", precision="fp16", params=params,
+                          parent="fp16", engine=build)
+    assert art.engine is not None
+    art.engine.engine_sha256 = art.file.sha256
     manifest.save(tmp_path)
     return manifest
 
@@ -103,11 +111,14 @@ def test_each_engine_is_built_from_the_onnx_variant_of_its_precision() -> None:
     assert eng.config_kwargs(EngineConfig(tf32=False), IMAGE, onnx_artifact())["tf32"] is False
     assert eng.plan_file("trt_fp16", 1) == "model.plan" and eng.plan_file("trt_int8", 2) == "model.trt_int8.plan"
     qdq = onnx_artifact("int8_trt", precision="int8")
-    flags = eng.build_flags(EngineConfig(int8=True), qdq, IMAGE)
-    assert flags["precision"] == "int8" and flags["int8_mode"] == "explicit (Q/DQ)" and flags["strongly_typed"]
-    sparse = onnx_artifact("sparse24", sparsity="2:4")
+    flags = eng.engine_params(EngineConfig(int8=True), qdq, IMAGE)
+    assert flags.precision == "int8" and flags.int8_mode == "explicit (Q/DQ)" and flags.strongly_typed
+    sparse = onnx_artifact("sparse24", sparse=True)
     assert eng.config_kwargs(EngineConfig(source="sparse24"), IMAGE, sparse)["sparse_weights"] is True
-    assert eng.build_flags(EngineConfig(source="sparse24"), sparse, IMAGE)["precision"] == "fp32"
+    assert eng.engine_params(EngineConfig(source="sparse24"), sparse, IMAGE).precision == "fp32"
+    fp16_copy = sparse.model_copy(update={"name": "sparse24_fp16", "precision": "fp16", "params": Fp16Params(
+        converter="onnxconverter_common", keep_io_types=True, casts_added=2, sparsity="2:4")})
+    assert eng.source_is_sparse(fp16_copy) and not eng.source_is_sparse(onnx_artifact())
 
 
 def test_engines_ask_for_the_onnx_variants_they_are_built_from() -> None:
@@ -144,7 +155,7 @@ def test_create_config_builds_polygraphy_objects() -> None:
     """Polygraphy's CreateConfig and Profile are plain Python until the build: checked here."""
     pytest.importorskip("polygraphy")
     kw = eng.config_kwargs(EngineConfig(fp16=True, builder_opt_level=2, max_batch=16), IMAGE,
-                           onnx_artifact("sparse24", sparsity="2:4"))
+                           onnx_artifact("sparse24", sparse=True))
     cfg = eng.create_config(kw)
     assert type(cfg).__name__ == "CreateConfig"
     assert cfg.fp16 is False and cfg.int8 is False and cfg.calibrator is None and cfg.sparse_weights is True
@@ -169,7 +180,7 @@ def test_polygraphy_loaders_take_the_arguments_we_pass(tmp_path: Path) -> None:
     assert "save_timing_cache" in params(EngineFromNetwork)
     (tmp_path / "t.cache").write_bytes(b"x")
     full = eng.config_kwargs(EngineConfig(workspace_mb=64, builder_opt_level=1), IMAGE,
-                             onnx_artifact("sparse24", sparsity="2:4"), timing_cache=tmp_path / "t.cache")
+                             onnx_artifact("sparse24", sparse=True), timing_cache=tmp_path / "t.cache")
     assert set(full) == {"profiles", "tf32", "sparse_weights", "memory_pool_limits", "builder_optimization_level",
                          "load_timing_cache"}
     common = importlib.import_module("polygraphy.backend.trt.config")._CreateConfigCommon  # CreateConfig's **kwargs
@@ -187,8 +198,8 @@ def test_requests_that_cannot_work_are_refused_before_any_work(tmp_path: Path) -
 
 
 def test_missing_tensorrt_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(eng, "tensorrt_installed", lambda: False)
-    assert "pip install .[trt]" in (eng.tensorrt_problem() or "")
+    monkeypatch.setattr(rtrt, "tensorrt_installed", lambda: False)
+    assert "pip install .[trt]" in (rtrt.tensorrt_problem() or "")
     with pytest.raises(BackendUnavailableError, match=r"needs TensorRT and an NVIDIA GPU.*pip install \.\[trt\]"):
         eng.preflight(EngineConfig(fp16=True))
 
@@ -198,14 +209,15 @@ def test_manifest_records_what_the_engine_is_tied_to(tmp_path: Path) -> None:
     plan_manifest(tmp_path)
     art = Manifest.load(tmp_path).artifacts["trt_fp16"]
     assert art.kind == "plan" and art.precision == "fp16" and art.parent == "fp16"
-    assert art.extra["tensorrt_version"] == "10.3.0" and art.extra["gpu_name"] == "NVIDIA L4"
-    assert art.extra["compute_capability"] == "8.9" and art.extra["engine_sha256"] == art.file.sha256
-    flags = art.extra["build_flags"]
-    assert flags["source"] == "fp16" and flags["precision"] == "fp16" and flags["strongly_typed"] is True
-    assert flags["sparse_weights"] is False
-    assert (flags["min_batch"], flags["opt_batch"], flags["max_batch"]) == (1, 8, 32)
-    assert art.extra["profile"]["input"]["max"] == [32, 3, 32, 32]
-    assert eng.recorded_env(art) == HERE and eng.batch_range(art) == (1, 32)
+    assert art.engine is not None and isinstance(art.params, EngineParams)
+    assert art.engine.tensorrt_version == "10.3.0" and art.engine.gpu_name == "NVIDIA L4"
+    assert art.engine.compute_capability == "8.9" and art.engine.engine_sha256 == art.file.sha256
+    flags = art.params
+    assert flags.source == "fp16" and flags.precision == "fp16" and flags.strongly_typed is True
+    assert flags.sparse_weights is False
+    assert (flags.min_batch, flags.opt_batch, flags.max_batch) == (1, 8, 32)
+    assert art.engine.profile["input"]["max"] == [32, 3, 32, 32]
+    assert rtrt.recorded_env(art) == HERE and rtrt.batch_range(art) == (1, 32)
 
 
 @pytest.mark.parametrize("other,differs", [
@@ -215,29 +227,29 @@ def test_manifest_records_what_the_engine_is_tied_to(tmp_path: Path) -> None:
 def test_engine_from_another_gpu_or_tensorrt_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         other: TrtEnv, differs: str) -> None:
     art = plan_manifest(tmp_path).artifacts["trt_fp16"]
-    monkeypatch.setattr(eng, "current_trt_env", lambda: other)  # the "current machine"
-    with pytest.raises(eng.EngineMismatchError) as exc:
-        eng.load_engine(tmp_path, art)
+    monkeypatch.setattr(rtrt, "current_trt_env", lambda: other)  # the "current machine"
+    with pytest.raises(rtrt.EngineMismatchError) as exc:
+        rtrt.load_engine(tmp_path, art)
     msg = str(exc.value)
     assert "was built for NVIDIA L4 (compute capability 8.9) with TensorRT 10.3.0" in msg
     assert f"this machine has {other.describe()}" in msg and differs in msg and "\n" not in msg
-    monkeypatch.setattr(eng, "current_trt_env", lambda: HERE)
-    assert eng.check_engine_file(tmp_path, art) == tmp_path / eng.PLAN_NAME
+    monkeypatch.setattr(rtrt, "current_trt_env", lambda: HERE)
+    assert rtrt.check_engine_file(tmp_path, art) == tmp_path / eng.PLAN_NAME
 
 
 def test_corrupt_or_unrecorded_engine_is_refused(tmp_path: Path) -> None:
     art = plan_manifest(tmp_path).artifacts["trt_fp16"]
     (tmp_path / eng.PLAN_NAME).write_bytes(PLACEHOLDER[:10])
-    with pytest.raises(eng.EngineMismatchError, match="does not match the manifest's sha256"):
-        eng.load_engine(tmp_path, art, env=HERE)
+    with pytest.raises(rtrt.EngineMismatchError, match="does not match the manifest's sha256"):
+        rtrt.load_engine(tmp_path, art, env=HERE)
     (tmp_path / eng.PLAN_NAME).unlink()
-    with pytest.raises(eng.EngineMismatchError, match="is missing"):
-        eng.load_engine(tmp_path, art, env=HERE)
-    bare = art.model_copy(update={"extra": {}})
-    with pytest.raises(eng.EngineMismatchError, match="no recorded tensorrt_version, gpu_name, compute_capability"):
-        eng.check_engine_compat(bare, HERE)
-    with pytest.raises(eng.EngineMismatchError, match="no recorded batch range"):
-        eng.batch_range(bare)
+    with pytest.raises(rtrt.EngineMismatchError, match="is missing"):
+        rtrt.load_engine(tmp_path, art, env=HERE)
+    bare = art.model_copy(update={"engine": None, "params": CopyParams()})
+    with pytest.raises(rtrt.EngineMismatchError, match="no recorded tensorrt_version, gpu_name, compute_capability"):
+        rtrt.check_engine_compat(bare, HERE)
+    with pytest.raises(rtrt.EngineMismatchError, match="no recorded batch range"):
+        rtrt.batch_range(bare)
 
 
 # -- caches ----------------------------------------------------------------------------------------
@@ -279,7 +291,7 @@ def test_max_batch_smaller_than_bench_batch_is_refused(tmp_path: Path) -> None:
     assert "accepts batch 1..8" in text and "[64]" in text and text.strip().count("\n") == 0, text
 
 
-@pytest.mark.skipif(eng.tensorrt_problem() is None, reason="TensorRT and a GPU are present here")
+@pytest.mark.skipif(rtrt.tensorrt_problem() is None, reason="TensorRT and a GPU are present here")
 def test_cli_trt_without_tensorrt_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "never"
     code, text = invoke("convert", f"{TINY}:build", "--trt", "--out", str(out))
@@ -298,36 +310,42 @@ def test_cli_trt_bad_batch_flags_are_one_line(tmp_path: Path) -> None:
 # -- on a machine with TensorRT and a GPU -------------------------------------------------------------------
 @pytest.mark.trt
 def test_build_fp16_engine_records_and_reloads(tmp_path: Path) -> None:
-    from convert.pipeline import ConvertConfig, ExportConfig, run_convert
+    from convert.config import ConvertConfig, ExportConfig
+    from convert.pipeline import run_convert
 
     out = tmp_path / "tiny"
     cfg = ConvertConfig(export=ExportConfig(model=f"{TINY}:build"), out=out,
                         engine=EngineConfig(fp16=True, max_batch=8, builder_opt_level=1))
     manifest, _ = run_convert(cfg, log=lambda _m: None)
     art = manifest.artifacts["trt_fp16"]
-    here = eng.current_trt_env()
+    here = rtrt.current_trt_env()
     assert art.status == "ok" and (out / eng.PLAN_NAME).is_file() and (out / "timing.cache").is_file()
-    assert eng.recorded_env(art) == here and art.extra["engine_sha256"] == art.file.sha256
-    assert min(v["cosine"] for v in art.metrics["parity"].values()) > 0.999
-    engine = eng.load_engine(out, art)
+    assert art.engine is not None
+    assert rtrt.recorded_env(art) == here and art.engine.engine_sha256 == art.file.sha256
+    assert min(v.cosine for v in art.metrics.parity.values()) > 0.999
+    engine = rtrt.load_engine(out, art)
     assert engine.get_tensor_profile_shape("input", 0)[2] == (8, 3, 32, 32)
     (out / eng.PLAN_NAME).write_bytes(b"\0" * 64)  # recorded hash matches, bytes are garbage
-    garbage = manifest.record(out, out / eng.PLAN_NAME, name="garbage", kind="plan", step="test", extra=art.extra)
-    with pytest.raises(eng.EngineMismatchError, match="could not deserialize"):
-        eng.load_engine(out, garbage)
+    garbage = manifest.record(out, out / eng.PLAN_NAME, name="garbage", kind="plan", params=art.params,
+                              engine=art.engine)
+    with pytest.raises(rtrt.EngineMismatchError, match="could not deserialize"):
+        rtrt.load_engine(out, garbage)
 
 
 @pytest.mark.trt
 def test_int8_engine_from_int8_trt_reuses_the_calibration_cache(tmp_path: Path) -> None:
-    from convert.pipeline import ConvertConfig, ExportConfig, run_convert
+    from convert.config import ConvertConfig, ExportConfig
+    from convert.pipeline import run_convert
 
     out = tmp_path / "tiny"
     quant = QuantConfig(int8_static=True, calib=CalibConfig(data="synthetic", size=32))
     cfg = ConvertConfig(export=ExportConfig(model=f"{TINY}:build"), out=out, quant=quant,
                         engine=EngineConfig(int8=True, max_batch=8, builder_opt_level=0))
     art = run_convert(cfg, log=lambda _m: None)[0].artifacts["trt_int8"]
-    assert art.parent == "int8_trt" and art.precision == "int8" and art.extra["build_flags"]["strongly_typed"]
-    first = art.extra["calibration"]
-    assert first["cache_reused"] is False and (out / first["cache"]).stat().st_size > 0
-    second = run_convert(cfg, log=lambda _m: None)[0].artifacts["trt_int8"].extra["calibration"]
-    assert second["cache_reused"] is True and second["cache"] == first["cache"]
+    assert isinstance(art.params, EngineParams) and art.engine is not None
+    assert art.parent == "int8_trt" and art.precision == "int8" and art.params.strongly_typed
+    first = art.engine.calibration
+    assert first is not None and first.cache_reused is False and (out / first.cache).stat().st_size > 0
+    again = run_convert(cfg, log=lambda _m: None)[0].artifacts["trt_int8"].engine
+    second = again.calibration if again is not None else None
+    assert second is not None and second.cache_reused is True and second.cache == first.cache

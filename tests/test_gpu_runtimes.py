@@ -17,10 +17,11 @@ import cli
 from core.errors import InputError
 from core.iospec import IOSpec
 from core.manifest import Manifest, SourceInfo
+from core.records import CopyParams
+from core.resources import cuda_problem
 from runtimes import RUNNERS
 from runtimes.gpu import NvmlSampler
 from runtimes.harness import BenchConfig, check_gpu_request
-from runtimes.torch_eager import cuda_problem
 
 
 # -- requests and backends without a GPU --------------------------------------------------------------
@@ -63,7 +64,7 @@ def bare_manifest(folder: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "model.onnx").write_bytes(b"placeholder")
     manifest = Manifest(source=SourceInfo(model="tiny", kind="onnx"), iospec=IOSpec.for_image_model((1, 3, 8, 8)))
-    manifest.record(folder, folder / "model.onnx", name="fp32", kind="onnx", step="copy")
+    manifest.record(folder, folder / "model.onnx", name="fp32", kind="onnx", params=CopyParams())
     manifest.save(folder)
     return folder
 
@@ -138,8 +139,8 @@ def test_ort_cuda_with_io_binding(tiny_artifacts: Path) -> None:
 
 @pytest.mark.trt
 def test_trt_engine_in_the_harness(tmp_path: Path) -> None:
-    from convert.engine import EngineConfig
-    from convert.pipeline import ConvertConfig, ExportConfig, run_convert
+    from convert.config import ConvertConfig, EngineConfig, ExportConfig
+    from convert.pipeline import run_convert
     from runtimes.harness import run_bench
     from tests.conftest import TINY
 

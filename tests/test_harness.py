@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 
 from core.errors import BackendUnavailableError, InputError
+from core.metrics import accuracy_stats
 from reports.models import BenchResults
 from runtimes import RUNNERS
-from runtimes.harness import BenchConfig, accuracy_stats, run_bench
+from runtimes.harness import BenchConfig, run_bench
+from runtimes.ort import OrtRunner
 
 
 def _bench(folder: Path, **kw: object) -> BenchResults:
@@ -97,8 +100,8 @@ def test_class_folders_named_after_categories_map_to_model_indices(tmp_path: Pat
     from PIL import Image
 
     from calibration.images import scan_image_folder
-    from convert.models import categories_for
     from core.manifest import SourceInfo
+    from core.models import categories_for
 
     cats = categories_for(SourceInfo(model="resnet18", kind="torchvision"))
     assert cats is not None and cats[0] == "tench" and cats[1] == "goldfish"
@@ -120,3 +123,39 @@ def test_device_auto_picks_cuda_only_when_a_gpu_is_visible() -> None:
     assert resolve_device("cpu") == "cpu"
     with pytest.raises(InputError, match="choose auto, cpu or cuda"):
         resolve_device("tpu")
+
+
+class HalfLoadingRunner(OrtRunner):
+    """The ONNX Runtime runner on a machine where its backend gives out halfway through loading."""
+
+    name = "half-loading"
+    closed: ClassVar[list[str]] = []
+
+    def _load(self) -> None:
+        self.session = object()  # acquired before the failure: close() must release it
+        raise BackendUnavailableError("the device went away while loading")
+
+    def _close(self) -> None:
+        type(self).closed.append(self.artifact.name)
+        super()._close()
+
+
+def test_a_backend_that_fails_to_load_is_closed_and_skipped(tiny_artifacts: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(RUNNERS, "half-loading", HalfLoadingRunner)
+    monkeypatch.setattr(HalfLoadingRunner, "closed", [])
+    res = _bench(tiny_artifacts, backends=["half-loading", "ort"], batch_sizes=[1], accuracy_samples=4)
+    assert sorted(HalfLoadingRunner.closed) == ["fp32", "opt"]  # closed once per target, after the failed load
+    assert res.warnings == [f"half-loading:{v} (fp32) skipped: the device went away while loading"
+                            for v in ("fp32", "opt")]
+    assert {(r.backend, r.variant) for r in res.records} == {("ort", "fp32"), ("ort", "opt")}
+    with pytest.raises(BackendUnavailableError, match="no backend could be measured: half-loading:fp32"):
+        _bench(tiny_artifacts, backends=["half-loading"], batch_sizes=[1], accuracy_samples=4)
+
+
+def test_runner_capabilities_are_class_attributes() -> None:
+    torch_like = {n for n, r in RUNNERS.items() if r.torch_like}
+    assert torch_like == {n for n, r in RUNNERS.items() if r.needs_weights} == {"eager", "torchscript"}
+    assert {n for n, r in RUNNERS.items() if r.tensorrt_like} == {"ort-trt", "trt"}
+    assert {n: r.profiler for n, r in RUNNERS.items() if r.profiler} == {"eager": "torch", "torchscript": "torch",
+                                                                          "ort": "onnxruntime"}

@@ -13,6 +13,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from core.errors import InputError, ValidationError
 from core.fsutil import sha256_file
 from core.manifest import Manifest
+from core.records import EngineBuild, EngineParams
 from serving.triton import PackageConfig, package
 from serving.verify import verify_repo
 
@@ -116,22 +117,25 @@ def test_verify_refuses_unlisted_missing_and_invalid_files(repo: Path, tmp_path:
         verify_repo(tmp_path)
 
 
-def _with_plan(tiny_artifacts: Path, tmp_path: Path, extra: dict[str, object]) -> Path:
+def _with_plan(tiny_artifacts: Path, tmp_path: Path, engine: EngineBuild | None,
+               batches: tuple[int, int, int] = (1, 8, 32)) -> Path:
     """A copy of the tiny artifacts with a plan artifact recorded (packaging copies it; nothing runs it)."""
     art = tmp_path / "art"
     shutil.copytree(tiny_artifacts, art)
     (art / "model.plan").write_bytes(b"serialized engine bytes")
     manifest = Manifest.load(art)
-    manifest.record(art, art / "model.plan", name="trt_fp16", kind="plan", step="build_engine", precision="fp16",
-                    parent="opt", extra=extra)
+    params = EngineParams(source="fp16", precision="fp16", sparse_weights=False, min_batch=batches[0],
+                          opt_batch=batches[1], max_batch=batches[2], tf32=True)
+    manifest.record(art, art / "model.plan", name="trt_fp16", kind="plan", params=params, precision="fp16",
+                    parent="opt", engine=engine)
     manifest.save(art)
     return art
 
 
 def test_plan_is_packaged_with_its_gpu_and_tensorrt_version(tiny_artifacts: Path, tmp_path: Path) -> None:
-    art = _with_plan(tiny_artifacts, tmp_path, {"tensorrt_version": "10.9.0", "gpu_name": "NVIDIA H100 80GB HBM3",
-                                                "compute_capability": "9.0",
-                                                "build_flags": {"min_batch": 1, "opt_batch": 8, "max_batch": 4}})
+    art = _with_plan(tiny_artifacts, tmp_path, EngineBuild(tensorrt_version="10.9.0", gpu_name="NVIDIA H100 80GB HBM3",
+                                                           compute_capability="9.0", engine_sha256="0" * 64,
+                                                           profile={}), batches=(1, 8, 4))
     out = tmp_path / "r"
     package(PackageConfig(artifact_dir=art, out=out, variants=["opt", "plan"]), log=lambda _m: None)
     cfg = _parse(out / "tiny_cnn_trt_fp16" / "config.pbtxt")
@@ -155,7 +159,7 @@ def test_plan_is_packaged_with_its_gpu_and_tensorrt_version(tiny_artifacts: Path
 
 
 def test_plan_without_build_facts_is_refused(tiny_artifacts: Path, tmp_path: Path) -> None:
-    art = _with_plan(tiny_artifacts, tmp_path, {})
+    art = _with_plan(tiny_artifacts, tmp_path, None)
     with pytest.raises(InputError, match="no recorded tensorrt_version, gpu_name, compute_capability"):
         package(PackageConfig(artifact_dir=art, out=tmp_path / "r", variants=["plan"]), log=lambda _m: None)
     assert not (tmp_path / "r").exists()

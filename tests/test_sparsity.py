@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from convert.sparsity import SparsityConfig
+from convert.config import SparsityConfig
 from core.errors import InputError
 from core.manifest import Manifest
 
@@ -21,7 +21,8 @@ TINY = ROOT / "tests" / "fixtures" / "tiny_cnn.py"
 
 
 def _run(model: str, out: Path, sparsity: SparsityConfig, **export: Any) -> Manifest:
-    from convert.pipeline import ConvertConfig, ExportConfig, run_convert
+    from convert.config import ConvertConfig, ExportConfig
+    from convert.pipeline import run_convert
 
     cfg = ConvertConfig(export=ExportConfig(model=model, **export), out=out, sparsity=sparsity)
     return run_convert(cfg, log=lambda _m: None)[0]
@@ -71,21 +72,21 @@ def test_2of4_holds_in_the_exported_onnx(digits_sparse: tuple[Manifest, Path]) -
         groups = np.moveaxis(w, 1, -1).reshape(-1, 4)
         assert ((groups != 0).sum(axis=1) <= 2).all()
         assert (w == 0).mean() >= 0.5
-    sp = art.metrics["sparsity"]
-    assert sp["fraction_groups_2of4"] == 1.0
-    assert sp["violating_weights"] == [] and len(sp["ineligible_weights"]) == 1
+    sp = art.metrics.sparsity
+    assert sp.fraction_groups_2of4 == 1.0
+    assert sp.violating_weights == [] and len(sp.ineligible_weights) == 1
     total = sum(w.size for _, w in weights)
-    assert sp["fraction_weights_2of4"] == pytest.approx(sum(w.size for w in eligible) / total)
-    assert art.params["sparsity"] == "2:4" and art.parent == "opt" and art.status == "ok"
-    assert art.metrics["parity"]["batch_1"]["max_abs_err"] < 1e-4  # against the sparse PyTorch module
-    assert art.file.size_bytes == art.metrics["size_bytes_before"]  # same shapes: no smaller
+    assert sp.fraction_weights_2of4 == pytest.approx(sum(w.size for w in eligible) / total)
+    assert art.params.sparsity == "2:4" and art.parent == "opt" and art.status == "ok"
+    assert art.metrics.parity["batch_1"].max_abs_err < 1e-4  # against the sparse PyTorch module
+    assert art.file.size_bytes == art.metrics.size_bytes_before  # same shapes: no smaller
     assert any("not faster" in n for n in art.notes)
 
 
 def test_mask_keeps_the_two_largest_of_every_four() -> None:
     import torch
 
-    from convert.sparsity import mask_2of4
+    from convert.prune import mask_2of4
 
     w = torch.randn(6, 8, 3, 3)
     m = mask_2of4(w)
@@ -101,14 +102,14 @@ def test_channel_pruned_model_is_smaller(digits_sparse: tuple[Manifest, Path]) -
     manifest, out = digits_sparse
     art, opt = manifest.artifacts["pruned_0.3"], manifest.artifacts["opt"]
     met = art.metrics
-    assert met["params_after"] < met["params_before"] and met["macs_after"] < met["macs_before"]
+    assert met.pruning.params_after < met.pruning.params_before and met.pruning.macs_after < met.pruning.macs_before
     assert (out / art.file.path).stat().st_size < (out / opt.file.path).stat().st_size
-    assert met["size_bytes_after"] == art.file.size_bytes < met["size_bytes_before"] == opt.file.size_bytes
+    assert met.size_bytes_after == art.file.size_bytes < met.size_bytes_before == opt.file.size_bytes
     onnx_params = sum(w.size for _, w in _onnx_weights(out / art.file.path))
     assert onnx_params < sum(w.size for _, w in _onnx_weights(out / opt.file.path))
-    assert art.params["pruning_ratio"] == 0.3 and art.params["ignored_layers"] == ["classifier.2"]
-    assert met["latency"]["p50_ms_after"] > 0 and met["latency"]["p50_ms_before"] > 0
-    assert met["parity"]["batch_2"]["max_abs_err"] < 1e-4  # against the pruned PyTorch module
+    assert art.params.pruning_ratio == 0.3 and art.params.ignored_layers == ["classifier.2"]
+    assert met.latency.p50_ms_after > 0 and met.latency.p50_ms_before > 0
+    assert met.parity["batch_2"].max_abs_err < 1e-4  # against the pruned PyTorch module
     assert not Manifest.load(out).verify(out)
 
 
@@ -116,14 +117,14 @@ def test_channel_pruned_model_is_smaller(digits_sparse: tuple[Manifest, Path]) -
 def test_recorded_accuracy_matches_independent_evaluation(digits_model: Any, digits_sparse: tuple[Manifest, Path],
                                                           name: str) -> None:
     manifest, out = digits_sparse
-    acc = manifest.artifacts[name].metrics["accuracy_vs_fp32"]
+    acc = manifest.artifacts[name].metrics.accuracy_vs_fp32
     x, y = digits_model.x_test, digits_model.y_test
-    assert acc["samples"] == len(y)
-    assert acc["top1_acc"] == pytest.approx(_ort_accuracy(out / manifest.artifacts[name].file.path, x, y), abs=1e-9)
+    assert acc.samples == len(y)
+    assert acc.top1_acc == pytest.approx(_ort_accuracy(out / manifest.artifacts[name].file.path, x, y), abs=1e-9)
     fp32 = _ort_accuracy(out / manifest.artifacts["opt"].file.path, x, y)
-    assert acc["ref_top1_acc"] == pytest.approx(fp32, abs=1e-9)
+    assert acc.ref_top1_acc == pytest.approx(fp32, abs=1e-9)
     assert fp32 == pytest.approx(digits_model.test_accuracy, abs=1 / len(y))
-    assert acc["accuracy_drop_points"] == pytest.approx(100 * (fp32 - acc["top1_acc"]), abs=1e-3)
+    assert acc.accuracy_drop_points == pytest.approx(100 * (fp32 - acc.top1_acc), abs=1e-3)
 
 
 @pytest.mark.parametrize("args", [["--sparsity", "1:4"], ["--sparsity", "garbage"], ["--prune-channels", "0"],
@@ -161,10 +162,10 @@ def test_resnet18_residual_pruning(tmp_path: Path) -> None:
                                                          latency_iters=3), input_shape=(1, 3, 64, 64))
     pruned, sparse = manifest.artifacts["pruned_0.3"], manifest.artifacts["sparse24"]
     assert pruned.status == sparse.status == "ok"
-    assert pruned.metrics["params_after"] < 0.6 * pruned.metrics["params_before"]
+    assert pruned.metrics.pruning.params_after < 0.6 * pruned.metrics.pruning.params_before
     assert pruned.file.size_bytes < 0.6 * manifest.artifacts["opt"].file.size_bytes
-    assert sparse.metrics["sparsity"]["fraction_groups_2of4"] == 1.0
-    assert sparse.metrics["sparsity"]["ineligible_weights"] == ["/conv1/Conv (Conv, input dim 3)"]
+    assert sparse.metrics.sparsity.fraction_groups_2of4 == 1.0
+    assert sparse.metrics.sparsity.ineligible_weights == ["/conv1/Conv (Conv, input dim 3)"]
     assert manifest.iospec.outputs[0].shape[-1] == 1000
 
 
@@ -175,7 +176,8 @@ def test_fp16_conversion_of_the_sparse_variant_for_a_tensorrt_engine(digits_mode
     import shutil
 
     from convert import engine as eng
-    from convert.pipeline import ConvertConfig, ConvertContext, ExportConfig
+    from convert.config import ConvertConfig, ExportConfig
+    from convert.context import ConvertContext
 
     manifest, src = digits_sparse
     out = tmp_path / "copy"

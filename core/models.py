@@ -142,10 +142,19 @@ def _torchvision(name: str, weights: str | None, seed: int) -> LoadedModel:
     return LoadedModel(source=source, module=module.eval(), default_shape=(1, 3, crop, crop), notes=notes)
 
 
+def factory_parts(spec: str) -> tuple[str, str] | None:
+    """``path/to/file.py:build`` -> ("path/to/file.py", "build"); None when ``spec`` is not a factory."""
+    file_part, sep, attr = spec.rpartition(":")
+    return (file_part, attr) if sep and file_part.endswith(".py") else None
+
+
 def _factory(spec: str, weights: str | None, seed: int) -> LoadedModel:
     import torch
 
-    file_part, _, attr = spec.rpartition(":")
+    parts = factory_parts(spec)
+    if parts is None:
+        raise InputError(f"{spec!r} is not path/to/file.py:factory")
+    file_part, attr = parts
     path = _check_file(Path(file_part), "model file")
     mod_name = f"_onnxkit_user_{abs(hash(path.resolve()))}"
     try:
@@ -209,7 +218,7 @@ def resolve_model(spec: str, weights: str | None = None, seed: int = 0) -> Loade
                            onnx_path=path)
     if spec.lower().endswith((".pt", ".pth", ".ts", ".jit")):
         return _torchscript(Path(spec), weights)
-    if ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+    if factory_parts(spec) is not None:
         return _factory(spec, weights, seed)
     return _torchvision(spec, weights, seed)
 

@@ -1,0 +1,87 @@
+"""Input pools: the exact inputs every backend (and every held-out check) is run on.
+
+A pool holds one array per input name, plus labels when known. ``bench`` builds one from random
+inputs or an image folder; the convert steps build theirs from ``--eval-data`` through the same
+sources as calibration (:mod:`calibration.sources`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import InputError
+from core.iospec import IOSpec
+from core.manifest import SourceInfo
+
+
+@dataclass
+class InputPool:
+    """The inputs every backend sees: one array per input name, plus labels when known."""
+
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    source: str
+
+    @property
+    def size(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def feed(self, start: int, batch: int) -> dict[str, np.ndarray]:
+        """``batch`` samples from ``start``, wrapping around so any batch size can be served."""
+        idx = (np.arange(start, start + batch)) % self.size
+        return {n: np.ascontiguousarray(a[idx]) for n, a in self.arrays.items()}
+
+
+def random_pool(spec: IOSpec, size: int, seed: int) -> InputPool:
+    """``size`` seeded random samples; a static-batch model gets stacked fixed-size batches."""
+    fixed = spec.fixed_batch()
+    if fixed is None:
+        feed = spec.random_feed(size, seed=seed)
+    else:
+        parts = [spec.random_feed(fixed, seed=seed + i) for i in range(-(-size // fixed))]
+        feed = {n: np.concatenate([p[n] for p in parts])[:size] for n in spec.input_names}
+    return InputPool(arrays=feed, labels=None, source=f"random normal (seed {seed})")
+
+
+def image_pool(spec: IOSpec, source: SourceInfo, folder: Path, size: int, log: Callable[[str], None]) -> InputPool:
+    """Up to ``size`` images of ``folder`` (class sub-folders = labels), preprocessed as the model expects."""
+    from calibration.images import load_images, scan_image_folder
+    from calibration.sources import image_input, resolve_preprocessing
+    from core.models import categories_for
+
+    if len(spec.inputs) != 1:
+        raise InputError("--data gives images; this model has several inputs")
+    # The model's own preprocessing (torchvision weights' transforms), fitted to its input size.
+    pre = resolve_preprocessing(spec, source.preprocessing)
+    images = scan_image_folder(folder, categories_for(source))
+    loaded = load_images(images, pre, limit=size, channels=image_input(spec)[1])
+    if loaded.skipped:
+        log(f"skipped {len(loaded.skipped)} unreadable file(s) in {folder}")
+    desc = f"{len(loaded.array)} images from {folder}"
+    if images.labels is not None:
+        desc += f" with labels ({images.label_source})"
+    return InputPool(arrays={spec.input_names[0]: loaded.array}, labels=loaded.labels, source=desc)
+
+
+def source_pool(data: str, spec: IOSpec, source: SourceInfo, seed: int, size: int | None = None) -> InputPool:
+    """Held-out inputs from ``data`` (image folder, .npy/.npz with optional 'labels', or a built-in set),
+    read through the same sources as calibration, all in memory."""
+    from calibration.sources import open_source, resolve_preprocessing
+
+    try:
+        pre = resolve_preprocessing(spec, source.preprocessing)
+    except InputError:
+        pre = None  # not an image model: only tensor files apply, and open_source says so
+    src = open_source(data, spec, pre, size=size, seed=seed)
+    feeds: list[dict[str, np.ndarray]] = []
+    labels: list[np.ndarray] = []
+    for feed, lab in src.iter_labelled(64):
+        feeds.append(feed)
+        if lab is not None:
+            labels.append(lab)
+    arrays = {n: np.ascontiguousarray(np.concatenate([f[n] for f in feeds])) for n in spec.input_names}
+    return InputPool(arrays=arrays, labels=np.concatenate(labels) if labels else None, source=src.describe())

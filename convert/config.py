@@ -1,0 +1,182 @@
+"""Every configuration of a conversion, in one leaf module: what to export, and which variants to make.
+
+The step modules (export, quantize, gates, sparsity, engine) and the pipeline read these; this module
+imports none of them, so a step never needs the pipeline that runs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from convert.export import Exporter
+from core.manifest import Precision
+
+DEFAULT_OPSET = 18
+
+
+class ExportConfig(BaseModel):
+    """What to export and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="torchvision name, path/to/file.py:factory, TorchScript .pt, or .onnx")
+    weights: str | None = Field(default=None, description="torchvision weights name or local state-dict file")
+    input_shape: tuple[int, ...] | None = Field(default=None, description="e.g. (1, 3, 224, 224)")
+    opset: int = Field(default=DEFAULT_OPSET, ge=7, le=23, description="ONNX opset")
+    exporter: Exporter = Field(default="torchscript", description="torch.onnx exporter")
+    dynamic_batch: bool = Field(default=True, description="Symbolic batch dimension")
+    optimize: bool = Field(default=True, description="Write model.opt.onnx (onnxslim + ORT basic)")
+    seed: int = Field(default=0, description="Seed for random init and test inputs")
+    parity_batches: list[int] = Field(default=[1, 2], description="Batch sizes for the parity check")
+
+
+CalibMethod = Literal["minmax", "entropy", "percentile"]
+
+
+CALIB_METHODS: tuple[CalibMethod, ...] = ("minmax", "entropy", "percentile")
+
+
+QType = Literal["uint8", "int8"]
+
+
+class GateConfig(BaseModel):
+    """How variants are checked against FP32, and the budget they must meet."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_accuracy_drop: float | None = Field(
+        default=None, ge=0, description="Allowed top-1 loss in points (agreement loss when there are no labels); "
+                                        "exceeded -> artifact marked failed, convert exits non-zero")
+    auto: bool = Field(default=False, description="Static INT8: try calibration methods, then keep the most "
+                                                  "error-adding nodes in FP32 until within budget")
+    eval_data: str | None = Field(default=None, description="Held-out data (image folder, .npz with optional "
+                                                            "'labels', imagenet_subset); default: a window of "
+                                                            "the calibration data that calibration never sees")
+    eval_size: int = Field(default=200, ge=1, description="At most this many held-out samples")
+    eval_batch: int = Field(default=16, ge=1, description="Batch size for the held-out runs")
+
+
+class CalibConfig(BaseModel):
+    """Where calibration samples come from and how they are read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str | None = Field(default=None, description="Image folder, .npy/.npz keyed by input name, "
+                                                       "'imagenet_subset' (built in) or 'synthetic'")
+    size: int = Field(default=100, ge=1, description="At most this many calibration samples")
+    batch: int = Field(default=8, ge=1, description="Calibration batch size")
+    methods: list[CalibMethod] = Field(default=["minmax"], min_length=1, description="One static variant each")
+    resize: int | None = Field(default=None, ge=1, description="Images: shorter side before the center crop")
+    mean: list[float] | None = Field(default=None, description="Images: per-channel mean (0-1 scale)")
+    std: list[float] | None = Field(default=None, description="Images: per-channel std (0-1 scale)")
+    seed: int = Field(default=0, description="Seed of the shuffle that picks calibration/held-out samples")
+
+
+class QuantConfig(BaseModel):
+    """Which reduced-precision variants to build, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fp16: bool = Field(default=False, description="FP16 weights/compute, FP32 inputs/outputs")
+    int8_static: bool = Field(default=False, description="QDQ static INT8 with calibration")
+    int8_dynamic: bool = Field(default=False, description="Dynamic INT8 (weights int8, activations at run time)")
+    calib: CalibConfig = Field(default_factory=CalibConfig)
+    activation_type: QType = Field(default="uint8", description="Static INT8 activations")
+    weight_type: QType = Field(default="int8", description="INT8 weights")
+    per_channel: bool = Field(default=True, description="Per-output-channel weight scales")
+    reduce_range: bool | None = Field(default=None, description="7-bit weights; None = on where ONNX Runtime "
+                                                                "advises it (x86-64 without VNNI)")
+    exclude_nodes: list[str] = Field(default_factory=list, description="Node names kept in FP32")
+    exclude_op_types: list[str] = Field(default_factory=list, description="Op types kept in FP32")
+    trt_qdq: bool = Field(default=False, description="Also write int8_trt from the same calibration: Q/DQ by "
+                                                     "TensorRT's rules, for an INT8 engine (convert --trt --int8)")
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+    @property
+    def any_variant(self) -> bool:
+        return self.fp16 or self.int8_static or self.int8_dynamic
+
+
+
+SparsityPattern = Literal["2:4"]
+
+
+class SparsityConfig(BaseModel):
+    """Which sparse/pruned variants to make, and how to measure them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: SparsityPattern | None = Field(default=None, description="Semi-structured pattern: only '2:4'")
+    prune_channels: float | None = Field(default=None, gt=0, lt=1,
+                                         description="Fraction of channels to remove per prunable layer")
+    round_to: int | None = Field(default=None, ge=1,
+                                 description="Keep pruned channel counts a multiple of this (e.g. 8 for GPUs)")
+    eval_data: str | None = Field(default=None, description="Held-out inputs for the accuracy change (--eval-data: "
+                                                            "image folder, .npy/.npz with optional 'labels')")
+    eval_samples: int = Field(default=64, ge=1, description="Random held-out inputs when there is no eval_data")
+    latency_warmup: int = Field(default=5, ge=0, description="ONNX Runtime warm-up runs before timing")
+    latency_iters: int = Field(default=30, ge=1, description="Timed ONNX Runtime runs at batch 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.pattern is not None or self.prune_channels is not None
+
+
+DEFAULT_MAX_BATCH = 32
+
+
+DEFAULT_OPT_BATCH = 8
+
+
+class EngineConfig(BaseModel):
+    """How to build TensorRT engines (``convert --trt``): one per precision asked for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fp16: bool = Field(default=False, description="An FP16 engine, built from the fp16 ONNX variant")
+    int8: bool = Field(default=False, description="An INT8 engine, built from int8_trt: Q/DQ by TensorRT's rules "
+                                                  "from the static INT8 calibration (needs its --calib data)")
+    source: str | None = Field(default=None, description="Manifest ONNX artifact to build one engine from instead, "
+                                                         "e.g. sparse24: in its precision, or converted to FP16 "
+                                                         "first with fp16")
+    tf32: bool = Field(default=True, description="Let FP32 layers use TF32 tensor cores (TensorRT's default; "
+                                                 "Polygraphy's is off); the only precision switch left in "
+                                                 "TensorRT 11, and what 2:4 sparse FP32 layers need")
+    min_batch: int | None = Field(default=None, ge=1, description="Profile min batch (default 1)")
+    opt_batch: int | None = Field(default=None, ge=1, description=f"Profile opt batch: the one kernels are tuned "
+                                                                  f"for (default {DEFAULT_OPT_BATCH}, clamped to "
+                                                                  "min..max)")
+    max_batch: int | None = Field(default=None, ge=1, description=f"Profile max batch (default {DEFAULT_MAX_BATCH})")
+    workspace_mb: int | None = Field(default=None, ge=1, description="Workspace memory pool limit (MiB); "
+                                                                     "default: TensorRT's (all device memory)")
+    builder_opt_level: int | None = Field(default=None, ge=0, le=5, description="Builder optimization level 0-5; "
+                                                                                "default: TensorRT's (3)")
+    timing_cache: Path | None = Field(default=None, description="Tactic timing cache, read if present and updated "
+                                                                "after the build; default OUT/timing.cache")
+
+    def precisions(self) -> list[Precision]:
+        """The engines asked for, by precision (FP32 when neither --fp16 nor --int8)."""
+        out: list[Precision] = []
+        if self.fp16:
+            out.append("fp16")
+        if self.int8:
+            out.append("int8")
+        return out or ["fp32"]
+
+
+class ConvertConfig(BaseModel):
+    """A full conversion request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    export: ExportConfig
+    out: Path | None = Field(default=None, description="Output folder; default artifacts/<model name>")
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig,
+                                     description="2:4 sparse and channel-pruned variants (convert/sparsity.py)")
+    quant: QuantConfig | None = Field(default=None, description="FP16 / dynamic INT8 / static INT8 variants and their "
+                                                              "accuracy gates (convert/quantize.py); None = none")
+    engine: EngineConfig | None = Field(default=None, description="Also build a TensorRT engine (convert/engine.py); "
+                                                                  "None = no engine")

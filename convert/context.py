@@ -1,0 +1,50 @@
+"""The state one conversion's steps share, and the shape of a step.
+
+A step is a plain function ``step(ctx) -> None`` that writes its files into ``ctx.out`` and records
+them in ``ctx.manifest``; the pipeline is a list of them. Steps import this module, never the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convert.config import ConvertConfig
+from convert.validate import Reference
+from core.iospec import IOSpec
+from core.manifest import Manifest
+from core.models import LoadedModel
+
+
+@dataclass
+class ConvertContext:
+    """State shared by the steps of one conversion."""
+
+    cfg: ConvertConfig
+    out: Path
+    loaded: LoadedModel
+    manifest: Manifest
+    reference: Reference | None = None
+    log: Callable[[str], None] = print
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def spec(self) -> IOSpec:
+        return self.manifest.iospec
+
+    def path(self, name: str) -> Path:
+        return self.out / name
+
+    def best_fp32(self) -> str:
+        """The artifact variants derive from: the optimized model when present."""
+        return self.manifest.best_fp32()
+
+
+Step = Callable[[ConvertContext], Any]
+
+
+def parity_batches(ctx: ConvertContext) -> list[int]:
+    fixed = ctx.spec.fixed_batch()
+    return [fixed] if fixed else list(ctx.cfg.export.parity_batches)

@@ -1,0 +1,130 @@
+"""The one held-out evaluator: FP32 reference outputs on held-out inputs, computed once, and each
+variant's statistics against them.
+
+The quantization gates (held-out window or ``--eval-data`` read as a streamed
+:class:`calibration.sources.Source`) and the sparsity/pruning checks (an in-memory
+:class:`calibration.pools.InputPool`) both use it: every model runs in the same ONNX Runtime CPU
+session settings, in the same batches, and is described by :func:`core.metrics.accuracy_stats`
+(the statistics ``bench`` reports). A fixed-batch model gets full batches: the short last batch
+wraps around to the first samples (as the bench harness does), and the surplus rows are dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from calibration.pools import InputPool
+from core.errors import InputError
+from core.metrics import AccuracyStats, accuracy_stats
+from core.records import AccuracyChange, DataRecord, HeldOutRecord
+from runtimes.ort import ort_session
+
+LabelledBatch = tuple[dict[str, np.ndarray], np.ndarray | None]
+
+
+class HeldOutData(Protocol):
+    """Held-out inputs read in batches, with their labels when known (a ``Source`` is one)."""
+
+    def iter_labelled(self, batch_size: int) -> Iterator[LabelledBatch]: ...
+
+    def describe(self) -> str: ...
+
+    def manifest_record(self) -> dict[str, Any]: ...
+
+
+class PoolData:
+    """An in-memory :class:`InputPool` read in batches like a ``Source``."""
+
+    def __init__(self, pool: InputPool) -> None:
+        self.pool = pool
+
+    def iter_labelled(self, batch_size: int) -> Iterator[LabelledBatch]:
+        labels = self.pool.labels
+        for s in range(0, self.pool.size, batch_size):
+            feed = {n: np.ascontiguousarray(a[s:s + batch_size]) for n, a in self.pool.arrays.items()}
+            yield feed, None if labels is None else labels[s:s + batch_size]
+
+    def describe(self) -> str:
+        return self.pool.source
+
+    def manifest_record(self) -> dict[str, Any]:
+        h = hashlib.sha256()
+        for name in sorted(self.pool.arrays):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(self.pool.arrays[name]).tobytes())
+        return {"source": self.pool.source, "kind": "pool", "sha256": h.hexdigest(), "num_samples": self.pool.size,
+                "skipped": 0, "labels": self.pool.labels is not None, "warnings": []}
+
+
+def _rows(feed: dict[str, np.ndarray]) -> int:
+    return len(next(iter(feed.values())))
+
+
+class HeldOutEvaluator:
+    """Held-out inputs, the FP32 reference's first output on them, and variant statistics against it."""
+
+    def __init__(self, data: HeldOutData, batch: int, fixed_batch: int | None = None) -> None:
+        self.data = data
+        self.batch = fixed_batch or batch
+        self.fixed = fixed_batch
+        self.reference: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+        self.reference_name = ""
+
+    def _batches(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, int]]:
+        """(feed, labels, real rows): a fixed-batch model's short last batch is filled from the first samples."""
+        first: dict[str, np.ndarray] | None = None
+        seen = 0
+        for feed, lab in self.data.iter_labelled(self.batch):
+            n = _rows(feed)
+            first = feed if first is None else first
+            seen += n
+            if self.fixed and n < self.fixed:
+                idx = np.arange(self.fixed - n) % seen  # the rows after the last wrap around to the start
+                feed = {k: np.concatenate([v, first[k][idx]]) for k, v in feed.items()}
+            yield feed, lab, n
+
+    def outputs(self, path: Path, simulate_qdq: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """The first output of ``path`` on every held-out sample, and the labels (``simulate_qdq``: see
+        ``runtimes.ort.ort_session``)."""
+        sess = ort_session(path, simulate_qdq=simulate_qdq)
+        outs: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        for feed, lab, n in self._batches():
+            outs.append(np.asarray(sess.run(None, feed)[0], dtype=np.float32)[:n])
+            if lab is not None:
+                labels.append(lab)
+        if not outs:
+            raise InputError(f"no held-out batch could be run ({self.data.describe()})")
+        return np.concatenate(outs), (np.concatenate(labels) if labels else None)
+
+    def set_reference(self, path: Path, name: str) -> None:
+        self.reference, self.labels = self.outputs(path)
+        self.reference_name = name
+
+    def evaluate(self, path: Path, simulate_qdq: bool = False) -> AccuracyStats:
+        """Statistics of ``path`` against the reference."""
+        if self.reference is None:
+            raise RuntimeError("set_reference() first")
+        got, _ = self.outputs(path, simulate_qdq)
+        return accuracy_stats(got, self.reference, self.labels, f"ort:{self.reference_name}:fp32:cpu")
+
+    def change(self, path: Path) -> AccuracyChange:
+        """:meth:`evaluate`, with the inputs named and the drops against FP32 in points."""
+        stats = self.evaluate(path)
+        change = AccuracyChange(inputs=self.data.describe(), **stats.model_dump())
+        if stats.top1_agreement is not None:
+            change.agreement_drop_points = round(100.0 * (1.0 - stats.top1_agreement), 4)
+        if stats.top1_acc is not None and stats.ref_top1_acc is not None:
+            change.accuracy_drop_points = round(100.0 * (stats.ref_top1_acc - stats.top1_acc), 4)
+        return change
+
+    def record(self) -> HeldOutRecord:
+        """The held-out data, as the manifest keeps it, and how many samples were compared."""
+        data = DataRecord.model_validate(self.data.manifest_record())
+        return HeldOutRecord(**data.model_dump(), used=0 if self.reference is None else len(self.reference))

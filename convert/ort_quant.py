@@ -1,0 +1,125 @@
+"""ONNX Runtime's quantization tools, wrapped: pre-processing, dynamic INT8 and QDQ static INT8.
+
+Each wrapper keeps the tools' per-tensor printing out of the console and turns their failures into
+one :class:`QuantizeError` line. Static quantization reads calibration ranges saved by
+:mod:`convert.calibrate` (``quantize_static(calibration_cache_path=...)``): it never calibrates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from convert.config import CalibMethod, QType, QuantConfig
+from core.errors import InputError, ToolkitError, first_line
+
+
+class QuantizeError(ToolkitError):
+    """ONNX Runtime's quantization tooling failed on this model."""
+
+
+def ort_qtype(name: QType) -> Any:
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QUInt8 if name == "uint8" else QuantType.QInt8
+
+
+def ort_method(name: CalibMethod) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """ONNX Runtime's quantization tools print progress and log warnings per tensor: keep them out."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def preprocess_for_quantization(src: Path, out: Path) -> None:
+    """ONNX Runtime's ``quant_pre_process``: symbolic + ONNX shape inference and graph optimization."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        with quiet():
+            quant_pre_process(str(src), str(out))
+    except Exception as exc:
+        raise QuantizeError(f"ONNX Runtime's quantization pre-processing failed on {src.name}: "
+                            f"{first_line(exc, with_type=True)}") from exc
+
+
+def quantizable_op_types(exclude: list[str]) -> list[str]:
+    """Every op type ONNX Runtime can quantize (static QDQ or QOperator) minus ``exclude``."""
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    return sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - set(exclude))
+
+
+def check_exclusions(model: Path, cfg: QuantConfig) -> None:
+    """Unknown ``--exclude-nodes``/``--exclude-op-types`` are one clear InputError naming what exists."""
+    import difflib
+
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    names = [n.name for n in graph.node]
+    ops = sorted({n.op_type for n in graph.node})
+    problems = []
+    for n in cfg.exclude_nodes:
+        if n not in names:
+            close = difflib.get_close_matches(n, names, n=3)
+            problems.append(f"no node named {n!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    bad_ops = [o for o in cfg.exclude_op_types if o not in ops]
+    if bad_ops:
+        problems.append(f"no node of op type(s) {bad_ops}; this model has {ops}")
+    if problems:
+        raise InputError("--exclude-nodes/--exclude-op-types: " + "; ".join(problems)
+                         + " (names are those of the quantization pre-processed model)")
+
+
+def quantize_dynamic_file(model: Path, out: Path, cfg: QuantConfig, reduce_range: bool) -> None:
+    """Dynamic INT8: weights quantized in the file, activations at run time."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    try:
+        with quiet():
+            quantize_dynamic(str(model), str(out), op_types_to_quantize=quantizable_op_types(cfg.exclude_op_types),
+                             per_channel=cfg.per_channel, reduce_range=reduce_range,
+                             weight_type=ort_qtype(cfg.weight_type), nodes_to_exclude=list(cfg.exclude_nodes))
+    except Exception as exc:
+        raise QuantizeError(f"dynamic INT8 quantization failed: {first_line(exc, with_type=True)}") from exc
+
+
+def quantize_qdq(model: Path, out: Path, method: CalibMethod, cache: Path, fp32_nodes: list[str], cfg: QuantConfig,
+                 what: str, **settings: Any) -> None:
+    """ONNX Runtime's QDQ ``quantize_static`` from the ranges ``method`` saved in ``cache``: ``settings``
+    choose the types."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    try:
+        with quiet():
+            quantize_static(str(model), str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                            per_channel=cfg.per_channel, nodes_to_exclude=[*cfg.exclude_nodes, *fp32_nodes],
+                            calibrate_method=ort_method(method), calibration_cache_path=str(cache), **settings)
+    except Exception as exc:
+        raise QuantizeError(f"{what} ({method}) failed: {first_line(exc, with_type=True)}") from exc
+
+
+def quantize_static_file(model: Path, out: Path, method: CalibMethod, cache: Path, cfg: QuantConfig,
+                         reduce_range: bool, fp32_nodes: list[str]) -> None:
+    """QDQ static quantization of ``model`` into ``out`` from saved calibration ranges."""
+    quantize_qdq(model, out, method, cache, fp32_nodes, cfg, "static INT8 quantization",
+                 op_types_to_quantize=quantizable_op_types(cfg.exclude_op_types), reduce_range=reduce_range,
+                 activation_type=ort_qtype(cfg.activation_type), weight_type=ort_qtype(cfg.weight_type))

@@ -1,0 +1,111 @@
+"""Output comparison and accuracy / latency statistics: the one leaf every layer measures with.
+
+``bench``, the convert steps' accuracy gates, the sparsity checks and the load test all describe
+outputs against a reference with :func:`accuracy_stats`, and latencies with :class:`LatencyStats`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Two latencies closer than this ratio are not called different (run-to-run noise on a shared machine).
+NOISE_RATIO = 1.05
+
+
+class LatencyStats(BaseModel):
+    """Per-call latency in milliseconds over the timed iterations (warm-up excluded)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    p50: float
+    p90: float
+    p99: float
+    mean: float
+    min: float
+    max: float
+    std: float
+    iters: int
+
+    @classmethod
+    def from_samples(cls, samples_ms: list[float]) -> LatencyStats:
+        import numpy as np
+
+        a = np.asarray(samples_ms, dtype=np.float64)
+        if a.size == 0:
+            raise ValueError("no latency samples")
+        p50, p90, p99 = np.percentile(a, [50, 90, 99])
+        return cls(p50=float(p50), p90=float(p90), p99=float(p99), mean=float(a.mean()), min=float(a.min()),
+                   max=float(a.max()), std=float(a.std()), iters=int(a.size))
+
+
+class AccuracyStats(BaseModel):
+    """Agreement of a backend's outputs with the FP32 reference, and accuracy against labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference: str = Field(description="What the outputs were compared with, e.g. 'eager:fp32'")
+    samples: int
+    max_abs_err: float
+    mean_abs_err: float
+    cosine: float
+    top1_agreement: float | None = None
+    top5_agreement: float | None = None
+    top1_acc: float | None = None
+    top5_acc: float | None = None
+    ref_top1_acc: float | None = None
+    ref_top5_acc: float | None = None
+
+
+class ParityStats(BaseModel):
+    """How far outputs are from a reference, worst over every output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_abs_err: float
+    max_rel_err: float
+    mean_abs_err: float
+    cosine: float = Field(description="Minimum cosine similarity over the outputs")
+
+
+def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> ParityStats:
+    """Max abs / max rel / mean abs error and the minimum cosine over all outputs."""
+    max_abs = max_rel = mean_abs = 0.0
+    cos_min = 1.0
+    for g, r in zip(got, ref, strict=True):
+        g64 = np.asarray(g, dtype=np.float64).reshape(-1)
+        r64 = np.asarray(r, dtype=np.float64).reshape(-1)
+        if g64.shape != r64.shape:
+            return ParityStats(max_abs_err=float("inf"), max_rel_err=float("inf"), mean_abs_err=float("inf"),
+                               cosine=0.0)
+        diff = np.abs(g64 - r64)
+        max_abs = max(max_abs, float(diff.max(initial=0.0)))
+        mean_abs = max(mean_abs, float(diff.mean()) if diff.size else 0.0)
+        max_rel = max(max_rel, float((diff / np.maximum(np.abs(r64), 1e-6)).max(initial=0.0)))
+        denom = float(np.linalg.norm(g64) * np.linalg.norm(r64))
+        cos = float(np.dot(g64, r64) / denom) if denom > 0 else float(np.allclose(g64, r64))
+        cos_min = min(cos_min, cos)
+    return ParityStats(max_abs_err=max_abs, max_rel_err=max_rel, mean_abs_err=mean_abs, cosine=cos_min)
+
+
+def accuracy_stats(outputs: np.ndarray, ref: np.ndarray, labels: np.ndarray | None, reference: str) -> AccuracyStats:
+    """Errors vs the reference (first output), top-k agreement and, with labels, top-k accuracy."""
+    cmp = compare_outputs([outputs], [ref])
+    stats = AccuracyStats(reference=reference, samples=len(ref), max_abs_err=cmp.max_abs_err,
+                          mean_abs_err=cmp.mean_abs_err, cosine=cmp.cosine)
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        k = min(5, ref.shape[1])
+        ref_top1 = ref.argmax(1)
+        got_top1 = outputs.argmax(1)
+        got_topk = np.argsort(-outputs, axis=1)[:, :k]
+        stats.top1_agreement = float((got_top1 == ref_top1).mean())
+        stats.top5_agreement = float(np.mean([ref_top1[i] in got_topk[i] for i in range(len(ref))]))
+        if labels is not None:
+            ref_topk = np.argsort(-ref, axis=1)[:, :k]
+            stats.top1_acc = float((got_top1 == labels).mean())
+            stats.top5_acc = float(np.mean([labels[i] in got_topk[i] for i in range(len(labels))]))
+            stats.ref_top1_acc = float((ref_top1 == labels).mean())
+            stats.ref_top5_acc = float(np.mean([labels[i] in ref_topk[i] for i in range(len(labels))]))
+    return stats

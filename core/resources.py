@@ -1,0 +1,63 @@
+"""Resource measurement and device checks shared by the harness, calibration and the runners."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+def cuda_problem() -> str | None:
+    """None when CUDA is usable, else one line saying why not."""
+    try:
+        import torch
+    except ImportError:
+        return "PyTorch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False)"
+    return None
+
+
+class ResourceSampler:
+    """Samples process RSS (and, through hooks, GPU stats) in a background thread."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval_s = interval_s
+        self.baseline_rss = self._proc.memory_info().rss
+        self.peak_rss = self.baseline_rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> ResourceSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+
+
+@contextmanager
+def cpu_meter() -> Iterator[dict[str, float]]:
+    """Process CPU time over the block as % of all cores."""
+    import psutil
+
+    proc = psutil.Process()
+    box: dict[str, float] = {}
+    t0, c0 = time.perf_counter(), proc.cpu_times()
+    yield box
+    wall = time.perf_counter() - t0
+    c1 = proc.cpu_times()
+    used = (c1.user - c0.user) + (c1.system - c0.system)
+    box["cpu_util"] = 100.0 * used / max(wall, 1e-9) / (os.cpu_count() or 1)
