@@ -1,14 +1,20 @@
-"""IOSpec: input/output names, shapes with symbolic dims, dtypes — declared once.
+"""IOSpec: input/output names, shapes with named symbolic dims, dtypes — declared once.
 
-It drives the export's dynamic axes, dummy and random inputs, input checks, TensorRT optimization
-profiles and the Triton configuration.
+Every symbolic dimension keeps its name (``batch``, ``sequence``, ``height``, ...) and a name shared by
+several inputs is one dim. ``dims`` binds the non-batch dims to a value for a run and ``ranges`` gives a
+min/opt/max where a range is needed (TensorRT profiles, parity at two values). The batch is the dim
+named ``batch``: the leading symbolic dim of the first input, renamed so wherever it appears.
+
+It drives the export's dynamic axes, dummy and random inputs, parity checks, input checks, TensorRT
+optimization profiles and the Triton configuration. Nothing else guesses shapes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +23,7 @@ from core.errors import InputError
 
 BATCH = "batch"
 _DTYPES = {"float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"}
+Fill = Literal["random", "ones", "zeros"]
 
 
 class TensorSpec(BaseModel):
@@ -25,32 +32,72 @@ class TensorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Tensor name as it appears in the ONNX graph")
-    shape: list[int | str] = Field(description="Dimensions; strings are symbolic (e.g. 'batch')")
+    shape: list[int | str] = Field(description="Dimensions; strings are symbolic (e.g. 'batch', 'sequence')")
     dtype: str = Field(default="float32", description="NumPy dtype name")
+    int_range: tuple[int, int] | None = Field(
+        default=None, description="Integer inputs: random values are drawn from [low, high), e.g. token ids "
+                                  "inside the vocabulary (read from the embedding table the ids index)")
+    fill: Fill = Field(default="random", description="How random feeds fill it: 'ones' for attention masks, "
+                                                     "'zeros' for token type ids")
 
-    def concrete_shape(self, batch: int) -> tuple[int, ...]:
-        dims: list[int] = []
+    @property
+    def symbolic_dims(self) -> list[str]:
+        return [d for d in self.shape if isinstance(d, str)]
+
+    def concrete_shape(self, batch: int, dims: Mapping[str, int] | None = None) -> tuple[int, ...]:
+        """The shape with ``batch`` and the bound dims filled in; an unbound one is one clear InputError."""
+        out: list[int] = []
         for d in self.shape:
             if isinstance(d, int):
-                dims.append(d)
+                out.append(d)
             elif d == BATCH:
-                dims.append(batch)
+                out.append(batch)
+            elif dims is not None and d in dims:
+                out.append(int(dims[d]))
             else:
-                raise InputError(f"tensor {self.name!r} has an unbound symbolic dim {d!r}")
-        return tuple(dims)
+                example = "x".join(str(batch) if s == BATCH else (s.upper() if isinstance(s, str) else str(s))
+                                   for s in self.shape)
+                raise InputError(f"tensor {self.name!r} has an unbound symbolic dim {d!r}: give it a value with "
+                                 f"--input-shape {self.name}:{example}")
+        return tuple(out)
 
     @property
     def has_dynamic_batch(self) -> bool:
         return bool(self.shape) and self.shape[0] == BATCH
 
+    def random(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        """Seeded values that follow the tensor's meaning: floats normal, ids in range, masks ones."""
+        if self.fill != "random":
+            return np.full(shape, 1 if self.fill == "ones" else 0, dtype=self.dtype)
+        if self.dtype.startswith("float") or self.dtype == "bfloat16":
+            return rng.standard_normal(shape).astype(np.float32 if self.dtype == "bfloat16" else self.dtype)
+        if self.dtype == "bool":
+            return rng.integers(0, 2, size=shape).astype(bool)
+        low, high = self.int_range or (0, 100)
+        return rng.integers(low, high, size=shape).astype(self.dtype)
+
+
+class DimRange(BaseModel):
+    """The values a symbolic dim takes: the smallest, the one to tune for, the largest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: int = Field(ge=1)
+    opt: int = Field(ge=1)
+    max: int = Field(ge=1)
+
 
 class IOSpec(BaseModel):
-    """The model's inputs and outputs."""
+    """The model's inputs and outputs, and the values of their symbolic dims."""
 
     model_config = ConfigDict(extra="forbid")
 
     inputs: list[TensorSpec]
     outputs: list[TensorSpec] = Field(default_factory=list)
+    dims: dict[str, int] = Field(default_factory=dict, description="Symbolic dim (not the batch) -> its value "
+                                                                   "for runs: random feeds, parity, profiles")
+    ranges: dict[str, DimRange] = Field(default_factory=dict, description="Symbolic dim -> min/opt/max where a "
+                                                                          "range is needed (TensorRT profiles)")
 
     @classmethod
     def for_image_model(
@@ -74,9 +121,23 @@ class IOSpec(BaseModel):
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise InputError(f"unknown input {name!r}; the model's inputs: {', '.join(self.input_names)}")
+
     @property
     def dynamic_batch(self) -> bool:
         return all(t.has_dynamic_batch for t in self.inputs)
+
+    def symbolic_dims(self) -> list[str]:
+        """Every symbolic dim of the inputs, each once, the batch first."""
+        names = list(dict.fromkeys(d for t in self.inputs for d in t.symbolic_dims))
+        return sorted(names, key=lambda d: d != BATCH)
+
+    def unbound_dims(self) -> list[str]:
+        return [d for d in self.symbolic_dims() if d != BATCH and d not in self.dims]
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """The torch.onnx ``dynamic_axes`` mapping for every symbolic dim."""
@@ -92,21 +153,53 @@ class IOSpec(BaseModel):
         first = self.inputs[0].shape[0] if self.inputs[0].shape else None
         return first if isinstance(first, int) else None
 
-    def random_feed(self, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Seeded inputs for every input tensor: standard normal for floats, small ints otherwise."""
+    def bound(self, dims: Mapping[str, int] | None = None) -> dict[str, int]:
+        """The dim values for a run: the spec's bindings, overridden by ``dims``."""
+        return {**self.dims, **(dims or {})}
+
+    def with_dims(self, dims: Mapping[str, int]) -> IOSpec:
+        """A copy with ``dims`` bound (each must be a symbolic dim of an input, other than the batch)."""
+        known = set(self.symbolic_dims()) - {BATCH}
+        unknown = sorted(set(dims) - known)
+        if unknown:
+            raise InputError(f"unknown dim(s) {unknown}: the model's symbolic dims are "
+                             f"{', '.join(sorted(known)) or 'none (besides the batch)'}")
+        bad = {d: v for d, v in dims.items() if v < 1}
+        if bad:
+            raise InputError(f"dim values must be >= 1, got {bad}")
+        return self.model_copy(update={"dims": self.bound(dims)})
+
+    def input_shapes(self, batch: int, dims: Mapping[str, int] | None = None) -> dict[str, tuple[int, ...]]:
+        bound = self.bound(dims)
+        return {t.name: t.concrete_shape(batch, bound) for t in self.inputs}
+
+    def random_feed(self, batch: int, seed: int = 0, dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+        """Seeded inputs for every input tensor (see :meth:`TensorSpec.random`)."""
         self.check_batch(batch)
         rng = np.random.default_rng(seed)
-        feed: dict[str, np.ndarray] = {}
-        for t in self.inputs:
-            shape = t.concrete_shape(batch)
-            if t.dtype.startswith("float") or t.dtype == "bfloat16":
-                arr = rng.standard_normal(shape).astype(np.float32)
-            elif t.dtype == "bool":
-                arr = rng.integers(0, 2, size=shape).astype(bool)
-            else:
-                arr = rng.integers(0, 100, size=shape).astype(t.dtype)
-            feed[t.name] = np.ascontiguousarray(arr)
-        return feed
+        shapes = self.input_shapes(batch, dims)
+        return {t.name: np.ascontiguousarray(t.random(rng, shapes[t.name])) for t in self.inputs}
+
+    def dim_range(self, dim: str, batch: tuple[int, int, int] | None = None) -> DimRange:
+        """min/opt/max of ``dim``: ``ranges`` first, else the batch range given, else its binding throughout."""
+        if dim in self.ranges:
+            return self.ranges[dim]
+        if dim == BATCH and batch is not None:
+            return DimRange(min=batch[0], opt=batch[1], max=batch[2])
+        if dim in self.dims:
+            v = self.dims[dim]
+            return DimRange(min=v, opt=v, max=v)
+        raise InputError(f"symbolic dim {dim!r} has no value: bind it with --input-shape (see `convert --help`)")
+
+    def parity_dims(self) -> list[dict[str, int]]:
+        """Dim values for parity checks: the bindings, and each dynamic dim at a second value (its range's
+        max, else binding + 1), so that a graph that baked one value in is caught."""
+        base = dict(self.dims)
+        second = {d: (r.max if r.max != base.get(d) else r.min) for d, r in self.ranges.items()
+                  if d in base and d != BATCH}
+        for d, v in base.items():
+            second.setdefault(d, v + 1)
+        return [base, second] if base else [base]
 
     def check_batch(self, batch: int) -> None:
         fixed = self.fixed_batch()
@@ -117,7 +210,8 @@ class IOSpec(BaseModel):
                              "(export again without --no-dynamic-batch)")
 
     def check_feed(self, feed: dict[str, np.ndarray]) -> None:
-        """Raise one InputError listing every name/shape/dtype mismatch of ``feed``."""
+        """Raise one InputError listing every name/shape/dtype mismatch of ``feed`` (a dim shared by several
+        inputs must have one value in all of them)."""
         problems: list[str] = []
         missing = [n for n in self.input_names if n not in feed]
         extra = [n for n in feed if n not in self.input_names]
@@ -125,19 +219,31 @@ class IOSpec(BaseModel):
             problems.append(f"missing inputs {missing}")
         if extra:
             problems.append(f"unexpected inputs {extra} (expected {self.input_names})")
+        seen: dict[str, tuple[int, str]] = {}
         for t in self.inputs:
             if t.name not in feed:
                 continue
-            arr = feed[t.name]
-            if len(arr.shape) != len(t.shape):
-                problems.append(f"{t.name}: rank {len(arr.shape)} != {len(t.shape)} (expected {t.shape})")
-                continue
-            for got, want in zip(arr.shape, t.shape, strict=True):
-                if isinstance(want, int) and got != want:
-                    problems.append(f"{t.name}: shape {list(arr.shape)} does not match {t.shape}")
-                    break
+            problems += _feed_problems(t, np.asarray(feed[t.name]), seen)
         if problems:
             raise InputError("input does not match the model's IOSpec: " + "; ".join(problems))
+
+
+def _feed_problems(t: TensorSpec, arr: np.ndarray, seen: dict[str, tuple[int, str]]) -> list[str]:
+    if len(arr.shape) != len(t.shape):
+        return [f"{t.name}: rank {len(arr.shape)} != {len(t.shape)} (expected {t.shape})"]
+    problems: list[str] = []
+    for got, want in zip(arr.shape, t.shape, strict=True):
+        if isinstance(want, int) and got != want:
+            problems.append(f"{t.name}: shape {list(arr.shape)} does not match {t.shape}")
+            break
+        if isinstance(want, str):
+            if want in seen and seen[want][0] != got:
+                problems.append(f"dim {want!r} is {seen[want][0]} in {seen[want][1]} but {got} in {t.name}")
+            seen.setdefault(want, (int(got), t.name))
+    want_kind, got_kind = np.dtype(t.dtype).kind, arr.dtype.kind
+    if (want_kind in "iu") != (got_kind in "iu") or (want_kind == "b") != (got_kind == "b"):
+        problems.append(f"{t.name}: dtype {arr.dtype} where the model takes {t.dtype}")
+    return problems
 
 
 _SHAPE_RE = re.compile(r"^\d+(x\d+)*$")
@@ -152,6 +258,51 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if any(d < 1 for d in dims):
         raise InputError(f"malformed --input-shape {text!r}: every dimension must be >= 1")
     return dims
+
+
+def parse_input_shapes(text: str) -> dict[str | None, tuple[int, ...]]:
+    """``1x3x224x224`` -> {None: shape} (the only input); ``ids:1x16,mask:1x16`` -> {name: shape} (Polygraphy's
+    ``--input-shapes`` without brackets); one clear InputError for anything else."""
+    text = text.strip()
+    if ":" not in text:
+        return {None: parse_shape(text)}
+    out: dict[str | None, tuple[int, ...]] = {}
+    for part in text.split(","):
+        name, sep, shape = part.strip().rpartition(":")
+        if not sep or not name.strip():
+            raise InputError(f"malformed --input-shape {text!r}: name every input (name:1x16,other:1x16) or give "
+                             "one unnamed shape (1x3x224x224)")
+        if name.strip() in out:
+            raise InputError(f"--input-shape names {name.strip()!r} twice")
+        out[name.strip()] = parse_shape(shape)
+    return out
+
+
+def bind_shapes(spec: IOSpec, shapes: Mapping[str | None, tuple[int, ...]]) -> tuple[int | None, dict[str, int]]:
+    """(batch, dim values) that ``shapes`` give ``spec``'s symbolic dims; every mismatch is one InputError:
+    an unknown input, a rank or fixed-dim mismatch, or one dim given two values."""
+    if None in shapes:
+        if len(spec.inputs) != 1:
+            raise InputError(f"this model has {len(spec.inputs)} inputs ({', '.join(spec.input_names)}): name each "
+                             f"one, e.g. --input-shape {','.join(f'{n}:1x16' for n in spec.input_names)}")
+        shapes = {spec.input_names[0]: shapes[None]}
+    values: dict[str, tuple[int, str]] = {}
+    for name, shape in shapes.items():
+        t = spec.input(str(name))
+        if len(shape) != len(t.shape):
+            raise InputError(f"--input-shape {name}: rank {len(shape)} ({'x'.join(map(str, shape))}) but the model's "
+                             f"{name!r} has rank {len(t.shape)} ({t.shape})")
+        for i, (got, want) in enumerate(zip(shape, t.shape, strict=True)):
+            if isinstance(want, int):
+                if got != want:
+                    raise InputError(f"--input-shape {name}: dim {i} is fixed to {want} in the model, got {got}")
+                continue
+            if want in values and values[want][0] != got:
+                raise InputError(f"dim {want!r} is bound to two values: {values[want][0]} (in {values[want][1]}) "
+                                 f"and {got} (in {name})")
+            values[want] = (got, str(name))
+    batch = values.pop(BATCH, (None, ""))[0]
+    return batch, {d: v for d, (v, _) in values.items()}
 
 
 def feed_digest(feed: dict[str, np.ndarray]) -> str:
@@ -172,26 +323,76 @@ def onnx_opset(model: Any) -> int | None:
 
 
 def spec_from_onnx(model: Any) -> IOSpec:
-    """Read an IOSpec from an ``onnx.ModelProto`` (graph inputs that are not initializers)."""
+    """Read an IOSpec from an ``onnx.ModelProto`` (graph inputs that are not initializers).
+
+    The leading symbolic dim of the first input is the batch: its name becomes ``batch`` in every tensor
+    that uses it. Other named dims keep their names (shared across tensors); an unnamed symbolic dim gets
+    a name of its own (``<tensor>_dim<i>``). Integer inputs that index an embedding table get the
+    table's row count as their value range.
+    """
     from onnx import helper
 
     init_names = {i.name for i in model.graph.initializer}
+    graph_inputs = [v for v in model.graph.input if v.name not in init_names]
+    rename: dict[str, str] = {}
+    if graph_inputs and graph_inputs[0].type.tensor_type.shape.dim:
+        first = graph_inputs[0].type.tensor_type.shape.dim[0]
+        if not first.HasField("dim_value"):
+            rename[first.dim_param or f"{graph_inputs[0].name}_dim0"] = BATCH
+    vocab = embedding_sizes(model)
 
-    def tensors(values: Any) -> list[TensorSpec]:
+    def tensors(values: Any, is_input: bool) -> list[TensorSpec]:
         out: list[TensorSpec] = []
         for v in values:
-            if v.name in init_names:
-                continue
             tt = v.type.tensor_type
             dims: list[int | str] = []
             for i, d in enumerate(tt.shape.dim):
                 if d.HasField("dim_value"):
                     dims.append(int(d.dim_value))
                 else:
-                    # The first symbolic dim is the batch by convention; others keep their names.
-                    dims.append(BATCH if i == 0 else (d.dim_param or f"dim{i}"))
-            np_dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-            out.append(TensorSpec(name=v.name, shape=dims, dtype=np.dtype(np_dtype).name))
+                    name = d.dim_param or f"{v.name}_dim{i}"
+                    dims.append(rename.get(name, name))
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
+            out.append(TensorSpec(name=v.name, shape=dims, dtype=dtype,
+                                  **(_input_semantics(v.name, dtype, vocab) if is_input else {})))
         return out
 
-    return IOSpec(inputs=tensors(model.graph.input), outputs=tensors(model.graph.output))
+    return IOSpec(inputs=tensors(graph_inputs, True), outputs=tensors(model.graph.output, False))
+
+
+def _input_semantics(name: str, dtype: str, vocab: Mapping[str, int]) -> dict[str, Any]:
+    """Random-feed hints from what an input is: ids index an embedding table; masks are ones."""
+    if np.dtype(dtype).kind not in "iu":
+        return {}
+    lowered = name.lower()
+    if "mask" in lowered:
+        return {"fill": "ones"}
+    if "token_type" in lowered or "segment" in lowered:
+        return {"fill": "zeros"}
+    if name in vocab:
+        return {"int_range": (0, vocab[name])}
+    return {}
+
+
+def embedding_sizes(model: Any) -> dict[str, int]:
+    """Graph input -> rows of the embedding table it indexes (a ``Gather`` on an initializer, axis 0,
+    possibly through Cast/Unsqueeze/Reshape), for inputs that are token ids."""
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    out: dict[str, int] = {}
+    for v in model.graph.input:
+        frontier, seen = [v.name], set()
+        while frontier and v.name not in out:
+            t = frontier.pop()
+            seen.add(t)
+            for node in consumers.get(t, []):
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                if node.op_type == "Gather" and node.input[1] == t and node.input[0] in inits and axis == 0:
+                    out[v.name] = int(inits[node.input[0]][0])
+                    break
+                if node.op_type in ("Cast", "Unsqueeze", "Reshape", "Squeeze", "Identity", "Flatten"):
+                    frontier += [o for o in node.output if o not in seen]
+    return out
