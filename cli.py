@@ -536,7 +536,7 @@ def serve(
 ) -> None:
     """Serve one variant over the KServe v2 / Triton HTTP protocol, with /metrics and micro-batching."""
     with user_errors():
-        from serving.server import ServeConfig
+        from serving.served import ServeConfig
         from serving.server import serve as run_serve
 
         run_serve(ServeConfig(artifact_dir=artifact_dir, variant=variant, host=host, port=port, max_batch=max_batch,

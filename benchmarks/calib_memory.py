@@ -58,7 +58,7 @@ def child(model: str, images: str, count: int, method: str, batch: int) -> None:
     """One measurement, printed as JSON on the last line (run in a fresh process)."""
     import psutil
 
-    from calibration.sources import open_source
+    from calibration.loaders import open_source
     from convert.calibrate import calibrate
     from convert.ort_quant import preprocess_for_quantization, quantizable_op_types
     from core.manifest import Manifest

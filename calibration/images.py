@@ -6,7 +6,7 @@ are integers or match the model's category names; otherwise they are numbered in
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,38 +84,4 @@ def load_image(path: Path, pre: Preprocessing, channels: int = 3) -> np.ndarray:
     return np.ascontiguousarray(norm.transpose(2, 0, 1), dtype=np.float32)
 
 
-@dataclass
-class LoadedImages:
-    array: np.ndarray  # N x 3 x H x W float32
-    labels: np.ndarray | None
-    skipped: list[str]
 
-
-def iter_images(files: Sequence[Path], pre: Preprocessing,
-                channels: int = 3) -> Iterator[tuple[int, np.ndarray | None, str]]:
-    """Yield (index, CHW array or None when unreadable, reason) one file at a time (streams)."""
-    for i, f in enumerate(files):
-        try:
-            yield i, load_image(f, pre, channels), ""
-        except (OSError, ValueError) as exc:
-            yield i, None, f"{f.name}: {type(exc).__name__}"
-
-
-def load_images(images: ImageSet, pre: Preprocessing, limit: int | None = None, channels: int = 3) -> LoadedImages:
-    """Load up to ``limit`` readable images; unreadable files are skipped and counted."""
-    arrays: list[np.ndarray] = []
-    labels: list[int] = []
-    skipped: list[str] = []
-    for i, arr, why in iter_images(images.files, pre, channels):
-        if limit is not None and len(arrays) >= limit:
-            break
-        if arr is None:
-            skipped.append(why)
-            continue
-        arrays.append(arr)
-        if images.labels is not None:
-            labels.append(images.labels[i])
-    if not arrays:
-        raise InputError(f"none of the {len(images.files)} files in {images.root} could be read as an image")
-    return LoadedImages(array=np.stack(arrays), labels=np.asarray(labels) if images.labels is not None else None,
-                        skipped=skipped)

@@ -48,9 +48,11 @@ def random_pool(spec: IOSpec, size: int, seed: int) -> InputPool:
 
 
 def image_pool(spec: IOSpec, source: SourceInfo, folder: Path, size: int, log: Callable[[str], None]) -> InputPool:
-    """Up to ``size`` images of ``folder`` (class sub-folders = labels), preprocessed as the model expects."""
-    from calibration.images import load_images, scan_image_folder
-    from calibration.sources import image_input, resolve_preprocessing
+    """The first ``size`` readable images of ``folder`` in file order (class sub-folders = labels, named
+    after the model's categories when known), read through the same image source as calibration."""
+    from calibration.images import scan_image_folder
+    from calibration.loaders import image_input, resolve_preprocessing
+    from calibration.sources import ImageFolderSource
     from core.models import categories_for
 
     if len(spec.inputs) != 1:
@@ -58,19 +60,32 @@ def image_pool(spec: IOSpec, source: SourceInfo, folder: Path, size: int, log: C
     # The model's own preprocessing (torchvision weights' transforms), fitted to its input size.
     pre = resolve_preprocessing(spec, source.preprocessing)
     images = scan_image_folder(folder, categories_for(source))
-    loaded = load_images(images, pre, limit=size, channels=image_input(spec)[1])
-    if loaded.skipped:
-        log(f"skipped {len(loaded.skipped)} unreadable file(s) in {folder}")
-    desc = f"{len(loaded.array)} images from {folder}"
+    labels = np.asarray(images.labels) if images.labels is not None else None
+    src = ImageFolderSource(folder, images.files, labels, np.arange(len(images.files)), spec.input_names[0], pre,
+                            image_input(spec)[1], images.label_source)
+    arrays: list[np.ndarray] = []
+    got_labels: list[np.ndarray] = []
+    for feed, lab in src.iter_labelled(1):
+        arrays.append(feed[spec.input_names[0]])
+        if lab is not None:
+            got_labels.append(lab)
+        if len(arrays) == size:
+            break
+    if not arrays:
+        raise InputError(f"none of the {len(images.files)} files in {folder} could be read as an image")
+    if src.skipped:
+        log(f"skipped {len(src.skipped)} unreadable file(s) in {folder}")
+    desc = f"{len(arrays)} images from {folder}"
     if images.labels is not None:
         desc += f" with labels ({images.label_source})"
-    return InputPool(arrays={spec.input_names[0]: loaded.array}, labels=loaded.labels, source=desc)
+    return InputPool(arrays={spec.input_names[0]: np.concatenate(arrays)},
+                     labels=np.concatenate(got_labels) if got_labels else None, source=desc)
 
 
 def source_pool(data: str, spec: IOSpec, source: SourceInfo, seed: int, size: int | None = None) -> InputPool:
     """Held-out inputs from ``data`` (image folder, .npy/.npz with optional 'labels', or a built-in set),
     read through the same sources as calibration, all in memory."""
-    from calibration.sources import open_source, resolve_preprocessing
+    from calibration.loaders import open_source, resolve_preprocessing
 
     try:
         pre = resolve_preprocessing(spec, source.preprocessing)

@@ -22,13 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibration.sources import (
-    DEFAULT_SYNTHETIC_SIZE,
-    Source,
-    count_samples,
-    open_source,
-    resolve_preprocessing,
-)
+from calibration.loaders import count_samples, open_source, resolve_preprocessing
+from calibration.sources import DEFAULT_SYNTHETIC_SIZE, Source
 from convert.config import CalibConfig, CalibMethod, QuantConfig
 from convert.ort_quant import QuantizeError, ort_method, quiet
 from core.errors import BackendUnavailableError, InputError, ToolkitError, first_line

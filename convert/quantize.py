@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibration.cpu import CpuFeatures, cpu_features
+from calibration.loaders import count_samples
 from calibration.ort_reader import OrtCalibrationReader
-from calibration.sources import Source, count_samples
+from calibration.sources import Source
 from convert.calibrate import Calibrations, open_quant_data
 from convert.config import CALIB_METHODS, CalibMethod, QType, QuantConfig
 from convert.context import ConvertContext, Step

@@ -364,7 +364,8 @@ def artifact_reference(artifact_dir: Path, variant: str | None = None, *, ort_sp
 
     base = Path(artifact_dir)
     manifest = load_artifacts(base)
-    arts = [a for a in resolve_variants(manifest, [variant or default_variant(manifest)]) if a.kind == "onnx"]
+    arts = [a for a in resolve_variants(manifest, [variant or default_variant(manifest)])
+            if a.kind in OrtRunner.artifact_kinds]
     if len(arts) != 1:
         raise InputError(f"--reference needs exactly one ONNX variant; {variant!r} gives {[a.name for a in arts]}")
     runner = OrtRunner(manifest, base, arts[0], RunnerOptions(device="cpu", ort_spinning=ort_spinning)).load()

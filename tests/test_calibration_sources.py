@@ -11,8 +11,9 @@ import pytest
 
 from calibration.builtin import builtin_path
 from calibration.cpu import CpuFeatures, cpu_features
+from calibration.loaders import count_samples, open_source, resolve_preprocessing
 from calibration.ort_reader import OrtCalibrationReader
-from calibration.sources import CalibrationSource, count_samples, open_source, resolve_preprocessing
+from calibration.sources import CalibrationSource
 from convert.quantize import parse_methods
 from core.errors import InputError
 from core.iospec import IOSpec, TensorSpec

@@ -74,7 +74,7 @@ def test_variant_accuracy_on_held_out_split(digits_model: Any, variants: tuple[M
 
 def test_variants_are_recorded_with_their_calibration(digits_model: Any, variants: tuple[Manifest, Path]) -> None:
     from calibration.cpu import cpu_features
-    from calibration.sources import open_source
+    from calibration.loaders import open_source
 
     manifest, out = variants
     assert manifest.verify(out) == []

@@ -17,9 +17,11 @@ import pytest
 import tritonclient.http as triton_http
 
 from core.manifest import Manifest
+from serving.batching import MicroBatcher
 from serving.loadtest import LoadTestConfig, run_loadtest
 from serving.protocol import HEADER_LENGTH, encode_request
-from serving.server import BackgroundServer, MicroBatcher, ServeConfig
+from serving.served import ServeConfig
+from serving.server import BackgroundServer
 
 MODEL = "tiny_cnn_opt"
 
@@ -198,7 +200,7 @@ def test_micro_batcher_waits_for_company_after_a_shared_batch() -> None:
 
 
 def test_ort_spinning_reaches_the_session(tiny_artifacts: Path) -> None:
-    from serving.server import load_model
+    from serving.served import load_model
 
     key = "session.intra_op.allow_spinning"
     off = load_model(ServeConfig(artifact_dir=tiny_artifacts, ort_spinning=False), log=lambda _m: None)

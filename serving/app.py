@@ -1,0 +1,203 @@
+"""The FastAPI application of ``serve``: KServe v2 / Triton HTTP routes, errors as JSON, Prometheus metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import zlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.batching import MicroBatcher
+from serving.protocol import (
+    HEADER_LENGTH,
+    SERVER_TIMING,
+    RequestError,
+    decode_request,
+    encode_response,
+)
+from serving.served import VERSION, ServeConfig, ServedModel, ServerMetrics, server_version
+
+
+# -- the app ---------------------------------------------------------------------------------------
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, f"malformed Content-Length {declared!r}")
+        if int(declared) > limit:
+            raise RequestError(413, f"request body of {int(declared)} bytes exceeds the server's limit of {limit} "
+                                    "bytes (serve --max-body-mb)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds the server's limit of {limit} bytes (serve --max-body-mb)")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding in ("gzip", "deflate"):
+        inflater = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+        try:
+            body = inflater.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise RequestError(400, f"request body is not valid {encoding}: {exc}") from None
+        if len(body) > limit or inflater.unconsumed_tail:
+            raise RequestError(413, f"decompressed request body exceeds the server's limit of {limit} bytes")
+    elif encoding != "identity":
+        raise RequestError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+    return body
+
+
+def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
+    """The FastAPI application serving ``model``; it closes the runner on shutdown."""
+    metrics = ServerMetrics()
+    batcher = MicroBatcher(infer=model.runner.infer, max_batch=cfg.max_batch, max_delay_s=cfg.max_delay_ms / 1000,
+                           batchable=model.spec.dynamic_batch and cfg.max_batch > 1,
+                           on_batch=metrics.batch_rows.labels(model.name).observe)
+    ready = threading.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Any) -> AsyncIterator[None]:
+        batcher.start()
+        ready.set()
+        try:
+            yield
+        finally:
+            ready.clear()
+            await batcher.stop()
+            model.runner.close()
+
+    app = FastAPI(title="onnxkit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics
+    app.state.batcher = batcher
+    _error_handlers(app)
+    _server_routes(app, model, metrics, ready)
+    _model_routes(app, model, ready)
+    _infer_route(app, model, batcher, metrics, int(cfg.max_body_mb * 2**20))
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error is a JSON ``{"error": ...}`` body, the form tritonclient reports."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Any:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestError)
+    async def request_error(_request: Request, exc: RequestError) -> Any:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> Any:
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _lookup(model: ServedModel, name: str, version: str | None = None) -> ServedModel:
+    if name != model.name:
+        raise RequestError(404, f"unknown model {name!r}; this server serves {model.name!r}")
+    if version not in (None, "", VERSION):
+        raise RequestError(404, f"model {name!r} has no version {version!r}; versions: [{VERSION!r}]")
+    return model
+
+
+def _server_routes(app: FastAPI, model: ServedModel, metrics: ServerMetrics, ready: threading.Event) -> None:
+    @app.get("/v2")
+    async def server_metadata() -> Any:
+        return {"name": "onnxkit", "version": server_version(), "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live")
+    async def live() -> Any:
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready")
+    async def server_ready() -> Any:
+        return Response(status_code=200 if ready.is_set() else 503)
+
+    @app.post("/v2/repository/index")
+    async def repository_index() -> Any:
+        return [{"name": model.name, "version": VERSION, "state": "READY" if ready.is_set() else "UNAVAILABLE"}]
+
+    @app.get("/metrics")
+    async def prometheus() -> Any:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+
+def _model_routes(app: FastAPI, model: ServedModel, ready: threading.Event) -> None:
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> Any:
+        return _lookup(model, name, version).metadata()
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> Any:
+        _lookup(model, name, version)
+        return Response(status_code=200 if ready.is_set() else 503)
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str | None = None) -> Any:
+        return _lookup(model, name, version).config()
+
+
+def _infer_route(app: FastAPI, model: ServedModel, batcher: MicroBatcher, metrics: ServerMetrics,
+                 limit: int) -> None:
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None) -> Any:
+        t0 = time.perf_counter()
+        label = model.name if name == model.name else "_unknown"
+        metrics.in_flight.inc()
+        status = 200
+        try:
+            return await _infer(model, batcher, request, name, version, limit, t0)
+        except RequestError as exc:
+            status = exc.status
+            return _error(exc.status, exc.message)
+        except Exception as exc:
+            status = 500
+            return _error(500, f"inference failed: {type(exc).__name__}: {exc}")
+        finally:
+            metrics.in_flight.dec()
+            metrics.requests.labels(label, str(status)).inc()
+            if status >= 400:
+                metrics.errors.labels(label, str(status)).inc()
+            metrics.latency.labels(label).observe(time.perf_counter() - t0)
+
+
+async def _infer(model: ServedModel, batcher: MicroBatcher, request: Request, name: str, version: str | None,
+                 limit: int, t0: float) -> Response:
+    """Read, check, run (micro-batched) and encode one inference request."""
+    with batcher.arrival():
+        served = _lookup(model, name, version)
+        req = decode_request(await _read_body(request, limit), request.headers.get(HEADER_LENGTH))
+        feed = served.check(req)
+    t_read = time.perf_counter()
+    done = await batcher.submit(feed)
+    outputs = dict(zip(served.spec.output_names, done.outputs, strict=True))
+    if req.outputs:
+        outputs = {n: outputs[n] for n in req.outputs}
+    binary = req.binary_outputs if req.outputs else (set(outputs) if req.binary_default else set())
+    body, header_len = encode_response(served.name, VERSION, outputs, binary, req.id)
+    # W3C Server-Timing: lets a client split its latency into model time and everything else
+    headers = {SERVER_TIMING: f"read;dur={(t_read - t0) * 1e3:.3f}, queue;dur={done.queue_s * 1e3:.3f}, "
+                              f"infer;dur={done.infer_s * 1e3:.3f}, "
+                              f"handler;dur={(time.perf_counter() - t0) * 1e3:.3f}"}
+    if header_len is None:
+        return Response(body, media_type="application/json", headers=headers)
+    headers[HEADER_LENGTH] = str(header_len)
+    return Response(body, media_type="application/octet-stream", headers=headers)

@@ -1,0 +1,176 @@
+"""What ``serve`` serves: its configuration, the loaded model (one ONNX variant through ``OrtRunner``) and
+the Prometheus metrics it keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.errors import InputError
+from core.iospec import IOSpec
+from core.manifest import Artifact, Manifest
+from serving.protocol import (
+    InferRequest,
+    RequestError,
+    datatype_of,
+)
+from serving.triton import (
+    PLATFORMS,
+    ModelOptions,
+    build_model_config,
+    default_variant,
+    load_artifacts,
+    model_base_name,
+    resolve_variants,
+    served_name,
+    triton_dims,
+)
+
+VERSION = "1"
+
+
+class ServeConfig(BaseModel):
+    """A `serve` request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact_dir: Path = Field(description="Folder with manifest.json (from `convert`)")
+    variant: str | None = Field(default=None, description="Artifact to serve; default opt, else fp32")
+    host: str = Field(default="127.0.0.1", description="Address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port (0: any free port)")
+    max_batch: int = Field(default=8, ge=1, description="Most rows run together; 1 turns micro-batching off")
+    max_delay_ms: float = Field(default=2.0, ge=0, le=1000, description="Longest a request waits for others to "
+                                                                       "join its batch")
+    threads: int | None = Field(default=None, ge=1, description="ONNX Runtime intra-op threads")
+    ort_spinning: bool = Field(default=True, description="ONNX Runtime's intra-op threads spin while waiting for "
+                                                         "work: lower latency on free cores, wasted CPU when other "
+                                                         "processes share them")
+    max_body_mb: float = Field(default=64.0, gt=0, description="Largest request body accepted (MiB)")
+    log_level: str = Field(default="warning", description="uvicorn log level")
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+class ServerMetrics:
+    """Prometheus collectors in a registry of their own (several servers can live in one process)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("onnxkit_inference_requests", "Inference requests, by model and HTTP status",
+                                ["model", "code"], registry=self.registry)
+        self.errors = Counter("onnxkit_inference_errors", "Inference requests answered with a 4xx/5xx",
+                              ["model", "code"], registry=self.registry)
+        self.latency = Histogram("onnxkit_inference_request_duration_seconds",
+                                 "Time from request headers to response, per inference request", ["model"],
+                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10),
+                                 registry=self.registry)
+        self.in_flight = Gauge("onnxkit_inference_requests_in_flight", "Inference requests being handled",
+                               registry=self.registry)
+        self.batch_rows = Histogram("onnxkit_batch_rows", "Rows per model execution (micro-batching)", ["model"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# -- the model -------------------------------------------------------------------------------------
+@dataclass
+class ServedModel:
+    """A loaded variant: its protocol metadata, request checks and the runner behind it."""
+
+    name: str
+    manifest: Manifest
+    artifact: Artifact
+    runner: Any
+    options: ModelOptions
+
+    @property
+    def spec(self) -> IOSpec:
+        return self.manifest.iospec
+
+    def metadata(self) -> dict[str, Any]:
+        def tensors(ts: list[Any]) -> list[dict[str, Any]]:
+            return [{"name": t.name, "datatype": datatype_of(t.dtype), "shape": triton_dims(t, batched=False)}
+                    for t in ts]
+
+        return {"name": self.name, "versions": [VERSION], "platform": PLATFORMS[self.artifact.kind][0],
+                "inputs": tensors(self.spec.inputs), "outputs": tensors(self.spec.outputs)}
+
+    def config(self) -> dict[str, Any]:
+        """The model's Triton configuration (as ``GET /v2/models/<name>/config`` gives it), plus the variant."""
+        from google.protobuf import json_format
+
+        msg = build_model_config(self.name, self.spec, self.artifact, self.options)
+        for key, value in (("onnxkit_variant", self.artifact.name), ("onnxkit_precision", self.artifact.precision),
+                           ("onnxkit_runner", "ort:cpu")):
+            msg.parameters[key].string_value = value
+        return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+    def check(self, req: InferRequest) -> dict[str, np.ndarray]:
+        """The feed for the runner, or a 400 naming every mismatch with the model's inputs."""
+        names = self.spec.input_names
+        if set(req.inputs) != set(names):
+            raise RequestError(400, f"model {self.name} takes inputs {names}; the request has {sorted(req.inputs)}")
+        for t in self.spec.inputs:
+            want = datatype_of(t.dtype)
+            if req.datatypes[t.name] != want:
+                raise RequestError(400, f"input {t.name!r}: datatype {req.datatypes[t.name]} but model {self.name} "
+                                        f"expects {want}")
+        try:
+            self.spec.check_feed(req.inputs)
+        except InputError as exc:
+            raise RequestError(400, f"{exc} (model {self.name} input shapes: "
+                                    f"{[triton_dims(t, batched=False) for t in self.spec.inputs]}, -1 = any)") from None
+        if self.spec.dynamic_batch:
+            batches = {a.shape[0] for a in req.inputs.values()}
+            if len(batches) != 1 or 0 in batches:
+                raise RequestError(400, f"every input needs the same batch size >= 1; got {sorted(batches)}")
+        unknown = [o for o in req.outputs if o not in self.spec.output_names]
+        if unknown:
+            raise RequestError(400, f"unknown output(s) {unknown}; model {self.name} has {self.spec.output_names}")
+        return {n: req.inputs[n] for n in names}
+
+
+def load_model(cfg: ServeConfig, log: Callable[[str], None] = print) -> ServedModel:
+    """Check the artifact folder, pick the variant and load it in ONNX Runtime (one warm-up run)."""
+    from runtimes.base import RunnerOptions
+    from runtimes.ort import OrtRunner
+
+    base = Path(cfg.artifact_dir)
+    manifest = load_artifacts(base)
+    token = cfg.variant or default_variant(manifest)
+    arts = resolve_variants(manifest, [token])
+    if len(arts) > 1:
+        raise InputError(f"--variant {token!r} matches {[a.name for a in arts]}; name one of them")
+    art = arts[0]
+    if art.kind not in OrtRunner.artifact_kinds:
+        onnx_names = sorted(a.name for a in manifest.artifacts.values() if a.kind in OrtRunner.artifact_kinds)
+        raise InputError(f"variant {art.name!r} is a TensorRT plan; `serve` runs ONNX variants in ONNX Runtime "
+                         f"({onnx_names}); package plans for Triton with `package --format triton`")
+    runner = OrtRunner(manifest, base, art, RunnerOptions(device="cpu", threads=cfg.threads,
+                                                          ort_spinning=cfg.ort_spinning)).load()
+    runner.infer(manifest.iospec.random_feed(manifest.iospec.fixed_batch() or 1))
+    batched = manifest.iospec.dynamic_batch
+    options = ModelOptions(max_batch_size=cfg.max_batch if batched else 0,
+                           dynamic_batching=batched and cfg.max_batch > 1,
+                           max_queue_delay_us=round(cfg.max_delay_ms * 1000))
+    name = served_name(model_base_name(manifest), art)
+    log(f"loaded {art.file.path} ({art.precision}) as model {name!r}")
+    return ServedModel(name=name, manifest=manifest, artifact=art, runner=runner, options=options)
+
+
+def server_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("onnxkit")
+    except metadata.PackageNotFoundError:
+        return "0"
