@@ -99,7 +99,13 @@ def convert(
                                               ".pt, or an .onnx file")],
     weights: Annotated[str | None, typer.Option(help="torchvision weights name (needs internet) or a local "
                                                      "state-dict file; default: random init")] = None,
-    input_shape: Annotated[str | None, typer.Option(help="Input shape, e.g. 1x3x224x224")] = None,
+    input_shape: Annotated[str | None, typer.Option(
+        help="Input shape(s): 1x3x224x224 for a one-input model, or by name, e.g. "
+             "input_ids:1x16,attention_mask:1x16; they bind the model's symbolic dims (kept symbolic in the files)"
+    )] = None,
+    sample_inputs: Annotated[str | None, typer.Option(
+        help=".npz with one array per input name: the export's sample inputs; their shapes bind the symbolic dims"
+    )] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
     exporter: Annotated[str, typer.Option(help="torchscript | dynamo")] = "torchscript",
     dynamic_batch: Annotated[bool, typer.Option(help="Symbolic batch dimension")] = True,
@@ -188,7 +194,8 @@ def convert(
         from convert.pipeline import run_convert
 
         export = _export_config(model, weights=weights, input_shape=input_shape, opset=opset, exporter=exporter,
-                                dynamic_batch=dynamic_batch, optimize=optimize, seed=seed)
+                                dynamic_batch=dynamic_batch, optimize=optimize, seed=seed,
+                                sample_inputs=sample_inputs)
         quant = _quant_config(
             ctx, fp16=fp16, int8=int8, int8_dynamic=int8_dynamic,
             calib=_calib_config(calib, size=calib_size, batch=calib_batch, methods=calib_method, resize=size,
@@ -225,14 +232,18 @@ def _flags_given(ctx: typer.Context, params: tuple[str, ...]) -> list[str]:
 
 
 def _export_config(model: str, *, weights: str | None, input_shape: str | None, opset: int, exporter: str,
-                   dynamic_batch: bool, optimize: bool, seed: int) -> ExportConfig:
-    """What to export: the model, its weights and input shape, and the exporter's settings."""
+                   dynamic_batch: bool, optimize: bool, seed: int, sample_inputs: str | None) -> ExportConfig:
+    """What to export: the model, its weights and input shape(s), and the exporter's settings."""
     from convert.config import ExportConfig
-    from core.iospec import parse_shape
+    from core.iospec import parse_input_shapes
 
     if exporter not in ("torchscript", "dynamo"):
         raise InputError(f"unknown --exporter {exporter!r}; choose torchscript or dynamo")
-    return ExportConfig(model=model, weights=weights, input_shape=parse_shape(input_shape) if input_shape else None,
+    shapes = parse_input_shapes(input_shape) if input_shape else None
+    shape: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
+    if shapes is not None:
+        shape = shapes[None] if None in shapes else {str(k): v for k, v in shapes.items()}
+    return ExportConfig(model=model, weights=weights, input_shape=shape, sample_inputs=sample_inputs,
                         opset=opset, exporter=exporter,  # type: ignore[arg-type]
                         dynamic_batch=dynamic_batch, optimize=optimize, seed=seed)
 

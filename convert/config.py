@@ -24,7 +24,11 @@ class ExportConfig(BaseModel):
 
     model: str = Field(description="torchvision name, path/to/file.py:factory, TorchScript .pt, or .onnx")
     weights: str | None = Field(default=None, description="torchvision weights name or local state-dict file")
-    input_shape: tuple[int, ...] | None = Field(default=None, description="e.g. (1, 3, 224, 224)")
+    input_shape: tuple[int, ...] | dict[str, tuple[int, ...]] | None = Field(
+        default=None, description="One input's shape, e.g. (1, 3, 224, 224), or shapes by input name, e.g. "
+                                  "{'input_ids': (1, 16)}: they bind the model's symbolic dims")
+    sample_inputs: str | None = Field(default=None, description=".npz with one array per input name: the export's "
+                                                                "sample inputs, and the values of the symbolic dims")
     opset: int = Field(default=DEFAULT_OPSET, ge=7, le=23, description="ONNX opset")
     exporter: Exporter = Field(default="torchscript", description="torch.onnx exporter")
     dynamic_batch: bool = Field(default=True, description="Symbolic batch dimension")

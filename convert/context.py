@@ -29,6 +29,7 @@ class ConvertContext:
     reference: Reference | None = None
     log: Callable[[str], None] = print
     notes: list[str] = field(default_factory=list)
+    examples: dict[str, Any] | None = None  # the export's sample inputs by name (None: seeded random ones)
 
     @property
     def spec(self) -> IOSpec:

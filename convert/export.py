@@ -20,13 +20,6 @@ class ExportError(ToolkitError):
     """torch.onnx could not export the model."""
 
 
-def _dummy_args(spec: IOSpec, batch: int) -> tuple[Any, ...]:
-    import torch
-
-    feed = spec.random_feed(batch, seed=0)
-    return tuple(torch.from_numpy(feed[n]) for n in spec.input_names)
-
-
 def _summary(exc: BaseException) -> str:
     """The informative line of an exporter error (torch.onnx wraps the cause in a long report)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
@@ -38,22 +31,27 @@ def _summary(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def export_onnx(module: Any, spec: IOSpec, out: Path, *, opset: int, exporter: Exporter) -> None:
-    """Write ``out`` atomically. The dummy batch is 2 when the batch is dynamic, so that no exporter
-    specialises on a batch of 1."""
+def export_onnx(module: Any, spec: IOSpec, out: Path, *, opset: int, exporter: Exporter,
+                sample: dict[str, Any] | None = None) -> None:
+    """Write ``out`` atomically, with every symbolic dim of the IOSpec dynamic. ``sample``: the inputs to
+    trace with, by name (default: seeded random ones at batch 2 when the batch is dynamic, so that no
+    exporter specialises on a batch of 1)."""
+    import numpy as np
     import torch
 
-    batch = 2 if spec.dynamic_batch else (spec.fixed_batch() or 1)
-    args = _dummy_args(spec, batch)
+    if sample is None:
+        sample = spec.random_feed(2 if spec.dynamic_batch else (spec.fixed_batch() or 1), seed=0)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(sample[n])) for n in spec.input_names)
     with atomic_path(out) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             if exporter == "dynamo":
-                dyn: tuple[dict[int, Any], ...] | None = None
-                if spec.dynamic_batch:
-                    # Positional form: torch.export matches dict keys to forward()'s arg names, not ours.
-                    b = torch.export.Dim("batch", min=1, max=4096)
-                    dyn = tuple({0: b} for _ in spec.input_names)
+                # Positional form: torch.export matches dict keys to forward()'s arg names, not ours. One
+                # Dim object per name, so a dim shared by several inputs is one dim.
+                named = {d: torch.export.Dim(d, min=1, max=65536) for d in spec.symbolic_dims()}
+                per_input = tuple({i: named[d] for i, d in enumerate(t.shape) if isinstance(d, str)}
+                                  for t in spec.inputs)
+                dyn = per_input if any(per_input) else None
                 prog = torch.onnx.export(module, args, None, input_names=spec.input_names,
                                          output_names=spec.output_names, opset_version=opset, dynamo=True,
                                          dynamic_shapes=dyn, external_data=False, optimize=True)
@@ -72,7 +70,8 @@ def export_onnx(module: Any, spec: IOSpec, out: Path, *, opset: int, exporter: E
 
 
 def complete_output_spec(spec: IOSpec, onnx_model: Any) -> IOSpec:
-    """Fill the output names/shapes from the exported graph (e.g. the number of classes)."""
+    """Fill the output names/shapes from the exported graph (e.g. the number of classes), and what the graph
+    says of the inputs' meaning (token ids: the vocabulary their embedding table has; masks)."""
     from core.iospec import spec_from_onnx
 
     graph_spec = spec_from_onnx(onnx_model)
@@ -82,4 +81,7 @@ def complete_output_spec(spec: IOSpec, onnx_model: Any) -> IOSpec:
         if spec.dynamic_batch and shape and not isinstance(shape[0], int):
             shape[0] = BATCH
         outputs.append(TensorSpec(name=t.name, shape=shape, dtype=t.dtype))
-    return IOSpec(inputs=spec.inputs, outputs=outputs)
+    hints = {t.name: t for t in graph_spec.inputs}
+    inputs = [t.model_copy(update={"int_range": hints[t.name].int_range, "fill": hints[t.name].fill})
+              if t.name in hints else t for t in spec.inputs]
+    return spec.model_copy(update={"inputs": inputs, "outputs": outputs})

@@ -11,20 +11,21 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from convert.config import ConvertConfig, ExportConfig
+from convert.config import ConvertConfig
 from convert.context import ConvertContext, Step, parity_batches
 from convert.engine import preflight, step_engine, with_source_variants
 from convert.export import complete_output_spec, export_onnx
 from convert.gates import check_gates
+from convert.inputs import export_args, input_spec
 from convert.optimize import optimize_onnx
 from convert.quantize import quant_steps
 from convert.sparsity import check_sparsity_inputs, step_sparsity
 from convert.validate import Tolerance, ort_reference, torch_reference, validate_onnx
-from core.errors import InputError, ValidationError
+from core.errors import ValidationError
 from core.fsutil import atomic_path, ensure_writable_dir
-from core.iospec import IOSpec, onnx_opset, spec_from_onnx
+from core.iospec import onnx_opset
 from core.manifest import Manifest
-from core.models import LoadedModel, factory_parts, resolve_model
+from core.models import factory_parts, resolve_model
 from core.records import CopyParams, ExportParams, OptimizeParams, WeightsParams
 
 
@@ -34,13 +35,6 @@ def default_out(model: str) -> Path:
     return Path("artifacts") / (stem or "model")
 
 
-def _input_spec(cfg: ExportConfig, loaded: LoadedModel) -> IOSpec:
-    shape = cfg.input_shape or loaded.default_shape
-    if shape is None:
-        raise InputError(f"{cfg.model}: the input shape is unknown; pass --input-shape, e.g. 1x3x224x224")
-    return IOSpec.for_image_model(shape, dynamic_batch=cfg.dynamic_batch)
-
-
 def _copy_onnx(ctx: ConvertContext, onnx_path: Path) -> None:
     """An ONNX input: copied as is; its own IOSpec and opset; ONNX Runtime on it is the parity reference."""
     import onnx
@@ -48,8 +42,7 @@ def _copy_onnx(ctx: ConvertContext, onnx_path: Path) -> None:
     target = ctx.path("model.onnx")
     with atomic_path(target) as tmp:
         shutil.copyfile(onnx_path, tmp)
-    model = onnx.load(str(target))
-    ctx.manifest.iospec = spec_from_onnx(model)
+    model = onnx.load(str(target))  # its IOSpec, with the dims --input-shape bound, is ctx.spec already
     ctx.manifest.opset = onnx_opset(model)
     ctx.manifest.exporter = "none (ONNX input)"
     ctx.reference = ort_reference(target)
@@ -86,7 +79,8 @@ def step_export(ctx: ConvertContext) -> None:
     target = ctx.path("model.onnx")
     ctx.log(f"exporting to ONNX ({e.exporter} exporter, opset {e.opset}, "
             f"{'dynamic' if e.dynamic_batch else 'static'} batch)")
-    export_onnx(ctx.loaded.module, ctx.spec, target, opset=e.opset, exporter=e.exporter)
+    export_onnx(ctx.loaded.module, ctx.spec, target, opset=e.opset, exporter=e.exporter,
+                sample=export_args(ctx.spec, ctx.examples))
     ctx.manifest.iospec = complete_output_spec(ctx.spec, onnx.load(str(target), load_external_data=False))
     ctx.manifest.opset, ctx.manifest.exporter = e.opset, e.exporter
     ctx.reference = torch_reference(ctx.loaded.module, ctx.spec)
@@ -153,10 +147,9 @@ def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print) -> tuple
     out = ensure_writable_dir(Path(cfg.out) if cfg.out else default_out(e.model))
     for note in loaded.notes:
         log(note)
-    spec = (IOSpec.for_image_model(e.input_shape or (1, 1)) if loaded.onnx_path is not None
-            else _input_spec(e, loaded))
+    spec, examples = input_spec(e, loaded)
     manifest = Manifest(source=loaded.source, iospec=spec)
-    ctx = ConvertContext(cfg=cfg, out=out, loaded=loaded, manifest=manifest, log=log)
+    ctx = ConvertContext(cfg=cfg, out=out, loaded=loaded, manifest=manifest, log=log, examples=examples)
     for step in build_steps(cfg):
         step(ctx)
         manifest.save(out)

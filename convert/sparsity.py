@@ -29,6 +29,7 @@ from convert.config import SparsityConfig, SparsityPattern
 from convert.context import ConvertContext, parity_batches
 from convert.export import export_onnx
 from convert.heldout import HeldOutEvaluator, PoolData
+from convert.inputs import export_args
 from convert.optimize import optimize_onnx
 from convert.prune import apply_2of4, check_2of4_onnx, ops_and_params, prune_channels
 from convert.validate import Tolerance, torch_reference, validate_onnx
@@ -136,10 +137,12 @@ def export_variant(ctx: ConvertContext, module: Any, name: str, *, params: Spars
     if e.optimize:
         with tempfile.TemporaryDirectory(dir=ctx.out, prefix=f".{name}.") as tmp:
             raw = Path(tmp) / "raw.onnx"
-            export_onnx(module, ctx.spec, raw, opset=e.opset, exporter=e.exporter)
+            export_onnx(module, ctx.spec, raw, opset=e.opset, exporter=e.exporter,
+                        sample=export_args(ctx.spec, ctx.examples))
             params = params.model_copy(update={"optimize": optimize_onnx(raw, target)})
     else:
-        export_onnx(module, ctx.spec, target, opset=e.opset, exporter=e.exporter)
+        export_onnx(module, ctx.spec, target, opset=e.opset, exporter=e.exporter,
+                    sample=export_args(ctx.spec, ctx.examples))
     art = ctx.manifest.record(ctx.out, target, name=name, kind="onnx", parent=ctx.best_fp32(), params=params,
                               notes=notes)
     ctx.log(f"validating {target.name} against the {name} PyTorch module (parity at batch {parity_batches(ctx)})")

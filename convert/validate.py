@@ -102,24 +102,39 @@ def validate_onnx(path: Path, spec: IOSpec, reference: Reference | None, *, batc
         except InputError as exc:
             failures.append(str(exc))
             batches = ()
-        for batch in batches:
-            feed = spec.random_feed(batch, seed=1234 + batch)
-            try:
-                got = list(sess.run(None, feed))
-            except Exception as exc:
-                failures.append(f"ONNX Runtime run at batch {batch}: {first_line(exc)}")
-                continue
-            ref = reference(feed)
-            stats = compare_outputs(got, ref)
-            metrics.parity[f"batch_{batch}"] = stats
-            bad = len(got) != len(ref) or any(
-                not np.allclose(np.asarray(g, np.float64), np.asarray(r, np.float64), atol=tol.atol, rtol=tol.rtol)
-                for g, r in zip(got, ref, strict=False))
-            if bad:
-                failures.append(f"parity at batch {batch}: max abs err {stats.max_abs_err:.3g} exceeds "
-                                f"atol {tol.atol:g} + rtol {tol.rtol:g}")
-            if stats.cosine < tol.min_cosine:
-                failures.append(f"parity at batch {batch}: cosine {stats.cosine:.6f} < {tol.min_cosine}")
+        for i, dims in enumerate(spec.parity_dims()):  # the bound values, then every dynamic dim at another
+            for batch in batches:
+                extra = [(d, v) for d, v in dims.items()] if i else []
+                key = f"batch_{batch}" + "".join(f"_{d}_{v}" for d, v in extra)
+                where = ", ".join([f"batch {batch}", *(f"{d}={v}" for d, v in extra)])
+                failures += _parity_at(sess, spec, reference, (batch, dims), key, where, tol, metrics)
     if failures:
         raise ValidationError(f"validation of {what or path.name}", failures)
     return metrics
+
+
+def _parity_at(sess: Any, spec: IOSpec, reference: Reference, at: tuple[int, dict[str, int]], key: str, where: str,
+               tol: Tolerance, metrics: ArtifactMetrics) -> list[str]:
+    """Parity of every output, by name, on one seeded random feed; the failures, each naming where."""
+    batch, dims = at
+    feed = spec.random_feed(batch, seed=1234 + batch, dims=dims)
+    try:
+        got = list(sess.run(None, feed))
+    except Exception as exc:
+        return [f"ONNX Runtime run at {where}: {first_line(exc)}"]
+    ref = reference(feed)
+    stats = compare_outputs(got, ref)
+    metrics.parity[key] = stats
+    failures: list[str] = []
+    if len(got) != len(ref):
+        return [f"parity at {where}: {len(got)} outputs, the reference has {len(ref)}"]
+    names = spec.output_names if len(spec.output_names) == len(got) else [f"output {i}" for i in range(len(got))]
+    for name, g, r in zip(names, got, ref, strict=True):
+        if np.shape(g) != np.shape(r) or not np.allclose(np.asarray(g, np.float64), np.asarray(r, np.float64),
+                                                         atol=tol.atol, rtol=tol.rtol):
+            one = compare_outputs([g], [r])
+            failures.append(f"parity at {where}: {name}: max abs err {one.max_abs_err:.3g} exceeds "
+                            f"atol {tol.atol:g} + rtol {tol.rtol:g}")
+    if stats.cosine < tol.min_cosine:
+        failures.append(f"parity at {where}: cosine {stats.cosine:.6f} < {tol.min_cosine}")
+    return failures

@@ -396,3 +396,32 @@ def embedding_sizes(model: Any) -> dict[str, int]:
                 if node.op_type in ("Cast", "Unsqueeze", "Reshape", "Squeeze", "Identity", "Flatten"):
                     frontier += [o for o in node.output if o not in seen]
     return out
+
+
+def spec_from_examples(examples: Mapping[str, np.ndarray], axes: Mapping[str, Mapping[int, str]] | None,
+                       output_names: list[str], *, dynamic_batch: bool) -> IOSpec:
+    """An IOSpec from sample inputs: dtypes and shapes from the arrays, axis 0 the batch unless ``axes`` names
+    it otherwise (fixed with ``dynamic_batch=False``), the dims ``axes`` names symbolic and bound to the samples' values; outputs by name, batch first (the
+    rest of their shapes is read back from the export)."""
+    dims: dict[str, tuple[int, str]] = {}
+    inputs: list[TensorSpec] = []
+    for name, arr in examples.items():
+        shape: list[int | str] = list(np.shape(arr))
+        named = {int(i): str(d) for i, d in (axes or {}).get(name, {}).items()}
+        if shape and dynamic_batch:
+            named.setdefault(0, BATCH)
+        if not dynamic_batch:  # --no-dynamic-batch: the batch is fixed to the samples'
+            named = {i: d for i, d in named.items() if d != BATCH}
+        for i, d in named.items():
+            if not 0 <= i < len(shape):
+                raise InputError(f"dynamic axis {i} of {name!r} is outside its rank {len(shape)}")
+            value = int(np.shape(arr)[i])
+            if d != BATCH and d in dims and dims[d][0] != value:
+                raise InputError(f"dim {d!r} is bound to two values: {dims[d][0]} (in {dims[d][1]}) and {value} "
+                                 f"(in {name})")
+            if d != BATCH:
+                dims.setdefault(d, (value, name))
+            shape[i] = d
+        inputs.append(TensorSpec(name=name, shape=shape, dtype=np.asarray(arr).dtype.name))
+    outputs = [TensorSpec(name=n, shape=[BATCH] if dynamic_batch else []) for n in output_names]
+    return IOSpec(inputs=inputs, outputs=outputs, dims={d: v for d, (v, _) in dims.items()})

@@ -22,6 +22,10 @@ class LoadedModel:
     onnx_path: Path | None = None
     default_shape: tuple[int, ...] | None = None
     notes: list[str] = field(default_factory=list)
+    #: Sample inputs by name (NumPy, in forward() order) from a factory returning (module, example_inputs, ...)
+    example_inputs: dict[str, Any] | None = None
+    #: torch.onnx ``dynamic_axes`` from a factory returning (module, example_inputs, dynamic_axes)
+    dynamic_axes: dict[str, dict[int, str]] | None = None
 
 
 def torchvision_classifiers() -> list[str]:
@@ -174,11 +178,10 @@ def _factory(spec: str, weights: str | None, seed: int) -> LoadedModel:
         raise InputError(f"{path} has no callable {attr!r}; callables there: {found[:10]}")
     torch.manual_seed(seed)
     try:
-        module = factory()
+        result = factory()
     except Exception as exc:
         raise InputError(f"{spec}() raised {type(exc).__name__}: {exc}") from None
-    if not isinstance(module, torch.nn.Module):
-        raise InputError(f"{spec}() returned {type(module).__name__}, not a torch.nn.Module")
+    module, examples, axes = _factory_result(spec, result)
     source = SourceInfo(model=spec, kind="factory", weights=weights)
     if weights:
         apply_state_dict(module, load_state_dict_file(Path(weights)), weights)
@@ -186,7 +189,65 @@ def _factory(spec: str, weights: str | None, seed: int) -> LoadedModel:
     else:
         source.weights_note = f"as returned by the factory (seed {seed})"
     shape = getattr(mod, "INPUT_SHAPE", None)
-    return LoadedModel(source=source, module=module.eval(), default_shape=tuple(shape) if shape else None)
+    return LoadedModel(source=source, module=module.eval(), default_shape=tuple(shape) if shape else None,
+                       example_inputs=examples, dynamic_axes=axes)
+
+
+def _factory_result(spec: str, result: Any) -> tuple[Any, dict[str, Any] | None, dict[str, dict[int, str]] | None]:
+    """``module``, ``(module, example_inputs)`` or ``(module, example_inputs, dynamic_axes)`` -> the three parts;
+    example inputs become NumPy arrays by name (a tuple is named after forward()'s parameters)."""
+    import torch
+
+    parts = result if isinstance(result, tuple) else (result,)
+    module = parts[0] if parts else None
+    if not isinstance(module, torch.nn.Module) or len(parts) > 3:
+        raise InputError(f"{spec}() returned {_describe(result)}, not a torch.nn.Module, (module, example_inputs) "
+                         "or (module, example_inputs, dynamic_axes)")
+    if len(parts) == 1:
+        return module, None, None
+    examples = _named_examples(spec, module, parts[1])
+    axes = _axes(spec, parts[2], list(examples)) if len(parts) == 3 and parts[2] is not None else None
+    return module, examples, axes
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(type(v).__name__ for v in value) + ")"
+    return type(value).__name__
+
+
+def _named_examples(spec: str, module: Any, examples: Any) -> dict[str, Any]:
+    import inspect
+
+    import torch
+
+    if isinstance(examples, torch.Tensor):
+        examples = (examples,)
+    if isinstance(examples, (tuple, list)):
+        params = [p.name for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(params) < len(examples):
+            raise InputError(f"{spec}(): {len(examples)} example inputs but forward() takes {params}")
+        examples = dict(zip(params, examples, strict=False))
+    if not isinstance(examples, dict) or not examples or \
+            not all(isinstance(v, torch.Tensor) for v in examples.values()):
+        raise InputError(f"{spec}(): example_inputs must be a dict name -> tensor or a tuple of tensors, got "
+                         f"{_describe(examples)}")
+    return {str(k): v.detach().cpu().numpy() for k, v in examples.items()}
+
+
+def _axes(spec: str, axes: Any, inputs: list[str]) -> dict[str, dict[int, str]]:
+    """torch.onnx's dynamic_axes (name -> {axis: dim name} or [axes]) with every dim named; axis 0 is the batch."""
+    if not isinstance(axes, dict):
+        raise InputError(f"{spec}(): dynamic_axes must be a dict (torch.onnx's form), got {_describe(axes)}")
+    out: dict[str, dict[int, str]] = {}
+    for name, dims in axes.items():
+        if isinstance(dims, (list, tuple)):
+            dims = {int(i): ("batch" if int(i) == 0 else f"{name}_dim{i}") for i in dims}
+        if not isinstance(dims, dict):
+            raise InputError(f"{spec}(): dynamic_axes[{name!r}] must be a dict or a list of axes")
+        out[str(name)] = {int(i): str(d) for i, d in dims.items()}
+    return out
 
 
 def _torchscript(path: Path, weights: str | None) -> LoadedModel:

@@ -1,0 +1,116 @@
+"""What the model's inputs look like, decided once before the export: the IOSpec and the export's sample
+inputs, from (first that applies) ``--sample-inputs``, a factory's example inputs, the ONNX file's own
+inputs, or ``--input-shape`` / the model's default image shape; then ``--input-shape`` binds the symbolic
+dims. An unbound dim, an unknown input, a rank or dtype mismatch: one clear line each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.config import ExportConfig
+from core.errors import InputError, first_line
+from core.iospec import IOSpec, bind_shapes, spec_from_examples, spec_from_onnx
+from core.models import LoadedModel
+
+
+def load_sample_inputs(path: str) -> dict[str, np.ndarray]:
+    """``--sample-inputs``: a .npz with one array per input name."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--sample-inputs {path} does not exist or is not a file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: np.asarray(z[k]) for k in z.files}
+    except Exception as exc:
+        raise InputError(f"--sample-inputs {path} is not a readable .npz (one array per input name): "
+                         f"{first_line(exc)}") from None
+    if not arrays:
+        raise InputError(f"--sample-inputs {path} holds no arrays")
+    return arrays
+
+
+def _shapes(cfg: ExportConfig) -> dict[str | None, tuple[int, ...]]:
+    if cfg.input_shape is None:
+        return {}
+    if isinstance(cfg.input_shape, dict):
+        return {str(k): tuple(v) for k, v in cfg.input_shape.items()}
+    return {None: tuple(cfg.input_shape)}
+
+
+def _output_names(loaded: LoadedModel, examples: dict[str, np.ndarray]) -> list[str]:
+    """Outputs named in the factory's dynamic_axes, else ``output`` / ``output_<i>`` by count (one run)."""
+    named = [n for n in (loaded.dynamic_axes or {}) if n not in examples]
+    if named:
+        return named
+    import torch
+
+    with torch.inference_mode():
+        out = loaded.module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in examples.values()])
+    count = len(out) if isinstance(out, (tuple, list)) else 1
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def _checked_samples(spec: IOSpec, samples: dict[str, np.ndarray]) -> None:
+    spec.check_feed(samples)  # names, ranks, fixed dims, int vs float
+
+
+def input_spec(cfg: ExportConfig, loaded: LoadedModel) -> tuple[IOSpec, dict[str, np.ndarray] | None]:
+    """(IOSpec with its dims bound, sample inputs for the export or None)."""
+    samples = load_sample_inputs(cfg.sample_inputs) if cfg.sample_inputs else None
+    shapes = _shapes(cfg)
+    if loaded.onnx_path is not None:
+        import onnx
+
+        spec = spec_from_onnx(onnx.load(str(loaded.onnx_path), load_external_data=False))
+        if samples is not None:
+            _checked_samples(spec, samples)
+            shapes = {**{n: a.shape for n, a in samples.items()}, **shapes}
+        examples = None
+    else:
+        examples = samples if samples is not None else loaded.example_inputs
+        if examples is not None:
+            if samples is not None and loaded.example_inputs is not None:
+                _checked_samples(_example_spec(cfg, loaded, loaded.example_inputs), samples)
+            spec = _example_spec(cfg, loaded, examples)
+        else:
+            spec = _image_spec(cfg, loaded, shapes)
+            shapes = {}
+    if shapes:
+        _, dims = bind_shapes(spec, shapes)
+        spec = spec.with_dims(dims)
+    spec.input_shapes(spec.fixed_batch() or 1)  # an unbound dim: one line naming it and the flag
+    return spec, examples
+
+
+def _example_spec(cfg: ExportConfig, loaded: LoadedModel, examples: dict[str, np.ndarray]) -> IOSpec:
+    return spec_from_examples(examples, loaded.dynamic_axes, _output_names(loaded, examples),
+                              dynamic_batch=cfg.dynamic_batch)
+
+
+def _image_spec(cfg: ExportConfig, loaded: LoadedModel, shapes: dict[str | None, tuple[int, ...]]) -> IOSpec:
+    if any(k is not None for k in shapes):
+        raise InputError(f"{cfg.model} takes one image input: give --input-shape as 1x3x224x224, without a name "
+                         "(or make the factory return example inputs to name them)")
+    shape = shapes.get(None) or loaded.default_shape
+    if shape is None:
+        raise InputError(f"{cfg.model}: the input shape is unknown; pass --input-shape, e.g. 1x3x224x224")
+    return IOSpec.for_image_model(shape, dynamic_batch=cfg.dynamic_batch)
+
+
+def export_args(spec: IOSpec, examples: dict[str, np.ndarray] | None) -> dict[str, Any]:
+    """The export's sample inputs by name: the given examples (repeated to batch 2 when the batch is dynamic,
+    so that no exporter specialises on a batch of 1), else seeded random ones."""
+    batch = 2 if spec.dynamic_batch else (spec.fixed_batch() or 1)
+    if examples is None:
+        return dict(spec.random_feed(batch, seed=0))
+    out: dict[str, Any] = {}
+    for t in spec.inputs:
+        arr = np.asarray(examples[t.name]).astype(t.dtype, copy=False)
+        if spec.dynamic_batch and arr.shape[0] < batch:
+            arr = np.concatenate([arr] * -(-batch // arr.shape[0]))[:batch]
+        out[t.name] = np.ascontiguousarray(arr)
+    return out

@@ -1,0 +1,151 @@
+"""Models that are not one image input: token inputs with dynamic batch and sequence, two inputs and two
+outputs, an ONNX model with symbolic height and width. Converted, validated at two values of every
+dynamic dim, and benchmarked on the same feeds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from convert.config import ConvertConfig, ExportConfig
+from convert.pipeline import run_convert
+from core.errors import InputError, ValidationError
+from core.iospec import BATCH
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TRANSFORMER = f"{FIXTURES / 'tiny_transformer.py'}:build"
+TWO_IO = f"{FIXTURES / 'two_io.py'}:build"
+
+
+def _convert(model: str, out: Path, **export: object) -> tuple:  # type: ignore[type-arg]
+    return run_convert(ConvertConfig(export=ExportConfig(model=model, **export), out=out),  # type: ignore[arg-type]
+                       log=lambda _m: None)
+
+
+@pytest.fixture(scope="module")
+def transformer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _convert(TRANSFORMER, tmp_path_factory.mktemp("tt"))[1]
+
+
+def test_token_transformer_keeps_batch_and_sequence_and_checks_two_lengths(transformer: Path) -> None:
+    from core.manifest import Manifest
+
+    m = Manifest.load(transformer)
+    ids, mask = m.iospec.inputs
+    assert (ids.name, ids.shape, ids.dtype, ids.int_range) == ("input_ids", [BATCH, "sequence"], "int64", (0, 1000))
+    assert (mask.name, mask.shape, mask.fill) == ("attention_mask", [BATCH, "sequence"], "ones")
+    assert m.iospec.dims == {"sequence": 16} and m.iospec.output_names == ["embedding"]
+    # parity at the bound sequence and at another one, for both batch sizes, in fp32 and opt
+    for name in ("fp32", "opt"):
+        assert sorted(m.artifacts[name].metrics.parity) == ["batch_1", "batch_1_sequence_17", "batch_2",
+                                                            "batch_2_sequence_17"]
+    import onnx
+
+    dims = [d.dim_param for d in onnx.load(str(transformer / "model.opt.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"], "the sequence stays symbolic in the file"
+
+
+def test_bench_runs_token_inputs_on_the_same_feeds(transformer: Path) -> None:
+    from runtimes.harness import BenchConfig, run_bench
+
+    res = run_bench(BenchConfig(artifact_dir=transformer, backends=["eager", "ort"], batch_sizes=[1, 2], warmup=1,
+                                iters=3, accuracy_samples=4), log=lambda _m: None)
+    ort = [r for r in res.records if r.backend == "ort"]
+    assert ort and all(r.accuracy is not None and r.accuracy.cosine > 0.9999 for r in ort)
+    digests = {(r.batch_size, r.backend) : r.input_digest for r in res.records}
+    assert digests[(2, "eager")] == digests[(2, "ort")]
+
+
+def test_baked_in_sequence_length_fails_at_the_second_length(tmp_path: Path) -> None:
+    """nn.MultiheadAttention exported by the TorchScript exporter bakes the sequence length into a Reshape:
+    parity at one length passes, at a second one it must fail."""
+    model = tmp_path / "mha.py"
+    model.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class M(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.att = nn.MultiheadAttention(16, 2, batch_first=True)\n"
+        "    def forward(self, x):\n"
+        "        return self.att(x, x, x, need_weights=False)[0].mean(1)\n\n"
+        "def build():\n"
+        "    return M(), {'x': torch.randn(1, 8, 16)}, {'x': {0: 'batch', 1: 'sequence'}}\n", encoding="utf-8")
+    with pytest.raises(ValidationError) as err:
+        _convert(f"{model}:build", tmp_path / "out")
+    assert any("sequence=9" in f for f in err.value.failures)
+
+
+def test_two_inputs_two_outputs_by_name(tmp_path: Path) -> None:
+    m, _ = _convert(TWO_IO, tmp_path / "two")
+    assert m.iospec.input_names == ["image", "features"]
+    assert m.iospec.output_names == ["output_0", "output_1"]
+    assert [t.shape for t in m.iospec.outputs] == [[BATCH, 10], [BATCH, 16]]
+    assert m.artifacts["opt"].status == "ok"
+
+
+def test_onnx_with_symbolic_height_and_width(tmp_path: Path) -> None:
+    import onnx
+
+    from tests.fixtures import symbolic_hw
+
+    src = symbolic_hw.write(tmp_path / "hw.onnx")
+    with pytest.raises(InputError, match=r"unbound symbolic dim 'height': give it a value with --input-shape "
+                                         r"x:1x3xHEIGHTxWIDTH"):
+        _convert(str(src), tmp_path / "none")
+    assert not (tmp_path / "none" / "model.onnx").exists()
+    m, out = _convert(str(src), tmp_path / "hw", input_shape=(1, 3, 40, 24))
+    assert m.iospec.dims == {"height": 40, "width": 24}
+    assert "batch_2_height_41_width_25" in m.artifacts["opt"].metrics.parity
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(out / "model.opt.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+
+
+def test_sample_inputs_bind_dims_and_bad_ones_are_one_line(tmp_path: Path) -> None:
+    good = tmp_path / "good.npz"
+    np.savez(good, input_ids=np.zeros((1, 12), np.int64), attention_mask=np.ones((1, 12), np.int64))
+    m, _ = _convert(TRANSFORMER, tmp_path / "s", sample_inputs=str(good))
+    assert m.iospec.dims == {"sequence": 12}
+    cases = {
+        "missing": ({"input_ids": np.zeros((1, 12), np.int64)}, "missing inputs"),
+        "float": ({"input_ids": np.zeros((1, 12), np.float32), "attention_mask": np.ones((1, 12), np.int64)},
+                  "dtype float32 where the model takes int64"),
+        "rank": ({"input_ids": np.zeros((1, 12, 2), np.int64), "attention_mask": np.ones((1, 12), np.int64)},
+                 "rank 3"),
+        "extra": ({"input_ids": np.zeros((1, 12), np.int64), "attention_mask": np.ones((1, 12), np.int64),
+                   "labels": np.zeros(1, np.int64)}, "unexpected inputs"),
+    }
+    for name, (arrays, message) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **arrays)
+        with pytest.raises(InputError, match=message):
+            _convert(TRANSFORMER, tmp_path / name, sample_inputs=str(path))
+        assert not (tmp_path / name / "model.onnx").exists()
+
+
+def test_cli_named_input_shapes(tmp_path: Path) -> None:
+    from cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    ok = runner.invoke(app, ["convert", TRANSFORMER, "--input-shape", "input_ids:1x8,attention_mask:1x8",
+                             "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((out / "manifest.json").read_text())["iospec"]["dims"] == {"sequence": 8}
+    for shape, message in [("input_ids:1x8,attention_mask:1x9", "bound to two values"),
+                           ("tokens:1x8", "unknown input 'tokens'"), ("1x8", "name each one")]:
+        bad = runner.invoke(app, ["convert", TRANSFORMER, "--input-shape", shape, "--out", str(tmp_path / "bad")])
+        lines = [ln for ln in bad.output.strip().splitlines() if ln.strip()]
+        assert bad.exit_code == 2 and len(lines) == 1 and message in lines[0], bad.output
+        assert not (tmp_path / "bad" / "model.onnx").exists()
+
+
+def test_a_factory_returning_the_wrong_form_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("import torch\n\ndef build():\n    return torch.nn.Linear(2, 2), 3\n", encoding="utf-8")
+    with pytest.raises(InputError, match="example_inputs must be a dict name -> tensor or a tuple of tensors"):
+        _convert(f"{bad}:build", tmp_path / "out")
+    assert not (tmp_path / "out" / "model.onnx").exists()
