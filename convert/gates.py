@@ -20,30 +20,28 @@ from typing import Any
 import numpy as np
 
 from convert.config import CalibMethod
-from core.errors import AccuracyGateError, InputError
+from core.errors import AccuracyGateError
 from core.manifest import Manifest
 from core.metrics import AccuracyStats
 from core.records import AutoRecord, GateResult, NodeRank, TrialRecord
 from runtimes.ort import ort_session
 
 
-def accuracy_drop(stats: AccuracyStats) -> tuple[float | None, str]:
-    """(drop in points, basis): top-1 accuracy loss with labels, else top-1 disagreement with FP32."""
+def accuracy_drop(stats: AccuracyStats) -> tuple[float, str]:
+    """(drop in points, basis): top-1 accuracy loss with labels, else top-1 disagreement with FP32; for an
+    output that is not class scores (an embedding), 100 x (1 - cosine with FP32)."""
     if stats.top1_acc is not None and stats.ref_top1_acc is not None:
         return 100.0 * (stats.ref_top1_acc - stats.top1_acc), "top-1 accuracy (labels)"
     if stats.top1_agreement is not None:
         return 100.0 * (1.0 - stats.top1_agreement), "top-1 agreement with FP32 (no labels)"
-    return None, "none: the output is not a class-score matrix"
+    return 100.0 * (1.0 - stats.cosine), "100 x (1 - output cosine vs FP32): not a classifier output"
 
 
 def gate_verdict(stats: AccuracyStats, budget: float | None) -> GateResult:
     """The gate record kept in the manifest: drop, basis, budget, passed (None when no budget)."""
     drop, basis = accuracy_drop(stats)
-    if budget is not None and drop is None:
-        raise InputError("--max-accuracy-drop needs a classifier output (batch x classes) to compare top-1; "
-                         "this model's first output is not one")
-    passed = None if budget is None or drop is None else bool(drop <= budget + 1e-9)
-    return GateResult(drop_points=None if drop is None else round(drop, 4), basis=basis, budget_points=budget,
+    passed = None if budget is None else bool(drop <= budget + 1e-9)
+    return GateResult(drop_points=round(drop, 4), basis=basis, budget_points=budget,
                       passed=passed, samples=stats.samples)
 
 

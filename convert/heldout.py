@@ -75,6 +75,7 @@ class HeldOutEvaluator:
         self.reference: np.ndarray | None = None
         self.labels: np.ndarray | None = None
         self.reference_name = ""
+        self.output_name: str | None = None  # the first output's name: class scores, or not
 
     def _batches(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, int]]:
         """(feed, labels, real rows): a fixed-batch model's short last batch is filled from the first samples."""
@@ -93,6 +94,7 @@ class HeldOutEvaluator:
         """The first output of ``path`` on every held-out sample, and the labels (``simulate_qdq``: see
         ``runtimes.ort.ort_session``)."""
         sess = ort_session(path, simulate_qdq=simulate_qdq)
+        self.output_name = sess.get_outputs()[0].name
         outs: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         for feed, lab, n in self._batches():
@@ -112,7 +114,8 @@ class HeldOutEvaluator:
         if self.reference is None:
             raise RuntimeError("set_reference() first")
         got, _ = self.outputs(path, simulate_qdq)
-        return accuracy_stats(got, self.reference, self.labels, f"ort:{self.reference_name}:fp32:cpu")
+        return accuracy_stats(got, self.reference, self.labels, f"ort:{self.reference_name}:fp32:cpu",
+                              self.output_name)
 
     def change(self, path: Path) -> AccuracyChange:
         """:meth:`evaluate`, with the inputs named and the drops against FP32 in points."""

@@ -29,7 +29,10 @@ def convert_fp16(src: Path, out: Path) -> Fp16Info:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")  # it warns about every value that FP16 clamps
-            fp16 = float16.convert_float_to_float16(model, keep_io_types=True)
+            # Cast stays FP32: the converter retypes a Cast's output to FP16 but keeps its 'to' attribute
+            # (FLOAT), which ONNX Runtime refuses (e.g. an attention mask cast from int64 to float).
+            fp16 = float16.convert_float_to_float16(model, keep_io_types=True,
+                                                    op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, "Cast"])
     except Exception as exc:
         raise PrecisionError(f"FP16 conversion of {src.name} failed: {type(exc).__name__}: {exc}") from exc
     with atomic_path(out) as tmp:

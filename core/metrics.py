@@ -90,12 +90,24 @@ def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> Par
     return ParityStats(max_abs_err=max_abs, max_rel_err=max_rel, mean_abs_err=mean_abs, cosine=cos_min)
 
 
-def accuracy_stats(outputs: np.ndarray, ref: np.ndarray, labels: np.ndarray | None, reference: str) -> AccuracyStats:
-    """Errors vs the reference (first output), top-k agreement and, with labels, top-k accuracy."""
+#: Output names that say "not class scores" (a [batch, N] embedding or hidden state is no classifier).
+_NOT_SCORES = ("embed", "hidden", "feature", "pool", "proj", "vector", "state", "encod")
+
+
+def is_class_scores(shape: tuple[int, ...], name: str | None = None) -> bool:
+    """A [batch, classes] output whose name does not say it is an embedding/feature/hidden state."""
+    lowered = (name or "").lower()
+    return len(shape) == 2 and shape[1] > 1 and not any(w in lowered for w in _NOT_SCORES)
+
+
+def accuracy_stats(outputs: np.ndarray, ref: np.ndarray, labels: np.ndarray | None, reference: str,
+                   output_name: str | None = None) -> AccuracyStats:
+    """Errors vs the reference (first output); where that output is class scores (see
+    :func:`is_class_scores`), top-k agreement and, with labels, top-k accuracy."""
     cmp = compare_outputs([outputs], [ref])
     stats = AccuracyStats(reference=reference, samples=len(ref), max_abs_err=cmp.max_abs_err,
                           mean_abs_err=cmp.mean_abs_err, cosine=cmp.cosine)
-    if ref.ndim == 2 and ref.shape[1] > 1:
+    if is_class_scores(ref.shape, output_name):
         k = min(5, ref.shape[1])
         ref_top1 = ref.argmax(1)
         got_top1 = outputs.argmax(1)

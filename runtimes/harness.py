@@ -286,7 +286,7 @@ def _measure_target(setup: BenchSetup, cfg: BenchConfig, t: Target, runner: Runn
             return []
         load_s = time.perf_counter() - t_load
         acc = accuracy_stats(run_pool(runner, setup.pool, setup.chunk), setup.ref_out, setup.pool.labels,
-                             setup.ref_label)
+                             setup.ref_label, runner.manifest.iospec.output_names[0])
         records = []
         for b in cfg.batch_sizes:
             if progress:

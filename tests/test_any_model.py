@@ -149,3 +149,31 @@ def test_a_factory_returning_the_wrong_form_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="example_inputs must be a dict name -> tensor or a tuple of tensors"):
         _convert(f"{bad}:build", tmp_path / "out")
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_token_model_quantizes_and_its_gate_uses_output_cosine(tmp_path: Path) -> None:
+    """Dynamic and static INT8 (calibrated from a .npz per input name) and FP16 of an embedding model: no
+    top-1 on an embedding; the gate is 100 x (1 - cosine) in points, and it can fail."""
+    from convert.config import CalibConfig, GateConfig, QuantConfig
+    from core.errors import AccuracyGateError
+
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=rng.integers(0, 1000, (48, 16)).astype(np.int64),
+             attention_mask=np.ones((48, 16), np.int64))
+    quant = QuantConfig(fp16=True, int8_dynamic=True, int8_static=True, calib=CalibConfig(data=str(calib), size=32),
+                        gate=GateConfig(max_accuracy_drop=1.0))
+    m, _ = run_convert(ConvertConfig(export=ExportConfig(model=TRANSFORMER), out=tmp_path / "q", quant=quant),
+                       log=lambda _m: None)
+    for name in ("fp16", "int8_dynamic", "int8_static_minmax"):
+        art = m.artifacts[name]
+        acc, gate = art.metrics.accuracy, art.metrics.gate
+        assert acc is not None and gate is not None and art.status == "ok", name
+        assert acc.top1_agreement is None, "an embedding has no top-1"
+        assert acc.cosine >= 0.99 and gate.basis.startswith("100 x (1 - output cosine")
+        assert gate.drop_points == pytest.approx(100 * (1 - acc.cosine), abs=1e-3)
+    strict = quant.model_copy(update={"int8_static": False, "fp16": False,
+                                      "gate": GateConfig(max_accuracy_drop=1e-6)})
+    with pytest.raises(AccuracyGateError, match="int8_dynamic lost"):
+        run_convert(ConvertConfig(export=ExportConfig(model=TRANSFORMER), out=tmp_path / "strict", quant=strict),
+                    log=lambda _m: None)
