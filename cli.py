@@ -565,6 +565,9 @@ def loadtest(
     model: Annotated[str | None, typer.Option(help="Model name when the URL does not give it")] = None,
     max_requests: Annotated[int | None, typer.Option(min=1, help="Stop after this many requests")] = None,
     json_tensors: Annotated[bool, typer.Option("--json-tensors", help="Send JSON tensors, not binary")] = False,
+    input_shape: Annotated[str | None, typer.Option(
+        help="Values of the inputs' dynamic dims, e.g. input_ids:1x16,attention_mask:1x16 (default: the "
+             "--reference artifact's)")] = None,
     reference: Annotated[Path | None, typer.Option(help="Artifact folder: check every response against ONNX "
                                                         "Runtime run here on the served variant")] = None,
     out: Annotated[Path | None, typer.Option(help="results.json to write (+ .csv, .md)")] = None,
@@ -577,7 +580,8 @@ def loadtest(
         from serving.loadtest import LoadTestConfig, run_loadtest
 
         cfg = LoadTestConfig(url=url, model=model, concurrency=concurrency, duration_s=duration, warmup_s=warmup,
-                             batch=batch, max_requests=max_requests, binary=not json_tensors, reference=reference)
+                             batch=batch, max_requests=max_requests, binary=not json_tensors, reference=reference,
+                             input_shape=input_shape)
         if out is not None:
             ensure_writable_dir(out.parent)
         results = run_loadtest(cfg, log=log)

@@ -60,6 +60,8 @@ class LoadTestConfig(BaseModel):
     seed: int = 0
     reference: Path | None = Field(default=None, description="Artifact folder: check responses against ONNX Runtime "
                                                              "run in-process on the served variant")
+    input_shape: str | None = Field(default=None, description="Values of the inputs' dynamic dims, as convert's "
+                                                              "--input-shape (e.g. input_ids:1x16,attention_mask:1x16)")
     rtol: float = Field(default=1e-3, ge=0, description="Response check: relative tolerance")
     atol: float = Field(default=1e-4, ge=0, description="Response check: absolute tolerance")
 
@@ -244,8 +246,23 @@ async def _client(session: Any, target: Target, bodies: list[tuple[bytes, dict[s
 
 
 def _feeds(spec: IOSpec, cfg: LoadTestConfig) -> list[dict[str, np.ndarray]]:
-    if any(isinstance(d, str) and d != BATCH for t in spec.inputs for d in t.shape):
-        raise InputError("the model has dynamic non-batch input dims; the load test cannot choose their size")
+    """Random requests: with --reference, from the artifact's own IOSpec (its dims' values, the token ids'
+    vocabulary, masks of ones), else from the server's metadata; --input-shape binds dynamic dims."""
+    from core.iospec import bind_shapes, parse_input_shapes
+
+    if cfg.reference is not None:
+        from core.manifest import Manifest
+
+        known = Manifest.load(cfg.reference).iospec
+        if known.input_names == spec.input_names:
+            spec = known
+    if cfg.input_shape:
+        _, dims = bind_shapes(spec, parse_input_shapes(cfg.input_shape))
+        spec = spec.with_dims(dims)
+    if unbound := spec.unbound_dims():
+        raise InputError(f"the model's input dim(s) {', '.join(unbound)} are dynamic: give them values with "
+                         f"--input-shape (e.g. {','.join(f'{t.name}:1x16' for t in spec.inputs)}) or --reference "
+                         "ARTIFACT_DIR")
     dtypes = {t.name: t.dtype for t in spec.inputs}
     return [{n: a.astype(dtypes[n]) for n, a in spec.random_feed(cfg.batch, seed=cfg.seed + i).items()}
             for i in range(cfg.distinct_inputs)]
