@@ -177,6 +177,9 @@ def convert(
                                                   rich_help_panel="TensorRT")] = None,
     max_batch: Annotated[int | None, typer.Option(min=1, help="Engine profile: largest batch (default 32)",
                                                   rich_help_panel="TensorRT")] = None,
+    dim_range: Annotated[str | None, typer.Option(
+        help="Engine profile of other symbolic dims, e.g. sequence=1:64:128 (comma-separated for several); "
+             "default: the value --input-shape binds", rich_help_panel="TensorRT")] = None,
     tf32: Annotated[bool, typer.Option("--tf32/--no-tf32", help="FP32 layers may use TF32 tensor cores "
                                                                 "(TensorRT's default)", rich_help_panel="TensorRT")] = True,
     workspace: Annotated[int | None, typer.Option(min=1, metavar="MIB", help="Workspace memory pool limit in MiB "
@@ -205,7 +208,8 @@ def convert(
             reduce_range=reduce_range, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types)
         engine = _engine_config(trt, fp16=fp16, int8=int8, source=trt_from, tf32=tf32, min_batch=min_batch,
                                 opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace,
-                                builder_opt_level=builder_opt_level, timing_cache=timing_cache)
+                                builder_opt_level=builder_opt_level, timing_cache=timing_cache,
+                                dim_range=dim_range)
         cfg = ConvertConfig(export=export, out=out, quant=quant, engine=engine,
                             sparsity=_sparsity_config(sparsity, prune_channels, eval_data))
         _check_eval_data(cfg, eval_data)
@@ -295,15 +299,19 @@ def _sparsity_config(pattern: str | None, prune_channels: str | None, eval_data:
 
 def _engine_config(trt: bool, *, fp16: bool, int8: bool, source: str | None, tf32: bool, min_batch: int | None,
                    opt_batch: int | None, max_batch: int | None, workspace_mb: int | None,
-                   builder_opt_level: int | None, timing_cache: Path | None) -> EngineConfig | None:
+                   builder_opt_level: int | None, timing_cache: Path | None,
+                   dim_range: str | None) -> EngineConfig | None:
     """The TensorRT engines (--trt): one per --fp16 / --int8 asked for, FP32 otherwise; None without --trt."""
     from convert.config import EngineConfig
+    from convert.engine import parse_dim_ranges
 
     if not trt:
+        if dim_range is not None:
+            raise InputError("--dim-range sets a TensorRT profile: add --trt")
         return None
     return EngineConfig(fp16=fp16, int8=int8, source=source, tf32=tf32, min_batch=min_batch, opt_batch=opt_batch,
                         max_batch=max_batch, workspace_mb=workspace_mb, builder_opt_level=builder_opt_level,
-                        timing_cache=timing_cache)
+                        timing_cache=timing_cache, dim_ranges=parse_dim_ranges(dim_range) if dim_range else {})
 
 
 def _check_eval_data(cfg: ConvertConfig, eval_data: str | None) -> None:

@@ -161,6 +161,10 @@ class EngineConfig(BaseModel):
     timing_cache: Path | None = Field(default=None, description="Tactic timing cache, read if present and updated "
                                                                 "after the build; default OUT/timing.cache")
 
+    dim_ranges: dict[str, tuple[int, int, int]] = Field(
+        default_factory=dict, description="Profile min/opt/max of each non-batch symbolic dim, e.g. "
+                                          "{'sequence': (1, 64, 128)}; default: the dim's bound value throughout")
+
     def precisions(self) -> list[Precision]:
         """The engines asked for, by precision (FP32 when neither --fp16 nor --int8)."""
         out: list[Precision] = []

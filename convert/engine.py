@@ -32,7 +32,7 @@ from convert.config import DEFAULT_MAX_BATCH, DEFAULT_OPT_BATCH, EngineConfig, Q
 from convert.trt_qdq import trt_qdq_problems
 from core.errors import InputError, ToolkitError, ValidationError, first_line
 from core.fsutil import atomic_write_bytes, sha256_file
-from core.iospec import IOSpec
+from core.iospec import BATCH, IOSpec
 from core.manifest import Artifact, Precision
 from core.metrics import ParityStats
 from core.records import (
@@ -113,18 +113,40 @@ def profile_batches(cfg: EngineConfig, spec: IOSpec) -> tuple[int, int, int]:
     return lo, opt, hi
 
 
-def compute_profile(cfg: EngineConfig, spec: IOSpec) -> dict[str, dict[str, list[int]]]:
-    """Per input: the min/opt/max shapes, the batch dim from ``profile_batches``."""
-    lo, opt, hi = profile_batches(cfg, spec)
-    out: dict[str, dict[str, list[int]]] = {}
-    for t in spec.inputs:
-        try:
-            out[t.name] = {"min": list(t.concrete_shape(lo)), "opt": list(t.concrete_shape(opt)),
-                           "max": list(t.concrete_shape(hi))}
-        except InputError as exc:
-            raise InputError(f"cannot make a TensorRT optimization profile: {exc} (only the batch may be dynamic)") \
-                from None
+def parse_dim_ranges(text: str) -> dict[str, tuple[int, int, int]]:
+    """``sequence=1:64:128,height=224:224:512`` -> {dim: (min, opt, max)}, or one clear InputError."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for part in text.split(","):
+        name, sep, values = part.strip().partition("=")
+        nums = values.split(":")
+        if not sep or not name.strip() or len(nums) != 3 or not all(n.strip().isdigit() for n in nums):
+            raise InputError(f"malformed --dim-range {text!r}: expected NAME=MIN:OPT:MAX, e.g. sequence=1:64:128")
+        lo, opt, hi = (int(n) for n in nums)
+        out[name.strip()] = (lo, opt, hi)
     return out
+
+
+def compute_profile(cfg: EngineConfig, spec: IOSpec) -> dict[str, dict[str, list[int]]]:
+    """Per input: the min/opt/max shapes. The batch from ``profile_batches``; every other symbolic dim from
+    ``--dim-range`` (EngineConfig.dim_ranges), else the IOSpec's range, else its bound value throughout."""
+    batch = profile_batches(cfg, spec)
+    ranges: dict[str, tuple[int, int, int]] = {}
+    for d in spec.symbolic_dims():
+        if d in cfg.dim_ranges:
+            ranges[d] = cfg.dim_ranges[d]
+        elif d in spec.ranges or d in spec.dims or d == BATCH:
+            r = spec.dim_range(d, batch=batch)
+            ranges[d] = (r.min, r.opt, r.max)
+        else:
+            raise InputError(f"cannot make a TensorRT optimization profile: the dim {d!r} has no value; give its "
+                             f"range with --dim-range {d}=MIN:OPT:MAX (or bind it with --input-shape)")
+        lo, opt, hi = ranges[d]
+        if not 1 <= lo <= opt <= hi:
+            raise InputError(f"--dim-range {d}: needs 1 <= min <= opt <= max, got {lo}:{opt}:{hi}")
+    if unknown := sorted(set(cfg.dim_ranges) - set(spec.symbolic_dims())):
+        raise InputError(f"--dim-range names unknown dim(s) {unknown}; the model's: {spec.symbolic_dims()}")
+    return {t.name: {k: [d if isinstance(d, int) else ranges[d][i] for d in t.shape]
+                     for i, k in enumerate(("min", "opt", "max"))} for t in spec.inputs}
 
 
 # -- builder configuration ----------------------------------------------------------------------

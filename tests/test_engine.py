@@ -71,9 +71,22 @@ def test_profile_shapes_follow_the_iospec() -> None:
     prof = eng.compute_profile(EngineConfig(min_batch=1, opt_batch=4, max_batch=8), spec)
     assert prof == {"image": {"min": [1, 3, 16, 16], "opt": [4, 3, 16, 16], "max": [8, 3, 16, 16]},
                     "mask": {"min": [1, 16], "opt": [4, 16], "max": [8, 16]}}
-    seq = IOSpec(inputs=[TensorSpec(name="tokens", shape=["batch", "seq"], dtype="int64")])
-    with pytest.raises(InputError, match="only the batch may be dynamic"):
+    seq = IOSpec(inputs=[TensorSpec(name="tokens", shape=["batch", "seq"], dtype="int64"),
+                         TensorSpec(name="mask", shape=["batch", "seq"], dtype="int64")])
+    with pytest.raises(InputError, match=r"the dim 'seq' has no value; give its range with --dim-range seq=MIN:OPT:MAX"):
         eng.compute_profile(EngineConfig(), seq)
+    # every dynamic dim of every input: the sequence from --dim-range, else its bound value throughout
+    ranged = eng.compute_profile(EngineConfig(max_batch=8, dim_ranges={"seq": (1, 64, 128)}), seq)
+    assert ranged["tokens"] == ranged["mask"] == {"min": [1, 1], "opt": [8, 64], "max": [8, 128]}
+    assert eng.compute_profile(EngineConfig(max_batch=8), seq.with_dims({"seq": 16}))["mask"] == \
+        {"min": [1, 16], "opt": [8, 16], "max": [8, 16]}
+    assert eng.parse_dim_ranges("seq=1:64:128, height=8:8:16") == {"seq": (1, 64, 128), "height": (8, 8, 16)}
+    for text in ("seq=1:64", "seq", "=1:2:3", "seq=a:b:c"):
+        with pytest.raises(InputError, match="malformed --dim-range"):
+            eng.parse_dim_ranges(text)
+    for bad, message in [({"seq": (4, 2, 8)}, "min <= opt <= max"), ({"height": (1, 2, 3)}, "unknown dim")]:
+        with pytest.raises(InputError, match=message):
+            eng.compute_profile(EngineConfig(dim_ranges=bad), seq.with_dims({"seq": 16}))
 
 
 def test_static_batch_pins_the_profile() -> None:
