@@ -348,6 +348,11 @@ def bench(
     data: Annotated[Path | None, typer.Option(help="Image folder; class sub-folders give labels")] = None,
     variants: Annotated[str | None, typer.Option(help="Comma-separated artifact names (default: all)")] = None,
     accuracy_samples: Annotated[int, typer.Option(min=1, help="Inputs used for the accuracy checks")] = 32,
+    input_shape: Annotated[str | None, typer.Option(
+        help="Values of the model's symbolic dims for the run, as convert's (e.g. input_ids:1x128,"
+             "attention_mask:1x128); the batch comes from --batch-sizes")] = None,
+    dims: Annotated[str | None, typer.Option(
+        help="Sweep named dims as --batch-sizes sweeps the batch, e.g. sequence=16,128 (';' between dims)")] = None,
     out: Annotated[Path | None, typer.Option(help="results.json path (default ARTIFACT_DIR/bench/results.json)")] = None,
     precisions: Annotated[str, typer.Option(help="PyTorch (eager, torchscript) compute precisions: fp32,fp16,bf16; "
                                                  "fp16/bf16 autocast on cuda only")] = "fp32",
@@ -365,7 +370,7 @@ def bench(
         cfg = _bench_config(artifact_dir, backends=backends, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
                             device=device, threads=threads, data=data, variants=variants,
                             accuracy_samples=accuracy_samples, precisions=precisions,
-                            options={"cuda_graphs": cuda_graphs, "channels_last": channels_last,
+                            shapes=(input_shape, dims), options={"cuda_graphs": cuda_graphs, "channels_last": channels_last,
                                      "include_transfers": include_transfers})
         json_path = out or cfg.artifact_dir / "bench" / "results.json"
         ensure_writable_dir(json_path.parent)
@@ -374,7 +379,7 @@ def bench(
 
 def _bench_config(artifact_dir: Path | None, *, backends: str, batch_sizes: str, warmup: int, iters: int,
                   device: str, threads: int | None, data: Path | None, variants: str | None, accuracy_samples: int,
-                  precisions: str, options: dict[str, bool]) -> BenchConfig:
+                  precisions: str, shapes: tuple[str | None, str | None], options: dict[str, bool]) -> BenchConfig:
     """The benchmark request; without ARTIFACT_DIR, the newest folder under artifacts/ (said so)."""
     from runtimes.harness import BenchConfig, resolve_device
 
@@ -387,7 +392,19 @@ def _bench_config(artifact_dir: Path | None, *, backends: str, batch_sizes: str,
                        device=resolved, threads=threads, data=data,
                        variants=csv_list(variants, "--variants") if variants else None,
                        accuracy_samples=accuracy_samples, precisions=csv_list(precisions, "--precisions"),
+                       input_shape=shapes[0], dims=_parse_dims(shapes[1]) if shapes[1] else {},
                        options={k: True for k, v in options.items() if v})
+
+
+def _parse_dims(text: str) -> dict[str, list[int]]:
+    """``sequence=16,128`` (``;`` between dims) -> {"sequence": [16, 128]}, or one clear line."""
+    out: dict[str, list[int]] = {}
+    for part in text.split(";"):
+        name, sep, values = part.strip().partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"malformed --dims {text!r}: expected NAME=V1,V2 (e.g. sequence=16,128)")
+        out[name.strip()] = int_list(values, f"--dims {name.strip()}")
+    return out
 
 
 def _run_bench_with_progress(cfg: BenchConfig) -> BenchResults:
@@ -397,7 +414,10 @@ def _run_bench_with_progress(cfg: BenchConfig) -> BenchResults:
     from core.manifest import Manifest
     from runtimes.harness import run_bench, select_targets
 
-    total = len(select_targets(Manifest.load(cfg.artifact_dir), cfg)) * len(cfg.batch_sizes)
+    combos = 1
+    for values in cfg.dims.values():
+        combos *= len(values)
+    total = len(select_targets(Manifest.load(cfg.artifact_dir), cfg)) * len(cfg.batch_sizes) * combos
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("benchmark", total=total)

@@ -14,17 +14,21 @@ from pathlib import Path
 from core.errors import InputError, ValidationError
 from reports.models import BenchRecord, BenchResults
 
-RowKey = tuple[str, str, str, str, str, int]
-KEY_FIELDS = ("model", "backend", "variant", "precision", "device", "batch_size")
+RowKey = tuple[str, str, str, str, str, int, str]
+KEY_FIELDS = ("model", "backend", "variant", "precision", "device", "batch_size", "dims")
+
+
+def dims_text(dims: dict[str, int]) -> str:
+    return "".join(f" {d} {v}" for d, v in sorted(dims.items()))
 
 
 def row_key(r: BenchRecord) -> RowKey:
-    return (r.model, r.backend, r.variant, r.precision, r.device, r.batch_size)
+    return (r.model, r.backend, r.variant, r.precision, r.device, r.batch_size, dims_text(r.dims))
 
 
 def key_text(key: RowKey) -> str:
-    model, backend, variant, precision, device, batch = key
-    return f"{model} {backend}:{variant} {precision} {device} batch {batch}"
+    model, backend, variant, precision, device, batch, dims = key
+    return f"{model} {backend}:{variant} {precision} {device} batch {batch}{dims}"
 
 
 def record_label(r: BenchRecord) -> str:

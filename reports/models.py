@@ -15,7 +15,8 @@ from core.errors import InputError
 from core.manifest import library_versions, utc_now
 from core.metrics import AccuracyStats, LatencyStats
 
-RESULTS_SCHEMA_VERSION = 1
+#: 2: records carry the dims' values and every input's shape (version 1 files are read, without them)
+RESULTS_SCHEMA_VERSION = 2
 
 
 
@@ -41,6 +42,9 @@ class BenchRecord(BaseModel):
     load_s: float | None = None
     input_digest: str = Field(description="sha256 prefix of the exact inputs: equal across backends")
     accuracy: AccuracyStats | None = None
+    dims: dict[str, int] = Field(default_factory=dict, description="Values of the symbolic dims other than "
+                                                                   "the batch when they were swept (--dims)")
+    input_shapes: dict[str, list[int]] = Field(default_factory=dict, description="Every input's shape as run")
     notes: list[str] = Field(default_factory=list)
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -95,9 +99,12 @@ class BenchResults(BaseModel):
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"{path} is not a readable results JSON file: {exc}") from None
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            data = {**data, "schema_version": RESULTS_SCHEMA_VERSION}  # version 2 only adds fields with defaults
         if not isinstance(data, dict) or data.get("schema_version") != RESULTS_SCHEMA_VERSION:
             got = data.get("schema_version") if isinstance(data, dict) else None
-            raise InputError(f"{path} has results schema_version {got!r}; expected {RESULTS_SCHEMA_VERSION}")
+            raise InputError(f"{path} has results schema_version {got!r}; this toolkit reads 1 and "
+                             f"{RESULTS_SCHEMA_VERSION}")
         try:
             return cls.model_validate(data)
         except PydanticValidationError as exc:

@@ -11,7 +11,8 @@ from core.fsutil import atomic_write_text
 from reports.models import BenchRecord, BenchResults
 
 CSV_COLUMNS = [
-    "model", "backend", "variant", "precision", "device", "batch_size", "latency_ms_p50", "latency_ms_p90",
+    "model", "backend", "variant", "precision", "device", "batch_size", "dims", "input_shapes",
+    "latency_ms_p50", "latency_ms_p90",
     "latency_ms_p99", "latency_ms_mean", "throughput", "ram_mb", "vram_mb", "cpu_util", "gpu_util",
     "model_size_mb", "max_abs_err", "mean_abs_err", "cosine", "top1_agreement", "top5_agreement",
     "top1_acc", "top5_acc", "input_digest",
@@ -22,7 +23,9 @@ def flat_row(r: BenchRecord) -> dict[str, Any]:
     acc = r.accuracy
     return {
         "model": r.model, "backend": r.backend, "variant": r.variant, "precision": r.precision, "device": r.device,
-        "batch_size": r.batch_size, "latency_ms_p50": r.latency_ms.p50, "latency_ms_p90": r.latency_ms.p90,
+        "batch_size": r.batch_size, "dims": " ".join(f"{d}={v}" for d, v in sorted(r.dims.items())),
+        "input_shapes": " ".join(f"{n}:{'x'.join(map(str, s))}" for n, s in r.input_shapes.items()),
+        "latency_ms_p50": r.latency_ms.p50, "latency_ms_p90": r.latency_ms.p90,
         "latency_ms_p99": r.latency_ms.p99, "latency_ms_mean": r.latency_ms.mean, "throughput": r.throughput,
         "ram_mb": r.ram_mb, "vram_mb": r.vram_mb, "cpu_util": r.cpu_util, "gpu_util": r.gpu_util,
         "model_size_mb": r.model_size_mb,
@@ -53,7 +56,7 @@ def to_csv(results: BenchResults) -> str:
 
 
 SUMMARY_COLUMNS = [("backend", "backend"), ("variant", "variant"), ("precision", "precision"),
-                   ("batch", "batch_size"), ("p50 ms", "latency_ms_p50"), ("p90 ms", "latency_ms_p90"),
+                   ("batch", "batch_size"), ("dims", "dims"), ("p50 ms", "latency_ms_p50"), ("p90 ms", "latency_ms_p90"),
                    ("p99 ms", "latency_ms_p99"), ("samples/s", "throughput"), ("RAM MB", "ram_mb"),
                    ("size MB", "model_size_mb"), ("max abs err", "max_abs_err"), ("top-1 agree", "top1_agreement"),
                    ("top-1 acc", "top1_acc")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from calibration.pools import InputPool, image_pool, random_pool
 from core.errors import BackendUnavailableError, InputError
-from core.iospec import feed_digest
+from core.iospec import IOSpec, bind_shapes, feed_digest, parse_input_shapes
 from core.manifest import Artifact, Manifest
 from core.metrics import AccuracyStats, LatencyStats, accuracy_stats
 from core.records import TrtQdqParams
@@ -48,6 +49,10 @@ class BenchConfig(BaseModel):
     variants: list[str] | None = Field(default=None, description="Artifact names to include (default: all ok)")
     precisions: list[str] = Field(default=["fp32"], description="PyTorch compute precisions (fp16/bf16: cuda)")
     accuracy_samples: int = Field(default=32, ge=1, description="Inputs in the accuracy pool")
+    input_shape: str | None = Field(default=None, description="Binds the model's symbolic dims for the run, as "
+                                                              "convert's --input-shape (its batch is not used)")
+    dims: dict[str, list[int]] = Field(default_factory=dict, description="Named dims to sweep as batch_sizes is "
+                                                                         "swept, e.g. {'sequence': [16, 128]}")
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict, description="Extra RunnerOptions fields")
 
@@ -213,8 +218,9 @@ class BenchSetup:
     targets: list[Target]
     pool: InputPool
     chunk: int
-    feeds: dict[int, dict[str, np.ndarray]]
-    digests: dict[int, str]
+    points: list[tuple[int, dict[str, int]]]  # (batch, dim values) of every timed measurement
+    feeds: list[dict[str, np.ndarray]]  # one per point
+    digests: list[str]
     ref_out: np.ndarray
     ref_label: str
 
@@ -233,23 +239,51 @@ def load_checked_manifest(cfg: BenchConfig) -> Manifest:
 def prepare_bench(cfg: BenchConfig, log: Callable[[str], None]) -> BenchSetup:
     """Check the request, pick the targets, build the input pool and run the FP32 reference on it."""
     manifest = load_checked_manifest(cfg)
+    manifest.iospec = bench_spec(manifest.iospec, cfg)
     base = Path(cfg.artifact_dir)
     targets = select_targets(manifest, cfg)
     chunk = manifest.iospec.fixed_batch() or max(cfg.batch_sizes)
     pool = build_pool(manifest, cfg, max(cfg.accuracy_samples, max(cfg.batch_sizes)), log)
-    feeds = {b: pool.feed(0, b) for b in cfg.batch_sizes}
+    points = bench_points(manifest.iospec, cfg)
+    # The bound dims: slices of the accuracy pool (as before); a swept value: seeded random feeds of its own.
+    feeds = [pool.feed(0, b) if not dims else manifest.iospec.random_feed(b, seed=cfg.seed, dims=dims)
+             for b, dims in points]
     with reference_runner(manifest, base, cfg.threads) as ref_runner:
         ref_out = run_pool(ref_runner, pool, chunk)
         ref_label = f"{ref_runner.name}:{ref_runner.artifact.name}:fp32:cpu"
     log(f"reference: {ref_label} on {pool.size} inputs ({pool.source})")
-    return BenchSetup(manifest=manifest, base=base, targets=targets, pool=pool, chunk=chunk, feeds=feeds,
-                      digests={b: feed_digest(f) for b, f in feeds.items()}, ref_out=ref_out, ref_label=ref_label)
+    return BenchSetup(manifest=manifest, base=base, targets=targets, pool=pool, chunk=chunk, points=points,
+                      feeds=feeds, digests=[feed_digest(f) for f in feeds], ref_out=ref_out, ref_label=ref_label)
 
 
-def _time_batch(runner: Runner, setup: BenchSetup, cfg: BenchConfig, t: Target, b: int, *, load_s: float,
+def bench_spec(spec: IOSpec, cfg: BenchConfig) -> IOSpec:
+    """The artifact's IOSpec with --input-shape's dim values; an unbound dim not swept: one line."""
+    if cfg.input_shape:
+        _, dims = bind_shapes(spec, parse_input_shapes(cfg.input_shape))
+        spec = spec.with_dims(dims)
+    spec.with_dims({d: v[0] for d, v in cfg.dims.items() if v})  # unknown names and bad values: one line
+    missing = [d for d in spec.unbound_dims() if d not in cfg.dims]
+    if missing:
+        raise InputError(f"the model's dim(s) {', '.join(missing)} have no value: give them with --input-shape or "
+                         f"sweep them with --dims {missing[0]}=16,128")
+    return spec
+
+
+def bench_points(spec: IOSpec, cfg: BenchConfig) -> list[tuple[int, dict[str, int]]]:
+    """Every (batch, dim values) to time: --batch-sizes x every combination of the --dims values."""
+    if any(not v or min(v) < 1 for v in cfg.dims.values()):
+        raise InputError(f"--dims values must be positive integers, got {cfg.dims}")
+    combos: list[dict[str, int]] = [dict(zip(cfg.dims, vals, strict=True))
+                                    for vals in itertools.product(*cfg.dims.values())] if cfg.dims else [{}]
+    return [(b, c) for b in cfg.batch_sizes for c in combos]
+
+
+def _time_batch(runner: Runner, setup: BenchSetup, cfg: BenchConfig, t: Target, i: int, *, load_s: float,
                 acc: AccuracyStats, sampler: ResourceSampler, gpu: NvmlSampler) -> BenchRecord:
-    """Time ``runner`` on the batch-``b`` feed: one record."""
-    prepared = runner.prepare(setup.feeds[b])
+    """Time ``runner`` on the feed of point ``i`` (a batch size and dim values): one record."""
+    b, dims = setup.points[i]
+    feed = setup.feeds[i]
+    prepared = runner.prepare(feed)
     mark = gpu.mark()
     with cpu_meter() as cpu:
         samples = runner.time_iterations(prepared, cfg.warmup, cfg.iters)
@@ -260,8 +294,8 @@ def _time_batch(runner: Runner, setup: BenchSetup, cfg: BenchConfig, t: Target, 
         device=cfg.device, batch_size=b, latency_ms=lat, throughput=b / (lat.mean / 1e3),
         ram_mb=sampler.peak_rss / 2**20, ram_delta_mb=(sampler.peak_rss - sampler.baseline_rss) / 2**20,
         vram_mb=mem.get("vram_mb"), gpu_util=mem.get("gpu_util"), cpu_util=cpu.get("cpu_util"),
-        model_size_mb=t.artifact.file.size_bytes / 2**20, load_s=load_s, input_digest=setup.digests[b],
-        accuracy=acc,
+        model_size_mb=t.artifact.file.size_bytes / 2**20, load_s=load_s, input_digest=setup.digests[i],
+        accuracy=acc, dims=dims, input_shapes={n: list(a.shape) for n, a in feed.items()},
     )
 
 
@@ -288,10 +322,10 @@ def _measure_target(setup: BenchSetup, cfg: BenchConfig, t: Target, runner: Runn
         acc = accuracy_stats(run_pool(runner, setup.pool, setup.chunk), setup.ref_out, setup.pool.labels,
                              setup.ref_label, runner.manifest.iospec.output_names[0])
         records = []
-        for b in cfg.batch_sizes:
+        for i, (b, dims) in enumerate(setup.points):
             if progress:
-                progress(f"{runner.label} {t.precision} batch {b}")
-            records.append(_time_batch(runner, setup, cfg, t, b, load_s=load_s, acc=acc, sampler=sampler, gpu=gpu))
+                progress(f"{runner.label} {t.precision} batch {b}" + "".join(f" {d} {v}" for d, v in dims.items()))
+            records.append(_time_batch(runner, setup, cfg, t, i, load_s=load_s, acc=acc, sampler=sampler, gpu=gpu))
         return records
 
 

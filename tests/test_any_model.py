@@ -177,3 +177,29 @@ def test_token_model_quantizes_and_its_gate_uses_output_cosine(tmp_path: Path) -
     with pytest.raises(AccuracyGateError, match="int8_dynamic lost"):
         run_convert(ConvertConfig(export=ExportConfig(model=TRANSFORMER), out=tmp_path / "strict", quant=strict),
                     log=lambda _m: None)
+
+
+def test_bench_sweeps_a_named_dim_through_the_cli(transformer: Path, tmp_path: Path) -> None:
+    from cli import app
+    from reports.models import BenchResults
+
+    runner = CliRunner()
+    out = tmp_path / "res" / "results.json"
+    ok = runner.invoke(app, ["bench", str(transformer), "--backends", "eager,ort", "--variants", "opt",
+                             "--batch-sizes", "1,2", "--dims", "sequence=8,24", "--iters", "2", "--warmup", "1",
+                             "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    res = BenchResults.load(out)
+    ort = [r for r in res.records if r.backend == "ort"]
+    assert sorted((r.batch_size, r.dims["sequence"]) for r in ort) == [(1, 8), (1, 24), (2, 8), (2, 24)]
+    for r in res.records:
+        seq = r.dims["sequence"]
+        assert r.input_shapes == {"input_ids": [r.batch_size, seq], "attention_mask": [r.batch_size, seq]}
+    same = {(r.batch_size, r.dims["sequence"]): r.input_digest for r in ort}
+    assert all(same[(r.batch_size, r.dims["sequence"])] == r.input_digest for r in res.records), "same feeds"
+    assert "sequence=24" in out.with_suffix(".csv").read_text()
+    for args, message in [(["--dims", "height=8"], "unknown dim"), (["--dims", "sequence=0"], ">= 1"),
+                          (["--dims", "sequence"], "malformed --dims")]:
+        bad = runner.invoke(app, ["bench", str(transformer), "--backends", "ort", *args])
+        lines = [ln for ln in bad.output.strip().splitlines() if ln.strip()]
+        assert bad.exit_code == 2 and len(lines) == 1 and message in lines[0], bad.output

@@ -33,7 +33,7 @@ def test_convert_then_bench_writes_reports(tmp_path: Path) -> None:
                         "--warmup", "1", "--out", str(tmp_path / "res" / "results.json"))
     assert code == 0, text
     res = BenchResults.load(tmp_path / "res" / "results.json")
-    assert len(res.records) == 6 and res.schema_version == 1
+    assert len(res.records) == 6 and res.schema_version == 2
     with open(tmp_path / "res" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6

@@ -36,7 +36,7 @@ def test_ratios_and_unmatched_rows(tmp_path: Path) -> None:
     assert cmp.labels == ["before", "after"]
     assert len(cmp.rows) == 8
     for row in cmp.rows:
-        _, backend, variant, _, _, batch = row.key
+        _, backend, variant, _, _, batch, _dims = row.key
         if (backend, variant, batch) == ("ort", "fp32", 4):
             assert row.records[1] is None and row.latency_ratio(1) is None
             continue
