@@ -15,6 +15,7 @@ from convert.config import ConvertConfig
 from convert.context import ConvertContext, Step, parity_batches
 from convert.engine import preflight, step_engine, with_source_variants
 from convert.export import complete_output_spec, export_onnx
+from convert.fusion import step_fuse
 from convert.gates import check_gates
 from convert.inputs import export_args, input_spec
 from convert.optimize import optimize_onnx
@@ -121,6 +122,8 @@ def step_optimize(ctx: ConvertContext) -> None:
 def build_steps(cfg: ConvertConfig) -> list[Step]:
     """The ordered list of steps for ``cfg``: variant modules append theirs here."""
     steps: list[Step] = [step_export, step_validate("fp32"), step_optimize]
+    if cfg.export.optimize:
+        steps.append(step_fuse)  # transformers only: ONNX Runtime's attention/LayerNorm/GELU fusion
     if cfg.sparsity.enabled:  # the preflight: wrong source or eval data fail before the slow export
         steps = [check_sparsity_inputs, *steps, step_sparsity]
     if cfg.quant is not None:

@@ -208,9 +208,17 @@ class EngineParams(Record):
     builder_optimization_level: int | None = None
 
 
+class FusionParams(Record):
+    """ONNX Runtime's transformer optimizer: which contrib ops it fused, and how many."""
+
+    step: Literal["fuse_transformer"] = "fuse_transformer"
+    model_type: str
+    fused_ops: dict[str, int]
+
+
 StepParams = Annotated[
     CopyParams | ExportParams | WeightsParams | OptimizeParams | Fp16Params | DynamicQuantParams
-    | StaticQuantParams | TrtQdqParams | SparsityParams | PruneParams | EngineParams,
+    | StaticQuantParams | TrtQdqParams | SparsityParams | PruneParams | EngineParams | FusionParams,
     Field(discriminator="step"),
 ]
 

@@ -203,3 +203,19 @@ def test_bench_sweeps_a_named_dim_through_the_cli(transformer: Path, tmp_path: P
         bad = runner.invoke(app, ["bench", str(transformer), "--backends", "ort", *args])
         lines = [ln for ln in bad.output.strip().splitlines() if ln.strip()]
         assert bad.exit_code == 2 and len(lines) == 1 and message in lines[0], bad.output
+
+
+def test_transformer_gets_a_fused_variant_and_a_cnn_does_not(transformer: Path, tiny_artifacts: Path) -> None:
+    """ONNX Runtime's transformer optimizer as its own variant: fused ops counted, parity like opt."""
+    import onnx
+
+    from core.manifest import Manifest
+    from core.records import FusionParams
+
+    fused = Manifest.load(transformer).artifacts["fused"]
+    assert isinstance(fused.params, FusionParams) and fused.parent == "opt" and fused.status == "ok"
+    assert fused.params.fused_ops.get("SkipLayerNormalization", 0) >= 2 and fused.metrics.checker == "ok"
+    assert min(p.cosine for p in fused.metrics.parity.values()) > 0.9999
+    domains = {n.domain for n in onnx.load(str(transformer / fused.file.path)).graph.node}
+    assert "com.microsoft" in domains and "ONNX Runtime only" in fused.notes[0]
+    assert "fused" not in Manifest.load(tiny_artifacts).artifacts

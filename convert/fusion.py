@@ -1,0 +1,82 @@
+"""Transformer graph fusion: ONNX Runtime's transformer optimizer as a variant (``fused``).
+
+``onnxruntime.transformers.optimizer`` (what ``onnxruntime-tools`` used to ship) fuses attention,
+LayerNorm (+ residual: SkipLayerNormalization), GELU (+ bias) and embedding patterns into ONNX
+Runtime's contrib ops. It runs only when the graph looks like a transformer (Softmax over MatMul
+scores, and LayerNormalization) and is kept only when it fused something. The result uses
+``com.microsoft`` ops, so it is for ONNX Runtime only: a separate variant, validated like ``opt``
+against the same reference, never the source of TensorRT engines or of the default served model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from convert.context import ConvertContext, parity_batches
+from convert.validate import Tolerance, validate_onnx
+from core.errors import ToolkitError, ValidationError, first_line
+from core.fsutil import atomic_path
+from core.records import FusionParams
+
+FUSED = "fused"
+CONTRIB_NOTE = ("uses ONNX Runtime contrib ops (com.microsoft): for ONNX Runtime only, not for TensorRT or other "
+                "runtimes")
+
+
+def looks_like_transformer(model: Any) -> bool:
+    """Softmax and MatMul (attention scores) and a layer norm: the patterns the optimizer fuses."""
+    ops = {n.op_type for n in model.graph.node}
+    return {"Softmax", "MatMul"} <= ops and bool(ops & {"LayerNormalization", "ReduceMean"})
+
+
+def step_fuse(ctx: ConvertContext) -> None:
+    """Write ``model.fused.onnx`` from ``opt`` when the graph is a transformer and something fuses."""
+    import onnx
+
+    src_name = ctx.best_fp32()
+    src = ctx.out / ctx.manifest.artifacts[src_name].file.path
+    if not looks_like_transformer(onnx.load(str(src), load_external_data=False)):
+        return
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    ctx.log("transformer fusion (onnxruntime.transformers.optimizer: attention, LayerNorm, GELU)")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_logs():
+            optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
+                                       use_gpu=False)
+    except Exception as exc:
+        raise ToolkitError(f"ONNX Runtime's transformer optimizer failed on {src.name}: "
+                           f"{first_line(exc, with_type=True)}") from exc
+    fused = {k: int(v) for k, v in (optimized.get_fused_operator_statistics() or {}).items() if v}
+    if not fused:
+        ctx.log("transformer fusion: nothing fused; no 'fused' variant")
+        return
+    target = ctx.path(f"model.{FUSED}.onnx")
+    with atomic_path(target) as tmp:
+        optimized.save_model_to_file(str(tmp))
+    art = ctx.manifest.record(ctx.out, target, name=FUSED, kind="onnx", parent=src_name, notes=[CONTRIB_NOTE],
+                              params=FusionParams(model_type="bert", fused_ops=fused))
+    try:
+        art.metrics.update(validate_onnx(target, ctx.spec, ctx.reference, batches=parity_batches(ctx),
+                                         tol=Tolerance.fp32(), what=target.name))
+    except ValidationError as exc:
+        art.status = "failed"
+        art.notes.extend(exc.failures)
+        ctx.manifest.save(ctx.out)
+        raise
+    ctx.log(f"{FUSED}: " + ", ".join(f"{k} x{v}" for k, v in sorted(fused.items())))
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    logger = logging.getLogger("onnxruntime.transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
