@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/calib_memory.py
 	$(BIN)/python benchmarks/run_prune.py
 	$(BIN)/python benchmarks/run_serving.py
+	$(BIN)/python benchmarks/run_transformer.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -101,7 +101,7 @@ def open_source(spec: str | None, iospec: IOSpec, preprocessing: Preprocessing |
     if spec == SYNTHETIC:
         n = size if size is not None else DEFAULT_SYNTHETIC_SIZE
         for t in iospec.inputs:
-            sample_shape(t)
+            sample_shape(t, iospec.dims)
         return SyntheticSource(iospec, np.arange(offset, offset + n), seed)
     if spec in BUILTIN_SETS:
         return _open_images(builtin_path(spec), iospec, preprocessing, size, seed, offset, name=spec)

@@ -214,12 +214,8 @@ class SyntheticSource(Source):
     def _sample(self, index: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng((self.seed, index))
         out: dict[str, np.ndarray] = {}
-        for t in self.spec.inputs:
-            shape = sample_shape(t)
-            if t.dtype.startswith("float") or t.dtype == "bfloat16":
-                out[t.name] = rng.standard_normal(shape).astype(np.float32)
-            else:
-                out[t.name] = rng.integers(0, 100, size=shape).astype(t.dtype)
+        for t in self.spec.inputs:  # token ids inside the vocabulary, masks of ones (TensorSpec.random)
+            out[t.name] = t.random(rng, sample_shape(t, self.spec.dims))
         return out
 
     def _content_hash(self, h: Any) -> None:
@@ -234,12 +230,9 @@ def fmt_values(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
 
 
-def sample_shape(t: TensorSpec) -> tuple[int, ...]:
-    dims = t.shape[1:]
-    if not all(isinstance(d, int) for d in dims):
-        raise InputError(f"input {t.name!r} has symbolic dims {t.shape} besides the batch: give a fixed "
-                         "--input-shape to calibrate")
-    return tuple(int(d) for d in dims)
+def sample_shape(t: TensorSpec, dims: dict[str, int] | None = None) -> tuple[int, ...]:
+    """One sample's shape (no batch dim), with the bound values of the other symbolic dims."""
+    return t.concrete_shape(1, dims)[1:]
 
 
 def sample_window(total: int, size: int | None, seed: int, offset: int) -> np.ndarray:

@@ -219,3 +219,17 @@ def test_transformer_gets_a_fused_variant_and_a_cnn_does_not(transformer: Path, 
     domains = {n.domain for n in onnx.load(str(transformer / fused.file.path)).graph.node}
     assert "com.microsoft" in domains and "ONNX Runtime only" in fused.notes[0]
     assert "fused" not in Manifest.load(tiny_artifacts).artifacts
+
+
+def test_dynamic_int8_without_data_uses_token_aware_random_inputs(tmp_path: Path) -> None:
+    """No --calib/--eval-data: the held-out inputs are random, at the bound sequence, ids in the vocabulary."""
+    from calibration.loaders import open_source
+    from convert.config import QuantConfig
+    from core.manifest import Manifest
+
+    m, _ = run_convert(ConvertConfig(export=ExportConfig(model=TRANSFORMER), out=tmp_path / "d",
+                                     quant=QuantConfig(int8_dynamic=True)), log=lambda _m: None)
+    assert m.artifacts["int8_dynamic"].status == "ok"
+    spec = Manifest.load(tmp_path / "d").iospec
+    feed, _ = next(open_source("synthetic", spec, None, size=4, seed=0).iter_labelled(4))
+    assert feed["input_ids"].shape == (4, 16) and feed["input_ids"].max() < 1000 and (feed["attention_mask"] == 1).all()
