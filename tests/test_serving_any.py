@@ -105,3 +105,52 @@ def test_loadtest_needs_the_sequence_or_a_reference(server: BackgroundServer) ->
         run_loadtest(LoadTestConfig(**base), log=lambda _m: None)
     res = run_loadtest(LoadTestConfig(**base, input_shape="input_ids:1x12,attention_mask:1x12"), log=lambda _m: None)
     assert res.records[0].extra["errors"] == 0
+
+
+def _end_to_end(model: str, out: Path, feeds: list[dict[str, np.ndarray]], backends: list[str],
+                **export: object) -> None:
+    """convert (+ dynamic INT8) -> bench -> package -> serve, and tritonclient == ONNX Runtime on each feed."""
+    from convert.config import QuantConfig
+    from core.manifest import Manifest
+    from runtimes.harness import BenchConfig, run_bench
+    from serving.triton import PackageConfig, package
+
+    run_convert(ConvertConfig(export=ExportConfig(model=model, **export), out=out,  # type: ignore[arg-type]
+                              quant=QuantConfig(int8_dynamic=True)), log=lambda _m: None)
+    manifest = Manifest.load(out)
+    assert manifest.artifacts["int8_dynamic"].status == "ok"
+    res = run_bench(BenchConfig(artifact_dir=out, backends=backends, batch_sizes=[1, 2], warmup=1, iters=2,
+                                accuracy_samples=4), log=lambda _m: None)
+    assert {r.variant for r in res.records} >= {"opt", "int8_dynamic"}
+    _, repo = package(PackageConfig(artifact_dir=out, out=out.parent / f"{out.name}_repo"), log=lambda _m: None)
+    assert list(repo.glob("*/config.pbtxt"))
+    sess = ort.InferenceSession(str(out / manifest.artifacts["opt"].file.path), providers=["CPUExecutionProvider"])
+    with BackgroundServer(ServeConfig(artifact_dir=out, port=0)) as srv:
+        client = triton_http.InferenceServerClient(srv.url.removeprefix("http://"))
+        name = client.get_model_repository_index()[0]["name"]
+        for feed in feeds:
+            inputs = []
+            for n, arr in feed.items():
+                inp = triton_http.InferInput(n, list(arr.shape), "FP32")
+                inp.set_data_from_numpy(arr)
+                inputs.append(inp)
+            got = client.infer(name, inputs)
+            for o, want in zip(manifest.iospec.output_names, sess.run(None, feed), strict=True):
+                np.testing.assert_allclose(got.as_numpy(o), want, rtol=1e-5, atol=1e-5)
+
+
+def test_symbolic_height_width_onnx_end_to_end(tmp_path: Path) -> None:
+    from tests.fixtures import symbolic_hw
+
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 3, h, w)).astype(np.float32)} for h, w in ((32, 32), (20, 44))]
+    _end_to_end(str(symbolic_hw.write(tmp_path / "hw.onnx")), tmp_path / "hw", feeds, ["ort"],
+                input_shape=(1, 3, 32, 32))
+
+
+def test_two_inputs_two_outputs_end_to_end(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    feeds = [{"image": rng.standard_normal((b, 3, 16, 16)).astype(np.float32),
+              "features": rng.standard_normal((b, 4)).astype(np.float32)} for b in (1, 3)]
+    model = f"{Path(__file__).resolve().parent / 'fixtures' / 'two_io.py'}:build"
+    _end_to_end(model, tmp_path / "two", feeds, ["eager", "ort"])
