@@ -54,10 +54,6 @@ def _output_names(loaded: LoadedModel, examples: dict[str, np.ndarray]) -> list[
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
-def _checked_samples(spec: IOSpec, samples: dict[str, np.ndarray]) -> None:
-    spec.check_feed(samples)  # names, ranks, fixed dims, int vs float
-
-
 def input_spec(cfg: ExportConfig, loaded: LoadedModel) -> tuple[IOSpec, dict[str, np.ndarray] | None]:
     """(IOSpec with its dims bound, sample inputs for the export or None)."""
     samples = load_sample_inputs(cfg.sample_inputs) if cfg.sample_inputs else None
@@ -67,14 +63,14 @@ def input_spec(cfg: ExportConfig, loaded: LoadedModel) -> tuple[IOSpec, dict[str
 
         spec = spec_from_onnx(onnx.load(str(loaded.onnx_path), load_external_data=False))
         if samples is not None:
-            _checked_samples(spec, samples)
+            spec.check_feed(samples)  # names, ranks, fixed dims, int vs float
             shapes = {**{n: a.shape for n, a in samples.items()}, **shapes}
         examples = None
     else:
         examples = samples if samples is not None else loaded.example_inputs
         if examples is not None:
             if samples is not None and loaded.example_inputs is not None:
-                _checked_samples(_example_spec(cfg, loaded, loaded.example_inputs), samples)
+                _example_spec(cfg, loaded, loaded.example_inputs).check_feed(samples)
             spec = _example_spec(cfg, loaded, examples)
         else:
             spec = _image_spec(cfg, loaded, shapes)
