@@ -303,7 +303,7 @@ def _engine_config(trt: bool, *, fp16: bool, int8: bool, source: str | None, tf3
                    dim_range: str | None) -> EngineConfig | None:
     """The TensorRT engines (--trt): one per --fp16 / --int8 asked for, FP32 otherwise; None without --trt."""
     from convert.config import EngineConfig
-    from convert.engine import parse_dim_ranges
+    from convert.trt_profile import parse_dim_ranges
 
     if not trt:
         if dim_range is not None:

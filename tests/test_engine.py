@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import cli
 from convert import engine as eng
+from convert import trt_profile as tp
 from convert.config import CalibConfig, EngineConfig, QuantConfig
 from core.errors import BackendUnavailableError, InputError
 from core.iospec import IOSpec, TensorSpec
@@ -46,7 +47,7 @@ def plan_manifest(tmp_path: Path, env: TrtEnv = HERE, batches: tuple[int, int, i
     manifest = Manifest(source=SourceInfo(model="tiny", kind="factory"), iospec=IMAGE)
     cfg = EngineConfig(fp16=True, min_batch=batches[0], opt_batch=batches[1], max_batch=batches[2])
     params = eng.engine_params(cfg, onnx_artifact("fp16", precision="fp16"), IMAGE)
-    build = eng.engine_build(env, "will be checked", eng.compute_profile(cfg, IMAGE))
+    build = eng.engine_build(env, "will be checked", tp.compute_profile(cfg, IMAGE))
     art = manifest.record(tmp_path, plan, name="trt_fp16", kind="plan", precision="fp16", params=params,
                           parent="fp16", engine=build)
     assert art.engine is not None
@@ -57,44 +58,44 @@ def plan_manifest(tmp_path: Path, env: TrtEnv = HERE, batches: tuple[int, int, i
 
 # -- optimization profile ---------------------------------------------------------------------
 def test_profile_defaults_and_flags() -> None:
-    assert eng.profile_batches(EngineConfig(), IMAGE) == (1, 8, 32)
-    assert eng.profile_batches(EngineConfig(max_batch=4), IMAGE) == (1, 4, 4)
-    assert eng.profile_batches(EngineConfig(min_batch=2, opt_batch=16, max_batch=64), IMAGE) == (2, 16, 64)
-    assert eng.profile_batches(EngineConfig(min_batch=64), IMAGE) == (64, 64, 64)
+    assert tp.profile_batches(EngineConfig(), IMAGE) == (1, 8, 32)
+    assert tp.profile_batches(EngineConfig(max_batch=4), IMAGE) == (1, 4, 4)
+    assert tp.profile_batches(EngineConfig(min_batch=2, opt_batch=16, max_batch=64), IMAGE) == (2, 16, 64)
+    assert tp.profile_batches(EngineConfig(min_batch=64), IMAGE) == (64, 64, 64)
     with pytest.raises(InputError, match="min-batch <= --opt-batch <= --max-batch"):
-        eng.profile_batches(EngineConfig(opt_batch=64, max_batch=32), IMAGE)
+        tp.profile_batches(EngineConfig(opt_batch=64, max_batch=32), IMAGE)
 
 
 def test_profile_shapes_follow_the_iospec() -> None:
     spec = IOSpec(inputs=[TensorSpec(name="image", shape=["batch", 3, 16, 16]),
                           TensorSpec(name="mask", shape=["batch", 16], dtype="int64")])
-    prof = eng.compute_profile(EngineConfig(min_batch=1, opt_batch=4, max_batch=8), spec)
+    prof = tp.compute_profile(EngineConfig(min_batch=1, opt_batch=4, max_batch=8), spec)
     assert prof == {"image": {"min": [1, 3, 16, 16], "opt": [4, 3, 16, 16], "max": [8, 3, 16, 16]},
                     "mask": {"min": [1, 16], "opt": [4, 16], "max": [8, 16]}}
     seq = IOSpec(inputs=[TensorSpec(name="tokens", shape=["batch", "seq"], dtype="int64"),
                          TensorSpec(name="mask", shape=["batch", "seq"], dtype="int64")])
     with pytest.raises(InputError, match=r"the dim 'seq' has no value; give its range with --dim-range seq=MIN:OPT:MAX"):
-        eng.compute_profile(EngineConfig(), seq)
+        tp.compute_profile(EngineConfig(), seq)
     # every dynamic dim of every input: the sequence from --dim-range, else its bound value throughout
-    ranged = eng.compute_profile(EngineConfig(max_batch=8, dim_ranges={"seq": (1, 64, 128)}), seq)
+    ranged = tp.compute_profile(EngineConfig(max_batch=8, dim_ranges={"seq": (1, 64, 128)}), seq)
     assert ranged["tokens"] == ranged["mask"] == {"min": [1, 1], "opt": [8, 64], "max": [8, 128]}
-    assert eng.compute_profile(EngineConfig(max_batch=8), seq.with_dims({"seq": 16}))["mask"] == \
+    assert tp.compute_profile(EngineConfig(max_batch=8), seq.with_dims({"seq": 16}))["mask"] == \
         {"min": [1, 16], "opt": [8, 16], "max": [8, 16]}
-    assert eng.parse_dim_ranges("seq=1:64:128, height=8:8:16") == {"seq": (1, 64, 128), "height": (8, 8, 16)}
+    assert tp.parse_dim_ranges("seq=1:64:128, height=8:8:16") == {"seq": (1, 64, 128), "height": (8, 8, 16)}
     for text in ("seq=1:64", "seq", "=1:2:3", "seq=a:b:c"):
         with pytest.raises(InputError, match="malformed --dim-range"):
-            eng.parse_dim_ranges(text)
+            tp.parse_dim_ranges(text)
     for bad, message in [({"seq": (4, 2, 8)}, "min <= opt <= max"), ({"height": (1, 2, 3)}, "unknown dim")]:
         with pytest.raises(InputError, match=message):
-            eng.compute_profile(EngineConfig(dim_ranges=bad), seq.with_dims({"seq": 16}))
+            tp.compute_profile(EngineConfig(dim_ranges=bad), seq.with_dims({"seq": 16}))
 
 
 def test_static_batch_pins_the_profile() -> None:
     static = IOSpec.for_image_model((4, 3, 32, 32), dynamic_batch=False)
-    assert eng.profile_batches(EngineConfig(), static) == (4, 4, 4)
-    assert eng.profile_batches(EngineConfig(max_batch=4), static) == (4, 4, 4)
+    assert tp.profile_batches(EngineConfig(), static) == (4, 4, 4)
+    assert tp.profile_batches(EngineConfig(max_batch=4), static) == (4, 4, 4)
     with pytest.raises(InputError, match="fixed batch of 4"):
-        eng.profile_batches(EngineConfig(max_batch=8), static)
+        tp.profile_batches(EngineConfig(max_batch=8), static)
 
 
 # -- builder configuration --------------------------------------------------------------------
