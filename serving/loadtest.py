@@ -23,17 +23,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import BackendUnavailableError, InputError
-from core.iospec import BATCH, IOSpec, TensorSpec, feed_digest
+from core.iospec import IOSpec, feed_digest
 from core.metrics import LatencyStats
 from reports.models import BenchRecord, BenchResults
 from serving.protocol import (
-    DATATYPES,
     HEADER_LENGTH,
     SERVER_TIMING,
     RequestError,
     decode_response,
     encode_request,
     server_timing,
+    spec_from_metadata,
 )
 
 #: Computes expected outputs (in metadata output order) for a feed: e.g. ONNX Runtime in-process.
@@ -91,21 +91,6 @@ def _split_url(url: str, model: str | None) -> tuple[str, str | None]:
     if segs:
         raise InputError(f"URL path {parts.path!r} is not /v2/models/NAME")
     return base, model
-
-
-def spec_from_metadata(meta: dict[str, Any]) -> IOSpec:
-    """An IOSpec from KServe v2 model metadata (-1 in the first dim = the batch)."""
-    def tensors(items: list[dict[str, Any]]) -> list[TensorSpec]:
-        out = []
-        for t in items:
-            if t["datatype"] not in DATATYPES:
-                raise InputError(f"tensor {t['name']!r} has datatype {t['datatype']}, which the load test cannot make")
-            shape: list[int | str] = [BATCH if i == 0 and d == -1 else (d if d >= 0 else f"dim{i}")
-                                      for i, d in enumerate(t["shape"])]
-            out.append(TensorSpec(name=t["name"], shape=shape, dtype=DATATYPES[t["datatype"]]))
-        return out
-
-    return IOSpec(inputs=tensors(meta["inputs"]), outputs=tensors(meta.get("outputs", [])))
 
 
 async def _get_json(session: Any, url: str, what: str) -> Any:

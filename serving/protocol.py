@@ -14,6 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import InputError
+from core.iospec import BATCH, IOSpec, TensorSpec
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: Response header with the request's queue and model time (``queue;dur=MS, infer;dur=MS``), set by our server.
 SERVER_TIMING = "Server-Timing"
@@ -91,6 +94,18 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _json_data(data: Any, dtype: np.dtype[Any], datatype: str, where: str) -> np.ndarray:
+    """JSON ``data`` as ``dtype``; a float for an integer datatype (e.g. 0.5 for INT64 token ids) is refused,
+    never truncated."""
+    try:
+        raw = np.asarray(data)
+        if dtype.kind in "iub" and raw.size and raw.dtype.kind not in "iub":
+            raise ValueError("non-integer values")
+        return np.asarray(data, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise RequestError(400, f"{where}: 'data' is not a list of {datatype} values: {exc}") from None
+
+
 def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     """Parse a request body (JSON, or JSON header + binary tensors) into NumPy arrays."""
     head, blob = _split_body(body, header_length)
@@ -130,10 +145,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         else:
             if "data" not in item:
                 raise RequestError(400, f"{where}: neither 'data' nor parameters.binary_data_size is given")
-            try:
-                arr = np.asarray(item["data"], dtype=dtype)
-            except (TypeError, ValueError) as exc:
-                raise RequestError(400, f"{where}: 'data' is not a list of {datatype} values: {exc}") from None
+            arr = _json_data(item["data"], dtype, datatype, where)
             if arr.size != count:
                 raise RequestError(400, f"{where}: 'data' has {arr.size} values but shape {list(shape)} "
                                         f"needs {count}")
@@ -211,6 +223,36 @@ def decode_response(body: bytes, header_length: str | None) -> dict[str, np.ndar
         else:
             out[item["name"]] = np.asarray(item["data"], dtype=dtype).reshape(shape)
     return out
+
+
+def _int_semantics(name: str, dtype: str) -> dict[str, Any]:
+    """What metadata alone says about an integer input: masks are ones, token type ids zeros, anything else
+    (token ids whose vocabulary only --reference knows) small non-negative ints."""
+    if np.dtype(dtype).kind not in "iu":
+        return {}
+    lowered = name.lower()
+    if "mask" in lowered:
+        return {"fill": "ones"}
+    if "token_type" in lowered or "segment" in lowered:
+        return {"fill": "zeros"}
+    return {"int_range": (0, 10)}
+
+
+def spec_from_metadata(meta: dict[str, Any]) -> IOSpec:
+    """An IOSpec from KServe v2 model metadata (-1 in the first dim = the batch; another -1 at position i is
+    the dim ``dim<i>``, shared by the inputs that have one there)."""
+    def tensors(items: list[dict[str, Any]]) -> list[TensorSpec]:
+        out = []
+        for t in items:
+            if t["datatype"] not in DATATYPES:
+                raise InputError(f"tensor {t['name']!r} has datatype {t['datatype']}, which the load test cannot make")
+            shape: list[int | str] = [BATCH if i == 0 and d == -1 else (d if d >= 0 else f"dim{i}")
+                                      for i, d in enumerate(t["shape"])]
+            out.append(TensorSpec(name=t["name"], shape=shape, dtype=DATATYPES[t["datatype"]],
+                                  **_int_semantics(t["name"], DATATYPES[t["datatype"]])))
+        return out
+
+    return IOSpec(inputs=tensors(meta["inputs"]), outputs=tensors(meta.get("outputs", [])))
 
 
 def server_timing(header: str | None) -> dict[str, float]:

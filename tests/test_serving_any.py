@@ -154,3 +154,118 @@ def test_two_inputs_two_outputs_end_to_end(tmp_path: Path) -> None:
               "features": rng.standard_normal((b, 4)).astype(np.float32)} for b in (1, 3)]
     model = f"{Path(__file__).resolve().parent / 'fixtures' / 'two_io.py'}:build"
     _end_to_end(model, tmp_path / "two", feeds, ["eager", "ort"])
+
+
+def test_json_tensors_with_two_int64_inputs(server: BackgroundServer, artifacts: Path) -> None:
+    """Plain JSON (no binary extension): two int64 inputs answer what ONNX Runtime computes; a float where an
+    int64 token id belongs is a 400 with a JSON error, never truncated to an id."""
+    import httpx
+
+    from core.manifest import Manifest
+
+    rng = np.random.default_rng(1)
+    ids, mask = rng.integers(0, 1000, (2, 9)).astype(np.int64), np.ones((2, 9), np.int64)
+
+    def body(ids_data: list[object]) -> dict[str, object]:
+        return {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [2, 9], "data": ids_data},
+                           {"name": "attention_mask", "datatype": "INT64", "shape": [2, 9],
+                            "data": mask.ravel().tolist()}]}
+
+    url = f"{server.url}/v2/models/{MODEL}/infer"
+    resp = httpx.post(url, json=body(ids.ravel().tolist()), timeout=30)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()["outputs"][0]
+    assert out["name"] == "embedding" and out["shape"] == [2, 64]
+    sess = ort.InferenceSession(str(artifacts / Manifest.load(artifacts).artifacts["opt"].file.path),
+                                providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(2, 64), want, rtol=1e-5, atol=1e-5)
+    bad = httpx.post(url, json=body([0.5] * 18), timeout=30)
+    assert bad.status_code == 400 and "INT64" in bad.json()["error"], bad.text
+
+
+def test_micro_batching_joins_only_requests_of_one_sequence_length() -> None:
+    import asyncio
+
+    from serving.batching import MicroBatcher
+
+    shapes: list[tuple[int, ...]] = []
+
+    def infer(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        shapes.append(feed["input_ids"].shape)
+        return [feed["input_ids"].sum(axis=1, keepdims=True) + feed["attention_mask"].sum(axis=1, keepdims=True)]
+
+    feeds = [{"input_ids": np.full((1, seq), i, np.int64), "attention_mask": np.ones((1, seq), np.int64)}
+             for i, seq in enumerate((5, 7, 5, 7, 5))]
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = MicroBatcher(infer=infer, max_batch=8, max_delay_s=0.05, batchable=True)
+        batcher.start()
+        try:
+            done = await asyncio.gather(*(batcher.submit(f) for f in feeds))
+        finally:
+            await batcher.stop()
+        return [d.outputs[0] for d in done]
+
+    outs = asyncio.run(scenario())
+    assert sorted(shapes) == [(2, 7), (3, 5)]
+    for f, out in zip(feeds, outs, strict=True):
+        seq = f["input_ids"].shape[1]
+        assert out.tolist() == [[int(f["input_ids"][0, 0]) * seq + seq]]
+
+
+def test_loadtest_spec_from_metadata_follows_names(server: BackgroundServer) -> None:
+    import httpx
+
+    from serving.protocol import spec_from_metadata
+
+    spec = spec_from_metadata(httpx.get(f"{server.url}/v2/models/{MODEL}", timeout=30).json())
+    assert [t.shape for t in spec.inputs] == [["batch", "dim1"], ["batch", "dim1"]]
+    feed = spec.with_dims({"dim1": 6}).random_feed(3, seed=0)
+    assert feed["input_ids"].dtype == np.int64 and 0 <= feed["input_ids"].min() <= feed["input_ids"].max() < 10
+    assert (feed["attention_mask"] == 1).all() and feed["attention_mask"].shape == (3, 6)
+
+
+def test_trt_profile_for_batch_and_sequence(artifacts: Path) -> None:
+    """Every dynamic dim of every input gets a range; Polygraphy's own Profile takes it (TensorRT not needed)."""
+    import convert.engine as eng
+    import convert.trt_profile as tp
+    from convert.config import EngineConfig
+    from core.errors import InputError
+    from core.manifest import Manifest
+
+    spec = Manifest.load(artifacts).iospec
+    assert spec.symbolic_dims() == ["batch", "sequence"] and spec.dims == {"sequence": 16}
+    bound = tp.compute_profile(EngineConfig(max_batch=16), spec)
+    assert bound["input_ids"] == bound["attention_mask"] == {"min": [1, 16], "opt": [8, 16], "max": [16, 16]}
+    ranged = tp.compute_profile(EngineConfig(max_batch=16, dim_ranges={"sequence": (1, 64, 128)}), spec)
+    assert ranged["attention_mask"] == {"min": [1, 1], "opt": [8, 64], "max": [16, 128]}
+    config = eng.create_config({"profiles": [ranged], "tf32": True, "sparse_weights": False})
+    (profile,) = config.profiles
+    assert (profile["input_ids"].min, profile["input_ids"].opt, profile["input_ids"].max) == ((1, 1), (8, 64),
+                                                                                             (16, 128))
+    with pytest.raises(InputError, match=r"'sequence' has no value; give its range with --dim-range sequence="):
+        tp.compute_profile(EngineConfig(), spec.model_copy(update={"dims": {}}))
+
+
+def test_package_and_loadtest_from_the_cli(server: BackgroundServer, artifacts: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(root / "cli.py"), *args], capture_output=True, text=True,
+                              timeout=120, cwd=root)
+
+    proc = cli("package", str(artifacts), "--out", str(tmp_path / "repo"))
+    assert proc.returncode == 0, proc.stderr
+    assert "TYPE_INT64" in (tmp_path / "repo" / MODEL / "config.pbtxt").read_text()
+    proc = cli("loadtest", f"{server.url}/v2/models/{MODEL}", "--concurrency", "2", "--duration", "1",
+               "--warmup", "0", "--max-requests", "10", "--input-shape", "input_ids:1x12,attention_mask:1x12",
+               "--out", str(tmp_path / "lt.json"))
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("loadtest", f"{server.url}/v2/models/{MODEL}", "--duration", "1", "--input-shape",
+               "input_ids:1x12,attention_mask:1x13")
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "error: dim 'dim1' is bound to two values" in proc.stderr, proc.stderr
