@@ -354,14 +354,15 @@ def spec_from_onnx(model: Any) -> IOSpec:
                     dims.append(rename.get(name, name))
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
             out.append(TensorSpec(name=v.name, shape=dims, dtype=dtype,
-                                  **(_input_semantics(v.name, dtype, vocab) if is_input else {})))
+                                  **(input_semantics(v.name, dtype, vocab) if is_input else {})))
         return out
 
     return IOSpec(inputs=tensors(graph_inputs, True), outputs=tensors(model.graph.output, False))
 
 
-def _input_semantics(name: str, dtype: str, vocab: Mapping[str, int]) -> dict[str, Any]:
-    """Random-feed hints from what an input is: ids index an embedding table; masks are ones."""
+def input_semantics(name: str, dtype: str, vocab: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """Random-feed hints from what an input is: ids index an embedding table (``vocab``: input -> rows; without
+    it, ids are small non-negative ints); masks are ones; token type ids zeros."""
     if np.dtype(dtype).kind not in "iu":
         return {}
     lowered = name.lower()
@@ -369,6 +370,8 @@ def _input_semantics(name: str, dtype: str, vocab: Mapping[str, int]) -> dict[st
         return {"fill": "ones"}
     if "token_type" in lowered or "segment" in lowered:
         return {"fill": "zeros"}
+    if vocab is None:
+        return {"int_range": (0, 10)}
     if name in vocab:
         return {"int_range": (0, vocab[name])}
     return {}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import InputError
-from core.iospec import BATCH, IOSpec, TensorSpec
+from core.iospec import BATCH, IOSpec, TensorSpec, input_semantics
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: Response header with the request's queue and model time (``queue;dur=MS, infer;dur=MS``), set by our server.
@@ -225,19 +225,6 @@ def decode_response(body: bytes, header_length: str | None) -> dict[str, np.ndar
     return out
 
 
-def _int_semantics(name: str, dtype: str) -> dict[str, Any]:
-    """What metadata alone says about an integer input: masks are ones, token type ids zeros, anything else
-    (token ids whose vocabulary only --reference knows) small non-negative ints."""
-    if np.dtype(dtype).kind not in "iu":
-        return {}
-    lowered = name.lower()
-    if "mask" in lowered:
-        return {"fill": "ones"}
-    if "token_type" in lowered or "segment" in lowered:
-        return {"fill": "zeros"}
-    return {"int_range": (0, 10)}
-
-
 def spec_from_metadata(meta: dict[str, Any]) -> IOSpec:
     """An IOSpec from KServe v2 model metadata (-1 in the first dim = the batch; another -1 at position i is
     the dim ``dim<i>``, shared by the inputs that have one there)."""
@@ -249,7 +236,7 @@ def spec_from_metadata(meta: dict[str, Any]) -> IOSpec:
             shape: list[int | str] = [BATCH if i == 0 and d == -1 else (d if d >= 0 else f"dim{i}")
                                       for i, d in enumerate(t["shape"])]
             out.append(TensorSpec(name=t["name"], shape=shape, dtype=DATATYPES[t["datatype"]],
-                                  **_int_semantics(t["name"], DATATYPES[t["datatype"]])))
+                                  **input_semantics(t["name"], DATATYPES[t["datatype"]])))
         return out
 
     return IOSpec(inputs=tensors(meta["inputs"]), outputs=tensors(meta.get("outputs", [])))
