@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from convert.context import ConvertContext, parity_batches
+from convert.ort_quant import scratch_cwd
 from convert.validate import Tolerance, validate_onnx
 from core.errors import ToolkitError, ValidationError, first_line
 from core.fsutil import atomic_path
@@ -34,18 +35,20 @@ def looks_like_transformer(model: Any) -> bool:
 
 
 def step_fuse(ctx: ConvertContext) -> None:
-    """Write ``model.fused.onnx`` from ``opt`` when the graph is a transformer and something fuses."""
+    """Write ``model.fused.onnx`` from the plain export (``fp32``) when the graph is a transformer and something
+    fuses. Not from ``opt``: onnxslim's and ONNX Runtime's rewrites break the attention and embedding patterns
+    the optimizer matches (a tiny BERT: Attention x2 + EmbedLayerNormalization from the export, none from opt)."""
     import onnx
 
-    src_name = ctx.best_fp32()
-    src = ctx.out / ctx.manifest.artifacts[src_name].file.path
+    src_name = "fp32" if "fp32" in ctx.manifest.artifacts else ctx.best_fp32()
+    src = (ctx.out / ctx.manifest.artifacts[src_name].file.path).resolve()
     if not looks_like_transformer(onnx.load(str(src), load_external_data=False)):
         return
     from onnxruntime.transformers.optimizer import optimize_model
 
     ctx.log("transformer fusion (onnxruntime.transformers.optimizer: attention, LayerNorm, GELU)")
     try:
-        with contextlib.redirect_stdout(io.StringIO()), _quiet_logs():
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_logs(), scratch_cwd():
             optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
                                        use_gpu=False)
     except Exception as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,16 +49,35 @@ def quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def preprocess_for_quantization(src: Path, out: Path) -> None:
-    """ONNX Runtime's ``quant_pre_process``: symbolic + ONNX shape inference and graph optimization."""
+@contextlib.contextmanager
+def scratch_cwd() -> Iterator[None]:
+    """Run inside a temporary working directory, removed afterwards: ONNX Runtime's symbolic shape inference
+    writes ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data`` into the current directory when it fails, and
+    nothing may be left in the user's folder. Paths given to the tools must be absolute."""
+    with tempfile.TemporaryDirectory(prefix=".onnxkit-scratch-") as tmp, contextlib.chdir(tmp):
+        yield
+
+
+def preprocess_for_quantization(src: Path, out: Path) -> str | None:
+    """ONNX Runtime's ``quant_pre_process``: symbolic + ONNX shape inference and graph optimization. Where the
+    symbolic shape inference cannot finish (e.g. a transformer's mask arithmetic traced by the TorchScript
+    exporter), it is skipped, as ONNX Runtime's docs advise; the returned note says so (None otherwise)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src, out = src.resolve(), out.resolve()
     try:
-        with quiet():
+        with quiet(), scratch_cwd():
             quant_pre_process(str(src), str(out))
+        return None
+    except Exception as exc:
+        first = first_line(exc, with_type=True)
+    try:
+        with quiet(), scratch_cwd():
+            quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
     except Exception as exc:
         raise QuantizeError(f"ONNX Runtime's quantization pre-processing failed on {src.name}: "
                             f"{first_line(exc, with_type=True)}") from exc
+    return f"symbolic shape inference skipped ({first}); ONNX shape inference and optimization ran"
 
 
 def quantizable_op_types(exclude: list[str]) -> list[str]:

@@ -149,7 +149,8 @@ def _open_data(ctx: ConvertContext, cfg: QuantConfig) -> tuple[Source | None, So
 def _prepare(ctx: ConvertContext, cfg: QuantConfig, src: Path, work: Path) -> Path:
     out = work / "prepped.onnx"
     ctx.log("quantization pre-processing (ONNX Runtime quant_pre_process: shape inference, optimization)")
-    preprocess_for_quantization(src, out)
+    if note := preprocess_for_quantization(src, out):
+        ctx.log(f"quantization pre-processing: {note}")
     check_exclusions(out, cfg)
     return out
 
