@@ -96,7 +96,7 @@ def int_list(text: str, what: str) -> list[int]:
 def convert(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="torchvision name (densenet121), path/to/file.py:factory, a TorchScript "
-                                              ".pt, or an .onnx file")],
+                                              ".pt, an .onnx file, or hf:path/to/folder (Hugging Face, needs .[hf])")],
     weights: Annotated[str | None, typer.Option(help="torchvision weights name (needs internet) or a local "
                                                      "state-dict file; default: random init")] = None,
     input_shape: Annotated[str | None, typer.Option(
@@ -106,6 +106,8 @@ def convert(
     sample_inputs: Annotated[str | None, typer.Option(
         help=".npz with one array per input name: the export's sample inputs; their shapes bind the symbolic dims"
     )] = None,
+    task: Annotated[str | None, typer.Option(help="hf: models: the task, e.g. feature-extraction or "
+                                                  "text-classification (default: from the folder's config.json)")] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset")] = 18,
     exporter: Annotated[str, typer.Option(help="torchscript | dynamo")] = "torchscript",
     dynamic_batch: Annotated[bool, typer.Option(help="Symbolic batch dimension")] = True,
@@ -198,7 +200,7 @@ def convert(
 
         export = _export_config(model, weights=weights, input_shape=input_shape, opset=opset, exporter=exporter,
                                 dynamic_batch=dynamic_batch, optimize=optimize, seed=seed,
-                                sample_inputs=sample_inputs)
+                                sample_inputs=sample_inputs, task=task)
         quant = _quant_config(
             ctx, fp16=fp16, int8=int8, int8_dynamic=int8_dynamic,
             calib=_calib_config(calib, size=calib_size, batch=calib_batch, methods=calib_method, resize=size,
@@ -236,7 +238,8 @@ def _flags_given(ctx: typer.Context, params: tuple[str, ...]) -> list[str]:
 
 
 def _export_config(model: str, *, weights: str | None, input_shape: str | None, opset: int, exporter: str,
-                   dynamic_batch: bool, optimize: bool, seed: int, sample_inputs: str | None) -> ExportConfig:
+                   dynamic_batch: bool, optimize: bool, seed: int, sample_inputs: str | None,
+                   task: str | None) -> ExportConfig:
     """What to export: the model, its weights and input shape(s), and the exporter's settings."""
     from convert.config import ExportConfig
     from core.iospec import parse_input_shapes
@@ -247,7 +250,7 @@ def _export_config(model: str, *, weights: str | None, input_shape: str | None, 
     shape: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
     if shapes is not None:
         shape = shapes[None] if None in shapes else {str(k): v for k, v in shapes.items()}
-    return ExportConfig(model=model, weights=weights, input_shape=shape, sample_inputs=sample_inputs,
+    return ExportConfig(model=model, weights=weights, task=task, input_shape=shape, sample_inputs=sample_inputs,
                         opset=opset, exporter=exporter,  # type: ignore[arg-type]
                         dynamic_batch=dynamic_batch, optimize=optimize, seed=seed)
 

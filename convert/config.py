@@ -22,8 +22,9 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="torchvision name, path/to/file.py:factory, TorchScript .pt, or .onnx")
+    model: str = Field(description="torchvision name, path/to/file.py:factory, TorchScript .pt, .onnx, or hf:folder")
     weights: str | None = Field(default=None, description="torchvision weights name or local state-dict file")
+    task: str | None = Field(default=None, description="hf: models: the task (default: from the folder's config)")
     input_shape: tuple[int, ...] | dict[str, tuple[int, ...]] | None = Field(
         default=None, description="One input's shape, e.g. (1, 3, 224, 224), or shapes by input name, e.g. "
                                   "{'input_ids': (1, 16)}: they bind the model's symbolic dims")

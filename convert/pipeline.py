@@ -32,7 +32,7 @@ from core.records import CopyParams, ExportParams, OptimizeParams, WeightsParams
 
 def default_out(model: str) -> Path:
     parts = factory_parts(model)
-    stem = parts[1] if parts else Path(model).stem
+    stem = parts[1] if parts else Path(model.removeprefix("hf:")).stem
     return Path("artifacts") / (stem or "model")
 
 
@@ -146,7 +146,7 @@ def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print) -> tuple
         # clear line where TensorRT or the GPU is missing.
         cfg = cfg.model_copy(update={"quant": with_source_variants(engine, cfg.quant)})
         preflight(engine)
-    loaded = resolve_model(e.model, e.weights, e.seed)
+    loaded = resolve_model(e.model, e.weights, e.seed, task=e.task)
     out = ensure_writable_dir(Path(cfg.out) if cfg.out else default_out(e.model))
     for note in loaded.notes:
         log(note)

@@ -64,7 +64,8 @@ class SourceInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="The MODEL argument as given")
-    kind: Literal["torchvision", "factory", "torchscript", "onnx"]
+    kind: Literal["torchvision", "factory", "torchscript", "onnx", "hf"]
+    task: str | None = Field(default=None, description="A Hugging Face model's task, e.g. feature-extraction")
     weights: str | None = Field(default=None, description="Weights name or file; None = random init")
     weights_note: str = Field(default="", description="Human note, e.g. 'random init (seed 0)'")
     num_classes: int | None = None

@@ -265,11 +265,30 @@ def _torchscript(path: Path, weights: str | None) -> LoadedModel:
     return LoadedModel(source=source, module=module.eval())
 
 
-def resolve_model(spec: str, weights: str | None = None, seed: int = 0) -> LoadedModel:
-    """MODEL -> LoadedModel. Every failure is an ``InputError`` with one clear line."""
+def _hf(spec: str, weights: str | None, task: str | None, seed: int) -> LoadedModel:
+    import torch
+
+    from core.hf import load_hf
+
+    torch.manual_seed(seed)
+    module, task, samples, axes = load_hf(spec, task, weights)
+    source = SourceInfo(model=spec, kind="hf", task=task, weights_note="weights in the Hugging Face folder")
+    return LoadedModel(source=source, module=module, example_inputs=samples, dynamic_axes=axes,
+                       notes=[f"Hugging Face {task} model; inputs, outputs and dynamic axes from Optimum's ONNX config"])
+
+
+def resolve_model(spec: str, weights: str | None = None, seed: int = 0, task: str | None = None) -> LoadedModel:
+    """MODEL -> LoadedModel. Every failure is an ``InputError`` with one clear line. ``task``: a Hugging Face
+    model's task (``hf:`` models only; inferred from the folder when None)."""
+    from core.hf import is_hf
+
     spec = spec.strip()
     if not spec:
         raise InputError("MODEL is empty")
+    if is_hf(spec):
+        return _hf(spec, weights, task, seed)
+    if task is not None:
+        raise InputError("--task is for Hugging Face models (MODEL = hf:path/to/folder)")
     if spec.lower().endswith(".onnx"):
         path = _check_file(Path(spec), "ONNX file")
         _check_onnx_readable(path)
@@ -285,7 +304,12 @@ def resolve_model(spec: str, weights: str | None = None, seed: int = 0) -> Loade
 
 
 def categories_for(source: SourceInfo) -> list[str] | None:
-    """The class names of a torchvision classifier (from its weights' metadata; no download)."""
+    """The class names of a torchvision classifier (from its weights' metadata; no download), or of a Hugging
+    Face classification head (its config's id2label)."""
+    if source.kind == "hf":
+        from core.hf import id2label
+
+        return id2label(source.model)
     if source.kind != "torchvision":
         return None
     import torchvision
@@ -302,7 +326,7 @@ def rebuild_module(source: SourceInfo, state_dict_path: Path | None, seed: int =
     """Rebuild the PyTorch module an artifact folder was exported from (for the eager/TorchScript runners)."""
     if source.kind == "onnx":
         raise InputError("this artifact folder was made from an .onnx file: there is no PyTorch model to run")
-    loaded = resolve_model(source.model, None, seed)
+    loaded = resolve_model(source.model, None, seed, task=source.task)
     if state_dict_path is not None and source.kind != "torchscript":
         apply_state_dict(loaded.module, load_state_dict_file(state_dict_path), str(state_dict_path))
     return loaded.module
