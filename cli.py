@@ -488,6 +488,9 @@ def profile(
     backend: Annotated[str, typer.Option(help="ort | eager | torchscript")] = "ort",
     variant: Annotated[str | None, typer.Option(help="Artifact name (default: opt for ort when present)")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
+    input_shape: Annotated[str | None, typer.Option(
+        help="Values of the inputs' dynamic dims, e.g. input_ids:1x128,attention_mask:1x128 (default: the ones "
+             "convert bound; the batch comes from --batch-size)")] = None,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first")] = 5,
     iters: Annotated[int, typer.Option(min=1, help="Profiled runs")] = 20,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
@@ -503,6 +506,7 @@ def profile(
         if device not in ("cpu", "cuda"):
             raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
         cfg = ProfileConfig(artifact_dir=artifact_dir, backend=backend, variant=variant, batch_size=batch_size,
+                            input_shape=input_shape,
                             warmup=warmup, iters=iters, device=device, threads=threads, out=out,  # type: ignore[arg-type]
                             top=top)
         result = run_profile(cfg, log=log)
@@ -528,6 +532,9 @@ def package(
     max_queue_delay_us: Annotated[int, typer.Option(min=0, help="Dynamic batcher max queue delay (µs)")] = 100,
     instances: Annotated[int, typer.Option(min=1, help="Model instances (instance_group count)")] = 1,
     kind: Annotated[str | None, typer.Option(help="cpu | gpu (default: cpu for ONNX, gpu for plans)")] = None,
+    input_shape: Annotated[str | None, typer.Option(
+        help="Warm-up shapes for Triton (config.pbtxt model_warmup), e.g. input_ids:8x128,attention_mask:8x128: "
+             "Triton runs them before it reports the model ready; the dims stay -1 (dynamic)")] = None,
 ) -> None:
     """Write a Triton model repository (config.pbtxt validated with Triton's schema, MANIFEST.json)."""
     with user_errors():
@@ -543,7 +550,8 @@ def package(
         cfg = PackageConfig(artifact_dir=artifact_dir, out=out, name=name,
                             variants=csv_list(variants, "--variants") if variants else None,
                             max_batch_size=max_batch_size, dynamic_batching=dynamic_batching,
-                            max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind)  # type: ignore[arg-type]
+                            max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind,  # type: ignore[arg-type]
+                            input_shape=input_shape)
         repo, folder = run_package(cfg, log=log)
         out_console.print(f"model repository: {folder} ({', '.join(m.name for m in repo.models)}); "
                           f"check it with `python cli.py verify {folder}`")
@@ -575,6 +583,9 @@ def serve(
                                                help="ONNX Runtime threads spin while idle (off: less CPU when "
                                                     "other processes share the cores)")] = True,
     max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body (MiB)")] = 64.0,
+    input_shape: Annotated[str | None, typer.Option(
+        help="Shapes of the start-up warm-up run, e.g. input_ids:8x128,attention_mask:8x128 (default: the ones "
+             "convert bound, batch 1); requests may use any shape the model accepts")] = None,
 ) -> None:
     """Serve one variant over the KServe v2 / Triton HTTP protocol, with /metrics and micro-batching."""
     with user_errors():
@@ -583,7 +594,7 @@ def serve(
 
         run_serve(ServeConfig(artifact_dir=artifact_dir, variant=variant, host=host, port=port, max_batch=max_batch,
                               max_delay_ms=max_delay_ms, threads=threads, max_body_mb=max_body_mb,
-                              ort_spinning=ort_spinning), log=log)
+                              ort_spinning=ort_spinning, input_shape=input_shape), log=log)
 
 
 @app.command()

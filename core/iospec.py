@@ -305,6 +305,15 @@ def bind_shapes(spec: IOSpec, shapes: Mapping[str | None, tuple[int, ...]]) -> t
     return batch, {d: v for d, (v, _) in values.items()}
 
 
+def apply_input_shapes(spec: IOSpec, text: str | None) -> tuple[IOSpec, int | None]:
+    """``--input-shape`` text applied to ``spec``: (the spec with its symbolic dims bound to the shapes' values,
+    the batch the shapes give, None when they give none). No text: the spec as it is."""
+    if not text:
+        return spec, None
+    batch, dims = bind_shapes(spec, parse_input_shapes(text))
+    return spec.with_dims(dims), batch
+
+
 def feed_digest(feed: dict[str, np.ndarray]) -> str:
     """A short sha256 over names, shapes, dtypes and bytes: proves two backends saw the same inputs."""
     h = hashlib.sha256()

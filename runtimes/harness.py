@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from calibration.pools import InputPool, image_pool, random_pool
 from core.errors import BackendUnavailableError, InputError
-from core.iospec import IOSpec, bind_shapes, feed_digest, parse_input_shapes
+from core.iospec import IOSpec, apply_input_shapes, feed_digest
 from core.manifest import Artifact, Manifest
 from core.metrics import AccuracyStats, LatencyStats, accuracy_stats
 from core.records import TrtQdqParams
@@ -258,9 +258,7 @@ def prepare_bench(cfg: BenchConfig, log: Callable[[str], None]) -> BenchSetup:
 
 def bench_spec(spec: IOSpec, cfg: BenchConfig) -> IOSpec:
     """The artifact's IOSpec with --input-shape's dim values; an unbound dim not swept: one line."""
-    if cfg.input_shape:
-        _, dims = bind_shapes(spec, parse_input_shapes(cfg.input_shape))
-        spec = spec.with_dims(dims)
+    spec, _ = apply_input_shapes(spec, cfg.input_shape)
     spec.with_dims({d: v[0] for d, v in cfg.dims.items() if v})  # unknown names and bad values: one line
     missing = [d for d in spec.unbound_dims() if d not in cfg.dims]
     if missing:

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import InputError
 from core.fsutil import atomic_path, ensure_writable_dir
+from core.iospec import apply_input_shapes
 from core.manifest import Manifest
 from runtimes import RUNNERS
 from runtimes.base import Device, Profiler, Runner, RunnerOptions
@@ -43,6 +44,8 @@ class ProfileConfig(BaseModel):
     backend: str = Field(default="ort", description="ort | eager | torchscript")
     variant: str | None = Field(default=None, description="Artifact name; default for ONNX backends: opt, else fp32")
     batch_size: int = Field(default=1, ge=1)
+    input_shape: str | None = Field(default=None, description="Values of the inputs' dynamic dims, e.g. "
+                                    "input_ids:1x128,attention_mask:1x128 (the batch comes from batch_size)")
     warmup: int = Field(default=5, ge=0, description="Untimed runs before profiling")
     iters: int = Field(default=20, ge=1, description="Profiled runs")
     device: Device = "cpu"
@@ -72,6 +75,7 @@ class ProfileResult(BaseModel):
     precision: str
     device: str
     batch_size: int
+    input_shapes: dict[str, list[int]] = Field(default_factory=dict, description="Every input's profiled shape")
     iters: int
     trace: Path
     op_time_ms: float = Field(description="Summed operator self time over all profiled iterations")
@@ -185,9 +189,14 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] = print) -> Profi
     runner_cls = RUNNERS[cfg.backend]
     trace = cfg.out or Path(cfg.artifact_dir) / "profile" / f"{cfg.backend}_{target.artifact.name}.trace.json"
     ensure_writable_dir(trace.parent)
-    feed = manifest.iospec.random_feed(cfg.batch_size, seed=cfg.seed)
-    log(f"profiling {cfg.backend}:{target.artifact.name} ({target.precision}, {cfg.device}) at batch "
-        f"{cfg.batch_size}: {cfg.warmup} warm-up + {cfg.iters} profiled runs")
+    spec, _ = apply_input_shapes(manifest.iospec, cfg.input_shape)
+    if unbound := spec.unbound_dims():
+        raise InputError(f"the model's dim(s) {', '.join(unbound)} have no value: give them with --input-shape")
+    feed = spec.random_feed(cfg.batch_size, seed=cfg.seed)
+    shapes = {n: list(a.shape) for n, a in feed.items()}
+    log(f"profiling {cfg.backend}:{target.artifact.name} ({target.precision}, {cfg.device}) at "
+        + ", ".join(f"{n} {'x'.join(map(str, v))}" for n, v in shapes.items())
+        + f": {cfg.warmup} warm-up + {cfg.iters} profiled runs")
     with tempfile.TemporaryDirectory(prefix=".profile-", dir=trace.parent) as scratch:
         opts = RunnerOptions(device=cfg.device, threads=cfg.threads, precision=target.precision,
                              ort_profile_prefix=os.path.join(scratch, "ort")
@@ -199,7 +208,8 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] = print) -> Profi
     top3 = {o.op for o in ops[:3]}
     notes = [note for op, note in runner_cls.profile_notes.items() if op in top3]
     return ProfileResult(backend=cfg.backend, variant=target.artifact.name, precision=target.precision,
-                         device=cfg.device, batch_size=cfg.batch_size, iters=cfg.iters, trace=trace,
+                         device=cfg.device, batch_size=cfg.batch_size, input_shapes=shapes, iters=cfg.iters,
+                         trace=trace,
                          op_time_ms=whole, ops=ops, notes=notes)
 
 

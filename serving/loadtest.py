@@ -233,7 +233,7 @@ async def _client(session: Any, target: Target, bodies: list[tuple[bytes, dict[s
 def _feeds(spec: IOSpec, cfg: LoadTestConfig) -> list[dict[str, np.ndarray]]:
     """Random requests: with --reference, from the artifact's own IOSpec (its dims' values, the token ids'
     vocabulary, masks of ones), else from the server's metadata; --input-shape binds dynamic dims."""
-    from core.iospec import bind_shapes, parse_input_shapes
+    from core.iospec import apply_input_shapes
 
     if cfg.reference is not None:
         from core.manifest import Manifest
@@ -241,9 +241,7 @@ def _feeds(spec: IOSpec, cfg: LoadTestConfig) -> list[dict[str, np.ndarray]]:
         known = Manifest.load(cfg.reference).iospec
         if known.input_names == spec.input_names:
             spec = known
-    if cfg.input_shape:
-        _, dims = bind_shapes(spec, parse_input_shapes(cfg.input_shape))
-        spec = spec.with_dims(dims)
+    spec, _ = apply_input_shapes(spec, cfg.input_shape)
     if unbound := spec.unbound_dims():
         raise InputError(f"the model's input dim(s) {', '.join(unbound)} are dynamic: give them values with "
                          f"--input-shape (e.g. {','.join(f'{t.name}:1x16' for t in spec.inputs)}) or --reference "

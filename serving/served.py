@@ -12,24 +12,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import InputError
-from core.iospec import IOSpec
+from core.iospec import IOSpec, apply_input_shapes
 from core.manifest import Artifact, Manifest
 from serving.protocol import (
     InferRequest,
     RequestError,
     datatype_of,
 )
-from serving.triton import (
-    PLATFORMS,
-    ModelOptions,
-    build_model_config,
-    default_variant,
-    load_artifacts,
-    model_base_name,
-    resolve_variants,
-    served_name,
-    triton_dims,
-)
+from serving.triton import default_variant, load_artifacts, model_base_name, resolve_variants, served_name
+from serving.triton_config import PLATFORMS, ModelOptions, build_model_config, triton_dims
 
 VERSION = "1"
 
@@ -51,6 +42,9 @@ class ServeConfig(BaseModel):
                                                          "work: lower latency on free cores, wasted CPU when other "
                                                          "processes share them")
     max_body_mb: float = Field(default=64.0, gt=0, description="Largest request body accepted (MiB)")
+    input_shape: str | None = Field(default=None, description="Shapes of the start-up warm-up run, e.g. "
+                                    "input_ids:8x128,attention_mask:8x128 (default: the ones convert bound, batch 1); "
+                                    "requests may still use any shape the model accepts")
     log_level: str = Field(default="warning", description="uvicorn log level")
 
 
@@ -157,13 +151,16 @@ def load_model(cfg: ServeConfig, log: Callable[[str], None] = print) -> ServedMo
                          f"({onnx_names}); package plans for Triton with `package --format triton`")
     runner = OrtRunner(manifest, base, art, RunnerOptions(device="cpu", threads=cfg.threads,
                                                           ort_spinning=cfg.ort_spinning)).load()
-    runner.infer(manifest.iospec.random_feed(manifest.iospec.fixed_batch() or 1))
+    spec, batch = apply_input_shapes(manifest.iospec, cfg.input_shape)
+    warm = spec.random_feed(batch or spec.fixed_batch() or 1)
+    runner.infer(warm)
     batched = manifest.iospec.dynamic_batch
     options = ModelOptions(max_batch_size=cfg.max_batch if batched else 0,
                            dynamic_batching=batched and cfg.max_batch > 1,
                            max_queue_delay_us=round(cfg.max_delay_ms * 1000))
     name = served_name(model_base_name(manifest), art)
-    log(f"loaded {art.file.path} ({art.precision}) as model {name!r}")
+    log(f"loaded {art.file.path} ({art.precision}) as model {name!r}; warmed up at "
+        + ", ".join(f"{n} {'x'.join(map(str, a.shape))}" for n, a in warm.items()))
     return ServedModel(name=name, manifest=manifest, artifact=art, runner=runner, options=options)
 
 

@@ -15,14 +15,8 @@ from pydantic import ValidationError as PydanticValidationError
 
 from core.errors import InputError, ValidationError
 from core.fsutil import sha256_file
-from serving.triton import (
-    REPO_MANIFEST,
-    REPO_SCHEMA_VERSION,
-    RepoManifest,
-    RepoModel,
-    check_config,
-    parse_config,
-)
+from serving.triton import REPO_MANIFEST, REPO_SCHEMA_VERSION, RepoManifest, RepoModel
+from serving.triton_config import check_config, parse_config
 
 
 class VerifyReport(BaseModel):

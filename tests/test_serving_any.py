@@ -269,3 +269,39 @@ def test_package_and_loadtest_from_the_cli(server: BackgroundServer, artifacts: 
                "input_ids:1x12,attention_mask:1x13")
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
     assert "error: dim 'dim1' is bound to two values" in proc.stderr, proc.stderr
+
+
+def test_input_shape_for_package_profile_and_serve(artifacts: Path, tmp_path: Path) -> None:
+    """--input-shape on package (Triton's model_warmup; dims stay -1), profile (the profiled shapes) and serve
+    (the start-up warm-up shapes); a batch above max_batch_size is one clear error."""
+    from core.errors import InputError
+    from runtimes.profile import ProfileConfig, run_profile
+    from serving.served import load_model
+    from serving.triton import PackageConfig, package
+    from serving.triton_config import check_config, parse_config
+
+    shapes = "input_ids:4x24,attention_mask:4x24"
+    _, repo = package(PackageConfig(artifact_dir=artifacts, out=tmp_path / "repo", input_shape=shapes),
+                      log=lambda _m: None)
+    msg = parse_config(repo / MODEL / "config.pbtxt")
+    assert [list(i.dims) for i in msg.input] == [[-1], [-1]]
+    (warm,) = msg.model_warmup
+    assert warm.batch_size == 4 and set(warm.inputs) == {"input_ids", "attention_mask"}
+    assert all(list(v.dims) == [24] and v.zero_data for v in warm.inputs.values())
+    assert check_config(msg, repo / MODEL) == []
+    del warm.inputs["attention_mask"]
+    assert "does not give every input a concrete shape" in " ".join(check_config(msg, repo / MODEL))
+    with pytest.raises(InputError, match="batch of 16, above max_batch_size 8"):
+        package(PackageConfig(artifact_dir=artifacts, out=tmp_path / "r2", input_shape=shapes.replace("4x", "16x")),
+                log=lambda _m: None)
+    assert not (tmp_path / "r2").exists()
+
+    result = run_profile(ProfileConfig(artifact_dir=artifacts, batch_size=2, input_shape=shapes, warmup=0, iters=2,
+                                       out=tmp_path / "p.trace.json"), log=lambda _m: None)
+    assert result.input_shapes == {"input_ids": [2, 24], "attention_mask": [2, 24]}
+
+    lines: list[str] = []
+    served = load_model(ServeConfig(artifact_dir=artifacts, input_shape="input_ids:3x40,attention_mask:3x40"),
+                        log=lines.append)
+    served.runner.close()
+    assert "warmed up at input_ids 3x40, attention_mask 3x40" in lines[-1]
