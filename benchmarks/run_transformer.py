@@ -1,16 +1,20 @@
 """A small transformer on this CPU: PyTorch eager vs ONNX Runtime (opt) vs ONNX Runtime with the transformer
 optimizer (fused) vs dynamic INT8, at sequence 16 and 128, batch 1 and 8, with each one's cosine vs FP32.
 
-    python benchmarks/run_transformer.py [--rounds 7] [--calls 5]
+    python benchmarks/run_transformer.py [--model bert|fixture] [--size small|base] [--rounds 7] [--calls 5]
 
-The model is tests/fixtures/tiny_transformer.py:build_small (random init: vocabulary 8000, hidden 256,
-4 heads, 4 layers; int64 input_ids + attention_mask, dynamic batch and sequence), converted once with
-``cli.py convert ... --int8-dynamic``. Timing: in each round every backend runs ``--calls`` timed calls in
+``bert`` (default): a random-init Hugging Face BertModel (vocabulary 8000, hidden 256, 4 heads, 4 layers,
+intermediate 1024; int64 input_ids + attention_mask + token_type_ids) saved to the work folder and converted
+through ``hf:`` (needs ``.[hf]``); ``--size base``: BERT-base widths (hidden 768, 12 heads, intermediate 3072),
+still 4 layers. ``fixture``: tests/fixtures/tiny_transformer.py:build_small (same sizes,
+nn.TransformerEncoder: one packed QKV projection). Each is converted once with ``cli.py convert ...
+--int8-dynamic``. Timing: in each round every backend runs ``--calls`` timed calls in
 turn, the order rotated from round to round, ONNX Runtime's thread spinning off (so no session steals
 the cores from the next); a backend's figure is the median over rounds of its per-round p50, with a
 95% bootstrap interval of that median. "Faster" is claimed only when the intervals do not overlap.
 Targets (issue 11): fused at least 1.2x faster than plain ORT at sequence 128; dynamic INT8 faster than
-FP32 on a CPU with VNNI, with embedding cosine >= 0.99. Writes benchmarks/results/transformer_cpu.{json,md}.
+FP32 on a CPU with VNNI, with embedding cosine >= 0.99. Writes benchmarks/results/transformer_cpu.{json,md} (bert, small), transformer_bert_base_cpu.* or
+transformer_fixture_cpu.*.
 """
 
 from __future__ import annotations
@@ -27,8 +31,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, ensure_converted, machine, write
 
-MODEL = f"{ROOT / 'tests' / 'fixtures' / 'tiny_transformer.py'}:build_small"
+FIXTURE = f"{ROOT / 'tests' / 'fixtures' / 'tiny_transformer.py'}:build_small"
 BACKENDS = [("eager", "torch"), ("ort", "opt"), ("ort", "fused"), ("ort", "int8_dynamic")]
+
+
+SIZES = {"small": {"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024},
+         "base": {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072}}
+
+
+def _bert_folder(work: Path, size: str) -> str:
+    """A random-init 4-layer BERT, saved once (seeded) as a Hugging Face folder."""
+    folder = work / "bert-src"
+    if not (folder / "config.json").is_file():
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(vocab_size=8000, num_hidden_layers=4, max_position_embeddings=512,
+                                      **SIZES[size])
+        transformers.BertModel(cfg).save_pretrained(folder)
+    return f"hf:{folder}"
 
 
 def _median_ci(values: list[float], seed: int = 0) -> tuple[float, float, float]:
@@ -120,16 +142,23 @@ def _markdown(payload: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", choices=["bert", "fixture"], default="bert")
+    ap.add_argument("--size", choices=list(SIZES), default="small", help="bert only")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench_transformer"))
     args = ap.parse_args()
     from calibration.cpu import cpu_features
 
-    folder = ensure_converted(MODEL, Path(args.work), ["--int8-dynamic"])
+    if args.model == "fixture" and args.size != "small":
+        ap.error("--size applies to --model bert only")
+    name = {"fixture": "fixture", "bert": "bert" if args.size == "small" else f"bert_{args.size}"}[args.model]
+    work = Path(args.work) / name
+    model = _bert_folder(work, args.size) if args.model == "bert" else FIXTURE
+    folder = ensure_converted(model, work / "converted", ["--int8-dynamic"])
     vnni = cpu_features().vnni
     payload: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "machine": machine(), "vnni": vnni,
-                               "load_avg_before": os.getloadavg(), "model": MODEL, "rounds": args.rounds,
+                               "load_avg_before": os.getloadavg(), "model": model, "rounds": args.rounds,
                                "calls": args.calls, "points": {}}
     for seq in (16, 128):
         for batch in (1, 8):
@@ -140,7 +169,7 @@ def main() -> None:
     payload["fused_ops"] = getattr(fused, "fused_ops", {})
     payload["verdicts"] = _verdicts(payload["points"], vnni)
     payload["load_avg_after"] = os.getloadavg()
-    j, m = write("transformer_cpu", payload, _markdown(payload))
+    j, m = write("transformer_cpu" if name == "bert" else f"transformer_{name}_cpu", payload, _markdown(payload))
     print("\n".join(payload["verdicts"]))
     print(f"wrote {j} and {m}")
 
