@@ -213,7 +213,7 @@ def test_transformer_gets_a_fused_variant_and_a_cnn_does_not(transformer: Path, 
     from core.records import FusionParams
 
     fused = Manifest.load(transformer).artifacts["fused"]
-    assert isinstance(fused.params, FusionParams) and fused.parent == "opt" and fused.status == "ok"
+    assert isinstance(fused.params, FusionParams) and fused.parent == "fp32" and fused.status == "ok"
     assert fused.params.fused_ops.get("SkipLayerNormalization", 0) >= 2 and fused.metrics.checker == "ok"
     assert min(p.cosine for p in fused.metrics.parity.values()) > 0.9999
     domains = {n.domain for n in onnx.load(str(transformer / fused.file.path)).graph.node}
