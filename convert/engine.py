@@ -257,7 +257,7 @@ def _engine_parity(engine: Any, ctx: ConvertContext, source: Artifact,
             feed = ctx.spec.random_feed(b, seed=1234 + b, dims=dims)
             out = runner.infer(feed)
             got = [out[n].copy() for n in ctx.spec.output_names]
-            parity[f"batch_{b}"] = compare_outputs(got, reference(feed))
+            parity[f"batch_{b}"] = compare_outputs(got, reference(feed), ctx.spec.output_names)
     return parity
 
 

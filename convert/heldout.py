@@ -66,16 +66,16 @@ def _rows(feed: dict[str, np.ndarray]) -> int:
 
 
 class HeldOutEvaluator:
-    """Held-out inputs, the FP32 reference's first output on them, and variant statistics against it."""
+    """Held-out inputs, the FP32 reference's outputs on them, and variant statistics against it."""
 
     def __init__(self, data: HeldOutData, batch: int, fixed_batch: int | None = None) -> None:
         self.data = data
         self.batch = fixed_batch or batch
         self.fixed = fixed_batch
-        self.reference: np.ndarray | None = None
+        self.reference: list[np.ndarray] | None = None
         self.labels: np.ndarray | None = None
         self.reference_name = ""
-        self.output_name: str | None = None  # the first output's name: class scores, or not
+        self.output_names: list[str] = []  # class scores, or not, is read from the names too
 
     def _batches(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, int]]:
         """(feed, labels, real rows): a fixed-batch model's short last batch is filled from the first samples."""
@@ -90,20 +90,21 @@ class HeldOutEvaluator:
                 feed = {k: np.concatenate([v, first[k][idx]]) for k, v in feed.items()}
             yield feed, lab, n
 
-    def outputs(self, path: Path, simulate_qdq: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """The first output of ``path`` on every held-out sample, and the labels (``simulate_qdq``: see
+    def outputs(self, path: Path, simulate_qdq: bool = False) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Every output of ``path`` on every held-out sample, and the labels (``simulate_qdq``: see
         ``runtimes.ort.ort_session``)."""
         sess = ort_session(path, simulate_qdq=simulate_qdq)
-        self.output_name = sess.get_outputs()[0].name
-        outs: list[np.ndarray] = []
+        self.output_names = [o.name for o in sess.get_outputs()]
+        outs: list[list[np.ndarray]] = []
         labels: list[np.ndarray] = []
         for feed, lab, n in self._batches():
-            outs.append(np.asarray(sess.run(None, feed)[0], dtype=np.float32)[:n])
+            outs.append([np.asarray(o, dtype=np.float32)[:n] for o in sess.run(None, feed)])
             if lab is not None:
                 labels.append(lab)
         if not outs:
             raise InputError(f"no held-out batch could be run ({self.data.describe()})")
-        return np.concatenate(outs), (np.concatenate(labels) if labels else None)
+        joined = [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+        return joined, (np.concatenate(labels) if labels else None)
 
     def set_reference(self, path: Path, name: str) -> None:
         self.reference, self.labels = self.outputs(path)
@@ -115,7 +116,7 @@ class HeldOutEvaluator:
             raise RuntimeError("set_reference() first")
         got, _ = self.outputs(path, simulate_qdq)
         return accuracy_stats(got, self.reference, self.labels, f"ort:{self.reference_name}:fp32:cpu",
-                              self.output_name)
+                              self.output_names)
 
     def change(self, path: Path) -> AccuracyChange:
         """:meth:`evaluate`, with the inputs named and the drops against FP32 in points."""
@@ -130,4 +131,4 @@ class HeldOutEvaluator:
     def record(self) -> HeldOutRecord:
         """The held-out data, as the manifest keeps it, and how many samples were compared."""
         data = DataRecord.model_validate(self.data.manifest_record())
-        return HeldOutRecord(**data.model_dump(), used=0 if self.reference is None else len(self.reference))
+        return HeldOutRecord(**data.model_dump(), used=0 if self.reference is None else len(self.reference[0]))

@@ -123,18 +123,21 @@ def _parity_at(sess: Any, spec: IOSpec, reference: Reference, at: tuple[int, dic
     except Exception as exc:
         return [f"ONNX Runtime run at {where}: {first_line(exc)}"]
     ref = reference(feed)
-    stats = compare_outputs(got, ref)
-    metrics.parity[key] = stats
-    failures: list[str] = []
     if len(got) != len(ref):
         return [f"parity at {where}: {len(got)} outputs, the reference has {len(ref)}"]
     names = spec.output_names if len(spec.output_names) == len(got) else [f"output {i}" for i in range(len(got))]
+    stats = compare_outputs(got, ref, names)
+    metrics.parity[key] = stats
+    failures: list[str] = []
     for name, g, r in zip(names, got, ref, strict=True):
-        if np.shape(g) != np.shape(r) or not np.allclose(np.asarray(g, np.float64), np.asarray(r, np.float64),
-                                                         atol=tol.atol, rtol=tol.rtol):
-            one = compare_outputs([g], [r])
+        one = stats.per_output[name]
+        if np.shape(g) != np.shape(r):
+            failures.append(f"parity at {where}: {name}: shape {list(np.shape(g))}, the reference's "
+                            f"{list(np.shape(r))}")
+            continue
+        if not np.allclose(np.asarray(g, np.float64), np.asarray(r, np.float64), atol=tol.atol, rtol=tol.rtol):
             failures.append(f"parity at {where}: {name}: max abs err {one.max_abs_err:.3g} exceeds "
                             f"atol {tol.atol:g} + rtol {tol.rtol:g}")
-    if stats.cosine < tol.min_cosine:
-        failures.append(f"parity at {where}: cosine {stats.cosine:.6f} < {tol.min_cosine}")
+        if one.cosine < tol.min_cosine:
+            failures.append(f"parity at {where}: {name}: cosine {one.cosine:.6f} < {tol.min_cosine}")
     return failures

@@ -41,6 +41,16 @@ class LatencyStats(BaseModel):
                    max=float(a.max()), std=float(a.std()), iters=int(a.size))
 
 
+class OutputStats(BaseModel):
+    """How far one output is from its reference."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_abs_err: float
+    mean_abs_err: float
+    cosine: float
+
+
 class AccuracyStats(BaseModel):
     """Agreement of a backend's outputs with the FP32 reference, and accuracy against labels."""
 
@@ -57,10 +67,12 @@ class AccuracyStats(BaseModel):
     top5_acc: float | None = None
     ref_top1_acc: float | None = None
     ref_top5_acc: float | None = None
+    scored_output: str | None = Field(default=None, description="The class-score output top-k were taken from")
+    per_output: dict[str, OutputStats] = Field(default_factory=dict, description="Each output, by name")
 
 
 class ParityStats(BaseModel):
-    """How far outputs are from a reference, worst over every output."""
+    """How far outputs are from a reference, worst over every output, and each output by name."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -68,26 +80,39 @@ class ParityStats(BaseModel):
     max_rel_err: float
     mean_abs_err: float
     cosine: float = Field(description="Minimum cosine similarity over the outputs")
+    per_output: dict[str, OutputStats] = Field(default_factory=dict, description="Each output, by name")
 
 
-def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> ParityStats:
-    """Max abs / max rel / mean abs error and the minimum cosine over all outputs."""
-    max_abs = max_rel = mean_abs = 0.0
-    cos_min = 1.0
-    for g, r in zip(got, ref, strict=True):
-        g64 = np.asarray(g, dtype=np.float64).reshape(-1)
-        r64 = np.asarray(r, dtype=np.float64).reshape(-1)
-        if g64.shape != r64.shape:
-            return ParityStats(max_abs_err=float("inf"), max_rel_err=float("inf"), mean_abs_err=float("inf"),
-                               cosine=0.0)
-        diff = np.abs(g64 - r64)
-        max_abs = max(max_abs, float(diff.max(initial=0.0)))
-        mean_abs = max(mean_abs, float(diff.mean()) if diff.size else 0.0)
-        max_rel = max(max_rel, float((diff / np.maximum(np.abs(r64), 1e-6)).max(initial=0.0)))
-        denom = float(np.linalg.norm(g64) * np.linalg.norm(r64))
-        cos = float(np.dot(g64, r64) / denom) if denom > 0 else float(np.allclose(g64, r64))
-        cos_min = min(cos_min, cos)
-    return ParityStats(max_abs_err=max_abs, max_rel_err=max_rel, mean_abs_err=mean_abs, cosine=cos_min)
+def _one_output(g: np.ndarray, r: np.ndarray) -> tuple[OutputStats, float]:
+    """(stats, max relative error) of one output; a shape mismatch is infinitely far."""
+    g64 = np.asarray(g, dtype=np.float64).reshape(-1)
+    r64 = np.asarray(r, dtype=np.float64).reshape(-1)
+    if np.shape(g) != np.shape(r):
+        return OutputStats(max_abs_err=float("inf"), mean_abs_err=float("inf"), cosine=0.0), float("inf")
+    diff = np.abs(g64 - r64)
+    denom = float(np.linalg.norm(g64) * np.linalg.norm(r64))
+    cos = float(np.dot(g64, r64) / denom) if denom > 0 else float(np.allclose(g64, r64))
+    rel = float((diff / np.maximum(np.abs(r64), 1e-6)).max(initial=0.0))
+    return OutputStats(max_abs_err=float(diff.max(initial=0.0)), mean_abs_err=float(diff.mean()) if diff.size
+                       else 0.0, cosine=cos), rel
+
+
+def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray],
+                    names: Sequence[str] | None = None) -> ParityStats:
+    """Max abs / max rel / mean abs error and the minimum cosine over all outputs; with ``names``, each
+    output's own figures too."""
+    per: dict[str, OutputStats] = {}
+    worst = ParityStats(max_abs_err=0.0, max_rel_err=0.0, mean_abs_err=0.0, cosine=1.0)
+    labels = list(names) if names is not None and len(names) == len(ref) else [f"output_{i}" for i in range(len(ref))]
+    for name, g, r in zip(labels, got, ref, strict=True):
+        one, rel = _one_output(g, r)
+        per[name] = one
+        worst = ParityStats(max_abs_err=max(worst.max_abs_err, one.max_abs_err), max_rel_err=max(worst.max_rel_err, rel),
+                            mean_abs_err=max(worst.mean_abs_err, one.mean_abs_err),
+                            cosine=min(worst.cosine, one.cosine))
+    if names is not None:
+        worst.per_output = per
+    return worst
 
 
 #: Output names that say "not class scores" (a [batch, N] embedding or hidden state is no classifier).
@@ -100,24 +125,30 @@ def is_class_scores(shape: tuple[int, ...], name: str | None = None) -> bool:
     return len(shape) == 2 and shape[1] > 1 and not any(w in lowered for w in _NOT_SCORES)
 
 
-def accuracy_stats(outputs: np.ndarray, ref: np.ndarray, labels: np.ndarray | None, reference: str,
-                   output_name: str | None = None) -> AccuracyStats:
-    """Errors vs the reference (first output); where that output is class scores (see
-    :func:`is_class_scores`), top-k agreement and, with labels, top-k accuracy."""
-    cmp = compare_outputs([outputs], [ref])
-    stats = AccuracyStats(reference=reference, samples=len(ref), max_abs_err=cmp.max_abs_err,
-                          mean_abs_err=cmp.mean_abs_err, cosine=cmp.cosine)
-    if is_class_scores(ref.shape, output_name):
-        k = min(5, ref.shape[1])
-        ref_top1 = ref.argmax(1)
-        got_top1 = outputs.argmax(1)
-        got_topk = np.argsort(-outputs, axis=1)[:, :k]
-        stats.top1_agreement = float((got_top1 == ref_top1).mean())
-        stats.top5_agreement = float(np.mean([ref_top1[i] in got_topk[i] for i in range(len(ref))]))
-        if labels is not None:
-            ref_topk = np.argsort(-ref, axis=1)[:, :k]
-            stats.top1_acc = float((got_top1 == labels).mean())
-            stats.top5_acc = float(np.mean([labels[i] in got_topk[i] for i in range(len(labels))]))
-            stats.ref_top1_acc = float((ref_top1 == labels).mean())
-            stats.ref_top5_acc = float(np.mean([labels[i] in ref_topk[i] for i in range(len(labels))]))
+def accuracy_stats(outputs: Sequence[np.ndarray], ref: Sequence[np.ndarray], labels: np.ndarray | None,
+                   reference: str, output_names: Sequence[str] | None = None) -> AccuracyStats:
+    """Errors vs the reference over every output (worst, and each by name); top-k agreement and, with labels,
+    top-k accuracy from the first output that is class scores (see :func:`is_class_scores`)."""
+    names = list(output_names) if output_names is not None and len(output_names) == len(ref) \
+        else [f"output_{i}" for i in range(len(ref))]
+    cmp = compare_outputs(outputs, ref, names)
+    stats = AccuracyStats(reference=reference, samples=len(ref[0]), max_abs_err=cmp.max_abs_err,
+                          mean_abs_err=cmp.mean_abs_err, cosine=cmp.cosine, per_output=cmp.per_output)
+    scored = next((i for i, (r, n) in enumerate(zip(ref, names, strict=True)) if is_class_scores(r.shape, n)), None)
+    if scored is None or np.shape(outputs[scored]) != np.shape(ref[scored]):
+        return stats
+    got, want = np.asarray(outputs[scored]), np.asarray(ref[scored])
+    stats.scored_output = names[scored]
+    k = min(5, want.shape[1])
+    ref_top1 = want.argmax(1)
+    got_top1 = got.argmax(1)
+    got_topk = np.argsort(-got, axis=1)[:, :k]
+    stats.top1_agreement = float((got_top1 == ref_top1).mean())
+    stats.top5_agreement = float(np.mean([ref_top1[i] in got_topk[i] for i in range(len(want))]))
+    if labels is not None:
+        ref_topk = np.argsort(-want, axis=1)[:, :k]
+        stats.top1_acc = float((got_top1 == labels).mean())
+        stats.top5_acc = float(np.mean([labels[i] in got_topk[i] for i in range(len(labels))]))
+        stats.ref_top1_acc = float((ref_top1 == labels).mean())
+        stats.ref_top5_acc = float(np.mean([labels[i] in ref_topk[i] for i in range(len(labels))]))
     return stats

@@ -161,13 +161,13 @@ def select_targets(manifest: Manifest, cfg: BenchConfig) -> list[Target]:
     return targets
 
 
-def run_pool(runner: Runner, pool: InputPool, chunk: int) -> np.ndarray:
-    """The first output over the whole pool, in batches of ``chunk``. A fixed-batch model gets full
+def run_pool(runner: Runner, pool: InputPool, chunk: int) -> list[np.ndarray]:
+    """Every output over the whole pool, in batches of ``chunk``. A fixed-batch model gets full
     batches (the last one wraps around the pool) and the surplus rows are dropped."""
     fixed = runner.manifest.iospec.fixed_batch() is not None
-    outs = [runner.infer(pool.feed(s, chunk if fixed else min(chunk, pool.size - s)))[0]
+    outs = [runner.infer(pool.feed(s, chunk if fixed else min(chunk, pool.size - s)))
             for s in range(0, pool.size, chunk)]
-    return np.concatenate(outs)[: pool.size]
+    return [np.concatenate([o[i] for o in outs])[: pool.size] for i in range(len(outs[0]))]
 
 
 def interleaved_latency(manifest: Manifest, base: Path, arts: list[Artifact], feed: dict[str, np.ndarray], *,
@@ -221,7 +221,7 @@ class BenchSetup:
     points: list[tuple[int, dict[str, int]]]  # (batch, dim values) of every timed measurement
     feeds: list[dict[str, np.ndarray]]  # one per point
     digests: list[str]
-    ref_out: np.ndarray
+    ref_out: list[np.ndarray]
     ref_label: str
 
 
@@ -318,7 +318,7 @@ def _measure_target(setup: BenchSetup, cfg: BenchConfig, t: Target, runner: Runn
             return []
         load_s = time.perf_counter() - t_load
         acc = accuracy_stats(run_pool(runner, setup.pool, setup.chunk), setup.ref_out, setup.pool.labels,
-                             setup.ref_label, runner.manifest.iospec.output_names[0])
+                             setup.ref_label, runner.manifest.iospec.output_names)
         records = []
         for i, (b, dims) in enumerate(setup.points):
             if progress:

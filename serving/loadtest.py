@@ -316,8 +316,10 @@ def run_loadtest(cfg: LoadTestConfig, reference: Reference | None = None,
         from core.metrics import accuracy_stats
 
         idx = sorted(tally.first_answer)
-        accuracy = accuracy_stats(np.concatenate([tally.first_answer[i][0] for i in idx]),
-                                  np.concatenate([expected[i][0] for i in idx]), None, "in-process reference")
+        count = len(expected[idx[0]])
+        accuracy = accuracy_stats([np.concatenate([tally.first_answer[i][k] for i in idx]) for k in range(count)],
+                                  [np.concatenate([expected[i][k] for i in idx]) for k in range(count)], None,
+                                  "in-process reference", target.spec.output_names)
     lat = LatencyStats.from_samples(tally.latencies_ms)
     results.records.append(BenchRecord(
         model=target.model, backend="http", variant=_param(target.config, "onnxkit_variant") or target.model,

@@ -85,6 +85,8 @@ def test_two_inputs_two_outputs_by_name(tmp_path: Path) -> None:
     assert m.iospec.output_names == ["output_0", "output_1"]
     assert [t.shape for t in m.iospec.outputs] == [[BATCH, 10], [BATCH, 16]]
     assert m.artifacts["opt"].status == "ok"
+    # parity is recorded for every output by name, not only the worst over them
+    assert all(set(p.per_output) == {"output_0", "output_1"} for p in m.artifacts["opt"].metrics.parity.values())
 
 
 def test_onnx_with_symbolic_height_and_width(tmp_path: Path) -> None:

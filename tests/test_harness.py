@@ -44,11 +44,22 @@ def test_every_backend_sees_the_same_inputs_and_agrees(resnet18_artifacts: Path)
 
 def test_accuracy_stats_detects_disagreement() -> None:
     ref = np.array([[0.0, 1.0, 0.5], [2.0, 0.0, 0.1]], np.float32)
-    same = accuracy_stats(ref.copy(), ref, np.array([1, 1]), "ref")
+    same = accuracy_stats([ref.copy()], [ref], np.array([1, 1]), "ref")
     assert same.top1_agreement == 1.0 and same.top1_acc == 0.5 and same.ref_top1_acc == 0.5
-    swapped = accuracy_stats(ref[:, [1, 2, 0]].copy(), ref, None, "ref")
+    swapped = accuracy_stats([ref[:, [1, 2, 0]].copy()], [ref], None, "ref")
     assert swapped.top1_agreement == 0.0 and swapped.top1_acc is None
     assert swapped.max_abs_err == pytest.approx(2.0)
+
+
+def test_accuracy_stats_cover_every_output_by_name() -> None:
+    """A second output that a variant ruins is seen (worst cosine, and by name), and top-k come from the output
+    that is class scores even when it is not the first."""
+    rng = np.random.default_rng(0)
+    emb, logits = rng.standard_normal((8, 16)).astype(np.float32), rng.standard_normal((8, 5)).astype(np.float32)
+    stats = accuracy_stats([emb, -logits], [emb, logits], None, "ref", ["embedding", "logits"])
+    assert stats.per_output["embedding"].cosine == pytest.approx(1.0)
+    assert stats.per_output["logits"].cosine == pytest.approx(-1.0) and stats.cosine == pytest.approx(-1.0)
+    assert stats.scored_output == "logits" and stats.top1_agreement == 0.0
 
 
 def test_labelled_image_folder_gives_accuracy(tmp_path: Path, resnet18_artifacts: Path) -> None:
