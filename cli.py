@@ -365,6 +365,12 @@ def bench(
                                                     "and device->host output copies too")] = False,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="PyTorch: channels_last memory "
                                                                         "format")] = False,
+    rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds: --iters is split over them, every target "
+                                                    "runs once per round in an order rotated each round; the "
+                                                    "spread of the per-round p50s is reported")] = 5,
+    ort_spinning: Annotated[bool, typer.Option("--ort-spinning/--no-ort-spinning",
+                                               help="ONNX Runtime's threads spin while waiting for work (its default, "
+                                                    "what a deployment runs); recorded in the results")] = True,
 ) -> None:
     """Benchmark every backend on the same inputs; check accuracy against the FP32 reference."""
     with user_errors():
@@ -374,7 +380,7 @@ def bench(
                             device=device, threads=threads, data=data, variants=variants,
                             accuracy_samples=accuracy_samples, precisions=precisions,
                             shapes=(input_shape, dims), options={"cuda_graphs": cuda_graphs, "channels_last": channels_last,
-                                     "include_transfers": include_transfers})
+                                     "include_transfers": include_transfers}, timing=(rounds, ort_spinning))
         json_path = out or cfg.artifact_dir / "bench" / "results.json"
         ensure_writable_dir(json_path.parent)
         _render_bench(_run_bench_with_progress(cfg), json_path)
@@ -382,7 +388,8 @@ def bench(
 
 def _bench_config(artifact_dir: Path | None, *, backends: str, batch_sizes: str, warmup: int, iters: int,
                   device: str, threads: int | None, data: Path | None, variants: str | None, accuracy_samples: int,
-                  precisions: str, shapes: tuple[str | None, str | None], options: dict[str, bool]) -> BenchConfig:
+                  precisions: str, shapes: tuple[str | None, str | None], options: dict[str, bool],
+                  timing: tuple[int, bool] = (5, True)) -> BenchConfig:
     """The benchmark request; without ARTIFACT_DIR, the newest folder under artifacts/ (said so)."""
     from runtimes.harness import BenchConfig, resolve_device
 
@@ -396,7 +403,7 @@ def _bench_config(artifact_dir: Path | None, *, backends: str, batch_sizes: str,
                        variants=csv_list(variants, "--variants") if variants else None,
                        accuracy_samples=accuracy_samples, precisions=csv_list(precisions, "--precisions"),
                        input_shape=shapes[0], dims=_parse_dims(shapes[1]) if shapes[1] else {},
-                       options={k: True for k, v in options.items() if v})
+                       options={k: True for k, v in options.items() if v}, rounds=timing[0], ort_spinning=timing[1])
 
 
 def _parse_dims(text: str) -> dict[str, list[int]]:
@@ -411,7 +418,7 @@ def _parse_dims(text: str) -> dict[str, list[int]]:
 
 
 def _run_bench_with_progress(cfg: BenchConfig) -> BenchResults:
-    """run_bench with a transient progress bar: one tick per (target, batch size)."""
+    """run_bench with a transient progress bar: one tick per target loaded, one per point timed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from core.manifest import Manifest
@@ -420,7 +427,7 @@ def _run_bench_with_progress(cfg: BenchConfig) -> BenchResults:
     combos = 1
     for values in cfg.dims.values():
         combos *= len(values)
-    total = len(select_targets(Manifest.load(cfg.artifact_dir), cfg)) * len(cfg.batch_sizes) * combos
+    total = len(select_targets(Manifest.load(cfg.artifact_dir), cfg)) + len(cfg.batch_sizes) * combos
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("benchmark", total=total)

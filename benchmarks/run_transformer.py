@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, ensure_converted, machine, write
+from core.metrics import median_interval
 
 FIXTURE = f"{ROOT / 'tests' / 'fixtures' / 'tiny_transformer.py'}:build_small"
 BACKENDS = [("eager", "torch"), ("ort", "opt"), ("ort", "fused"), ("ort", "int8_dynamic")]
@@ -51,13 +52,6 @@ def _bert_folder(work: Path, size: str) -> str:
                                       **SIZES[size])
         transformers.BertModel(cfg).save_pretrained(folder)
     return f"hf:{folder}"
-
-
-def _median_ci(values: list[float], seed: int = 0) -> tuple[float, float, float]:
-    a = np.asarray(values)
-    rng = np.random.default_rng(seed)
-    boots = np.median(rng.choice(a, size=(2000, len(a)), replace=True), axis=1)
-    return float(np.median(a)), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def _runners(folder: Path) -> list[Any]:
@@ -92,15 +86,20 @@ def measure(folder: Path, batch: int, seq: int, rounds: int, calls: int) -> dict
             r.close()
     out: dict[str, Any] = {}
     for (backend, variant), samples, o in zip(BACKENDS, p50s, outs, strict=True):
-        med, lo, hi = _median_ci(samples)
-        out[f"{backend}:{variant}"] = {"p50_ms": med, "ci95_ms": [lo, hi], "round_p50s_ms": samples,
+        lo, hi = median_interval(samples)
+        out[f"{backend}:{variant}"] = {"p50_ms": float(np.median(samples)), "ci95_ms": [lo, hi], "round_p50s_ms": samples,
                                        "cosine_vs_eager": compare_outputs(o, outs[0]).cosine}
     return out
 
 
 def _faster(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """``a`` faster than ``b``: a's whole interval below b's."""
-    return bool(a["ci95_ms"][1] < b["ci95_ms"][0])
+    """``a`` faster than ``b`` by the rule every comparison uses (``core.metrics.clearly_slower``)."""
+    from core.metrics import LatencyStats, clearly_slower
+
+    def stats(x: dict[str, Any]) -> LatencyStats:
+        return LatencyStats.from_samples(x["round_p50s_ms"], [[v] for v in x["round_p50s_ms"]])
+
+    return clearly_slower(stats(b), stats(a))
 
 
 def _verdicts(points: dict[str, dict[str, Any]], vnni: bool) -> list[str]:

@@ -28,17 +28,53 @@ class LatencyStats(BaseModel):
     max: float
     std: float
     iters: int
+    round_p50s: list[float] = Field(default_factory=list, description="The p50 of each interleaved round")
+    p50_interval: tuple[float, float] | None = Field(
+        default=None, description="95% bootstrap interval of the median of the per-round p50s: the spread two "
+                                  "results are compared by (None: fewer than 3 rounds)")
 
     @classmethod
-    def from_samples(cls, samples_ms: list[float]) -> LatencyStats:
-        import numpy as np
-
+    def from_samples(cls, samples_ms: list[float], rounds: list[list[float]] | None = None) -> LatencyStats:
+        """Percentiles over every sample; with ``rounds`` (the samples of each interleaved round), the
+        per-round p50s and the 95% interval of their median."""
         a = np.asarray(samples_ms, dtype=np.float64)
         if a.size == 0:
             raise ValueError("no latency samples")
         p50, p90, p99 = np.percentile(a, [50, 90, 99])
+        per_round = [float(np.median(r)) for r in rounds or [] if len(r)]
         return cls(p50=float(p50), p90=float(p90), p99=float(p99), mean=float(a.mean()), min=float(a.min()),
-                   max=float(a.max()), std=float(a.std()), iters=int(a.size))
+                   max=float(a.max()), std=float(a.std()), iters=int(a.size), round_p50s=per_round,
+                   p50_interval=median_interval(per_round) if len(per_round) >= 3 else None)
+
+
+def median_interval(values: Sequence[float], seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of the median of ``values`` (2000 resamples, seeded)."""
+    a = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boots = np.median(rng.choice(a, size=(2000, len(a)), replace=True), axis=1)
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail))
+
+
+def latency_differs(a: LatencyStats, b: LatencyStats) -> bool:
+    """Whether two p50s differ beyond the noise: their intervals do not overlap when both were measured in
+    rounds; else (results without intervals) their ratio is outside NOISE_RATIO."""
+    if a.p50_interval is not None and b.p50_interval is not None:
+        return a.p50_interval[0] > b.p50_interval[1] or b.p50_interval[0] > a.p50_interval[1]
+    if a.p50 <= 0 or b.p50 <= 0:
+        return a.p50 != b.p50
+    return not 1 / NOISE_RATIO < a.p50 / b.p50 < NOISE_RATIO
+
+
+def clearly_slower(a: LatencyStats, b: LatencyStats, ratio: float = 1.0) -> bool:
+    """``a`` slower than ``b`` by more than ``ratio`` and beyond the noise: a's p50 over ``ratio`` x b's and,
+    when both were measured in rounds, a's whole interval above b's (the regression gate's rule; without
+    intervals the caller's ``ratio`` is the only margin)."""
+    if a.p50 <= ratio * b.p50:
+        return False
+    if a.p50_interval is None or b.p50_interval is None:
+        return True
+    return a.p50_interval[0] > b.p50_interval[1]
 
 
 class OutputStats(BaseModel):

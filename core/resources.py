@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 
 def cuda_problem() -> str | None:
@@ -46,18 +42,3 @@ class ResourceSampler:
         self._stop.set()
         self._thread.join()
         self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
-
-
-@contextmanager
-def cpu_meter() -> Iterator[dict[str, float]]:
-    """Process CPU time over the block as % of all cores."""
-    import psutil
-
-    proc = psutil.Process()
-    box: dict[str, float] = {}
-    t0, c0 = time.perf_counter(), proc.cpu_times()
-    yield box
-    wall = time.perf_counter() - t0
-    c1 = proc.cpu_times()
-    used = (c1.user - c0.user) + (c1.system - c0.system)
-    box["cpu_util"] = 100.0 * used / max(wall, 1e-9) / (os.cpu_count() or 1)

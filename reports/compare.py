@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import InputError, ValidationError
+from core.metrics import clearly_slower
 from reports.models import BenchRecord, BenchResults
 
 RowKey = tuple[str, str, str, str, str, int, str]
@@ -131,14 +132,15 @@ class Comparison:
         return [r.label for r in self.runs]
 
     def regressions(self, threshold_pct: float) -> list[Regression]:
-        """Every (row, run) whose p50 latency is more than ``threshold_pct`` % above the baseline's."""
+        """Every (row, run) whose p50 latency is more than ``threshold_pct`` % above the baseline's and beyond
+        the noise (their round intervals do not overlap: ``core.metrics.clearly_slower``)."""
         out: list[Regression] = []
         for row in self.rows:
             base = row.base
             if base is None:
                 continue
             for run, rec in zip(self.runs[1:], row.records[1:], strict=True):
-                if rec is not None and rec.latency_ms.p50 > base.latency_ms.p50 * (1.0 + threshold_pct / 100.0):
+                if rec is not None and clearly_slower(rec.latency_ms, base.latency_ms, 1.0 + threshold_pct / 100.0):
                     out.append(Regression(key=row.key, run=run.label, base_ms=base.latency_ms.p50,
                                           new_ms=rec.latency_ms.p50))
         return out

@@ -33,10 +33,13 @@ class BenchRecord(BaseModel):
     batch_size: int
     latency_ms: LatencyStats
     throughput: float = Field(description="Samples per second = batch_size / mean latency")
-    ram_mb: float | None = Field(default=None, description="Peak process RSS during load + run (MB)")
-    ram_delta_mb: float | None = Field(default=None, description="Peak RSS minus RSS before load (MB)")
+    ram_mb: float | None = Field(default=None, description="Peak process RSS while this target loaded and ran the "
+                                                           "accuracy pool (targets loaded before it stay loaded) (MB)")
+    ram_delta_mb: float | None = Field(default=None, description="That peak minus the RSS before its load: this "
+                                                                 "target's own memory (MB)")
     vram_mb: float | None = Field(default=None, description="Peak GPU memory (MB)")
-    cpu_util: float | None = Field(default=None, description="Process CPU use over the timed loop, % of all cores")
+    cpu_util: float | None = Field(default=None, description="Process CPU use over the timed blocks, % of the CPUs "
+                                                             "the process may use (its affinity)")
     gpu_util: float | None = Field(default=None, description="Mean GPU utilisation over the timed loop (%)")
     model_size_mb: float | None = None
     load_s: float | None = None

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.metrics import NOISE_RATIO
+from core.metrics import LatencyStats, latency_differs
 from reports.compare import record_label
 from reports.models import BenchRecord, BenchResults
 from reports.pareto import AccuracyMetric, accuracy_metric
@@ -66,12 +66,12 @@ def cpu_int8_reason(machine: dict[str, Any], slower: bool) -> str:
     return f" (the CPU has {have})" if have else " even without VNNI"
 
 
-def _speed(a: float, b: float) -> str:
-    """'1.30x faster' / '1.30x slower' / 'within noise' for latencies a vs b."""
-    if b <= 0 or a <= 0:
+def _speed(a: LatencyStats, b: LatencyStats) -> str:
+    """'1.30x faster' / '1.30x slower' / 'within noise' for latencies a vs b (core.metrics.latency_differs)."""
+    if b.p50 <= 0 or a.p50 <= 0:
         return "not comparable"
-    ratio = b / a
-    if 1 / NOISE_RATIO < ratio < NOISE_RATIO:
+    ratio = b.p50 / a.p50
+    if not latency_differs(a, b):
         return f"within noise ({abs(ratio - 1) * 100:.0f}%) of"
     return f"{ratio:.2f}x faster than" if ratio > 1 else f"{1 / ratio:.2f}x slower than"
 
@@ -89,7 +89,7 @@ def _precision_statements(recs: Sequence[BenchRecord], device: str, machine: dic
         a, b = r.latency_ms.p50, base.latency_ms.p50
         ratio = a / b if b > 0 else 1.0
         where = "on this CPU" if device == "cpu" else f"on this {device.upper()} device"
-        if 1 / NOISE_RATIO < ratio < NOISE_RATIO:
+        if not latency_differs(r.latency_ms, base.latency_ms):
             text = f"{r.backend}: {precision_name(r)} ({r.variant}) is as fast as FP32 ({base.variant}) {where}"
         else:
             verb = "slower" if ratio > 1 else "faster"
@@ -97,7 +97,7 @@ def _precision_statements(recs: Sequence[BenchRecord], device: str, machine: dic
             text = (f"{r.backend}: {precision_name(r)} ({r.variant}) is {factor:.2f}x {verb} than FP32 "
                     f"({base.variant}) {where}")
         if r.precision == "int8" and device == "cpu":
-            text += cpu_int8_reason(machine, slower=ratio >= 1 / NOISE_RATIO)
+            text += cpu_int8_reason(machine, slower=not (a < b and latency_differs(r.latency_ms, base.latency_ms)))
         out.append(f"{text}: p50 {a:.3f} ms vs {b:.3f} ms at batch {r.batch_size}.")
     return out
 
@@ -146,13 +146,13 @@ def _recommend_group(results: BenchResults, recs: list[BenchRecord], budget: flo
               f"{best.latency_ms.p50:.3f} ms, {best.throughput:.1f} samples/s.")
     nxt = eligible[1] if len(eligible) > 1 else None
     if nxt is not None:
-        ev.append(f"It is {_speed(best.latency_ms.p50, nxt.latency_ms.p50)} the next one, {record_label(nxt)} "
+        ev.append(f"It is {_speed(best.latency_ms, nxt.latency_ms)} the next one, {record_label(nxt)} "
                   f"(p50 {nxt.latency_ms.p50:.3f} ms)"
-                  + (": re-run with more --iters before choosing between them." if
-                     nxt.latency_ms.p50 < best.latency_ms.p50 * NOISE_RATIO else "."))
+                  + (": re-run with more --iters and --rounds before choosing between them." if
+                     not latency_differs(best.latency_ms, nxt.latency_ms) else "."))
     baseline = next((r for r in at_batch if r.backend == "eager" and r.precision == "fp32"), None)
     if baseline is not None and baseline is not best and baseline is not nxt:
-        ev.append(f"It is {_speed(best.latency_ms.p50, baseline.latency_ms.p50)} PyTorch eager FP32 "
+        ev.append(f"It is {_speed(best.latency_ms, baseline.latency_ms)} PyTorch eager FP32 "
                   f"(p50 {baseline.latency_ms.p50:.3f} ms).")
     d = metric.drop(best)
     ev.append(f"Accuracy: {metric.label} {metric.value(best):.3f} against {metric.reference(best):.3f} for the "

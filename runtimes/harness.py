@@ -1,7 +1,9 @@
 """The benchmark harness: every backend, the same inputs, the same reference, the same timer.
 
-For each (backend, variant) it loads a runner once, checks its outputs on the accuracy pool
-against the FP32 reference, then times every batch size on the exact same feeds.
+Every (backend, variant) is loaded once and its outputs on the accuracy pool checked against the FP32
+reference; then, for each batch size (and swept dim value), all of them are timed on the exact same feed
+in interleaved rounds with the order rotated (``runtimes.timing``), so the order they run in cannot decide
+which is faster, and each p50 comes with the spread of its rounds.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from core.iospec import IOSpec, apply_input_shapes, feed_digest
 from core.manifest import Artifact, Manifest
 from core.metrics import AccuracyStats, LatencyStats, accuracy_stats
 from core.records import TrtQdqParams
-from core.resources import ResourceSampler, cpu_meter
+from core.resources import ResourceSampler
 from reports.models import BenchRecord, BenchResults
 from runtimes import RUNNERS
 from runtimes.base import Device, Runner, RunnerOptions
+from runtimes.timing import interleaved
 
 if TYPE_CHECKING:
     from runtimes.gpu import NvmlSampler
@@ -55,6 +58,12 @@ class BenchConfig(BaseModel):
                                                                          "swept, e.g. {'sequence': [16, 128]}")
     seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict, description="Extra RunnerOptions fields")
+    rounds: int = Field(default=5, ge=1, description="Interleaved rounds the timed iterations are split over; "
+                                                     "the order of the targets rotates each round")
+    round_warmup: int = Field(default=1, ge=0, description="Untimed calls at the start of every round's block")
+    ort_spinning: bool = Field(default=True, description="ONNX Runtime's intra-op threads spin while waiting "
+                                                         "for work (its default, what a deployment runs); recorded "
+                                                         "in the results")
 
 
 @dataclass
@@ -276,55 +285,67 @@ def bench_points(spec: IOSpec, cfg: BenchConfig) -> list[tuple[int, dict[str, in
     return [(b, c) for b in cfg.batch_sizes for c in combos]
 
 
-def _time_batch(runner: Runner, setup: BenchSetup, cfg: BenchConfig, t: Target, i: int, *, load_s: float,
-                acc: AccuracyStats, sampler: ResourceSampler, gpu: NvmlSampler) -> BenchRecord:
-    """Time ``runner`` on the feed of point ``i`` (a batch size and dim values): one record."""
-    b, dims = setup.points[i]
-    feed = setup.feeds[i]
-    prepared = runner.prepare(feed)
-    mark = gpu.mark()
-    with cpu_meter() as cpu:
-        samples = runner.time_iterations(prepared, cfg.warmup, cfg.iters)
-    lat = LatencyStats.from_samples(samples)
-    mem = {"vram_mb": gpu.growth_mb, "gpu_util": gpu.util_since(mark)} | runner.memory_stats()
-    return BenchRecord(
-        model=setup.manifest.source.model, backend=t.backend, variant=t.artifact.name, precision=t.precision,
-        device=cfg.device, batch_size=b, latency_ms=lat, throughput=b / (lat.mean / 1e3),
-        ram_mb=sampler.peak_rss / 2**20, ram_delta_mb=(sampler.peak_rss - sampler.baseline_rss) / 2**20,
-        vram_mb=mem.get("vram_mb"), gpu_util=mem.get("gpu_util"), cpu_util=cpu.get("cpu_util"),
-        model_size_mb=t.artifact.file.size_bytes / 2**20, load_s=load_s, input_digest=setup.digests[i],
-        accuracy=acc, dims=dims, input_shapes={n: list(a.shape) for n, a in feed.items()},
-    )
+@dataclass
+class Loaded:
+    """A target loaded for the timing rounds, with what was measured while loading it."""
+
+    target: Target
+    runner: Runner
+    load_s: float
+    accuracy: AccuracyStats
+    ram_mb: float
+    ram_delta_mb: float
+    vram_mb: float | None
 
 
-def _measure_target(setup: BenchSetup, cfg: BenchConfig, t: Target, runner: Runner, skip: Callable[[str], None],
-                    progress: Callable[[str], None] | None) -> list[BenchRecord]:
-    """Load ``runner``, check its outputs on the pool against the reference, then time every batch size.
-
-    A backend that cannot load here (BackendUnavailableError from ``load()``) is reported to ``skip`` and
-    gives no records. The runner is closed whatever happens, a failed ``load()`` included.
-    """
+def _load_target(setup: BenchSetup, t: Target, runner: Runner, skip: Callable[[str], None],
+                 device: Device) -> Loaded | None:
+    """Load ``runner`` and check its outputs on the pool against the reference; the RSS sampler runs only
+    here, never during timed calls. A backend that cannot load here (BackendUnavailableError) is reported to
+    ``skip`` and gives None."""
     from runtimes.gpu import NvmlSampler
 
-    sampler = ResourceSampler()
-    # GPU utilisation per timed loop and device memory growth since before load (NVML, optional).
-    gpu = NvmlSampler(enabled=cfg.device == "cuda")
-    with sampler, gpu, contextlib.closing(runner):
+    with ResourceSampler() as sampler, NvmlSampler(enabled=device == "cuda") as gpu:
         t_load = time.perf_counter()
         try:
             runner.load()
         except BackendUnavailableError as exc:
             skip(str(exc))
-            return []
+            return None
         load_s = time.perf_counter() - t_load
         acc = accuracy_stats(run_pool(runner, setup.pool, setup.chunk), setup.ref_out, setup.pool.labels,
                              setup.ref_label, runner.manifest.iospec.output_names)
-        records = []
-        for i, (b, dims) in enumerate(setup.points):
-            if progress:
-                progress(f"{runner.label} {t.precision} batch {b}" + "".join(f" {d} {v}" for d, v in dims.items()))
-            records.append(_time_batch(runner, setup, cfg, t, i, load_s=load_s, acc=acc, sampler=sampler, gpu=gpu))
-        return records
+    return Loaded(target=t, runner=runner, load_s=load_s, accuracy=acc, ram_mb=sampler.peak_rss / 2**20,
+                  ram_delta_mb=(sampler.peak_rss - sampler.baseline_rss) / 2**20, vram_mb=gpu.growth_mb)
+
+
+def _time_point(setup: BenchSetup, cfg: BenchConfig, loaded: list[Loaded], i: int,
+                gpu: NvmlSampler) -> list[BenchRecord]:
+    """Every loaded target on the feed of point ``i`` (a batch size and dim values), interleaved: one record
+    each."""
+    b, dims = setup.points[i]
+    feed = setup.feeds[i]
+    prepared = [x.runner.prepare(feed) for x in loaded]
+
+    def window() -> Callable[[], float | None]:
+        mark = gpu.mark()
+        return lambda: gpu.util_since(mark)
+
+    timed = interleaved([x.runner for x in loaded], prepared, warmup=cfg.warmup, iters=cfg.iters, rounds=cfg.rounds,
+                        block_warmup=cfg.round_warmup, gpu_util=window if gpu.available else None)
+    records = []
+    for x, tm in zip(loaded, timed, strict=True):
+        lat = LatencyStats.from_samples(tm.samples, tm.rounds)
+        t = x.target
+        records.append(BenchRecord(
+            model=setup.manifest.source.model, backend=t.backend, variant=t.artifact.name, precision=t.precision,
+            device=cfg.device, batch_size=b, latency_ms=lat, throughput=b / (lat.mean / 1e3),
+            ram_mb=x.ram_mb, ram_delta_mb=x.ram_delta_mb, cpu_util=tm.cpu_util,
+            vram_mb=x.runner.memory_stats().get("vram_mb", x.vram_mb),
+            gpu_util=sum(tm.gpu_util) / len(tm.gpu_util) if tm.gpu_util else None,
+            model_size_mb=t.artifact.file.size_bytes / 2**20, load_s=x.load_s, input_digest=setup.digests[i],
+            accuracy=x.accuracy, dims=dims, input_shapes={n: list(a.shape) for n, a in feed.items()}))
+    return records
 
 
 def _skipped(results: BenchResults, log: Callable[[str], None], label: str, precision: str, why: str) -> None:
@@ -334,17 +355,33 @@ def _skipped(results: BenchResults, log: Callable[[str], None], label: str, prec
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
               progress: Callable[[str], None] | None = None) -> BenchResults:
-    """Measure every target on every batch size; see the module docstring. A target whose backend cannot
-    load here is skipped with a warning; the others are still measured."""
+    """Load every target (checking its accuracy), then time all of them point by point in interleaved
+    rounds (``runtimes.timing``); see the module docstring. A target whose backend cannot load here is
+    skipped with a warning; the others are still measured."""
+    from runtimes.gpu import NvmlSampler
+
     setup = prepare_bench(cfg, log)
     results = BenchResults(model=setup.manifest.source.model, artifact_dir=str(setup.base),
                            config=cfg.model_dump(mode="json") | {"inputs": setup.pool.source})
     extra_opts = RunnerOptions(**cfg.options) if cfg.options else RunnerOptions()
-    for t in setup.targets:
-        opts = extra_opts.model_copy(update={"device": cfg.device, "threads": cfg.threads, "precision": t.precision})
-        runner = RUNNERS[t.backend](setup.manifest, setup.base, t.artifact, opts)
-        skip = functools.partial(_skipped, results, log, runner.label, t.precision)
-        results.records.extend(_measure_target(setup, cfg, t, runner, skip, progress))
-    if not results.records:
-        raise BackendUnavailableError("no backend could be measured: " + "; ".join(results.warnings))
+    with contextlib.ExitStack() as stack:
+        loaded: list[Loaded] = []
+        for t in setup.targets:
+            opts = extra_opts.model_copy(update={"device": cfg.device, "threads": cfg.threads, "precision": t.precision,
+                                                 "ort_spinning": cfg.ort_spinning})
+            runner = RUNNERS[t.backend](setup.manifest, setup.base, t.artifact, opts)
+            stack.callback(runner.close)
+            if progress:
+                progress(f"loading {runner.label} {t.precision}")
+            skip = functools.partial(_skipped, results, log, runner.label, t.precision)
+            if (got := _load_target(setup, t, runner, skip, cfg.device)) is not None:
+                loaded.append(got)
+        if not loaded:
+            raise BackendUnavailableError("no backend could be measured: " + "; ".join(results.warnings))
+        gpu = stack.enter_context(NvmlSampler(enabled=cfg.device == "cuda"))
+        for i, (b, dims) in enumerate(setup.points):
+            if progress:
+                progress(f"batch {b}" + "".join(f" {d} {v}" for d, v in dims.items()) +
+                         f": {len(loaded)} targets x {cfg.rounds} rounds")
+            results.records.extend(_time_point(setup, cfg, loaded, i, gpu))
     return results

@@ -44,6 +44,7 @@ class TorchRunnerBase(Runner):
     profiler = "torch"
 
     module: Any = None
+    _threads_before: int | None = None
     #: Whether ``--cuda-graphs`` applies (eager only: TorchScript's profiling executor re-specialises).
     supports_cuda_graphs: ClassVar[bool] = False
     _graphs: dict[tuple[tuple[int, ...], ...], TorchFeed]
@@ -62,6 +63,7 @@ class TorchRunnerBase(Runner):
         import torch
 
         if self.options.threads:
+            self._threads_before = torch.get_num_threads()  # restored on close: the process's setting, not ours
             torch.set_num_threads(self.options.threads)
         if self.options.device == "cuda" and (why := cuda_problem()):
             raise BackendUnavailableError(f"{self.name} on cuda: {why}")
@@ -177,11 +179,14 @@ class TorchRunnerBase(Runner):
         return {"vram_mb": peak_allocated_mb()}
 
     def _close(self) -> None:
+        import torch
+
         self.module = None
         self._graphs = {}
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
         if self.options.device == "cuda":
-            import torch
-
             torch.cuda.empty_cache()
 
 

@@ -1,0 +1,81 @@
+"""Interleaved timing: every candidate measured in the same rounds, in an order rotated from round to round.
+
+Measured one after another, the candidate that runs first meets a different machine (caches, clocks, other
+processes on a shared CPU) from the one that runs last, and the order decides the winner. Here each round
+gives every candidate one block of timed calls, the order rotated by one each round, so a slow stretch of
+the machine falls on all of them alike; the spread of the per-round p50s is the result's noise
+(``LatencyStats.p50_interval``). Each block starts with untimed calls (``block_warmup``): with ONNX
+Runtime's thread spinning on, the session that ran just before keeps its threads spinning for a moment and
+would steal the cores from the first calls of the next block. Nothing else runs in this process while a
+block is timed (no sampler thread): CPU time is read between blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtimes.base import Runner
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), not every CPU of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Timed:
+    """One candidate's samples: per round, the latencies (ms) of its timed calls; its CPU and wall time."""
+
+    rounds: list[list[float]] = field(default_factory=list)
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    gpu_util: list[float] = field(default_factory=list)
+
+    @property
+    def samples(self) -> list[float]:
+        return [x for r in self.rounds for x in r]
+
+    @property
+    def cpu_util(self) -> float | None:
+        """Process CPU time over the timed blocks, % of the CPUs the process may use."""
+        return 100.0 * self.cpu_s / self.wall_s / usable_cpus() if self.wall_s > 0 else None
+
+
+def split_iters(iters: int, rounds: int) -> list[int]:
+    """``iters`` timed calls over ``rounds`` rounds, as evenly as possible (no empty round)."""
+    rounds = max(1, min(rounds, iters))
+    return [iters // rounds + (1 if i < iters % rounds else 0) for i in range(rounds)]
+
+
+def interleaved(runners: Sequence[Runner], prepared: Sequence[Any], *, warmup: int, iters: int, rounds: int,
+                block_warmup: int = 1, gpu_util: Callable[[], Callable[[], float | None]] | None = None) -> list[Timed]:
+    """Time every runner on its prepared feed in ``rounds`` interleaved rounds (see the module docstring).
+
+    ``warmup`` untimed calls each first; then per round one block per runner: ``block_warmup`` untimed
+    calls and its share of ``iters`` timed ones. ``gpu_util``: starts a GPU utilisation window and returns
+    the function that reads it (NVML), or None on CPU.
+    """
+    for r, p in zip(runners, prepared, strict=True):
+        r.time_iterations(p, warmup, 0)
+    out = [Timed() for _ in runners]
+    n = len(runners)
+    for k, count in enumerate(split_iters(iters, rounds)):
+        for j in range(n):
+            i = (k + j) % n
+            window = gpu_util() if gpu_util else None
+            c0, t0 = time.process_time(), time.perf_counter()  # process CPU time: every thread, ns resolution
+            samples = runners[i].time_iterations(prepared[i], block_warmup, count)
+            c1, t1 = time.process_time(), time.perf_counter()
+            out[i].rounds.append(samples)
+            out[i].cpu_s += c1 - c0
+            out[i].wall_s += t1 - t0
+            if window is not None and (u := window()) is not None:
+                out[i].gpu_util.append(u)
+    return out

@@ -1,0 +1,85 @@
+"""Interleaved timing: rounds with the order rotated, the spread of the rounds, and the one rule that calls two
+results different."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from core.metrics import LatencyStats, clearly_slower, median_interval
+from runtimes.base import Runner, RunnerOptions
+from runtimes.timing import interleaved, split_iters
+
+
+class _Sleeper(Runner):
+    """A runner whose call sleeps a fixed time and logs when it ran: it tests the scheduler, not a runtime."""
+
+    name = "sleeper"
+
+    def __init__(self, tag: str, sleep_s: float, log: list[str]) -> None:
+        self.tag, self.sleep_s, self.log = tag, sleep_s, log
+        self.options = RunnerOptions()
+
+    def run_once(self, prepared: Any) -> None:
+        self.log.append(self.tag)
+        time.sleep(self.sleep_s)
+
+
+def test_rounds_rotate_the_order_and_split_the_iterations() -> None:
+    log: list[str] = []
+    runners = [_Sleeper(t, 0.0005, log) for t in "abc"]
+    timed = interleaved(runners, [None] * 3, warmup=1, iters=10, rounds=3, block_warmup=1)
+    assert split_iters(10, 3) == [4, 3, 3] and split_iters(2, 5) == [1, 1]
+    assert [len(r) for r in timed[0].rounds] == [4, 3, 3] and all(len(t.samples) == 10 for t in timed)
+    blocks = [log[i] for i in range(3, len(log)) if i == 3 or log[i] != log[i - 1]]  # after the warm-ups
+    assert blocks == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each round starts one later
+    assert all(x >= 0.4 for t in timed for x in t.samples)  # ms: the sleeps were timed
+    assert all(t.cpu_util is not None and t.cpu_util < 50 for t in timed)  # sleeping uses no CPU
+
+
+def test_a_slow_stretch_falls_on_every_candidate_alike() -> None:
+    """Run one after another, the candidate timed during a slow stretch of the machine looks slower; in
+    rotated rounds the stretch is shared, and two equal candidates stay within their intervals."""
+    log: list[str] = []
+    slow_until = time.perf_counter() + 0.15
+
+    class _Machine(_Sleeper):
+        def run_once(self, prepared: Any) -> None:
+            time.sleep(self.sleep_s * (4 if time.perf_counter() < slow_until else 1))
+
+    a, b = _Machine("a", 0.002, log), _Machine("b", 0.002, log)
+    ta, tb = interleaved([a, b], [None, None], warmup=0, iters=60, rounds=6, block_warmup=0)
+    sa, sb = LatencyStats.from_samples(ta.samples, ta.rounds), LatencyStats.from_samples(tb.samples, tb.rounds)
+    assert not clearly_slower(sa, sb) and not clearly_slower(sb, sa)
+
+
+def test_interval_rule() -> None:
+    def stats(p50: float, lo: float, hi: float) -> LatencyStats:
+        return LatencyStats(p50=p50, p90=p50, p99=p50, mean=p50, min=p50, max=p50, std=0, iters=10,
+                            p50_interval=(lo, hi))
+
+    assert clearly_slower(stats(12, 11.5, 12.5), stats(10, 9.5, 10.5), ratio=1.1)
+    assert not clearly_slower(stats(12, 9.0, 13.0), stats(10, 9.5, 10.5), ratio=1.1)  # intervals overlap
+    assert not clearly_slower(stats(10.5, 10.4, 10.6), stats(10, 9.9, 10.1), ratio=1.1)  # under the ratio
+    lo, hi = median_interval([10.0, 10.2, 9.9, 10.1, 10.0])
+    assert 9.9 <= lo <= 10.0 <= hi <= 10.2
+    assert LatencyStats.from_samples([1.0, 2.0], [[1.0], [2.0]]).p50_interval is None  # < 3 rounds: no interval
+
+
+def test_bench_records_rounds_spinning_and_restores_torch_threads(tiny_artifacts: Path) -> None:
+    import torch
+
+    from runtimes.harness import BenchConfig, run_bench
+
+    before = torch.get_num_threads()
+    res = run_bench(BenchConfig(artifact_dir=tiny_artifacts, backends=["eager", "ort"], batch_sizes=[1], warmup=1,
+                                iters=8, rounds=4, threads=1, ort_spinning=False, accuracy_samples=4),
+                    log=lambda _m: None)
+    assert torch.get_num_threads() == before
+    assert res.config["ort_spinning"] is False and res.config["rounds"] == 4
+    for r in res.records:
+        assert len(r.latency_ms.round_p50s) == 4 and r.latency_ms.iters == 8
+        lo, hi = r.latency_ms.p50_interval or (0, 0)
+        assert 0 < lo <= hi
+        assert r.cpu_util is not None and 0 < r.cpu_util <= 105  # % of the CPUs the process may use
