@@ -3,9 +3,10 @@
 
     python benchmarks/run_gpu.py [--models resnet50,densenet121,vit_b_16] [--batch-sizes 1,8,32] [--iters 100]
 
-Writes benchmarks/results/gpu_<GPU name>.{json,md}. The reference to compare with: a published
-T4 study measured eager FP16 at 2.14x the FP32 throughput for ResNet-50 at batch 32, and 4.24x for
-ViT-B/16; the same ratios are computed here for this GPU. Weights are random (no download), which
+Writes benchmarks/results/gpu_<GPU name>.{json,md}. The reference to compare with: the T4 study this
+project grew from, as quoted in the project's issue 15 ("The study this project grew from measured, on a T4,
+FP16 eager at 2.14x the FP32 throughput for ResNet-50 at batch 32 and 4.24x for ViT-B/16"; the issue does
+not name the publication, so neither can we); the same ratios are computed here for this GPU. Weights are random (no download), which
 does not change the timings. Exits with status 2 and one line when no CUDA GPU is visible.
 """
 
@@ -21,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, machine, write
 
-#: FP16 / FP32 eager throughput at batch 32 on a T4, from the published study this issue cites.
+#: FP16 / FP32 eager throughput at batch 32 on a T4: the figures issue 15 quotes from the study the project grew
+#: from (not measured by this repository; shown beside this GPU's own ratios, never mixed with them).
 T4_FP16_OVER_FP32 = {"resnet50": 2.14, "vit_b_16": 4.24}
 
 

@@ -185,8 +185,7 @@ def interleaved_latency(manifest: Manifest, base: Path, arts: list[Artifact], fe
     load from other processes on a shared CPU falls on all of them alike rather than on whichever ran first.
 
     Intra-op spinning is off for these sessions: with it on, the session that just ran keeps its threads
-    spinning and the next session's run loses the cores to them (measured on 2 cores: resnet50 batch 1
-    went from 73 ms alone to 135 ms alternating with a second session; 65 vs 67 ms with spinning off).
+    spinning for a moment and the next session's call, one call later, loses the cores to them.
     """
     from runtimes.ort import OrtRunner
 
