@@ -17,5 +17,7 @@ def manifest_table(manifest: Manifest, folder: Path) -> Any:
     for a in manifest.artifacts.values():
         worst = max((v.max_abs_err for v in a.metrics.parity.values()), default=None)
         check = f"max abs err {worst:.2e}" if worst is not None else a.metrics.summary or ""
+        if a.metrics.summary and a.metrics.summary.startswith("reference"):
+            check = "reference (the input file)"
         table.add_row(a.name, a.file.path, a.precision, a.step, f"{a.file.size_bytes / 2**20:.1f}", a.status, check)
     return table

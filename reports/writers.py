@@ -12,11 +12,16 @@ from reports.models import BenchRecord, BenchResults
 
 CSV_COLUMNS = [
     "model", "backend", "variant", "precision", "device", "batch_size", "dims", "input_shapes",
-    "latency_ms_p50", "latency_ms_p90",
+    "latency_ms_p50", "latency_ms_p50_lo", "latency_ms_p50_hi", "latency_ms_p90",
     "latency_ms_p99", "latency_ms_mean", "throughput", "ram_mb", "vram_mb", "cpu_util", "gpu_util",
     "model_size_mb", "max_abs_err", "mean_abs_err", "cosine", "top1_agreement", "top5_agreement",
-    "top1_acc", "top5_acc", "input_digest",
+    "top1_acc", "top5_acc", "input_digest", "is_reference",
 ]
+
+
+def is_reference(r: BenchRecord) -> bool:
+    """The row *is* the accuracy reference (e.g. eager FP32 on CPU): its errors against itself are no check."""
+    return r.accuracy is not None and r.accuracy.reference == f"{r.backend}:{r.variant}:{r.precision}:{r.device}"
 
 
 def flat_row(r: BenchRecord) -> dict[str, Any]:
@@ -26,14 +31,29 @@ def flat_row(r: BenchRecord) -> dict[str, Any]:
         "batch_size": r.batch_size, "dims": " ".join(f"{d}={v}" for d, v in sorted(r.dims.items())),
         "input_shapes": " ".join(f"{n}:{'x'.join(map(str, s))}" for n, s in r.input_shapes.items()),
         "latency_ms_p50": r.latency_ms.p50, "latency_ms_p90": r.latency_ms.p90,
+        "latency_ms_p50_lo": r.latency_ms.p50_interval[0] if r.latency_ms.p50_interval else None,
+        "latency_ms_p50_hi": r.latency_ms.p50_interval[1] if r.latency_ms.p50_interval else None,
         "latency_ms_p99": r.latency_ms.p99, "latency_ms_mean": r.latency_ms.mean, "throughput": r.throughput,
         "ram_mb": r.ram_mb, "vram_mb": r.vram_mb, "cpu_util": r.cpu_util, "gpu_util": r.gpu_util,
         "model_size_mb": r.model_size_mb,
         "max_abs_err": acc.max_abs_err if acc else None, "mean_abs_err": acc.mean_abs_err if acc else None,
         "cosine": acc.cosine if acc else None, "top1_agreement": acc.top1_agreement if acc else None,
         "top5_agreement": acc.top5_agreement if acc else None, "top1_acc": acc.top1_acc if acc else None,
-        "top5_acc": acc.top5_acc if acc else None, "input_digest": r.input_digest,
+        "top5_acc": acc.top5_acc if acc else None, "input_digest": r.input_digest, "is_reference": is_reference(r),
     }
+
+
+def _display(r: BenchRecord) -> dict[str, str]:
+    """The summary columns as shown: the p50 with its interval, and 'reference' where the row is the
+    reference (never 'max abs err 0')."""
+    row = flat_row(r)
+    shown = {k: _fmt(row[k]) for _, k in SUMMARY_COLUMNS}
+    if r.latency_ms.p50_interval:
+        lo, hi = r.latency_ms.p50_interval
+        shown["latency_ms_p50"] += f" [{_fmt(lo)}-{_fmt(hi)}]"
+    if row["is_reference"]:
+        shown["max_abs_err"], shown["top1_agreement"] = "reference", "reference"
+    return shown
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -56,7 +76,7 @@ def to_csv(results: BenchResults) -> str:
 
 
 SUMMARY_COLUMNS = [("backend", "backend"), ("variant", "variant"), ("precision", "precision"),
-                   ("batch", "batch_size"), ("dims", "dims"), ("p50 ms", "latency_ms_p50"), ("p90 ms", "latency_ms_p90"),
+                   ("batch", "batch_size"), ("dims", "dims"), ("p50 ms [95%]", "latency_ms_p50"), ("p90 ms", "latency_ms_p90"),
                    ("p99 ms", "latency_ms_p99"), ("samples/s", "throughput"), ("RAM MB", "ram_mb"),
                    ("size MB", "model_size_mb"), ("max abs err", "max_abs_err"), ("top-1 agree", "top1_agreement"),
                    ("top-1 acc", "top1_acc")]
@@ -75,8 +95,8 @@ def to_markdown(results: BenchResults) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for r in results.records:
-        row = flat_row(r)
-        lines.append("| " + " | ".join(_fmt(row[k]) for _, k in SUMMARY_COLUMNS) + " |")
+        shown = _display(r)
+        lines.append("| " + " | ".join(shown[k] for _, k in SUMMARY_COLUMNS) + " |")
     if results.warnings:
         lines += ["", "## Warnings", *[f"- {w}" for w in results.warnings]]
     return "\n".join(lines) + "\n"
@@ -99,6 +119,6 @@ def rich_table(results: BenchResults) -> Any:
     for h, _ in SUMMARY_COLUMNS:
         table.add_column(h, justify="left" if h in ("backend", "variant", "precision") else "right")
     for r in results.records:
-        row = flat_row(r)
-        table.add_row(*[_fmt(row[k]) for _, k in SUMMARY_COLUMNS])
+        shown = _display(r)
+        table.add_row(*[shown[k] for _, k in SUMMARY_COLUMNS])
     return table

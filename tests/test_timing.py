@@ -83,3 +83,9 @@ def test_bench_records_rounds_spinning_and_restores_torch_threads(tiny_artifacts
         lo, hi = r.latency_ms.p50_interval or (0, 0)
         assert 0 < lo <= hi
         assert r.cpu_util is not None and 0 < r.cpu_util <= 105  # % of the CPUs the process may use
+    from reports.writers import to_markdown
+
+    eager_row = next(ln for ln in to_markdown(res).splitlines() if ln.startswith("| eager "))
+    ort_row = next(ln for ln in to_markdown(res).splitlines() if ln.startswith("| ort "))
+    assert "| reference |" in eager_row and "reference" not in ort_row  # the reference is not checked against itself
+    assert "[" in ort_row  # the p50 with its interval
