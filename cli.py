@@ -462,7 +462,8 @@ def report(
                                                    "FIRST.compare.html for several)")] = None,
     png_dir: Annotated[Path | None, typer.Option(help="Also write every plot as PNG here")] = None,
     accuracy_budget: Annotated[float, typer.Option(min=0.0, help="Largest top-1 drop against FP32 allowed "
-                                                                 "for the recommendation (0.01 = 1 point)")] = 0.01,
+                                                                 "for the recommendation, in points (as convert's "
+                                                                 "--max-accuracy-drop)")] = 1.0,
     fail_if_slower: Annotated[str | None, typer.Option(metavar="PCT", help="Exit non-zero when any row's p50 is "
                                                        "more than PCT (e.g. 5%) slower than in the first file")] = None,
 ) -> None:

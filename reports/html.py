@@ -27,7 +27,7 @@ from reports.recommend import Recommendation, recommend
 from reports.writers import CSV_COLUMNS, _fmt, flat_row
 
 #: The default accuracy budget: at most this much top-1 (agreement or accuracy) may be lost.
-DEFAULT_BUDGET = 0.01
+DEFAULT_BUDGET = 1.0
 
 
 class ReportConfig(BaseModel):
@@ -38,7 +38,7 @@ class ReportConfig(BaseModel):
     results: list[Path] = Field(min_length=1, description="results.json files; the first is the baseline")
     html: Path = Field(description="HTML file to write")
     png_dir: Path | None = Field(default=None, description="Also write every plot as PNG into this folder")
-    accuracy_budget: float = Field(default=DEFAULT_BUDGET, ge=0, description="Largest accuracy drop allowed")
+    accuracy_budget: float = Field(default=DEFAULT_BUDGET, ge=0, description="Largest accuracy drop allowed, in points")
     fail_if_slower: float | None = Field(default=None, ge=0,
                                          description="Percent: rows slower than the baseline by more regress")
 
@@ -101,7 +101,7 @@ def _td(v: Any, left: bool = False, cls: str = "") -> str:
 def _recommendation_html(recs: list[tuple[Run, list[Recommendation]]], budget: float) -> str:
     parts = ['<section id="recommendation"><h2>Recommendation</h2>',
              f'<p class="muted">The fastest variant whose accuracy drop against the FP32 reference is at most '
-             f"{budget:g} (change with --accuracy-budget), per model and device.</p>"]
+             f"{budget:g} points (change with --accuracy-budget), per model and device.</p>"]
     many = len(recs) > 1
     for run, items in recs:
         for r in items:

@@ -48,9 +48,10 @@ class AccuracyMetric:
         return 1.0
 
     def drop(self, r: BenchRecord) -> float | None:
-        """Accuracy lost against the reference (positive = worse); None when not measured."""
+        """Accuracy lost against the reference, in points (100 x the fraction; positive = worse), the unit of
+        every accuracy budget in the toolkit; None when not measured."""
         v, ref = self.value(r), self.reference(r)
-        return None if v is None or ref is None else ref - v
+        return None if v is None or ref is None else 100.0 * (ref - v)
 
 
 def accuracy_metric(records: Sequence[BenchRecord]) -> AccuracyMetric:

@@ -28,7 +28,7 @@ class Recommendation(BaseModel):
     model: str
     device: str
     batch_size: int = Field(description="Batch size the latency pick was made at (the smallest measured)")
-    budget: float = Field(description="Largest accuracy drop allowed against the FP32 reference")
+    budget: float = Field(description="Largest accuracy drop allowed against the FP32 reference, in points")
     metric: str = Field(description="Accuracy number used, e.g. 'top-1 agreement with FP32'")
     choice: str | None = Field(description="backend:variant (precision), or None when nothing fits the budget")
     p50_ms: float | None = None
@@ -129,14 +129,14 @@ def _recommend_group(results: BenchResults, recs: list[BenchRecord], budget: flo
         if d is None:
             excluded.append(f"{record_label(r)}: no accuracy measured, so it cannot be checked against the budget")
         elif d > budget + 1e-12:
-            excluded.append(f"{record_label(r)}: {metric.label} {metric.value(r):.3f} is {d:.3f} below the "
-                            f"reference, over the budget of {budget:g}")
+            excluded.append(f"{record_label(r)}: {metric.label} {metric.value(r):.3f} is {d:.2f} points below the "
+                            f"reference, over the budget of {budget:g} points")
     eligible = [r for r in at_batch if fits(r)]
     rec = Recommendation(model=model, device=device, batch_size=batch, budget=budget, metric=metric.label,
                          choice=None, excluded=excluded)
     ev = rec.evidence
     if not eligible:
-        ev.append(f"No variant stays within an accuracy drop of {budget:g} ({metric.label}); "
+        ev.append(f"No variant stays within an accuracy drop of {budget:g} points ({metric.label}); "
                   "raise --accuracy-budget or improve the quantized variants.")
         ev.append(_machine_line(results, device))
         return rec
@@ -156,7 +156,7 @@ def _recommend_group(results: BenchResults, recs: list[BenchRecord], budget: flo
                   f"(p50 {baseline.latency_ms.p50:.3f} ms).")
     d = metric.drop(best)
     ev.append(f"Accuracy: {metric.label} {metric.value(best):.3f} against {metric.reference(best):.3f} for the "
-              f"reference (drop {max(d or 0.0, 0.0):.3f}, budget {budget:g}, "
+              f"reference (drop {max(d or 0.0, 0.0):.2f} points, budget {budget:g}, "
               f"{best.accuracy.samples if best.accuracy else '?'} samples).")
     ev.extend(_precision_statements(at_batch, device, results.machine))
     tail = best.latency_ms.p99 / best.latency_ms.p50 if best.latency_ms.p50 > 0 else 1.0
@@ -173,7 +173,7 @@ def _recommend_group(results: BenchResults, recs: list[BenchRecord], budget: flo
     return rec
 
 
-def recommend(results: BenchResults, budget: float = 0.01) -> list[Recommendation]:
+def recommend(results: BenchResults, budget: float = 1.0) -> list[Recommendation]:
     """One recommendation per (model, device) in ``results``."""
     groups: dict[tuple[str, str], list[BenchRecord]] = {}
     for r in results.records:

@@ -36,9 +36,9 @@ def test_accuracy_metric_prefers_labels_then_agreement() -> None:
     assert m.key == "top1_agreement" and m.drop(recs[0]) == 0.0
     add_variant(data, ("ort", "opt"), "int8_static", "int8", 0.8, 0.9)
     recs = BenchResults.model_validate(data).records
-    assert abs(accuracy_metric(recs).drop(recs[-1]) - 0.1) < 1e-12  # type: ignore[operator]
+    assert abs(accuracy_metric(recs).drop(recs[-1]) - 10.0) < 1e-9  # points  # type: ignore[operator]
     for r in data["records"]:
         r["accuracy"]["top1_acc"], r["accuracy"]["ref_top1_acc"] = 0.7, 0.75
     recs = BenchResults.model_validate(data).records
     m = accuracy_metric(recs)
-    assert m.key == "top1_acc" and abs(m.drop(recs[0]) - 0.05) < 1e-12  # type: ignore[operator]
+    assert m.key == "top1_acc" and abs(m.drop(recs[0]) - 5.0) < 1e-9  # type: ignore[operator]
