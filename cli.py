@@ -21,6 +21,7 @@ from core.errors import InputError, ToolkitError
 
 if TYPE_CHECKING:  # the library is imported inside each command: --help stays fast
     from convert.config import (
+        Budget,
         CalibConfig,
         ConvertConfig,
         EngineConfig,
@@ -150,10 +151,15 @@ def convert(
                                                       rich_help_panel="Precision")] = None,
     exclude_op_types: Annotated[str | None, typer.Option(help="Comma-separated op types kept in FP32, e.g. Add",
                                                          rich_help_panel="Precision")] = None,
-    max_accuracy_drop: Annotated[float | None, typer.Option(min=0.0, help="Top-1 points a variant may lose on "
-                                                            "held-out data (agreement without labels); exceeded: "
-                                                            "artifact marked failed, exit non-zero",
-                                                            rich_help_panel="Precision")] = None,
+    max_accuracy_drop: Annotated[float, typer.Option(min=0.0, help="The gate of every FP16/INT8/sparse/pruned "
+                                                     "variant: top-1 points it may lose against FP32 on held-out "
+                                                     "data (agreement without labels; 100 x (1 - cosine) for outputs "
+                                                     "that are not class scores). Outside it: marked failed, left "
+                                                     "out of bench unless named, exit 5",
+                                                     rich_help_panel="Accuracy gate")] = 1.0,
+    min_cosine: Annotated[float, typer.Option(min=-1.0, max=1.0, help="The gate's other half: the smallest output "
+                                                                      "cosine with FP32 a variant may have",
+                                              rich_help_panel="Accuracy gate")] = 0.99,
     auto: Annotated[bool, typer.Option("--auto", help="Static INT8: try calibration methods, then keep the most "
                                                       "error-adding nodes in FP32 until within --max-accuracy-drop",
                                        rich_help_panel="Precision")] = False,
@@ -195,7 +201,7 @@ def convert(
 ) -> None:
     """Export MODEL to ONNX, validate it, optimize it, and write manifest.json."""
     with user_errors():
-        from convert.config import ConvertConfig, GateConfig
+        from convert.config import Budget, ConvertConfig, GateConfig
         from convert.pipeline import run_convert
 
         export = _export_config(model, weights=weights, input_shape=input_shape, opset=opset, exporter=exporter,
@@ -205,7 +211,8 @@ def convert(
             ctx, fp16=fp16, int8=int8, int8_dynamic=int8_dynamic,
             calib=_calib_config(calib, size=calib_size, batch=calib_batch, methods=calib_method, resize=size,
                                 mean=mean, std=std, seed=seed),
-            gate=GateConfig(max_accuracy_drop=max_accuracy_drop, auto=auto, eval_data=eval_data, eval_size=eval_size),
+            gate=GateConfig(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, auto=auto, eval_data=eval_data,
+                            eval_size=eval_size),
             activation_type=activation_type, weight_type=weight_type, per_channel=per_channel,
             reduce_range=reduce_range, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types)
         engine = _engine_config(trt, fp16=fp16, int8=int8, source=trt_from, tf32=tf32, min_batch=min_batch,
@@ -213,7 +220,9 @@ def convert(
                                 builder_opt_level=builder_opt_level, timing_cache=timing_cache,
                                 dim_range=dim_range)
         cfg = ConvertConfig(export=export, out=out, quant=quant, engine=engine,
-                            sparsity=_sparsity_config(sparsity, prune_channels, eval_data))
+                            sparsity=_sparsity_config(sparsity, prune_channels, eval_data,
+                                                      Budget(max_accuracy_drop=max_accuracy_drop,
+                                                             min_cosine=min_cosine)))
         _check_eval_data(cfg, eval_data)
         manifest, folder = run_convert(cfg, log=log)
         _render_manifest(manifest, folder)
@@ -223,7 +232,7 @@ def convert(
 # (--eval-data is not one of them: the sparse/pruned variants are measured on it too.)
 _QUANT_ONLY_PARAMS = ("calib", "calib_size", "calib_method", "calib_batch", "size", "mean", "std", "activation_type",
                       "weight_type", "per_channel", "reduce_range", "exclude_nodes", "exclude_op_types",
-                      "max_accuracy_drop", "auto", "eval_size")
+                      "auto", "eval_size")
 
 
 def _flags_given(ctx: typer.Context, params: tuple[str, ...]) -> list[str]:
@@ -290,14 +299,15 @@ def _quant_config(ctx: typer.Context, *, fp16: bool, int8: bool, int8_dynamic: b
         exclude_op_types=csv_list(exclude_op_types, "--exclude-op-types") if exclude_op_types else [])
 
 
-def _sparsity_config(pattern: str | None, prune_channels: str | None, eval_data: str | None) -> SparsityConfig:
+def _sparsity_config(pattern: str | None, prune_channels: str | None, eval_data: str | None,
+                     budget: Budget) -> SparsityConfig:
     """The 2:4 sparse and channel-pruned variants (disabled when neither flag is given)."""
     from convert.config import SparsityConfig
     from convert.sparsity import parse_prune_ratio, parse_sparsity_pattern
 
     return SparsityConfig(pattern=parse_sparsity_pattern(pattern) if pattern is not None else None,
                           prune_channels=parse_prune_ratio(prune_channels) if prune_channels is not None else None,
-                          eval_data=eval_data)
+                          eval_data=eval_data, budget=budget)
 
 
 def _engine_config(trt: bool, *, fp16: bool, int8: bool, source: str | None, tf32: bool, min_batch: int | None,

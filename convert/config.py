@@ -47,14 +47,30 @@ CALIB_METHODS: tuple[CalibMethod, ...] = ("minmax", "entropy", "percentile")
 QType = Literal["uint8", "int8"]
 
 
-class GateConfig(BaseModel):
-    """How variants are checked against FP32, and the budget they must meet."""
+#: The default budget of every variant against FP32 on held-out data: at most 1 point of top-1 lost
+#: (accuracy with labels, agreement without; for outputs that are not class scores, 100 x (1 - cosine)),
+#: and an output cosine of at least 0.99.
+DEFAULT_MAX_ACCURACY_DROP = 1.0
+DEFAULT_MIN_COSINE = 0.99
+
+
+class Budget(BaseModel):
+    """What a variant (FP16, INT8, sparse, pruned) must keep against FP32 on held-out data; outside it the
+    variant is marked failed, left out of `bench` unless named, and convert exits non-zero."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_accuracy_drop: float | None = Field(
-        default=None, ge=0, description="Allowed top-1 loss in points (agreement loss when there are no labels); "
-                                        "exceeded -> artifact marked failed, convert exits non-zero")
+    max_accuracy_drop: float = Field(
+        default=DEFAULT_MAX_ACCURACY_DROP, ge=0,
+        description="Allowed top-1 loss in points (agreement with FP32 when there are no labels; 100 x (1 - cosine) "
+                    "for outputs that are not class scores)")
+    min_cosine: float = Field(default=DEFAULT_MIN_COSINE, ge=-1, le=1,
+                              description="Smallest output cosine with FP32 allowed (worst output, worst over samples)")
+
+
+class GateConfig(Budget):
+    """How variants are checked against FP32, and the budget they must meet."""
+
     auto: bool = Field(default=False, description="Static INT8: try calibration methods, then keep the most "
                                                   "error-adding nodes in FP32 until within budget")
     eval_data: str | None = Field(default=None, description="Held-out data (image folder, .npz with optional "
@@ -124,6 +140,7 @@ class SparsityConfig(BaseModel):
     eval_samples: int = Field(default=64, ge=1, description="Random held-out inputs when there is no eval_data")
     latency_warmup: int = Field(default=5, ge=0, description="ONNX Runtime warm-up runs before timing")
     latency_iters: int = Field(default=30, ge=1, description="Timed ONNX Runtime runs at batch 1")
+    budget: Budget = Field(default_factory=Budget, description="The gate the sparse/pruned variants must pass")
 
     @property
     def enabled(self) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from convert.config import CalibMethod
+from convert.config import Budget, CalibMethod
 from core.errors import AccuracyGateError
 from core.manifest import Manifest
 from core.metrics import AccuracyStats
@@ -37,12 +37,18 @@ def accuracy_drop(stats: AccuracyStats) -> tuple[float, str]:
     return 100.0 * (1.0 - stats.cosine), "100 x (1 - output cosine vs FP32): not a classifier output"
 
 
-def gate_verdict(stats: AccuracyStats, budget: float | None) -> GateResult:
-    """The gate record kept in the manifest: drop, basis, budget, passed (None when no budget)."""
+def gate_verdict(stats: AccuracyStats, budget: Budget) -> GateResult:
+    """The gate record kept in the manifest: the drop (and its basis) against the points budget, the worst
+    output cosine against the smallest allowed, passed, and the reason when it failed."""
     drop, basis = accuracy_drop(stats)
-    passed = None if budget is None else bool(drop <= budget + 1e-9)
-    return GateResult(drop_points=round(drop, 4), basis=basis, budget_points=budget,
-                      passed=passed, samples=stats.samples)
+    why = []
+    if drop > budget.max_accuracy_drop + 1e-9:
+        why.append(f"lost {drop:.2f} points of {basis} (budget {budget.max_accuracy_drop:g})")
+    if stats.cosine < budget.min_cosine:
+        why.append(f"output cosine {stats.cosine:.4f} < {budget.min_cosine:g}")
+    return GateResult(drop_points=round(drop, 4), basis=basis, budget_points=budget.max_accuracy_drop,
+                      passed=not why, samples=stats.samples, cosine=stats.cosine, min_cosine=budget.min_cosine,
+                      reason="; ".join(why) or None)
 
 
 def summary_line(stats: AccuracyStats, gate: GateResult) -> str:
@@ -53,21 +59,24 @@ def summary_line(stats: AccuracyStats, gate: GateResult) -> str:
         parts.append(f"acc {100 * stats.top1_acc:.1f}% (fp32 {100 * stats.ref_top1_acc:.1f}%)")
     parts.append(f"cos {stats.cosine:.4f}")
     if gate.passed is not None:
-        parts.append(f"gate {'ok' if gate.passed else 'FAILED'} ({gate.drop_points:.2f} vs {gate.budget_points:g} pts)")
+        parts.append("gate ok" if gate.passed else f"gate FAILED: {gate.reason}")
     return ", ".join(parts) + f" on {stats.samples} held-out"
 
 
 def check_gates(manifest: Manifest) -> None:
-    """Raise one AccuracyGateError naming every variant whose gate failed (they stay in the manifest,
-    marked failed, so ``bench`` skips them)."""
-    failed = [(a.name, a.metrics.gate) for a in manifest.artifacts.values()
-              if a.metrics.gate is not None and a.metrics.gate.passed is False]
+    """Raise one AccuracyGateError naming every variant that failed its gate or onnx.checker (they stay in the
+    manifest, marked failed, so ``bench`` leaves them out unless named)."""
+    failed = []
+    for a in manifest.artifacts.values():
+        if a.metrics.gate is not None and a.metrics.gate.passed is False:
+            failed.append(f"{a.name} {a.metrics.gate.reason or 'is outside its budget'}")
+        elif a.status == "failed" and a.metrics.checker == "failed":
+            failed.append(f"{a.name} fails onnx.checker")
     if failed:
-        parts = [f"{name} lost {gate.drop_points:.2f} points of {gate.basis} (budget {gate.budget_points:g})"
-                 for name, gate in failed]
-        raise AccuracyGateError("accuracy gate failed: " + "; ".join(parts)
-                                + " -> marked failed in manifest.json (try --auto, another --calib-method, "
-                                  "more calibration data, or a larger budget)")
+        raise AccuracyGateError("variant gate failed: " + "; ".join(failed)
+                                + " -> marked failed in manifest.json; bench leaves it out unless --variants names "
+                                  "it (widen the gate with --max-accuracy-drop / --min-cosine; for INT8 try --auto or "
+                                  "another --calib-method)")
 
 
 # -- node sensitivity ------------------------------------------------------------------------------

@@ -99,8 +99,6 @@ def check_config(cfg: QuantConfig) -> None:
                          "(or --calib synthetic, explicitly)")
     if g.auto and not cfg.int8_static:
         raise InputError("--auto tunes static INT8: add --int8")
-    if g.auto and g.max_accuracy_drop is None:
-        raise InputError("--auto needs a budget: add --max-accuracy-drop POINTS")
     if (cfg.exclude_nodes or cfg.exclude_op_types) and not (cfg.int8_static or cfg.int8_dynamic):
         raise InputError("--exclude-nodes/--exclude-op-types apply to --int8 and --int8-dynamic")
     count_samples(c.data)  # a missing folder/file or unreadable array fails now
@@ -182,12 +180,12 @@ def _record(ctx: ConvertContext, state: QuantState, built: Path, *, name: str, p
     with atomic_path(target) as tmp:
         shutil.copyfile(built, tmp)
     _, failures = structural_checks(target)
-    gate = gate_verdict(stats, state.cfg.gate.max_accuracy_drop)
+    gate = gate_verdict(stats, state.cfg.gate)
     metrics = ArtifactMetrics(accuracy=stats, gate=gate, summary=summary_line(stats, gate),
                               checker="ok" if not failures else "failed", held_out=state.evaluator.record())
     art = ctx.manifest.record(ctx.out, target, name=name, kind="onnx", precision=precision,
                               parent=state.reference, params=params, metrics=metrics, notes=[*notes, *failures])
-    if gate.passed is False:
+    if gate.passed is False or failures:
         art.status = "failed"
     ctx.log(f"{name}: {metrics.summary}")
 
@@ -235,7 +233,7 @@ def _build_static(state: QuantState, method: CalibMethod, fp32_nodes: list[str])
     quantize_static_file(cal.model, out, run.method, run.cache, state.cfg, state.reduce_range, fp32_nodes)
     stats = state.evaluator.evaluate(out)
     return Trial(method=method, fp32_nodes=fp32_nodes, stats=stats,
-                 gate=gate_verdict(stats, state.cfg.gate.max_accuracy_drop), path=out)
+                 gate=gate_verdict(stats, state.cfg.gate), path=out)
 
 
 def _rank(ctx: ConvertContext, state: QuantState, trial: Trial) -> list[NodeScore]:
@@ -250,8 +248,6 @@ def _choose_static(ctx: ConvertContext, state: QuantState) -> list[tuple[Trial, 
     c, g = state.cfg.calib, state.cfg.gate
     if not g.auto:
         return [(_build_static(state, m, []), None) for m in c.methods]
-    if g.max_accuracy_drop is None:
-        raise InputError("--auto needs a budget: add --max-accuracy-drop POINTS")
     order = list(dict.fromkeys([*c.methods, *CALIB_METHODS]))
     result = auto_search(order, g.max_accuracy_drop, lambda m, keep: _build_static(state, m, keep),
                          lambda t: _rank(ctx, state, t), ctx.log)

@@ -28,6 +28,7 @@ from calibration.pools import InputPool, random_pool, source_pool
 from convert.config import SparsityConfig, SparsityPattern
 from convert.context import ConvertContext, parity_batches
 from convert.export import export_onnx
+from convert.gates import gate_verdict
 from convert.heldout import HeldOutEvaluator, PoolData
 from convert.inputs import export_args
 from convert.optimize import optimize_onnx
@@ -101,7 +102,11 @@ def compare_with_fp32(ctx: ConvertContext, art: Artifact, ev: HeldOutEvaluator, 
     """Accuracy change on the held-out inputs, latency and file size of ``art`` vs the FP32 artifact
     (``ev``'s reference), into its metrics; a note when it is not faster. Returns the latency change."""
     ref_name = ev.reference_name
-    art.metrics.accuracy_vs_fp32 = ev.change(ctx.out / art.file.path)
+    art.metrics.accuracy_vs_fp32 = change = ev.change(ctx.out / art.file.path)
+    art.metrics.gate = gate = gate_verdict(change, cfg.budget)
+    if not gate.passed:
+        art.status = "failed"  # convert exits non-zero once every variant is made (gates.check_gates)
+        ctx.log(f"{art.name}: gate FAILED: {gate.reason}")
     art.metrics.latency = lat = latency_change(ctx, art, ref_name, pool, cfg)
     art.metrics.size_bytes_before = ctx.manifest.artifacts[ref_name].file.size_bytes
     art.metrics.size_bytes_after = art.file.size_bytes

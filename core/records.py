@@ -237,13 +237,16 @@ class EngineBuild(Record):
 
 # -- measurements ------------------------------------------------------------------------------------
 class GateResult(Record):
-    """An accuracy gate's verdict: the drop against FP32 in points, and the budget."""
+    """An accuracy gate's verdict: the drop against FP32 in points and the output cosine, and the budget."""
 
     drop_points: float | None
     basis: str
     budget_points: float | None
     passed: bool | None = Field(description="None when there was no budget (or nothing to compare)")
     samples: int
+    cosine: float | None = Field(default=None, description="Worst output cosine with FP32")
+    min_cosine: float | None = Field(default=None, description="The smallest cosine the budget allows")
+    reason: str | None = Field(default=None, description="Why the gate failed, in one line")
 
 
 class HeldOutRecord(DataRecord):

@@ -159,8 +159,9 @@ def select_targets(manifest: Manifest, cfg: BenchConfig) -> list[Target]:
     targets: list[Target] = []
     for b in cfg.backends:
         runner_cls = RUNNERS[b]
-        arts = [a for a in manifest.artifacts.values() if a.kind in runner_cls.artifact_kinds and a.status == "ok"
-                and _wanted(a, runner_cls, cfg.variants)]
+        # a variant that failed its gate runs only when --variants names it
+        arts = [a for a in manifest.artifacts.values() if a.kind in runner_cls.artifact_kinds
+                and (a.status == "ok" or a.name in (cfg.variants or [])) and _wanted(a, runner_cls, cfg.variants)]
         if not arts:
             raise InputError(f"backend {b} has nothing to run in this artifact folder "
                              f"(needs {'/'.join(runner_cls.artifact_kinds)}; have {sorted(manifest.artifacts)})")
@@ -343,8 +344,14 @@ def _time_point(setup: BenchSetup, cfg: BenchConfig, loaded: list[Loaded], i: in
             vram_mb=x.runner.memory_stats().get("vram_mb", x.vram_mb),
             gpu_util=sum(tm.gpu_util) / len(tm.gpu_util) if tm.gpu_util else None,
             model_size_mb=t.artifact.file.size_bytes / 2**20, load_s=x.load_s, input_digest=setup.digests[i],
-            accuracy=x.accuracy, dims=dims, input_shapes={n: list(a.shape) for n, a in feed.items()}))
+            accuracy=x.accuracy, dims=dims, input_shapes={n: list(a.shape) for n, a in feed.items()},
+            notes=[f"failed at convert: {_failure(t.artifact)}"] if t.artifact.status != "ok" else []))
     return records
+
+
+def _failure(a: Artifact) -> str:
+    gate = a.metrics.gate
+    return (gate.reason if gate is not None and gate.reason else "; ".join(a.notes[-1:])) or "status failed"
 
 
 def _skipped(results: BenchResults, log: Callable[[str], None], label: str, precision: str, why: str) -> None:

@@ -40,15 +40,15 @@ def _bad(kind: str, tmp: Path) -> tuple[list[str], str]:
         return ["--int8", "--calib", "synthetic", "--calib-method", "kl"], "unknown --calib-method 'kl'"
     if kind == "no_calib":
         return ["--int8"], "--int8 needs calibration data"
-    if kind == "auto_without_budget":
-        return ["--int8", "--calib", "synthetic", "--auto"], "--auto needs a budget"
+    if kind == "auto_without_int8":
+        return ["--int8-dynamic", "--auto"], "--auto tunes static INT8"
     if kind == "no_variant":
         return ["--calib", "imagenet_subset"], "add --fp16, --int8 or --int8-dynamic"
     return ["--int8", "--calib", "synthetic", "--activation-type", "int4"], "unknown --activation-type 'int4'"
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "non_images", "npz_names", "npz_shapes", "method", "no_calib",
-                                  "auto_without_budget", "no_variant", "qtype"])
+                                  "auto_without_int8", "no_variant", "qtype"])
 def test_bad_calibration_input_is_one_line(digits_model: Any, tmp_path: Path, kind: str) -> None:
     extra, expect = _bad(kind, tmp_path)
     res = _invoke(digits_model, tmp_path / "out", *extra)
@@ -59,12 +59,22 @@ def test_bad_calibration_input_is_one_line(digits_model: Any, tmp_path: Path, ki
 
 
 def test_failed_gate_exits_non_zero_and_keeps_the_failed_artifact(digits_model: Any, tmp_path: Path) -> None:
+    """No budget flag given: the default gate (1 point, cosine 0.99) still fails a ruined INT8 variant, which
+    is recorded as failed with its budget, and left out of bench unless named."""
     from core.manifest import Manifest
+    from runtimes.harness import BenchConfig, select_targets
 
     np.savez(tmp_path / "const.npz", input=np.full((16, 1, 16, 16), 1.0, np.float32))
     np.savez(tmp_path / "test.npz", input=digits_model.x_test, labels=digits_model.y_test)
     res = _invoke(digits_model, tmp_path / "out", "--int8", "--calib", str(tmp_path / "const.npz"),
-                  "--eval-data", str(tmp_path / "test.npz"), "--max-accuracy-drop", "1")
+                  "--eval-data", str(tmp_path / "test.npz"))
     assert res.exit_code == 5, res.output
-    assert "accuracy gate failed: int8_static_minmax" in " ".join(res.output.split())
-    assert Manifest.load(tmp_path / "out").artifacts["int8_static_minmax"].status == "failed"
+    assert "variant gate failed: int8_static_minmax lost" in " ".join(res.output.split())
+    man = Manifest.load(tmp_path / "out")
+    art = man.artifacts["int8_static_minmax"]
+    assert art.status == "failed" and art.metrics.gate is not None
+    assert (art.metrics.gate.budget_points, art.metrics.gate.min_cosine, art.metrics.gate.passed) == (1.0, 0.99, False)
+    cfg = BenchConfig(artifact_dir=tmp_path / "out", backends=["ort"])
+    assert "int8_static_minmax" not in {t.artifact.name for t in select_targets(man, cfg)}
+    named = cfg.model_copy(update={"variants": ["int8_static_minmax"]})
+    assert {t.artifact.name for t in select_targets(man, named)} == {"int8_static_minmax"}
