@@ -26,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, ensure_converted, machine, write
 
 
-def make_photo_folder(dest: Path, count: int, size: int = 256, seed: int = 0) -> Path:
-    """``count`` JPEGs: random square crops (40-100% of the short side) and flips of the built-in photos."""
+def make_photo_folder(dest: Path, count: int, size: int = 256, seed: int = 0,
+                      photos: list[Path] | None = None) -> Path:
+    """``count`` JPEGs: random square crops (40-100% of the short side) and flips of ``photos`` (default:
+    every built-in photo)."""
     from PIL import Image, ImageOps
 
     from calibration.builtin import builtin_path
@@ -36,7 +38,7 @@ def make_photo_folder(dest: Path, count: int, size: int = 256, seed: int = 0) ->
     if done.exists():
         return dest
     dest.mkdir(parents=True, exist_ok=True)
-    photos = sorted(builtin_path("imagenet_subset").glob("*.jpg"))
+    photos = sorted(photos or builtin_path("imagenet_subset").glob("*.jpg"))
     import numpy as np
 
     rng = np.random.default_rng(seed)

@@ -74,6 +74,10 @@ _PHOTOS = (
 )
 
 
+#: Different files of one scene (the two views of a stereo pair): one source photo for a split.
+_SAME_SCENE = {"data/motorcycle_right.png": "data/motorcycle_left.png"}
+
+
 def builtin_names() -> list[str]:
     return sorted(BUILTIN_SETS)
 
@@ -86,6 +90,19 @@ def builtin_path(name: str) -> Path:
                          "without its data files (reinstall from the repository, or rebuild it with "
                          "`python -m calibration.builtin`)")
     return folder
+
+
+def source_photos(folder: Path) -> dict[str, str]:
+    """File name -> the photo it was cropped from (``package:path``, from ``SOURCES.json``): what a split
+    between calibration and held-out data keeps on one side."""
+    meta_path = folder / "SOURCES.json"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return {r["file"]: f"{r['package']}:{_SAME_SCENE.get(r['source_file'], r['source_file'])}"
+                for r in meta["files"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{meta_path} is missing or malformed ({type(exc).__name__}): the built-in set cannot "
+                         "say which photo each file came from; rebuild it with `python -m calibration.builtin`") from None
 
 
 def _package_file(package: str, relpath: str) -> Path:

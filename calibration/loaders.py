@@ -8,13 +8,14 @@ input name (``labels`` optional), a built-in set (``imagenet_subset``) or, only 
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from calibration.builtin import BUILTIN_SETS, builtin_path
-from calibration.images import IMAGE_SUFFIXES, scan_image_folder
+from calibration.builtin import BUILTIN_SETS, builtin_path, source_photos
+from calibration.images import IMAGE_SUFFIXES, ImageSet, scan_image_folder
 from calibration.sources import (
     DEFAULT_SYNTHETIC_SIZE,
     IMAGENET_MEAN,
@@ -29,7 +30,9 @@ from calibration.sources import (
     sample_shape,
     sample_window,
 )
+from calibration.split import assign_parts, grouped_order
 from core.errors import InputError, first_line
+from core.fsutil import sha256_file
 from core.iospec import IOSpec
 from core.manifest import Preprocessing
 
@@ -132,15 +135,22 @@ def _data_path(spec: str) -> Path:
 
 def _open_images(root: Path, iospec: IOSpec, pre: Preprocessing | None, size: int | None, seed: int,
                  offset: int, name: str | None = None) -> ImageFolderSource:
-    from PIL import Image
-
-    input_name, channels, _, _ = image_input(iospec)
-    pre = resolve_preprocessing(iospec, pre)
     images = scan_image_folder(root)
     window = sample_window(len(images.files), size, seed, offset)
     if len(window) == 0:
         raise InputError(f"image folder {root} has only {len(images.files)} images: none left after skipping "
                          f"{offset} for another window")
+    photos = source_photos(root) if name else None
+    return _image_source(root, images, window, iospec, pre, name, photos, {})
+
+
+def _image_source(root: Path, images: ImageSet, window: np.ndarray, iospec: IOSpec, pre: Preprocessing | None,
+                  name: str | None, photos: dict[str, str] | None, file_sha: dict[int, str]) -> ImageFolderSource:
+    """The readable files of ``window`` (indices into ``images.files``) as a source."""
+    from PIL import Image
+
+    input_name, channels, _, _ = image_input(iospec)
+    pre = resolve_preprocessing(iospec, pre)
     readable: list[int] = []
     probe_skipped: list[str] = []
     for idx in window:  # header-only probe of the selected files: cheap, and keeps num_samples exact
@@ -158,15 +168,53 @@ def _open_images(root: Path, iospec: IOSpec, pre: Preprocessing | None, size: in
                          + (f" (e.g. {probe_skipped[0]})" if probe_skipped else ""))
     labels = np.asarray(images.labels) if images.labels is not None else None
     src = ImageFolderSource(root, images.files, labels, np.asarray(readable), input_name, pre, channels,
-                            images.label_source, name)
+                            images.label_source, name, photos, file_sha)
     src.probe_skipped = probe_skipped
     if probe_skipped:
         src.warnings.append(f"{len(probe_skipped)} unreadable file(s) skipped in {root} "
                             f"(e.g. {', '.join(probe_skipped[:3])})")
-    if len(window) == 0:
-        raise InputError(f"image folder {root} has only {len(images.files)} images: none left after skipping "
-                         f"{offset} for another window")
     return src
+
+
+def open_parts(spec: str, iospec: IOSpec, preprocessing: Preprocessing | None, *, sizes: Sequence[int | None],
+               seed: int) -> list[Source]:
+    """Disjoint parts of one source (e.g. held-out, selection, calibration), at most ``sizes[i]`` samples each.
+
+    Image folders are split by source (:mod:`calibration.split`): the built-in set by source photo, so
+    the crops of one photo land in one part; a user folder by file content, so copies of a file under
+    other names land in the part of the first one. Tensor files and synthetic data: consecutive windows
+    of the seeded order. A part left empty is one clear InputError.
+    """
+    spec = str(spec).strip()
+    if spec in BUILTIN_SETS or (spec != SYNTHETIC and _data_path(spec).is_dir()):
+        name = spec if spec in BUILTIN_SETS else None
+        root = builtin_path(spec) if name else _data_path(spec)
+        images = scan_image_folder(root)
+        photos = source_photos(root) if name else None
+        file_sha: dict[int, str] = {}
+
+        def group_of(i: int) -> str:
+            if photos is not None and images.files[i].name in photos:
+                return photos[images.files[i].name]
+            if i not in file_sha:
+                file_sha[i] = sha256_file(images.files[i])
+            return file_sha[i]
+
+        order = (grouped_order([group_of(i) for i in range(len(images.files))], seed) if photos is not None
+                 else np.random.default_rng(seed).permutation(len(images.files)))
+        parts = assign_parts(order, group_of, sizes)
+        if any(not p for p in parts):
+            _image_source(root, images, order, iospec, preprocessing, name, photos, file_sha)  # unreadable: say so
+            raise InputError(f"{spec} has {len(images.files)} images from {len({group_of(int(i)) for i in order})} "
+                             f"distinct source(s): too few for {len(sizes)} disjoint parts of at most {sizes} images")
+        return [_image_source(root, images, np.asarray(p), iospec, preprocessing, name, photos, file_sha)
+                for p in parts]
+    out: list[Source] = []
+    offset = 0
+    for size in sizes:
+        out.append(open_source(spec, iospec, preprocessing, size=size, seed=seed, offset=offset))
+        offset += out[-1].num_samples
+    return out
 
 
 def _npz_members(path: Path) -> tuple[dict[str, np.ndarray], bool]:

@@ -47,12 +47,16 @@ def random_pool(spec: IOSpec, size: int, seed: int) -> InputPool:
     return InputPool(arrays=feed, labels=None, source=f"random normal (seed {seed})")
 
 
-def image_pool(spec: IOSpec, source: SourceInfo, folder: Path, size: int, log: Callable[[str], None]) -> InputPool:
-    """The first ``size`` readable images of ``folder`` in file order (class sub-folders = labels, named
-    after the model's categories when known), read through the same image source as calibration."""
+def image_pool(spec: IOSpec, source: SourceInfo, folder: Path, size: int, log: Callable[[str], None],
+               seed: int = 0) -> InputPool:
+    """``size`` readable images of ``folder``, read through the same image source as calibration. With class
+    sub-folders (labels, named after the model's categories when known) the pick is stratified: one image
+    of each class per round, in seeded order, so every class is sampled; a flat folder is sampled in seeded
+    order. Never the first files in sorted order: those are all one class."""
     from calibration.images import scan_image_folder
     from calibration.loaders import image_input, resolve_preprocessing
     from calibration.sources import ImageFolderSource
+    from calibration.split import stratified_order
     from core.models import categories_for
 
     if len(spec.inputs) != 1:
@@ -61,7 +65,9 @@ def image_pool(spec: IOSpec, source: SourceInfo, folder: Path, size: int, log: C
     pre = resolve_preprocessing(spec, source.preprocessing)
     images = scan_image_folder(folder, categories_for(source))
     labels = np.asarray(images.labels) if images.labels is not None else None
-    src = ImageFolderSource(folder, images.files, labels, np.arange(len(images.files)), spec.input_names[0], pre,
+    order = (stratified_order(labels, seed) if labels is not None
+             else np.random.default_rng(seed).permutation(len(images.files)))
+    src = ImageFolderSource(folder, images.files, labels, order, spec.input_names[0], pre,
                             image_input(spec)[1], images.label_source)
     arrays: list[np.ndarray] = []
     got_labels: list[np.ndarray] = []
@@ -75,9 +81,13 @@ def image_pool(spec: IOSpec, source: SourceInfo, folder: Path, size: int, log: C
         raise InputError(f"none of the {len(images.files)} files in {folder} could be read as an image")
     if src.skipped:
         log(f"skipped {len(src.skipped)} unreadable file(s) in {folder}")
-    desc = f"{len(arrays)} images from {folder}"
+    desc = f"{len(arrays)} images from {folder} (seed {seed})"
     if images.labels is not None:
-        desc += f" with labels ({images.label_source})"
+        n_classes = len(np.unique(np.concatenate(got_labels))) if got_labels else 0
+        desc += f" with labels ({images.label_source}), {n_classes} of {len(images.class_names)} classes"
+        if n_classes < len(images.class_names):
+            log(f"the accuracy pool holds {len(arrays)} images: {n_classes} of the {len(images.class_names)} "
+                "classes are sampled (raise --accuracy-samples to sample them all)")
     return InputPool(arrays={spec.input_names[0]: np.concatenate(arrays)},
                      labels=np.concatenate(got_labels) if got_labels else None, source=desc)
 

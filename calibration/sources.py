@@ -66,6 +66,7 @@ class Source(ABC):
     """Shared machinery: a window ``order`` of sample indices, read one sample at a time."""
 
     kind: str = "source"
+    split_by: str = "sample index"  # what a split between parts keeps on one side (see calibration.split)
 
     def __init__(self, input_names: list[str], order: np.ndarray, labels: np.ndarray | None) -> None:
         self.input_names = list(input_names)
@@ -122,6 +123,14 @@ class Source(ABC):
     def _stack(self, samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         return {n: np.ascontiguousarray(np.stack([s[n] for s in samples])) for n in self.input_names}
 
+    def member(self, index: int) -> str:
+        """A sample's name in the manifest (a file path, a row)."""
+        return f"#{index}"
+
+    def group(self, index: int) -> str:
+        """The sample's split key: two disjoint parts of one source never share one."""
+        return self.member(index)
+
     def digest(self) -> str:
         if self._digest is None:
             h = hashlib.sha256()
@@ -134,7 +143,10 @@ class Source(ABC):
     def manifest_record(self) -> dict[str, Any]:
         """What the manifest keeps about the data a variant was calibrated or checked on."""
         return {"source": self.describe(), "kind": self.kind, "sha256": self.digest(), "num_samples": self.num_samples,
-                "skipped": len(self.probe_skipped) + len(self.skipped), "labels": self.has_labels, "warnings": list(self.warnings)}
+                "skipped": len(self.probe_skipped) + len(self.skipped), "labels": self.has_labels,
+                "warnings": list(self.warnings), "split_by": self.split_by,
+                "members": [self.member(int(i)) for i in self.order],
+                "groups": sorted({self.group(int(i)) for i in self.order})}
 
 
 class ImageFolderSource(Source):
@@ -144,10 +156,27 @@ class ImageFolderSource(Source):
 
     def __init__(self, root: Path, files: list[Path], labels: np.ndarray | None, order: np.ndarray,
                  input_name: str, pre: Preprocessing, channels: int, label_source: str = "",
-                 name: str | None = None) -> None:
+                 name: str | None = None, photos: dict[str, str] | None = None,
+                 file_sha: dict[int, str] | None = None) -> None:
         super().__init__([input_name], order, labels)
         self.root, self.files, self.pre, self.channels = root, files, pre, channels
         self.label_source, self.name = label_source, name
+        self.photos = photos  # built-in sets: file name -> source photo (SOURCES.json)
+        self._sha = file_sha if file_sha is not None else {}  # file index -> content sha256 (shared by a split)
+        self.split_by = "source photo (SOURCES.json)" if photos else "file content (sha256)"
+
+    def file_sha(self, index: int) -> str:
+        if index not in self._sha:
+            self._sha[index] = sha256_file(self.files[index])
+        return self._sha[index]
+
+    def member(self, index: int) -> str:
+        return self.files[index].relative_to(self.root).as_posix()
+
+    def group(self, index: int) -> str:
+        if self.photos is not None:
+            return self.photos.get(self.files[index].name, self.file_sha(index))
+        return self.file_sha(index)
 
     def _sample(self, index: int) -> dict[str, np.ndarray] | None:
         try:
@@ -162,7 +191,7 @@ class ImageFolderSource(Source):
         for idx in self.order:
             f = self.files[int(idx)]
             h.update(str(f.relative_to(self.root)).encode())
-            h.update(sha256_file(f).encode())
+            h.update(self.file_sha(int(idx)).encode())
 
     def describe(self) -> str:
         what = f"built-in {self.name} ({self.root})" if self.name else f"image folder {self.root}"
@@ -182,6 +211,7 @@ class ArraySource(Source):
     """Rows of memory-mapped arrays from a .npy/.npz file, cast to the model's input dtypes."""
 
     kind = "arrays"
+    split_by = "row of the file"
 
     def __init__(self, path: Path, arrays: dict[str, np.ndarray], dtypes: dict[str, str],
                  labels: np.ndarray | None, order: np.ndarray, total: int) -> None:
@@ -190,6 +220,9 @@ class ArraySource(Source):
 
     def _sample(self, index: int) -> dict[str, np.ndarray]:
         return {n: np.asarray(a[index], dtype=self.dtypes[n]) for n, a in self.arrays.items()}
+
+    def member(self, index: int) -> str:
+        return f"row {index}"
 
     def _content_hash(self, h: Any) -> None:
         h.update(sha256_file(self.path).encode())
@@ -204,6 +237,7 @@ class SyntheticSource(Source):
     """Seeded random inputs (standard normal floats): only when the user explicitly asks for it."""
 
     kind = "synthetic"
+    split_by = "seeded sample index"
 
     def __init__(self, iospec: IOSpec, order: np.ndarray, seed: int) -> None:
         super().__init__(iospec.input_names, order, None)

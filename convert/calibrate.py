@@ -8,8 +8,8 @@ calibration images and ``--auto`` re-quantizes without re-calibrating.
 
 The ranges are kept in the output folder (``calib.<key>.json``, keyed by the model, the data, the
 method, the batch, the op types and ONNX Runtime's version) and reused by the next conversion that
-matches. The held-out data of the accuracy gates never shares a sample with the calibration data
-(:func:`open_quant_data`).
+matches. The held-out data of the accuracy gates never shares a sample or a source (a photo, a file's
+content) with the calibration data, nor with ``--auto``'s selection data (:func:`open_quant_data`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibration.loaders import count_samples, open_source, resolve_preprocessing
+from calibration.loaders import count_samples, open_parts, open_source, resolve_preprocessing
 from calibration.sources import DEFAULT_SYNTHETIC_SIZE, Source
-from convert.config import CalibConfig, CalibMethod, QuantConfig
+from convert.config import CalibConfig, CalibMethod, GateConfig, QuantConfig
 from convert.ort_quant import QuantizeError, ort_method, quiet
 from core.errors import BackendUnavailableError, InputError, ToolkitError, first_line
 from core.fsutil import atomic_path, atomic_write_text
@@ -210,38 +210,62 @@ def quant_preprocessing(cfg: CalibConfig, spec: IOSpec, known: Preprocessing | N
         return None  # not an image model: only tensor sources apply, and they say so
 
 
-def open_quant_data(cfg: QuantConfig, spec: IOSpec, known: Preprocessing | None) -> tuple[Source | None, Source]:
-    """(calibration source or None, held-out source): the two never share a sample.
+@dataclass
+class QuantData:
+    """The data of one conversion's variants: three parts that share no source (see
+    :func:`calibration.loaders.open_parts`)."""
 
-    ``--eval-data`` (other than the calibration data) is the held-out set; otherwise a window of the
-    calibration data is held out and calibration never sees it; with no data at all (FP16 / dynamic
-    INT8), random inputs, with a warning.
+    calib: Source | None  # calibrates static INT8
+    held: Source  # every variant's accuracy gate
+    selection: Source | None = None  # --auto grades its trials here, so its gate is on data it never saw
+
+
+def open_quant_data(cfg: QuantConfig, spec: IOSpec, known: Preprocessing | None) -> QuantData:
+    """Calibration, held-out and (``--auto``) selection data: no two share a sample or a source.
+
+    ``--eval-data`` (other than the calibration data) is the held-out set (with ``--auto``, split by
+    source into the gate's part and the selection's); otherwise the calibration data is split by source
+    into held-out, (selection,) calibration parts; with no data at all (FP16 / dynamic INT8), random
+    inputs, with a warning.
     """
     c, g = cfg.calib, cfg.gate
     pre = quant_preprocessing(c, spec, known)
     if g.eval_data and not _same_data(g.eval_data, c.data):
-        held = open_source(g.eval_data, spec, pre, size=g.eval_size, seed=c.seed)
-        return (open_source(c.data, spec, pre, size=c.size, seed=c.seed) if c.data else None), held
+        calib = open_source(c.data, spec, pre, size=c.size, seed=c.seed) if c.data else None
+        if not g.auto:
+            return QuantData(calib, open_source(g.eval_data, spec, pre, size=g.eval_size, seed=c.seed))
+        held, sel = open_parts(g.eval_data, spec, pre, sizes=_halves(g.eval_data, g.eval_size), seed=c.seed)
+        return QuantData(calib, held, sel)
     if c.data:
-        n_eval, n_calib = _split(c.data, c, g.eval_size, spec, pre)
-        held = open_source(c.data, spec, pre, size=n_eval, seed=c.seed)
-        return open_source(c.data, spec, pre, size=n_calib, seed=c.seed, offset=n_eval), held
+        parts = open_parts(c.data, spec, pre, sizes=_split(c.data, c, g, spec, pre), seed=c.seed)
+        return QuantData(parts[-1], parts[0], parts[1] if g.auto else None)
     held = open_source(None, spec, pre, size=min(g.eval_size, DEFAULT_SYNTHETIC_SIZE), seed=c.seed + 1,
                        allow_synthetic=True)
     held.warnings.append("no held-out data given (--eval-data or --calib): accuracy was checked on random "
                          "inputs, which says little about real ones")
-    return None, held
+    return QuantData(None, held)
 
 
-def _split(data: str, c: CalibConfig, eval_size: int, spec: IOSpec, pre: Preprocessing | None) -> tuple[int, int]:
-    """(held-out samples, calibration samples) of ``data`` when both come from it."""
+def _halves(data: str, eval_size: int) -> list[int]:
+    """--auto with --eval-data: (gate, selection) sizes, half of ``data`` each when it is short."""
+    total = count_samples(data)
+    n = eval_size if total is None or total >= 2 * eval_size else total // 2
+    if n < 1:
+        raise InputError(f"--auto needs at least 2 held-out samples in {data} (one part to choose on, one to "
+                         f"check the choice on); it has {total}")
+    return [n, n]
+
+
+def _split(data: str, c: CalibConfig, g: GateConfig, spec: IOSpec, pre: Preprocessing | None) -> list[int]:
+    """Sizes of the parts of ``data`` when it gives every one: held-out, (--auto's selection,) calibration."""
+    k = 2 if g.auto else 1
     total = count_samples(data)
     if total is None:
-        return min(eval_size, DEFAULT_SYNTHETIC_SIZE), c.size
-    n_eval = eval_size if total >= c.size + eval_size else min(eval_size, max(1, total // 4))
-    n_calib = min(c.size, total - n_eval)
+        return [min(g.eval_size, DEFAULT_SYNTHETIC_SIZE)] * k + [c.size]
+    n_eval = g.eval_size if total >= c.size + k * g.eval_size else min(g.eval_size, max(1, total // (2 * k + 2)))
+    n_calib = min(c.size, total - k * n_eval)
     if n_calib < 1:
         open_source(data, spec, pre, size=None, seed=c.seed)  # unreadable data: say that first
         raise InputError(f"calibration data {data} has {total} sample(s): too few to calibrate and "
                          "hold samples out for the accuracy check; add data or pass --eval-data")
-    return n_eval, n_calib
+    return [n_eval] * k + [n_calib]

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from calibration.cpu import CpuFeatures, cpu_features
 from calibration.loaders import count_samples
 from calibration.ort_reader import OrtCalibrationReader
 from calibration.sources import Source
-from convert.calibrate import Calibrations, open_quant_data
+from convert.calibrate import Calibrations, QuantData, open_quant_data
 from convert.config import CALIB_METHODS, CalibMethod, QType, QuantConfig
 from convert.context import ConvertContext, Step
 from convert.gates import NodeScore, Trial, auto_search, gate_verdict, rank_nodes, summary_line
@@ -49,6 +49,7 @@ from core.metrics import AccuracyStats
 from core.records import (
     ArtifactMetrics,
     AutoRecord,
+    DataRecord,
     DynamicQuantParams,
     Fp16Params,
     StaticQuantParams,
@@ -116,6 +117,7 @@ class QuantState:
     reference: str  # the FP32 artifact every variant derives from and is compared with
     reference_file: Path
     evaluator: HeldOutEvaluator  # the held-out inputs and the reference's outputs on them
+    selection: HeldOutEvaluator | None  # --auto: the part its trials are graded on, disjoint from held-out
     prepped: Path | None  # the reference after quant_pre_process; None when no INT8 variant is asked
     calibrations: Calibrations | None  # static INT8: its data (never a held-out sample), the run of each method
 
@@ -134,14 +136,16 @@ class QuantState:
         return self.calibrations
 
 
-def _open_data(ctx: ConvertContext, cfg: QuantConfig) -> tuple[Source | None, Source]:
-    calib, held = open_quant_data(cfg, ctx.spec, ctx.manifest.source.preprocessing)
-    if calib is not None:
-        ctx.log(f"calibration data: {calib.describe()}")
-    ctx.log(f"held-out data: {held.describe()}")
-    for w in [*(calib.warnings if calib else []), *held.warnings]:
+def _open_data(ctx: ConvertContext, cfg: QuantConfig) -> QuantData:
+    data = open_quant_data(cfg, ctx.spec, ctx.manifest.source.preprocessing)
+    parts: list[tuple[str, Source | None]] = [("calibration", data.calib), ("held-out", data.held),
+                                              ("--auto selection", data.selection)]
+    for what, src in parts:
+        if src is not None:
+            ctx.log(f"{what} data: {src.describe()}")
+    for w in [w for _, src in parts if src is not None for w in src.warnings]:
         ctx.log(f"warning: {w}")
-    return calib, held
+    return data
 
 
 def _prepare(ctx: ConvertContext, cfg: QuantConfig, src: Path, work: Path) -> Path:
@@ -155,13 +159,18 @@ def _prepare(ctx: ConvertContext, cfg: QuantConfig, src: Path, work: Path) -> Pa
 
 def setup_quant(ctx: ConvertContext, cfg: QuantConfig, work: Path) -> QuantState:
     """Open the data, run the FP32 reference on the held-out inputs, pre-process the model for INT8."""
-    calib, held = _open_data(ctx, cfg)
+    data = _open_data(ctx, cfg)
+    calib = data.calib
     reference = ctx.best_fp32()
     ref_art = ctx.manifest.artifacts[reference]
     ref_file = ctx.out / ref_art.file.path
-    evaluator = HeldOutEvaluator(held, cfg.gate.eval_batch, ctx.spec.fixed_batch())
-    ctx.log(f"held-out reference: {reference} (FP32) on {held.num_samples} sample(s)")
+    evaluator = HeldOutEvaluator(data.held, cfg.gate.eval_batch, ctx.spec.fixed_batch())
+    ctx.log(f"held-out reference: {reference} (FP32) on {data.held.num_samples} sample(s)")
     evaluator.set_reference(ref_file, reference)
+    selection = None
+    if data.selection is not None:
+        selection = HeldOutEvaluator(data.selection, cfg.gate.eval_batch, ctx.spec.fixed_batch())
+        selection.set_reference(ref_file, reference)
     prepped = _prepare(ctx, cfg, ref_file, work) if cfg.int8_dynamic or cfg.int8_static else None
     calibrations = None
     if cfg.int8_static and calib is not None and prepped is not None:
@@ -169,7 +178,7 @@ def setup_quant(ctx: ConvertContext, cfg: QuantConfig, work: Path) -> QuantState
                                     fixed_batch=ctx.spec.fixed_batch(), op_types=quantizable_op_types(
                                         cfg.exclude_op_types), out=ctx.out, work=work, log=ctx.log)
     return QuantState(cfg=cfg, work=work, cpu=cpu_features(), reference=reference, reference_file=ref_file,
-                      evaluator=evaluator, prepped=prepped, calibrations=calibrations)
+                      evaluator=evaluator, selection=selection, prepped=prepped, calibrations=calibrations)
 
 
 # -- recording ---------------------------------------------------------------------------------------
@@ -225,15 +234,23 @@ def step_int8_dynamic(ctx: ConvertContext, state: QuantState) -> None:
             stats=state.evaluator.evaluate(built), notes=_cpu_note(ctx, state.cpu.int8_advice(dynamic=True)))
 
 
-def _build_static(state: QuantState, method: CalibMethod, fp32_nodes: list[str]) -> Trial:
-    """Static INT8 from ``method``'s ranges with ``fp32_nodes`` left in FP32, graded on the held-out data."""
+def _build_static(state: QuantState, method: CalibMethod, fp32_nodes: list[str],
+                  on: HeldOutEvaluator | None = None) -> Trial:
+    """Static INT8 from ``method``'s ranges with ``fp32_nodes`` left in FP32, graded on ``on`` (default:
+    the held-out data)."""
     cal = state.static()
     run = cal.run(method)
     out = state.work / f"int8_static_{method}_{len(fp32_nodes)}.onnx"
     quantize_static_file(cal.model, out, run.method, run.cache, state.cfg, state.reduce_range, fp32_nodes)
-    stats = state.evaluator.evaluate(out)
+    stats = (on or state.evaluator).evaluate(out)
     return Trial(method=method, fp32_nodes=fp32_nodes, stats=stats,
                  gate=gate_verdict(stats, state.cfg.gate), path=out)
+
+
+def _regrade(state: QuantState, trial: Trial) -> Trial:
+    """``trial`` with its statistics and gate on the held-out data (an --auto choice was made on another part)."""
+    stats = state.evaluator.evaluate(trial.path)
+    return replace(trial, stats=stats, gate=gate_verdict(stats, state.cfg.gate))
 
 
 def _rank(ctx: ConvertContext, state: QuantState, trial: Trial) -> list[NodeScore]:
@@ -248,11 +265,16 @@ def _choose_static(ctx: ConvertContext, state: QuantState) -> list[tuple[Trial, 
     c, g = state.cfg.calib, state.cfg.gate
     if not g.auto:
         return [(_build_static(state, m, []), None) for m in c.methods]
+    if state.selection is None:
+        raise RuntimeError("--auto needs its selection data (open_quant_data)")
+    sel = state.selection
     order = list(dict.fromkeys([*c.methods, *CALIB_METHODS]))
-    result = auto_search(order, g.max_accuracy_drop, lambda m, keep: _build_static(state, m, keep),
+    ctx.log(f"  --auto: choosing on {sel.data.describe()}; the gate is then checked on the held-out data")
+    result = auto_search(order, g.max_accuracy_drop, lambda m, keep: _build_static(state, m, keep, sel),
                          lambda t: _rank(ctx, state, t), ctx.log)
     ctx.log(f"  --auto chose {result.best.method} with {len(result.best.fp32_nodes)} node(s) in FP32: {result.reason}")
-    return [(result.best, result.record())]
+    record = result.record().model_copy(update={"selected_on": DataRecord.model_validate(sel.data.manifest_record())})
+    return [(_regrade(state, result.best), record)]  # the gate: on held-out data the choice never saw
 
 
 def step_int8_static(ctx: ConvertContext, state: QuantState) -> None:

@@ -78,6 +78,12 @@ class DataRecord(Record):
     skipped: int
     labels: bool
     warnings: list[str] = Field(default_factory=list)
+    split_by: str | None = Field(default=None, description="What a split keeps on one side: the source photo "
+                                                           "(built-in set), the file content (image folder), the row")
+    members: list[str] = Field(default_factory=list, description="Every sample read: file path in the folder, "
+                                                                 "or row")
+    groups: list[str] = Field(default_factory=list, description="Their split keys (source photo, content sha256, "
+                                                                "row): disjoint parts of one source share none")
 
 
 class CalibrationRecord(DataRecord):
@@ -111,11 +117,16 @@ class NodeRank(Record):
 
 
 class AutoRecord(Record):
+    """``--auto``: its trials are graded on ``selected_on``; the artifact's gate (``metrics.gate``) on
+    ``metrics.held_out``, a part it never looked at."""
+
     chosen_method: str
     fp32_nodes: list[str]
     reason: str
     trials: list[TrialRecord]
     ranking_top: list[NodeRank]
+    selected_on: DataRecord | None = Field(default=None, description="The data the trials were graded on: "
+                                                                     "disjoint from calibration and held-out")
 
 
 class _QuantCommon(Record):

@@ -76,7 +76,7 @@ class Target:
 def build_pool(manifest: Manifest, cfg: BenchConfig, size: int, log: Callable[[str], None]) -> InputPool:
     if cfg.data is None:
         return random_pool(manifest.iospec, size, cfg.seed)
-    return image_pool(manifest.iospec, manifest.source, cfg.data, size, log)
+    return image_pool(manifest.iospec, manifest.source, cfg.data, size, log, cfg.seed)
 
 
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
