@@ -38,27 +38,29 @@ def _run(args: list[str], timeout: float) -> tuple[bool, str]:
 
 
 def check_model(model: str, work: Path, timeout: float) -> dict[str, Any]:
-    out = work / model
     t0 = time.perf_counter()
-    row: dict[str, Any] = {"model": model}
     try:
-        ok, msg = _run(["convert", model, "--input-shape", "1x3x224x224", "--out", str(out)], timeout)
-        if not ok:
-            return row | {"status": "fail", "step": "convert", "error": msg}
-        ok, msg = _run(["bench", str(out), "--backends", "eager,ort", "--batch-sizes", "1", "--warmup", "1",
-                        "--iters", "3", "--rounds", "3", "--accuracy-samples", "8"], timeout)
-        if not ok:
-            return row | {"status": "fail", "step": "bench", "error": msg}
-        recs = json.loads((out / "bench" / "results.json").read_text())["records"]
-        ort = [r for r in recs if r["backend"] == "ort"]
-        agree = [r["accuracy"]["top1_agreement"] for r in ort if r.get("accuracy")]
-        return row | {"status": "pass", "ort_variants": [r["variant"] for r in ort],
-                      "ort_top1_agrees_with_eager": bool(agree) and all(a == 1.0 for a in agree),
-                      "min_ort_top1_agreement": min(agree) if agree else None,
-                      "min_ort_cosine": min(r["accuracy"]["cosine"] for r in ort if r.get("accuracy"))}
+        row = _check(model, work / model, timeout)
     finally:
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(work / model, ignore_errors=True)
+    return {"model": model, **row, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _check(model: str, out: Path, timeout: float) -> dict[str, Any]:
+    ok, msg = _run(["convert", model, "--input-shape", "1x3x224x224", "--out", str(out)], timeout)
+    if not ok:
+        return {"status": "fail", "step": "convert", "error": msg}
+    ok, msg = _run(["bench", str(out), "--backends", "eager,ort", "--batch-sizes", "1", "--warmup", "1",
+                    "--iters", "3", "--rounds", "3", "--accuracy-samples", "8"], timeout)
+    if not ok:
+        return {"status": "fail", "step": "bench", "error": msg}
+    recs = json.loads((out / "bench" / "results.json").read_text())["records"]
+    ort = [r for r in recs if r["backend"] == "ort"]
+    agree = [r["accuracy"]["top1_agreement"] for r in ort if r.get("accuracy")]
+    return {"status": "pass", "ort_variants": [r["variant"] for r in ort],
+            "ort_top1_agrees_with_eager": bool(agree) and all(a == 1.0 for a in agree),
+            "min_ort_top1_agreement": min(agree) if agree else None,
+            "min_ort_cosine": min(r["accuracy"]["cosine"] for r in ort if r.get("accuracy"))}
 
 
 def _markdown(payload: dict[str, Any]) -> str:
