@@ -110,8 +110,8 @@ def _split_body(body: bytes | bytearray, header_length: str | None) -> tuple[byt
 def _load_json(raw: bytes | bytearray) -> Any:
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(400, f"malformed JSON in the request: {exc}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise RequestError(400, f"malformed JSON in the request: {str(exc)[:200]}") from None
     except RecursionError:
         raise RequestError(400, "malformed JSON in the request: nested too deeply") from None
 

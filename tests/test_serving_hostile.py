@@ -68,6 +68,8 @@ def _cases() -> list[tuple[str, bytes, dict[str, str], int, str]]:
         ("int 10**400", _json([1, 3, 32, 32], [10**400] * 3072), {}, 400, "integers beyond 64 bits"),
         ("float 1e400", _literal(b"1e400"), {}, 400, "must be finite"),
         ("NaN literal", _literal(b"NaN"), {}, 400, "must be finite"),
+        ("5000-digit integer", b'{"inputs":[{"name":"input","datatype":"FP32","shape":[1],"data":[' + b"9" * 5000
+         + b"]}]}", {}, 400, "malformed JSON"),
         ("beyond FP32", _literal(b"1e39"), {}, 400, "beyond the range of FP32"),
         ("JSON nested 100000 deep", deep + b"}]}", {}, 400, "nested too deeply"),
         ("data not a list", _json([1], "1.0"), {}, 400, "not a list of FP32 values"),
