@@ -600,10 +600,12 @@ def serve(
     ort_spinning: Annotated[bool, typer.Option("--ort-spinning/--no-ort-spinning",
                                                help="ONNX Runtime threads spin while idle (off: less CPU when "
                                                     "other processes share the cores)")] = True,
-    max_body_mb: Annotated[float, typer.Option(min=0.001, help="Largest request body (MiB)")] = 64.0,
+    max_body_mb: Annotated[float | None, typer.Option(
+        min=0.001, help="Largest request body (MiB); default: a JSON request of --max-batch rows of the model's "
+                        "inputs (64 MiB when an input dim has no upper bound)")] = None,
     input_shape: Annotated[str | None, typer.Option(
         help="Shapes of the start-up warm-up run, e.g. input_ids:8x128,attention_mask:8x128 (default: the ones "
-             "convert bound, batch 1); requests may use any shape the model accepts")] = None,
+             "convert bound, batch 1); requests may use any shape the model accepts, up to --max-batch rows")] = None,
 ) -> None:
     """Serve one variant over the KServe v2 / Triton HTTP protocol, with /metrics and micro-batching."""
     with user_errors():

@@ -12,12 +12,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from serving.batching import MicroBatcher
 from serving.protocol import (
     HEADER_LENGTH,
     SERVER_TIMING,
     RequestError,
+    brief,
     decode_request,
     encode_response,
 )
@@ -29,34 +31,33 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes. One growing buffer
+    (no list of chunks joined into a second copy); a client that goes away raises ClientDisconnect."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            raise RequestError(400, f"malformed Content-Length {declared!r}")
+            raise RequestError(400, f"malformed Content-Length {brief(declared)}")
         if int(declared) > limit:
             raise RequestError(413, f"request body of {int(declared)} bytes exceeds the server's limit of {limit} "
                                     "bytes (serve --max-body-mb)")
-    chunks: list[bytes] = []
-    size = 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise RequestError(413, f"request body exceeds the server's limit of {limit} bytes (serve --max-body-mb)")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+        body += chunk
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding in ("gzip", "deflate"):
         inflater = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
         try:
-            body = inflater.decompress(body, limit + 1)
+            inflated = inflater.decompress(body, limit + 1)
         except zlib.error as exc:
             raise RequestError(400, f"request body is not valid {encoding}: {exc}") from None
-        if len(body) > limit or inflater.unconsumed_tail:
+        if len(inflated) > limit or inflater.unconsumed_tail:
             raise RequestError(413, f"decompressed request body exceeds the server's limit of {limit} bytes")
-    elif encoding != "identity":
-        raise RequestError(415, f"unsupported Content-Encoding {encoding!r}; use gzip, deflate or none")
+        return bytearray(inflated)
+    if encoding != "identity":
+        raise RequestError(415, f"unsupported Content-Encoding {brief(encoding)}; use gzip, deflate or none")
     return body
 
 
@@ -85,7 +86,7 @@ def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
     _error_handlers(app)
     _server_routes(app, model, metrics, ready)
     _model_routes(app, model, ready)
-    _infer_route(app, model, batcher, metrics, int(cfg.max_body_mb * 2**20))
+    _infer_route(app, model, batcher, metrics, model.body_limit(cfg.max_body_mb))
     return app
 
 
@@ -168,15 +169,21 @@ def _infer_route(app: FastAPI, model: ServedModel, batcher: MicroBatcher, metric
         except RequestError as exc:
             status = exc.status
             return _error(exc.status, exc.message)
+        except ClientDisconnect:  # nobody to answer: counted apart, not as a server error
+            status = 0
+            return Response(status_code=499)
         except Exception as exc:
             status = 500
-            return _error(500, f"inference failed: {type(exc).__name__}: {exc}")
+            return _error(500, f"inference failed: {type(exc).__name__}: {brief(str(exc), 500)}")
         finally:
             metrics.in_flight.dec()
-            metrics.requests.labels(label, str(status)).inc()
-            if status >= 400:
-                metrics.errors.labels(label, str(status)).inc()
-            metrics.latency.labels(label).observe(time.perf_counter() - t0)
+            if status == 0:
+                metrics.disconnects.labels(label).inc()
+            else:
+                metrics.requests.labels(label, str(status)).inc()
+                if status >= 400:
+                    metrics.errors.labels(label, str(status)).inc()
+                metrics.latency.labels(label).observe(time.perf_counter() - t0)
 
 
 async def _infer(model: ServedModel, batcher: MicroBatcher, request: Request, name: str, version: str | None,
@@ -184,8 +191,10 @@ async def _infer(model: ServedModel, batcher: MicroBatcher, request: Request, na
     """Read, check, run (micro-batched) and encode one inference request."""
     with batcher.arrival():
         served = _lookup(model, name, version)
-        req = decode_request(await _read_body(request, limit), request.headers.get(HEADER_LENGTH))
+        raw = await _read_body(request, limit)
+        req = decode_request(raw, request.headers.get(HEADER_LENGTH), served.check_input)
         feed = served.check(req)
+        del raw  # binary inputs are views of it and keep it while they live; nothing else holds the body
     t_read = time.perf_counter()
     done = await batcher.submit(feed)
     outputs = dict(zip(served.spec.output_names, done.outputs, strict=True))

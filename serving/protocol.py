@@ -4,11 +4,20 @@ Shared by the server (decode requests, encode responses) and the load generator 
 round). The binary-tensor extension is what ``tritonclient.http`` sends for NumPy inputs by default:
 the body is a JSON header of ``Inference-Header-Content-Length`` bytes followed by each tensor's raw
 little-endian bytes, in order, each announced by ``parameters.binary_data_size``.
+
+Requests are hostile until decoded: element counts are Python integers checked against the body before
+NumPy sees a shape (a shape whose count overflows int64 is a 400, not a wrapped count), JSON nested too
+deep or with integers beyond 64 bits is a 400, and user-given values are quoted shortened. JSON tensors
+must be finite: JSON has no inf/NaN, so a float beyond the datatype's range (``1e400``, or ``1e39`` for
+FP32) or Python's ``NaN``/``Infinity`` extension is refused rather than run as inf; binary tensors carry
+any IEEE value and are passed through as sent.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +46,22 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+#: Called with (name, datatype, shape) of each input before its data is decoded: the server refuses what its
+#: model cannot take (unknown name, wrong datatype, batch over the maximum) before any work is done.
+InputCheck = Callable[[str, str, tuple[int, ...]], None]
+
+_INT64_MAX = 2**63 - 1
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a client's value quoted in an error message stays short."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # ValueError: an int with more digits than repr allows
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def datatype_of(dtype: str | np.dtype[Any]) -> str:
@@ -68,46 +93,105 @@ class InferRequest:
     id: str | None = None
 
 
-def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+def _split_body(body: bytes | bytearray, header_length: str | None) -> tuple[bytes | bytearray, memoryview]:
+    """The JSON header and a view (no copy) of the binary tensors after it."""
     if header_length is None:
-        return body, b""
-    try:
-        n = int(header_length)
-    except ValueError:
-        raise RequestError(400, f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+        return body, memoryview(b"")
+    text = header_length.strip()
+    if not text.isdigit() or len(text) > 19:  # isdigit also refuses "-1", "+5", "1_000"
+        raise RequestError(400, f"{HEADER_LENGTH} must be a non-negative integer, got {brief(header_length)}")
+    n = int(text)
     if not 0 < n <= len(body):
         raise RequestError(400, f"{HEADER_LENGTH} {n} does not fit a body of {len(body)} bytes")
-    return body[:n], body[n:]
+    view = memoryview(body)
+    return bytes(view[:n]), view[n:]
 
 
-def _load_json(raw: bytes) -> Any:
+def _load_json(raw: bytes | bytearray) -> Any:
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(400, f"malformed JSON in the request: {exc}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise RequestError(400, f"malformed JSON in the request: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise RequestError(400, "malformed JSON in the request: nested too deeply") from None
 
 
 def _shape(value: Any, where: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in value):
-        raise RequestError(400, f"{where}: 'shape' must be a list of non-negative integers, got {value!r}")
+        raise RequestError(400, f"{where}: 'shape' must be a list of non-negative integers, got {brief(value)}")
     return tuple(value)
+
+
+def _check_size(shape: tuple[int, ...], dtype: np.dtype[Any], datatype: str, where: str) -> None:
+    """Refuse a shape NumPy cannot represent: over 32 dims, or over 2**63 bytes (zero dims aside)."""
+    if len(shape) > 32:
+        raise RequestError(400, f"{where}: shape has {len(shape)} dims; at most 32 are supported")
+    if math.prod(max(d, 1) for d in shape) * dtype.itemsize > _INT64_MAX:
+        raise RequestError(400, f"{where}: shape {brief(list(shape))} is too large: its {datatype} tensor would "
+                                "take more than 2**63 bytes")
 
 
 def _json_data(data: Any, dtype: np.dtype[Any], datatype: str, where: str) -> np.ndarray:
     """JSON ``data`` as ``dtype``; a float for an integer datatype (e.g. 0.5 for INT64 token ids) is refused,
-    never truncated."""
+    never truncated, and so is an integer out of the datatype's range or a non-finite float."""
+    bad = f"{where}: 'data' is not a list of {datatype} values"
+    if not isinstance(data, list):
+        raise RequestError(400, f"{bad}: got {type(data).__name__}")
     try:
-        raw = np.asarray(data)
-        if dtype.kind in "iub" and raw.size and raw.dtype.kind not in "iub":
+        kind = np.asarray(data).dtype.kind
+        if kind not in "biuf":  # object: integers beyond 64 bits or null; U: strings
+            raise ValueError("values that are not numbers, or integers beyond 64 bits")
+        if dtype.kind in "iub" and kind == "f":
             raise ValueError("non-integer values")
-        return np.asarray(data, dtype=dtype)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise RequestError(400, f"{where}: 'data' is not a list of {datatype} values: {exc}") from None
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = np.asarray(data, dtype=dtype)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise RequestError(400, f"{bad}: {str(exc)[:200]}") from None
+    if dtype.kind == "f" and not np.isfinite(arr).all():
+        raise RequestError(400, f"{where}: 'data' has values beyond the range of {datatype} (or inf/NaN); JSON "
+                                "tensors must be finite (send non-finite values as binary data)")
+    return arr
 
 
-def decode_request(body: bytes, header_length: str | None) -> InferRequest:
-    """Parse a request body (JSON, or JSON header + binary tensors) into NumPy arrays."""
+def _input_array(item: dict[str, Any], where: str, blob: memoryview, offset: int, check: InputCheck | None,
+                 json_bytes: int) -> tuple[np.ndarray, int]:
+    """One input's array and the number of binary bytes it took; counts are Python ints, checked against
+    the body before NumPy is asked for anything."""
+    datatype = item.get("datatype")
+    if not isinstance(datatype, str):
+        raise RequestError(400, f"{where}: 'datatype' is missing")
+    dtype = numpy_dtype(datatype)
+    shape = _shape(item.get("shape"), where)
+    if check is not None:
+        check(item["name"], datatype, shape)
+    _check_size(shape, dtype, datatype, where)
+    count = math.prod(shape)
+    iparams = item.get("parameters") or {}
+    size = iparams.get("binary_data_size") if isinstance(iparams, dict) else None
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(blob):
+            raise RequestError(400, f"{where}: binary_data_size {brief(size)} exceeds the {len(blob) - offset} "
+                                    "binary bytes left in the body")
+        if size != count * dtype.itemsize:
+            raise RequestError(400, f"{where}: binary_data_size {size} != {count} elements x "
+                                    f"{dtype.itemsize} bytes for shape {list(shape)} {datatype}")
+        return np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape(shape), size
+    if "data" not in item:
+        raise RequestError(400, f"{where}: neither 'data' nor parameters.binary_data_size is given")
+    if count > json_bytes:  # every JSON value takes at least one byte: refuse before converting anything
+        raise RequestError(400, f"{where}: shape {list(shape)} needs {count} values, more than a JSON body of "
+                                f"{json_bytes} bytes can hold")
+    arr = _json_data(item["data"], dtype, datatype, where)
+    if arr.size != count:
+        raise RequestError(400, f"{where}: 'data' has {arr.size} values but shape {list(shape)} needs {count}")
+    return arr.reshape(shape), 0
+
+
+def decode_request(body: bytes | bytearray, header_length: str | None,
+                   check: InputCheck | None = None) -> InferRequest:
+    """Parse a request body (JSON, or JSON header + binary tensors) into NumPy arrays. ``check`` sees each
+    input's name, datatype and shape before its data is decoded. Binary inputs are views of ``body``."""
     head, blob = _split_body(body, header_length)
     doc = _load_json(head)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
@@ -116,53 +200,42 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     if not isinstance(params, dict):
         raise RequestError(400, "'parameters' must be a JSON object")
     req = InferRequest(inputs={}, datatypes={}, binary_default=bool(params.get("binary_data_output", False)),
-                       id=str(doc["id"]) if "id" in doc else None)
+                       id=_request_id(doc))
     offset = 0
     for i, item in enumerate(doc["inputs"]):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise RequestError(400, f"inputs[{i}] must be an object with a 'name'")
-        name = item["name"]
-        where = f"input {name!r}"
-        if name in req.inputs:
+        where = f"input {brief(item['name'])}"
+        if item["name"] in req.inputs:
             raise RequestError(400, f"{where} is given twice")
-        datatype = item.get("datatype")
-        if not isinstance(datatype, str):
-            raise RequestError(400, f"{where}: 'datatype' is missing")
-        dtype = numpy_dtype(datatype)
-        shape = _shape(item.get("shape"), where)
-        count = int(np.prod(shape, dtype=np.int64))
-        iparams = item.get("parameters") or {}
-        size = iparams.get("binary_data_size") if isinstance(iparams, dict) else None
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(blob):
-                raise RequestError(400, f"{where}: binary_data_size {size!r} exceeds the {len(blob) - offset} "
-                                        "binary bytes left in the body")
-            if size != count * dtype.itemsize:
-                raise RequestError(400, f"{where}: binary_data_size {size} != {count} elements x "
-                                        f"{dtype.itemsize} bytes for shape {list(shape)} {datatype}")
-            arr = np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape(shape)
-            offset += size
-        else:
-            if "data" not in item:
-                raise RequestError(400, f"{where}: neither 'data' nor parameters.binary_data_size is given")
-            arr = _json_data(item["data"], dtype, datatype, where)
-            if arr.size != count:
-                raise RequestError(400, f"{where}: 'data' has {arr.size} values but shape {list(shape)} "
-                                        f"needs {count}")
-            arr = arr.reshape(shape)
-        req.inputs[name] = arr
-        req.datatypes[name] = datatype
+        req.inputs[item["name"]], used = _input_array(item, where, blob, offset, check, len(head))
+        req.datatypes[item["name"]] = item["datatype"]
+        offset += used
     if offset != len(blob):
         raise RequestError(400, f"{len(blob) - offset} binary bytes after the last input are not announced by "
                                 "any binary_data_size")
-    for i, out in enumerate(doc.get("outputs") or []):
+    _requested_outputs(doc, req)
+    return req
+
+
+def _request_id(doc: dict[str, Any]) -> str | None:
+    """The request's ``id`` to echo: a string as sent, anything else quoted shortened."""
+    if "id" not in doc:
+        return None
+    return doc["id"] if isinstance(doc["id"], str) else brief(doc["id"], 200)
+
+
+def _requested_outputs(doc: dict[str, Any], req: InferRequest) -> None:
+    outputs = doc.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise RequestError(400, "'outputs' must be a list")
+    for i, out in enumerate(outputs):
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise RequestError(400, f"outputs[{i}] must be an object with a 'name'")
         req.outputs.append(out["name"])
         oparams = out.get("parameters") or {}
         if isinstance(oparams, dict) and oparams.get("binary_data", req.binary_default):
             req.binary_outputs.add(out["name"])
-    return req
 
 
 def _encode_tensors(arrays: dict[str, np.ndarray], binary: set[str]) -> tuple[list[dict[str, Any]], list[bytes]]:

@@ -17,12 +17,18 @@ from core.manifest import Artifact, Manifest
 from serving.protocol import (
     InferRequest,
     RequestError,
+    brief,
     datatype_of,
 )
 from serving.triton import default_variant, load_artifacts, model_base_name, resolve_variants, served_name
 from serving.triton_config import PLATFORMS, ModelOptions, build_model_config, triton_dims
 
 VERSION = "1"
+#: Body limit where the inputs' size has no upper bound (a symbolic dim without a range).
+DEFAULT_MAX_BODY = 64 * 2**20
+#: The most bytes one value takes in a JSON tensor (``-1.2345678901234567e-05, ``), and room for the rest.
+JSON_BYTES_PER_VALUE = 32
+BODY_SLACK = 2**20
 
 
 class ServeConfig(BaseModel):
@@ -41,10 +47,12 @@ class ServeConfig(BaseModel):
     ort_spinning: bool = Field(default=True, description="ONNX Runtime's intra-op threads spin while waiting for "
                                                          "work: lower latency on free cores, wasted CPU when other "
                                                          "processes share them")
-    max_body_mb: float = Field(default=64.0, gt=0, description="Largest request body accepted (MiB)")
+    max_body_mb: float | None = Field(default=None, gt=0, description="Largest request body accepted (MiB); "
+                                      "default: what a request of max_batch rows takes as JSON, from the "
+                                      "model's input sizes (64 MiB where a dim has no upper bound)")
     input_shape: str | None = Field(default=None, description="Shapes of the start-up warm-up run, e.g. "
                                     "input_ids:8x128,attention_mask:8x128 (default: the ones convert bound, batch 1); "
-                                    "requests may still use any shape the model accepts")
+                                    "requests may use any shape the model accepts, up to max_batch rows")
     log_level: str = Field(default="warning", description="uvicorn log level")
 
 
@@ -66,6 +74,9 @@ class ServerMetrics:
                                  registry=self.registry)
         self.in_flight = Gauge("onnxkit_inference_requests_in_flight", "Inference requests being handled",
                                registry=self.registry)
+        self.disconnects = Counter("onnxkit_inference_disconnects", "Inference requests whose client went away "
+                                   "before the body was read (not errors: no response could be sent)", ["model"],
+                                   registry=self.registry)
         self.batch_rows = Histogram("onnxkit_batch_rows", "Rows per model execution (micro-batching)", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
 
@@ -107,6 +118,42 @@ class ServedModel:
                            ("onnxkit_runner", "ort:cpu")):
             msg.parameters[key].string_value = value
         return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+    @property
+    def max_batch(self) -> int | None:
+        """The most rows a request may have (Triton's max_batch_size); None for a fixed-batch model."""
+        return self.options.max_batch_size if self.spec.dynamic_batch else None
+
+    def body_limit(self, max_body_mb: float | None) -> int:
+        """Largest request body (bytes): ``max_body_mb``, else a request of ``max_batch`` rows sent as JSON."""
+        if max_body_mb is not None:
+            return int(max_body_mb * 2**20)
+        values = 0
+        for t in self.spec.inputs:
+            count = 1
+            for i, d in enumerate(t.shape):
+                if i == 0 and t.has_dynamic_batch:
+                    count *= self.max_batch or 1
+                elif isinstance(d, int):
+                    count *= d
+                elif d in self.spec.ranges:
+                    count *= self.spec.ranges[d].max
+                else:
+                    return DEFAULT_MAX_BODY
+            values += count
+        return values * JSON_BYTES_PER_VALUE + BODY_SLACK
+
+    def check_input(self, name: str, datatype: str, shape: tuple[int, ...]) -> None:
+        """Refuse an input before its data is decoded: unknown name, wrong datatype, batch over the maximum."""
+        names = self.spec.input_names
+        if name not in names:
+            raise RequestError(400, f"model {self.name} takes inputs {names}; the request has {brief(name)}")
+        want = datatype_of(self.spec.input(name).dtype)
+        if datatype != want:
+            raise RequestError(400, f"input {name!r}: datatype {datatype} but model {self.name} expects {want}")
+        if self.max_batch is not None and shape and shape[0] > self.max_batch:
+            raise RequestError(400, f"input {name!r}: batch {shape[0]} exceeds the model's max batch of "
+                                    f"{self.max_batch} (serve --max-batch; Triton's max_batch_size)")
 
     def check(self, req: InferRequest) -> dict[str, np.ndarray]:
         """The feed for the runner, or a 400 naming every mismatch with the model's inputs."""
@@ -152,6 +199,9 @@ def load_model(cfg: ServeConfig, log: Callable[[str], None] = print) -> ServedMo
     runner = OrtRunner(manifest, base, art, RunnerOptions(device="cpu", threads=cfg.threads,
                                                           ort_spinning=cfg.ort_spinning)).load()
     spec, batch = apply_input_shapes(manifest.iospec, cfg.input_shape)
+    if batch is not None and spec.dynamic_batch and batch > cfg.max_batch:
+        raise InputError(f"--input-shape has a batch of {batch}, above --max-batch {cfg.max_batch} (the most rows "
+                         "a request may carry)")
     warm = spec.random_feed(batch or spec.fixed_batch() or 1)
     runner.infer(warm)
     batched = manifest.iospec.dynamic_batch
