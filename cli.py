@@ -67,9 +67,24 @@ def user_errors() -> Iterator[None]:
     except Exception as exc:
         if STATE["debug"]:
             raise
+        if (line := _config_error(exc)) is not None:  # a flag value outside a config field's range
+            console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
+            raise typer.Exit(2) from None
         console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (run with --debug for the traceback)",
                       soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+def _config_error(exc: Exception) -> str | None:
+    """A pydantic error from building a config as one line naming the flag, e.g. ``--opset: Input should
+    be less than or equal to 23``; None for any other exception."""
+    from pydantic import ValidationError as PydanticValidationError
+
+    if not isinstance(exc, PydanticValidationError) or not exc.errors():
+        return None
+    err = exc.errors()[0]
+    names = [x for x in err["loc"] if isinstance(x, str)]
+    return f"--{names[-1].replace('_', '-')}: {err['msg']}" if names else err["msg"]
 
 
 def log(msg: str) -> None:
@@ -384,7 +399,7 @@ def bench(
 ) -> None:
     """Benchmark every backend on the same inputs; check accuracy against the FP32 reference."""
     with user_errors():
-        from core.fsutil import ensure_writable_dir
+        from core.fsutil import check_writable_target
 
         cfg = _bench_config(artifact_dir, backends=backends, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
                             device=device, threads=threads, data=data, variants=variants,
@@ -392,7 +407,7 @@ def bench(
                             shapes=(input_shape, dims), options={"cuda_graphs": cuda_graphs, "channels_last": channels_last,
                                      "include_transfers": include_transfers}, timing=(rounds, ort_spinning))
         json_path = out or cfg.artifact_dir / "bench" / "results.json"
-        ensure_writable_dir(json_path.parent)
+        check_writable_target(json_path.parent)  # created only when the results are written
         _render_bench(_run_bench_with_progress(cfg), json_path)
 
 
@@ -449,20 +464,17 @@ def _run_bench_with_progress(cfg: BenchConfig) -> BenchResults:
 
 
 def _render_bench(results: BenchResults, json_path: Path) -> None:
-    """Write results.json (+ .csv, .md, .html) and print the table and the warnings."""
+    """Write results.json (+ .csv, .md, .html, as one set) and print the table and the warnings."""
+    from reports.html import write_bench_html
     from reports.writers import rich_table, write_results
 
-    paths = write_results(results, json_path)
+    paths = write_results(results, json_path, html=write_bench_html)
     out_console.print(rich_table(results))
     for w in results.warnings:
         log(f"[yellow]warning:[/] {w}")
     out_console.print(f"report: {paths['json']} (+ {paths['csv'].name}, {paths['md'].name})")
-    try:  # results.json is written: a plotting problem must not lose the run
-        from reports.html import write_bench_html
-
-        out_console.print(f"html: {write_bench_html(results, json_path)}")
-    except Exception as exc:
-        log(f"[yellow]warning:[/] results.html not written: {type(exc).__name__}: {exc}")
+    if "html" in paths:
+        out_console.print(f"html: {paths['html']}")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """The state one conversion's steps share, and the shape of a step.
 
 A step is a plain function ``step(ctx) -> None`` that writes its files into ``ctx.out`` and records
-them in ``ctx.manifest``; the pipeline is a list of them. Steps import this module, never the pipeline.
+them in ``ctx.manifest``; the pipeline is a list of them. ``ctx.out`` is the run's staging folder: it
+replaces ``ctx.final`` only when every step has succeeded, so a path kept in a record names ``ctx.final``. Steps import this module, never the pipeline.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class ConvertContext:
     log: Callable[[str], None] = print
     notes: list[str] = field(default_factory=list)
     examples: dict[str, Any] | None = None  # the export's sample inputs by name (None: seeded random ones)
+    final: Path | None = None  # the output folder the staged ``out`` becomes (None: ``out`` itself)
 
     @property
     def spec(self) -> IOSpec:
@@ -37,6 +39,10 @@ class ConvertContext:
 
     def path(self, name: str) -> Path:
         return self.out / name
+
+    def final_path(self, name: str) -> Path:
+        """Where ``name`` will be once the run is swapped in (for paths recorded in the manifest)."""
+        return (self.final or self.out) / name
 
     def best_fp32(self) -> str:
         """The artifact variants derive from: the optimized model when present."""

@@ -333,7 +333,8 @@ def _build_one(ctx: ConvertContext, cfg: EngineConfig, name: str, source: Artifa
                 f"batch {params.min_batch}..{params.max_batch}, opt {params.opt_batch}) on {env.describe()}")
         engine = build_engine(ctx.out / source.file.path, plan, kwargs, save_timing_cache=staged_timing)
     build = engine_build(env, sha256_file(plan), engine_profile(engine, ctx.spec.input_names),
-                         timing_cache=str(timing_cache), calibration=source_calibration(source))
+                         timing_cache=str(cfg.timing_cache or ctx.final_path("timing.cache")),
+                         calibration=source_calibration(source))
     art = ctx.manifest.record(ctx.out, plan, name=name, kind="plan", precision=source.precision, params=params,
                               parent=source.name, engine=build)
     art.metrics.parity = _engine_parity(engine, ctx, source, sorted({params.min_batch, params.opt_batch}))

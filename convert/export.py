@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from core.errors import ToolkitError
+from core.errors import InputError, ToolkitError
 from core.fsutil import atomic_path
 from core.iospec import BATCH, IOSpec, TensorSpec
 
 Exporter = Literal["torchscript", "dynamo"]
 
 
-class ExportError(ToolkitError):
-    """torch.onnx could not export the model."""
+class ExportError(InputError):
+    """torch.onnx could not export the model (its forward failed, an op or opset it cannot export):
+    a problem of the input model, so exit code 2."""
 
 
 def _summary(exc: BaseException) -> str:
@@ -42,7 +45,31 @@ def export_onnx(module: Any, spec: IOSpec, out: Path, *, opset: int, exporter: E
     if sample is None:
         sample = spec.random_feed(2 if spec.dynamic_batch else (spec.fixed_batch() or 1), seed=0)
     args = tuple(torch.from_numpy(np.ascontiguousarray(sample[n])) for n in spec.input_names)
-    with atomic_path(out) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    # A private folder: past 2 GiB the exporters write tensors as side files next to the model.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.export-") as d:
+        tmp = Path(d) / out.name
+        _export(module, spec, args, tmp, opset=opset, exporter=exporter)
+        _place(tmp, out)
+
+
+def _place(exported: Path, out: Path) -> None:
+    """Move an inline model into place; one with external data (or too big) is re-saved as ``out`` +
+    ``out.data`` by :func:`core.onnxfile.save_onnx`."""
+    from core import onnxfile
+
+    if os.listdir(exported.parent) == [exported.name] and exported.stat().st_size < onnxfile.MAX_INLINE_BYTES:
+        with atomic_path(out) as tmp:
+            os.replace(exported, tmp)
+        return
+    import onnx
+
+    onnxfile.save_onnx(onnx.load(str(exported)), out)
+
+
+def _export(module: Any, spec: IOSpec, args: tuple[Any, ...], tmp: Path, *, opset: int, exporter: Exporter) -> None:
+    import torch
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
             if exporter == "dynamo":
@@ -54,10 +81,10 @@ def export_onnx(module: Any, spec: IOSpec, out: Path, *, opset: int, exporter: E
                 dyn = per_input if any(per_input) else None
                 prog = torch.onnx.export(module, args, None, input_names=spec.input_names,
                                          output_names=spec.output_names, opset_version=opset, dynamo=True,
-                                         dynamic_shapes=dyn, external_data=False, optimize=True)
+                                         dynamic_shapes=dyn, optimize=True)
                 if prog is None:
                     raise ExportError("the dynamo exporter returned no program")
-                prog.save(str(tmp), external_data=False)
+                prog.save(str(tmp))  # external data by itself past 2 GiB
             else:
                 torch.onnx.export(module, args, str(tmp), input_names=spec.input_names,
                                   output_names=spec.output_names, opset_version=opset, dynamo=False,

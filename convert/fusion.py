@@ -20,7 +20,7 @@ from convert.context import ConvertContext, parity_batches
 from convert.ort_quant import scratch_cwd
 from convert.validate import Tolerance, validate_onnx
 from core.errors import ToolkitError, ValidationError, first_line
-from core.fsutil import atomic_path
+from core.onnxfile import save_onnx
 from core.records import FusionParams
 
 FUSED = "fused"
@@ -59,8 +59,7 @@ def step_fuse(ctx: ConvertContext) -> None:
         ctx.log("transformer fusion: nothing fused; no 'fused' variant")
         return
     target = ctx.path(f"model.{FUSED}.onnx")
-    with atomic_path(target) as tmp:
-        optimized.save_model_to_file(str(tmp))
+    save_onnx(optimized.model, target)
     art = ctx.manifest.record(ctx.out, target, name=FUSED, kind="onnx", parent=src_name, notes=[CONTRIB_NOTE],
                               params=FusionParams(model_type="bert", fused_ops=fused))
     try:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
+from core import onnxfile
 from core.errors import ToolkitError
-from core.fsutil import atomic_path
+from core.onnxfile import data_name, save_onnx
 from core.records import OptimizeInfo
 from runtimes.ort import session_options
 
@@ -26,7 +28,6 @@ class OptimizeError(ToolkitError):
 def optimize_onnx(src: Path, out: Path, *, slim: bool = True, ort_basic: bool = True) -> OptimizeInfo:
     """Write the optimized model to ``out`` atomically and return what was done (node counts)."""
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(src))
     before = len(model.graph.node)
@@ -41,20 +42,31 @@ def optimize_onnx(src: Path, out: Path, *, slim: bool = True, ort_basic: bool = 
             raise OptimizeError(f"onnxslim failed on {src.name}: {type(exc).__name__}: {exc}") from exc
         steps.append("onnxslim")
     after_slim = len(model.graph.node)
-    with atomic_path(out) as tmp:
-        onnx.save(model, str(tmp))
-        if ort_basic:
-            # ORT writes the optimized graph to its own file; it replaces tmp, which atomic_path renames.
-            ort_out = tmp.with_name(tmp.stem + ".ort.onnx")
-            so = session_options(optimization="basic")
-            so.optimized_model_filepath = str(ort_out)
-            try:
-                ort.InferenceSession(str(tmp), sess_options=so, providers=["CPUExecutionProvider"])
-                os.replace(ort_out, tmp)
-            except Exception as exc:
-                ort_out.unlink(missing_ok=True)
-                raise OptimizeError(f"ONNX Runtime offline optimization failed on {src.name}: {exc}") from exc
-            steps.append("ort_basic")
-    final = onnx.load(str(out))
+    if ort_basic:
+        model = _ort_basic(model, src, out)
+        steps.append("ort_basic")
+    save_onnx(model, out)
     return OptimizeInfo(steps=steps, nodes_before=before, nodes_after_slim=after_slim,
-                        nodes_after=len(final.graph.node))
+                        nodes_after=len(model.graph.node))
+
+
+def _ort_basic(model: Any, src: Path, out: Path) -> Any:
+    """ONNX Runtime's basic offline optimizations, in a private folder (a model past 2 GiB goes in and
+    comes out with external data)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.ort-") as d:
+        given, optimized = Path(d) / "in.onnx", Path(d) / "ort.onnx"
+        big = model.ByteSize() >= onnxfile.MAX_INLINE_BYTES
+        save_onnx(model, given)
+        so = session_options(optimization="basic")
+        so.optimized_model_filepath = str(optimized)
+        if big:
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        data_name(optimized))
+        try:
+            ort.InferenceSession(str(given), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise OptimizeError(f"ONNX Runtime offline optimization failed on {src.name}: {exc}") from exc
+        return onnx.load(str(optimized))

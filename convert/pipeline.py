@@ -3,11 +3,17 @@
 resolve -> export (model.onnx) + PyTorch weights -> validate -> optimize (model.opt.onnx) -> validate
 -> optional variant steps (FP16, INT8, sparsity, TensorRT) added by their modules.
 Every file is written atomically and recorded in ``manifest.json`` with its hash.
+
+A run is transactional: the steps write into a staging folder beside the output folder, the manifest is
+written last, and the staged set replaces the folder's artifacts only when every step has succeeded. A
+failure, SIGINT or SIGTERM leaves the folder byte-identical (a new folder is not created at all). What the
+folder holds besides the old manifest's artifacts (``bench/``, ``profile/``, calibration and timing caches,
+the user's own files) is kept; the old artifacts the new manifest does not list are removed with it.
 """
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,12 +28,14 @@ from convert.optimize import optimize_onnx
 from convert.quantize import quant_steps
 from convert.sparsity import check_sparsity_inputs, step_sparsity
 from convert.validate import Tolerance, ort_reference, torch_reference, validate_onnx
-from core.errors import ValidationError, first_line
-from core.fsutil import atomic_path, ensure_writable_dir
+from core.errors import ToolkitError, ValidationError, first_line
+from core.fsutil import atomic_path
 from core.iospec import onnx_opset
-from core.manifest import Manifest
+from core.manifest import MANIFEST_NAME, Manifest
 from core.models import factory_parts, resolve_model
+from core.onnxfile import copy_onnx
 from core.records import CopyParams, ExportParams, OptimizeParams, WeightsParams
+from core.transaction import staged_folder
 
 
 def default_out(model: str) -> Path:
@@ -37,16 +45,16 @@ def default_out(model: str) -> Path:
 
 
 def _copy_onnx(ctx: ConvertContext, onnx_path: Path) -> None:
-    """An ONNX input: copied as is; its own IOSpec and opset; ONNX Runtime on it is the parity reference."""
+    """An ONNX input: copied as is (with its external data) once ONNX Runtime has loaded the input itself;
+    its own IOSpec and opset; ONNX Runtime on it is the parity reference."""
     import onnx
 
+    ctx.reference = ort_reference(onnx_path)  # a model ONNX Runtime refuses is never copied
     target = ctx.path("model.onnx")
-    with atomic_path(target) as tmp:
-        shutil.copyfile(onnx_path, tmp)
-    model = onnx.load(str(target))  # its IOSpec, with the dims --input-shape bound, is ctx.spec already
+    copy_onnx(onnx_path, target)
+    model = onnx.load(str(target), load_external_data=False)  # its IOSpec (dims bound) is ctx.spec already
     ctx.manifest.opset = onnx_opset(model)
     ctx.manifest.exporter = "none (ONNX input)"
-    ctx.reference = ort_reference(target)
     ctx.log("ONNX input taken as is; parity reference is ONNX Runtime on the input file")
     ctx.manifest.record(ctx.out, target, name="fp32", kind="onnx", params=CopyParams(copied_from=str(onnx_path)))
 
@@ -98,18 +106,12 @@ def step_validate(name: str) -> Callable[[ConvertContext], None]:
         itself = isinstance(art.params, CopyParams)
         ctx.log(f"validating {art.file.path}: checker, shape inference"
                 + ("" if itself else f", parity at batch {parity_batches(ctx)}"))
-        try:
-            art.metrics.update(validate_onnx(ctx.out / art.file.path, ctx.spec, None if itself else ctx.reference,
-                                             batches=parity_batches(ctx), tol=Tolerance.fp32(), what=art.file.path))
-            if itself:
-                _run_reference(ctx)
-                art.metrics.summary = "reference: the input file as given (every variant is compared with it)"
-        except ValidationError as exc:
-            # The file stays (it is complete), but the manifest says it failed and why.
-            art.status = "failed"
-            art.notes.extend(exc.failures)
-            ctx.manifest.save(ctx.out)
-            raise
+        # A failure ends the run: the staged files are dropped and the output folder keeps its old set.
+        art.metrics.update(validate_onnx(ctx.out / art.file.path, ctx.spec, None if itself else ctx.reference,
+                                         batches=parity_batches(ctx), tol=Tolerance.fp32(), what=art.file.path))
+        if itself:
+            _run_reference(ctx)
+            art.metrics.summary = "reference: the input file as given (every variant is compared with it)"
     run.__name__ = f"validate_{name}"
     return run
 
@@ -157,8 +159,9 @@ def build_steps(cfg: ConvertConfig) -> list[Step]:
 def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print) -> tuple[Manifest, Path]:
     """Run the pipeline; return the manifest and the output folder.
 
-    The manifest is saved after every step, so a failure later keeps the artifacts already made,
-    and no file is ever left half-written.
+    The steps write into a staging folder that replaces the output folder's artifacts only when every
+    step has succeeded (manifest last); any failure or signal leaves the folder as it was. A failed
+    accuracy gate is a verdict, not a failure: the set is swapped in with the variant marked failed.
     """
     e = cfg.export
     if (engine := cfg.engine) is not None:
@@ -167,14 +170,30 @@ def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print) -> tuple
         cfg = cfg.model_copy(update={"quant": with_source_variants(engine, cfg.quant)})
         preflight(engine)
     loaded = resolve_model(e.model, e.weights, e.seed, task=e.task)
-    out = ensure_writable_dir(Path(cfg.out) if cfg.out else default_out(e.model))
+    out = Path(cfg.out) if cfg.out else default_out(e.model)
     for note in loaded.notes:
         log(note)
     spec, examples = input_spec(e, loaded)
     manifest = Manifest(source=loaded.source, iospec=spec)
-    ctx = ConvertContext(cfg=cfg, out=out, loaded=loaded, manifest=manifest, log=log, examples=examples)
-    for step in build_steps(cfg):
-        step(ctx)
-        manifest.save(out)
+    with staged_folder(out, carry=kept_content(out)) as stage:
+        ctx = ConvertContext(cfg=cfg, out=stage, final=out, loaded=loaded, manifest=manifest, log=log,
+                             examples=examples)
+        for step in build_steps(cfg):
+            step(ctx)
+        manifest.save(stage)  # the last file written: it lists exactly the staged set
     check_gates(manifest)  # every variant is built and recorded first; then a failed gate exits non-zero
     return manifest, out
+
+
+def kept_content(out: Path) -> Callable[[str], bool]:
+    """Which files of an existing output folder a new run keeps: all but the old manifest, the artifacts it
+    lists and temporary files left by a killed process."""
+    owned = {MANIFEST_NAME}
+    # An unreadable manifest: its own file is replaced, every other file is kept.
+    with contextlib.suppress(ToolkitError):
+        owned |= Manifest.load(out).owned_paths() if (out / MANIFEST_NAME).is_file() else set()
+
+    def keep(rel: str) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        return rel not in owned and not (name.startswith(".") and ".tmp" in name)
+    return keep

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from core.errors import ToolkitError
-from core.fsutil import atomic_path
+from core.onnxfile import save_onnx
 from core.records import Fp16Info
 
 
@@ -35,8 +35,7 @@ def convert_fp16(src: Path, out: Path) -> Fp16Info:
                                                     op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, "Cast"])
     except Exception as exc:
         raise PrecisionError(f"FP16 conversion of {src.name} failed: {type(exc).__name__}: {exc}") from exc
-    with atomic_path(out) as tmp:
-        onnx.save(fp16, str(tmp))
+    save_onnx(fp16, out)
     casts = sum(1 for n in fp16.graph.node if n.op_type == "Cast") - sum(1 for n in model.graph.node
                                                                          if n.op_type == "Cast")
     return Fp16Info(converter="onnxconverter_common.float16.convert_float_to_float16", keep_io_types=True,

@@ -1,4 +1,5 @@
-"""Atomic writes and hashing: a failed step never leaves a half-written file behind."""
+"""Atomic, durable writes and hashing: a failed step never leaves a half-written file behind, and a
+file renamed into place has its bytes on disk first (fsync of the file, then of its folder)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,18 @@ def ensure_writable_dir(path: Path) -> Path:
     return path
 
 
+def check_writable_target(path: Path) -> Path:
+    """Prove ``path`` (a folder) could be created or written, creating nothing: a run that fails later must
+    not leave an empty folder behind (``bench`` on a model folder that does not exist)."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise InputError(f"output folder {path} cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"output folder {path} cannot be written: {existing} is not writable")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it onto ``final`` only on success.
@@ -38,7 +51,9 @@ def atomic_path(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
+        fsync_file(tmp)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -47,6 +62,35 @@ def atomic_path(final: Path) -> Iterator[Path]:
             with contextlib.suppress(OSError):
                 side.unlink()
         raise
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's bytes to disk (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (after a rename into it); a no-op where folders cannot be opened (Windows)."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file and folder under ``root`` (included), deepest first: a staged set is durable before its swap."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            if not os.path.islink(Path(folder) / name):
+                fsync_file(Path(folder) / name)
+        fsync_dir(Path(folder))
 
 
 def _umask() -> int:

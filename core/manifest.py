@@ -72,12 +72,28 @@ class SourceInfo(BaseModel):
     preprocessing: Preprocessing | None = None
 
 
+class DataFile(BaseModel):
+    """A file an artifact needs beside it: an ONNX model's external tensor data (models over 2 GiB)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="Path relative to the manifest's folder")
+    sha256: str
+    size_bytes: int
+
+
 class FileRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(description="Path relative to the manifest's folder")
     sha256: str
     size_bytes: int
+    external_data: list[DataFile] = Field(default_factory=list,
+                                          description="ONNX external-data files the model reads, hashed too")
+
+    def paths(self) -> list[str]:
+        """The file and its external-data files, relative to the manifest's folder."""
+        return [self.path, *(d.path for d in self.external_data)]
 
 
 class Artifact(BaseModel):
@@ -123,8 +139,8 @@ class Manifest(BaseModel):
                notes: list[str] | None = None, engine: EngineBuild | None = None) -> Artifact:
         """Hash ``path`` and add (or replace) the artifact ``name``."""
         path = Path(path)
-        rec = FileRecord(path=str(path.resolve().relative_to(Path(base).resolve())),
-                         sha256=sha256_file(path), size_bytes=path.stat().st_size)
+        rec = FileRecord(path=_relative(base, path), sha256=sha256_file(path), size_bytes=path.stat().st_size,
+                         external_data=_data_files(base, path) if kind == "onnx" else [])
         art = Artifact(name=name, kind=kind, precision=precision, file=rec, params=params, parent=parent,
                        metrics=metrics or ArtifactMetrics(), notes=notes or [], engine=engine)
         self.artifacts[name] = art
@@ -146,12 +162,18 @@ class Manifest(BaseModel):
         """Every problem with the files on disk versus their recorded hashes (empty = all good)."""
         problems: list[str] = []
         for art in self.artifacts.values():
-            p = Path(base) / art.file.path
-            if not p.is_file():
-                problems.append(f"{art.name}: {art.file.path} is missing")
-            elif sha256_file(p) != art.file.sha256:
-                problems.append(f"{art.name}: {art.file.path} sha256 does not match the manifest")
+            records: list[FileRecord | DataFile] = [art.file, *art.file.external_data]
+            for rec in records:
+                p = Path(base) / rec.path
+                if not p.is_file():
+                    problems.append(f"{art.name}: {rec.path} is missing")
+                elif sha256_file(p) != rec.sha256:
+                    problems.append(f"{art.name}: {rec.path} sha256 does not match the manifest")
         return problems
+
+    def owned_paths(self) -> set[str]:
+        """Every file the artifacts consist of (external data included), relative to the folder."""
+        return {p for art in self.artifacts.values() for p in art.file.paths()}
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, base: Path) -> Path:
@@ -181,6 +203,22 @@ class Manifest(BaseModel):
         except PydanticValidationError as exc:
             errs = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
             raise ValidationError(f"{path} is not a valid manifest", [errs]) from None
+
+
+def _relative(base: Path, path: Path) -> str:
+    return Path(path).resolve().relative_to(Path(base).resolve()).as_posix()
+
+
+def _data_files(base: Path, model: Path) -> list[DataFile]:
+    from core.onnxfile import external_data_files
+
+    try:
+        files = external_data_files(model)
+    except InputError:
+        raise
+    except Exception:  # not parseable as ONNX (protobuf's DecodeError): the file's own hash is all there is
+        return []
+    return [DataFile(path=_relative(base, p), sha256=sha256_file(p), size_bytes=p.stat().st_size) for p in files]
 
 
 def _from_v1(data: dict[str, Any]) -> dict[str, Any]:

@@ -60,9 +60,11 @@ def _check_onnx_readable(path: Path) -> None:
     import onnx
 
     try:
-        onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise InputError(f"{path} is not a readable ONNX model (corrupt or truncated?): {first_line(exc)}") from None
+    if not model.graph.input or not model.graph.output:  # an empty file parses as an empty model
+        raise InputError(f"{path} is not an ONNX model: it has no graph inputs or outputs (empty or truncated?)")
 
 
 def load_state_dict_file(path: Path) -> dict[str, Any]:

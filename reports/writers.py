@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from core.fsutil import atomic_write_text
+from core.transaction import staged_files
 from reports.models import BenchRecord, BenchResults
 
 CSV_COLUMNS = [
@@ -102,13 +104,34 @@ def to_markdown(results: BenchResults) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: BenchResults, json_path: Path) -> dict[str, Path]:
-    """Write results.json plus .csv and .md beside it (same stem); return the paths."""
+def result_paths(json_path: Path) -> dict[str, Path]:
+    """results.json and its derived files (same stem): the set one run writes together."""
     json_path = Path(json_path)
-    paths = {"json": json_path, "csv": json_path.with_suffix(".csv"), "md": json_path.with_suffix(".md")}
-    atomic_write_text(paths["json"], results.model_dump_json(indent=2) + "\n")
-    atomic_write_text(paths["csv"], to_csv(results))
-    atomic_write_text(paths["md"], to_markdown(results))
+    return {"csv": json_path.with_suffix(".csv"), "md": json_path.with_suffix(".md"),
+            "html": json_path.with_suffix(".html"), "json": json_path}
+
+
+def write_results(results: BenchResults, json_path: Path,
+                  html: Callable[[BenchResults, Path], object] | None = None) -> dict[str, Path]:
+    """Write results.json with its .csv and .md (and, given ``html``, .html) as one set; return the paths.
+
+    The set is staged beside them and moved into place together, results.json last; a failure or signal
+    before that leaves the earlier set as it was. Without ``html`` an older .html is left alone; with it,
+    an .html that cannot be made is removed (it would describe another run) and the rest is still written.
+    """
+    paths = result_paths(json_path)
+    names = [p.name for k, p in paths.items() if k != "html" or html is not None]
+    with staged_files(paths["json"].parent, names) as stage:
+        if html is not None:
+            try:
+                html(results, stage / paths["json"].name)
+            except Exception as exc:  # the results must not be lost to a plotting problem
+                results.warnings.append(f"{paths['html'].name} not written: {type(exc).__name__}: {exc}")
+        atomic_write_text(stage / paths["csv"].name, to_csv(results))
+        atomic_write_text(stage / paths["md"].name, to_markdown(results))
+        atomic_write_text(stage / paths["json"].name, results.model_dump_json(indent=2) + "\n")
+    if html is None or not paths["html"].is_file():
+        paths.pop("html")
     return paths
 
 
