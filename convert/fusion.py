@@ -59,7 +59,7 @@ def step_fuse(ctx: ConvertContext) -> None:
         ctx.log("transformer fusion: nothing fused; no 'fused' variant")
         return
     target = ctx.path(f"model.{FUSED}.onnx")
-    save_onnx(optimized.model, target)
+    save_onnx(_ready_to_save(optimized), target)
     art = ctx.manifest.record(ctx.out, target, name=FUSED, kind="onnx", parent=src_name, notes=[CONTRIB_NOTE],
                               params=FusionParams(model_type="bert", fused_ops=fused))
     try:
@@ -71,6 +71,18 @@ def step_fuse(ctx: ConvertContext) -> None:
         ctx.manifest.save(ctx.out)
         raise
     ctx.log(f"{FUSED}: " + ", ".join(f"{k} x{v}" for k, v in sorted(fused.items())))
+
+
+def _ready_to_save(optimized: Any) -> Any:
+    """What ``OnnxModel.save_model_to_file`` does before writing (we write with ``save_onnx``: atomic, external
+    data past 2 GiB): nodes in topological order, and the ``com.microsoft`` opset the fused ops need."""
+    with scratch_cwd():  # a failed sort writes _topo_sort_failed.onnx into the working directory
+        optimized.topological_sort()
+    model = optimized.model
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and \
+            not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.add(domain="com.microsoft", version=1)
+    return model
 
 
 @contextlib.contextmanager
