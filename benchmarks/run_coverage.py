@@ -7,7 +7,7 @@ Each model runs in its own processes through the real CLI (random-init weights; 
 iterations. Recorded per model: pass/fail, the failing step and its one-line error, the wall time, and
 whether ONNX Runtime agrees with eager on top-1 for every accuracy sample. Target (issue 12): all pass. The
 results file is rewritten after every model, so an interrupted run keeps what it measured and a re-run
-skips the models already recorded (``--fresh`` starts over). Artifacts are deleted after each model.
+skips the models already recorded (``--fresh`` starts over); models run smallest first. Artifacts are deleted after each model.
 Writes benchmarks/results/coverage_cpu.{json,md}.
 """
 
@@ -63,6 +63,17 @@ def _check(model: str, out: Path, timeout: float) -> dict[str, Any]:
             "min_ort_cosine": min(r["accuracy"]["cosine"] for r in ort if r.get("accuracy"))}
 
 
+def _num_params(name: str) -> int:
+    """Parameters, from the weights' metadata (no download): smallest models first, so an interrupted run has
+    checked as many architectures as possible."""
+    import torchvision
+
+    try:
+        return int(torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"])
+    except (KeyError, ValueError, AttributeError):
+        return 0
+
+
 def _markdown(payload: dict[str, Any]) -> str:
     rows = payload["rows"]
     passed = [r for r in rows if r["status"] == "pass"]
@@ -93,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     from core.models import torchvision_classifiers
 
-    models = args.models.split(",") if args.models else torchvision_classifiers()
+    models = args.models.split(",") if args.models else sorted(torchvision_classifiers(), key=_num_params)
     old = RESULTS / "coverage_cpu.json"
     done = {} if args.fresh or not old.is_file() else {r["model"]: r for r in json.loads(old.read_text())["rows"]}
     payload: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "machine": machine(),
