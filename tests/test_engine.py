@@ -363,3 +363,28 @@ def test_int8_engine_from_int8_trt_reuses_the_calibration_cache(tmp_path: Path) 
     again = run_convert(cfg, log=lambda _m: None)[0].artifacts["trt_int8"].engine
     second = again.calibration if again is not None else None
     assert second is not None and second.cache_reused is True and second.cache == first.cache
+
+
+def test_an_int8_engine_gets_a_numeric_check_too(tmp_path: Path) -> None:
+    """An INT8 engine whose outputs drift from its Q/DQ source (cosine under the gate's 0.99) is failed, as an
+    FP16 one is; within it, it passes. (The parity numbers are set here: building one needs TensorRT.)"""
+    from types import SimpleNamespace
+
+    from core.errors import ValidationError
+    from core.metrics import ParityStats
+
+    manifest = plan_manifest(tmp_path)
+    art = manifest.artifacts["trt_fp16"].model_copy(update={"precision": "int8"})
+    source = manifest.artifacts["trt_fp16"]
+    ctx = SimpleNamespace(manifest=manifest, out=tmp_path)
+
+    def parity(cos: float) -> dict[str, ParityStats]:
+        return {"batch_1": ParityStats(max_abs_err=0.1, max_rel_err=0.1, mean_abs_err=0.01, cosine=cos)}
+
+    art.metrics.parity = parity(0.995)
+    eng._check_parity(ctx, EngineConfig(), art, source, tmp_path / "x.plan")  # type: ignore[arg-type]
+    assert art.status == "ok"
+    art.metrics.parity = parity(0.93)
+    with pytest.raises(ValidationError, match=r"cosine 0.930000 < 0.99"):
+        eng._check_parity(ctx, EngineConfig(), art, source, tmp_path / "x.plan")  # type: ignore[arg-type]
+    assert art.status == "failed"
