@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,12 @@ def load_state_dict_file(path: Path) -> dict[str, Any]:
                 break
     if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
         raise InputError(f"weights file {path} does not hold a state dict (name -> tensor)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    out: Any = OrderedDict((k.removeprefix("module."), v) for k, v in obj.items())
+    # The per-module versions torch.save keeps beside the tensors: some modules (e.g. torchvision's MNASNet)
+    # refuse to load without them.
+    if (meta := getattr(obj, "_metadata", None)) is not None:
+        out._metadata = OrderedDict((k.removeprefix("module.") if k != "module" else "", v) for k, v in meta.items())
+    return out
 
 
 def apply_state_dict(module: Any, state: dict[str, Any], origin: str) -> None:

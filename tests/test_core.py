@@ -174,3 +174,21 @@ def test_typed_records_refuse_unknown_fields() -> None:
     with pytest.raises(PydanticError):  # params of an unknown step
         ExportParams.model_validate({"step": "export", "exporter": "torchscript", "opset": 18, "dynamic_batch": True,
                                      "extra_key": 1})
+
+
+def test_state_dict_file_keeps_module_versions(tmp_path: Path) -> None:
+    """torchvision's MNASNet refuses a state dict without the per-module versions torch.save keeps
+    (coverage: mnasnet0_5 failed in bench's eager runner); a DataParallel 'module.' prefix is removed from both."""
+    import torch
+    import torchvision
+
+    from core.models import apply_state_dict, load_state_dict_file
+
+    model = torchvision.models.mnasnet0_5()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    apply_state_dict(torchvision.models.mnasnet0_5(), load_state_dict_file(tmp_path / "w.pt"), "w.pt")
+    wrapped = torch.nn.DataParallel(model).state_dict()
+    torch.save(wrapped, tmp_path / "dp.pt")
+    state = load_state_dict_file(tmp_path / "dp.pt")
+    assert "" in state._metadata and not any(k.startswith("module.") for k in state)  # type: ignore[attr-defined]
+    apply_state_dict(torchvision.models.mnasnet0_5(), state, "dp.pt")
