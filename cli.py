@@ -390,6 +390,8 @@ def bench(
                                                     "and device->host output copies too")] = False,
     channels_last: Annotated[bool, typer.Option("--channels-last", help="PyTorch: channels_last memory "
                                                                         "format")] = False,
+    openvino_hint: Annotated[str, typer.Option(help="openvino backend: LATENCY or THROUGHPUT (its "
+                                                    "PERFORMANCE_HINT)")] = "LATENCY",
     rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds: --iters is split over them, every target "
                                                     "runs once per round in an order rotated each round; the "
                                                     "spread of the per-round p50s is reported")] = 5,
@@ -405,7 +407,8 @@ def bench(
                             device=device, threads=threads, data=data, variants=variants,
                             accuracy_samples=accuracy_samples, precisions=precisions,
                             shapes=(input_shape, dims), options={"cuda_graphs": cuda_graphs, "channels_last": channels_last,
-                                     "include_transfers": include_transfers}, timing=(rounds, ort_spinning))
+                                     "include_transfers": include_transfers}, timing=(rounds, ort_spinning),
+                            openvino_hint=openvino_hint)
         json_path = out or cfg.artifact_dir / "bench" / "results.json"
         check_writable_target(json_path.parent)  # created only when the results are written
         _render_bench(_run_bench_with_progress(cfg), json_path)
@@ -414,7 +417,7 @@ def bench(
 def _bench_config(artifact_dir: Path | None, *, backends: str, batch_sizes: str, warmup: int, iters: int,
                   device: str, threads: int | None, data: Path | None, variants: str | None, accuracy_samples: int,
                   precisions: str, shapes: tuple[str | None, str | None], options: dict[str, bool],
-                  timing: tuple[int, bool] = (5, True)) -> BenchConfig:
+                  timing: tuple[int, bool] = (5, True), openvino_hint: str = "LATENCY") -> BenchConfig:
     """The benchmark request; without ARTIFACT_DIR, the newest folder under artifacts/ (said so)."""
     from runtimes.harness import BenchConfig, resolve_device
 
@@ -428,7 +431,14 @@ def _bench_config(artifact_dir: Path | None, *, backends: str, batch_sizes: str,
                        variants=csv_list(variants, "--variants") if variants else None,
                        accuracy_samples=accuracy_samples, precisions=csv_list(precisions, "--precisions"),
                        input_shape=shapes[0], dims=_parse_dims(shapes[1]) if shapes[1] else {},
-                       options={k: True for k, v in options.items() if v}, rounds=timing[0], ort_spinning=timing[1])
+                       options={**{k: True for k, v in options.items() if v}, "openvino_hint": _ov_hint(openvino_hint)},
+                       rounds=timing[0], ort_spinning=timing[1])
+
+
+def _ov_hint(text: str) -> str:
+    if text.upper() not in ("LATENCY", "THROUGHPUT"):
+        raise InputError(f"unknown --openvino-hint {text!r}; choose LATENCY or THROUGHPUT")
+    return text.upper()
 
 
 def _parse_dims(text: str) -> dict[str, list[int]]:

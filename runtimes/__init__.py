@@ -7,6 +7,8 @@ What a backend can do is a class attribute of its runner (``artifact_kinds``, ``
 from __future__ import annotations
 
 from runtimes.base import Runner, RunnerOptions
+from runtimes.compiled import CompileRunner
+from runtimes.openvino import OpenVinoRunner
 from runtimes.ort import OrtRunner, OrtTensorrtRunner
 from runtimes.torch_eager import EagerRunner
 from runtimes.torchscript import TorchScriptRunner
@@ -18,6 +20,8 @@ RUNNERS: dict[str, type[Runner]] = {
     "ort": OrtRunner,
     "ort-trt": OrtTensorrtRunner,
     "trt": TrtRunner,
+    "openvino": OpenVinoRunner,
+    "compile": CompileRunner,
 }
 
 __all__ = ["RUNNERS", "Runner", "RunnerOptions"]

@@ -37,6 +37,8 @@ class RunnerOptions(BaseModel):
                                            "would steal the cores from the next session's run")
     include_transfers: bool = Field(default=False,
                                     description="GPU: time host->device->host copies inside the loop")
+    openvino_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
+        default="LATENCY", description="OpenVINO's PERFORMANCE_HINT: LATENCY (one request at a time) or THROUGHPUT")
     ort_profile_prefix: str | None = Field(default=None,
                                            description="ONNX Runtime: switch its profiler on and write the trace "
                                                        "to PREFIX*.json (what `profile` does)")
@@ -162,6 +164,10 @@ class Runner:
             self.run_once(prepared)
             out.append((clock() - t0) / 1e6)
         return out
+
+    def record_extra(self) -> dict[str, Any]:
+        """Backend-specific facts for the results' ``extra`` (e.g. torch.compile's compile time)."""
+        return {}
 
     def memory_stats(self) -> dict[str, float]:
         """Backend-specific memory facts (e.g. peak GPU memory allocated, MB)."""

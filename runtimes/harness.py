@@ -345,7 +345,8 @@ def _time_point(setup: BenchSetup, cfg: BenchConfig, loaded: list[Loaded], i: in
             gpu_util=sum(tm.gpu_util) / len(tm.gpu_util) if tm.gpu_util else None,
             model_size_mb=t.artifact.file.size_bytes / 2**20, load_s=x.load_s, input_digest=setup.digests[i],
             accuracy=x.accuracy, dims=dims, input_shapes={n: list(a.shape) for n, a in feed.items()},
-            notes=[f"failed at convert: {_failure(t.artifact)}"] if t.artifact.status != "ok" else []))
+            notes=[f"failed at convert: {_failure(t.artifact)}"] if t.artifact.status != "ok" else [],
+            extra=x.runner.record_extra()))
     return records
 
 

@@ -1,0 +1,117 @@
+"""OpenVINO runtime on the same ONNX files ONNX Runtime runs (FP32, FP16, INT8 Q/DQ), on CPU.
+
+OpenVINO is an optional extra (``pip install .[openvino]``). Its ``PERFORMANCE_HINT`` (``LATENCY`` or
+``THROUGHPUT``) and ``INFERENCE_NUM_THREADS`` come from the runner options. OpenVINO can crash the whole
+process on a graph it does not handle (seen: a segfault on a static INT8 Q/DQ file), so each file is first
+compiled and run once in a child process: a crash there is one line saying so, and the other backends go on.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from core.errors import BackendUnavailableError, first_line
+from runtimes.base import Device, Runner
+
+#: Compile and run the model once, in a child process (argv: path, hint, threads).
+_PROBE = """
+import sys, numpy as np, openvino as ov
+path, hint, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+core = ov.Core()
+config = {"PERFORMANCE_HINT": hint}
+if threads:
+    config["INFERENCE_NUM_THREADS"] = threads
+compiled = core.compile_model(core.read_model(path), "CPU", config)
+feed = {}
+for port in compiled.inputs:
+    shape = [d.get_length() if d.is_static else 1 for d in port.get_partial_shape()]
+    feed[port.get_any_name()] = np.zeros(shape, dtype=port.get_element_type().to_dtype())
+compiled.create_infer_request().infer(feed)
+"""
+
+
+def openvino_problem() -> str | None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "OpenVINO is not installed (pip install '.[openvino]')"
+    return None
+
+
+class OpenVinoRunner(Runner):
+    """OpenVINO's CPU plugin on an ONNX artifact."""
+
+    name = "openvino"
+    artifact_kinds: ClassVar[tuple[str, ...]] = ("onnx",)  # type: ignore[assignment]
+    devices: ClassVar[tuple[Device, ...]] = ("cpu",)
+
+    compiled: Any = None
+    request: Any = None
+    _output_names: list[str]
+
+    @classmethod
+    def available(cls, device: Device) -> str | None:
+        if device not in cls.devices:
+            return f"{cls.name} runs on cpu only here"
+        return openvino_problem()
+
+    @property
+    def hint(self) -> str:
+        return self.options.openvino_hint
+
+    def _probe(self, path: Path) -> None:
+        """Compile and run once in a child process; a crash or an error there is a BackendUnavailableError."""
+        try:
+            proc = subprocess.run([sys.executable, "-c", _PROBE, str(path), self.hint, str(self.options.threads or 0)],
+                                  capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise BackendUnavailableError(f"OpenVINO took over 900 s to compile {path.name}") from None
+        if proc.returncode < 0:
+            raise BackendUnavailableError(f"OpenVINO crashed (signal {-proc.returncode}) compiling or running "
+                                          f"{path.name}; the other backends are measured without it")
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            raise BackendUnavailableError(f"OpenVINO cannot run {path.name}: {lines[-1] if lines else 'failed'}")
+
+    def _load(self) -> None:
+        import openvino as ov
+
+        if (why := self.available(self.options.device)) is not None:
+            raise BackendUnavailableError(f"{self.name}: {why}")
+        path = self.base / self.artifact.file.path
+        self._probe(path)
+        core = ov.Core()
+        config: dict[str, Any] = {"PERFORMANCE_HINT": self.hint}
+        if self.options.threads:
+            config["INFERENCE_NUM_THREADS"] = self.options.threads
+        try:
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except Exception as exc:
+            raise BackendUnavailableError(f"OpenVINO cannot compile {path.name}: {first_line(exc)}") from None
+        self.request = self.compiled.create_infer_request()
+        self._output_names = [self._name(p) for p in self.compiled.outputs]
+        self._types = {self._name(p): p.get_element_type().to_dtype() for p in self.compiled.inputs}
+
+    @staticmethod
+    def _name(port: Any) -> str:
+        return str(port.get_any_name())
+
+    def prepare(self, feed: dict[str, np.ndarray]) -> Any:
+        return {n: np.ascontiguousarray(a, dtype=self._types.get(n, a.dtype)) for n, a in feed.items()}
+
+    def run_once(self, prepared: Any) -> None:
+        self.request.infer(prepared)
+
+    def infer_prepared(self, prepared: Any) -> list[np.ndarray]:
+        self.request.infer(prepared)
+        by_name = {self._name(p): np.array(self.request.get_tensor(p).data) for p in self.compiled.outputs}
+        return [by_name[n] for n in self._output_names]
+
+    def _close(self) -> None:
+        self.request = None
+        self.compiled = None
