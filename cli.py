@@ -677,6 +677,35 @@ def loadtest(
             raise ValidationError("load test", results.warnings)
 
 
+@app.command()
+def tune(
+    artifact_dir: Annotated[Path, typer.Argument(help="Folder with manifest.json (from `convert`)")],
+    backends: Annotated[str, typer.Option(help="Backends to search (unavailable ones are skipped)")] = "ort,openvino",
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes (latency: the smallest one)")] = "1,8",
+    objective: Annotated[str, typer.Option(help="latency | throughput")] = "latency",
+    accuracy_budget: Annotated[float, typer.Option(min=0.0, help="Largest top-1 drop against FP32, in points")] = 1.0,
+    max_minutes: Annotated[float, typer.Option(min=0.1, help="No new search stage after this long")] = 10.0,
+    out: Annotated[Path | None, typer.Option(help="tune.json path (default ARTIFACT_DIR/tune.json)")] = None,
+) -> None:
+    """Find the fastest backend x variant x settings (x batch) on this machine within an accuracy budget."""
+    with user_errors():
+        from core.fsutil import atomic_write_text
+        from runtimes.tune import TuneConfig, run_tune, tune_table
+
+        if objective not in ("latency", "throughput"):
+            raise InputError(f"unknown --objective {objective!r}; choose latency or throughput")
+        cfg = TuneConfig(artifact_dir=artifact_dir, backends=csv_list(backends, "--backends"),
+                         batch_sizes=int_list(batch_sizes, "--batch-sizes"), objective=objective,  # type: ignore[arg-type]
+                         accuracy_budget=accuracy_budget, max_minutes=max_minutes)
+        result = run_tune(cfg, log=log)
+        path = out or artifact_dir / "tune.json"
+        atomic_write_text(path, result.model_dump_json(indent=2) + "\n")
+        out_console.print(tune_table(result))
+        from rich.markup import escape
+
+        out_console.print(escape(f"winner: {result.winner} ({result.reason}); every candidate in {path}"))
+
+
 def main() -> None:
     app()
 

@@ -22,19 +22,9 @@ import numpy as np
 from convert.config import Budget, CalibMethod
 from core.errors import AccuracyGateError
 from core.manifest import Manifest
-from core.metrics import AccuracyStats
+from core.metrics import AccuracyStats, accuracy_drop
 from core.records import AutoRecord, GateResult, NodeRank, TrialRecord
 from runtimes.ort import ort_session
-
-
-def accuracy_drop(stats: AccuracyStats) -> tuple[float, str]:
-    """(drop in points, basis): top-1 accuracy loss with labels, else top-1 disagreement with FP32; for an
-    output that is not class scores (an embedding), 100 x (1 - cosine with FP32)."""
-    if stats.top1_acc is not None and stats.ref_top1_acc is not None:
-        return 100.0 * (stats.ref_top1_acc - stats.top1_acc), "top-1 accuracy (labels)"
-    if stats.top1_agreement is not None:
-        return 100.0 * (1.0 - stats.top1_agreement), "top-1 agreement with FP32 (no labels)"
-    return 100.0 * (1.0 - stats.cosine), "100 x (1 - output cosine vs FP32): not a classifier output"
 
 
 def gate_verdict(stats: AccuracyStats, budget: Budget) -> GateResult:

@@ -188,3 +188,13 @@ def accuracy_stats(outputs: Sequence[np.ndarray], ref: Sequence[np.ndarray], lab
         stats.ref_top1_acc = float((ref_top1 == labels).mean())
         stats.ref_top5_acc = float(np.mean([labels[i] in ref_topk[i] for i in range(len(labels))]))
     return stats
+
+
+def accuracy_drop(stats: AccuracyStats) -> tuple[float, str]:
+    """(drop in points, basis): top-1 accuracy loss with labels, else top-1 disagreement with FP32; for an
+    output that is not class scores (an embedding), 100 x (1 - cosine with FP32)."""
+    if stats.top1_acc is not None and stats.ref_top1_acc is not None:
+        return 100.0 * (stats.ref_top1_acc - stats.top1_acc), "top-1 accuracy (labels)"
+    if stats.top1_agreement is not None:
+        return 100.0 * (1.0 - stats.top1_agreement), "top-1 agreement with FP32 (no labels)"
+    return 100.0 * (1.0 - stats.cosine), "100 x (1 - output cosine vs FP32): not a classifier output"

@@ -44,3 +44,32 @@ def test_torch_compile_records_its_compile_time_apart(tiny_artifacts: Path) -> N
     (rec,) = [r for r in res.records if r.backend == "compile"]
     assert rec.extra["compile_s"] > 0 and rec.load_s is not None and rec.load_s >= rec.extra["compile_s"]
     assert rec.accuracy is not None and rec.accuracy.cosine > 0.9999
+
+
+def test_tune_searches_settings_prunes_and_picks_within_budget(tiny_artifacts: Path, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from runtimes.tune import TuneConfig, run_tune
+
+    logs: list[str] = []
+    res = run_tune(TuneConfig(artifact_dir=tiny_artifacts, backends=["ort", "openvino", "trt"], stages=[4, 8],
+                              rounds=3, accuracy_samples=4), log=logs.append)
+    assert any(line.startswith("skipped backend trt:") for line in logs)  # unavailable: said, not fatal
+    ort = [c for c in res.candidates if c.backend == "ort"]
+    assert {(c.settings["threads"], c.settings["ort_spinning"]) for c in ort} >= {(1, True), (1, False)}
+    assert {c.settings["openvino_hint"] for c in res.candidates if c.backend == "openvino"} == {"LATENCY", "THROUGHPUT"}
+    assert all(c.batch_size == 1 for c in res.candidates)  # the latency objective: the smallest batch
+    winner = next(c for c in res.candidates if c.label == res.winner)
+    assert winner.within_budget and winner.latency_ms is not None and winner.pruned_at_stage is None
+    assert all(c.latency_ms is not None for c in res.candidates)  # every candidate measured in stage 1
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "cli.py"), "tune", str(tiny_artifacts), "--backends", "ort",
+                           "--max-minutes", "0.1", "--out", str(tmp_path / "t.json")], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "t.json").read_text())["winner"].startswith("ort:")
+    bad = subprocess.run([sys.executable, str(root / "cli.py"), "tune", str(tiny_artifacts), "--objective", "speed"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown --objective 'speed'" in bad.stderr

@@ -1,0 +1,211 @@
+"""`tune`: which backend x variant x settings x batch size is fastest on this machine, within an accuracy budget.
+
+Every candidate runs the artifact's variants through the same runners, inputs and accuracy check as
+`bench`. Settings are search dimensions: ONNX Runtime's intra-op threads and thread spinning, OpenVINO's
+performance hint. Candidates outside the accuracy budget are dropped before any timing (settings do not
+change accuracy, so it is measured once per backend and variant). The rest are timed in interleaved rounds
+with the order rotated (``runtimes.timing``), in stages of growing length; after each stage the candidates
+that are clearly slower than the best (their whole p50 interval above the best's: ``core.metrics``' rule)
+are pruned, until one stage is left or the time budget runs out. Every candidate, its figures, interval and
+the stage it was pruned at go to ``tune.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.errors import BackendUnavailableError, InputError
+from core.manifest import utc_now
+from core.metrics import AccuracyStats, LatencyStats, accuracy_drop, clearly_slower
+from reports.models import machine_info
+from runtimes import RUNNERS
+from runtimes.base import Runner, RunnerOptions
+from runtimes.harness import BenchConfig, Target, prepare_bench, run_pool
+from runtimes.timing import interleaved, usable_cpus
+
+Objective = Literal["latency", "throughput"]
+
+
+class TuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    artifact_dir: Path
+    backends: list[str] = Field(default=["ort", "openvino"], description="Backends to search (unavailable: skipped)")
+    batch_sizes: list[int] = Field(default=[1, 8])
+    objective: Objective = Field(default="latency", description="latency: lowest p50 at the smallest batch; "
+                                                                "throughput: most samples/s at any batch")
+    accuracy_budget: float = Field(default=1.0, ge=0, description="Largest accuracy drop against FP32, in points")
+    max_minutes: float = Field(default=10.0, gt=0, description="Stop adding stages after this long")
+    stages: list[int] = Field(default=[10, 30, 60], description="Timed calls per candidate in each stage")
+    rounds: int = Field(default=5, ge=3, description="Interleaved rounds per stage")
+    accuracy_samples: int = Field(default=32, ge=1)
+    seed: int = 0
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str
+    variant: str
+    precision: str
+    settings: dict[str, Any]
+    batch_size: int
+    accuracy_drop_points: float | None = None
+    within_budget: bool = True
+    skipped: str | None = Field(default=None, description="Why it was not measured (backend unavailable, ...)")
+    latency_ms: LatencyStats | None = None
+    throughput: float | None = None
+    pruned_at_stage: int | None = Field(default=None, description="Stage after which it was clearly slower")
+
+    @property
+    def label(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        return f"{self.backend}:{self.variant} ({self.precision}) [{opts}] batch {self.batch_size}"
+
+
+class TuneResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    created_at: str = Field(default_factory=utc_now)
+    machine: dict[str, Any] = Field(default_factory=machine_info)
+    config: dict[str, Any]
+    candidates: list[Candidate]
+    winner: str | None
+    stages_run: int
+    reason: str
+
+
+def settings_for(backend: str) -> list[dict[str, Any]]:
+    """The search dimensions of a backend: its settings that change speed, never its numbers."""
+    if backend.startswith("ort"):
+        threads = sorted({1, usable_cpus()})
+        return [{"threads": t, "ort_spinning": s} for t, s in itertools.product(threads, (True, False))]
+    if backend == "openvino":
+        return [{"openvino_hint": h} for h in ("LATENCY", "THROUGHPUT")]
+    return [{}]
+
+
+def _accuracy(setup: Any, target: Target, log: Callable[[str], None]) -> AccuracyStats | str:
+    """One accuracy check per backend and variant (settings do not change the numbers), or why it can't run."""
+    opts = RunnerOptions(precision=target.precision)
+    runner = RUNNERS[target.backend](setup.manifest, setup.base, target.artifact, opts)
+    try:
+        with runner:
+            return _stats(runner, setup)
+    except BackendUnavailableError as exc:
+        log(f"skipped {target.backend}:{target.artifact.name}: {exc}")
+        return str(exc)
+
+
+def _stats(runner: Runner, setup: Any) -> AccuracyStats:
+    from core.metrics import accuracy_stats
+
+    return accuracy_stats(run_pool(runner, setup.pool, setup.chunk), setup.ref_out, setup.pool.labels,
+                          setup.ref_label, runner.manifest.iospec.output_names)
+
+
+def _per_sample(c: Candidate) -> LatencyStats:
+    """The candidate's latency per sample (batch divided out): what throughput compares."""
+    assert c.latency_ms is not None
+    lat, b = c.latency_ms, c.batch_size
+    interval = (lat.p50_interval[0] / b, lat.p50_interval[1] / b) if lat.p50_interval else None
+    return lat.model_copy(update={"p50": lat.p50 / b, "p50_interval": interval})
+
+
+def _candidates(cfg: TuneConfig, setup: Any, log: Callable[[str], None]) -> list[Candidate]:
+    """Every (backend, variant, settings, batch), with its accuracy drop; the latency objective keeps only the
+    smallest batch."""
+    batches = [min(cfg.batch_sizes)] if cfg.objective == "latency" else sorted(set(cfg.batch_sizes))
+    out: list[Candidate] = []
+    for t in setup.targets:
+        acc = _accuracy(setup, t, log)
+        drop = None if isinstance(acc, str) else accuracy_drop(acc)[0]
+        for settings, b in itertools.product(settings_for(t.backend), batches):
+            out.append(Candidate(backend=t.backend, variant=t.artifact.name, precision=t.precision, settings=settings,
+                                 batch_size=b, accuracy_drop_points=drop, skipped=acc if isinstance(acc, str) else None,
+                                 within_budget=drop is not None and drop <= cfg.accuracy_budget + 1e-9))
+    return out
+
+
+def _time_stage(setup: Any, live: list[Candidate], iters: int, rounds: int) -> None:
+    """Time the live candidates, one interleaved group per batch size; their latency and throughput updated."""
+    targets = {(t.backend, t.artifact.name, t.precision): t for t in setup.targets}
+    for b in sorted({c.batch_size for c in live}):
+        group = [c for c in live if c.batch_size == b]
+        feed = setup.feeds[next(i for i, (pb, _) in enumerate(setup.points) if pb == b)]
+        with contextlib.ExitStack() as stack:
+            runners = []
+            for c in group:
+                t = targets[(c.backend, c.variant, c.precision)]
+                opts = RunnerOptions(precision=c.precision, **c.settings)
+                runners.append(stack.enter_context(RUNNERS[c.backend](setup.manifest, setup.base, t.artifact, opts)))
+            timed = interleaved(runners, [r.prepare(feed) for r in runners], warmup=2, iters=iters, rounds=rounds)
+        for c, tm in zip(group, timed, strict=True):
+            c.latency_ms = LatencyStats.from_samples(tm.samples, tm.rounds)
+            c.throughput = b / (c.latency_ms.mean / 1e3)
+
+
+def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
+    """Search, prune, pick; see the module docstring."""
+    if unknown := [b for b in cfg.backends if b not in RUNNERS]:
+        raise InputError(f"unknown backend(s) {unknown}; available: {', '.join(RUNNERS)}")
+    usable = [b for b in cfg.backends if RUNNERS[b].available("cpu") is None]
+    for b in sorted(set(cfg.backends) - set(usable)):
+        log(f"skipped backend {b}: {RUNNERS[b].available('cpu')}")
+    if not usable:
+        raise BackendUnavailableError(f"none of the backends {cfg.backends} can run here")
+    setup = prepare_bench(BenchConfig(artifact_dir=cfg.artifact_dir, backends=usable, batch_sizes=cfg.batch_sizes,
+                                      accuracy_samples=cfg.accuracy_samples, seed=cfg.seed), log)
+    candidates = _candidates(cfg, setup, log)
+    live = [c for c in candidates if c.within_budget and c.skipped is None]
+    if not live:
+        raise InputError(f"no candidate is within the accuracy budget of {cfg.accuracy_budget:g} points")
+    deadline, stages_run = time.monotonic() + 60 * cfg.max_minutes, 0
+    for stage, iters in enumerate(cfg.stages):
+        if stage and (time.monotonic() > deadline or len(live) == 1):
+            break
+        log(f"stage {stage + 1}: {len(live)} candidate(s) x {iters} timed calls in {cfg.rounds} interleaved rounds")
+        _time_stage(setup, live, iters, cfg.rounds)
+        stages_run += 1
+        best = min(live, key=lambda c: _per_sample(c).p50)
+        for c in list(live):
+            if clearly_slower(_per_sample(c), _per_sample(best)):
+                c.pruned_at_stage = stage + 1
+                live.remove(c)
+    win = min(live, key=lambda c: _per_sample(c).p50)
+    tied = [c.label for c in live if c is not win and not clearly_slower(_per_sample(c), _per_sample(win))]
+    reason = (f"fastest {'p50 at batch ' + str(win.batch_size) if cfg.objective == 'latency' else 'samples/s'} "
+              f"within {cfg.accuracy_budget:g} points after {stages_run} stage(s)"
+              + (f"; within the noise of: {'; '.join(tied)}" if tied else "; every other candidate clearly slower"))
+    return TuneResult(config=cfg.model_dump(mode="json"), candidates=candidates, winner=win.label,
+                      stages_run=stages_run, reason=reason)
+
+
+def tune_table(result: TuneResult) -> Any:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="tune: every candidate (fastest first; pruned = clearly slower than the best)")
+    for col in ("candidate", "drop pts", "p50 ms [95%]", "samples/s", "outcome"):
+        table.add_column(col, justify="left" if col in ("candidate", "outcome") else "right")
+    measured = sorted((c for c in result.candidates if c.latency_ms is not None),
+                      key=lambda c: _per_sample(c).p50)
+    rest = [c for c in result.candidates if c.latency_ms is None]
+    for c in [*measured, *rest]:
+        lat = c.latency_ms
+        p50 = "-" if lat is None else f"{lat.p50:.3f}" + (
+            f" [{lat.p50_interval[0]:.3f}-{lat.p50_interval[1]:.3f}]" if lat.p50_interval else "")
+        outcome = ("winner" if c.label == result.winner else c.skipped or
+                   ("over the accuracy budget" if not c.within_budget else
+                    f"pruned after stage {c.pruned_at_stage}" if c.pruned_at_stage else "within the noise"))
+        drop = "-" if c.accuracy_drop_points is None else f"{c.accuracy_drop_points:.2f}"
+        table.add_row(escape(c.label), drop, p50, "-" if c.throughput is None else f"{c.throughput:.1f}",
+                      escape(outcome))
+    return table
