@@ -27,10 +27,11 @@ from core.records import AutoRecord, GateResult, NodeRank, TrialRecord
 from runtimes.ort import ort_session
 
 
-def gate_verdict(stats: AccuracyStats, budget: Budget) -> GateResult:
-    """The gate record kept in the manifest: the drop (and its basis) against the points budget, the worst
-    output cosine against the smallest allowed, passed, and the reason when it failed."""
-    drop, basis = accuracy_drop(stats)
+def gate_verdict(stats: AccuracyStats, budget: Budget, random_init: bool = False) -> GateResult:
+    """The gate record kept in the manifest: the drop (and its basis, see ``core.metrics.accuracy_drop``)
+    against the points budget, the worst output cosine against the smallest allowed, passed, and the reason
+    when it failed."""
+    drop, basis = accuracy_drop(stats, random_init)
     why = []
     if drop > budget.max_accuracy_drop + 1e-9:
         why.append(f"lost {drop:.2f} points of {basis} (budget {budget.max_accuracy_drop:g})")

@@ -46,6 +46,7 @@ from core.errors import InputError
 from core.fsutil import atomic_path
 from core.manifest import Precision
 from core.metrics import AccuracyStats
+from core.models import is_random_init
 from core.records import (
     ArtifactMetrics,
     AutoRecord,
@@ -120,6 +121,7 @@ class QuantState:
     selection: HeldOutEvaluator | None  # --auto: the part its trials are graded on, disjoint from held-out
     prepped: Path | None  # the reference after quant_pre_process; None when no INT8 variant is asked
     calibrations: Calibrations | None  # static INT8: its data (never a held-out sample), the run of each method
+    random_init: bool = False  # random weights: gated on output cosine, not on class agreement
 
     @property
     def reduce_range(self) -> bool:
@@ -178,7 +180,8 @@ def setup_quant(ctx: ConvertContext, cfg: QuantConfig, work: Path) -> QuantState
                                     fixed_batch=ctx.spec.fixed_batch(), op_types=quantizable_op_types(
                                         cfg.exclude_op_types), out=ctx.out, work=work, log=ctx.log)
     return QuantState(cfg=cfg, work=work, cpu=cpu_features(), reference=reference, reference_file=ref_file,
-                      evaluator=evaluator, selection=selection, prepped=prepped, calibrations=calibrations)
+                      evaluator=evaluator, selection=selection, prepped=prepped, calibrations=calibrations,
+                      random_init=is_random_init(ctx.manifest.source))
 
 
 # -- recording ---------------------------------------------------------------------------------------
@@ -189,7 +192,7 @@ def _record(ctx: ConvertContext, state: QuantState, built: Path, *, name: str, p
     with atomic_path(target) as tmp:
         shutil.copyfile(built, tmp)
     _, failures = structural_checks(target)
-    gate = gate_verdict(stats, state.cfg.gate)
+    gate = gate_verdict(stats, state.cfg.gate, state.random_init)
     metrics = ArtifactMetrics(accuracy=stats, gate=gate, summary=summary_line(stats, gate),
                               checker="ok" if not failures else "failed", held_out=state.evaluator.record())
     art = ctx.manifest.record(ctx.out, target, name=name, kind="onnx", precision=precision,
@@ -244,13 +247,13 @@ def _build_static(state: QuantState, method: CalibMethod, fp32_nodes: list[str],
     quantize_static_file(cal.model, out, run.method, run.cache, state.cfg, state.reduce_range, fp32_nodes)
     stats = (on or state.evaluator).evaluate(out)
     return Trial(method=method, fp32_nodes=fp32_nodes, stats=stats,
-                 gate=gate_verdict(stats, state.cfg.gate), path=out)
+                 gate=gate_verdict(stats, state.cfg.gate, state.random_init), path=out)
 
 
 def _regrade(state: QuantState, trial: Trial) -> Trial:
     """``trial`` with its statistics and gate on the held-out data (an --auto choice was made on another part)."""
     stats = state.evaluator.evaluate(trial.path)
-    return replace(trial, stats=stats, gate=gate_verdict(stats, state.cfg.gate))
+    return replace(trial, stats=stats, gate=gate_verdict(stats, state.cfg.gate, state.random_init))
 
 
 def _rank(ctx: ConvertContext, state: QuantState, trial: Trial) -> list[NodeScore]:

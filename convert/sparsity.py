@@ -37,6 +37,7 @@ from convert.validate import Tolerance, torch_reference, validate_onnx
 from core.errors import InputError, ValidationError
 from core.manifest import Artifact
 from core.metrics import NOISE_RATIO
+from core.models import is_random_init
 from core.records import AccuracyChange, LatencyChange, PruneParams, PruneStats, SparsityParams
 
 CPU_24_NOTE = ("2:4 sparsity keeps every weight tensor's shape: the file is not smaller and ONNX Runtime "
@@ -103,7 +104,7 @@ def compare_with_fp32(ctx: ConvertContext, art: Artifact, ev: HeldOutEvaluator, 
     (``ev``'s reference), into its metrics; a note when it is not faster. Returns the latency change."""
     ref_name = ev.reference_name
     art.metrics.accuracy_vs_fp32 = change = ev.change(ctx.out / art.file.path)
-    art.metrics.gate = gate = gate_verdict(change, cfg.budget)
+    art.metrics.gate = gate = gate_verdict(change, cfg.budget, is_random_init(ctx.manifest.source))
     if not gate.passed:
         art.status = "failed"  # convert exits non-zero once every variant is made (gates.check_gates)
         ctx.log(f"{art.name}: gate FAILED: {gate.reason}")

@@ -311,6 +311,11 @@ def resolve_model(spec: str, weights: str | None = None, seed: int = 0, task: st
     return _torchvision(spec, weights, seed)
 
 
+def is_random_init(source: SourceInfo) -> bool:
+    """Whether the weights are known to be random: a torchvision model converted without --weights."""
+    return source.kind == "torchvision" and source.weights is None
+
+
 def categories_for(source: SourceInfo) -> list[str] | None:
     """The class names of a torchvision classifier (from its weights' metadata; no download), or of a Hugging
     Face classification head (its config's id2label)."""

@@ -192,3 +192,23 @@ def test_state_dict_file_keeps_module_versions(tmp_path: Path) -> None:
     state = load_state_dict_file(tmp_path / "dp.pt")
     assert "" in state._metadata and not any(k.startswith("module.") for k in state)  # type: ignore[attr-defined]
     apply_state_dict(torchvision.models.mnasnet0_5(), state, "dp.pt")
+
+
+def test_random_init_weights_are_gated_on_the_output_not_on_class_agreement() -> None:
+    """A random resnet's INT8 variant has cosine 0.9997 yet flips near-tied top-1 classes: with random weights
+    (a torchvision name without --weights) the gate reads the output cosine; trained weights keep top-1."""
+    from convert.config import Budget
+    from convert.gates import gate_verdict
+    from core.manifest import SourceInfo
+    from core.metrics import AccuracyStats
+    from core.models import is_random_init
+
+    stats = AccuracyStats(reference="ref", samples=11, max_abs_err=0.01, mean_abs_err=0.001, cosine=0.9997,
+                          top1_agreement=9 / 11)
+    assert is_random_init(SourceInfo(model="resnet50", kind="torchvision"))
+    assert not is_random_init(SourceInfo(model="resnet50", kind="torchvision", weights="w.pt"))
+    assert not is_random_init(SourceInfo(model="m.onnx", kind="onnx"))
+    random_gate = gate_verdict(stats, Budget(), random_init=True)
+    assert random_gate.passed and "random-init" in random_gate.basis and random_gate.drop_points == 0.03
+    trained_gate = gate_verdict(stats, Budget())
+    assert not trained_gate.passed and "lost 18.18 points of top-1 agreement" in (trained_gate.reason or "")
