@@ -44,3 +44,13 @@ def write(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path
     j.write_text(json.dumps(payload, indent=2) + "\n")
     m.write_text(markdown)
     return j, m
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate a server process, killing it when it does not exit within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

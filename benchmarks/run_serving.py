@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, ROOT, ensure_converted, machine
+from benchmarks.common import RESULTS, ROOT, ensure_converted, machine, stop
 
 
 def free_port() -> int:
@@ -79,12 +79,7 @@ def serve_subprocess(art: Path, max_batch: int, max_delay_ms: float) -> Iterator
                 raise
             yield f"http://127.0.0.1:{port}"
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def batch_rows(url: str) -> float | None:

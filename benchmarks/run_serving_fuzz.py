@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, ensure_converted, machine, write
+from benchmarks.common import ROOT, ensure_converted, machine, stop, write
 from benchmarks.run_serving import free_port, wait_ready
 
 MODEL = "tiny_cnn_opt"
@@ -274,12 +274,7 @@ def serve(art: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
         wait_ready(f"http://127.0.0.1:{port}", proc)
         yield proc, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def metric(url: str, prefix: str) -> float:

@@ -75,13 +75,8 @@ def fsync_file(path: Path) -> None:
 
 def fsync_dir(path: Path) -> None:
     """Flush a folder's entries (after a rename into it); a no-op where folders cannot be opened (Windows)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if os.name != "nt":
+        fsync_file(path)
 
 
 def fsync_tree(root: Path) -> None:
