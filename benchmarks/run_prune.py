@@ -34,7 +34,7 @@ def main() -> None:
 
     from convert.sparsity import parse_prune_ratio
     from core.manifest import Manifest
-    from runtimes.harness import interleaved_latency
+    from runtimes.timing import interleaved_latency
 
     ratio = parse_prune_ratio(args.prune)
     pruned = f"pruned_{ratio:g}"

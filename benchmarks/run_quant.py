@@ -7,7 +7,7 @@ it runs ``cli.py convert MODEL --fp16 --int8-dynamic --int8 --calib-method minma
 on 100 real photographs (seeded crops of the built-in photos, see calib_memory.py) and checking on 32
 held-out crops of *other* photos (``--eval-data``: the built-in photos are split by source photo first, so
 no photo has crops on both sides; ``split_photo_folders``), then times the five ONNX variants with the bench harness' ONNX Runtime runner on the same input,
-*interleaved* (one call of each in turn, ``runtimes.harness.interleaved_latency``, ONNX Runtime thread spinning off), so that load from
+*interleaved* (one call of each in turn, ``runtimes.timing.interleaved_latency``, ONNX Runtime thread spinning off), so that load from
 other processes on a shared CPU falls on every variant alike instead of on whichever ran first.
 Records p50/p90, ratios against FP32, calibration time and peak memory for 100 images, file sizes and
 held-out agreement in benchmarks/results/quant_cpu.{json,md}, with the load average.
@@ -85,7 +85,7 @@ def main() -> None:
     args = _args()
     from core.manifest import Manifest
     from core.records import StaticQuantParams
-    from runtimes.harness import interleaved_latency
+    from runtimes.timing import interleaved_latency
 
     work = Path(args.work)
     calib_photos, held_photos = split_photo_folders(ROOT / "artifacts" / "bench_quant_photos", 100, 32)

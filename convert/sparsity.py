@@ -81,7 +81,7 @@ def eval_pool(ctx: ConvertContext, cfg: SparsityConfig, size: int | None = None)
 def latency_change(ctx: ConvertContext, art: Artifact, ref_name: str, pool: InputPool,
                    cfg: SparsityConfig) -> LatencyChange:
     """p50 of ``art`` and of the FP32 artifact, timed in turn at batch 1 (or the fixed batch)."""
-    from runtimes.harness import interleaved_latency
+    from runtimes.timing import interleaved_latency
 
     batch = ctx.spec.fixed_batch() or 1
     before, after = interleaved_latency(ctx.manifest, ctx.out, [ctx.manifest.artifacts[ref_name], art],

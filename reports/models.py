@@ -42,6 +42,10 @@ class BenchRecord(BaseModel):
                                                              "the process may use (its affinity)")
     gpu_util: float | None = Field(default=None, description="Mean GPU utilisation over the timed loop (%)")
     model_size_mb: float | None = None
+    gflop: float | None = Field(default=None, description="Arithmetic of one call: 2 x the multiply-accumulates of "
+                                                          "its Conv/MatMul/Gemm ops (core.flops), in GFLOP")
+    peak_fraction: float | None = Field(default=None, description="gflop / p50 as a fraction of this machine's "
+                                                                  "measured FP32 matrix-multiply peak (CPU)")
     load_s: float | None = None
     input_digest: str = Field(description="sha256 prefix of the exact inputs: equal across backends")
     accuracy: AccuracyStats | None = None

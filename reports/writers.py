@@ -16,7 +16,7 @@ CSV_COLUMNS = [
     "model", "backend", "variant", "precision", "device", "batch_size", "dims", "input_shapes",
     "latency_ms_p50", "latency_ms_p50_lo", "latency_ms_p50_hi", "latency_ms_p90",
     "latency_ms_p99", "latency_ms_mean", "throughput", "ram_mb", "vram_mb", "cpu_util", "gpu_util",
-    "model_size_mb", "max_abs_err", "mean_abs_err", "cosine", "top1_agreement", "top5_agreement",
+    "model_size_mb", "gflop", "peak_fraction", "max_abs_err", "mean_abs_err", "cosine", "top1_agreement", "top5_agreement",
     "top1_acc", "top5_acc", "input_digest", "is_reference",
 ]
 
@@ -37,7 +37,7 @@ def flat_row(r: BenchRecord) -> dict[str, Any]:
         "latency_ms_p50_hi": r.latency_ms.p50_interval[1] if r.latency_ms.p50_interval else None,
         "latency_ms_p99": r.latency_ms.p99, "latency_ms_mean": r.latency_ms.mean, "throughput": r.throughput,
         "ram_mb": r.ram_mb, "vram_mb": r.vram_mb, "cpu_util": r.cpu_util, "gpu_util": r.gpu_util,
-        "model_size_mb": r.model_size_mb,
+        "model_size_mb": r.model_size_mb, "gflop": r.gflop, "peak_fraction": r.peak_fraction,
         "max_abs_err": acc.max_abs_err if acc else None, "mean_abs_err": acc.mean_abs_err if acc else None,
         "cosine": acc.cosine if acc else None, "top1_agreement": acc.top1_agreement if acc else None,
         "top5_agreement": acc.top5_agreement if acc else None, "top1_acc": acc.top1_acc if acc else None,
@@ -53,6 +53,8 @@ def _display(r: BenchRecord) -> dict[str, str]:
     if r.latency_ms.p50_interval:
         lo, hi = r.latency_ms.p50_interval
         shown["latency_ms_p50"] += f" [{_fmt(lo)}-{_fmt(hi)}]"
+    if r.peak_fraction is not None:
+        shown["peak_fraction"] = f"{100 * r.peak_fraction:.0f}%"
     if row["is_reference"]:
         shown["max_abs_err"], shown["top1_agreement"] = "reference", "reference"
     return shown
@@ -80,7 +82,7 @@ def to_csv(results: BenchResults) -> str:
 SUMMARY_COLUMNS = [("backend", "backend"), ("variant", "variant"), ("precision", "precision"),
                    ("batch", "batch_size"), ("dims", "dims"), ("p50 ms [95%]", "latency_ms_p50"), ("p90 ms", "latency_ms_p90"),
                    ("p99 ms", "latency_ms_p99"), ("samples/s", "throughput"), ("RAM MB", "ram_mb"),
-                   ("size MB", "model_size_mb"), ("max abs err", "max_abs_err"), ("top-1 agree", "top1_agreement"),
+                   ("size MB", "model_size_mb"), ("% peak", "peak_fraction"), ("max abs err", "max_abs_err"), ("top-1 agree", "top1_agreement"),
                    ("top-1 acc", "top1_acc")]
 
 

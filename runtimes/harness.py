@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from calibration.pools import InputPool, image_pool, random_pool
 from core.errors import BackendUnavailableError, InputError
+from core.flops import matmul_peak_gflops, onnx_macs, peak_fraction
 from core.iospec import IOSpec, apply_input_shapes, feed_digest
 from core.manifest import Artifact, Manifest
 from core.metrics import AccuracyStats, LatencyStats, accuracy_stats
@@ -180,31 +181,6 @@ def run_pool(runner: Runner, pool: InputPool, chunk: int) -> list[np.ndarray]:
     return [np.concatenate([o[i] for o in outs])[: pool.size] for i in range(len(outs[0]))]
 
 
-def interleaved_latency(manifest: Manifest, base: Path, arts: list[Artifact], feed: dict[str, np.ndarray], *,
-                        warmup: int, iters: int, threads: int | None = None) -> list[LatencyStats]:
-    """ONNX Runtime CPU latency of several artifacts on the same feed, one call of each in turn, so that
-    load from other processes on a shared CPU falls on all of them alike rather than on whichever ran first.
-
-    Intra-op spinning is off for these sessions: with it on, the session that just ran keeps its threads
-    spinning for a moment and the next session's call, one call later, loses the cores to them.
-    """
-    from runtimes.ort import OrtRunner
-
-    opts = RunnerOptions(device="cpu", threads=threads, ort_spinning=False)
-
-    with contextlib.ExitStack() as stack:
-        runners = [stack.enter_context(OrtRunner(manifest, base, a, opts))
-                   for a in arts]
-        prepared = [r.prepare(feed) for r in runners]
-        for r, p in zip(runners, prepared, strict=True):
-            r.time_iterations(p, warmup, 0)
-        samples: list[list[float]] = [[] for _ in runners]
-        for _ in range(iters):
-            for r, p, out in zip(runners, prepared, samples, strict=True):
-                out.extend(r.time_iterations(p, 0, 1))
-    return [LatencyStats.from_samples(x) for x in samples]
-
-
 def reference_runner(manifest: Manifest, base: Path, threads: int | None) -> Runner:
     """The FP32 reference: PyTorch eager on CPU, or ONNX Runtime on the FP32 ONNX for ONNX inputs."""
     from runtimes.ort import OrtRunner
@@ -232,6 +208,7 @@ class BenchSetup:
     digests: list[str]
     ref_out: list[np.ndarray]
     ref_label: str
+    macs: list[int | None]  # multiply-accumulates of one call at each point (core.flops), None when unknown
 
 
 def load_checked_manifest(cfg: BenchConfig) -> Manifest:
@@ -261,8 +238,11 @@ def prepare_bench(cfg: BenchConfig, log: Callable[[str], None]) -> BenchSetup:
         ref_out = run_pool(ref_runner, pool, chunk)
         ref_label = f"{ref_runner.name}:{ref_runner.artifact.name}:fp32:cpu"
     log(f"reference: {ref_label} on {pool.size} inputs ({pool.source})")
+    fp32 = base / manifest.artifacts["fp32"].file.path if "fp32" in manifest.artifacts else None
+    macs = [onnx_macs(fp32, {n: a.shape for n, a in f.items()}) if fp32 else None for f in feeds]
     return BenchSetup(manifest=manifest, base=base, targets=targets, pool=pool, chunk=chunk, points=points,
-                      feeds=feeds, digests=[feed_digest(f) for f in feeds], ref_out=ref_out, ref_label=ref_label)
+                      feeds=feeds, digests=[feed_digest(f) for f in feeds], ref_out=ref_out, ref_label=ref_label,
+                      macs=macs)
 
 
 def bench_spec(spec: IOSpec, cfg: BenchConfig) -> IOSpec:
@@ -334,8 +314,10 @@ def _time_point(setup: BenchSetup, cfg: BenchConfig, loaded: list[Loaded], i: in
     timed = interleaved([x.runner for x in loaded], prepared, warmup=cfg.warmup, iters=cfg.iters, rounds=cfg.rounds,
                         block_warmup=cfg.round_warmup, gpu_util=window if gpu.available else None)
     records = []
+    peak = matmul_peak_gflops(cfg.threads) if cfg.device == "cpu" else None
     for x, tm in zip(loaded, timed, strict=True):
         lat = LatencyStats.from_samples(tm.samples, tm.rounds)
+        gflop, fraction = peak_fraction(setup.macs[i], lat.p50, peak)
         t = x.target
         records.append(BenchRecord(
             model=setup.manifest.source.model, backend=t.backend, variant=t.artifact.name, precision=t.precision,
@@ -344,6 +326,7 @@ def _time_point(setup: BenchSetup, cfg: BenchConfig, loaded: list[Loaded], i: in
             vram_mb=x.runner.memory_stats().get("vram_mb", x.vram_mb),
             gpu_util=sum(tm.gpu_util) / len(tm.gpu_util) if tm.gpu_util else None,
             model_size_mb=t.artifact.file.size_bytes / 2**20, load_s=x.load_s, input_digest=setup.digests[i],
+            gflop=gflop, peak_fraction=fraction,
             accuracy=x.accuracy, dims=dims, input_shapes={n: list(a.shape) for n, a in feed.items()},
             notes=[f"failed at convert: {_failure(t.artifact)}"] if t.artifact.status != "ok" else [],
             extra=x.runner.record_extra()))
@@ -386,6 +369,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
         if not loaded:
             raise BackendUnavailableError("no backend could be measured: " + "; ".join(results.warnings))
         gpu = stack.enter_context(NvmlSampler(enabled=cfg.device == "cuda"))
+        if cfg.device == "cpu":  # measured before the timing, never during it
+            results.machine["matmul_peak_gflops"] = matmul_peak_gflops(cfg.threads)
         for i, (b, dims) in enumerate(setup.points):
             if progress:
                 progress(f"batch {b}" + "".join(f" {d} {v}" for d, v in dims.items()) +

@@ -12,13 +12,22 @@ block is timed (no sampler thread): CPU time is read between blocks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runtimes.base import Runner
+from core.metrics import LatencyStats
+from runtimes.base import Runner, RunnerOptions
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import numpy as np
+
+    from core.manifest import Artifact, Manifest
 
 
 def usable_cpus() -> int:
@@ -79,3 +88,28 @@ def interleaved(runners: Sequence[Runner], prepared: Sequence[Any], *, warmup: i
             if window is not None and (u := window()) is not None:
                 out[i].gpu_util.append(u)
     return out
+
+
+def interleaved_latency(manifest: Manifest, base: Path, arts: list[Artifact], feed: dict[str, np.ndarray], *,
+                        warmup: int, iters: int, threads: int | None = None) -> list[LatencyStats]:
+    """ONNX Runtime CPU latency of several artifacts on the same feed, one call of each in turn, so that
+    load from other processes on a shared CPU falls on all of them alike rather than on whichever ran first.
+
+    Intra-op spinning is off for these sessions: with it on, the session that just ran keeps its threads
+    spinning for a moment and the next session's call, one call later, loses the cores to them.
+    """
+    from runtimes.ort import OrtRunner
+
+    opts = RunnerOptions(device="cpu", threads=threads, ort_spinning=False)
+
+    with contextlib.ExitStack() as stack:
+        runners = [stack.enter_context(OrtRunner(manifest, base, a, opts))
+                   for a in arts]
+        prepared = [r.prepare(feed) for r in runners]
+        for r, p in zip(runners, prepared, strict=True):
+            r.time_iterations(p, warmup, 0)
+        samples: list[list[float]] = [[] for _ in runners]
+        for _ in range(iters):
+            for r, p, out in zip(runners, prepared, samples, strict=True):
+                out.extend(r.time_iterations(p, 0, 1))
+    return [LatencyStats.from_samples(x) for x in samples]

@@ -166,7 +166,7 @@ def test_a_backend_that_fails_to_load_is_closed_and_skipped(tiny_artifacts: Path
 
 def test_runner_capabilities_are_class_attributes() -> None:
     torch_like = {n for n, r in RUNNERS.items() if r.torch_like}
-    assert torch_like == {n for n, r in RUNNERS.items() if r.needs_weights} == {"eager", "torchscript"}
+    assert torch_like == {n for n, r in RUNNERS.items() if r.needs_weights} == {"eager", "torchscript", "compile"}
     assert {n for n, r in RUNNERS.items() if r.tensorrt_like} == {"ort-trt", "trt"}
     assert {n: r.profiler for n, r in RUNNERS.items() if r.profiler} == {"eager": "torch", "torchscript": "torch",
-                                                                          "ort": "onnxruntime"}
+                                                                          "compile": "torch", "ort": "onnxruntime"}

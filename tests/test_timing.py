@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from core.metrics import LatencyStats, clearly_slower, median_interval
 from runtimes.base import Runner, RunnerOptions
 from runtimes.timing import interleaved, split_iters
@@ -89,3 +91,22 @@ def test_bench_records_rounds_spinning_and_restores_torch_threads(tiny_artifacts
     ort_row = next(ln for ln in to_markdown(res).splitlines() if ln.startswith("| ort "))
     assert "| reference |" in eager_row and "reference" not in ort_row  # the reference is not checked against itself
     assert "[" in ort_row  # the p50 with its interval
+
+
+def test_bench_states_each_rows_work_and_fraction_of_the_machines_peak(tiny_artifacts: Path) -> None:
+    """GFLOP per call from the ONNX graph (Conv/MatMul/Gemm MACs x 2) and the fraction of the measured FP32
+    matrix-multiply peak it reaches."""
+    import onnx
+
+    from core.flops import onnx_macs
+    from runtimes.harness import BenchConfig, run_bench
+
+    res = run_bench(BenchConfig(artifact_dir=tiny_artifacts, backends=["ort"], batch_sizes=[1, 4], warmup=1,
+                                iters=3, rounds=3, accuracy_samples=4), log=lambda _m: None)
+    assert res.machine["matmul_peak_gflops"] > 0
+    one, four = (next(r for r in res.records if r.batch_size == b) for b in (1, 4))
+    assert one.gflop is not None and four.gflop == pytest.approx(4 * one.gflop)  # linear in the batch
+    assert (one.peak_fraction or 0) > 0  # (its size depends on the load on the machine: no upper bound here)
+    model = onnx.load(str(tiny_artifacts / "model.onnx"))
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    assert convs and onnx_macs(tiny_artifacts / "model.onnx", {"input": [1, 3, 32, 32]}) == one.gflop * 1e9 / 2

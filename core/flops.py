@@ -1,0 +1,101 @@
+"""How much arithmetic a model does, and how much this machine can do: so a latency can be read as a fraction
+of the hardware's limit.
+
+``onnx_macs`` counts the multiply-accumulates of the ops that carry nearly all of a network's arithmetic
+(Conv, ConvTranspose, MatMul, Gemm; Q/DQ variants of them too) from the ONNX graph with every input shape
+fixed, via ONNX shape inference. ``matmul_peak_gflops`` measures this machine's dense FP32 matrix-multiply
+rate with PyTorch (best of several large GEMMs), with the thread count the benchmark uses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_CONV = {"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"}
+_MATMUL = {"MatMul", "QLinearMatMul", "MatMulInteger", "FusedMatMul", "Gemm"}
+
+
+def _dims(value_info: Any) -> list[int] | None:
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value_info.type.tensor_type.shape.dim]
+    return None if not dims or min(dims) < 1 else dims
+
+
+def onnx_macs(path: Path, shapes: Mapping[str, Sequence[int]]) -> int | None:
+    """Multiply-accumulates of one run of the model at these input shapes; None when shapes cannot be inferred."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for inp in model.graph.input:
+        if inp.name in shapes:
+            dims = inp.type.tensor_type.shape.dim
+            for d, v in zip(dims, shapes[inp.name], strict=False):
+                d.ClearField("dim_param")
+                d.dim_value = int(v)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return None
+    known = {vi.name: _dims(vi) for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    known.update({t.name: list(t.dims) for t in model.graph.initializer})
+    total = 0
+    for node in inferred.graph.node:
+        total += _node_macs(node, known)
+    return total or None
+
+
+def _node_macs(node: Any, known: Mapping[str, list[int] | None]) -> int:
+    out = known.get(node.output[0]) if node.output else None
+    if out is None:
+        return 0
+    if node.op_type in _CONV:
+        w = known.get(node.input[3 if node.op_type == "QLinearConv" else 1])
+        if not w or len(w) < 3:
+            return 0
+        if node.op_type == "ConvTranspose":  # weights [Cin, Cout/group, k...]: each input element x w[1:]
+            x = known.get(node.input[0])
+            return int(np.prod(x)) * int(np.prod(w[1:])) if x else 0
+        return int(np.prod(out)) * int(np.prod(w[1:]))  # weights [Cout, Cin/group, k...] per output element
+    if node.op_type in _MATMUL:
+        a = known.get(node.input[0])
+        if not a:
+            return 0
+        transposed = node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute)
+        k = a[0] if transposed else a[-1]
+        return int(np.prod(out)) * k
+    return 0
+
+
+@cache
+def matmul_peak_gflops(threads: int | None = None, n: int = 1024, repeats: int = 16) -> float:
+    """This machine's dense FP32 GEMM rate in GFLOP/s (the best of ``repeats`` n x n products), measured once
+    per process and thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * n**3 / best / 1e9
+
+
+def peak_fraction(macs: int | None, p50_ms: float, peak_gflops: float | None) -> tuple[float | None, float | None]:
+    """(GFLOP per call, achieved fraction of the matrix-multiply peak) for a call of ``macs`` taking ``p50_ms``."""
+    if not macs or p50_ms <= 0:
+        return None, None
+    gflop = 2 * macs / 1e9
+    return gflop, (gflop / (p50_ms / 1e3) / peak_gflops if peak_gflops else None)
