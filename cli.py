@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from core.errors import InputError, ToolkitError
+from core.errors import InputError, ToolkitError, as_user_error
 
 if TYPE_CHECKING:  # the library is imported inside each command: --help stays fast
     from convert.config import (
@@ -67,24 +67,12 @@ def user_errors() -> Iterator[None]:
     except Exception as exc:
         if STATE["debug"]:
             raise
-        if (line := _config_error(exc)) is not None:  # a flag value outside a config field's range
-            console.print(f"[bold red]error:[/] {escape(line)}", soft_wrap=True)
-            raise typer.Exit(2) from None
+        if (err := as_user_error(exc)) is not None:  # a flag value outside a config field's range, a full disk
+            console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
         console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} (run with --debug for the traceback)",
                       soft_wrap=True)
         raise typer.Exit(1) from None
-
-
-def _config_error(exc: Exception) -> str | None:
-    """A pydantic error from building a config as one line naming the flag, e.g. ``--opset: Input should
-    be less than or equal to 23``; None for any other exception."""
-    from pydantic import ValidationError as PydanticValidationError
-
-    if not isinstance(exc, PydanticValidationError) or not exc.errors():
-        return None
-    err = exc.errors()[0]
-    names = [x for x in err["loc"] if isinstance(x, str)]
-    return f"--{names[-1].replace('_', '-')}: {err['msg']}" if names else err["msg"]
 
 
 def log(msg: str) -> None:
@@ -401,7 +389,7 @@ def bench(
 ) -> None:
     """Benchmark every backend on the same inputs; check accuracy against the FP32 reference."""
     with user_errors():
-        from core.fsutil import check_writable_target
+        from reports.writers import check_results_path
 
         cfg = _bench_config(artifact_dir, backends=backends, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
                             device=device, threads=threads, data=data, variants=variants,
@@ -410,7 +398,7 @@ def bench(
                                      "include_transfers": include_transfers}, timing=(rounds, ort_spinning),
                             openvino_hint=openvino_hint)
         json_path = out or cfg.artifact_dir / "bench" / "results.json"
-        check_writable_target(json_path.parent)  # created only when the results are written
+        check_results_path(json_path)  # before the run; the folder is created only when the results are written
         _render_bench(_run_bench_with_progress(cfg), json_path)
 
 
@@ -659,15 +647,14 @@ def loadtest(
     """Load-test a KServe v2 endpoint: p50/p90/p99 latency, throughput, errors, response checks."""
     with user_errors():
         from core.errors import ValidationError
-        from core.fsutil import ensure_writable_dir
-        from reports.writers import rich_table, write_results
+        from reports.writers import check_results_path, rich_table, write_results
         from serving.loadtest import LoadTestConfig, run_loadtest
 
         cfg = LoadTestConfig(url=url, model=model, concurrency=concurrency, duration_s=duration, warmup_s=warmup,
                              batch=batch, max_requests=max_requests, binary=not json_tensors, reference=reference,
                              input_shape=input_shape)
         if out is not None:
-            ensure_writable_dir(out.parent)
+            check_results_path(out)
         results = run_loadtest(cfg, log=log)
         if results.records:
             out_console.print(rich_table(results))

@@ -17,6 +17,7 @@ import numpy as np
 from calibration.builtin import BUILTIN_SETS, builtin_path, source_photos
 from calibration.images import IMAGE_SUFFIXES, ImageSet, scan_image_folder
 from calibration.sources import (
+    CALIB_ROLE,
     DEFAULT_SYNTHETIC_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -87,13 +88,14 @@ def resolve_preprocessing(iospec: IOSpec, known: Preprocessing | None, *, resize
 
 
 def open_source(spec: str | None, iospec: IOSpec, preprocessing: Preprocessing | None, *, size: int | None,
-                seed: int, allow_synthetic: bool = False, offset: int = 0) -> Source:
+                seed: int, allow_synthetic: bool = False, offset: int = 0, role: str = CALIB_ROLE) -> Source:
     """Open a calibration/evaluation source; see the module docstring for ``spec``.
 
     ``size`` caps the number of samples (None: all), ``offset`` skips the first samples of the
     seeded order (how held-out windows are taken). ``preprocessing`` applies to image sources; None
     means the default for the model's input (see :func:`resolve_preprocessing`). With no ``spec``,
-    synthetic data is used only when ``allow_synthetic`` is set.
+    synthetic data is used only when ``allow_synthetic`` is set. ``role`` names the data in errors
+    (``calibration``, or ``held-out (--eval-data)``).
     """
     if spec is None or not str(spec).strip():
         if not allow_synthetic:
@@ -108,29 +110,29 @@ def open_source(spec: str | None, iospec: IOSpec, preprocessing: Preprocessing |
         return SyntheticSource(iospec, np.arange(offset, offset + n), seed)
     if spec in BUILTIN_SETS:
         return _open_images(builtin_path(spec), iospec, preprocessing, size, seed, offset, name=spec)
-    path = _data_path(spec)
+    path = _data_path(spec, role)
     if path.is_dir():
         return _open_images(path, iospec, preprocessing, size, seed, offset)
-    return _open_arrays(path, iospec, size, seed, offset)
+    return _open_arrays(path, iospec, size, seed, offset, role)
 
 
-def _data_path(spec: str) -> Path:
+def _data_path(spec: str, role: str = CALIB_ROLE) -> Path:
     """An image folder or a .npy/.npz file; anything else is one clear InputError."""
     path = Path(spec).expanduser()
     if path.suffix.lower() in (".npy", ".npz"):
         if not path.is_file():
-            raise InputError(f"calibration file {path} does not exist" if not path.exists()
-                             else f"calibration file {path} is not a file")
+            raise InputError(f"{role} file {path} does not exist" if not path.exists()
+                             else f"{role} file {path} is not a file")
         return path
     if not path.exists():
         hint = ", ".join(repr(n) for n in [*BUILTIN_SETS, SYNTHETIC])
-        raise InputError(f"calibration data {spec!r} does not exist (expected an image folder, a .npy/.npz file, "
+        raise InputError(f"{role} data {spec!r} does not exist (expected an image folder, a .npy/.npz file, "
                          f"or one of {hint})")
     if path.is_dir():
         return path
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        raise InputError(f"calibration data {path} is a single image: put the images in a folder and pass the folder")
-    raise InputError(f"calibration data {path} is neither an image folder nor a .npy/.npz file")
+        raise InputError(f"{role} data {path} is a single image: put the images in a folder and pass the folder")
+    raise InputError(f"{role} data {path} is neither an image folder nor a .npy/.npz file")
 
 
 def _open_images(root: Path, iospec: IOSpec, pre: Preprocessing | None, size: int | None, seed: int,
@@ -177,7 +179,7 @@ def _image_source(root: Path, images: ImageSet, window: np.ndarray, iospec: IOSp
 
 
 def open_parts(spec: str, iospec: IOSpec, preprocessing: Preprocessing | None, *, sizes: Sequence[int | None],
-               seed: int) -> list[Source]:
+               seed: int, role: str = CALIB_ROLE) -> list[Source]:
     """Disjoint parts of one source (e.g. held-out, selection, calibration), at most ``sizes[i]`` samples each.
 
     Image folders are split by source (:mod:`calibration.split`): the built-in set by source photo, so
@@ -186,9 +188,9 @@ def open_parts(spec: str, iospec: IOSpec, preprocessing: Preprocessing | None, *
     of the seeded order. A part left empty is one clear InputError.
     """
     spec = str(spec).strip()
-    if spec in BUILTIN_SETS or (spec != SYNTHETIC and _data_path(spec).is_dir()):
+    if spec in BUILTIN_SETS or (spec != SYNTHETIC and _data_path(spec, role).is_dir()):
         name = spec if spec in BUILTIN_SETS else None
-        root = builtin_path(spec) if name else _data_path(spec)
+        root = builtin_path(spec) if name else _data_path(spec, role)
         images = scan_image_folder(root)
         photos = source_photos(root) if name else None
         file_sha: dict[int, str] = {}
@@ -212,7 +214,7 @@ def open_parts(spec: str, iospec: IOSpec, preprocessing: Preprocessing | None, *
     out: list[Source] = []
     offset = 0
     for size in sizes:
-        out.append(open_source(spec, iospec, preprocessing, size=size, seed=seed, offset=offset))
+        out.append(open_source(spec, iospec, preprocessing, size=size, seed=seed, offset=offset, role=role))
         offset += out[-1].num_samples
     return out
 
@@ -244,19 +246,20 @@ def _npz_members(path: Path) -> tuple[dict[str, np.ndarray], bool]:
     return arrays, compressed
 
 
-def _read_arrays(path: Path) -> tuple[dict[str, np.ndarray], bool]:
+def _read_arrays(path: Path, role: str = CALIB_ROLE) -> tuple[dict[str, np.ndarray], bool]:
     """The arrays of a .npy (under the key '') or .npz, memory-mapped where possible."""
     try:
         if path.suffix.lower() == ".npy":
             return {"": np.load(path, mmap_mode="r", allow_pickle=False)}, False
         return _npz_members(path)
     except Exception as exc:
-        raise InputError(f"calibration file {path} is not a readable {path.suffix} file: "
+        raise InputError(f"{role} file {path} is not a readable {path.suffix} file: "
                          f"{first_line(exc, with_type=True)}") from None
 
 
-def _open_arrays(path: Path, iospec: IOSpec, size: int | None, seed: int, offset: int) -> ArraySource:
-    arrays, compressed = _read_arrays(path)
+def _open_arrays(path: Path, iospec: IOSpec, size: int | None, seed: int, offset: int,
+                 role: str = CALIB_ROLE) -> ArraySource:
+    arrays, compressed = _read_arrays(path, role)
     if "" in arrays:
         if len(iospec.inputs) != 1:
             raise InputError(f"{path.name} holds one array but the model has inputs {iospec.input_names}: "
@@ -267,7 +270,7 @@ def _open_arrays(path: Path, iospec: IOSpec, size: int | None, seed: int, offset
     missing = [n for n in names if n not in arrays]
     extra = [n for n in arrays if n not in names]
     if missing or extra:
-        raise InputError(f"calibration file {path} has arrays {sorted(arrays)} but the model's inputs are {names}"
+        raise InputError(f"{role} file {path} has arrays {sorted(arrays)} but the model's inputs are {names}"
                          + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra})" if extra else "")
                          + f"; key each array by input name (plus an optional {LABELS_KEY!r})")
     problems: list[str] = []
@@ -277,6 +280,8 @@ def _open_arrays(path: Path, iospec: IOSpec, size: int | None, seed: int, offset
         want = t.shape[1:]
         if not np.issubdtype(arr.dtype, np.number) and arr.dtype != np.bool_:
             problems.append(f"{t.name}: dtype {arr.dtype} is not numeric")
+        elif (arr.dtype.kind in "iub") != (np.dtype(t.dtype).kind in "iub"):  # never cast ints to floats silently
+            problems.append(f"{t.name}: dtype {arr.dtype} where the model takes {t.dtype}")
         elif arr.ndim != len(t.shape) or any(isinstance(w, int) and g != w
                                              for g, w in zip(arr.shape[1:], want, strict=False)):
             problems.append(f"{t.name}: shape {list(arr.shape)} does not match the model's {t.shape} "
@@ -289,10 +294,10 @@ def _open_arrays(path: Path, iospec: IOSpec, size: int | None, seed: int, offset
     if labels is not None and (labels.ndim != 1 or len(labels) != total or not np.issubdtype(labels.dtype, np.integer)):
         problems.append(f"{LABELS_KEY!r} must be {total} integer class indices, got {labels.dtype} {list(labels.shape)}")
     if problems:
-        raise InputError(f"calibration file {path} does not match the model: " + "; ".join(problems))
+        raise InputError(f"{role} file {path} does not match the model: " + "; ".join(problems))
     window = sample_window(total, size, seed, offset)
     if len(window) == 0:
-        raise InputError(f"calibration file {path} has only {total} samples: none left after skipping {offset} "
+        raise InputError(f"{role} file {path} has only {total} samples: none left after skipping {offset} "
                          "for another window")
     src = ArraySource(path, {n: arrays[n] for n in names}, {t.name: t.dtype for t in iospec.inputs},
                       np.asarray(labels) if labels is not None else None, window, total)
@@ -302,7 +307,7 @@ def _open_arrays(path: Path, iospec: IOSpec, size: int | None, seed: int, offset
     return src
 
 
-def count_samples(spec: str | None) -> int | None:
+def count_samples(spec: str | None, role: str = CALIB_ROLE) -> int | None:
     """How many samples ``spec`` offers before any window is taken (None: unbounded synthetic data).
 
     Cheap (no image is decoded, no array is read), so callers can plan disjoint calibration and
@@ -313,8 +318,8 @@ def count_samples(spec: str | None) -> int | None:
     spec = str(spec).strip()
     if spec in BUILTIN_SETS:
         return len(scan_image_folder(builtin_path(spec)).files)
-    path = _data_path(spec)
+    path = _data_path(spec, role)
     if path.is_dir():
         return len(scan_image_folder(path).files)
-    arrays, _ = _read_arrays(path)
+    arrays, _ = _read_arrays(path, role)
     return max((a.shape[0] for k, a in arrays.items() if k != LABELS_KEY and a.ndim), default=0)

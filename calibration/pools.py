@@ -96,12 +96,13 @@ def source_pool(data: str, spec: IOSpec, source: SourceInfo, seed: int, size: in
     """Held-out inputs from ``data`` (image folder, .npy/.npz with optional 'labels', or a built-in set),
     read through the same sources as calibration, all in memory."""
     from calibration.loaders import open_source, resolve_preprocessing
+    from calibration.sources import EVAL_ROLE
 
     try:
         pre = resolve_preprocessing(spec, source.preprocessing)
     except InputError:
         pre = None  # not an image model: only tensor files apply, and open_source says so
-    src = open_source(data, spec, pre, size=size, seed=seed)
+    src = open_source(data, spec, pre, size=size, seed=seed, role=EVAL_ROLE)
     feeds: list[dict[str, np.ndarray]] = []
     labels: list[np.ndarray] = []
     for feed, lab in src.iter_labelled(64):

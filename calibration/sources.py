@@ -30,6 +30,9 @@ from core.fsutil import sha256_file
 from core.iospec import IOSpec, TensorSpec
 from core.manifest import Preprocessing
 
+#: How errors name the data: what ``--calib`` gives, and what ``--eval-data`` gives.
+CALIB_ROLE = "calibration"
+EVAL_ROLE = "held-out (--eval-data)"
 SYNTHETIC = "synthetic"
 LABELS_KEY = "labels"
 DEFAULT_SYNTHETIC_SIZE = 64
@@ -219,7 +222,12 @@ class ArraySource(Source):
         self.path, self.arrays, self.dtypes, self.total = path, arrays, dtypes, total
 
     def _sample(self, index: int) -> dict[str, np.ndarray]:
-        return {n: np.asarray(a[index], dtype=self.dtypes[n]) for n, a in self.arrays.items()}
+        out = {n: np.asarray(a[index], dtype=self.dtypes[n]) for n, a in self.arrays.items()}
+        for n, a in out.items():  # NaN/inf would poison ranges and accuracy alike: refuse, naming the row
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise InputError(f"{self.path}: {n!r} row {index} holds NaN or infinite values; tensors for "
+                                 "calibration and accuracy checks must be finite")
+        return out
 
     def member(self, index: int) -> str:
         return f"row {index}"

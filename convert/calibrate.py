@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from calibration.loaders import count_samples, open_parts, open_source, resolve_preprocessing
-from calibration.sources import DEFAULT_SYNTHETIC_SIZE, Source
+from calibration.sources import DEFAULT_SYNTHETIC_SIZE, EVAL_ROLE, Source
 from convert.config import CalibConfig, CalibMethod, GateConfig, QuantConfig
 from convert.ort_quant import QuantizeError, ort_method, quiet
 from core.errors import BackendUnavailableError, InputError, ToolkitError, first_line
@@ -233,8 +233,9 @@ def open_quant_data(cfg: QuantConfig, spec: IOSpec, known: Preprocessing | None)
     if g.eval_data and not _same_data(g.eval_data, c.data):
         calib = open_source(c.data, spec, pre, size=c.size, seed=c.seed) if c.data else None
         if not g.auto:
-            return QuantData(calib, open_source(g.eval_data, spec, pre, size=g.eval_size, seed=c.seed))
-        held, sel = open_parts(g.eval_data, spec, pre, sizes=_halves(g.eval_data, g.eval_size), seed=c.seed)
+            return QuantData(calib, open_source(g.eval_data, spec, pre, size=g.eval_size, seed=c.seed, role=EVAL_ROLE))
+        held, sel = open_parts(g.eval_data, spec, pre, sizes=_halves(g.eval_data, g.eval_size), seed=c.seed,
+                               role=EVAL_ROLE)
         return QuantData(calib, held, sel)
     if c.data:
         parts = open_parts(c.data, spec, pre, sizes=_split(c.data, c, g, spec, pre), seed=c.seed)
@@ -248,7 +249,7 @@ def open_quant_data(cfg: QuantConfig, spec: IOSpec, known: Preprocessing | None)
 
 def _halves(data: str, eval_size: int) -> list[int]:
     """--auto with --eval-data: (gate, selection) sizes, half of ``data`` each when it is short."""
-    total = count_samples(data)
+    total = count_samples(data, EVAL_ROLE)
     n = eval_size if total is None or total >= 2 * eval_size else total // 2
     if n < 1:
         raise InputError(f"--auto needs at least 2 held-out samples in {data} (one part to choose on, one to "

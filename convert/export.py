@@ -48,8 +48,24 @@ def export_onnx(module: Any, spec: IOSpec, out: Path, *, opset: int, exporter: E
     # A private folder: past 2 GiB the exporters write tensors as side files next to the model.
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.export-") as d:
         tmp = Path(d) / out.name
-        _export(module, spec, args, tmp, opset=opset, exporter=exporter)
+        notes = _export(module, spec, args, tmp, opset=opset, exporter=exporter)
+        _check_traced(tmp, spec, notes)
         _place(tmp, out)
+
+
+def _check_traced(exported: Path, spec: IOSpec, notes: list[str]) -> None:
+    """An input missing from the exported graph means the trace lost track of it: forward() left PyTorch
+    (``.numpy()``, ``.item()``, Python arithmetic on values), so its result was frozen as a constant. That
+    model cannot be exported faithfully: one clear ExportError saying so, and why when the tracer said."""
+    import onnx
+
+    graph = onnx.load(str(exported), load_external_data=False).graph
+    missing = [n for n in spec.input_names if n not in {i.name for i in graph.input}]
+    if missing:
+        why = (f"forward() leaves PyTorch (the tracer: {notes[0].split('. ')[0]}), so the result was recorded as a "
+               "constant" if notes else "forward() ignores it or leaves PyTorch (e.g. .numpy(), .item(), .tolist())")
+        raise ExportError(f"the model cannot be traced for export: the traced graph does not use input(s) {missing}; "
+                          f"{why}; keep forward() in torch operations, or try --exporter dynamo")
 
 
 def _place(exported: Path, out: Path) -> None:
@@ -66,11 +82,13 @@ def _place(exported: Path, out: Path) -> None:
     onnxfile.save_onnx(onnx.load(str(exported)), out)
 
 
-def _export(module: Any, spec: IOSpec, args: tuple[Any, ...], tmp: Path, *, opset: int, exporter: Exporter) -> None:
+def _export(module: Any, spec: IOSpec, args: tuple[Any, ...], tmp: Path, *, opset: int,
+            exporter: Exporter) -> list[str]:
+    """Export to ``tmp``; return the first line of each TracerWarning (what the trace may have got wrong)."""
     import torch
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("always")
         try:
             if exporter == "dynamo":
                 # Positional form: torch.export matches dict keys to forward()'s arg names, not ours. One
@@ -94,6 +112,8 @@ def _export(module: Any, spec: IOSpec, args: tuple[Any, ...], tmp: Path, *, opse
         except Exception as exc:
             msg = _summary(exc)
             raise ExportError(f"ONNX export ({exporter}, opset {opset}) failed: {type(exc).__name__}: {msg}") from exc
+    return [str(w.message).strip().splitlines()[0] for w in caught
+            if type(w.message).__name__ == "TracerWarning" and str(w.message).strip()]
 
 
 def complete_output_spec(spec: IOSpec, onnx_model: Any) -> IOSpec:

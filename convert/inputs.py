@@ -6,6 +6,7 @@ dims. An unbound dim, an unknown input, a rank or dtype mismatch: one clear line
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import numpy as np
 from convert.config import ExportConfig
 from core.errors import InputError, first_line
 from core.iospec import IOSpec, bind_shapes, spec_from_examples, spec_from_onnx
-from core.models import LoadedModel
+from core.models import LoadedModel, output_list
+from core.resources import check_feed_memory
 
 
 def load_sample_inputs(path: str) -> dict[str, np.ndarray]:
@@ -48,9 +50,16 @@ def _output_names(loaded: LoadedModel, examples: dict[str, np.ndarray]) -> list[
         return named
     import torch
 
-    with torch.inference_mode():
-        out = loaded.module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in examples.values()])
-    count = len(out) if isinstance(out, (tuple, list)) else 1
+    try:
+        with torch.inference_mode():
+            out = loaded.module(*[torch.from_numpy(np.ascontiguousarray(a)) for a in examples.values()])
+    except Exception as exc:
+        raise InputError(f"{loaded.source.model}: forward() failed on the example inputs "
+                         f"({', '.join(f'{n} {list(a.shape)} {a.dtype}' for n, a in examples.items())}): "
+                         f"{first_line(exc, with_type=True)}") from None
+    if isinstance(out, Mapping):  # outputs named by key, in the dict's order
+        return [str(k) for k in out]
+    count = len(output_list(out))
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
@@ -68,6 +77,8 @@ def input_spec(cfg: ExportConfig, loaded: LoadedModel) -> tuple[IOSpec, dict[str
         examples = None
     else:
         examples = samples if samples is not None else loaded.example_inputs
+        if samples is not None and loaded.example_inputs is None:
+            _check_image_samples(cfg, samples)
         if examples is not None:
             if samples is not None and loaded.example_inputs is not None:
                 _example_spec(cfg, loaded, loaded.example_inputs).check_feed(samples)
@@ -79,7 +90,18 @@ def input_spec(cfg: ExportConfig, loaded: LoadedModel) -> tuple[IOSpec, dict[str
         _, dims = bind_shapes(spec, shapes)
         spec = spec.with_dims(dims)
     spec.input_shapes(spec.fixed_batch() or 1)  # an unbound dim: one line naming it and the flag
+    check_feed_memory(spec, 2 if spec.dynamic_batch else (spec.fixed_batch() or 1),
+                      "--input-shape" if cfg.input_shape is not None else "the export's sample inputs")
     return spec, examples
+
+
+def _check_image_samples(cfg: ExportConfig, samples: dict[str, np.ndarray]) -> None:
+    """A model without example inputs takes one float image: integer or boolean samples cannot be its input."""
+    wrong = {n: a.dtype for n, a in samples.items() if a.dtype.kind != "f"}
+    if wrong:
+        name, dtype = next(iter(wrong.items()))
+        raise InputError(f"--sample-inputs {cfg.sample_inputs}: {name!r} is {dtype} but {cfg.model} takes a float "
+                         "image (float32); save float arrays, or make the factory return example inputs of other dtypes")
 
 
 def _example_spec(cfg: ExportConfig, loaded: LoadedModel, examples: dict[str, np.ndarray]) -> IOSpec:

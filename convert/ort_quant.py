@@ -100,7 +100,8 @@ def check_exclusions(model: Path, cfg: QuantConfig) -> None:
     for n in cfg.exclude_nodes:
         if n not in names:
             close = difflib.get_close_matches(n, names, n=3)
-            problems.append(f"no node named {n!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+            problems.append(f"no node named {n!r}" + (f" (did you mean {', '.join(close)}?)" if close else
+                            f" (this model has {len(names)} nodes, e.g. {', '.join(names[:8])})"))
     bad_ops = [o for o in cfg.exclude_op_types if o not in ops]
     if bad_ops:
         problems.append(f"no node of op type(s) {bad_ops}; this model has {ops}")

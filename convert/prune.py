@@ -171,4 +171,6 @@ def prune_channels(module: Any, example: tuple[Any, ...], ratio: float, round_to
 
 
 def _as_list(out: Any) -> list[Any]:
-    return list(out) if isinstance(out, tuple | list) else [out]
+    from core.models import output_list
+
+    return output_list(out)

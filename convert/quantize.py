@@ -25,7 +25,7 @@ from pathlib import Path
 from calibration.cpu import CpuFeatures, cpu_features
 from calibration.loaders import count_samples
 from calibration.ort_reader import OrtCalibrationReader
-from calibration.sources import Source
+from calibration.sources import EVAL_ROLE, Source
 from convert.calibrate import Calibrations, QuantData, open_quant_data
 from convert.config import CALIB_METHODS, CalibMethod, QType, QuantConfig
 from convert.context import ConvertContext, Step
@@ -104,7 +104,7 @@ def check_config(cfg: QuantConfig) -> None:
     if (cfg.exclude_nodes or cfg.exclude_op_types) and not (cfg.int8_static or cfg.int8_dynamic):
         raise InputError("--exclude-nodes/--exclude-op-types apply to --int8 and --int8-dynamic")
     count_samples(c.data)  # a missing folder/file or unreadable array fails now
-    count_samples(g.eval_data)
+    count_samples(g.eval_data, EVAL_ROLE)
 
 
 # -- the state the steps share -----------------------------------------------------------------------

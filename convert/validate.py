@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.errors import InputError, ValidationError, first_line
 from core.iospec import IOSpec
 from core.metrics import compare_outputs
+from core.models import output_list
 from core.records import ArtifactMetrics
 from runtimes.ort import ort_session
 
@@ -60,7 +61,7 @@ def torch_reference(module: Any, spec: IOSpec) -> Reference:
     def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         with torch.inference_mode():
             out = module(*[torch.from_numpy(feed[n]) for n in spec.input_names])
-        outs = out if isinstance(out, (tuple, list)) else [out]
+        outs = output_list(out)
         return [o.detach().float().numpy() if hasattr(o, "detach") else np.asarray(o) for o in outs]
 
     return run

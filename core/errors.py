@@ -6,6 +6,8 @@ shown only with ``--debug``. Library code never uses ``assert`` for user input.
 
 from __future__ import annotations
 
+import errno
+
 
 class ToolkitError(Exception):
     """Base class: an error the user can act on, with a message that says how."""
@@ -51,3 +53,36 @@ def first_line(exc: BaseException, *, with_type: bool = False) -> str:
         return type(exc).__name__
     line = text.splitlines()[0]
     return f"{type(exc).__name__}: {line}" if with_type else line
+
+
+#: OSError numbers the user can act on, with what to do: one clear line instead of an internal error.
+_ACTIONABLE_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on device", "free space or choose another output folder"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another output folder"),
+    errno.EFBIG: ("file too large for the file system", "choose another output folder"),
+    errno.EROFS: ("read-only file system", "choose another output folder"),
+    errno.EACCES: ("permission denied", "fix the permissions or choose another path"),
+}
+
+
+def as_user_error(exc: BaseException) -> ToolkitError | None:
+    """An exception from outside the toolkit that is still the user's to fix, as a ``ToolkitError`` with one
+    clear line: a pydantic error from building a config (names the flag: ``--opset: Input should be less than
+    or equal to 23``), or a full disk / quota / read-only or forbidden path (also when a library wrapped the
+    OSError in its own exception). None for anything else (an internal error)."""
+    from pydantic import ValidationError as PydanticValidationError
+
+    if isinstance(exc, PydanticValidationError) and exc.errors():
+        err = exc.errors()[0]
+        names = [x for x in err["loc"] if isinstance(x, str)]
+        return InputError(f"--{names[-1].replace('_', '-')}: {err['msg']}" if names else str(err["msg"]))
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in _ACTIONABLE_OS_ERRORS:
+            what, todo = _ACTIONABLE_OS_ERRORS[cause.errno]
+            where = f" ({cause.filename})" if cause.filename else ""
+            return InputError(f"{what}{where}: {todo}; files from earlier runs are left as they were")
+        cause = cause.__cause__ or cause.__context__
+    return None

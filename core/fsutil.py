@@ -36,6 +36,17 @@ def check_writable_target(path: Path) -> Path:
     return path
 
 
+def check_output_file(path: Path, flag: str, example: str) -> Path:
+    """Prove ``path`` can be written as a file (its folder created if needed), creating nothing: a folder
+    there is one clear InputError naming ``flag`` and an ``example`` file name, before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; expected the path of the file to write, e.g. "
+                         f"{path / example}")
+    check_writable_target(path.parent)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path in the same folder; rename it onto ``final`` only on success.

@@ -6,6 +6,7 @@ import difflib
 import importlib.util
 import sys
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,3 +344,11 @@ def rebuild_module(source: SourceInfo, state_dict_path: Path | None, seed: int =
     if state_dict_path is not None and source.kind != "torchscript":
         apply_state_dict(loaded.module, load_state_dict_file(state_dict_path), str(state_dict_path))
     return loaded.module
+
+
+def output_list(out: Any) -> list[Any]:
+    """A ``forward()`` result as its list of outputs: one tensor, a tuple/list of them, or a dict of them (in the
+    dict's order, which is also the order of the ONNX outputs, named by the keys)."""
+    if isinstance(out, Mapping):
+        return list(out.values())
+    return list(out) if isinstance(out, (tuple, list)) else [out]

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from core.errors import InputError
+
+if TYPE_CHECKING:
+    from core.iospec import IOSpec
 
 
 def cuda_problem() -> str | None:
@@ -42,3 +50,35 @@ class ResourceSampler:
         self._stop.set()
         self._thread.join()
         self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can give a new allocation now (RAM free for use, without swapping)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_feed_memory(spec: IOSpec, batch: int, what: str, dims: Mapping[str, int] | None = None) -> None:
+    """Refuse, before allocating anything, inputs of ``batch`` rows that cannot fit in memory: one clear
+    InputError starting with ``what`` (the flag that asked for them). Random inputs are drawn in float64 and
+    then cast, so building them needs up to twice their size at once; the model's own memory comes on top."""
+    import numpy as np
+
+    shapes = spec.input_shapes(batch, dims)
+    sizes = {t.name: math.prod(shapes[t.name]) * np.dtype(t.dtype).itemsize for t in spec.inputs}
+    need = sum(sizes.values())
+    avail = available_memory()
+    if 2 * need <= avail:
+        return
+    big = max(sizes, key=lambda n: sizes[n])
+    shape = "x".join(str(d) for d in shapes[big])
+    raise InputError(f"{what} needs {_human(need)} of memory for the inputs alone (input {big!r} is {shape} "
+                     f"{spec.input(big).dtype}); this machine has {_human(avail)} available: ask for less")
+
+
+def _human(nbytes: float) -> str:
+    unit = 0
+    while nbytes >= 1024 and unit < 4:
+        nbytes, unit = nbytes / 1024, unit + 1
+    return f"{nbytes:.3g} {('B', 'KiB', 'MiB', 'GiB', 'TiB')[unit]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -100,6 +101,9 @@ class BenchResults(BaseModel):
     @classmethod
     def load(cls, path: Path) -> BenchResults:
         path = Path(path)
+        if path.is_dir():
+            raise InputError(f"{path} is a folder; expected a results JSON file written by bench or loadtest, e.g. "
+                             f"{path / 'results.json'}")
         if not path.is_file():
             raise InputError(f"results file {path} does not exist")
         try:
@@ -113,8 +117,31 @@ class BenchResults(BaseModel):
             raise InputError(f"{path} has results schema_version {got!r}; this toolkit reads 1 and "
                              f"{RESULTS_SCHEMA_VERSION}")
         try:
-            return cls.model_validate(data)
+            results = cls.model_validate(data)
         except PydanticValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(x) for x in first["loc"])
             raise InputError(f"{path} does not match the results schema: {loc}: {first['msg']}") from None
+        if problems := record_problems(results.records):
+            raise InputError(f"{path} holds impossible measurements: {'; '.join(problems[:3])}"
+                             + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+                             + "; a batch is >= 1, latencies and throughput are finite and >= 0, p50 and mean > 0")
+        return results
+
+
+def record_problems(records: list[BenchRecord]) -> list[str]:
+    """What no measurement can be (a file edited by hand, or corrupted): a batch below 1; a latency or
+    throughput that is negative, NaN or infinite; a p50 or mean latency of 0 (nothing to compare against)."""
+    problems: list[str] = []
+    for i, r in enumerate(records):
+        where = f"records[{i}] ({r.backend}/{r.variant}, batch {r.batch_size})"
+        if r.batch_size < 1:
+            problems.append(f"{where}: batch_size {r.batch_size} < 1")
+        lat = r.latency_ms
+        values = {f"latency_ms.{k}": getattr(lat, k) for k in ("p50", "p90", "p99", "mean", "min", "max", "std")}
+        values["throughput"] = r.throughput
+        bad = [f"{k} {v}" for k, v in values.items() if not math.isfinite(v) or v < 0]
+        bad += [f"latency_ms.{k} 0" for k in ("p50", "mean") if getattr(lat, k) == 0]
+        if bad:
+            problems.append(f"{where}: {', '.join(bad)}")
+    return problems

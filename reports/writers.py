@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.fsutil import atomic_write_text
+from core.fsutil import atomic_write_text, check_output_file
 from core.transaction import staged_files
 from reports.models import BenchRecord, BenchResults
 
@@ -111,6 +111,13 @@ def result_paths(json_path: Path) -> dict[str, Path]:
     json_path = Path(json_path)
     return {"csv": json_path.with_suffix(".csv"), "md": json_path.with_suffix(".md"),
             "html": json_path.with_suffix(".html"), "json": json_path}
+
+
+def check_results_path(json_path: Path, flag: str = "--out") -> Path:
+    """Refuse, before a run, a results path where results.json or one of its .csv/.md/.html is a folder."""
+    for p in result_paths(json_path).values():
+        check_output_file(p, flag if p == Path(json_path) else f"{flag} (its {p.suffix} beside it)", "results.json")
+    return Path(json_path)
 
 
 def write_results(results: BenchResults, json_path: Path,

@@ -27,7 +27,7 @@ from core.iospec import IOSpec, apply_input_shapes, feed_digest
 from core.manifest import Artifact, Manifest
 from core.metrics import AccuracyStats, LatencyStats, accuracy_stats
 from core.records import TrtQdqParams
-from core.resources import ResourceSampler
+from core.resources import ResourceSampler, check_feed_memory
 from reports.models import BenchRecord, BenchResults
 from runtimes import RUNNERS
 from runtimes.base import Device, Runner, RunnerOptions
@@ -229,8 +229,8 @@ def prepare_bench(cfg: BenchConfig, log: Callable[[str], None]) -> BenchSetup:
     base = Path(cfg.artifact_dir)
     targets = select_targets(manifest, cfg)
     chunk = manifest.iospec.fixed_batch() or max(cfg.batch_sizes)
-    pool = build_pool(manifest, cfg, max(cfg.accuracy_samples, max(cfg.batch_sizes)), log)
     points = bench_points(manifest.iospec, cfg)
+    pool = build_pool(manifest, cfg, max(cfg.accuracy_samples, max(cfg.batch_sizes)), log)
     # The bound dims: slices of the accuracy pool (as before); a swept value: seeded random feeds of its own.
     feeds = [pool.feed(0, b) if not dims else manifest.iospec.random_feed(b, seed=cfg.seed, dims=dims)
              for b, dims in points]
@@ -257,12 +257,17 @@ def bench_spec(spec: IOSpec, cfg: BenchConfig) -> IOSpec:
 
 
 def bench_points(spec: IOSpec, cfg: BenchConfig) -> list[tuple[int, dict[str, int]]]:
-    """Every (batch, dim values) to time: --batch-sizes x every combination of the --dims values."""
+    """Every (batch, dim values) to time: --batch-sizes x every combination of the --dims values (each, and the
+    accuracy pool, checked to fit in memory)."""
     if any(not v or min(v) < 1 for v in cfg.dims.values()):
         raise InputError(f"--dims values must be positive integers, got {cfg.dims}")
     combos: list[dict[str, int]] = [dict(zip(cfg.dims, vals, strict=True))
                                     for vals in itertools.product(*cfg.dims.values())] if cfg.dims else [{}]
-    return [(b, c) for b in cfg.batch_sizes for c in combos]
+    points = [(b, c) for b in cfg.batch_sizes for c in combos]
+    for batch, dims in [*points, (cfg.accuracy_samples, combos[0])]:  # too big to fit: refused before any is built
+        check_feed_memory(spec, batch, f"--batch-sizes {batch}{''.join(f' {d}={v}' for d, v in dims.items())}"
+                          if (batch, dims) in points else f"--accuracy-samples {batch}", dims)
+    return points
 
 
 @dataclass

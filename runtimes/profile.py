@@ -21,9 +21,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import InputError
-from core.fsutil import atomic_path, ensure_writable_dir
+from core.fsutil import atomic_path, check_output_file, ensure_writable_dir
 from core.iospec import apply_input_shapes
 from core.manifest import Manifest
+from core.resources import check_feed_memory
 from runtimes import RUNNERS
 from runtimes.base import Device, Profiler, Runner, RunnerOptions
 from runtimes.harness import BenchConfig, Target, load_checked_manifest, select_targets
@@ -188,10 +189,12 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] = print) -> Profi
     target = _pick_target(manifest, cfg)
     runner_cls = RUNNERS[cfg.backend]
     trace = cfg.out or Path(cfg.artifact_dir) / "profile" / f"{cfg.backend}_{target.artifact.name}.trace.json"
+    check_output_file(trace, "--out", "trace.json")
     ensure_writable_dir(trace.parent)
     spec, _ = apply_input_shapes(manifest.iospec, cfg.input_shape)
     if unbound := spec.unbound_dims():
         raise InputError(f"the model's dim(s) {', '.join(unbound)} have no value: give them with --input-shape")
+    check_feed_memory(spec, cfg.batch_size, f"--batch-size {cfg.batch_size}")
     feed = spec.random_feed(cfg.batch_size, seed=cfg.seed)
     shapes = {n: list(a.shape) for n, a in feed.items()}
     log(f"profiling {cfg.backend}:{target.artifact.name} ({target.precision}, {cfg.device}) at "

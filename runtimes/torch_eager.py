@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from core.errors import BackendUnavailableError
+from core.models import output_list
 from core.resources import cuda_problem
 from runtimes.base import Device, Runner
 
@@ -153,15 +154,14 @@ class TorchRunnerBase(Runner):
             for static, new in zip(prepared.tensors, self._to_device(prepared.host), strict=True):
                 static.copy_(new)
             out = self._execute(prepared)
-            for o in (out if isinstance(out, (tuple, list)) else [out]):
+            for o in output_list(out):
                 o.cpu()
             return
         self._execute(prepared)
 
     def infer_prepared(self, prepared: Any) -> list[np.ndarray]:
         out = self._execute(prepared)
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        return [o.detach().float().cpu().numpy() for o in outs]
+        return [o.detach().float().cpu().numpy() for o in output_list(out)]
 
     def time_iterations(self, prepared: Any, warmup: int, iters: int) -> list[float]:
         if self.options.device == "cuda":

@@ -35,9 +35,9 @@ class TorchScriptRunner(TorchRunnerBase):
                 if dtype is not None:
                     # Tracing under autocast needs its cast cache off, or cached casts become constants.
                     with torch.autocast(device_type=self.options.device, dtype=dtype, cache_enabled=False):
-                        traced = torch.jit.trace(module, example, check_trace=False)
-                else:
-                    traced = torch.jit.trace(module, example, check_trace=False)
+                        traced = torch.jit.trace(module, example, check_trace=False, strict=False)
+                else:  # strict=False: a forward() may return a dict of outputs
+                    traced = torch.jit.trace(module, example, check_trace=False, strict=False)
             frozen = torch.jit.freeze(traced.eval())
             if self.options.device == "cpu":
                 frozen = torch.jit.optimize_for_inference(frozen)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.errors import BackendUnavailableError, InputError
 from core.iospec import IOSpec, feed_digest
 from core.metrics import LatencyStats
+from core.resources import check_feed_memory
 from reports.models import BenchRecord, BenchResults
 from serving.protocol import (
     HEADER_LENGTH,
@@ -53,7 +54,7 @@ class LoadTestConfig(BaseModel):
     warmup_s: float = Field(default=1.0, ge=0, le=600, description="Untimed run before the timed one")
     batch: int = Field(default=1, ge=1, description="Rows per request")
     max_requests: int | None = Field(default=None, ge=1, description="Stop after this many requests (warm-up "
-                                                                     "included)")
+                                                                     "included, and at most half of them)")
     timeout_s: float = Field(default=30.0, gt=0, description="Per-request timeout")
     distinct_inputs: int = Field(default=8, ge=1, le=1024, description="Different random inputs cycled through")
     binary: bool = Field(default=True, description="Binary tensors (tritonclient's default) instead of JSON")
@@ -145,6 +146,8 @@ class _Tally:
     overhead_ms: list[float] = field(default_factory=list)
     rows: int = 0
     requests: int = 0
+    #: requests sent (finished or not): --max-requests caps these, and warm-up may use at most half of them
+    issued: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     error_examples: list[str] = field(default_factory=list)
     incorrect: int = 0
@@ -187,9 +190,12 @@ async def _client(session: Any, target: Target, bodies: list[tuple[bytes, dict[s
     k = worker
     while True:
         now = time.perf_counter()
-        if now >= clock["end"] or (cfg.max_requests is not None and tally.requests >= cfg.max_requests):
+        if now >= clock["end"] or (cfg.max_requests is not None and tally.issued >= cfg.max_requests):
             return
+        if now < clock["start"] and cfg.max_requests is not None and tally.issued >= cfg.max_requests // 2:
+            clock["start"], clock["end"] = now, now + cfg.duration_s  # warm-up ends: keep half the cap timed
         timed = now >= clock["start"]
+        tally.issued += 1
         idx = k % len(bodies)
         k += cfg.concurrency
         body, headers = bodies[idx]
@@ -230,6 +236,20 @@ async def _client(session: Any, target: Target, bodies: list[tuple[bytes, dict[s
                     tally.server_ms.setdefault(phase, []).append(ms)
 
 
+def _spec_mismatch(served: IOSpec, ref: IOSpec) -> str | None:
+    """How the reference artifact's inputs/outputs differ from the served model's metadata (names, ranks,
+    fixed dims, dtypes), or None when they agree."""
+    for what, got, want in (("inputs", ref.inputs, served.inputs), ("outputs", ref.outputs, served.outputs)):
+        if [t.name for t in got] != [t.name for t in want]:
+            return f"its {what} are {[t.name for t in got]}, the server's {[t.name for t in want]}"
+        for g, w in zip(got, want, strict=True):
+            fixed_differ = any(isinstance(a, int) and isinstance(b, int) and a != b
+                               for a, b in zip(g.shape, w.shape, strict=False))
+            if len(g.shape) != len(w.shape) or fixed_differ or g.dtype != w.dtype:
+                return f"{g.name!r} is {g.shape} {g.dtype} there, {w.shape} {w.dtype} on the server"
+    return None
+
+
 def _feeds(spec: IOSpec, cfg: LoadTestConfig) -> list[dict[str, np.ndarray]]:
     """Random requests: with --reference, from the artifact's own IOSpec (its dims' values, the token ids'
     vocabulary, masks of ones), else from the server's metadata; --input-shape binds dynamic dims."""
@@ -239,13 +259,15 @@ def _feeds(spec: IOSpec, cfg: LoadTestConfig) -> list[dict[str, np.ndarray]]:
         from core.manifest import Manifest
 
         known = Manifest.load(cfg.reference).iospec
-        if known.input_names == spec.input_names:
-            spec = known
+        if why := _spec_mismatch(spec, known):
+            raise InputError(f"--reference {cfg.reference} is another model than the one served: {why}")
+        spec = known
     spec, _ = apply_input_shapes(spec, cfg.input_shape)
     if unbound := spec.unbound_dims():
         raise InputError(f"the model's input dim(s) {', '.join(unbound)} are dynamic: give them values with "
                          f"--input-shape (e.g. {','.join(f'{t.name}:1x16' for t in spec.inputs)}) or --reference "
                          "ARTIFACT_DIR")
+    check_feed_memory(spec, cfg.batch, f"--batch {cfg.batch}")
     dtypes = {t.name: t.dtype for t in spec.inputs}
     return [{n: a.astype(dtypes[n]) for n, a in spec.random_feed(cfg.batch, seed=cfg.seed + i).items()}
             for i in range(cfg.distinct_inputs)]

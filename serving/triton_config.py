@@ -23,17 +23,21 @@ PLATFORMS: dict[str, tuple[str, str]] = {"onnx": ("onnxruntime_onnx", "model.onn
                                          "plan": ("tensorrt_plan", "model.plan")}
 
 
+#: Triton's config.pbtxt stores these counts as int32 (max_queue_delay_microseconds as uint64).
+INT32_MAX = 2**31 - 1
+
+
 class ModelOptions(BaseModel):
     """How Triton should batch and place one model (shared by `package` and the server's /config)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int | None = Field(default=None, ge=0, description="Triton max_batch_size; default 8 for a "
+    max_batch_size: int | None = Field(default=None, ge=0, le=INT32_MAX, description="Triton max_batch_size; default 8 for a "
                                                                        "dynamic-batch model, 0 for a fixed batch")
     dynamic_batching: bool | None = Field(default=None, description="Enable Triton's dynamic batcher "
                                                                     "(default: on when max_batch_size > 0)")
-    max_queue_delay_us: int = Field(default=100, ge=0, description="Dynamic batcher max queue delay (µs)")
-    instances: int = Field(default=1, ge=1, description="Model instances per device (instance_group count)")
+    max_queue_delay_us: int = Field(default=100, ge=0, le=2**64 - 1, description="Dynamic batcher max queue delay (µs)")
+    instances: int = Field(default=1, ge=1, le=INT32_MAX, description="Model instances per device (instance_group count)")
     kind: Literal["cpu", "gpu"] | None = Field(default=None, description="Instance kind; default cpu for ONNX, "
                                                                          "gpu for TensorRT plans")
 

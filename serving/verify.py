@@ -32,6 +32,9 @@ class VerifyReport(BaseModel):
 
 def load_repo_manifest(repo: Path) -> RepoManifest:
     path = repo / REPO_MANIFEST
+    if repo.exists() and not repo.is_dir():
+        raise InputError(f"{repo} is a file; expected a model repository folder written by `package` "
+                         f"(with {REPO_MANIFEST})")
     if not repo.is_dir():
         raise InputError(f"model repository {repo} does not exist")
     if not path.is_file():
