@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the library is imported inside each command: --help stays f
         GateConfig,
         QuantConfig,
         SparsityConfig,
+        TrainConfig,
     )
     from core.manifest import Manifest
     from reports.models import BenchResults
@@ -201,11 +202,34 @@ def convert(
     timing_cache: Annotated[Path | None, typer.Option(help="Tactic timing cache, read if present and updated "
                                                            "(default OUT/timing.cache)",
                                                       rich_help_panel="TensorRT")] = None,
+    recover: Annotated[str | None, typer.Option(metavar="distill", help="Fine-tune each --sparsity/--prune-channels "
+                                                "variant with the FP32 model as teacher: a *_recovered variant "
+                                                "beside it (needs --train-data)", rich_help_panel="Recovery")] = None,
+    distill_into: Annotated[str | None, typer.Option(metavar="STUDENT", help="Also train a smaller model (torchvision "
+                                                     "name or file.py:factory) to mimic this one: "
+                                                     "model.distilled.onnx (needs --train-data)",
+                                                     rich_help_panel="Recovery")] = None,
+    train_data: Annotated[str | None, typer.Option(help="Training data: image folder or .npz keyed by input name, "
+                                                        "optional 'labels'; a held-out part of it stops training "
+                                                        "early", rich_help_panel="Recovery")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="At most this many epochs", rich_help_panel="Recovery")] = 20,
+    lr: Annotated[float, typer.Option(help="Adam learning rate",
+                                      rich_help_panel="Recovery")] = 1e-3,
+    temperature: Annotated[float, typer.Option(help="Distillation softmax temperature",
+                                               rich_help_panel="Recovery")] = 4.0,
+    label_weight: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Weight of cross-entropy with the "
+                                                       "labels (default 0.5 with labels, 0 without; >0 needs labels)",
+                                                       rich_help_panel="Recovery")] = None,
+    patience: Annotated[int, typer.Option(min=1, help="Early stopping: epochs without a better held-out agreement",
+                                          rich_help_panel="Recovery")] = 4,
+    train_time: Annotated[float | None, typer.Option(metavar="SECONDS",
+                                                     help="Time budget: no new epoch after this",
+                                                     rich_help_panel="Recovery")] = None,
+    train_device: Annotated[str, typer.Option(help="cpu | cuda", rich_help_panel="Recovery")] = "cpu",
 ) -> None:
     """Export MODEL to ONNX, validate it, optimize it, and write manifest.json."""
     with user_errors():
         from convert.config import Budget, ConvertConfig, GateConfig
-        from convert.pipeline import run_convert
 
         export = _export_config(model, weights=weights, input_shape=input_shape, opset=opset, exporter=exporter,
                                 dynamic_batch=dynamic_batch, optimize=optimize, seed=seed,
@@ -226,9 +250,72 @@ def convert(
                             sparsity=_sparsity_config(sparsity, prune_channels, eval_data,
                                                       Budget(max_accuracy_drop=max_accuracy_drop,
                                                              min_cosine=min_cosine)))
+        train = _train_config(ctx, train_data, epochs=epochs, lr=lr, temperature=temperature,
+                              label_weight=label_weight, patience=patience, max_seconds=train_time,
+                              device=train_device, seed=seed)
+        cfg = _with_training(cfg, recover, distill_into, train)
         _check_eval_data(cfg, eval_data)
-        manifest, folder = run_convert(cfg, log=log)
+        manifest, folder = _run_convert_with_progress(cfg)
         _render_manifest(manifest, folder)
+
+
+_TRAIN_PARAMS = ("epochs", "lr", "temperature", "label_weight", "patience", "train_time", "train_device")
+
+
+def _train_config(ctx: typer.Context, data: str | None, **train: Any) -> TrainConfig | None:
+    """How --recover / --distill-into train; None without --train-data (a training flag alone is an error)."""
+    from convert.config import TrainConfig
+
+    if data is None:
+        if given := _flags_given(ctx, _TRAIN_PARAMS):
+            raise InputError(f"{', '.join(given)} tune training: add --recover distill or --distill-into with "
+                             "--train-data")
+        return None
+    if train["device"] not in ("cpu", "cuda"):
+        raise InputError(f"unknown --train-device {train['device']!r}; choose cpu or cuda")
+    return TrainConfig(data=data, **train)
+
+
+def _with_training(cfg: ConvertConfig, recover: str | None, distill_into: str | None,
+                   train: TrainConfig | None) -> ConvertConfig:
+    """--recover distill and --distill-into, each needing --train-data; --train-data needing one of them."""
+    from convert.config import DistillConfig
+
+    if recover is not None and recover.strip().lower() != "distill":
+        raise InputError(f"unsupported --recover {recover!r}: only 'distill' (fine-tuning with the FP32 model as "
+                         "teacher) is supported")
+    if recover is not None and not cfg.sparsity.enabled:
+        raise InputError("--recover distill fine-tunes a pruned or sparse variant: add --prune-channels F or "
+                         "--sparsity 2:4")
+    wants = [f for f, v in (("--recover distill", recover), ("--distill-into", distill_into)) if v is not None]
+    if wants and train is None:
+        raise InputError(f"{' and '.join(wants)} needs --train-data DATA (an image folder or .npz keyed by input "
+                         "name; labels optional)")
+    if train is not None and not wants:
+        raise InputError("--train-data trains something: add --recover distill (with --sparsity/--prune-channels) "
+                         "or --distill-into STUDENT")
+    sparsity = cfg.sparsity.model_copy(update={"recover": train if recover is not None else None})
+    distill = DistillConfig(student=distill_into, train=train) if distill_into is not None and train else None
+    return cfg.model_copy(update={"sparsity": sparsity, "distill": distill})
+
+
+def _run_convert_with_progress(cfg: ConvertConfig) -> tuple[Manifest, Path]:
+    """run_convert, with a transient progress bar for training epochs when something is trained."""
+    from convert.pipeline import run_convert
+
+    if cfg.sparsity.recover is None and cfg.distill is None:
+        return run_convert(cfg, log=log)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def tick(what: str, epoch: int, epochs: int, loss: float, agree: float) -> None:
+            task = tasks.setdefault(what, bar.add_task(what, total=epochs))
+            bar.update(task, completed=epoch, description=f"{what}: loss {loss:.4f}, held-out agreement {agree:.1%}")
+
+        return run_convert(cfg, log=log, progress=tick)
 
 
 # Flags that tune the FP16/INT8 variants: without --fp16, --int8 or --int8-dynamic they act on nothing.
@@ -332,9 +419,9 @@ def _engine_config(trt: bool, *, fp16: bool, int8: bool, source: str | None, tf3
 
 def _check_eval_data(cfg: ConvertConfig, eval_data: str | None) -> None:
     """--eval-data measures the variants: with none asked for, it would be silently ignored."""
-    if eval_data is not None and cfg.quant is None and not cfg.sparsity.enabled:
-        raise InputError("--eval-data measures variants: add --fp16, --int8, --int8-dynamic, --sparsity or "
-                         "--prune-channels")
+    if eval_data is not None and cfg.quant is None and not cfg.sparsity.enabled and cfg.distill is None:
+        raise InputError("--eval-data measures variants: add --fp16, --int8, --int8-dynamic, --sparsity, "
+                         "--prune-channels or --distill-into")
 
 
 def _render_manifest(manifest: Manifest, folder: Path) -> None:

@@ -125,6 +125,46 @@ class QuantConfig(BaseModel):
 SparsityPattern = Literal["2:4"]
 
 
+TrainDevice = Literal["cpu", "cuda"]
+
+
+class TrainConfig(BaseModel):
+    """How a variant is trained to mimic the FP32 teacher (convert/distill.py): KL divergence on
+    temperature-softened outputs, plus cross-entropy where the data has labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="Training data: image folder (class sub-folders = labels) or .npz with one "
+                                  "array per input name and optional 'labels'; unlabelled data is enough")
+    epochs: int = Field(default=20, ge=1, description="At most this many epochs")
+    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(default=64, ge=1, description="Training batch size")
+    temperature: float = Field(default=4.0, gt=0, description="Softmax temperature of the distillation loss")
+    label_weight: float | None = Field(default=None, ge=0, le=1,
+                                       description="Weight of the cross-entropy term; None: 0.5 when DATA has "
+                                                   "labels, else 0. A value above 0 needs labelled DATA")
+    heldout_fraction: float = Field(default=0.15, gt=0, lt=1, description="Share of DATA held out for early "
+                                                                          "stopping (never trained on)")
+    patience: int = Field(default=4, ge=1, description="Stop after this many epochs without a better held-out "
+                                                       "agreement")
+    max_seconds: float | None = Field(default=None, gt=0, description="Time budget: no new epoch after this")
+    max_samples: int | None = Field(default=None, ge=2, description="Read at most this many samples of DATA")
+    device: TrainDevice = Field(default="cpu", description="Train on the CPU or on CUDA")
+    threads: int | None = Field(default=None, ge=1, description="CPU threads while training (restored after); "
+                                                               "None: PyTorch's default. 1 is fastest for small "
+                                                               "models on a shared CPU")
+    seed: int = Field(default=0, description="Seed of the split, the shuffles and the student's init")
+
+
+class DistillConfig(BaseModel):
+    """``--distill-into``: a smaller student trained to mimic the model, written as ``model.distilled.onnx``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    student: str = Field(description="torchvision name or path/to/file.py:factory of the student")
+    train: TrainConfig
+
+
 class SparsityConfig(BaseModel):
     """Which sparse/pruned variants to make, and how to measure them."""
 
@@ -141,6 +181,9 @@ class SparsityConfig(BaseModel):
     latency_warmup: int = Field(default=5, ge=0, description="ONNX Runtime warm-up runs before timing")
     latency_iters: int = Field(default=30, ge=1, description="Timed ONNX Runtime runs at batch 1")
     budget: Budget = Field(default_factory=Budget, description="The gate the sparse/pruned variants must pass")
+    recover: TrainConfig | None = Field(default=None, description="--recover distill: fine-tune each variant with "
+                                                                  "the FP32 model as teacher (a *_recovered "
+                                                                  "variant of its own)")
 
     @property
     def enabled(self) -> bool:
@@ -206,3 +249,5 @@ class ConvertConfig(BaseModel):
                                                               "accuracy gates (convert/quantize.py); None = none")
     engine: EngineConfig | None = Field(default=None, description="Also build a TensorRT engine (convert/engine.py); "
                                                                   "None = no engine")
+    distill: DistillConfig | None = Field(default=None, description="Also distill into a smaller student "
+                                                                    "(convert/recover.py); None = none")

@@ -32,6 +32,10 @@ class ConvertContext:
     notes: list[str] = field(default_factory=list)
     examples: dict[str, Any] | None = None  # the export's sample inputs by name (None: seeded random ones)
     final: Path | None = None  # the output folder the staged ``out`` becomes (None: ``out`` itself)
+    # the PyTorch modules of the variants made in this run (sparse24, pruned_F), for --recover
+    variant_modules: dict[str, Any] = field(default_factory=dict)
+    # training progress, after each epoch: (what, epoch, epochs, loss, held-out agreement); None: log lines
+    progress: Callable[[str, int, int, float, float], None] | None = None
 
     @property
     def spec(self) -> IOSpec:

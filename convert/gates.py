@@ -23,7 +23,7 @@ from convert.config import Budget, CalibMethod
 from core.errors import AccuracyGateError
 from core.manifest import Manifest
 from core.metrics import AccuracyStats, accuracy_drop
-from core.records import AutoRecord, GateResult, NodeRank, TrialRecord
+from core.records import AutoRecord, GateResult, NodeRank, PruneParams, SparsityParams, TrialRecord
 from runtimes.ort import ort_session
 
 
@@ -56,9 +56,15 @@ def summary_line(stats: AccuracyStats, gate: GateResult) -> str:
 
 def check_gates(manifest: Manifest) -> None:
     """Raise one AccuracyGateError naming every variant that failed its gate or onnx.checker (they stay in the
-    manifest, marked failed, so ``bench`` leaves them out unless named)."""
+    manifest, marked failed, so ``bench`` leaves them out unless named). A variant that ``--recover`` fine-tuned
+    into a ``*_recovered`` child is that child's starting point: its own gate is recorded, the child's counts."""
     failed = []
+    # an unrecovered variant whose fine-tuned child (--recover) exists: kept for comparison, not a failure
+    superseded = {a.parent for a in manifest.artifacts.values()
+                  if isinstance(a.params, SparsityParams | PruneParams) and a.params.training is not None}
     for a in manifest.artifacts.values():
+        if a.name in superseded and a.metrics.checker != "failed":
+            continue
         if a.metrics.gate is not None and a.metrics.gate.passed is False:
             failed.append(f"{a.name} {a.metrics.gate.reason or 'is outside its budget'}")
         elif a.status == "failed" and a.metrics.checker == "failed":

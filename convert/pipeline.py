@@ -26,6 +26,7 @@ from convert.gates import check_gates
 from convert.inputs import export_args, input_spec
 from convert.optimize import optimize_onnx
 from convert.quantize import quant_steps
+from convert.recover import check_distill_inputs, check_recover_inputs, step_distill, step_recover
 from convert.sparsity import check_sparsity_inputs, step_sparsity
 from convert.validate import Tolerance, ort_reference, torch_reference, validate_onnx
 from core.errors import ToolkitError, ValidationError, first_line
@@ -148,6 +149,10 @@ def build_steps(cfg: ConvertConfig) -> list[Step]:
         steps.append(step_fuse)  # transformers only: ONNX Runtime's attention/LayerNorm/GELU fusion
     if cfg.sparsity.enabled:  # the preflight: wrong source or eval data fail before the slow export
         steps = [check_sparsity_inputs, *steps, step_sparsity]
+        if cfg.sparsity.recover is not None:  # fine-tunes the variants step_sparsity made
+            steps = [check_recover_inputs, *steps, step_recover]
+    if cfg.distill is not None:
+        steps = [check_distill_inputs, *steps, step_distill]
     if cfg.quant is not None:
         before, after = quant_steps(cfg.quant)  # before: flag/data checks ahead of the slow export
         steps = [*before, *steps, *after]
@@ -156,12 +161,14 @@ def build_steps(cfg: ConvertConfig) -> list[Step]:
     return steps
 
 
-def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print) -> tuple[Manifest, Path]:
+def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print,
+                progress: Callable[[str, int, int, float, float], None] | None = None) -> tuple[Manifest, Path]:
     """Run the pipeline; return the manifest and the output folder.
 
     The steps write into a staging folder that replaces the output folder's artifacts only when every
     step has succeeded (manifest last); any failure or signal leaves the folder as it was. A failed
     accuracy gate is a verdict, not a failure: the set is swapped in with the variant marked failed.
+    ``progress`` gets each training epoch (--recover, --distill-into); None: a log line per epoch.
     """
     e = cfg.export
     if (engine := cfg.engine) is not None:
@@ -177,7 +184,7 @@ def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print) -> tuple
     manifest = Manifest(source=loaded.source, iospec=spec)
     with staged_folder(out, carry=kept_content(out)) as stage:
         ctx = ConvertContext(cfg=cfg, out=stage, final=out, loaded=loaded, manifest=manifest, log=log,
-                             examples=examples)
+                             examples=examples, progress=progress)
         for step in build_steps(cfg):
             step(ctx)
         manifest.save(stage)  # the last file written: it lists exactly the staged set

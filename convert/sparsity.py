@@ -13,8 +13,9 @@ Each variant is exported with :func:`convert.export.export_onnx`, optimized like
 validated with :func:`convert.validate.validate_onnx` against the pruned PyTorch module itself (its own
 reference), and compared with the FP32 model on held-out inputs (given ``.npz`` with labels, or random)
 by :class:`convert.heldout.HeldOutEvaluator`, the evaluator of the quantization gates. The masks and
-the pruning itself are in :mod:`convert.prune`. No fine-tuning is done: accuracy drops, and the
-manifest says by how much.
+the pruning itself are in :mod:`convert.prune`. These variants are not fine-tuned: accuracy drops, and
+the manifest says by how much; ``--recover distill`` (:mod:`convert.recover`) adds a fine-tuned
+``<variant>_recovered`` next to each.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from calibration.pools import InputPool, random_pool, source_pool
-from convert.config import SparsityConfig, SparsityPattern
+from convert.config import Budget, SparsityConfig, SparsityPattern
 from convert.context import ConvertContext, parity_batches
 from convert.export import export_onnx
 from convert.gates import gate_verdict
@@ -38,7 +39,7 @@ from core.errors import InputError, ValidationError
 from core.manifest import Artifact
 from core.metrics import NOISE_RATIO
 from core.models import is_random_init
-from core.records import AccuracyChange, LatencyChange, PruneParams, PruneStats, SparsityParams
+from core.records import AccuracyChange, DistillParams, LatencyChange, PruneParams, PruneStats, SparsityParams
 
 CPU_24_NOTE = ("2:4 sparsity keeps every weight tensor's shape: the file is not smaller and ONNX Runtime "
                "on CPU is not faster (dense kernels multiply the zeros too). Only TensorRT's sparse "
@@ -99,12 +100,13 @@ def speed_note(lat: LatencyChange) -> str | None:
 
 
 def compare_with_fp32(ctx: ConvertContext, art: Artifact, ev: HeldOutEvaluator, pool: InputPool,
-                      cfg: SparsityConfig) -> LatencyChange:
+                      cfg: SparsityConfig, budget: Budget | None = None) -> LatencyChange:
     """Accuracy change on the held-out inputs, latency and file size of ``art`` vs the FP32 artifact
-    (``ev``'s reference), into its metrics; a note when it is not faster. Returns the latency change."""
+    (``ev``'s reference), into its metrics, gated by ``budget`` (default ``cfg.budget``); a note when it
+    is not faster. Returns the latency change."""
     ref_name = ev.reference_name
     art.metrics.accuracy_vs_fp32 = change = ev.change(ctx.out / art.file.path)
-    art.metrics.gate = gate = gate_verdict(change, cfg.budget, is_random_init(ctx.manifest.source))
+    art.metrics.gate = gate = gate_verdict(change, budget or cfg.budget, is_random_init(ctx.manifest.source))
     if not gate.passed:
         art.status = "failed"  # convert exits non-zero once every variant is made (gates.check_gates)
         ctx.log(f"{art.name}: gate FAILED: {gate.reason}")
@@ -116,8 +118,18 @@ def compare_with_fp32(ctx: ConvertContext, art: Artifact, ev: HeldOutEvaluator, 
     return lat
 
 
+def fp32_evaluator(ctx: ConvertContext, cfg: SparsityConfig) -> tuple[HeldOutEvaluator, InputPool]:
+    """The held-out inputs and the FP32 artifact's outputs on them, every variant's reference."""
+    pool = eval_pool(ctx, cfg)
+    ref_name = ctx.best_fp32()
+    ctx.log(f"running {ref_name} with ONNX Runtime on the held-out inputs ({pool.source})")
+    ev = HeldOutEvaluator(PoolData(pool), EVAL_BATCH, ctx.spec.fixed_batch())
+    ev.set_reference(ctx.out / ctx.manifest.artifacts[ref_name].file.path, ref_name)
+    return ev, pool
+
+
 # -- the pipeline steps ------------------------------------------------------------------------------
-def _pytorch_module(ctx: ConvertContext) -> Any:
+def pytorch_module(ctx: ConvertContext) -> Any:
     import torch
 
     module = ctx.loaded.module
@@ -127,15 +139,16 @@ def _pytorch_module(ctx: ConvertContext) -> Any:
     return module
 
 
-def _example_inputs(ctx: ConvertContext) -> tuple[Any, ...]:
+def example_inputs(ctx: ConvertContext) -> tuple[Any, ...]:
     import torch
 
     feed = ctx.spec.random_feed(ctx.spec.fixed_batch() or 1, seed=ctx.cfg.export.seed)
     return tuple(torch.from_numpy(feed[n]) for n in ctx.spec.input_names)
 
 
-def export_variant(ctx: ConvertContext, module: Any, name: str, *, params: SparsityParams | PruneParams,
-                   notes: list[str]) -> Artifact:
+def export_variant(ctx: ConvertContext, module: Any, name: str, *,
+                   params: SparsityParams | PruneParams | DistillParams, notes: list[str],
+                   parent: str | None = None) -> Artifact:
     """Export ``module`` like the FP32 model (optimized when that was), record it, validate it against
     ``module`` itself; a failed validation marks the artifact failed in the manifest and is raised."""
     e = ctx.cfg.export
@@ -149,8 +162,8 @@ def export_variant(ctx: ConvertContext, module: Any, name: str, *, params: Spars
     else:
         export_onnx(module, ctx.spec, target, opset=e.opset, exporter=e.exporter,
                     sample=export_args(ctx.spec, ctx.examples))
-    art = ctx.manifest.record(ctx.out, target, name=name, kind="onnx", parent=ctx.best_fp32(), params=params,
-                              notes=notes)
+    art = ctx.manifest.record(ctx.out, target, name=name, kind="onnx", parent=parent or ctx.best_fp32(),
+                              params=params, notes=notes)
     ctx.log(f"validating {target.name} against the {name} PyTorch module (parity at batch {parity_batches(ctx)})")
     try:
         art.metrics.update(validate_onnx(target, ctx.spec, torch_reference(module, ctx.spec),
@@ -165,7 +178,7 @@ def export_variant(ctx: ConvertContext, module: Any, name: str, *, params: Spars
 
 def check_sparsity_inputs(ctx: ConvertContext) -> None:
     """Before the export: the source must be a PyTorch module, and the eval data must fit the IOSpec."""
-    _pytorch_module(ctx)
+    pytorch_module(ctx)
     if ctx.cfg.sparsity.eval_data is not None:
         eval_pool(ctx, ctx.cfg.sparsity, size=1)
 
@@ -178,6 +191,13 @@ def make_sparse24(ctx: ConvertContext, module: Any, ev: HeldOutEvaluator, pool: 
     params = SparsityParams(exporter=e.exporter, opset=e.opset, method="magnitude", group_axis="input channels",
                             layers_pruned=len(pruned), layers_skipped=skipped)
     art = export_variant(ctx, module, "sparse24", params=params, notes=[CPU_24_NOTE])
+    ctx.variant_modules[art.name] = (module, pruned)
+    check_24_and_compare(ctx, art, ev, pool)
+
+
+def check_24_and_compare(ctx: ConvertContext, art: Artifact, ev: HeldOutEvaluator, pool: InputPool,
+                         budget: Budget | None = None) -> None:
+    """The 2:4 pattern checked in the exported file itself (a break fails the run), then the comparison."""
     art.metrics.sparsity = sp = check_2of4_onnx(ctx.out / art.file.path)
     if sp.violating_weights:
         art.status = "failed"
@@ -185,17 +205,17 @@ def make_sparse24(ctx: ConvertContext, module: Any, ev: HeldOutEvaluator, pool: 
         ctx.manifest.save(ctx.out)
         raise ValidationError(f"2:4 check of {art.file.path}", [f"{w} has a group of 4 with more than 2 "
                                                                 "non-zero weights" for w in sp.violating_weights])
-    compare_with_fp32(ctx, art, ev, pool, ctx.cfg.sparsity)
-    ctx.log(f"sparse24: {sp.fraction_groups_2of4:.4f} of groups satisfy 2:4, "
+    compare_with_fp32(ctx, art, ev, pool, ctx.cfg.sparsity, budget)
+    ctx.log(f"{art.name}: {sp.fraction_groups_2of4:.4f} of groups satisfy 2:4, "
             f"{sp.fraction_weights_2of4:.4f} of all Conv/Linear weights are in the pattern; "
-            f"{_acc_line(art.metrics.accuracy_vs_fp32)}")
+            f"{acc_line(art.metrics.accuracy_vs_fp32)}")
 
 
 def make_pruned(ctx: ConvertContext, module: Any, ratio: float, ev: HeldOutEvaluator, pool: InputPool) -> None:
     """``pruned_<ratio>``: channel pruning (torch-pruning), its parameters and MACs, compared with FP32."""
     e, cfg = ctx.cfg.export, ctx.cfg.sparsity
     name = f"pruned_{ratio:g}"
-    example = _example_inputs(ctx)
+    example = example_inputs(ctx)
     macs0, params0 = ops_and_params(module, example)
     ctx.log(f"channel pruning {ratio:.0%} of every prunable layer (torch-pruning, L2 magnitude)")
     ignored = prune_channels(module, example, ratio, cfg.round_to)
@@ -204,8 +224,8 @@ def make_pruned(ctx: ConvertContext, module: Any, ratio: float, ev: HeldOutEvalu
                          method="torch-pruning BasePruner, GroupMagnitudeImportance(p=2), per-layer ratio",
                          ignored_layers=ignored)
     art = export_variant(ctx, module, name, params=params, notes=[
-        "no fine-tuning: the accuracy drop below is what pruning alone costs; fine-tune the pruned model "
-        "to recover it"])
+        "no fine-tuning: the accuracy drop below is what pruning alone costs; --recover distill fine-tunes it"])
+    ctx.variant_modules[name] = (module, [])
     art.metrics.pruning = PruneStats(params_before=params0, params_after=params1, macs_before=macs0,
                                      macs_after=macs1, flops_note="MACs at the batch of the example input, counted "
                                      "by torch_pruning.utils.count_ops_and_params (1 MAC = 2 FLOPs)")
@@ -213,7 +233,7 @@ def make_pruned(ctx: ConvertContext, module: Any, ratio: float, ev: HeldOutEvalu
     size0 = ctx.manifest.artifacts[ev.reference_name].file.size_bytes
     ctx.log(f"{name}: params {params0:,} -> {params1:,}, MACs {macs0:,} -> {macs1:,}, file "
             f"{size0 / 2**20:.2f} -> {art.file.size_bytes / 2**20:.2f} MB, p50 "
-            f"{lat.p50_ms_before:.3f} -> {lat.p50_ms_after:.3f} ms; {_acc_line(art.metrics.accuracy_vs_fp32)}")
+            f"{lat.p50_ms_before:.3f} -> {lat.p50_ms_after:.3f} ms; {acc_line(art.metrics.accuracy_vs_fp32)}")
 
 
 def step_sparsity(ctx: ConvertContext) -> None:
@@ -221,12 +241,8 @@ def step_sparsity(ctx: ConvertContext) -> None:
     cfg: SparsityConfig = ctx.cfg.sparsity
     if not cfg.enabled:
         return
-    original = _pytorch_module(ctx)
-    pool = eval_pool(ctx, cfg)
-    ref_name = ctx.best_fp32()
-    ctx.log(f"running {ref_name} with ONNX Runtime on the held-out inputs ({pool.source})")
-    ev = HeldOutEvaluator(PoolData(pool), EVAL_BATCH, ctx.spec.fixed_batch())
-    ev.set_reference(ctx.out / ctx.manifest.artifacts[ref_name].file.path, ref_name)
+    original = pytorch_module(ctx)
+    ev, pool = fp32_evaluator(ctx, cfg)
     if cfg.pattern == "2:4":
         make_sparse24(ctx, copy.deepcopy(original).eval(), ev, pool)
         ctx.manifest.save(ctx.out)
@@ -234,7 +250,7 @@ def step_sparsity(ctx: ConvertContext) -> None:
         make_pruned(ctx, copy.deepcopy(original).eval(), cfg.prune_channels, ev, pool)
 
 
-def _acc_line(acc: AccuracyChange | None) -> str:
+def acc_line(acc: AccuracyChange | None) -> str:
     if acc is None:
         return "no accuracy change measured"
     if acc.accuracy_drop_points is not None and acc.top1_acc is not None and acc.ref_top1_acc is not None:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.metrics import AccuracyStats, LatencyStats, ParityStats
+from core.training import TrainingRecord
 
 
 class Record(BaseModel):
@@ -178,6 +179,7 @@ class _VariantExport(Record):
     opset: int
     optimize: OptimizeInfo | None = Field(default=None, description="None when --no-optimize")
     fine_tuned: bool = False
+    training: TrainingRecord | None = Field(default=None, description="The fine-tuning/distillation run, if any")
 
 
 class SkippedLayer(Record):
@@ -200,6 +202,15 @@ class PruneParams(_VariantExport):
     pruning_ratio: float
     round_to: int | None
     ignored_layers: list[str]
+
+
+class DistillParams(_VariantExport):
+    """A smaller student trained to mimic the teacher (``convert --distill-into``)."""
+
+    step: Literal["distill"] = "distill"
+    student: str = Field(description="torchvision name or path/to/file.py:factory of the student")
+    params_teacher: int | None = None
+    params_student: int
 
 
 class EngineParams(Record):
@@ -229,7 +240,7 @@ class FusionParams(Record):
 
 StepParams = Annotated[
     CopyParams | ExportParams | WeightsParams | OptimizeParams | Fp16Params | DynamicQuantParams
-    | StaticQuantParams | TrtQdqParams | SparsityParams | PruneParams | EngineParams | FusionParams,
+    | StaticQuantParams | TrtQdqParams | SparsityParams | PruneParams | DistillParams | EngineParams | FusionParams,
     Field(discriminator="step"),
 ]
 
