@@ -237,17 +237,23 @@ def package(cfg: PackageConfig, log: Callable[[str], None] = print) -> tuple[Rep
             target = model_dir / VERSION_DIR / filename
             target.parent.mkdir(parents=True)
             shutil.copyfile(base / art.file.path, target)
+            # a model past 2 GiB reads its weights from a side file named inside it: copied beside it, same name
+            data = [target.parent / Path(d.path).name for d in art.file.external_data]
+            for d, dst in zip(art.file.external_data, data, strict=True):
+                shutil.copyfile(base / d.path, dst)
             atomic_write_text(model_dir / "config.pbtxt", render_config(msg))
             failures = check_config(parse_config(model_dir / "config.pbtxt"), model_dir)
-            if sha256_file(target) != art.file.sha256:
-                failures.append(f"{name}: the copy of {art.file.path} does not match its recorded sha256")
+            pairs = [(art.file.path, art.file.sha256, target)] + [
+                (d.path, d.sha256, dst) for d, dst in zip(art.file.external_data, data, strict=True)]
+            failures += [f"{name}: the copy of {src} does not match its recorded sha256"
+                         for src, digest, copy in pairs if sha256_file(copy) != digest]
             if failures:
                 raise ValidationError(f"model {name}", failures)
             params = _onnx_facts(target, manifest.iospec, art.name) if art.kind == "onnx" else {}
             models.append(RepoModel(name=name, variant=art.name, kind=art.kind, platform=platform,
                                     precision=art.precision, source_file=art.file.path,
                                     source_sha256=art.file.sha256, params=params, engine=engines.get(art.name)))
-            for p in (model_dir / "config.pbtxt", target):
+            for p in (model_dir / "config.pbtxt", target, *data):
                 files.append(FileRecord(path=p.relative_to(tmp).as_posix(), sha256=sha256_file(p),
                                         size_bytes=p.stat().st_size))
             group = msg.instance_group[0]

@@ -240,3 +240,25 @@ def test_save_onnx_threshold_is_a_parameter(tmp_path: Path) -> None:
     assert written == [tmp_path / "big.onnx", tmp_path / "big.onnx.data"]
     assert external_data_files(tmp_path / "big.onnx") == [tmp_path / "big.onnx.data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "small.onnx"]
+
+
+def test_package_carries_external_data_beside_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model past the inline limit keeps its .data file through `package`, hashed in MANIFEST.json, and the
+    packaged model.onnx loads in ONNX Runtime from the repository; `verify` checks the data file too."""
+    import onnxruntime as ort
+
+    from convert.config import ConvertConfig, ExportConfig
+    from convert.pipeline import run_convert
+    from core import onnxfile
+    from serving.triton import PackageConfig, package
+    from serving.verify import verify_repo
+
+    monkeypatch.setattr(onnxfile, "MAX_INLINE_BYTES", 1000)
+    _, out = run_convert(ConvertConfig(export=ExportConfig(model=f"{TINY}:build"), out=tmp_path / "big"),
+                         log=lambda _m: None)
+    repo, folder = package(PackageConfig(artifact_dir=out, out=tmp_path / "repo"), log=lambda _m: None)
+    version = folder / repo.models[0].name / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "model.opt.onnx.data"]
+    assert any(f.path.endswith("model.opt.onnx.data") for f in repo.files)
+    ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert verify_repo(folder).files_checked == len(repo.files)
