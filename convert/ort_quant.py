@@ -65,15 +65,16 @@ def preprocess_for_quantization(src: Path, out: Path) -> str | None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, out = src.resolve(), out.resolve()
+    external = {"save_as_external_data": True, "all_tensors_to_one_file": True} if large(src) else {}
     try:
         with quiet(), scratch_cwd():
-            quant_pre_process(str(src), str(out))
+            quant_pre_process(str(src), str(out), **external)
         return None
     except Exception as exc:
         first = first_line(exc, with_type=True)
     try:
         with quiet(), scratch_cwd():
-            quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
+            quant_pre_process(str(src), str(out), skip_symbolic_shape=True, **external)
     except Exception as exc:
         raise QuantizeError(f"ONNX Runtime's quantization pre-processing failed on {src.name}: "
                             f"{first_line(exc, with_type=True)}") from exc
@@ -110,6 +111,13 @@ def check_exclusions(model: Path, cfg: QuantConfig) -> None:
                          + " (names are those of the quantization pre-processed model)")
 
 
+def large(model: Path) -> bool:
+    """A model that keeps (or would need) its weights in an external-data file: its quantized copy must too."""
+    from core.onnxfile import MAX_INLINE_BYTES, external_data_files
+
+    return bool(external_data_files(model)) or model.stat().st_size >= MAX_INLINE_BYTES
+
+
 def quantize_dynamic_file(model: Path, out: Path, cfg: QuantConfig, reduce_range: bool) -> None:
     """Dynamic INT8: weights quantized in the file, activations at run time."""
     from onnxruntime.quantization import quantize_dynamic
@@ -118,7 +126,8 @@ def quantize_dynamic_file(model: Path, out: Path, cfg: QuantConfig, reduce_range
         with quiet():
             quantize_dynamic(str(model), str(out), op_types_to_quantize=quantizable_op_types(cfg.exclude_op_types),
                              per_channel=cfg.per_channel, reduce_range=reduce_range,
-                             weight_type=ort_qtype(cfg.weight_type), nodes_to_exclude=list(cfg.exclude_nodes))
+                             weight_type=ort_qtype(cfg.weight_type), nodes_to_exclude=list(cfg.exclude_nodes),
+                             use_external_data_format=large(model))
     except Exception as exc:
         raise QuantizeError(f"dynamic INT8 quantization failed: {first_line(exc, with_type=True)}") from exc
 
@@ -133,7 +142,8 @@ def quantize_qdq(model: Path, out: Path, method: CalibMethod, cache: Path, fp32_
         with quiet():
             quantize_static(str(model), str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
                             per_channel=cfg.per_channel, nodes_to_exclude=[*cfg.exclude_nodes, *fp32_nodes],
-                            calibrate_method=ort_method(method), calibration_cache_path=str(cache), **settings)
+                            calibrate_method=ort_method(method), calibration_cache_path=str(cache),
+                            use_external_data_format=large(model), **settings)
     except Exception as exc:
         raise QuantizeError(f"{what} ({method}) failed: {first_line(exc, with_type=True)}") from exc
 

@@ -17,7 +17,6 @@ end, also when one fails.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,10 +42,10 @@ from convert.precision import convert_fp16
 from convert.trt_qdq import quantize_trt_file, trt_op_types, trt_qdq_problems
 from convert.validate import structural_checks
 from core.errors import InputError
-from core.fsutil import atomic_path
 from core.manifest import Precision
 from core.metrics import AccuracyStats
 from core.models import is_random_init
+from core.onnxfile import copy_onnx
 from core.records import (
     ArtifactMetrics,
     AutoRecord,
@@ -189,8 +188,7 @@ def _record(ctx: ConvertContext, state: QuantState, built: Path, *, name: str, p
             params: StepParams, stats: AccuracyStats, notes: list[str]) -> None:
     """Copy ``built`` into the output folder and record it with its held-out statistics and gate."""
     target = ctx.path(f"model.{name}.onnx")
-    with atomic_path(target) as tmp:
-        shutil.copyfile(built, tmp)
+    copy_onnx(built, target)  # with its external-data file, for a model past 2 GiB
     _, failures = structural_checks(target)
     gate = gate_verdict(stats, state.cfg.gate, state.random_init)
     metrics = ArtifactMetrics(accuracy=stats, gate=gate, summary=summary_line(stats, gate),

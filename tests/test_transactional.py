@@ -262,3 +262,24 @@ def test_package_carries_external_data_beside_the_model(tmp_path: Path, monkeypa
     assert any(f.path.endswith("model.opt.onnx.data") for f in repo.files)
     ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
     assert verify_repo(folder).files_checked == len(repo.files)
+
+
+def test_int8_variants_of_a_large_model_keep_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the inline limit (lowered to 1 kB), quantization reads and writes external data and the variants
+    keep their .data files, hashed by the manifest and loadable by ONNX Runtime."""
+    import onnxruntime as ort
+
+    from convert.config import Budget, CalibConfig, ConvertConfig, ExportConfig, GateConfig, QuantConfig
+    from convert.pipeline import run_convert
+    from core import onnxfile
+
+    monkeypatch.setattr(onnxfile, "MAX_INLINE_BYTES", 1000)
+    quant = QuantConfig(int8_dynamic=True, int8_static=True, calib=CalibConfig(data="synthetic", size=16),
+                        gate=GateConfig(**Budget(max_accuracy_drop=100, min_cosine=-1).model_dump()))
+    manifest, out = run_convert(ConvertConfig(export=ExportConfig(model=f"{TINY}:build"), out=tmp_path / "big",
+                                              quant=quant), log=lambda _m: None)
+    for name in ("int8_dynamic", "int8_static_minmax"):
+        rec = manifest.artifacts[name].file
+        assert rec.external_data, f"{name} was written inline"
+        ort.InferenceSession(str(out / rec.path), providers=["CPUExecutionProvider"])
+    assert manifest.verify(out) == []
