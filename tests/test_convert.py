@@ -121,3 +121,32 @@ def test_weights_state_dict_roundtrip_and_mismatch(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="do not match the architecture"):
         _run("resnet18", tmp_path / "bad", weights=str(wfile), input_shape=(1, 3, 32, 32))
     assert not (tmp_path / "bad" / "model.onnx").exists()
+
+
+def test_parity_tolerance_follows_the_outputs_magnitude() -> None:
+    """Rounding in FP32 sums scales with the size of what is summed: an element near zero in an output of values
+    ~1e8 (a random-init inception_v3's logits) is within rounding of its reference; the same error on an output of
+    ordinary size is not."""
+    import numpy as np
+
+    from convert.validate import Tolerance, _parity_at
+    from core.iospec import IOSpec
+    from core.records import ArtifactMetrics
+
+    spec = IOSpec.for_image_model((1, 3, 4, 4), dynamic_batch=True)
+    big = np.array([[1e8, -2e8, 3.0]], np.float32)
+
+    class Session:
+        def __init__(self, out: np.ndarray) -> None:
+            self.out = out
+
+        def run(self, _names: object, _feed: object) -> list[np.ndarray]:
+            return [self.out]
+
+    def check(ref: np.ndarray, got: np.ndarray) -> list[str]:
+        return _parity_at(Session(got), spec, lambda _f: [ref], (1, {}), "batch_1", "batch 1", Tolerance.fp32(),
+                          ArtifactMetrics())
+
+    assert check(big, big + np.array([[0, 0, 5e3]], np.float32)) == []  # 5e3 off on 3.0, next to 2e8: rounding
+    small = np.array([[1.0, -2.0, 3.0]], np.float32)
+    assert "max abs err" in " ".join(check(small, small + np.array([[0, 0, 0.5]], np.float32)))
