@@ -182,3 +182,34 @@ def test_bad_inputs_are_one_line_each(tmp_path: Path) -> None:
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (args, lines)
         assert expected in lines[0], (args, lines)
     assert not (tmp_path / "never").exists()
+
+
+def test_recovered_and_distilled_variants_go_through_bench_report_and_package(
+        recovered: tuple[Manifest, Path, Path], tmp_path: Path) -> None:
+    """They are ordinary artifacts: bench measures them with the rest (their unrecovered parents, failed, are
+    left out), the report ranks them, package writes them for Triton."""
+    import shutil
+
+    from reports.html import ReportConfig, make_report
+    from runtimes.harness import BenchConfig, run_bench
+    from serving.triton import PackageConfig, package
+    from serving.verify import verify_repo
+
+    _, out, _ = recovered
+    work = tmp_path / "copy"
+    shutil.copytree(out, work)
+    res = run_bench(BenchConfig(artifact_dir=work, backends=["ort"], batch_sizes=[1], warmup=1, iters=3, rounds=3,
+                                accuracy_samples=8), log=lambda _m: None)
+    variants = {r.variant for r in res.records}
+    assert {"pruned_0.3_recovered", "sparse24_recovered", "distilled"} <= variants
+    assert not {"pruned_0.3", "sparse24"} & variants
+    from reports.writers import write_results
+
+    (tmp_path / "r").mkdir()
+    write_results(res, tmp_path / "r" / "results.json")
+    make_report(ReportConfig(results=[tmp_path / "r" / "results.json"], html=tmp_path / "r.html"))
+    assert "distilled" in (tmp_path / "r.html").read_text()
+    repo, folder = package(PackageConfig(artifact_dir=work, out=tmp_path / "repo",
+                                         variants=["pruned_0.3_recovered", "distilled"]), log=lambda _m: None)
+    assert {m.variant for m in repo.models} == {"pruned_0.3_recovered", "distilled"}
+    assert verify_repo(folder).files_checked == len(repo.files)
