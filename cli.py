@@ -341,7 +341,7 @@ def _export_config(model: str, *, weights: str | None, input_shape: str | None, 
                    task: str | None) -> ExportConfig:
     """What to export: the model, its weights and input shape(s), and the exporter's settings."""
     from convert.config import ExportConfig
-    from core.iospec import parse_input_shapes
+    from core.shapes import parse_input_shapes
 
     if exporter not in ("torchscript", "dynamo"):
         raise InputError(f"unknown --exporter {exporter!r}; choose torchscript or dynamo")

@@ -14,9 +14,10 @@ import numpy as np
 
 from convert.config import ExportConfig
 from core.errors import InputError, first_line
-from core.iospec import IOSpec, bind_shapes, spec_from_examples, spec_from_onnx
+from core.iospec import IOSpec, spec_from_examples, spec_from_onnx
 from core.models import LoadedModel, output_list
 from core.resources import check_feed_memory
+from core.shapes import bind_shapes
 
 
 def load_sample_inputs(path: str) -> dict[str, np.ndarray]:

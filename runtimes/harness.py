@@ -23,11 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from calibration.pools import InputPool, image_pool, random_pool
 from core.errors import BackendUnavailableError, InputError
 from core.flops import matmul_peak_gflops, onnx_macs, peak_fraction
-from core.iospec import IOSpec, apply_input_shapes, feed_digest
+from core.iospec import IOSpec, feed_digest
 from core.manifest import Artifact, Manifest
 from core.metrics import AccuracyStats, LatencyStats, accuracy_stats
 from core.records import TrtQdqParams
 from core.resources import ResourceSampler, check_feed_memory
+from core.shapes import apply_input_shapes
 from reports.models import BenchRecord, BenchResults
 from runtimes import RUNNERS
 from runtimes.base import Device, Runner, RunnerOptions

@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import InputError
 from core.fsutil import atomic_path, check_output_file, ensure_writable_dir
-from core.iospec import apply_input_shapes
 from core.manifest import Manifest
 from core.resources import check_feed_memory
+from core.shapes import apply_input_shapes
 from runtimes import RUNNERS
 from runtimes.base import Device, Profiler, Runner, RunnerOptions
 from runtimes.harness import BenchConfig, Target, load_checked_manifest, select_targets

@@ -253,7 +253,7 @@ def _spec_mismatch(served: IOSpec, ref: IOSpec) -> str | None:
 def _feeds(spec: IOSpec, cfg: LoadTestConfig) -> list[dict[str, np.ndarray]]:
     """Random requests: with --reference, from the artifact's own IOSpec (its dims' values, the token ids'
     vocabulary, masks of ones), else from the server's metadata; --input-shape binds dynamic dims."""
-    from core.iospec import apply_input_shapes
+    from core.shapes import apply_input_shapes
 
     if cfg.reference is not None:
         from core.manifest import Manifest

@@ -12,8 +12,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import InputError
-from core.iospec import IOSpec, apply_input_shapes
+from core.iospec import IOSpec
 from core.manifest import Artifact, Manifest
+from core.shapes import apply_input_shapes
 from serving.protocol import (
     InferRequest,
     RequestError,

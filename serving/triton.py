@@ -25,9 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import InputError, ValidationError
 from core.fsutil import _umask, atomic_write_text, ensure_writable_dir, sha256_file
-from core.iospec import IOSpec, apply_input_shapes, onnx_opset, spec_from_onnx
+from core.iospec import IOSpec, onnx_opset, spec_from_onnx
 from core.manifest import Artifact, FileRecord, Manifest, library_versions, utc_now
 from core.models import factory_parts
+from core.shapes import apply_input_shapes
 from serving.triton_config import (
     PLATFORMS,
     VERSION_DIR,
@@ -208,6 +209,19 @@ def _swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _copy_model(base: Path, art: Artifact, target: Path, name: str) -> tuple[list[Path], list[str]]:
+    """Copy the artifact's file to ``target`` and its external-data files beside it under their own names (a model
+    past 2 GiB names its side file inside it); (the data copies, the copies whose sha256 differs from the record)."""
+    shutil.copyfile(base / art.file.path, target)
+    data = [target.parent / Path(d.path).name for d in art.file.external_data]
+    for d, dst in zip(art.file.external_data, data, strict=True):
+        shutil.copyfile(base / d.path, dst)
+    pairs = [(art.file.path, art.file.sha256, target)] + [
+        (d.path, d.sha256, dst) for d, dst in zip(art.file.external_data, data, strict=True)]
+    return data, [f"{name}: the copy of {src} does not match its recorded sha256"
+                  for src, digest, copy in pairs if sha256_file(copy) != digest]
+
+
 def package(cfg: PackageConfig, log: Callable[[str], None] = print) -> tuple[RepoManifest, Path]:
     """Write the model repository for ``cfg``; return its manifest and folder.
 
@@ -236,17 +250,9 @@ def package(cfg: PackageConfig, log: Callable[[str], None] = print) -> tuple[Rep
             model_dir = tmp / name
             target = model_dir / VERSION_DIR / filename
             target.parent.mkdir(parents=True)
-            shutil.copyfile(base / art.file.path, target)
-            # a model past 2 GiB reads its weights from a side file named inside it: copied beside it, same name
-            data = [target.parent / Path(d.path).name for d in art.file.external_data]
-            for d, dst in zip(art.file.external_data, data, strict=True):
-                shutil.copyfile(base / d.path, dst)
+            data, failures = _copy_model(base, art, target, name)
             atomic_write_text(model_dir / "config.pbtxt", render_config(msg))
-            failures = check_config(parse_config(model_dir / "config.pbtxt"), model_dir)
-            pairs = [(art.file.path, art.file.sha256, target)] + [
-                (d.path, d.sha256, dst) for d, dst in zip(art.file.external_data, data, strict=True)]
-            failures += [f"{name}: the copy of {src} does not match its recorded sha256"
-                         for src, digest, copy in pairs if sha256_file(copy) != digest]
+            failures += check_config(parse_config(model_dir / "config.pbtxt"), model_dir)
             if failures:
                 raise ValidationError(f"model {name}", failures)
             params = _onnx_facts(target, manifest.iospec, art.name) if art.kind == "onnx" else {}

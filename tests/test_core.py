@@ -10,9 +10,10 @@ import pytest
 
 from core.errors import InputError, ValidationError
 from core.fsutil import atomic_path, ensure_writable_dir, sha256_file
-from core.iospec import IOSpec, feed_digest, parse_shape
+from core.iospec import IOSpec, feed_digest
 from core.manifest import Manifest, SourceInfo
 from core.records import ExportParams
+from core.shapes import parse_shape
 
 
 @pytest.mark.parametrize("text,want", [("1x3x224x224", (1, 3, 224, 224)), ("8X3x64x64", (8, 3, 64, 64)),

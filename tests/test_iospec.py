@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from core.errors import InputError
-from core.iospec import BATCH, IOSpec, TensorSpec, bind_shapes, parse_input_shapes, spec_from_onnx
+from core.iospec import BATCH, IOSpec, TensorSpec, spec_from_onnx
+from core.shapes import bind_shapes, parse_input_shapes
 
 
 def _tokens() -> IOSpec:
