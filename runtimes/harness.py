@@ -284,6 +284,12 @@ class Loaded:
     vram_mb: float | None
 
 
+def pool_accuracy(setup: BenchSetup, runner: Runner) -> AccuracyStats:
+    """``runner``'s outputs on the accuracy pool against the reference's (every output, by name)."""
+    return accuracy_stats(run_pool(runner, setup.pool, setup.chunk), setup.ref_out, setup.pool.labels,
+                          setup.ref_label, runner.manifest.iospec.output_names)
+
+
 def _load_target(setup: BenchSetup, t: Target, runner: Runner, skip: Callable[[str], None],
                  device: Device) -> Loaded | None:
     """Load ``runner`` and check its outputs on the pool against the reference; the RSS sampler runs only
@@ -299,8 +305,7 @@ def _load_target(setup: BenchSetup, t: Target, runner: Runner, skip: Callable[[s
             skip(str(exc))
             return None
         load_s = time.perf_counter() - t_load
-        acc = accuracy_stats(run_pool(runner, setup.pool, setup.chunk), setup.ref_out, setup.pool.labels,
-                             setup.ref_label, runner.manifest.iospec.output_names)
+        acc = pool_accuracy(setup, runner)
     return Loaded(target=t, runner=runner, load_s=load_s, accuracy=acc, ram_mb=sampler.peak_rss / 2**20,
                   ram_delta_mb=(sampler.peak_rss - sampler.baseline_rss) / 2**20, vram_mb=gpu.growth_mb)
 

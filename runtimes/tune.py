@@ -26,8 +26,8 @@ from core.manifest import utc_now
 from core.metrics import AccuracyStats, LatencyStats, accuracy_drop, clearly_slower
 from reports.models import machine_info
 from runtimes import RUNNERS
-from runtimes.base import Runner, RunnerOptions
-from runtimes.harness import BenchConfig, Target, prepare_bench, run_pool
+from runtimes.base import RunnerOptions
+from runtimes.harness import BenchConfig, Target, pool_accuracy, prepare_bench
 from runtimes.timing import interleaved, usable_cpus
 
 Objective = Literal["latency", "throughput"]
@@ -98,17 +98,10 @@ def _accuracy(setup: Any, target: Target, log: Callable[[str], None]) -> Accurac
     runner = RUNNERS[target.backend](setup.manifest, setup.base, target.artifact, opts)
     try:
         with runner:
-            return _stats(runner, setup)
+            return pool_accuracy(setup, runner)
     except BackendUnavailableError as exc:
         log(f"skipped {target.backend}:{target.artifact.name}: {exc}")
         return str(exc)
-
-
-def _stats(runner: Runner, setup: Any) -> AccuracyStats:
-    from core.metrics import accuracy_stats
-
-    return accuracy_stats(run_pool(runner, setup.pool, setup.chunk), setup.ref_out, setup.pool.labels,
-                          setup.ref_label, runner.manifest.iospec.output_names)
 
 
 def _per_sample(c: Candidate) -> LatencyStats:
