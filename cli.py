@@ -151,6 +151,10 @@ def convert(
     reduce_range: Annotated[bool | None, typer.Option("--reduce-range/--no-reduce-range", help="7-bit weights "
                                                       "(default: on where ONNX Runtime advises it: x86 without "
                                                       "VNNI)", rich_help_panel="Precision")] = None,
+    int8_layouts: Annotated[str | None, typer.Option(help="More static INT8 variants, one per layout "
+                                                     "(int8_static_METHOD_LAYOUT), for bench/tune to compare: "
+                                                     "FORMAT_SCALES_ACTS with qdq|qop, pc|pt, u8|s8, e.g. "
+                                                     "qop_pc_u8,qdq_pt_u8", rich_help_panel="Precision")] = None,
     exclude_nodes: Annotated[str | None, typer.Option(help="Comma-separated node names kept in FP32",
                                                       rich_help_panel="Precision")] = None,
     exclude_op_types: Annotated[str | None, typer.Option(help="Comma-separated op types kept in FP32, e.g. Add",
@@ -241,7 +245,8 @@ def convert(
             gate=GateConfig(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, auto=auto, eval_data=eval_data,
                             eval_size=eval_size),
             activation_type=activation_type, weight_type=weight_type, per_channel=per_channel,
-            reduce_range=reduce_range, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types)
+            reduce_range=reduce_range, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types,
+            int8_layouts=int8_layouts)
         engine = _engine_config(trt, fp16=fp16, int8=int8, source=trt_from, tf32=tf32, min_batch=min_batch,
                                 opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace,
                                 builder_opt_level=builder_opt_level, timing_cache=timing_cache,
@@ -322,7 +327,7 @@ def _run_convert_with_progress(cfg: ConvertConfig) -> tuple[Manifest, Path]:
 # (--eval-data is not one of them: the sparse/pruned variants are measured on it too.)
 _QUANT_ONLY_PARAMS = ("calib", "calib_size", "calib_method", "calib_batch", "size", "mean", "std", "activation_type",
                       "weight_type", "per_channel", "reduce_range", "exclude_nodes", "exclude_op_types",
-                      "auto", "eval_size")
+                      "auto", "eval_size", "int8_layouts")
 
 
 def _flags_given(ctx: typer.Context, params: tuple[str, ...]) -> list[str]:
@@ -368,12 +373,12 @@ def _calib_config(data: str | None, *, size: int, batch: int, methods: str, resi
 def _quant_config(ctx: typer.Context, *, fp16: bool, int8: bool, int8_dynamic: bool, calib: CalibConfig,
                   gate: GateConfig, activation_type: str, weight_type: str, per_channel: bool,
                   reduce_range: bool | None, exclude_nodes: str | None,
-                  exclude_op_types: str | None) -> QuantConfig | None:
+                  exclude_op_types: str | None, int8_layouts: str | None = None) -> QuantConfig | None:
     """The FP16/INT8 variants, or None when none was asked for (--fp16, --int8, --int8-dynamic).
 
     A flag that only tunes those variants, given without one, is a user error: it would do nothing.
     """
-    from convert.config import QuantConfig
+    from convert.config import Int8Layout, QuantConfig
     from convert.quantize import parse_qtype
 
     if not (fp16 or int8 or int8_dynamic):
@@ -386,7 +391,8 @@ def _quant_config(ctx: typer.Context, *, fp16: bool, int8: bool, int8_dynamic: b
         activation_type=parse_qtype(activation_type, "--activation-type"),
         weight_type=parse_qtype(weight_type, "--weight-type"), per_channel=per_channel, reduce_range=reduce_range,
         exclude_nodes=csv_list(exclude_nodes, "--exclude-nodes") if exclude_nodes else [],
-        exclude_op_types=csv_list(exclude_op_types, "--exclude-op-types") if exclude_op_types else [])
+        exclude_op_types=csv_list(exclude_op_types, "--exclude-op-types") if exclude_op_types else [],
+        extra_layouts=[Int8Layout.parse(t) for t in csv_list(int8_layouts, "--int8-layouts")] if int8_layouts else [])
 
 
 def _sparsity_config(pattern: str | None, prune_channels: str | None, eval_data: str | None,
@@ -777,6 +783,8 @@ def tune(
         out_console.print(tune_table(result))
         from rich.markup import escape
 
+        for batch, label in result.best_per_batch.items():
+            out_console.print(escape(f"fastest at batch {batch}: {label}"))
         out_console.print(escape(f"winner: {result.winner} ({result.reason}); every candidate in {path}"))
 
 

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from convert.export import Exporter
+from core.errors import InputError
 from core.manifest import Precision
 
 DEFAULT_OPSET = 18
@@ -96,6 +97,38 @@ class CalibConfig(BaseModel):
     seed: int = Field(default=0, description="Seed of the shuffle that picks calibration/held-out samples")
 
 
+class Int8Layout(BaseModel):
+    """How a static INT8 model is laid out for ONNX Runtime. The numbers barely differ between layouts but the
+    kernels do: QDQ runs through ONNX Runtime's fusions, QOperator (QLinearConv/QLinearMatMul) through its
+    QLinear kernels directly; per-tensor weight scales and signed activations change which integer kernels run.
+    Which is fastest depends on the CPU and the batch size, so `convert --int8-layouts` writes several and
+    `bench` / `tune` measure them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    quant_format: Literal["qdq", "qoperator"] = Field(description="QDQ pairs, or QLinear operators")
+    per_channel: bool = Field(description="Per-output-channel weight scales (else one per tensor)")
+    activation_type: QType = Field(description="Activations: uint8 or int8")
+
+    @property
+    def name(self) -> str:
+        return (f"{'qop' if self.quant_format == 'qoperator' else 'qdq'}_{'pc' if self.per_channel else 'pt'}_"
+                f"{'u8' if self.activation_type == 'uint8' else 's8'}")
+
+    @classmethod
+    def parse(cls, text: str) -> Int8Layout:
+        """``qdq_pc_u8``-style names: format (qdq|qop), weight scales (pc|pt), activations (u8|s8)."""
+        parts = text.strip().lower().split("_")
+        fmt = {"qdq": "qdq", "qop": "qoperator"}
+        scales = {"pc": True, "pt": False}
+        acts = {"u8": "uint8", "s8": "int8"}
+        if len(parts) != 3 or parts[0] not in fmt or parts[1] not in scales or parts[2] not in acts:
+            raise InputError(f"--int8-layouts: bad layout {text!r}; expected FORMAT_SCALES_ACTIVATIONS with FORMAT "
+                             "qdq|qop, SCALES pc|pt (per channel/tensor), ACTIVATIONS u8|s8, e.g. qop_pt_u8")
+        return cls(quant_format=fmt[parts[0]], per_channel=scales[parts[1]],  # type: ignore[arg-type]
+                   activation_type=acts[parts[2]])  # type: ignore[arg-type]
+
+
 class QuantConfig(BaseModel):
     """Which reduced-precision variants to build, and how."""
 
@@ -110,6 +143,9 @@ class QuantConfig(BaseModel):
     per_channel: bool = Field(default=True, description="Per-output-channel weight scales")
     reduce_range: bool | None = Field(default=None, description="7-bit weights; None = on where ONNX Runtime "
                                                                 "advises it (x86-64 without VNNI)")
+    extra_layouts: list[Int8Layout] = Field(
+        default_factory=list, description="More static INT8 variants from the same calibration and FP32 nodes, one per "
+                                          "layout, named int8_static_<method>_<layout>; bench and tune compare them")
     exclude_nodes: list[str] = Field(default_factory=list, description="Node names kept in FP32")
     exclude_op_types: list[str] = Field(default_factory=list, description="Op types kept in FP32")
     trt_qdq: bool = Field(default=False, description="Also write int8_trt from the same calibration: Q/DQ by "
@@ -119,6 +155,11 @@ class QuantConfig(BaseModel):
     @property
     def any_variant(self) -> bool:
         return self.fp16 or self.int8_static or self.int8_dynamic
+
+    @property
+    def layout(self) -> Int8Layout:
+        """The layout of the main static INT8 variants (int8_static_<method>)."""
+        return Int8Layout(quant_format="qdq", per_channel=self.per_channel, activation_type=self.activation_type)
 
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from convert.config import CalibMethod, QType, QuantConfig
+from convert.config import CalibMethod, Int8Layout, QType, QuantConfig
 from core.errors import InputError, ToolkitError, first_line
 
 
@@ -133,15 +133,17 @@ def quantize_dynamic_file(model: Path, out: Path, cfg: QuantConfig, reduce_range
 
 
 def quantize_qdq(model: Path, out: Path, method: CalibMethod, cache: Path, fp32_nodes: list[str], cfg: QuantConfig,
-                 what: str, **settings: Any) -> None:
-    """ONNX Runtime's QDQ ``quantize_static`` from the ranges ``method`` saved in ``cache``: ``settings``
-    choose the types."""
+                 what: str, layout: Int8Layout | None = None, **settings: Any) -> None:
+    """ONNX Runtime's ``quantize_static`` from the ranges ``method`` saved in ``cache``: ``layout`` (default:
+    QDQ with the config's weight scales) chooses the format, ``settings`` the types."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
+    fmt = QuantFormat.QOperator if layout is not None and layout.quant_format == "qoperator" else QuantFormat.QDQ
+    per_channel = cfg.per_channel if layout is None else layout.per_channel
     try:
         with quiet():
-            quantize_static(str(model), str(out), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-                            per_channel=cfg.per_channel, nodes_to_exclude=[*cfg.exclude_nodes, *fp32_nodes],
+            quantize_static(str(model), str(out), calibration_data_reader=None, quant_format=fmt,
+                            per_channel=per_channel, nodes_to_exclude=[*cfg.exclude_nodes, *fp32_nodes],
                             calibrate_method=ort_method(method), calibration_cache_path=str(cache),
                             use_external_data_format=large(model), **settings)
     except Exception as exc:
@@ -149,8 +151,10 @@ def quantize_qdq(model: Path, out: Path, method: CalibMethod, cache: Path, fp32_
 
 
 def quantize_static_file(model: Path, out: Path, method: CalibMethod, cache: Path, cfg: QuantConfig,
-                         reduce_range: bool, fp32_nodes: list[str]) -> None:
-    """QDQ static quantization of ``model`` into ``out`` from saved calibration ranges."""
-    quantize_qdq(model, out, method, cache, fp32_nodes, cfg, "static INT8 quantization",
+                         reduce_range: bool, fp32_nodes: list[str], layout: Int8Layout | None = None) -> None:
+    """Static quantization of ``model`` into ``out`` from saved calibration ranges, in ``layout`` (default: the
+    config's own, QDQ)."""
+    layout = layout or cfg.layout
+    quantize_qdq(model, out, method, cache, fp32_nodes, cfg, f"static INT8 quantization ({layout.name})", layout,
                  op_types_to_quantize=quantizable_op_types(cfg.exclude_op_types), reduce_range=reduce_range,
-                 activation_type=ort_qtype(cfg.activation_type), weight_type=ort_qtype(cfg.weight_type))
+                 activation_type=ort_qtype(layout.activation_type), weight_type=ort_qtype(cfg.weight_type))

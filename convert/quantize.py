@@ -26,7 +26,7 @@ from calibration.loaders import count_samples
 from calibration.ort_reader import OrtCalibrationReader
 from calibration.sources import EVAL_ROLE, Source
 from convert.calibrate import Calibrations, QuantData, open_quant_data
-from convert.config import CALIB_METHODS, CalibMethod, QType, QuantConfig
+from convert.config import CALIB_METHODS, CalibMethod, Int8Layout, QType, QuantConfig
 from convert.context import ConvertContext, Step
 from convert.gates import NodeScore, Trial, auto_search, gate_verdict, rank_nodes, summary_line
 from convert.heldout import HeldOutEvaluator
@@ -100,6 +100,8 @@ def check_config(cfg: QuantConfig) -> None:
                          "(or --calib synthetic, explicitly)")
     if g.auto and not cfg.int8_static:
         raise InputError("--auto tunes static INT8: add --int8")
+    if cfg.extra_layouts and not cfg.int8_static:
+        raise InputError("--int8-layouts are layouts of static INT8: add --int8")
     if (cfg.exclude_nodes or cfg.exclude_op_types) and not (cfg.int8_static or cfg.int8_dynamic):
         raise InputError("--exclude-nodes/--exclude-op-types apply to --int8 and --int8-dynamic")
     count_samples(c.data)  # a missing folder/file or unreadable array fails now
@@ -236,13 +238,14 @@ def step_int8_dynamic(ctx: ConvertContext, state: QuantState) -> None:
 
 
 def _build_static(state: QuantState, method: CalibMethod, fp32_nodes: list[str],
-                  on: HeldOutEvaluator | None = None) -> Trial:
-    """Static INT8 from ``method``'s ranges with ``fp32_nodes`` left in FP32, graded on ``on`` (default:
-    the held-out data)."""
+                  on: HeldOutEvaluator | None = None, layout: Int8Layout | None = None) -> Trial:
+    """Static INT8 from ``method``'s ranges with ``fp32_nodes`` left in FP32, in ``layout`` (default: the
+    config's), graded on ``on`` (default: the held-out data)."""
     cal = state.static()
     run = cal.run(method)
-    out = state.work / f"int8_static_{method}_{len(fp32_nodes)}.onnx"
-    quantize_static_file(cal.model, out, run.method, run.cache, state.cfg, state.reduce_range, fp32_nodes)
+    layout = layout or state.cfg.layout
+    out = state.work / f"int8_static_{method}_{len(fp32_nodes)}_{layout.name}.onnx"
+    quantize_static_file(cal.model, out, run.method, run.cache, state.cfg, state.reduce_range, fp32_nodes, layout)
     stats = (on or state.evaluator).evaluate(out)
     return Trial(method=method, fp32_nodes=fp32_nodes, stats=stats,
                  gate=gate_verdict(stats, state.cfg.gate, state.random_init), path=out)
@@ -290,15 +293,30 @@ def step_int8_static(ctx: ConvertContext, state: QuantState) -> None:
     notes = _cpu_note(ctx, state.cpu.int8_advice(dynamic=False)) + list(cal.source.warnings)
     chosen = _choose_static(ctx, state)
     for trial, auto in chosen:
-        params = StaticQuantParams(
-            method=trial.method, activation_type=cfg.activation_type, weight_type=cfg.weight_type,
-            per_channel=cfg.per_channel, reduce_range=state.reduce_range, exclude_nodes=cfg.exclude_nodes,
-            exclude_op_types=cfg.exclude_op_types, fp32_nodes=trial.fp32_nodes, cpu=state.cpu.summary,
-            calibration=cal.record(trial.method), auto=auto)
-        _record(ctx, state, trial.path, name=f"int8_static_{trial.method}", precision="int8", params=params,
-                stats=trial.stats, notes=notes)
+        for layout in dict.fromkeys([cfg.layout, *cfg.extra_layouts]):
+            _record_static(ctx, state, trial, auto, layout, notes)
     if cfg.trt_qdq:
         step_int8_trt(ctx, state, chosen[0][0])
+
+
+def _record_static(ctx: ConvertContext, state: QuantState, trial: Trial, auto: AutoRecord | None, layout: Int8Layout,
+                   notes: list[str]) -> None:
+    """``trial`` (the config's own layout: int8_static_METHOD) or, for another layout, the same method's ranges and
+    FP32 nodes quantized in that layout and graded on the same held-out data (int8_static_METHOD_LAYOUT)."""
+    cfg, main = state.cfg, layout == state.cfg.layout
+    if not main:
+        fmt = "QOperator" if layout.quant_format == "qoperator" else "QDQ"
+        ctx.log(f"  {trial.method}: layout {layout.name} ({fmt}, per-channel {layout.per_channel}, "
+                f"activations {layout.activation_type})")
+        trial = _build_static(state, trial.method, trial.fp32_nodes, layout=layout)
+    params = StaticQuantParams(
+        method=trial.method, quant_format="QOperator" if layout.quant_format == "qoperator" else "QDQ",
+        layout=layout.name, activation_type=layout.activation_type, weight_type=cfg.weight_type,
+        per_channel=layout.per_channel, reduce_range=state.reduce_range, exclude_nodes=cfg.exclude_nodes,
+        exclude_op_types=cfg.exclude_op_types, fp32_nodes=trial.fp32_nodes, cpu=state.cpu.summary,
+        calibration=state.static().record(trial.method), auto=auto)
+    name = f"int8_static_{trial.method}" + ("" if main else f"_{layout.name}")
+    _record(ctx, state, trial.path, name=name, precision="int8", params=params, stats=trial.stats, notes=notes)
 
 
 def step_int8_trt(ctx: ConvertContext, state: QuantState, trial: Trial) -> None:

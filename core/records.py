@@ -149,7 +149,8 @@ class DynamicQuantParams(_QuantCommon):
 class StaticQuantParams(_QuantCommon):
     step: Literal["quantize_static"] = "quantize_static"
     method: str
-    quant_format: Literal["QDQ"] = "QDQ"
+    quant_format: Literal["QDQ", "QOperator"] = "QDQ"
+    layout: str | None = Field(default=None, description="Int8Layout name (qdq_pc_u8, qop_pt_u8, ...)")
     activation_type: str
     exclude_op_types: list[str] = Field(default_factory=list)
     fp32_nodes: list[str] = Field(default_factory=list)

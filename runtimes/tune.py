@@ -80,6 +80,10 @@ class TuneResult(BaseModel):
     winner: str | None
     stages_run: int
     reason: str
+    best_per_batch: dict[str, str] = Field(
+        default_factory=dict, description="Batch size -> the best candidate measured at it (e.g. which INT8 layout "
+                                          "to deploy at that batch): the one that lasted longest in the search, "
+                                          "then the lowest p50")
 
 
 def settings_for(backend: str) -> list[dict[str, Any]]:
@@ -178,7 +182,19 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
               f"within {cfg.accuracy_budget:g} points after {stages_run} stage(s)"
               + (f"; within the noise of: {'; '.join(tied)}" if tied else "; every other candidate clearly slower"))
     return TuneResult(config=cfg.model_dump(mode="json"), candidates=candidates, winner=win.label,
-                      stages_run=stages_run, reason=reason)
+                      stages_run=stages_run, reason=reason, best_per_batch=best_per_batch(candidates))
+
+
+def best_per_batch(candidates: list[Candidate]) -> dict[str, str]:
+    """For each batch size measured, the candidate that lasted longest in the search at it (never pruned
+    first), then the lowest p50: with the latency objective, the winner at its batch."""
+    timed = [c for c in candidates if c.latency_ms is not None]
+
+    def rank(c: Candidate) -> tuple[float, float]:
+        return (-(c.pruned_at_stage or float("inf")), _per_sample(c).p50)
+
+    return {str(b): min((c for c in timed if c.batch_size == b), key=rank).label
+            for b in sorted({c.batch_size for c in timed})}
 
 
 def tune_table(result: TuneResult) -> Any:

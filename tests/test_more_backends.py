@@ -64,6 +64,7 @@ def test_tune_searches_settings_prunes_and_picks_within_budget(tiny_artifacts: P
     winner = next(c for c in res.candidates if c.label == res.winner)
     assert winner.within_budget and winner.latency_ms is not None and winner.pruned_at_stage is None
     assert all(c.latency_ms is not None for c in res.candidates)  # every candidate measured in stage 1
+    assert res.best_per_batch == {"1": res.winner}
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "cli.py"), "tune", str(tiny_artifacts), "--backends", "ort",
                            "--max-minutes", "0.1", "--out", str(tmp_path / "t.json")], capture_output=True, text=True,
@@ -73,3 +74,17 @@ def test_tune_searches_settings_prunes_and_picks_within_budget(tiny_artifacts: P
     bad = subprocess.run([sys.executable, str(root / "cli.py"), "tune", str(tiny_artifacts), "--objective", "speed"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown --objective 'speed'" in bad.stderr
+
+
+def test_best_per_batch_prefers_the_candidates_that_lasted_then_the_fastest() -> None:
+    from core.metrics import LatencyStats
+    from runtimes.tune import Candidate, best_per_batch
+
+    def cand(variant: str, batch: int, p50: float, pruned: int | None) -> Candidate:
+        return Candidate(backend="ort", variant=variant, precision="int8", settings={}, batch_size=batch,
+                         latency_ms=LatencyStats.from_samples([p50] * 5), pruned_at_stage=pruned)
+
+    cands = [cand("qdq", 1, 10.0, None), cand("qop", 1, 12.0, None), cand("early", 1, 5.0, 1),
+             cand("qdq", 8, 90.0, 2), cand("qop", 8, 70.0, 2), cand("gone", 8, 60.0, 1)]
+    best = best_per_batch(cands)
+    assert best == {"1": cands[0].label, "8": cands[4].label}
