@@ -112,4 +112,5 @@ def interleaved_latency(manifest: Manifest, base: Path, arts: list[Artifact], fe
         for _ in range(iters):
             for r, p, out in zip(runners, prepared, samples, strict=True):
                 out.extend(r.time_iterations(p, 0, 1))
-    return [LatencyStats.from_samples(x) for x in samples]
+    # each call is its own round: the interval is the bootstrap interval of the median over the calls
+    return [LatencyStats.from_samples(x, rounds=[[v] for v in x]) for x in samples]
