@@ -105,7 +105,11 @@ def load_artifacts(base: Path) -> Manifest:
 
 def model_base_name(manifest: Manifest) -> str:
     """``densenet121`` for a torchvision name, the file stem for ``file.py:factory`` or a file path."""
-    model = manifest.source.model
+    return source_base_name(manifest.source.model)
+
+
+def source_base_name(model: str) -> str:
+    """``model_base_name`` of a manifest's ``source.model``."""
     parts = factory_parts(model)
     return safe_name(Path(parts[0] if parts else model).stem)
 

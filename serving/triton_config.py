@@ -4,6 +4,8 @@ dim, batching, instance groups, and warm-up requests (``model_warmup``) at given
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,14 +44,42 @@ class ModelOptions(BaseModel):
                                                                          "gpu for TensorRT plans")
 
 
+_SCHEMA: list[Any] = []
+
+
+def _load_alone() -> Any:
+    """``tritonclient/grpc/model_config_pb2.py`` as a module of its own (see ``schema``)."""
+    spec = importlib.util.find_spec("tritonclient")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(roots[0]) / "grpc" / "model_config_pb2.py" if roots else None
+    if path is None or not path.is_file():
+        raise ImportError("tritonclient/grpc/model_config_pb2.py not found")
+    mod_spec = importlib.util.spec_from_file_location("_onnxkit_triton_model_config_pb2", path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
 def schema() -> Any:
-    """Triton's model-configuration protobuf module, as shipped in tritonclient (grpc extra)."""
+    """Triton's model-configuration protobuf module, as shipped in tritonclient (grpc extra).
+
+    The module file is loaded on its own, without ``tritonclient.grpc``'s ``__init__``: that also registers
+    Triton's gRPC service protos, whose ``inference.*`` messages clash with the copies the ``kserve`` package
+    registers, so `package --format kserve` could not use both in one process. Loaded either way the message
+    classes are the same (protobuf keeps one descriptor per proto file)."""
+    if loaded := sys.modules.get("tritonclient.grpc.model_config_pb2"):
+        return loaded
+    if _SCHEMA:
+        return _SCHEMA[0]
     try:
-        from tritonclient.grpc import model_config_pb2
+        module = _load_alone()
     except (ImportError, RuntimeError) as exc:
         raise BackendUnavailableError("Triton's model-config schema needs tritonclient with gRPC support "
                                       f"(pip install 'tritonclient[http,grpc]'): {exc}") from None
-    return model_config_pb2
+    _SCHEMA.append(module)
+    return module
 
 
 def triton_dims(t: TensorSpec, batched: bool) -> list[int]:
