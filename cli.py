@@ -651,6 +651,9 @@ def package(
     input_shape: Annotated[str | None, typer.Option(
         help="Warm-up shapes for Triton (config.pbtxt model_warmup), e.g. input_ids:8x128,attention_mask:8x128: "
              "Triton runs them before it reports the model ready; the dims stay -1 (dynamic)")] = None,
+    from_tune: Annotated[Path | None, typer.Option(
+        help="Package the winner of `tune` with its settings in config.pbtxt: a tune.json, or the folder holding "
+             "one (e.g. ARTIFACT_DIR)")] = None,
     storage_uri: Annotated[str | None, typer.Option(help="kserve: where DIR/model_repository is uploaded (s3://, "
                                                          "gs://, pvc://, https://)")] = None,
     service_name: Annotated[str | None, typer.Option(help="kserve: InferenceService name (default: the model's)")] = None,
@@ -685,7 +688,7 @@ def package(
                             variants=csv_list(variants, "--variants") if variants else None,
                             max_batch_size=max_batch_size, dynamic_batching=dynamic_batching,
                             max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind,  # type: ignore[arg-type]
-                            input_shape=input_shape)
+                            input_shape=input_shape, from_tune=from_tune)
         if format == "kserve":
             from serving.kserve import ISVC_FILE, REPO_DIR, options_from_flags, package_kserve
 

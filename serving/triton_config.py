@@ -5,6 +5,7 @@ dim, batching, instance groups, and warm-up requests (``model_warmup``) at given
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,21 @@ VERSION_DIR = "1"
 PLATFORMS: dict[str, tuple[str, str]] = {"onnx": ("onnxruntime_onnx", "model.onnx"),
                                          "plan": ("tensorrt_plan", "model.plan")}
 
+
+#: Triton backends picked by name (``backend:``) rather than platform -> the model file it is given
+BACKEND_FILES: dict[str, str] = {"openvino": "model.onnx"}
+
+#: config.pbtxt ``parameters`` each backend reads (onnxruntime: its ModelState; openvino: ParseParameters), with a
+#: check of the value; a key outside these would be ignored by Triton, so the config is refused instead.
+_COUNT = r"\d+"
+BACKEND_PARAMETERS: dict[str, dict[str, str]] = {
+    "onnxruntime_onnx": {"intra_op_thread_count": _COUNT, "inter_op_thread_count": _COUNT, "execution_mode": "[01]",
+                         "enable_mem_arena": "[01]|true|false", "enable_mem_pattern": "[01]|true|false",
+                         "share_session_between_instances": "true|false|[01]"},
+    "openvino": {"INFERENCE_NUM_THREADS": _COUNT, "COMPILATION_NUM_THREADS": _COUNT, "NUM_STREAMS": r"AUTO|NUMA|\d+",
+                 "PERFORMANCE_HINT": "LATENCY|THROUGHPUT|CUMULATIVE_THROUGHPUT", "HINT_BF16": "YES"},
+    "tensorrt_plan": {},
+}
 
 #: Triton's config.pbtxt stores these counts as int32 (max_queue_delay_microseconds as uint64).
 INT32_MAX = 2**31 - 1
@@ -189,11 +205,7 @@ def check_config(msg: Any, model_dir: Path) -> list[str]:
     where = model_dir.name
     if msg.name != model_dir.name:
         problems.append(f"{where}: config name {msg.name!r} differs from its folder name")
-    files = dict(PLATFORMS.values())
-    if msg.platform not in files:
-        problems.append(f"{where}: platform {msg.platform!r} is not one of {sorted(files)}")
-    elif not (model_dir / VERSION_DIR / files[msg.platform]).is_file():
-        problems.append(f"{where}: {VERSION_DIR}/{files[msg.platform]} is missing for platform {msg.platform}")
+    problems += _check_runtime(msg, model_dir)
     if msg.max_batch_size < 0:
         problems.append(f"{where}: max_batch_size must be >= 0")
     if msg.HasField("dynamic_batching") and msg.max_batch_size == 0:
@@ -214,4 +226,26 @@ def check_config(msg: Any, model_dir: Path) -> list[str]:
         problems.append(f"{where}: inputs and outputs must both be listed")
     if msg.platform == "tensorrt_plan" and any(g.kind != mc.ModelInstanceGroup.KIND_GPU for g in msg.instance_group):
         problems.append(f"{where}: TensorRT plans need KIND_GPU instance groups")
+    return problems
+
+
+def _check_runtime(msg: Any, model_dir: Path) -> list[str]:
+    """The platform or backend, its model file and its parameters."""
+    where = model_dir.name
+    files = dict(PLATFORMS.values()) | BACKEND_FILES
+    runtime = msg.platform or msg.backend
+    if runtime not in files or (msg.platform and msg.backend) or (msg.backend and msg.backend not in BACKEND_FILES):
+        return [f"{where}: platform {msg.platform!r} / backend {msg.backend!r} is not one of {sorted(files)}"]
+    problems = []
+    filename = msg.default_model_filename or (files[runtime] if msg.platform else "")
+    if filename != files[runtime]:
+        problems.append(f"{where}: backend {runtime} needs default_model_filename {files[runtime]!r}")
+    elif not (model_dir / VERSION_DIR / filename).is_file():
+        problems.append(f"{where}: {VERSION_DIR}/{filename} is missing for {runtime}")
+    allowed = BACKEND_PARAMETERS[runtime]
+    for key, value in msg.parameters.items():
+        if key not in allowed:
+            problems.append(f"{where}: parameter {key!r} is not one the {runtime} backend reads ({sorted(allowed)})")
+        elif not re.fullmatch(allowed[key], value.string_value):
+            problems.append(f"{where}: parameter {key} = {value.string_value!r} (expected {allowed[key]})")
     return problems

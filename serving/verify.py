@@ -88,8 +88,9 @@ def _check_model(repo: Path, model: RepoModel) -> list[str]:
     except ValidationError as exc:
         return exc.failures
     problems = check_config(msg, model_dir)
-    if msg.platform != model.platform:
-        problems.append(f"{model.name}: config platform {msg.platform!r} but MANIFEST.json records {model.platform!r}")
+    if (msg.platform or msg.backend) != model.platform:
+        problems.append(f"{model.name}: config platform {msg.platform or msg.backend!r} but MANIFEST.json records "
+                        f"{model.platform!r}")
     return problems
 
 
