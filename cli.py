@@ -640,7 +640,8 @@ def profile(
 @app.command()
 def package(
     artifact_dir: Annotated[Path, typer.Argument(help="Folder with manifest.json (from `convert`)")],
-    format: Annotated[str, typer.Option("--format", help="Repository format (triton)")] = "triton",
+    format: Annotated[str, typer.Option("--format", help="triton: a model repository; kserve: DIR/model_repository "
+                                                         "+ DIR/inferenceservice.yaml")] = "triton",
     out: Annotated[Path | None, typer.Option(help="Model repository folder to write")] = None,
     variants: Annotated[str | None, typer.Option(help="Comma-separated artifact names, prefixes or kinds, e.g. "
                                                       "opt,int8,plan (default: opt)")] = None,
@@ -656,23 +657,54 @@ def package(
     input_shape: Annotated[str | None, typer.Option(
         help="Warm-up shapes for Triton (config.pbtxt model_warmup), e.g. input_ids:8x128,attention_mask:8x128: "
              "Triton runs them before it reports the model ready; the dims stay -1 (dynamic)")] = None,
+    from_tune: Annotated[Path | None, typer.Option(
+        help="Package the winner of `tune` with its settings in config.pbtxt: a tune.json, or the folder holding "
+             "one (e.g. ARTIFACT_DIR)")] = None,
+    storage_uri: Annotated[str | None, typer.Option(help="kserve: where DIR/model_repository is uploaded (s3://, "
+                                                         "gs://, pvc://, https://)")] = None,
+    service_name: Annotated[str | None, typer.Option(help="kserve: InferenceService name (default: the model's)")] = None,
+    cpu: Annotated[str | None, typer.Option(help="kserve: CPU request = limit per replica (default 1)")] = None,
+    memory: Annotated[str | None, typer.Option(help="kserve: memory request = limit per replica (default 2Gi)")] = None,
+    gpus: Annotated[int | None, typer.Option(help="kserve: nvidia.com/gpu per replica (default 0)")] = None,
+    min_replicas: Annotated[int | None, typer.Option(help="kserve: fewest replicas; 0 scales to zero (default 1)")] = None,
+    max_replicas: Annotated[int | None, typer.Option(help="kserve: most replicas (default: KServe's)")] = None,
+    scale_metric: Annotated[str | None, typer.Option(help="kserve: concurrency | rps | cpu | memory "
+                                                          "(default concurrency)")] = None,
+    scale_target: Annotated[int | None, typer.Option(help="kserve: target per replica of --scale-metric")] = None,
+    grpc: Annotated[bool | None, typer.Option("--grpc/--http", help="kserve: expose Triton's gRPC or HTTP port "
+                                                                    "(default HTTP)")] = None,
+    runtime_version: Annotated[str | None, typer.Option(help="kserve: Triton image tag, e.g. 24.08-py3")] = None,
 ) -> None:
-    """Write a Triton model repository (config.pbtxt validated with Triton's schema, MANIFEST.json)."""
+    """Write a Triton model repository (config.pbtxt validated with Triton's schema, MANIFEST.json); with
+    --format kserve, that repository plus a KServe InferenceService manifest for it."""
     with user_errors():
         from serving.triton import PackageConfig
         from serving.triton import package as run_package
 
-        if format != "triton":
-            raise InputError(f"unknown --format {format!r}; supported: triton")
+        if format not in ("triton", "kserve"):
+            raise InputError(f"unknown --format {format!r}; supported: triton, kserve")
         if out is None:
             raise InputError("--out REPO is required: the model repository folder to write")
+        kserve_flags = dict(storage_uri=storage_uri, service_name=service_name, cpu=cpu, memory=memory, gpus=gpus,
+                            min_replicas=min_replicas, max_replicas=max_replicas, scale_metric=scale_metric,
+                            scale_target=scale_target, grpc=grpc, runtime_version=runtime_version)
         if kind not in (None, "cpu", "gpu"):
             raise InputError(f"unknown --kind {kind!r}; choose cpu or gpu")
         cfg = PackageConfig(artifact_dir=artifact_dir, out=out, name=name,
                             variants=csv_list(variants, "--variants") if variants else None,
                             max_batch_size=max_batch_size, dynamic_batching=dynamic_batching,
                             max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind,  # type: ignore[arg-type]
-                            input_shape=input_shape)
+                            input_shape=input_shape, from_tune=from_tune)
+        if format == "kserve":
+            from serving.kserve import ISVC_FILE, REPO_DIR, options_from_flags, package_kserve
+
+            repo, folder, _ = package_kserve(cfg, options_from_flags(kserve_flags), log=log)
+            out_console.print(f"upload {folder / REPO_DIR} to {storage_uri}, then `kubectl apply -f "
+                              f"{folder / ISVC_FILE}`; models: {', '.join(m.name for m in repo.models)}")
+            return
+        from serving.kserve import refuse_kserve_flags
+
+        refuse_kserve_flags(kserve_flags)
         repo, folder = run_package(cfg, log=log)
         out_console.print(f"model repository: {folder} ({', '.join(m.name for m in repo.models)}); "
                           f"check it with `python cli.py verify {folder}`")

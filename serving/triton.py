@@ -40,6 +40,7 @@ from serving.triton_config import (
     render_config,
     schema,
 )
+from serving.tuned import TunedSettings, apply_tuning, load_tuned
 
 REPO_MANIFEST = "MANIFEST.json"
 REPO_SCHEMA_VERSION = 1
@@ -55,6 +56,8 @@ class PackageConfig(ModelOptions):
     name: str | None = Field(default=None, description="Model name prefix; default: the source model's name")
     input_shape: str | None = Field(default=None, description="Warm-up shapes (config.pbtxt model_warmup), e.g. "
                                     "input_ids:8x128,attention_mask:8x128; the config's dims stay -1")
+    from_tune: Path | None = Field(default=None, description="tune.json (or a folder holding one) whose winner is "
+                                                             "packaged with its settings in config.pbtxt")
 
 
 class RepoModel(BaseModel):
@@ -72,6 +75,8 @@ class RepoModel(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, description="e.g. ONNX opset and IR version")
     engine: dict[str, Any] | None = Field(default=None, description="TensorRT plans: the GPU, compute capability and "
                                                                     "TensorRT version it was built for")
+    tuned: TunedSettings | None = Field(default=None, description="Packaged with --from-tune: the tune winner and "
+                                                                 "which of its settings reached config.pbtxt")
 
 
 class RepoManifest(BaseModel):
@@ -105,7 +110,11 @@ def load_artifacts(base: Path) -> Manifest:
 
 def model_base_name(manifest: Manifest) -> str:
     """``densenet121`` for a torchvision name, the file stem for ``file.py:factory`` or a file path."""
-    model = manifest.source.model
+    return source_base_name(manifest.source.model)
+
+
+def source_base_name(model: str) -> str:
+    """``model_base_name`` of a manifest's ``source.model``."""
     parts = factory_parts(model)
     return safe_name(Path(parts[0] if parts else model).stem)
 
@@ -222,6 +231,49 @@ def _copy_model(base: Path, art: Artifact, target: Path, name: str) -> tuple[lis
                   for src, digest, copy in pairs if sha256_file(copy) != digest]
 
 
+def _chosen(cfg: PackageConfig, manifest: Manifest) -> tuple[list[Artifact], PackageConfig, TunedSettings | None]:
+    """The artifacts to package, the options to build their configs with, and the tune winner (--from-tune)."""
+    if cfg.from_tune is None:
+        return resolve_variants(manifest, cfg.variants or [default_variant(manifest)]), cfg, None
+    tuned = load_tuned(cfg.from_tune, Path(cfg.artifact_dir))
+    if cfg.variants:
+        raise InputError(f"--from-tune packages the tune winner's variant ({tuned.variant}); leave out --variants")
+    if cfg.kind == "gpu":
+        raise InputError(f"--from-tune: the winner ({tuned.winner}) was tuned on CPU; leave out --kind gpu")
+    if cfg.max_batch_size is None and manifest.iospec.dynamic_batch and tuned.batch_size > 8:
+        cfg = cfg.model_copy(update={"max_batch_size": tuned.batch_size})  # room for the winner's batch
+    return resolve_variants(manifest, [tuned.variant]), cfg, tuned
+
+
+def _write_model(tmp: Path, base: Path, art: Artifact, msg: Any, spec: IOSpec) -> tuple[RepoModel, list[FileRecord]]:
+    """One model folder: the artifact's file(s) and config.pbtxt, checked; its record and its files' records."""
+    name = msg.name
+    filename = PLATFORMS[art.kind][1]
+    model_dir = tmp / name
+    target = model_dir / VERSION_DIR / filename
+    target.parent.mkdir(parents=True)
+    data, failures = _copy_model(base, art, target, name)
+    atomic_write_text(model_dir / "config.pbtxt", render_config(msg))
+    failures += check_config(parse_config(model_dir / "config.pbtxt"), model_dir)
+    if failures:
+        raise ValidationError(f"model {name}", failures)
+    params = _onnx_facts(target, spec, art.name) if art.kind == "onnx" else {}
+    model = RepoModel(name=name, variant=art.name, kind=art.kind, platform=msg.platform or msg.backend,
+                      precision=art.precision, source_file=art.file.path, source_sha256=art.file.sha256,
+                      params=params)
+    files = [FileRecord(path=p.relative_to(tmp).as_posix(), sha256=sha256_file(p), size_bytes=p.stat().st_size)
+             for p in (model_dir / "config.pbtxt", target, *data)]
+    return model, files
+
+
+def _tuned_note(tuned: TunedSettings | None) -> str:
+    if tuned is None:
+        return ""
+    lost = f"; not carried over: {'; '.join(tuned.not_carried)}" if tuned.not_carried else ""
+    return (f"; tune winner {tuned.backend}:{tuned.variant} batch {tuned.batch_size} {tuned.settings}: parameters "
+            f"{tuned.parameters}{lost}")  # no brackets: the CLI's log reads them as markup
+
+
 def package(cfg: PackageConfig, log: Callable[[str], None] = print) -> tuple[RepoManifest, Path]:
     """Write the model repository for ``cfg``; return its manifest and folder.
 
@@ -230,42 +282,29 @@ def package(cfg: PackageConfig, log: Callable[[str], None] = print) -> tuple[Rep
     """
     base = Path(cfg.artifact_dir)
     manifest = load_artifacts(base)
-    arts = resolve_variants(manifest, cfg.variants or [default_variant(manifest)])
+    arts, opts, tuned = _chosen(cfg, manifest)
     base_name = safe_name(cfg.name) if cfg.name else model_base_name(manifest)
     engines = {a.name: engine_info(a) for a in arts if a.kind == "plan"}  # refuses plans of unknown origin
     out = Path(cfg.out)
     _prepare_out(out)
-    configs = {served_name(base_name, a): (a, build_model_config(served_name(base_name, a), manifest.iospec, a, cfg))
-               for a in arts}
-    if cfg.input_shape:
-        warm_spec, warm_batch = apply_input_shapes(manifest.iospec, cfg.input_shape)
-        for _, msg in configs.values():
-            add_warmup(msg, warm_spec, warm_batch)
+    configs = [(a, build_model_config(served_name(base_name, a), manifest.iospec, a, opts)) for a in arts]
+    for _, msg in configs:
+        if tuned is not None:
+            apply_tuning(msg, tuned)
+        if cfg.input_shape:
+            add_warmup(msg, *apply_input_shapes(manifest.iospec, cfg.input_shape))
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         models: list[RepoModel] = []
         files: list[FileRecord] = []
-        for name, (art, msg) in configs.items():
-            platform, filename = PLATFORMS[art.kind]
-            model_dir = tmp / name
-            target = model_dir / VERSION_DIR / filename
-            target.parent.mkdir(parents=True)
-            data, failures = _copy_model(base, art, target, name)
-            atomic_write_text(model_dir / "config.pbtxt", render_config(msg))
-            failures += check_config(parse_config(model_dir / "config.pbtxt"), model_dir)
-            if failures:
-                raise ValidationError(f"model {name}", failures)
-            params = _onnx_facts(target, manifest.iospec, art.name) if art.kind == "onnx" else {}
-            models.append(RepoModel(name=name, variant=art.name, kind=art.kind, platform=platform,
-                                    precision=art.precision, source_file=art.file.path,
-                                    source_sha256=art.file.sha256, params=params, engine=engines.get(art.name)))
-            for p in (model_dir / "config.pbtxt", target, *data):
-                files.append(FileRecord(path=p.relative_to(tmp).as_posix(), sha256=sha256_file(p),
-                                        size_bytes=p.stat().st_size))
+        for art, msg in configs:
+            model, written = _write_model(tmp, base, art, msg, manifest.iospec)
+            models.append(model.model_copy(update={"engine": engines.get(art.name), "tuned": tuned}))
+            files += written
             group = msg.instance_group[0]
-            log(f"{name}: {platform}, max_batch_size {msg.max_batch_size}, "
+            log(f"{model.name}: {model.platform}, max_batch_size {msg.max_batch_size}, "
                 f"dynamic batching {'on' if msg.HasField('dynamic_batching') else 'off'}, "
-                f"{group.count} x {schema().ModelInstanceGroup.Kind.Name(group.kind)}")
+                f"{group.count} x {schema().ModelInstanceGroup.Kind.Name(group.kind)}{_tuned_note(tuned)}")
         repo = RepoManifest(source_model=manifest.source.model, artifact_dir=str(base.resolve()),
                             source_manifest_sha256=sha256_file(base / "manifest.json"), versions=manifest.versions,
                             packaged_with=packaging_versions(), models=models, files=files)
@@ -276,4 +315,3 @@ def package(cfg: PackageConfig, log: Callable[[str], None] = print) -> tuple[Rep
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return repo, out
-

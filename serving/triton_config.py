@@ -4,6 +4,9 @@ dim, batching, instance groups, and warm-up requests (``model_warmup``) at given
 
 from __future__ import annotations
 
+import importlib.util
+import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +25,21 @@ VERSION_DIR = "1"
 PLATFORMS: dict[str, tuple[str, str]] = {"onnx": ("onnxruntime_onnx", "model.onnx"),
                                          "plan": ("tensorrt_plan", "model.plan")}
 
+
+#: Triton backends picked by name (``backend:``) rather than platform -> the model file it is given
+BACKEND_FILES: dict[str, str] = {"openvino": "model.onnx"}
+
+#: config.pbtxt ``parameters`` each backend reads (onnxruntime: its ModelState; openvino: ParseParameters), with a
+#: check of the value; a key outside these would be ignored by Triton, so the config is refused instead.
+_COUNT = r"\d+"
+BACKEND_PARAMETERS: dict[str, dict[str, str]] = {
+    "onnxruntime_onnx": {"intra_op_thread_count": _COUNT, "inter_op_thread_count": _COUNT, "execution_mode": "[01]",
+                         "enable_mem_arena": "[01]|true|false", "enable_mem_pattern": "[01]|true|false",
+                         "share_session_between_instances": "true|false|[01]"},
+    "openvino": {"INFERENCE_NUM_THREADS": _COUNT, "COMPILATION_NUM_THREADS": _COUNT, "NUM_STREAMS": r"AUTO|NUMA|\d+",
+                 "PERFORMANCE_HINT": "LATENCY|THROUGHPUT|CUMULATIVE_THROUGHPUT", "HINT_BF16": "YES"},
+    "tensorrt_plan": {},
+}
 
 #: Triton's config.pbtxt stores these counts as int32 (max_queue_delay_microseconds as uint64).
 INT32_MAX = 2**31 - 1
@@ -42,14 +60,42 @@ class ModelOptions(BaseModel):
                                                                          "gpu for TensorRT plans")
 
 
+_SCHEMA: list[Any] = []
+
+
+def _load_alone() -> Any:
+    """``tritonclient/grpc/model_config_pb2.py`` as a module of its own (see ``schema``)."""
+    spec = importlib.util.find_spec("tritonclient")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(roots[0]) / "grpc" / "model_config_pb2.py" if roots else None
+    if path is None or not path.is_file():
+        raise ImportError("tritonclient/grpc/model_config_pb2.py not found")
+    mod_spec = importlib.util.spec_from_file_location("_onnxkit_triton_model_config_pb2", path)
+    if mod_spec is None or mod_spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
 def schema() -> Any:
-    """Triton's model-configuration protobuf module, as shipped in tritonclient (grpc extra)."""
+    """Triton's model-configuration protobuf module, as shipped in tritonclient (grpc extra).
+
+    The module file is loaded on its own, without ``tritonclient.grpc``'s ``__init__``: that also registers
+    Triton's gRPC service protos, whose ``inference.*`` messages clash with the copies the ``kserve`` package
+    registers, so `package --format kserve` could not use both in one process. Loaded either way the message
+    classes are the same (protobuf keeps one descriptor per proto file)."""
+    if loaded := sys.modules.get("tritonclient.grpc.model_config_pb2"):
+        return loaded
+    if _SCHEMA:
+        return _SCHEMA[0]
     try:
-        from tritonclient.grpc import model_config_pb2
+        module = _load_alone()
     except (ImportError, RuntimeError) as exc:
         raise BackendUnavailableError("Triton's model-config schema needs tritonclient with gRPC support "
                                       f"(pip install 'tritonclient[http,grpc]'): {exc}") from None
-    return model_config_pb2
+    _SCHEMA.append(module)
+    return module
 
 
 def triton_dims(t: TensorSpec, batched: bool) -> list[int]:
@@ -159,11 +205,7 @@ def check_config(msg: Any, model_dir: Path) -> list[str]:
     where = model_dir.name
     if msg.name != model_dir.name:
         problems.append(f"{where}: config name {msg.name!r} differs from its folder name")
-    files = dict(PLATFORMS.values())
-    if msg.platform not in files:
-        problems.append(f"{where}: platform {msg.platform!r} is not one of {sorted(files)}")
-    elif not (model_dir / VERSION_DIR / files[msg.platform]).is_file():
-        problems.append(f"{where}: {VERSION_DIR}/{files[msg.platform]} is missing for platform {msg.platform}")
+    problems += _check_runtime(msg, model_dir)
     if msg.max_batch_size < 0:
         problems.append(f"{where}: max_batch_size must be >= 0")
     if msg.HasField("dynamic_batching") and msg.max_batch_size == 0:
@@ -184,4 +226,26 @@ def check_config(msg: Any, model_dir: Path) -> list[str]:
         problems.append(f"{where}: inputs and outputs must both be listed")
     if msg.platform == "tensorrt_plan" and any(g.kind != mc.ModelInstanceGroup.KIND_GPU for g in msg.instance_group):
         problems.append(f"{where}: TensorRT plans need KIND_GPU instance groups")
+    return problems
+
+
+def _check_runtime(msg: Any, model_dir: Path) -> list[str]:
+    """The platform or backend, its model file and its parameters."""
+    where = model_dir.name
+    files = dict(PLATFORMS.values()) | BACKEND_FILES
+    runtime = msg.platform or msg.backend
+    if runtime not in files or (msg.platform and msg.backend) or (msg.backend and msg.backend not in BACKEND_FILES):
+        return [f"{where}: platform {msg.platform!r} / backend {msg.backend!r} is not one of {sorted(files)}"]
+    problems = []
+    filename = msg.default_model_filename or (files[runtime] if msg.platform else "")
+    if filename != files[runtime]:
+        problems.append(f"{where}: backend {runtime} needs default_model_filename {files[runtime]!r}")
+    elif not (model_dir / VERSION_DIR / filename).is_file():
+        problems.append(f"{where}: {VERSION_DIR}/{filename} is missing for {runtime}")
+    allowed = BACKEND_PARAMETERS[runtime]
+    for key, value in msg.parameters.items():
+        if key not in allowed:
+            problems.append(f"{where}: parameter {key!r} is not one the {runtime} backend reads ({sorted(allowed)})")
+        elif not re.fullmatch(allowed[key], value.string_value):
+            problems.append(f"{where}: parameter {key} = {value.string_value!r} (expected {allowed[key]})")
     return problems

@@ -88,8 +88,9 @@ def _check_model(repo: Path, model: RepoModel) -> list[str]:
     except ValidationError as exc:
         return exc.failures
     problems = check_config(msg, model_dir)
-    if msg.platform != model.platform:
-        problems.append(f"{model.name}: config platform {msg.platform!r} but MANIFEST.json records {model.platform!r}")
+    if (msg.platform or msg.backend) != model.platform:
+        problems.append(f"{model.name}: config platform {msg.platform or msg.backend!r} but MANIFEST.json records "
+                        f"{model.platform!r}")
     return problems
 
 
@@ -113,8 +114,16 @@ def _check_engine(model: RepoModel, notes: list[str]) -> list[str]:
 
 
 def verify_repo(repo: Path) -> VerifyReport:
-    """Check every file and config of ``repo``; raise one ValidationError listing every failure."""
+    """Check every file and config of ``repo``; raise one ValidationError listing every failure. A folder from
+    `package --format kserve` is checked as its model repository plus its InferenceService manifest."""
+    from serving.kserve import ISVC_FILE, REPO_DIR, load_inference_service
+
     repo = Path(repo)
+    if not (repo / REPO_MANIFEST).is_file() and (repo / REPO_DIR / REPO_MANIFEST).is_file():
+        report = verify_repo(repo / REPO_DIR)
+        load_inference_service(repo / ISVC_FILE)
+        return report.model_copy(update={"repo": str(repo), "files_checked": report.files_checked + 1, "notes": [
+            *report.notes, f"{ISVC_FILE}: read back by KServe's model classes; its storageUri is not checked here"]})
     manifest = load_repo_manifest(repo)
     problems = _check_files(repo, manifest)
     notes: list[str] = []
