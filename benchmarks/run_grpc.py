@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -64,6 +65,18 @@ def onnxkit_server(art: Path) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
+def kserve_server(art: Path) -> Iterator[Server]:
+    """KServe's ModelServer wrapping the same model (benchmarks/kserve_predictor.py), in its own process:
+    kserve and tritonclient.grpc cannot be imported in one process."""
+    port, gport = free_port(), free_port()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kserve_predictor.py"), str(art), "--http-port", str(port),
+           "--grpc-port", str(gport)]
+    with _process(cmd, f"http://127.0.0.1:{port}"):
+        yield Server("KServe ModelServer 0.21 (custom predictor)", "tiny_cnn_opt", f"127.0.0.1:{port}",
+                     f"127.0.0.1:{gport}")
+
+
+@contextlib.contextmanager
 def _process(cmd: list[str], url: str) -> Iterator[None]:
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -87,7 +100,7 @@ def make_call(server: Server, protocol: str, x: np.ndarray) -> Callable[[], np.n
 
         client: Any = client_mod.InferenceServerClient(server.http, network_timeout=60)
     else:
-        import tritonclient.grpc as client_mod  # type: ignore[no-redef]
+        import tritonclient.grpc as client_mod
 
         client = client_mod.InferenceServerClient(server.grpc)
     inp = client_mod.InferInput("input", list(x.shape), "FP32")
@@ -169,7 +182,8 @@ def measure(servers: list[Server], art: Path, rounds: int, requests: int,
             order = [k for k in keys if k[2] == c]
             shift = r % len(order)
             for k in order[shift:] + order[:shift]:
-                run_round(lambda k=k: make_call(by_label[k[0]], k[1], x), c, want, per_thread(requests, c), cells[k])
+                connect = functools.partial(make_call, by_label[k[0]], k[1], x)
+                run_round(connect, c, want, per_thread(requests, c), cells[k])
         print(f"round {r + 1}/{rounds} done (load average {os.getloadavg()[0]:.2f})", flush=True)
     return cells
 
@@ -187,20 +201,52 @@ def summarise(cells: dict[tuple[str, str, int], Cell]) -> list[dict[str, Any]]:
     return rows
 
 
-def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """gRPC vs HTTP per server and concurrency, by the interval rule."""
+def _compare(a: dict[str, Any], b: dict[str, Any], a_name: str, b_name: str) -> str:
+    """``a`` vs ``b`` by their p50s and the interval rule (core.metrics.latency_differs)."""
     from core.metrics import LatencyStats, latency_differs
 
-    out = []
-    for r in (r for r in rows if r["protocol"] == "grpc"):
-        h = next(x for x in rows if x["protocol"] == "http" and x["server"] == r["server"]
-                 and x["concurrency"] == r["concurrency"])
-        g, hs = LatencyStats(**r["latency_ms"]), LatencyStats(**h["latency_ms"])
-        diff = g.p50 - hs.p50
-        word = ("gRPC faster" if diff < 0 else "HTTP faster") if latency_differs(g, hs) else \
-            "no difference beyond the noise (intervals overlap)"
-        out.append(f"{r['server']}, concurrency {r['concurrency']}: gRPC p50 {g.p50:.2f} ms vs HTTP "
-                   f"{hs.p50:.2f} ms ({diff:+.2f} ms, {g.p50 / hs.p50:.2f}x): **{word}**")
+    sa, sb = LatencyStats(**a["latency_ms"]), LatencyStats(**b["latency_ms"])
+    diff = sa.p50 - sb.p50
+    word = ((f"{a_name} faster" if diff < 0 else f"{b_name} faster") if latency_differs(sa, sb)
+            else "no difference beyond the noise (intervals overlap)")
+    return f"{a_name} p50 {sa.p50:.2f} ms vs {b_name} {sb.p50:.2f} ms ({diff:+.2f} ms, {sa.p50 / sb.p50:.2f}x): **{word}**"
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """gRPC vs HTTP per server and concurrency; then each other server vs the first (``serve``)."""
+    def row(server: str, protocol: str, conc: int) -> dict[str, Any]:
+        return next(r for r in rows if (r["server"], r["protocol"], r["concurrency"]) == (server, protocol, conc))
+
+    servers = list(dict.fromkeys(r["server"] for r in rows))
+    concs = sorted({r["concurrency"] for r in rows})
+    out = [f"{s}, concurrency {c}: " + _compare(row(s, "grpc", c), row(s, "http", c), "gRPC", "HTTP")
+           for s in servers for c in concs]
+    out += [f"{p} at concurrency {c}: " + _compare(row(other, p, c), row(servers[0], p, c), "KServe", "serve")
+            for other in servers[1:] for p in PROTOCOLS for c in concs]
+    return out
+
+
+def notes(verdict_lines: list[str], with_kserve: bool) -> list[str]:
+    """How to read the table, and which server `serve` keeps (the faster beyond the noise, else ours)."""
+    out = ["## Reading it", "",
+           "- Both servers run the same ONNX file through the same `OrtRunner` with the same input checks. `serve` "
+           "hands each request to its micro-batcher's inference thread and back (a thread hand-off per request, "
+           "which lets the event loop take the next requests while the model runs); the KServe predictor's "
+           "synchronous `predict` (the usual custom-predictor form) runs the model on KServe's event loop. KServe's "
+           "per-request INFO logging is turned down to warnings, as `serve` logs nothing per request.",
+           "- The latency is the whole round trip seen by the Triton client in Python, client work included; at "
+           "concurrency 8 the eight client threads, the server and ONNX Runtime share the cores, so the figures "
+           "there are mostly queueing."]
+    if not with_kserve:
+        return [*out, "- KServe's model server was not measured (`--no-kserve`, or kserve not installed)."]
+    kserve_wins = [v for v in verdict_lines if v.endswith("**KServe faster**")]
+    serve_wins = [v for v in verdict_lines if v.endswith("**serve faster**")]
+    keep = "KServe's ModelServer" if kserve_wins and not serve_wins else "its own FastAPI + grpc.aio server"
+    out.append(f"- Decision: `serve` stays on {keep}. KServe was faster beyond the noise in {len(kserve_wins)} "
+               f"comparison(s) and slower in {len(serve_wins)} (the rule: switch only if KServe is faster somewhere "
+               "and slower nowhere). Beyond speed, keeping ours keeps micro-batching across both protocols, the "
+               "hardened HTTP request checks (body limits, hostile-input fuzzing) and tritonclient's protos in "
+               "one process (kserve's clash with them).")
     return out
 
 
@@ -235,20 +281,27 @@ def main() -> None:
     ap.add_argument("--artifact-dir", default="/tmp/onnxkit_grpc_tiny")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--requests", type=int, default=150, help="Timed requests per round at concurrency 1")
+    ap.add_argument("--no-kserve", action="store_true", help="Measure `serve` only, not KServe's ModelServer")
     args = ap.parse_args()
+    import importlib.util
     from importlib import metadata
 
     art = ensure_converted(TINY, Path(args.artifact_dir))
     load_before = os.getloadavg()[0]
-    with onnxkit_server(art) as ours:
-        cells = measure([ours], art, args.rounds, args.requests, (1, 8))
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(onnxkit_server(art))]
+        if not args.no_kserve and importlib.util.find_spec("kserve") is not None:
+            servers.append(stack.enter_context(kserve_server(art)))
+        cells = measure(servers, art, args.rounds, args.requests, (1, 8))
     rows = summarise(cells)
     payload = {"command": "python " + " ".join(sys.argv), "machine": machine(),
                "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
-               "versions": {p: metadata.version(p) for p in ("onnxruntime", "tritonclient", "grpcio", "uvicorn")},
+               "versions": {p: metadata.version(p) for p in ("onnxruntime", "tritonclient", "grpcio", "uvicorn", "kserve")
+                            if importlib.util.find_spec(p.replace("-", "_")) is not None},
                "config": {"rounds": args.rounds, "requests": args.requests, "requests_c8": per_thread(args.requests, 8),
                           "max_batch": 1, "ort_threads": 1},
                "rows": rows, "verdicts": verdicts(rows)}
+    payload["notes"] = notes(payload["verdicts"], len(servers) > 1)
     text = markdown(payload)
     paths = write("grpc_cpu", payload, text)
     print(text)
