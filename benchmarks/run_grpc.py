@@ -294,14 +294,16 @@ def main() -> None:
             servers.append(stack.enter_context(kserve_server(art)))
         cells = measure(servers, art, args.rounds, args.requests, (1, 8))
     rows = summarise(cells)
-    payload = {"command": "python " + " ".join(sys.argv), "machine": machine(),
-               "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
-               "versions": {p: metadata.version(p) for p in ("onnxruntime", "tritonclient", "grpcio", "uvicorn", "kserve")
-                            if importlib.util.find_spec(p.replace("-", "_")) is not None},
-               "config": {"rounds": args.rounds, "requests": args.requests, "requests_c8": per_thread(args.requests, 8),
-                          "max_batch": 1, "ort_threads": 1},
-               "rows": rows, "verdicts": verdicts(rows)}
-    payload["notes"] = notes(payload["verdicts"], len(servers) > 1)
+    found = {"onnxruntime": "onnxruntime", "tritonclient": "tritonclient", "grpcio": "grpc", "uvicorn": "uvicorn",
+             "kserve": "kserve"}
+    say = verdicts(rows)
+    payload: dict[str, Any] = {
+        "command": "python " + " ".join(sys.argv), "machine": machine(), "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
+        "versions": {d: metadata.version(d) for d, mod in found.items() if importlib.util.find_spec(mod)},
+        "config": {"rounds": args.rounds, "requests": args.requests, "requests_c8": per_thread(args.requests, 8),
+                   "max_batch": 1, "ort_threads": 1},
+        "rows": rows, "verdicts": say, "notes": notes(say, len(servers) > 1)}
     text = markdown(payload)
     paths = write("grpc_cpu", payload, text)
     print(text)

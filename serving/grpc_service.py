@@ -66,6 +66,10 @@ def _typed_values(tensor: Any, dtype: np.dtype[Any], shape: tuple[int, ...], whe
         raise RequestError(400, f"{where}: {tensor.datatype} has no typed contents field; send it in "
                                 "raw_input_contents")
     values = getattr(tensor.contents, field)
+    others = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
+    if others:
+        raise RequestError(400, f"{where}: {tensor.datatype} values go in contents.{field}; the request filled "
+                                f"contents.{others[0]}")
     count = math.prod(shape)
     if len(values) != count:
         raise RequestError(400, f"{where}: contents.{field} has {len(values)} values but shape {list(shape)} "

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -159,6 +160,46 @@ def test_typed_contents_and_raw_bytes_checks(server: BackgroundServer, tiny_arti
             stub.ModelInfer(bad)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "bytes of binary data != 6144 elements x 4 bytes" in str(info.value.details())
+
+
+def _hostile_requests() -> list[tuple[str, Any, str, str]]:
+    """(what, request, gRPC status, message) for requests the decoder must refuse before running anything."""
+    from tritonclient.grpc import service_pb2
+
+    def req(shape: list[int], raw: list[bytes] | None = None, datatype: str = "FP32") -> Any:
+        r = service_pb2.ModelInferRequest(model_name="tiny_cnn_opt")
+        r.inputs.add(name="input", datatype=datatype, shape=shape)
+        r.raw_input_contents.extend(raw or [])
+        return r
+
+    x = np.zeros((1, 3, 32, 32), np.float32).tobytes()
+    wrong_field = req([1, 3, 32, 32])
+    wrong_field.inputs[0].contents.int64_contents.extend([0] * 3072)
+    return [
+        ("no data", req([1, 3, 32, 32]), "INVALID_ARGUMENT", "contents.fp32_contents has 0 values but shape"),
+        ("wrong contents field", wrong_field, "INVALID_ARGUMENT",
+         "FP32 values go in contents.fp32_contents; the request filled contents.int64_contents"),
+        ("raw count", req([1, 3, 32, 32], [x, x]), "INVALID_ARGUMENT", "raw_input_contents has 2 entries for 1"),
+        ("huge shape", req([1, 3, 2**40, 2**40], [x]), "INVALID_ARGUMENT", "would take more than 2**63 bytes"),
+        ("unknown datatype", req([1, 3, 32, 32], [x], "BF16"), "INVALID_ARGUMENT", "unsupported datatype 'BF16'"),
+        ("over the size limit", req([8, 3, 32, 32], [bytes(2**22)]), "RESOURCE_EXHAUSTED", "larger than max"),
+    ]
+
+
+def test_hostile_grpc_requests_are_refused(server: BackgroundServer) -> None:
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    assert server.grpc_target is not None
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for what, request, code, needle in _hostile_requests():
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request, timeout=30)
+            assert info.value.code().name == code, (what, info.value)
+            assert needle in str(info.value.details()), (what, info.value.details())
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    assert _client(server).infer("tiny_cnn_opt", [_input("input", x)]).as_numpy("logits").shape == (1, 10)
 
 
 def test_concurrent_grpc_and_http_clients_all_correct(server: BackgroundServer, tiny_artifacts: Path) -> None:
