@@ -728,6 +728,8 @@ def serve(
     variant: Annotated[str | None, typer.Option(help="ONNX artifact to serve (default: opt)")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port")] = 8000,
+    grpc_port: Annotated[int | None, typer.Option(min=0, max=65535, help="Also serve the KServe v2 / Triton gRPC "
+                                                                         "protocol on this port")] = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Micro-batching: most rows run together (1: off)")] = 8,
     max_delay_ms: Annotated[float, typer.Option(min=0, max=1000, help="Micro-batching: longest wait for a "
                                                                       "batch to fill (ms)")] = 2.0,
@@ -742,12 +744,13 @@ def serve(
         help="Shapes of the start-up warm-up run, e.g. input_ids:8x128,attention_mask:8x128 (default: the ones "
              "convert bound, batch 1); requests may use any shape the model accepts, up to --max-batch rows")] = None,
 ) -> None:
-    """Serve one variant over the KServe v2 / Triton HTTP protocol, with /metrics and micro-batching."""
+    """Serve one variant over the KServe v2 / Triton HTTP (and gRPC) protocol, with /metrics and micro-batching."""
     with user_errors():
         from serving.served import ServeConfig
         from serving.server import serve as run_serve
 
-        run_serve(ServeConfig(artifact_dir=artifact_dir, variant=variant, host=host, port=port, max_batch=max_batch,
+        run_serve(ServeConfig(artifact_dir=artifact_dir, variant=variant, host=host, port=port, grpc_port=grpc_port,
+                              max_batch=max_batch,
                               max_delay_ms=max_delay_ms, threads=threads, max_body_mb=max_body_mb,
                               ort_spinning=ort_spinning, input_shape=input_shape), log=log)
 

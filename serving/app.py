@@ -6,7 +6,7 @@ import contextlib
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -61,9 +61,15 @@ async def _read_body(request: Request, limit: int) -> bytearray:
     return body
 
 
-def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
-    """The FastAPI application serving ``model``; it closes the runner on shutdown."""
+def create_app(model: ServedModel, cfg: ServeConfig, log: Callable[[str], None] = lambda _m: None) -> FastAPI:
+    """The FastAPI application serving ``model``; it closes the runner on shutdown. With ``cfg.grpc_port`` its
+    lifespan also runs the gRPC server (``app.state.grpc``) on the same loop, model and micro-batcher."""
     metrics = ServerMetrics()
+    grpc = None
+    if cfg.grpc_port is not None:
+        from serving.grpc_service import GrpcFrontend
+
+        grpc = GrpcFrontend(model, cfg, metrics, log)
     batcher = MicroBatcher(infer=model.runner.infer, max_batch=cfg.max_batch, max_delay_s=cfg.max_delay_ms / 1000,
                            batchable=model.spec.dynamic_batch and cfg.max_batch > 1,
                            on_batch=metrics.batch_rows.labels(model.name).observe)
@@ -72,17 +78,22 @@ def create_app(model: ServedModel, cfg: ServeConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
         batcher.start()
-        ready.set()
         try:
+            if grpc is not None:
+                await grpc.start(batcher, ready)
+            ready.set()
             yield
         finally:
             ready.clear()
+            if grpc is not None:
+                await grpc.stop()
             await batcher.stop()
             model.runner.close()
 
     app = FastAPI(title="onnxkit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics = metrics
     app.state.batcher = batcher
+    app.state.grpc = grpc
     _error_handlers(app)
     _server_routes(app, model, metrics, ready)
     _model_routes(app, model, ready)
@@ -104,14 +115,6 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, exc: Exception) -> Any:
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
-
-
-def _lookup(model: ServedModel, name: str, version: str | None = None) -> ServedModel:
-    if name != model.name:
-        raise RequestError(404, f"unknown model {name!r}; this server serves {model.name!r}")
-    if version not in (None, "", VERSION):
-        raise RequestError(404, f"model {name!r} has no version {version!r}; versions: [{VERSION!r}]")
-    return model
 
 
 def _server_routes(app: FastAPI, model: ServedModel, metrics: ServerMetrics, ready: threading.Event) -> None:
@@ -141,18 +144,18 @@ def _model_routes(app: FastAPI, model: ServedModel, ready: threading.Event) -> N
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None) -> Any:
-        return _lookup(model, name, version).metadata()
+        return model.lookup(name, version).metadata()
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> Any:
-        _lookup(model, name, version)
+        model.lookup(name, version)
         return Response(status_code=200 if ready.is_set() else 503)
 
     @app.get("/v2/models/{name}/config")
     @app.get("/v2/models/{name}/versions/{version}/config")
     async def model_config(name: str, version: str | None = None) -> Any:
-        return _lookup(model, name, version).config()
+        return model.lookup(name, version).config()
 
 
 def _infer_route(app: FastAPI, model: ServedModel, batcher: MicroBatcher, metrics: ServerMetrics,
@@ -190,7 +193,7 @@ async def _infer(model: ServedModel, batcher: MicroBatcher, request: Request, na
                  limit: int, t0: float) -> Response:
     """Read, check, run (micro-batched) and encode one inference request."""
     with batcher.arrival():
-        served = _lookup(model, name, version)
+        served = model.lookup(name, version)
         raw = await _read_body(request, limit)
         req = decode_request(raw, request.headers.get(HEADER_LENGTH), served.check_input)
         feed = served.check(req)

@@ -154,6 +154,30 @@ def _json_data(data: Any, dtype: np.dtype[Any], datatype: str, where: str) -> np
     return arr
 
 
+def open_tensor(name: str, datatype: str, shape: tuple[int, ...], where: str, check: InputCheck | None) -> np.dtype[Any]:
+    """The NumPy dtype of an input about to be decoded, once its datatype, the server's ``check`` and its size
+    pass: the checks every request goes through before its data is touched (HTTP and gRPC alike)."""
+    dtype = numpy_dtype(datatype)
+    if check is not None:
+        check(name, datatype, shape)
+    _check_size(shape, dtype, datatype, where)
+    return dtype
+
+
+def binary_tensor(blob: memoryview, offset: int, size: Any, dtype: np.dtype[Any], shape: tuple[int, ...],
+                  datatype: str, where: str) -> np.ndarray:
+    """``size`` raw little-endian bytes at ``offset`` of ``blob`` as an array of ``shape`` (a view, no copy),
+    refused unless they are exactly what the shape needs."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(blob):
+        raise RequestError(400, f"{where}: binary_data_size {brief(size)} exceeds the {len(blob) - offset} "
+                                "binary bytes left in the body")
+    count = math.prod(shape)
+    if size != count * dtype.itemsize:
+        raise RequestError(400, f"{where}: {size} bytes of binary data != {count} elements x "
+                                f"{dtype.itemsize} bytes for shape {list(shape)} {datatype}")
+    return np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
 def _input_array(item: dict[str, Any], where: str, blob: memoryview, offset: int, check: InputCheck | None,
                  json_bytes: int) -> tuple[np.ndarray, int]:
     """One input's array and the number of binary bytes it took; counts are Python ints, checked against
@@ -161,22 +185,13 @@ def _input_array(item: dict[str, Any], where: str, blob: memoryview, offset: int
     datatype = item.get("datatype")
     if not isinstance(datatype, str):
         raise RequestError(400, f"{where}: 'datatype' is missing")
-    dtype = numpy_dtype(datatype)
     shape = _shape(item.get("shape"), where)
-    if check is not None:
-        check(item["name"], datatype, shape)
-    _check_size(shape, dtype, datatype, where)
+    dtype = open_tensor(item["name"], datatype, shape, where, check)
     count = math.prod(shape)
     iparams = item.get("parameters") or {}
     size = iparams.get("binary_data_size") if isinstance(iparams, dict) else None
     if size is not None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(blob):
-            raise RequestError(400, f"{where}: binary_data_size {brief(size)} exceeds the {len(blob) - offset} "
-                                    "binary bytes left in the body")
-        if size != count * dtype.itemsize:
-            raise RequestError(400, f"{where}: binary_data_size {size} != {count} elements x "
-                                    f"{dtype.itemsize} bytes for shape {list(shape)} {datatype}")
-        return np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape(shape), size
+        return binary_tensor(blob, offset, size, dtype, shape, datatype, where), size
     if "data" not in item:
         raise RequestError(400, f"{where}: neither 'data' nor parameters.binary_data_size is given")
     if count > json_bytes:  # every JSON value takes at least one byte: refuse before converting anything

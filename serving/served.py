@@ -41,6 +41,8 @@ class ServeConfig(BaseModel):
     variant: str | None = Field(default=None, description="Artifact to serve; default opt, else fp32")
     host: str = Field(default="127.0.0.1", description="Address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="Port (0: any free port)")
+    grpc_port: int | None = Field(default=None, ge=0, le=65535, description="Also answer the KServe v2 / Triton "
+                                  "gRPC protocol on this port (0: any free port; default: HTTP only)")
     max_batch: int = Field(default=8, ge=1, description="Most rows run together; 1 turns micro-batching off")
     max_delay_ms: float = Field(default=2.0, ge=0, le=1000, description="Longest a request waits for others to "
                                                                        "join its batch")
@@ -78,6 +80,9 @@ class ServerMetrics:
         self.disconnects = Counter("onnxkit_inference_disconnects", "Inference requests whose client went away "
                                    "before the body was read (not errors: no response could be sent)", ["model"],
                                    registry=self.registry)
+        self.grpc_requests = Counter("onnxkit_grpc_inference_requests", "gRPC ModelInfer calls, by model and gRPC "
+                                     "status (also counted in the latency and in-flight metrics)", ["model", "code"],
+                                     registry=self.registry)
         self.batch_rows = Histogram("onnxkit_batch_rows", "Rows per model execution (micro-batching)", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
 
@@ -110,15 +115,27 @@ class ServedModel:
         return {"name": self.name, "versions": [VERSION], "platform": PLATFORMS[self.artifact.kind][0],
                 "inputs": tensors(self.spec.inputs), "outputs": tensors(self.spec.outputs)}
 
-    def config(self) -> dict[str, Any]:
-        """The model's Triton configuration (as ``GET /v2/models/<name>/config`` gives it), plus the variant."""
-        from google.protobuf import json_format
+    def lookup(self, name: str, version: str | None = None) -> ServedModel:
+        """This model when ``name`` (and ``version``, if given) are its own, else a 404."""
+        if name != self.name:
+            raise RequestError(404, f"unknown model {brief(name)}; this server serves {self.name!r}")
+        if version not in (None, "", VERSION):
+            raise RequestError(404, f"model {name!r} has no version {brief(version)}; versions: [{VERSION!r}]")
+        return self
 
+    def config_message(self) -> Any:
+        """The model's Triton configuration (a ``model_config_pb2.ModelConfig``), plus the variant."""
         msg = build_model_config(self.name, self.spec, self.artifact, self.options)
         for key, value in (("onnxkit_variant", self.artifact.name), ("onnxkit_precision", self.artifact.precision),
                            ("onnxkit_runner", "ort:cpu")):
             msg.parameters[key].string_value = value
-        return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+        return msg
+
+    def config(self) -> dict[str, Any]:
+        """The model's Triton configuration as ``GET /v2/models/<name>/config`` gives it."""
+        from google.protobuf import json_format
+
+        return json_format.MessageToDict(self.config_message(), preserving_proto_field_name=True)
 
     @property
     def max_batch(self) -> int | None:

@@ -7,6 +7,9 @@ metrics are at ``/metrics``. A bad request gets a 4xx with ``{"error": "..."}`` 
 
 The model is named ``<model>_<variant>``, as in the Triton repository written by ``package``, so a
 client written against this server works unchanged against Triton serving that repository.
+
+With ``--grpc-port`` the same process also answers the v2 / Triton gRPC protocol (``serving.grpc_service``),
+on the same event loop, model and micro-batcher.
 """
 
 from __future__ import annotations
@@ -50,10 +53,19 @@ def _uvicorn_server(app: Any, cfg: ServeConfig) -> Any:
                                          timeout_keep_alive=30))
 
 
+def _check_grpc_port(cfg: ServeConfig) -> None:
+    """A busy --grpc-port fails before the model is loaded (gRPC itself binds it only once serving starts)."""
+    if cfg.grpc_port:
+        if cfg.grpc_port == cfg.port:
+            raise InputError(f"--grpc-port {cfg.grpc_port} is also the HTTP --port; give them different ports")
+        bind(cfg.host, cfg.grpc_port).close()
+
+
 def serve(cfg: ServeConfig, log: Callable[[str], None] = print) -> None:
-    """Load the model, listen, and serve until interrupted."""
+    """Load the model, listen, and serve until interrupted (Ctrl-C or SIGTERM: a clean shutdown)."""
     sock = bind(cfg.host, cfg.port)  # first: a busy port fails before the model is loaded
     try:
+        _check_grpc_port(cfg)
         model = load_model(cfg, log)
     except BaseException:
         sock.close()
@@ -61,7 +73,10 @@ def serve(cfg: ServeConfig, log: Callable[[str], None] = print) -> None:
     host, port = sock.getsockname()[:2]
     log(f"serving {model.name!r} at http://{host}:{port} (KServe v2; max batch {cfg.max_batch}, max delay "
         f"{cfg.max_delay_ms:g} ms; metrics at /metrics)")
-    _uvicorn_server(create_app(model, cfg), cfg).run(sockets=[sock])
+    app = create_app(model, cfg, log)
+    _uvicorn_server(app, cfg).run(sockets=[sock])
+    if app.state.grpc is not None and app.state.grpc.error is not None:
+        raise app.state.grpc.error  # uvicorn logged the failed startup and returned; exit non-zero
 
 
 class BackgroundServer:
@@ -72,6 +87,8 @@ class BackgroundServer:
         self.model = load_model(cfg, log=lambda _m: None)
         self.app = create_app(self.model, cfg)
         self._sock = bind(cfg.host, cfg.port)
+        #: host:port of the gRPC server (with cfg.grpc_port), known once started
+        self.grpc_target: str | None = None
         host, port = self._sock.getsockname()[:2]
         self.url = f"http://{host}:{port}"
         self._server = _uvicorn_server(self.app, cfg)
@@ -82,8 +99,14 @@ class BackgroundServer:
         deadline = time.monotonic() + 30
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
+                if self.app.state.grpc is not None and self.app.state.grpc.error is not None:
+                    raise self.app.state.grpc.error
                 raise RuntimeError("the background server did not start")
             time.sleep(0.01)
+        if self.app.state.grpc is not None:
+            from serving.grpc_service import grpc_address
+
+            self.grpc_target = grpc_address(self.cfg.host, self.app.state.grpc.port)
         return self
 
     def __exit__(self, *exc: object) -> None:
