@@ -40,6 +40,7 @@ def optimized_ops(path: Path) -> dict[str, int]:
 
     with tempfile.TemporaryDirectory() as tmp:
         so = ort.SessionOptions()
+        so.log_severity_level = 3  # the warning that NCHWc layouts are CPU-specific: known, and why we look
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
         ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
