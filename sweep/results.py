@@ -154,7 +154,8 @@ def bench_results(res: SweepResults) -> BenchResults:
     records = [r.record.model_copy(update={"extra": {**r.record.extra, "sweep_cell": r.cell, "node": r.node,
                                                      "conversion": r.conversion}})
                for r in res.rows if r.record is not None]
-    return BenchResults(model="sweep", config={"sweep": res.plan}, records=records,
+    timing = {k: res.plan.get(k) for k in ("warmup", "iters", "rounds", "threads", "accuracy_samples")}
+    return BenchResults(model="sweep", config={**timing, "sweep": res.plan}, records=records,
                         warnings=[f"{r.model} {r.backend}/{r.variant} batch {r.batch_size}: {r.status}: {r.error}"
                                   for r in res.rows if r.status != "done"])
 
