@@ -120,6 +120,14 @@ def model_digest(entry: ModelEntry) -> dict[str, str]:
     return {"source": src, "weights": weights or "", "input_shape": entry.input_shape or ""}
 
 
+def _data_digest(data: str | None) -> str | None:
+    from calibration.builtin import builtin_names
+
+    if data is None or data in builtin_names():
+        return data  # a built-in set comes with the library version
+    return _file_digest(Path(data))
+
+
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -139,7 +147,7 @@ def expand(plan: PlanConfig) -> tuple[list[ConvertCell], list[BenchCell]]:
     benches: list[BenchCell] = []
     settings = {"warmup": plan.warmup, "iters": plan.iters, "rounds": plan.rounds,
                 "accuracy_samples": plan.accuracy_samples,
-                "data": _file_digest(plan.data) if plan.data is not None else None}
+                "data": _data_digest(plan.data)}
     for entry in plan.models:
         for cname, conv in plan.conversions.items():
             ckey = _digest({"kind": "convert", "model": model_digest(entry), "options": conv.model_dump(mode="json"),

@@ -95,8 +95,8 @@ class PlanConfig(BaseModel):
     iters: int = Field(default=100, ge=1, description="Timed runs per cell")
     rounds: int = Field(default=5, ge=1, description="Interleaved rounds the timed runs are split over")
     accuracy_samples: int = Field(default=32, ge=1, description="Inputs of each cell's accuracy check")
-    data: Path | None = Field(default=None, description="Image folder for the accuracy checks (default: random "
-                                                        "inputs)")
+    data: str | None = Field(default=None, description="Image folder for the accuracy checks, or imagenet_subset "
+                                                       "(built in); default: random inputs")
 
     @field_validator("models", mode="before")
     @classmethod

@@ -67,7 +67,6 @@ class SweepOutcome:
 class LocalExecutor:
     """This process, one cell after another."""
 
-    name = "local"
 
     def run(self, jobs: list[Job]) -> Iterator[tuple[Job, CellState]]:
         for job in jobs:
@@ -102,7 +101,6 @@ class RayExecutor:
             except Exception as exc:
                 raise BackendUnavailableError(f"could not start or join Ray ({address}): {first_line(exc)}") from None
             self.owned = True
-        self.name = f"ray {address}"
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         self.max_cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
         self.max_gpus = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
@@ -176,7 +174,8 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print,
     todo_b = [b for b in benches if b.key not in states]
     total = len(todo_c) + len(todo_b)
     log(f"{len(reused)} of {len(converts) + len(benches)} cells already done; running {total}")
-    executor: LocalExecutor | RayExecutor = LocalExecutor() if cfg.ray is None else RayExecutor(cfg.ray)
+    # Ray starts only when there is work: a re-run that finds every cell done costs no cluster start-up
+    executor: LocalExecutor | RayExecutor = LocalExecutor() if cfg.ray is None or not total else RayExecutor(cfg.ray)
     counter = [0]
     try:
         jobs = [Job(c.key, "convert", f"convert {c.model.label} ({c.conversion_name})", run_convert_cell, (c, out),
@@ -191,8 +190,9 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print,
         _phase(executor, runnable, out, states, counter, total, progress)
     finally:
         executor.close()
-    results = combine(cfg.plan.model_dump(mode="json"), executor.name, time.perf_counter() - t0, converts, benches,
-                      states, reused)
+    name = "local" if cfg.ray is None else f"ray {cfg.ray}"
+    results = combine(cfg.plan.model_dump(mode="json"), name, time.perf_counter() - t0, converts, benches, states,
+                      reused)
     paths = write_sweep(results, out)
     return SweepOutcome(results=results, paths=paths, ran=[k for k in states if k not in reused])
 

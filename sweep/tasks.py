@@ -102,7 +102,7 @@ def run_bench_cell(cell: BenchCell, out: Path, convert: CellState) -> CellState:
                           batch_sizes=[cell.batch_size], warmup=cell.bench["warmup"], iters=cell.bench["iters"],
                           rounds=cell.bench["rounds"], accuracy_samples=cell.bench["accuracy_samples"],
                           device=cell.device, threads=cell.threads, variants=[cell.variant],
-                          data=Path(data) if data else None)
+                          data=_data_path(data))
         with _torch_threads(cell.threads):
             results = run_bench(cfg, log=lambda _m: None)
         state.records = results.records
@@ -110,6 +110,15 @@ def run_bench_cell(cell: BenchCell, out: Path, convert: CellState) -> CellState:
     except Exception as exc:
         state.status, state.error = "failed", first_line(exc, with_type=True)
     return _finish(out, state, t0)
+
+
+def _data_path(data: str | None) -> Path | None:
+    """The accuracy checks' image folder: a built-in set's folder on this node, or the path as given."""
+    from calibration.builtin import builtin_names, builtin_path
+
+    if data is None:
+        return None
+    return builtin_path(data) if data in builtin_names() else Path(data)
 
 
 def affinity_cpus() -> int:
