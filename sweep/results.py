@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,11 +13,22 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.fsutil import atomic_write_text
 from core.manifest import library_versions, utc_now
 from core.transaction import staged_files
-from reports.models import BenchRecord, BenchResults, machine_info
+from reports.models import BenchRecord, BenchResults
 from reports.writers import write_results
 from sweep.cells import BenchCell, CellState, CellStatus, ConvertCell, cpu_model
 
 SWEEP_SCHEMA_VERSION = 1
+
+
+def driver_machine() -> dict[str, Any]:
+    """The machine that ran the sweep's driver, without importing torch (reports.models.machine_info does, for
+    its GPU name: seconds a re-run that finds every cell done should not spend). Each CUDA row names its GPU."""
+    import platform
+
+    import psutil
+
+    return {"cpu_model": cpu_model(), "hostname": platform.node(), "processor": platform.processor()
+            or platform.machine(), "cpu_count": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1)}
 
 
 class ConvertRow(BaseModel):
@@ -73,7 +85,7 @@ class SweepResults(BaseModel):
     created_at: str = Field(default_factory=utc_now)
     executor: str = Field(description="local (this process, one cell after another) or ray ADDRESS")
     plan: dict[str, Any]
-    machine: dict[str, Any] = Field(default_factory=lambda: {"cpu_model": cpu_model(), **machine_info()})
+    machine: dict[str, Any] = Field(default_factory=lambda: driver_machine())
     versions: dict[str, str] = Field(default_factory=library_versions)
     wall_s: float = Field(description="This run's wall time, reused cells included (s)")
     summary: dict[str, int] = Field(default_factory=dict)
@@ -155,7 +167,7 @@ def bench_results(res: SweepResults) -> BenchResults:
                                                      "conversion": r.conversion}})
                for r in res.rows if r.record is not None]
     timing = {k: res.plan.get(k) for k in ("warmup", "iters", "rounds", "threads", "accuracy_samples")}
-    return BenchResults(model="sweep", config={**timing, "sweep": res.plan}, records=records,
+    return BenchResults(model="sweep", config={**timing, "sweep": res.plan}, records=records, machine=res.machine,
                         warnings=[f"{r.model} {r.backend}/{r.variant} batch {r.batch_size}: {r.status}: {r.error}"
                                   for r in res.rows if r.status != "done"])
 
