@@ -49,10 +49,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_prune.py
 	$(BIN)/python benchmarks/run_serving.py
 	$(BIN)/python benchmarks/run_transformer.py
+	$(BIN)/python benchmarks/run_sweep.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy core convert runtimes calibration reports serving cli.py
+	$(BIN)/mypy core convert runtimes calibration reports serving sweep cli.py
 
 clean:
 	rm -rf artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -823,6 +823,41 @@ def tune(
         out_console.print(escape(f"winner: {result.winner} ({result.reason}); every candidate in {path}"))
 
 
+@app.command()
+def sweep(
+    plan: Annotated[Path, typer.Argument(help="Plan YAML: models, conversions, variants, backends, batch sizes, "
+                                              "devices, threads (see examples/sweep.yaml)")],
+    ray: Annotated[str | None, typer.Option(help="Run each cell as a Ray task: local (start Ray here), auto (join "
+                                                 "the running cluster) or an address; needs `pip install .\\[ray]`")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the cells and results (default artifacts/sweep-PLAN)")] = None,
+    skip_failed: Annotated[bool, typer.Option("--skip-failed", help="A re-run keeps failed cells as recorded "
+                                                                    "(default: runs them again)")] = False,
+) -> None:
+    """Convert and benchmark every cell of PLAN; a re-run skips finished cells. Exit 1 when a cell failed."""
+    with user_errors():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from sweep.plan import load_plan
+        from sweep.run import SweepConfig, run_sweep
+
+        cfg = SweepConfig(plan=load_plan(plan), out=out or Path("artifacts") / f"sweep-{plan.stem}", ray=ray,
+                          skip_failed=skip_failed)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("sweep", total=None)
+            outcome = run_sweep(cfg, log=log, progress=lambda done, total, desc: bar.update(
+                task, completed=done, total=total, description=escape(desc)))
+        s = outcome.results.summary
+        for line in outcome.results.failures():
+            log(f"[yellow]failed:[/] {escape(line)}")
+        out_console.print(f"{s['cells']} cells: {s['done']} done, {s['failed']} failed, {s['skipped']} skipped "
+                          f"({s['reused']} reused) in {outcome.results.wall_s:.1f} s")
+        out_console.print(f"results: {outcome.paths['json']} (+ {outcome.paths['md'].name})")
+        if s["failed"] or s["skipped"]:
+            raise ToolkitError(f"{s['failed']} cell(s) failed and {s['skipped']} skipped (their convert cell failed): "
+                               f"see {outcome.paths['md']}; a re-run retries them and skips the done ones")
+
+
 def main() -> None:
     app()
 

@@ -126,8 +126,11 @@ def _one_output(g: np.ndarray, r: np.ndarray) -> tuple[OutputStats, float]:
     if np.shape(g) != np.shape(r):
         return OutputStats(max_abs_err=float("inf"), mean_abs_err=float("inf"), cosine=0.0), float("inf")
     diff = np.abs(g64 - r64)
-    denom = float(np.linalg.norm(g64) * np.linalg.norm(r64))
-    cos = float(np.dot(g64, r64) / denom) if denom > 0 else float(np.allclose(g64, r64))
+    # np.sum (pairwise, in one thread), not np.dot / np.linalg.norm (BLAS): BLAS splits the sum over its threads,
+    # so the same outputs would give a cosine that differs in the last digits with the process's thread count
+    # (a sweep cell on a 1-CPU Ray worker vs in this process).
+    denom = float(np.sqrt(np.sum(g64 * g64)) * np.sqrt(np.sum(r64 * r64)))
+    cos = float(np.sum(g64 * r64) / denom) if denom > 0 else float(np.allclose(g64, r64))
     rel = float((diff / np.maximum(np.abs(r64), 1e-6)).max(initial=0.0))
     return OutputStats(max_abs_err=float(diff.max(initial=0.0)), mean_abs_err=float(diff.mean()) if diff.size
                        else 0.0, cosine=cos), rel

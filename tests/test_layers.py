@@ -1,6 +1,6 @@
 """The dependency direction of the packages, read from every import (lazy ones inside functions too).
 
-core <- calibration <- reports <- runtimes <- convert <- serving <- cli: a module may import its own
+core <- calibration <- reports <- runtimes <- convert <- serving <- sweep <- cli: a module may import its own
 package and the packages to its left, never one to its right; and no two modules import each other,
 directly or through others.
 """
@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["core", "calibration", "reports", "runtimes", "convert", "serving", "cli"]
+LAYERS = ["core", "calibration", "reports", "runtimes", "convert", "serving", "sweep", "cli"]
 
 
 def _modules() -> dict[str, Path]:
@@ -47,7 +47,7 @@ def test_imports_follow_the_layers() -> None:
     wrong = [f"{path.relative_to(ROOT)}:{line} imports {target}"
              for name, path in mods.items() for line, target in _imports(path, set(mods))
              if _layer(target) > _layer(name)]
-    assert not wrong, "imports against core <- calibration <- reports <- runtimes <- convert <- serving <- cli:\n" \
+    assert not wrong, "imports against core <- calibration <- reports <- runtimes <- convert <- serving <- sweep <- cli:\n" \
         + "\n".join(wrong)
 
 
