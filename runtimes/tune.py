@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.errors import BackendUnavailableError, InputError
 from core.manifest import utc_now
 from core.metrics import AccuracyStats, LatencyStats, accuracy_drop, clearly_slower
+from core.models import is_random_init
 from reports.models import machine_info
 from runtimes import RUNNERS
 from runtimes.base import RunnerOptions
@@ -120,10 +121,11 @@ def _candidates(cfg: TuneConfig, setup: Any, log: Callable[[str], None]) -> list
     """Every (backend, variant, settings, batch), with its accuracy drop; the latency objective keeps only the
     smallest batch."""
     batches = [min(cfg.batch_sizes)] if cfg.objective == "latency" else sorted(set(cfg.batch_sizes))
+    random_init = is_random_init(setup.manifest.source)  # graded on the output cosine, as convert's gates are
     out: list[Candidate] = []
     for t in setup.targets:
         acc = _accuracy(setup, t, log)
-        drop = None if isinstance(acc, str) else accuracy_drop(acc)[0]
+        drop = None if isinstance(acc, str) else accuracy_drop(acc, random_init)[0]
         for settings, b in itertools.product(settings_for(t.backend), batches):
             out.append(Candidate(backend=t.backend, variant=t.artifact.name, precision=t.precision, settings=settings,
                                  batch_size=b, accuracy_drop_points=drop, skipped=acc if isinstance(acc, str) else None,
