@@ -40,6 +40,7 @@ class TuneConfig(BaseModel):
     artifact_dir: Path
     backends: list[str] = Field(default=["ort", "openvino"], description="Backends to search (unavailable: skipped)")
     batch_sizes: list[int] = Field(default=[1, 8])
+    variants: list[str] | None = Field(default=None, description="Artifact names to search (default: every ok one)")
     objective: Objective = Field(default="latency", description="latency: lowest p50 at the smallest batch; "
                                                                 "throughput: most samples/s at any batch")
     accuracy_budget: float = Field(default=1.0, ge=0, description="Largest accuracy drop against FP32, in points")
@@ -161,7 +162,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     if not usable:
         raise BackendUnavailableError(f"none of the backends {cfg.backends} can run here")
     setup = prepare_bench(BenchConfig(artifact_dir=cfg.artifact_dir, backends=usable, batch_sizes=cfg.batch_sizes,
-                                      accuracy_samples=cfg.accuracy_samples, seed=cfg.seed), log)
+                                      variants=cfg.variants, accuracy_samples=cfg.accuracy_samples, seed=cfg.seed), log)
     candidates = _candidates(cfg, setup, log)
     live = [c for c in candidates if c.within_budget and c.skipped is None]
     if not live:

@@ -67,10 +67,11 @@ def test_tune_searches_settings_prunes_and_picks_within_budget(tiny_artifacts: P
     assert res.best_per_batch == {"1": res.winner}
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "cli.py"), "tune", str(tiny_artifacts), "--backends", "ort",
-                           "--max-minutes", "0.1", "--out", str(tmp_path / "t.json")], capture_output=True, text=True,
-                          timeout=600)
+                           "--variants", "opt", "--max-minutes", "0.1", "--out", str(tmp_path / "t.json")],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "t.json").read_text())["winner"].startswith("ort:")
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["winner"].startswith("ort:opt ") and {c["variant"] for c in saved["candidates"]} == {"opt"}
     bad = subprocess.run([sys.executable, str(root / "cli.py"), "tune", str(tiny_artifacts), "--objective", "speed"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown --objective 'speed'" in bad.stderr
