@@ -27,26 +27,44 @@ def _dims(value_info: Any) -> list[int] | None:
 
 
 def onnx_macs(path: Path, shapes: Mapping[str, Sequence[int]]) -> int | None:
-    """Multiply-accumulates of one run of the model at these input shapes; None when shapes cannot be inferred."""
+    """Multiply-accumulates of one run of the model at these input shapes; None when shapes cannot be inferred.
+
+    ONNX shape inference loses a dim where a size-1 dim broadcasts against one it cannot infer (a batch-1 input
+    added to a position table gathered by ids it cannot follow, as in Hugging Face BERT: the sum's batch becomes
+    unknown, and so does every MatMul after it). So when some op's shape is unknown at batch 1, the count is made at
+    batch 2 and halved: one call's arithmetic is proportional to its batch."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    for inp in model.graph.input:
+    total, unknown = _count_macs(model, shapes)
+    if unknown and shapes and all(len(s) and s[0] == 1 for s in shapes.values()):
+        doubled, still_unknown = _count_macs(model, {n: [2, *s[1:]] for n, s in shapes.items()})
+        if not still_unknown:
+            return doubled // 2 or None
+    return total or None
+
+
+def _count_macs(model: Any, shapes: Mapping[str, Sequence[int]]) -> tuple[int, int]:
+    """(multiply-accumulates, how many Conv/MatMul-like ops had an output shape inference could not find)."""
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for inp in fixed.graph.input:
         if inp.name in shapes:
             dims = inp.type.tensor_type.shape.dim
             for d, v in zip(dims, shapes[inp.name], strict=False):
                 d.ClearField("dim_param")
                 d.dim_value = int(v)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
     except Exception:
-        return None
+        return 0, 0
     known = {vi.name: _dims(vi) for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
     known.update({t.name: list(t.dims) for t in model.graph.initializer})
-    total = 0
-    for node in inferred.graph.node:
-        total += _node_macs(node, known)
-    return total or None
+    mac_ops = [n for n in inferred.graph.node if n.op_type in _CONV | _MATMUL]
+    return (sum(_node_macs(n, known) for n in inferred.graph.node),
+            sum(1 for n in mac_ops if n.output and known.get(n.output[0]) is None))
 
 
 def _node_macs(node: Any, known: Mapping[str, list[int] | None]) -> int:
