@@ -130,3 +130,16 @@ def test_macs_at_batch_1_survive_a_broadcast_shape_inference_cannot_follow(tmp_p
     path = tmp_path / "broadcast.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     assert [onnx_macs(path, {"x": [b, 8]}) for b in (1, 2, 8)] == [32, 64, 256]
+
+
+def test_the_matmul_peak_is_the_fastest_gemm_library_here() -> None:
+    """PyTorch's BLAS alone is not the machine's peak (MKL on an AMD CPU: about half of oneDNN's rate), so FP32 models
+    run on OpenVINO or ONNX Runtime came out above 100% of it."""
+    import importlib.util
+
+    from core.flops import matmul_peak_gflops, matmul_peaks
+
+    peaks = matmul_peaks(1)
+    assert {"torch", "onnxruntime"} <= set(peaks) and all(v > 0 for v in peaks.values())
+    assert ("openvino" in peaks) == (importlib.util.find_spec("openvino") is not None)
+    assert matmul_peak_gflops(1) == max(peaks.values())
