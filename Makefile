@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_prune.py
 	$(BIN)/python benchmarks/run_serving.py
 	$(BIN)/python benchmarks/run_transformer.py
+	$(BIN)/python benchmarks/run_deploy.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
