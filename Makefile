@@ -44,12 +44,15 @@ browser:
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_cpu.py
 	$(BIN)/python benchmarks/run_quant.py
+	$(BIN)/python benchmarks/run_int8_layouts.py
 	$(BIN)/python benchmarks/int8_trt_cpu.py
 	$(BIN)/python benchmarks/calib_memory.py
 	$(BIN)/python benchmarks/run_prune.py
 	$(BIN)/python benchmarks/run_serving.py
+	$(BIN)/python benchmarks/run_grpc.py
 	$(BIN)/python benchmarks/run_transformer.py
 	$(BIN)/python benchmarks/run_sweep.py
+	$(BIN)/python benchmarks/run_deploy.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -797,6 +797,7 @@ def tune(
     artifact_dir: Annotated[Path, typer.Argument(help="Folder with manifest.json (from `convert`)")],
     backends: Annotated[str, typer.Option(help="Backends to search (unavailable ones are skipped)")] = "ort,openvino",
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes (latency: the smallest one)")] = "1,8",
+    variants: Annotated[str | None, typer.Option(help="Comma-separated artifact names to search (default: all ok)")] = None,
     objective: Annotated[str, typer.Option(help="latency | throughput")] = "latency",
     accuracy_budget: Annotated[float, typer.Option(min=0.0, help="Largest top-1 drop against FP32, in points")] = 1.0,
     max_minutes: Annotated[float, typer.Option(min=0.1, help="No new search stage after this long")] = 10.0,
@@ -811,6 +812,7 @@ def tune(
             raise InputError(f"unknown --objective {objective!r}; choose latency or throughput")
         cfg = TuneConfig(artifact_dir=artifact_dir, backends=csv_list(backends, "--backends"),
                          batch_sizes=int_list(batch_sizes, "--batch-sizes"), objective=objective,  # type: ignore[arg-type]
+                         variants=csv_list(variants, "--variants") if variants else None,
                          accuracy_budget=accuracy_budget, max_minutes=max_minutes)
         result = run_tune(cfg, log=log)
         path = out or artifact_dir / "tune.json"

@@ -4,14 +4,15 @@ of the hardware's limit.
 ``onnx_macs`` counts the multiply-accumulates of the ops that carry nearly all of a network's arithmetic
 (Conv, ConvTranspose, MatMul, Gemm; Q/DQ variants of them too) from the ONNX graph with every input shape
 fixed, via ONNX shape inference. ``matmul_peak_gflops`` measures this machine's dense FP32 matrix-multiply
-rate with PyTorch (best of several large GEMMs), with the thread count the benchmark uses.
+rate: the best of several large GEMMs by each library a model may run on (PyTorch, ONNX Runtime, OpenVINO), with
+the thread count the benchmark uses.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Mapping, Sequence
-from functools import cache
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +28,44 @@ def _dims(value_info: Any) -> list[int] | None:
 
 
 def onnx_macs(path: Path, shapes: Mapping[str, Sequence[int]]) -> int | None:
-    """Multiply-accumulates of one run of the model at these input shapes; None when shapes cannot be inferred."""
+    """Multiply-accumulates of one run of the model at these input shapes; None when shapes cannot be inferred.
+
+    ONNX shape inference loses a dim where a size-1 dim broadcasts against one it cannot infer (a batch-1 input
+    added to a position table gathered by ids it cannot follow, as in Hugging Face BERT: the sum's batch becomes
+    unknown, and so does every MatMul after it). So when some op's shape is unknown at batch 1, the count is made at
+    batch 2 and halved: one call's arithmetic is proportional to its batch."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    for inp in model.graph.input:
+    total, unknown = _count_macs(model, shapes)
+    if unknown and shapes and all(len(s) and s[0] == 1 for s in shapes.values()):
+        doubled, still_unknown = _count_macs(model, {n: [2, *s[1:]] for n, s in shapes.items()})
+        if not still_unknown:
+            return doubled // 2 or None
+    return total or None
+
+
+def _count_macs(model: Any, shapes: Mapping[str, Sequence[int]]) -> tuple[int, int]:
+    """(multiply-accumulates, how many Conv/MatMul-like ops had an output shape inference could not find)."""
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for inp in fixed.graph.input:
         if inp.name in shapes:
             dims = inp.type.tensor_type.shape.dim
             for d, v in zip(dims, shapes[inp.name], strict=False):
                 d.ClearField("dim_param")
                 d.dim_value = int(v)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
     except Exception:
-        return None
+        return 0, 0
     known = {vi.name: _dims(vi) for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
     known.update({t.name: list(t.dims) for t in model.graph.initializer})
-    total = 0
-    for node in inferred.graph.node:
-        total += _node_macs(node, known)
-    return total or None
+    mac_ops = [n for n in inferred.graph.node if n.op_type in _CONV | _MATMUL]
+    return (sum(_node_macs(n, known) for n in inferred.graph.node),
+            sum(1 for n in mac_ops if n.output and known.get(n.output[0]) is None))
 
 
 def _node_macs(node: Any, known: Mapping[str, list[int] | None]) -> int:
@@ -71,26 +90,78 @@ def _node_macs(node: Any, known: Mapping[str, list[int] | None]) -> int:
     return 0
 
 
-@cache
-def matmul_peak_gflops(threads: int | None = None, n: int = 1024, repeats: int = 16) -> float:
-    """This machine's dense FP32 GEMM rate in GFLOP/s (the best of ``repeats`` n x n products), measured once
-    per process and thread count."""
+def matmul_peak_gflops(threads: int | None = None) -> float:
+    """This machine's dense FP32 matrix-multiply peak in GFLOP/s: the fastest of the GEMM libraries the toolkit
+    runs (``matmul_peaks``, measured once per process and thread count)."""
+    return max(matmul_peaks(threads).values())
+
+
+@functools.cache
+def matmul_peaks(threads: int | None = None, n: int = 1024, repeats: int = 16) -> dict[str, float]:
+    """GFLOP/s of an n x n FP32 product, the best of ``repeats``, by each library a model may run on: PyTorch's
+    BLAS, ONNX Runtime's MLAS, OpenVINO's oneDNN (when installed). They differ by far on one CPU (MKL on an AMD
+    CPU: often half of oneDNN's rate), so a peak taken from one library alone is beaten by models run on another
+    (an FP32 transformer on OpenVINO at 166% of PyTorch's GEMM rate)."""
     import torch
 
+    a, b = torch.randn(n, n), torch.randn(n, n)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)  # warm-up
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
+        out = {"torch": _best_gflops(lambda: torch.mm(a, b), n, repeats)}
     finally:
         torch.set_num_threads(before)
+    feed = {"A": a.numpy(), "B": b.numpy()}
+    for name, run in (("onnxruntime", _ort_matmul), ("openvino", _openvino_matmul)):
+        if (call := run(n, threads)) is not None:
+            out[name] = _best_gflops(functools.partial(call, feed), n, repeats)
+    return out
+
+
+def _best_gflops(call: Callable[[], object], n: int, repeats: int) -> float:
+    call()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
+
+
+def _matmul_model(n: int) -> Any:
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ABC"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul", io[:2], io[2:])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _ort_matmul(n: int, threads: int | None) -> Callable[[dict[str, Any]], object]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or 0
+    sess = ort.InferenceSession(_matmul_model(n).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return lambda feed: sess.run(None, feed)
+
+
+def _openvino_matmul(n: int, threads: int | None) -> Callable[[dict[str, Any]], object] | None:
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    import tempfile
+
+    import onnx
+
+    core = ov.Core()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "matmul.onnx"
+        onnx.save(_matmul_model(n), str(path))
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"} | ({"INFERENCE_NUM_THREADS": threads} if threads else {})
+        request = core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
+    return lambda feed: request.infer(feed)
 
 
 def peak_fraction(macs: int | None, p50_ms: float, peak_gflops: float | None) -> tuple[float | None, float | None]:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from calibration.pools import InputPool, image_pool, random_pool
 from core.errors import BackendUnavailableError, InputError
-from core.flops import matmul_peak_gflops, onnx_macs, peak_fraction
+from core.flops import matmul_peak_gflops, matmul_peaks, onnx_macs, peak_fraction
 from core.iospec import IOSpec, feed_digest
 from core.manifest import Artifact, Manifest
 from core.metrics import AccuracyStats, LatencyStats, accuracy_stats
@@ -382,6 +382,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
         gpu = stack.enter_context(NvmlSampler(enabled=cfg.device == "cuda"))
         if cfg.device == "cpu":  # measured before the timing, never during it
             results.machine["matmul_peak_gflops"] = matmul_peak_gflops(cfg.threads)
+            results.machine["matmul_peaks_gflops"] = dict(matmul_peaks(cfg.threads))  # by library; the peak is the best
         for i, (b, dims) in enumerate(setup.points):
             if progress:
                 progress(f"batch {b}" + "".join(f" {d} {v}" for d, v in dims.items()) +

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.errors import BackendUnavailableError, InputError
 from core.manifest import utc_now
 from core.metrics import AccuracyStats, LatencyStats, accuracy_drop, clearly_slower
+from core.models import is_random_init
 from reports.models import machine_info
 from runtimes import RUNNERS
 from runtimes.base import RunnerOptions
@@ -39,6 +40,7 @@ class TuneConfig(BaseModel):
     artifact_dir: Path
     backends: list[str] = Field(default=["ort", "openvino"], description="Backends to search (unavailable: skipped)")
     batch_sizes: list[int] = Field(default=[1, 8])
+    variants: list[str] | None = Field(default=None, description="Artifact names to search (default: every ok one)")
     objective: Objective = Field(default="latency", description="latency: lowest p50 at the smallest batch; "
                                                                 "throughput: most samples/s at any batch")
     accuracy_budget: float = Field(default=1.0, ge=0, description="Largest accuracy drop against FP32, in points")
@@ -120,10 +122,11 @@ def _candidates(cfg: TuneConfig, setup: Any, log: Callable[[str], None]) -> list
     """Every (backend, variant, settings, batch), with its accuracy drop; the latency objective keeps only the
     smallest batch."""
     batches = [min(cfg.batch_sizes)] if cfg.objective == "latency" else sorted(set(cfg.batch_sizes))
+    random_init = is_random_init(setup.manifest.source)  # graded on the output cosine, as convert's gates are
     out: list[Candidate] = []
     for t in setup.targets:
         acc = _accuracy(setup, t, log)
-        drop = None if isinstance(acc, str) else accuracy_drop(acc)[0]
+        drop = None if isinstance(acc, str) else accuracy_drop(acc, random_init)[0]
         for settings, b in itertools.product(settings_for(t.backend), batches):
             out.append(Candidate(backend=t.backend, variant=t.artifact.name, precision=t.precision, settings=settings,
                                  batch_size=b, accuracy_drop_points=drop, skipped=acc if isinstance(acc, str) else None,
@@ -159,7 +162,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     if not usable:
         raise BackendUnavailableError(f"none of the backends {cfg.backends} can run here")
     setup = prepare_bench(BenchConfig(artifact_dir=cfg.artifact_dir, backends=usable, batch_sizes=cfg.batch_sizes,
-                                      accuracy_samples=cfg.accuracy_samples, seed=cfg.seed), log)
+                                      variants=cfg.variants, accuracy_samples=cfg.accuracy_samples, seed=cfg.seed), log)
     candidates = _candidates(cfg, setup, log)
     live = [c for c in candidates if c.within_budget and c.skipped is None]
     if not live:

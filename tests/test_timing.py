@@ -110,3 +110,36 @@ def test_bench_states_each_rows_work_and_fraction_of_the_machines_peak(tiny_arti
     model = onnx.load(str(tiny_artifacts / "model.onnx"))
     convs = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
     assert convs and onnx_macs(tiny_artifacts / "model.onnx", {"input": [1, 3, 32, 32]}) == one.gflop * 1e9 / 2
+
+
+def test_macs_at_batch_1_survive_a_broadcast_shape_inference_cannot_follow(tmp_path: Path) -> None:
+    """x [1, 8] + (x reshaped by a shape ONNX cannot propagate) has an unknown batch at batch 1 (1 broadcasts
+    against anything), so every MatMul after it had no shape and a Hugging Face BERT got no GFLOP at batch 1."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from core.flops import onnx_macs
+
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Abs", ["s"], ["s2"]),
+             helper.make_node("Reshape", ["x", "s2"], ["r"]), helper.make_node("Add", ["x", "r"], ["a"]),
+             helper.make_node("MatMul", ["a", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+                              [numpy_helper.from_array(np.ones((8, 4), np.float32), "w")])
+    path = tmp_path / "broadcast.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    assert [onnx_macs(path, {"x": [b, 8]}) for b in (1, 2, 8)] == [32, 64, 256]
+
+
+def test_the_matmul_peak_is_the_fastest_gemm_library_here() -> None:
+    """PyTorch's BLAS alone is not the machine's peak (MKL on an AMD CPU: about half of oneDNN's rate), so FP32 models
+    run on OpenVINO or ONNX Runtime came out above 100% of it."""
+    import importlib.util
+
+    from core.flops import matmul_peak_gflops, matmul_peaks
+
+    peaks = matmul_peaks(1)
+    assert {"torch", "onnxruntime"} <= set(peaks) and all(v > 0 for v in peaks.values())
+    assert ("openvino" in peaks) == (importlib.util.find_spec("openvino") is not None)
+    assert matmul_peak_gflops(1) == max(peaks.values())
