@@ -35,6 +35,12 @@ class RunnerOptions(BaseModel):
                                description="ONNX Runtime intra-op threads spin between runs (its default). "
                                            "Interleaved comparisons turn it off: one session's spinning threads "
                                            "would steal the cores from the next session's run")
+    ort_graph_optimization: Literal["all", "extended", "basic"] = Field(
+        default="all", description="ONNX Runtime's graph optimization level (all: its default, with the CPU layout "
+                                   "transformations; extended: fusions without them; basic)")
+    ort_execution_mode: Literal["sequential", "parallel"] = Field(
+        default="sequential", description="ONNX Runtime runs the nodes one after another (its default) or "
+                                          "independent branches at once")
     include_transfers: bool = Field(default=False,
                                     description="GPU: time host->device->host copies inside the loop")
     openvino_hint: Literal["LATENCY", "THROUGHPUT"] = Field(

@@ -16,7 +16,7 @@ from core.errors import BackendUnavailableError, InputError, first_line
 from core.resources import cuda_problem
 from runtimes.base import Device, Profiler, Runner
 
-GraphOptimization = Literal["all", "basic", "none"]
+GraphOptimization = Literal["all", "extended", "basic", "none"]
 
 
 #: ONNX Runtime's tensor type strings (``NodeArg.type``) -> NumPy dtypes.
@@ -32,19 +32,24 @@ def numpy_type(ort_type: str) -> np.dtype[Any]:
 
 
 def session_options(threads: int | None = None, *, spinning: bool = True,
-                    optimization: GraphOptimization = "all", profile_prefix: str | None = None) -> Any:
+                    optimization: GraphOptimization = "all", profile_prefix: str | None = None,
+                    parallel: bool = False) -> Any:
     """The one place ONNX Runtime ``SessionOptions`` are made: quiet logging, the graph optimization
     level, intra-op threads (None = ONNX Runtime's default), whether idle threads spin, and (with
-    ``profile_prefix``) ONNX Runtime's profiler writing its trace to ``profile_prefix``*.json."""
+    ``profile_prefix``) ONNX Runtime's profiler writing its trace to ``profile_prefix``*.json; ``parallel``: run
+    independent nodes at once (ORT_PARALLEL) instead of one after another."""
     import onnxruntime as ort
 
-    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = levels[optimization]
     if threads:
         so.intra_op_num_threads = threads
+    if parallel:
+        so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
@@ -131,8 +136,9 @@ class OrtRunner(Runner):
 
     def session_options(self) -> Any:
         """The ``SessionOptions`` the session is created with (``ort_profile_prefix`` turns the profiler on)."""
-        return session_options(self.options.threads, spinning=self.options.ort_spinning,
-                               profile_prefix=self.options.ort_profile_prefix)
+        o = self.options
+        return session_options(o.threads, spinning=o.ort_spinning, profile_prefix=o.ort_profile_prefix,
+                               optimization=o.ort_graph_optimization, parallel=o.ort_execution_mode == "parallel")
 
     def end_profiling(self) -> Path:
         """Stop ONNX Runtime's profiler (``ort_profile_prefix``) and return the trace file it wrote."""

@@ -1,8 +1,9 @@
 """`tune`: which backend x variant x settings x batch size is fastest on this machine, within an accuracy budget.
 
 Every candidate runs the artifact's variants through the same runners, inputs and accuracy check as
-`bench`. Settings are search dimensions: ONNX Runtime's intra-op threads and thread spinning, OpenVINO's
-performance hint. Candidates outside the accuracy budget are dropped before any timing (settings do not
+`bench`. Settings are search dimensions: ONNX Runtime's intra-op threads, thread spinning, graph optimization
+level (all, or extended: without the CPU layout transformations) and execution mode (sequential or parallel),
+OpenVINO's performance hint. Candidates outside the accuracy budget are dropped before any timing (settings do not
 change accuracy, so it is measured once per backend and variant). The rest are timed in interleaved rounds
 with the order rotated (``runtimes.timing``), in stages of growing length; after each stage the candidates
 that are clearly slower than the best (their whole p50 interval above the best's: ``core.metrics``' rule)
@@ -92,7 +93,9 @@ def settings_for(backend: str) -> list[dict[str, Any]]:
     """The search dimensions of a backend: its settings that change speed, never its numbers."""
     if backend.startswith("ort"):
         threads = sorted({1, usable_cpus()})
-        return [{"threads": t, "ort_spinning": s} for t, s in itertools.product(threads, (True, False))]
+        return [{"threads": t, "ort_spinning": s, "ort_graph_optimization": g, "ort_execution_mode": m}
+                for t, s, g, m in itertools.product(threads, (True, False), ("all", "extended"),
+                                                    ("sequential", "parallel"))]
     if backend == "openvino":
         return [{"openvino_hint": h} for h in ("LATENCY", "THROUGHPUT")]
     return [{}]

@@ -3,9 +3,10 @@
 ``tune.json`` is read with the model `tune` writes it with (``runtimes.tune.TuneResult``); the winner's variant
 is packaged and its settings become the parameters of the Triton backend that runs it the same way:
 
-    ort        platform onnxruntime_onnx; intra-op threads -> ``intra_op_thread_count``, and
-               ``execution_mode`` 0 (sequential, as the runner). Its graph optimization level (all) is the
-               backend's default. Thread spinning has no key in the backend: recorded as not carried over.
+    ort        platform onnxruntime_onnx; intra-op threads -> ``intra_op_thread_count``, execution mode ->
+               ``execution_mode`` (0 sequential, 1 parallel), graph optimization level -> ``optimization { graph
+               { level } }`` (all: the backend's default, no field; extended: 1; basic: -1, the backend's
+               numbering). Thread spinning has no key in the backend: recorded as not carried over.
     openvino   backend "openvino" reading ``1/model.onnx``; ``PERFORMANCE_HINT`` (LATENCY / THROUGHPUT) and
                threads -> ``INFERENCE_NUM_THREADS``.
 
@@ -29,6 +30,8 @@ from core.fsutil import sha256_file
 TUNE_FILE = "tune.json"
 #: tune backend -> the Triton backend that runs its variant the same way
 TRITON_BACKENDS = {"ort": "onnxruntime", "openvino": "openvino"}
+#: our ORT graph optimization level -> the onnxruntime backend's optimization.graph.level (all: its default)
+GRAPH_LEVELS = {"extended": 1, "basic": -1}
 
 
 class TunedSettings(BaseModel):
@@ -47,6 +50,8 @@ class TunedSettings(BaseModel):
     settings: dict[str, Any] = Field(description="The winner's settings, as tune.json records them")
     triton_backend: str = Field(description="onnxruntime or openvino")
     parameters: dict[str, str] = Field(description="config.pbtxt parameters written from the settings")
+    graph_level: int | None = Field(default=None, description="config.pbtxt optimization.graph.level (onnxruntime "
+                                                               "backend: 1 extended, -1 basic; None: its default, all)")
     not_carried: list[str] = Field(default_factory=list, description="Settings the Triton backend has no key for")
 
 
@@ -77,12 +82,14 @@ def load_tuned(path: Path, artifact_dir: Path) -> TunedSettings:
         raise InputError(f"--from-tune: the winner {winner.label} runs on {winner.backend}, which Triton has no "
                          f"backend for; tune again with --backends {','.join(TRITON_BACKENDS)} to package its winner")
     parameters, not_carried = triton_parameters(winner.backend, winner.settings)
+    graph_level = GRAPH_LEVELS.get(str(winner.settings.get("ort_graph_optimization", "all"))) \
+        if winner.backend == "ort" else None
     flags = result.machine.get("cpu_flags") or {}
     return TunedSettings(tune_json=str(file), tune_json_sha256=sha256_file(file), winner=winner.label,
                          reason=result.reason, tuned_on=str(flags.get("summary") or result.machine.get("processor")),
                          backend=winner.backend, variant=winner.variant, batch_size=winner.batch_size,
                          settings=winner.settings, triton_backend=TRITON_BACKENDS[winner.backend],
-                         parameters=parameters, not_carried=not_carried)
+                         parameters=parameters, graph_level=graph_level, not_carried=not_carried)
 
 
 def triton_parameters(backend: str, settings: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
@@ -94,6 +101,10 @@ def triton_parameters(backend: str, settings: dict[str, Any]) -> tuple[dict[str,
             params["intra_op_thread_count" if backend == "ort" else "INFERENCE_NUM_THREADS"] = str(int(value))
         elif backend == "openvino" and key == "openvino_hint":
             params["PERFORMANCE_HINT"] = str(value)
+        elif backend == "ort" and key == "ort_execution_mode":
+            params["execution_mode"] = "1" if value == "parallel" else "0"
+        elif backend == "ort" and key == "ort_graph_optimization":
+            continue  # not a parameter: optimization.graph.level (graph_level)
         elif backend == "ort" and key == "ort_spinning":
             if not value:  # spinning is ONNX Runtime's default: only "off" is lost
                 not_carried.append("ort_spinning=False (the onnxruntime backend has no key for "
@@ -101,7 +112,7 @@ def triton_parameters(backend: str, settings: dict[str, Any]) -> tuple[dict[str,
         elif value is not None:
             not_carried.append(f"{key}={value}")
     if backend == "ort":
-        params["execution_mode"] = "0"  # sequential, as the runner tune timed
+        params.setdefault("execution_mode", "0")  # sequential, the runner's default
     return params, not_carried
 
 
@@ -113,5 +124,7 @@ def apply_tuning(msg: Any, tuned: TunedSettings) -> None:
         msg.default_model_filename = "model.onnx"
     for key, value in tuned.parameters.items():
         msg.parameters[key].string_value = value
+    if tuned.graph_level is not None:
+        msg.optimization.graph.level = tuned.graph_level
     if msg.HasField("dynamic_batching") and 1 < tuned.batch_size <= msg.max_batch_size:
         msg.dynamic_batching.preferred_batch_size.append(tuned.batch_size)

@@ -108,3 +108,28 @@ def test_tune_grades_random_init_weights_on_the_output_cosine(tmp_path: Path) ->
     assert int8 and all(c.within_budget for c in int8)
     # the cosine basis: small but never exactly 0 for INT8 (top-1 agreement on these inputs is a flat 100%)
     assert all(c.accuracy_drop_points is not None and 0 < c.accuracy_drop_points < 1 for c in int8)
+
+
+def test_ort_graph_level_and_execution_mode_reach_the_session(tiny_artifacts: Path) -> None:
+    """tune's ORT search dimensions are real session settings, and the outputs do not change with them."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from core.manifest import Manifest
+    from runtimes.base import RunnerOptions
+    from runtimes.ort import OrtRunner
+
+    man = Manifest.load(tiny_artifacts)
+    feed = man.iospec.random_feed(2, seed=0)
+    outs = []
+    for level, mode in (("all", "sequential"), ("extended", "parallel")):
+        opts = RunnerOptions(threads=1, ort_graph_optimization=level, ort_execution_mode=mode)
+        with OrtRunner(man, tiny_artifacts, man.artifacts["opt"], opts) as r:
+            so = r.session.get_session_options()
+            assert so.graph_optimization_level == {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
+            assert so.execution_mode == {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
+                                         "parallel": ort.ExecutionMode.ORT_PARALLEL}[mode]
+            outs.append(r.infer(feed))
+    for a, b in zip(outs[0], outs[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

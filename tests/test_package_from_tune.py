@@ -57,12 +57,30 @@ def test_the_ort_winner_is_packaged_with_its_threads(tuned: tuple[Path, TuneResu
     assert [m.variant for m in repo.models] == [winner.variant]
     cfg = _parse(out / f"tiny_cnn_{winner.variant}" / "config.pbtxt")
     assert cfg.platform == "onnxruntime_onnx" and not cfg.backend
-    assert _params(cfg) == {"intra_op_thread_count": str(winner.settings["threads"]), "execution_mode": "0"}
-    assert not cfg.HasField("optimization")  # graph level: ORT_ENABLE_ALL, the runner's and the backend's default
+    mode = "1" if winner.settings["ort_execution_mode"] == "parallel" else "0"
+    assert _params(cfg) == {"intra_op_thread_count": str(winner.settings["threads"]), "execution_mode": mode}
+    level = {"all": None, "extended": 1}[winner.settings["ort_graph_optimization"]]
+    # graph level all: ORT_ENABLE_ALL, the runner's and the backend's default, so no field
+    assert (cfg.optimization.graph.level if cfg.HasField("optimization") else None) == level
     record = json.loads((out / "MANIFEST.json").read_text())["models"][0]["tuned"]
     assert record["winner"] == result.winner and record["settings"] == winner.settings
     assert record["parameters"] == _params(cfg) and record["tuned_on"]
     assert bool(record["not_carried"]) == (winner.settings["ort_spinning"] is False)
+    verify_repo(out)
+
+
+def test_ort_graph_level_and_execution_mode_reach_the_config(tuned: tuple[Path, TuneResult], tiny_artifacts: Path,
+                                                           tmp_path: Path) -> None:
+    _, result = tuned
+    ort_winner = Candidate(backend="ort", variant="opt", precision="fp32", batch_size=1,
+                           settings={"threads": 1, "ort_spinning": True, "ort_graph_optimization": "extended",
+                                     "ort_execution_mode": "parallel"})
+    _with_winner(result, ort_winner, tmp_path / "tune.json")
+    _, out = package(PackageConfig(artifact_dir=tiny_artifacts, out=tmp_path / "r", from_tune=tmp_path),
+                     log=lambda _m: None)
+    cfg = _parse(out / "tiny_cnn_opt" / "config.pbtxt")
+    assert _params(cfg) == {"intra_op_thread_count": "1", "execution_mode": "1"}
+    assert cfg.optimization.graph.level == 1  # the onnxruntime backend's "basic plus extended"
     verify_repo(out)
 
 
