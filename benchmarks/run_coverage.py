@@ -34,7 +34,10 @@ def _run(args: list[str], timeout: float) -> tuple[bool, str]:
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout:.0f} s"
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    return proc.returncode == 0, (lines[-1] if lines else f"exit {proc.returncode}")
+    last = lines[-1] if lines else f"exit {proc.returncode}"
+    if proc.returncode < 0:  # no error line of its own: e.g. the kernel's OOM killer (SIGKILL)
+        return False, f"killed by signal {-proc.returncode} during: {last}"
+    return proc.returncode == 0, last
 
 
 def check_model(model: str, work: Path, timeout: float) -> dict[str, Any]:
