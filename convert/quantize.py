@@ -20,6 +20,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from calibration.cpu import CpuFeatures, cpu_features
 from calibration.loaders import count_samples
@@ -304,14 +305,13 @@ def _record_static(ctx: ConvertContext, state: QuantState, trial: Trial, auto: A
     """``trial`` (the config's own layout: int8_static_METHOD) or, for another layout, the same method's ranges and
     FP32 nodes quantized in that layout and graded on the same held-out data (int8_static_METHOD_LAYOUT)."""
     cfg, main = state.cfg, layout == state.cfg.layout
+    fmt: Literal["QOperator", "QDQ"] = "QOperator" if layout.quant_format == "qoperator" else "QDQ"
     if not main:
-        fmt = "QOperator" if layout.quant_format == "qoperator" else "QDQ"
         ctx.log(f"  {trial.method}: layout {layout.name} ({fmt}, per-channel {layout.per_channel}, "
                 f"activations {layout.activation_type})")
         trial = _build_static(state, trial.method, trial.fp32_nodes, layout=layout)
     params = StaticQuantParams(
-        method=trial.method, quant_format="QOperator" if layout.quant_format == "qoperator" else "QDQ",
-        layout=layout.name, activation_type=layout.activation_type, weight_type=cfg.weight_type,
+        method=trial.method, quant_format=fmt, layout=layout.name, activation_type=layout.activation_type, weight_type=cfg.weight_type,
         per_channel=layout.per_channel, reduce_range=state.reduce_range, exclude_nodes=cfg.exclude_nodes,
         exclude_op_types=cfg.exclude_op_types, fp32_nodes=trial.fp32_nodes, cpu=state.cpu.summary,
         calibration=state.static().record(trial.method), auto=auto)
