@@ -13,7 +13,7 @@ the stage it was pruned at go to ``tune.json``.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import itertools
 import time
 from collections.abc import Callable
@@ -30,7 +30,7 @@ from reports.models import machine_info
 from runtimes import RUNNERS
 from runtimes.base import RunnerOptions
 from runtimes.harness import BenchConfig, Target, pool_accuracy, prepare_bench
-from runtimes.timing import interleaved, usable_cpus
+from runtimes.timing import interleaved_within_memory, usable_cpus
 
 Objective = Literal["latency", "throughput"]
 
@@ -143,13 +143,10 @@ def _time_stage(setup: Any, live: list[Candidate], iters: int, rounds: int) -> N
     for b in sorted({c.batch_size for c in live}):
         group = [c for c in live if c.batch_size == b]
         feed = setup.feeds[next(i for i, (pb, _) in enumerate(setup.points) if pb == b)]
-        with contextlib.ExitStack() as stack:
-            runners = []
-            for c in group:
-                t = targets[(c.backend, c.variant, c.precision)]
-                opts = RunnerOptions(precision=c.precision, **c.settings)
-                runners.append(stack.enter_context(RUNNERS[c.backend](setup.manifest, setup.base, t.artifact, opts)))
-            timed = interleaved(runners, [r.prepare(feed) for r in runners], warmup=2, iters=iters, rounds=rounds)
+        opens = [functools.partial(RUNNERS[c.backend], setup.manifest, setup.base,
+                                   targets[(c.backend, c.variant, c.precision)].artifact,
+                                   RunnerOptions(precision=c.precision, **c.settings)) for c in group]
+        timed = interleaved_within_memory(opens, feed, warmup=2, iters=iters, rounds=rounds)
         for c, tm in zip(group, timed, strict=True):
             c.latency_ms = LatencyStats.from_samples(tm.samples, tm.rounds)
             c.throughput = b / (c.latency_ms.mean / 1e3)

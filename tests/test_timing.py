@@ -11,7 +11,8 @@ import pytest
 
 from core.metrics import LatencyStats, clearly_slower, median_interval
 from runtimes.base import Runner, RunnerOptions
-from runtimes.timing import interleaved, split_iters
+from runtimes import timing
+from runtimes.timing import interleaved, interleaved_within_memory, split_iters
 
 
 class _Sleeper(Runner):
@@ -54,6 +55,39 @@ def test_a_slow_stretch_falls_on_every_candidate_alike() -> None:
     ta, tb = interleaved([a, b], [None, None], warmup=0, iters=60, rounds=6, block_warmup=0)
     sa, sb = LatencyStats.from_samples(ta.samples, ta.rounds), LatencyStats.from_samples(tb.samples, tb.rounds)
     assert not clearly_slower(sa, sb) and not clearly_slower(sb, sa)
+
+
+class _Held(_Sleeper):
+    """A sleeper that takes ``size`` bytes of a pretend memory while loaded, and counts its loads."""
+
+    memory: dict[str, int] = {"used": 0, "loads": 0, "peak": 0}
+    size = 3 << 30
+
+    def _load(self) -> None:
+        self.memory["used"] += self.size
+        self.memory["loads"] += 1
+        self.memory["peak"] = max(self.memory["peak"], self.memory["used"])
+
+    def _close(self) -> None:
+        self.memory["used"] -= self.size
+
+
+@pytest.mark.parametrize(("total_gib", "loads", "peak_gib"), [(64, 5, 15), (14, 5 + 2 * 5, 6)])
+def test_runners_that_do_not_fit_in_memory_are_timed_in_chunks_every_round(
+        monkeypatch: pytest.MonkeyPatch, total_gib: int, loads: int, peak_gib: int) -> None:
+    """Five runners of 3 GiB each: with 64 GiB they are held together for every round (one load each); with
+    14 GiB (three times one runner kept free) they are held two at a time (chunks ab, cd, e), each chunk
+    opened again in every round, and every runner still gets one block of timed calls per round."""
+    from core import resources
+
+    _Held.memory.update(used=0, loads=0, peak=0)
+    monkeypatch.setattr(resources, "available_memory", lambda: (total_gib << 30) - _Held.memory["used"])
+    log: list[str] = []
+    timed = interleaved_within_memory([lambda t=t: _Held(t, 0.0002, log) for t in "abcde"], {}, warmup=1,
+                                      iters=6, rounds=3)
+    assert [[len(r) for r in t.rounds] for t in timed] == [[2, 2, 2]] * 5
+    assert _Held.memory == {"used": 0, "loads": loads, "peak": peak_gib << 30}
+    assert timing.MIN_FREE_BYTES == 2 << 30
 
 
 def test_interval_rule() -> None:
