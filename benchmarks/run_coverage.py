@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,17 +29,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS, ROOT, machine, write
 
 
-def _run(args: list[str], timeout: float) -> tuple[bool, str]:
-    try:
-        proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
-                              timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return False, f"timed out after {timeout:.0f} s"
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else f"exit {proc.returncode}"
-    if proc.returncode < 0:  # no error line of its own: e.g. the kernel's OOM killer (SIGKILL)
-        return False, f"killed by signal {-proc.returncode} during: {last}"
-    return proc.returncode == 0, last
+def _run(args: list[str], timeout: float) -> tuple[bool, str, float]:
+    """One CLI call: (ok, its last stderr line, the process's peak resident memory in MiB, from wait4)."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], stdout=subprocess.DEVNULL,
+                                stderr=err, text=True, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                return False, f"timed out after {timeout:.0f} s", 0.0
+            time.sleep(0.2)
+        proc.returncode = code = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        err.seek(0)
+        lines = [ln for ln in err.read().strip().splitlines() if ln.strip()]
+    peak = usage.ru_maxrss / 1024  # KiB on Linux
+    last = lines[-1] if lines else f"exit {code}"
+    if code < 0:  # no error line of its own: e.g. the kernel's OOM killer (SIGKILL)
+        return False, f"killed by signal {-code} during: {last}", peak
+    return code == 0, last, peak
 
 
 def check_model(model: str, work: Path, timeout: float) -> dict[str, Any]:
@@ -50,17 +64,19 @@ def check_model(model: str, work: Path, timeout: float) -> dict[str, Any]:
 
 
 def _check(model: str, out: Path, timeout: float) -> dict[str, Any]:
-    ok, msg = _run(["convert", model, "--input-shape", "1x3x224x224", "--out", str(out)], timeout)
+    ok, msg, peak = _run(["convert", model, "--input-shape", "1x3x224x224", "--out", str(out)], timeout)
+    mem = {"peak_rss_mib": {"convert": round(peak)}}
     if not ok:
-        return {"status": "fail", "step": "convert", "error": msg}
-    ok, msg = _run(["bench", str(out), "--backends", "eager,ort", "--batch-sizes", "1", "--warmup", "1",
+        return {"status": "fail", "step": "convert", "error": msg, **mem}
+    ok, msg, peak = _run(["bench", str(out), "--backends", "eager,ort", "--batch-sizes", "1", "--warmup", "1",
                     "--iters", "3", "--rounds", "3", "--accuracy-samples", "8"], timeout)
+    mem["peak_rss_mib"]["bench"] = round(peak)
     if not ok:
-        return {"status": "fail", "step": "bench", "error": msg}
+        return {"status": "fail", "step": "bench", "error": msg, **mem}
     recs = json.loads((out / "bench" / "results.json").read_text())["records"]
     ort = [r for r in recs if r["backend"] == "ort"]
     agree = [r["accuracy"]["top1_agreement"] for r in ort if r.get("accuracy")]
-    return {"status": "pass", "ort_variants": [r["variant"] for r in ort],
+    return {"status": "pass", **mem, "ort_variants": [r["variant"] for r in ort],
             "ort_top1_agrees_with_eager": bool(agree) and all(a == 1.0 for a in agree),
             "min_ort_top1_agreement": min(agree) if agree else None,
             "min_ort_cosine": min(r["accuracy"]["cosine"] for r in ort if r.get("accuracy"))}
@@ -82,19 +98,26 @@ def _markdown(payload: dict[str, Any]) -> str:
     passed = [r for r in rows if r["status"] == "pass"]
     agree = [r for r in passed if r.get("ort_top1_agrees_with_eager")]
     lines = ["# Model coverage: torchvision classifiers through convert + bench (eager, ort)", "",
-             f"Command: `{payload['command']}`", "", f"CPU: {payload['machine']['cpu_model']}; random init, 224x224, "
+             f"Command: `{payload['command']}` (the last run; rows of models it did not check are kept from earlier "
+             "runs of this script, each model checked alone in its own processes)", "", f"CPU: {payload['machine']['cpu_model']}; random init, 224x224, "
              f"batch 1, 8 accuracy samples.", "",
              f"Checked {len(rows)} of {payload['total']} models: {len(passed)} pass, {len(rows) - len(passed)} fail; "
              f"ONNX Runtime agrees with eager on top-1 for every sample in {len(agree)} of the {len(passed)} that "
              "pass. Target: all pass -> " + ("met" if len(passed) == payload["total"] else
                                               "MISSED" if len(passed) < len(rows) else
                                               "not known yet (not every model was checked)"), "",
-             "| model | status | step | ORT top-1 = eager | min cosine | s | error |", "|---|---|---|---|---|---|---|"]
+             "Peak RSS: the largest resident memory of the convert / bench process (wait4's ru_maxrss); rows "
+             "without it were measured before it was recorded.", "",
+             "| model | status | step | ORT top-1 = eager | min cosine | s | peak RSS MiB convert / bench | error |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cos = r.get("min_ort_cosine")
+        mem = r.get("peak_rss_mib", {})
         lines.append(f"| {r['model']} | {r['status']} | {r.get('step', '')} | "
                      f"{'-' if r['status'] != 'pass' else ('yes' if r['ort_top1_agrees_with_eager'] else 'no')} | "
-                     f"{'' if cos is None else f'{cos:.5f}'} | {r['seconds']} | {r.get('error', '')} |")
+                     f"{'' if cos is None else f'{cos:.5f}'} | {r['seconds']} | "
+                     f"{' / '.join(str(mem[k]) for k in ('convert', 'bench') if k in mem) or '-'} | "
+                     f"{r.get('error', '')} |")
     return "\n".join(lines) + "\n"
 
 

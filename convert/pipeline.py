@@ -136,6 +136,8 @@ def step_optimize(ctx: ConvertContext) -> None:
     target = ctx.path("model.opt.onnx")
     ctx.log("optimizing the graph (onnxslim + ONNX Runtime basic offline optimizations)")
     info = optimize_onnx(ctx.out / ctx.manifest.artifacts["fp32"].file.path, target)
+    for step, why in info.skipped.items():
+        ctx.log(f"  {step} skipped: {why}")
     ctx.manifest.record(ctx.out, target, name="opt", kind="onnx", parent="fp32",
                         params=OptimizeParams(**info.model_dump()))
     step_validate("opt")(ctx)

@@ -48,6 +48,7 @@ class OptimizeInfo(Record):
     nodes_before: int
     nodes_after_slim: int
     nodes_after: int
+    skipped: dict[str, str] = {}  # step -> why it did not run
 
 
 class OptimizeParams(OptimizeInfo):

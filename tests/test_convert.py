@@ -105,6 +105,49 @@ def test_failed_optimize_leaves_no_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["garbage.onnx"]
 
 
+def _external_data_model(folder: Path) -> Path:
+    """A small model saved with its weights in ``model.onnx.data`` (as models past 2 GiB are), with a foldable
+    Add of two constants for onnxslim and a redundant Identity for ONNX Runtime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from core.onnxfile import save_onnx
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")
+    b = numpy_helper.from_array(np.ones((64, 32), np.float32), "b")
+    nodes = [helper.make_node("Add", ["w", "b"], ["wb"]), helper.make_node("Identity", ["wb"], ["wi"]),
+             helper.make_node("MatMul", ["x", "wi"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])], [w, b])
+    src = folder / "model.onnx"
+    save_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src, max_inline=1000)
+    return src
+
+
+@pytest.mark.parametrize(("slim", "ort_basic"), [(True, True), (False, True), (True, False), (False, False)])
+def test_optimize_keeps_external_data_and_leaves_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              slim: bool, ort_basic: bool) -> None:
+    """Past the inline limit (lowered to 1 kB) onnxslim is skipped, with its reason (it holds several copies of
+    the weights), ONNX Runtime goes file to file, and the result is model + its own .data file moved into place,
+    computing what the source computes; the private folders are gone."""
+    from convert.optimize import SLIM_SKIPPED
+    from core import onnxfile
+
+    monkeypatch.setattr(onnxfile, "MAX_INLINE_BYTES", 1000)
+    src = _external_data_model(tmp_path)
+    out = tmp_path / "model.opt.onnx"
+    info = optimize_onnx(src, out, slim=slim, ort_basic=ort_basic)
+    assert info.steps == (["ort_basic"] if ort_basic else [])
+    assert info.skipped == ({"onnxslim": SLIM_SKIPPED} if slim else {})
+    assert info.nodes_before == 3 and (info.nodes_after < 3) == ort_basic
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data", "model.opt.onnx",
+                                                          "model.opt.onnx.data"]
+    assert onnxfile.external_data_files(out) == [tmp_path / "model.opt.onnx.data"]
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    want = ort_session(src).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ort_session(out).run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
+
+
 def test_weights_state_dict_roundtrip_and_mismatch(tmp_path: Path) -> None:
     import torch
 
