@@ -110,7 +110,8 @@ def interleaved_within_memory(opens: Sequence[Callable[[], Runner]], feed: dict[
     left stays above ``MIN_FREE_BYTES`` and three times the most one runner has taken; the first group that does
     not fit ends a chunk. If everything fits, this is ``interleaved``. Otherwise each round opens every chunk in
     turn (chunk order rotated from round to round), times one block of each of its runners and closes it again,
-    so every candidate still gets one block per round, and the load of the machine falls on all alike.
+    so every candidate still gets one block per round, and the load of the machine falls on all alike. A runner
+    opened again gets one untimed call (its buffers grow back) before its block's own warm-up call.
     """
     from core.resources import available_memory
 
@@ -145,7 +146,7 @@ def interleaved_within_memory(opens: Sequence[Callable[[], Runner]], feed: dict[
             with contextlib.ExitStack() as stack:
                 runners = [stack.enter_context(opens[i]()) for i in idx]
                 prepared = [r.prepare(feed) for r in runners]
-                timed = interleaved(runners, prepared, warmup=warmup, iters=count, rounds=1)
+                timed = interleaved(runners, prepared, warmup=min(warmup, 1), iters=count, rounds=1)
             for i, t in zip(idx, timed, strict=True):
                 out[i].add(t)
     return out

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from core.metrics import LatencyStats, clearly_slower, median_interval
-from runtimes.base import Runner, RunnerOptions
 from runtimes import timing
+from runtimes.base import Runner, RunnerOptions
 from runtimes.timing import interleaved, interleaved_within_memory, split_iters
 
 
@@ -60,7 +60,7 @@ def test_a_slow_stretch_falls_on_every_candidate_alike() -> None:
 class _Held(_Sleeper):
     """A sleeper that takes ``size`` bytes of a pretend memory while loaded, and counts its loads."""
 
-    memory: dict[str, int] = {"used": 0, "loads": 0, "peak": 0}
+    memory: ClassVar[dict[str, int]] = {"used": 0, "loads": 0, "peak": 0}
     size = 3 << 30
 
     def _load(self) -> None:
