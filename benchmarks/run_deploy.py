@@ -77,6 +77,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--budget", type=float, default=1.0, help="accuracy budget, points")
     ap.add_argument("--work", default=str(ROOT / "artifacts" / "bench_deploy"))
     ap.add_argument("--name", default="deploy_cpu", help="results name (a smoke run: anything but deploy_cpu)")
+    ap.add_argument("--merge", action="store_true", help="keep the sections of models not named in --models from "
+                                                          "the existing NAME.json (each marked with its own run)")
     return ap.parse_args()
 
 
@@ -308,7 +310,8 @@ def _model_md(model: str, e: dict[str, Any]) -> list[str]:
              f"{e['accuracy_basis']}; FP32 matmul peak {peak:.1f} GFLOP/s (the best of "
              + "; ".join(f"{when}: " + ", ".join(f"{lib} {v:.0f}" for lib, v in by_lib.items())
                          for when, by_lib in e["peak_measurements_gflops"].items())
-             + f"); 1-min load before {e['load_avg_before'][0]:.2f}.", "",
+             + f"); 1-min load before {e['load_avg_before'][0]:.2f}."
+             + (f" Measured in another run: `{e['run']['command']}` ({e['run']['date']})." if "run" in e else ""), "",
              "| batch | backend | variant | p50 ms | 95% interval | samples/s | % of peak | drop pts |",
              "|---|---|---|---|---|---|---|---|"]
     for r in e["rows"]:
@@ -345,6 +348,24 @@ def _markdown(p: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _keep_earlier(payload: dict[str, Any], args: argparse.Namespace) -> None:
+    """--merge: the sections of the models this run does not measure, from the results file, each marked with the
+    run that measured it (figures are compared only within a model's section, all from one run)."""
+    import json
+
+    from benchmarks.common import RESULTS
+
+    path = RESULTS / f"{args.name}.json"
+    old = json.loads(path.read_text())
+    named = set(args.models.split(","))
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(path.stat().st_mtime))
+    for model, entry in old["models"].items():  # named ones keep their place and are measured again
+        if model not in named:
+            entry.setdefault("run", {"command": old["command"], "date": date})
+        payload["models"][model] = entry
+    payload["targets"] = [t for t in old["targets"] if t["model"] not in named]
+
+
 def main() -> None:
     args = _args()
     from calibration.cpu import cpu_features
@@ -354,6 +375,8 @@ def main() -> None:
     payload: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "machine": machine(),
                                "cpu_summary": cpu.summary, "load_avg_before": os.getloadavg(),
                                "config": vars(args), "models": {}, "targets": []}
+    if args.merge:
+        _keep_earlier(payload, args)
     for model in args.models.split(","):
         try:
             entry, targets = _model(model, args, cpu.vnni)
@@ -363,7 +386,9 @@ def main() -> None:
         except ImportError as exc:  # the transformer's Hugging Face model needs .[hf]
             entry, targets = {"error": f"{exc} (the {TRANSFORMER} needs pip install '.[hf]')"}, []
         payload["models"][model] = entry
-        payload["targets"] += targets
+        payload["targets"] = [t for t in payload["targets"] if t["model"] != model] + targets
+    order = list(payload["models"])
+    payload["targets"].sort(key=lambda t: order.index(t["model"]))
     payload |= {"load_avg_after": os.getloadavg(), "seconds": round(time.perf_counter() - t0, 1)}
     j, m = write(args.name, payload, _markdown(payload))
     print(f"wrote {j} and {m}")
