@@ -356,6 +356,8 @@ def _keep_earlier(payload: dict[str, Any], args: argparse.Namespace) -> None:
     from benchmarks.common import RESULTS
 
     path = RESULTS / f"{args.name}.json"
+    if not path.is_file():
+        sys.exit(f"--merge: {path} does not exist (measure every model once without --merge first)")
     old = json.loads(path.read_text())
     named = set(args.models.split(","))
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(path.stat().st_mtime))
