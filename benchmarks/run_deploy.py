@@ -388,7 +388,7 @@ def main() -> None:
         except ImportError as exc:  # the transformer's Hugging Face model needs .[hf]
             entry, targets = {"error": f"{exc} (the {TRANSFORMER} needs pip install '.[hf]')"}, []
         payload["models"][model] = entry
-        payload["targets"] = [t for t in payload["targets"] if t["model"] != model] + targets
+        payload["targets"] += targets
     order = list(payload["models"])
     payload["targets"].sort(key=lambda t: order.index(t["model"]))
     payload |= {"load_avg_after": os.getloadavg(), "seconds": round(time.perf_counter() - t0, 1)}

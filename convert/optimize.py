@@ -17,14 +17,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import os
 import tempfile
 from pathlib import Path
 
 from core import onnxfile
 from core.errors import ToolkitError
-from core.fsutil import fsync_dir, fsync_file
-from core.onnxfile import data_name, save_onnx
+from core.onnxfile import data_name, move_into_place, save_onnx
 from core.records import OptimizeInfo
 from runtimes.ort import session_options
 
@@ -123,14 +121,8 @@ def _needs_external_data(path: Path) -> bool:
 
 
 def _move_into_place(staged: Path, out: Path) -> None:
-    """Move a model written in the private folder (and its ``.data`` file, named after ``out``) to ``out``:
-    data first, so that the model never names a data file that is not there yet."""
+    """Move a model written in the private folder, with its ``.data`` file (named after ``out``), to ``out``."""
     side = onnxfile.external_data_files(staged)
     if any(p.name != data_name(out) for p in side):
         raise OptimizeError(f"{staged.name}: unexpected external data files {[p.name for p in side]}")
-    for path in [*side, staged]:
-        fsync_file(path)
-    for path in side:
-        os.replace(path, out.with_name(path.name))
-    os.replace(staged, out)
-    fsync_dir(out.parent)
+    move_into_place(staged, out, side)

@@ -44,12 +44,19 @@ def save_onnx(model: Any, final: Path, max_inline: int | None = None) -> list[Pa
         staged = Path(d) / final.name
         onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
-        for path in (staged.with_name(data.name), staged):
-            fsync_file(path)
-        os.replace(staged.with_name(data.name), data)
-        os.replace(staged, final)
-        fsync_dir(final.parent)
+        move_into_place(staged, final, [staged.with_name(data.name)])
     return [final, data]
+
+
+def move_into_place(staged: Path, final: Path, side: list[Path]) -> None:
+    """Move a model staged in a private folder on ``final``'s filesystem, with its external-data files ``side``
+    (same names beside ``final``), durably: data first, so that the model never names a file not there yet."""
+    for path in [*side, staged]:
+        fsync_file(path)
+    for path in side:
+        os.replace(path, final.with_name(path.name))
+    os.replace(staged, final)
+    fsync_dir(final.parent)
 
 
 def external_data_files(path: Path) -> list[Path]:
