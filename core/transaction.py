@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from core.errors import InputError
 from core.fsutil import fsync_dir, fsync_tree
@@ -39,13 +40,24 @@ class _Guard:
 
     depth = 0
     held: int | None = None
+    raised: int | None = None  # the signal last raised as an exception, until the block ends
 
     @classmethod
     def handler(cls, signum: int, _frame: FrameType | None) -> None:
         if cls.depth:
             cls.held = cls.held or signum
             return
+        cls.raised = signum
         _raise_for(signum)
+
+    @classmethod
+    def raise_swallowed(cls) -> None:
+        """Raise again a signal whose exception was swallowed: Python runs the handler wherever the main thread
+        is, and in a finalizer or garbage-collector callback the exception is only printed ("Exception ignored
+        in ..."). Called where a block ends normally, which an exception that propagated never reaches."""
+        if cls.raised is not None:
+            signum, cls.raised = cls.raised, None
+            _raise_for(signum)
 
     @classmethod
     @contextlib.contextmanager
@@ -72,11 +84,20 @@ def signals_raise() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _Guard.raised = None
     previous = {s: signal.signal(s, _Guard.handler) for s in _SIGNALS}
+    hook = sys.unraisablehook
+
+    def quiet(unraisable: Any) -> None:  # the guard's own exception, swallowed: raised again at the block's end
+        if not (_Guard.raised is not None and isinstance(unraisable.exc_value, KeyboardInterrupt | SystemExit)):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet
     try:
         yield
     finally:
         with _Guard.deferred():
+            sys.unraisablehook = hook
             for s, h in previous.items():
                 signal.signal(s, h)
 
@@ -199,6 +220,7 @@ def staged_folder(target: Path, carry: Callable[[str], bool] | None = None) -> I
             if carry is not None and target.is_dir():
                 carry_into(target, stage, carry)
             yield stage
+            _Guard.raise_swallowed()
             with _Guard.deferred():
                 fsync_tree(stage)
                 swap_in(stage, target)
@@ -226,6 +248,7 @@ def staged_files(folder: Path, names: list[str]) -> Iterator[Path]:
         ok = False
         try:
             yield stage
+            _Guard.raise_swallowed()
             with _Guard.deferred():
                 fsync_tree(stage)
                 for name in names:

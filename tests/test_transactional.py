@@ -170,6 +170,36 @@ def test_signal_during_a_rerun_leaves_the_old_folder(folder: Path, models: dict[
     assert not staging_left(folder.parent)
 
 
+def test_a_signal_whose_exception_a_finalizer_swallowed_still_stops_the_swap(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Python runs the signal handler wherever the main thread is; inside a finalizer its SystemExit is only printed
+    ("Exception ignored in ...", a traceback) and the block would go on to swap in a half-made set. The block's
+    normal end raises the signal again, with nothing printed: the old folder stays as it was, nothing is staged."""
+    import gc
+    import os
+
+    from core.transaction import staged_folder
+
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+
+    class _SignalledInFinalizer:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(1000))  # the handler runs here, inside the finalizer
+
+    with pytest.raises(SystemExit) as exc, staged_folder(target) as stage:
+        (stage / "new.txt").write_text("new")
+        obj = _SignalledInFinalizer()
+        del obj
+        gc.collect()
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert "Traceback" not in capsys.readouterr().err
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert not staging_left(tmp_path)
+
+
 def test_rerun_swaps_the_set_and_keeps_other_content(folder: Path) -> None:
     """The new set replaces the old artifacts (model.opt.onnx, not in the new manifest, goes); bench/ stays."""
     from convert.config import ConvertConfig, ExportConfig
