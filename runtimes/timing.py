@@ -6,8 +6,9 @@ gives every candidate one block of timed calls, the order rotated by one each ro
 the machine falls on all of them alike; the spread of the per-round p50s is the result's noise
 (``LatencyStats.p50_interval``). Each block starts with untimed calls (``block_warmup``): with ONNX
 Runtime's thread spinning on, the session that ran just before keeps its threads spinning for a moment and
-would steal the cores from the first calls of the next block. Nothing else runs in this process while a
-block is timed (no sampler thread): CPU time is read between blocks.
+would steal the cores from the first calls of the next block; a runner whose calls take ``LONG_CALL_MS`` or more
+needs none (``interleaved_within_memory``). Nothing else runs in this process while a block is timed (no sampler
+thread): CPU time is read between blocks.
 """
 
 from __future__ import annotations
@@ -71,15 +72,17 @@ def split_iters(iters: int, rounds: int) -> list[int]:
 
 
 def interleaved(runners: Sequence[Runner], prepared: Sequence[Any], *, warmup: int, iters: int, rounds: int,
-                block_warmup: int = 1, gpu_util: Callable[[], Callable[[], float | None]] | None = None) -> list[Timed]:
+                block_warmup: int | Sequence[int] = 1,
+                gpu_util: Callable[[], Callable[[], float | None]] | None = None) -> list[Timed]:
     """Time every runner on its prepared feed in ``rounds`` interleaved rounds (see the module docstring).
 
     ``warmup`` untimed calls each first; then per round one block per runner: ``block_warmup`` untimed
-    calls and its share of ``iters`` timed ones. ``gpu_util``: starts a GPU utilisation window and returns
-    the function that reads it (NVML), or None on CPU.
+    calls (one count for all, or one per runner) and its share of ``iters`` timed ones. ``gpu_util``: starts
+    a GPU utilisation window and returns the function that reads it (NVML), or None on CPU.
     """
     for r, p in zip(runners, prepared, strict=True):
         r.time_iterations(p, warmup, 0)
+    block_warm = [block_warmup] * len(runners) if isinstance(block_warmup, int) else list(block_warmup)
     out = [Timed() for _ in runners]
     n = len(runners)
     for k, count in enumerate(split_iters(iters, rounds)):
@@ -87,7 +90,7 @@ def interleaved(runners: Sequence[Runner], prepared: Sequence[Any], *, warmup: i
             i = (k + j) % n
             window = gpu_util() if gpu_util else None
             c0, t0 = time.process_time(), time.perf_counter()  # process CPU time: every thread, ns resolution
-            samples = runners[i].time_iterations(prepared[i], block_warmup, count)
+            samples = runners[i].time_iterations(prepared[i], block_warm[i], count)
             c1, t1 = time.process_time(), time.perf_counter()
             out[i].rounds.append(samples)
             out[i].cpu_s += c1 - c0
@@ -99,6 +102,10 @@ def interleaved(runners: Sequence[Runner], prepared: Sequence[Any], *, warmup: i
 
 #: memory kept free while runners are opened for one interleaved group, at least (see interleaved_within_memory)
 MIN_FREE_BYTES = 2 << 30
+#: a runner whose warmed-up call takes this long gets no untimed call at the start of its blocks: what that call
+#: absorbs (the previous runner's spinning threads, caches it left cold) lasts milliseconds, under 1% of such a call,
+#: while the untimed call doubles the cost of one-call blocks (tune's first stage on vit_b_16: 1-5 s a call)
+LONG_CALL_MS = 250.0
 
 
 def interleaved_within_memory(opens: Sequence[Callable[[], Runner]], feed: dict[str, np.ndarray], *, warmup: int,
@@ -111,12 +118,18 @@ def interleaved_within_memory(opens: Sequence[Callable[[], Runner]], feed: dict[
     not fit ends a chunk. If everything fits, this is ``interleaved``. Otherwise each round opens every chunk in
     turn (chunk order rotated from round to round), times one block of each of its runners and closes it again,
     so every candidate still gets one block per round, and the load of the machine falls on all alike. A runner
-    opened again gets one untimed call (its buffers grow back) before its block's own warm-up call.
+    opened again gets one untimed call (its buffers grow back) before its block's own warm-up call. A runner whose
+    last warm-up call took ``LONG_CALL_MS`` or more gets no block warm-up call.
     """
     from core.resources import available_memory
 
     counts = split_iters(iters, rounds)
     out = [Timed() for _ in opens]
+    call_ms: dict[int, float] = {}  # the last warm-up call of each runner
+
+    def block_warm(idx: list[int]) -> list[int]:
+        return [0 if call_ms.get(i, 0.0) >= LONG_CALL_MS else 1 for i in idx]
+
     chunks: list[list[int]] = []
     start, most = 0, 0
     while start < len(opens):  # round 0, finding the chunks
@@ -128,15 +141,17 @@ def interleaved_within_memory(opens: Sequence[Callable[[], Runner]], feed: dict[
                 before = available_memory()
                 runners.append(stack.enter_context(opens[i]()))
                 prepared.append(runners[-1].prepare(feed))
-                runners[-1].time_iterations(prepared[-1], warmup, 0)
+                if warmup:
+                    call_ms[i] = runners[-1].time_iterations(prepared[-1], warmup - 1, 1)[0]
                 idx.append(i)
                 left = available_memory()
                 most = max(most, before - left)
                 if left < max(MIN_FREE_BYTES, 3 * most):
                     break
             if not chunks and len(idx) == len(opens):
-                return interleaved(runners, prepared, warmup=0, iters=iters, rounds=rounds)
-            for i, t in zip(idx, interleaved(runners, prepared, warmup=0, iters=counts[0], rounds=1), strict=True):
+                return interleaved(runners, prepared, warmup=0, iters=iters, rounds=rounds, block_warmup=block_warm(idx))
+            timed = interleaved(runners, prepared, warmup=0, iters=counts[0], rounds=1, block_warmup=block_warm(idx))
+            for i, t in zip(idx, timed, strict=True):
                 out[i].add(t)
         chunks.append(idx)
         start = idx[-1] + 1
@@ -146,7 +161,8 @@ def interleaved_within_memory(opens: Sequence[Callable[[], Runner]], feed: dict[
             with contextlib.ExitStack() as stack:
                 runners = [stack.enter_context(opens[i]()) for i in idx]
                 prepared = [r.prepare(feed) for r in runners]
-                timed = interleaved(runners, prepared, warmup=min(warmup, 1), iters=count, rounds=1)
+                timed = interleaved(runners, prepared, warmup=min(warmup, 1), iters=count, rounds=1,
+                                    block_warmup=block_warm(idx))
             for i, t in zip(idx, timed, strict=True):
                 out[i].add(t)
     return out

@@ -7,8 +7,11 @@ OpenVINO's performance hint. Candidates outside the accuracy budget are dropped 
 change accuracy, so it is measured once per backend and variant). The rest are timed in interleaved rounds
 with the order rotated (``runtimes.timing``), in stages of growing length; after each stage the candidates
 that are clearly slower than the best (their whole p50 interval above the best's: ``core.metrics``' rule)
-are pruned, until one stage is left or the time budget runs out. Every candidate, its figures, interval and
-the stage it was pruned at go to ``tune.json``.
+are pruned, until one stage is left or the time budget runs out. The first stage is a screen (``screen``
+calls, one per round): its interval is the range of a candidate's calls, so it prunes only a candidate whose
+fastest call is slower than the best's slowest (one thread of two, FP32 against INT8), which on a large model
+is most of the search's cost (vit_b_16 at batch 8: 70 candidates, 1-5 s a call). The screen and the first of
+``stages`` always run. Every candidate, its figures, interval and the stage it was pruned at go to ``tune.json``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class TuneConfig(BaseModel):
                                                                 "throughput: most samples/s at any batch")
     accuracy_budget: float = Field(default=1.0, ge=0, description="Largest accuracy drop against FP32, in points")
     max_minutes: float = Field(default=10.0, gt=0, description="Stop adding stages after this long")
+    screen: int = Field(default=3, ge=0, description="Timed calls per candidate in the screening stage before "
+                                                     "`stages`, one per round (0: none; else at least 3)")
     stages: list[int] = Field(default=[10, 30, 60], description="Timed calls per candidate in each stage")
     rounds: int = Field(default=5, ge=3, description="Interleaved rounds per stage")
     accuracy_samples: int = Field(default=32, ge=1)
@@ -154,6 +159,8 @@ def _time_stage(setup: Any, live: list[Candidate], iters: int, rounds: int) -> N
 
 def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     """Search, prune, pick; see the module docstring."""
+    if 0 < cfg.screen < 3:
+        raise InputError(f"screen of {cfg.screen} call(s): at least 3 (its interval needs three rounds), or 0 for none")
     if unknown := [b for b in cfg.backends if b not in RUNNERS]:
         raise InputError(f"unknown backend(s) {unknown}; available: {', '.join(RUNNERS)}")
     usable = [b for b in cfg.backends if RUNNERS[b].available("cpu") is None]
@@ -167,12 +174,15 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     live = [c for c in candidates if c.within_budget and c.skipped is None]
     if not live:
         raise InputError(f"no candidate is within the accuracy budget of {cfg.accuracy_budget:g} points")
+    screens = [cfg.screen] if cfg.screen and len(live) > 1 else []
     deadline, stages_run = time.monotonic() + 60 * cfg.max_minutes, 0
-    for stage, iters in enumerate(cfg.stages):
-        if stage and (time.monotonic() > deadline or len(live) == 1):
+    for stage, iters in enumerate([*screens, *cfg.stages]):
+        if stage > len(screens) and (time.monotonic() > deadline or len(live) == 1):
             break
-        log(f"stage {stage + 1}: {len(live)} candidate(s) x {iters} timed calls in {cfg.rounds} interleaved rounds")
-        _time_stage(setup, live, iters, cfg.rounds)
+        rounds = iters if stage < len(screens) else cfg.rounds
+        log(f"stage {stage + 1}{' (screen)' if stage < len(screens) else ''}: {len(live)} candidate(s) x {iters} "
+            f"timed calls in {min(rounds, iters)} interleaved rounds")
+        _time_stage(setup, live, iters, rounds)
         stages_run += 1
         best = min(live, key=lambda c: _per_sample(c).p50)
         for c in list(live):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import BackendUnavailableError
+from core.errors import BackendUnavailableError, InputError
 from runtimes.harness import BenchConfig, run_bench
 
 pytest.importorskip("openvino")
@@ -65,6 +65,11 @@ def test_tune_searches_settings_prunes_and_picks_within_budget(tiny_artifacts: P
     assert winner.within_budget and winner.latency_ms is not None and winner.pruned_at_stage is None
     assert all(c.latency_ms is not None for c in res.candidates)  # every candidate measured in stage 1
     assert res.best_per_batch == {"1": res.winner}
+    stages = [line for line in logs if line.startswith("stage ")]  # the screen first, then at least stage 4
+    assert stages[0].endswith("x 3 timed calls in 3 interleaved rounds") and stages[0].startswith("stage 1 (screen):")
+    assert stages[1].startswith("stage 2: ") and res.stages_run == len(stages) >= 2
+    with pytest.raises(InputError, match="screen of 2 call"):
+        run_tune(TuneConfig(artifact_dir=tiny_artifacts, screen=2), log=logs.append)
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "cli.py"), "tune", str(tiny_artifacts), "--backends", "ort",
                            "--variants", "opt", "--max-minutes", "0.1", "--out", str(tmp_path / "t.json")],

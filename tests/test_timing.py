@@ -24,6 +24,9 @@ class _Sleeper(Runner):
         self.tag, self.sleep_s, self.log = tag, sleep_s, log
         self.options = RunnerOptions()
 
+    def _load(self) -> None:
+        pass
+
     def run_once(self, prepared: Any) -> None:
         self.log.append(self.tag)
         time.sleep(self.sleep_s)
@@ -88,6 +91,17 @@ def test_runners_that_do_not_fit_in_memory_are_timed_in_chunks_every_round(
     assert [[len(r) for r in t.rounds] for t in timed] == [[2, 2, 2]] * 5
     assert _Held.memory == {"used": 0, "loads": loads, "peak": peak_gib << 30}
     assert timing.MIN_FREE_BYTES == 2 << 30
+
+
+def test_a_long_call_gets_no_block_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The untimed call at the start of each block absorbs millisecond effects; a runner whose calls take
+    LONG_CALL_MS or more skips it (one-call blocks of a 2 s call would otherwise cost twice the timed time)."""
+    monkeypatch.setattr(timing, "LONG_CALL_MS", 5.0)
+    log: list[str] = []
+    timed = interleaved_within_memory([lambda: _Sleeper("short", 0.0005, log), lambda: _Sleeper("long", 0.01, log)],
+                                      {}, warmup=2, iters=3, rounds=3)
+    assert [len(t.samples) for t in timed] == [3, 3]
+    assert log.count("short") == 2 + 3 + 3 and log.count("long") == 2 + 3  # warm-ups, block warm-ups, timed
 
 
 def test_interval_rule() -> None:
