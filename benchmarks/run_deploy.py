@@ -168,16 +168,11 @@ def _ms(lat: Any) -> str:
 
 
 def _pick(result: TuneResult, batch: int, precision: str | None = None) -> Candidate | None:
-    """tune's winner (``precision`` None), or its best candidate of that precision at ``batch`` (best_per_batch's
-    rule: the one that lasted longest in the search, then the lowest p50)."""
-    from runtimes.tune import best_per_batch
-
-    timed = [c for c in result.candidates if c.batch_size == batch and c.latency_ms is not None
-             and (precision is None or c.precision == precision)]
-    if not timed:
-        return None
-    label = result.winner if precision is None else best_per_batch(timed)[str(batch)]
-    return next((c for c in timed if c.label == label), None)
+    """tune's winner (``precision`` None), or its best candidate of that precision at ``batch`` (best_per_precision:
+    the one that lasted longest in the search, then the lowest p50; re-timed with the winner in tune's final stage
+    if it was pruned early)."""
+    label = result.winner if precision is None else result.best_per_precision.get(str(batch), {}).get(precision)
+    return next((c for c in result.candidates if c.label == label and c.batch_size == batch), None)
 
 
 def _target_fastest(pick: Candidate, records: list[BenchRecord], random_init: bool, args: argparse.Namespace,
@@ -271,6 +266,7 @@ def _tune_summary(result: TuneResult, batch: int, secs: float) -> dict[str, Any]
 
     return {"objective": result.config.get("objective"), "winner": label(_pick(result, batch)), "reason": result.reason,
             "best_per_batch": result.best_per_batch, "stages_run": result.stages_run, "seconds": round(secs, 1),
+            "final_stage": result.final_stage,
             "fp32_pick": label(_pick(result, batch, "fp32")), "int8_pick": label(_pick(result, batch, "int8")),
             "candidates": len(result.candidates), "timed": sum(c.latency_ms is not None for c in result.candidates)}
 
@@ -323,9 +319,16 @@ def _model_md(model: str, e: dict[str, Any]) -> list[str]:
     lines += ["", *[f"- skipped in bench: {w}" for w in e["warnings"]]]
     for b, t in e["tune"].items():
         lines.append(f"- tune at batch {b} ({t['objective']}, {t['timed']}/{t['candidates']} candidates timed, "
-                     f"{t['stages_run']} stage(s), {t['seconds']:.0f} s): winner {t['winner']}; FP32 pick "
+                     f"{t['stages_run']} stage(s){_final(t)}, {t['seconds']:.0f} s): winner {t['winner']}; FP32 pick "
                      f"{t['fp32_pick']}; INT8 pick {t['int8_pick']}; {t['reason']}")
     return [*lines, ""]
+
+
+def _final(t: dict[str, Any]) -> str:
+    """How many candidates tune's final stage re-timed with the winner (absent: measured before it existed)."""
+    if "final_stage" not in t:
+        return "; no final stage (an earlier tune)"
+    return f" + a final stage re-timing {len(t['final_stage'])} side by side" if t["final_stage"] else ""
 
 
 def _markdown(p: dict[str, Any]) -> str:

@@ -11,7 +11,11 @@ are pruned, until one stage is left or the time budget runs out. The first stage
 calls, one per round): its interval is the range of a candidate's calls, so it prunes only a candidate whose
 fastest call is slower than the best's slowest (one thread of two, FP32 against INT8), which on a large model
 is most of the search's cost (vit_b_16 at batch 8: 70 candidates, 1-5 s a call). The screen and the first of
-``stages`` always run. Every candidate, its figures, interval and the stage it was pruned at go to ``tune.json``.
+``stages`` always run. The best candidate of each precision at each batch size (``best_per_precision``: what to
+deploy where INT8 is not allowed) may have been pruned early, its figures resting on the screen's three calls; if
+so, a final stage re-times those and the winner side by side (``stages[0]`` calls, few sessions held), so the
+figures they are quoted with come from the same, longer measurement. Every candidate, its figures (from the last
+stage it was timed in), interval and the stage it was pruned at go to ``tune.json``.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class Candidate(BaseModel):
     accuracy_drop_points: float | None = None
     within_budget: bool = True
     skipped: str | None = Field(default=None, description="Why it was not measured (backend unavailable, ...)")
-    latency_ms: LatencyStats | None = None
+    latency_ms: LatencyStats | None = Field(default=None, description="From the last stage it was timed in")
     throughput: float | None = None
     pruned_at_stage: int | None = Field(default=None, description="Stage after which it was clearly slower")
 
@@ -92,6 +96,11 @@ class TuneResult(BaseModel):
         default_factory=dict, description="Batch size -> the best candidate measured at it (e.g. which INT8 layout "
                                           "to deploy at that batch): the one that lasted longest in the search, "
                                           "then the lowest p50")
+    best_per_precision: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="Batch size -> precision -> its best candidate (best_per_batch's rule)")
+    final_stage: list[str] = Field(default_factory=list, description="Candidates re-timed side by side after the "
+                                                                     "search: the winner and best_per_precision's, "
+                                                                     "when one of them was pruned early")
 
 
 def settings_for(backend: str) -> list[dict[str, Any]]:
@@ -194,8 +203,17 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     reason = (f"fastest {'p50 at batch ' + str(win.batch_size) if cfg.objective == 'latency' else 'samples/s'} "
               f"within {cfg.accuracy_budget:g} points after {stages_run} stage(s)"
               + (f"; within the noise of: {'; '.join(tied)}" if tied else "; every other candidate clearly slower"))
+    per_batch, per_precision = best_per_batch(candidates), best_per_precision(candidates)
+    labels = {win.label, *(label for by_p in per_precision.values() for label in by_p.values())}
+    final = [c for c in candidates if c.label in labels]
+    if any(c.pruned_at_stage for c in final):
+        log(f"final stage: the winner and the best of each precision ({len(final)}) re-timed side by side, "
+            f"{cfg.stages[0]} timed calls in {cfg.rounds} interleaved rounds")
+        _time_stage(setup, final, cfg.stages[0], cfg.rounds)
     return TuneResult(config=cfg.model_dump(mode="json"), candidates=candidates, winner=win.label,
-                      stages_run=stages_run, reason=reason, best_per_batch=best_per_batch(candidates))
+                      stages_run=stages_run, reason=reason, best_per_batch=per_batch,
+                      best_per_precision=per_precision,
+                      final_stage=[c.label for c in final] if any(c.pruned_at_stage for c in final) else [])
 
 
 def best_per_batch(candidates: list[Candidate]) -> dict[str, str]:
@@ -207,6 +225,14 @@ def best_per_batch(candidates: list[Candidate]) -> dict[str, str]:
         return (-(c.pruned_at_stage or float("inf")), _per_sample(c).p50)
 
     return {str(b): min((c for c in timed if c.batch_size == b), key=rank).label
+            for b in sorted({c.batch_size for c in timed})}
+
+
+def best_per_precision(candidates: list[Candidate]) -> dict[str, dict[str, str]]:
+    """For each batch size and precision measured, its best candidate by best_per_batch's rule."""
+    timed = [c for c in candidates if c.latency_ms is not None]
+    return {str(b): {p: best_per_batch([c for c in timed if c.batch_size == b and c.precision == p])[str(b)]
+                     for p in sorted({c.precision for c in timed if c.batch_size == b})}
             for b in sorted({c.batch_size for c in timed})}
 
 

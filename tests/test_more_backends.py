@@ -96,23 +96,58 @@ def test_best_per_batch_prefers_the_candidates_that_lasted_then_the_fastest() ->
     assert best == {"1": cands[0].label, "8": cands[4].label}
 
 
-def test_tune_grades_random_init_weights_on_the_output_cosine(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def r18_int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random-init resnet18 at 32x32: its FP32 export and a dynamic INT8 variant."""
+    from convert.config import ConvertConfig, ExportConfig, QuantConfig
+    from convert.pipeline import run_convert
+
+    out = tmp_path_factory.mktemp("r18") / "r18"
+    run_convert(ConvertConfig(export=ExportConfig(model="resnet18", input_shape=(1, 3, 32, 32), optimize=False),
+                              quant=QuantConfig(int8_dynamic=True), out=out), log=lambda _m: None)
+    return out
+
+
+def test_tune_grades_random_init_weights_on_the_output_cosine(r18_int8: Path) -> None:
     """Random-init weights give near-uniform class scores whose argmax flips on rounding noise, so convert's gates
     grade them on 100 x (1 - cosine); tune must use the same basis, else it drops every INT8 variant of a random-init
     model (the benchmark models) as 'over the accuracy budget' while convert passed them."""
-    from convert.config import ConvertConfig, ExportConfig, QuantConfig
-    from convert.pipeline import run_convert
     from runtimes.tune import TuneConfig, run_tune
 
-    out = tmp_path / "r18"
-    run_convert(ConvertConfig(export=ExportConfig(model="resnet18", input_shape=(1, 3, 32, 32), optimize=False),
-                              quant=QuantConfig(int8_dynamic=True), out=out), log=lambda _m: None)
-    res = run_tune(TuneConfig(artifact_dir=out, backends=["ort"], stages=[2], rounds=3, accuracy_samples=8),
+    res = run_tune(TuneConfig(artifact_dir=r18_int8, backends=["ort"], stages=[2], rounds=3, accuracy_samples=8),
                    log=lambda _m: None)
     int8 = [c for c in res.candidates if c.variant == "int8_dynamic"]
     assert int8 and all(c.within_budget for c in int8)
     # the cosine basis: small but never exactly 0 for INT8 (top-1 agreement on these inputs is a flat 100%)
     assert all(c.accuracy_drop_points is not None and 0 < c.accuracy_drop_points < 1 for c in int8)
+
+
+def test_the_best_of_each_precision_pruned_at_the_screen_is_re_timed_with_the_winner(
+        r18_int8: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FP32 clearly slower than INT8 is pruned at the screen; the FP32 figures quoted (best_per_precision) must not
+    rest on its three calls: a final stage re-times the best FP32 candidate and the winner side by side. The stage
+    timings are pretend (FP32 2 ms, INT8 1 ms, one thread 10% slower): this checks tune's schedule, not a runtime."""
+    from core.metrics import LatencyStats
+    from runtimes import tune
+
+    stages: list[tuple[list[str], int]] = []
+
+    def pretend(setup: object, live: list[tune.Candidate], iters: int, rounds: int) -> None:
+        stages.append(([c.label for c in live], iters))
+        for c in live:
+            ms = (2.0 if c.precision == "fp32" else 1.0) * (1.1 if c.settings.get("threads") == 1 else 1.0)
+            c.latency_ms = LatencyStats.from_samples([ms] * iters, [[ms]] * min(iters, rounds))
+
+    monkeypatch.setattr(tune, "_time_stage", pretend)
+    res = tune.run_tune(tune.TuneConfig(artifact_dir=r18_int8, backends=["ort"], stages=[4, 8], rounds=3,
+                                        accuracy_samples=4), log=lambda _m: None)
+    per = res.best_per_precision["1"]
+    assert set(per) == {"fp32", "int8"} and per["int8"] == res.winner
+    fp32 = next(c for c in res.candidates if c.label == per["fp32"])
+    assert fp32.pruned_at_stage == 1 and fp32.settings["threads"] != 1  # pruned at the screen, the faster setting
+    assert stages[0][1] == 3 and len(stages[0][0]) == len(res.candidates)  # the screen: every candidate
+    assert stages[-1] == (res.final_stage, 4) and set(res.final_stage) == {res.winner, fp32.label}
+    assert fp32.latency_ms is not None and fp32.latency_ms.iters == 4  # its figures: the final stage's
 
 
 def test_ort_graph_level_and_execution_mode_reach_the_session(tiny_artifacts: Path) -> None:
