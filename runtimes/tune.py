@@ -12,8 +12,8 @@ calls, one per round): its interval is the range of a candidate's calls, so it p
 fastest call is slower than the best's slowest (one thread of two, FP32 against INT8), which on a large model
 is most of the search's cost (vit_b_16 at batch 8: 70 candidates, 1-5 s a call). The screen and the first of
 ``stages`` always run. The best candidate of each precision at each batch size (``best_per_precision``: what to
-deploy where INT8 is not allowed) may have been pruned early, its figures resting on the screen's three calls; if
-so, a final stage re-times those and the winner side by side (``stages[0]`` calls, few sessions held), so the
+deploy where INT8 is not allowed) or at each batch size may have been pruned early, its figures resting on the
+screen's three calls; if so, a final stage re-times those and the winner side by side (``stages[0]`` calls, few sessions held), so the
 figures they are quoted with come from the same, longer measurement. Every candidate, its figures (from the last
 stage it was timed in), interval and the stage it was pruned at go to ``tune.json``.
 """
@@ -99,8 +99,8 @@ class TuneResult(BaseModel):
     best_per_precision: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="Batch size -> precision -> its best candidate (best_per_batch's rule)")
     final_stage: list[str] = Field(default_factory=list, description="Candidates re-timed side by side after the "
-                                                                     "search: the winner and best_per_precision's, "
-                                                                     "when one of them was pruned early")
+                                                                     "search: the winner, best_per_batch's and "
+                                                                     "best_per_precision's, when one was pruned early")
 
 
 def settings_for(backend: str) -> list[dict[str, Any]]:
@@ -204,10 +204,10 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
               f"within {cfg.accuracy_budget:g} points after {stages_run} stage(s)"
               + (f"; within the noise of: {'; '.join(tied)}" if tied else "; every other candidate clearly slower"))
     per_batch, per_precision = best_per_batch(candidates), best_per_precision(candidates)
-    labels = {win.label, *(label for by_p in per_precision.values() for label in by_p.values())}
+    labels = {win.label, *per_batch.values(), *(label for by_p in per_precision.values() for label in by_p.values())}
     final = [c for c in candidates if c.label in labels]
     if any(c.pruned_at_stage for c in final):
-        log(f"final stage: the winner and the best of each precision ({len(final)}) re-timed side by side, "
+        log(f"final stage: the winner and the best at each batch and precision ({len(final)}) re-timed side by side, "
             f"{cfg.stages[0]} timed calls in {cfg.rounds} interleaved rounds")
         _time_stage(setup, final, cfg.stages[0], cfg.rounds)
     return TuneResult(config=cfg.model_dump(mode="json"), candidates=candidates, winner=win.label,
@@ -253,6 +253,8 @@ def tune_table(result: TuneResult) -> Any:
         outcome = ("winner" if c.label == result.winner else c.skipped or
                    ("over the accuracy budget" if not c.within_budget else
                     f"pruned after stage {c.pruned_at_stage}" if c.pruned_at_stage else "within the noise"))
+        if c.label in result.final_stage:
+            outcome += "; re-timed in the final stage"
         drop = "-" if c.accuracy_drop_points is None else f"{c.accuracy_drop_points:.2f}"
         table.add_row(escape(c.label), drop, p50, "-" if c.throughput is None else f"{c.throughput:.1f}",
                       escape(outcome))

@@ -148,6 +148,11 @@ def test_the_best_of_each_precision_pruned_at_the_screen_is_re_timed_with_the_wi
     assert stages[0][1] == 3 and len(stages[0][0]) == len(res.candidates)  # the screen: every candidate
     assert stages[-1] == (res.final_stage, 4) and set(res.final_stage) == {res.winner, fp32.label}
     assert fp32.latency_ms is not None and fp32.latency_ms.iters == 4  # its figures: the final stage's
+    from rich.console import Console
+
+    console = Console(record=True, width=400)
+    console.print(tune.tune_table(res))
+    assert "pruned after stage 1; re-timed in the final stage" in console.export_text()
 
 
 def test_ort_graph_level_and_execution_mode_reach_the_session(tiny_artifacts: Path) -> None:
