@@ -28,9 +28,8 @@ The FP32 matmul peak is the fastest 1024^3 product by PyTorch, ONNX Runtime or O
 of three measurements per model (before bench, in bench, after tune): load from other processes only lowers it.
 
 Writes benchmarks/results/NAME.{json,md} (NAME: ``--name``, default deploy_cpu; a smoke run: another name). Time,
-measured on 2 cores: densenet121, resnet50 and the transformer 52 minutes (before tune's screening stage);
-vit_b_16 alone 42 minutes (bench 7, tune at batch 1 6, at batch 8 29: 70 candidates at 1-5 s a call, screened
-with 3 calls each, in memory-sized chunks); each phase's seconds are recorded. To shrink: --models
+measured on 2 cores: all four models 50 minutes (3012 s), vit_b_16 about 35 of them (its batch-8 tune 23: 70
+candidates at 1-5 s a call, screened with 3 calls each, in memory-sized chunks); each phase's seconds are recorded. To shrink: --models
 densenet121,resnet50,transformer, --iters 5, --backends ort,openvino (no eager/compile rows: target (a) then
 checks only the deployable backends), --layouts ''.
 """
