@@ -206,14 +206,16 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     per_batch, per_precision = best_per_batch(candidates), best_per_precision(candidates)
     labels = {win.label, *per_batch.values(), *(label for by_p in per_precision.values() for label in by_p.values())}
     final = [c for c in candidates if c.label in labels]
-    if any(c.pruned_at_stage for c in final):
+    if not any(c.pruned_at_stage for c in final):
+        final = []  # every pick's figures already come from the longest stage run
+    if final:
         log(f"final stage: the winner and the best at each batch and precision ({len(final)}) re-timed side by side, "
             f"{cfg.stages[0]} timed calls in {cfg.rounds} interleaved rounds")
         _time_stage(setup, final, cfg.stages[0], cfg.rounds)
     return TuneResult(config=cfg.model_dump(mode="json"), candidates=candidates, winner=win.label,
                       stages_run=stages_run, reason=reason, best_per_batch=per_batch,
                       best_per_precision=per_precision,
-                      final_stage=[c.label for c in final] if any(c.pruned_at_stage for c in final) else [])
+                      final_stage=[c.label for c in final])
 
 
 def best_per_batch(candidates: list[Candidate]) -> dict[str, str]:
