@@ -17,15 +17,20 @@ Per model, everything through ``cli.py`` (what users run), random-init weights:
    both objectives rank alike; one run per batch is chosen over one throughput run over 1,8 because there every
    batch-1 candidate is compared per sample with batch 8, pruned after the first stage, and its pick rests on
    10 calls; here each batch's pick comes out of its own search. Accuracy budget: ``--budget`` (1 point).
-4. Targets per model and batch. (a) tune's pick is the fastest: met unless a bench row within the budget is clearly
-   faster (its whole p50 interval below the pick's: core.metrics.clearly_slower, the rule used everywhere); tune
-   also searches settings (threads, spinning, OpenVINO hint) that bench rows run at their defaults, and the two
-   runs are minutes apart. (b) the FP32 pick (tune's best FP32 candidate) reaches >= 70% of the measured FP32
-   matrix-multiply peak at batch 1, >= 85% at batch 8. (c) on a CPU with VNNI: FP32 pick p50 / INT8 pick p50
-   >= 1.5 at batch 1 and 8 (not applicable without VNNI).
+4. Head-to-head per batch (benchmarks/deploy_h2h.py): tune's winner, its best FP32 and best INT8 candidate (with
+   tune's settings), every bench configuration within the budget (at bench's defaults) and an FP32 1024^3 GEMM, all
+   timed in the same interleaved rounds (``--h2h-iters`` calls each). The machine's speed drifts by far within
+   minutes (the run of 2026-12-03: GEMM peak 322 GFLOP/s during bench, 209 after tune, and every configuration tune
+   timed 1.4-1.9x slower than bench had), so the targets are read from these same-round figures only.
+5. Targets per model and batch. (a) tune's pick is the fastest: met unless a bench configuration is clearly faster
+   (its whole p50 interval below the pick's: core.metrics.clearly_slower, the rule used everywhere). (b) the FP32
+   pick reaches >= 70% of the GEMM's rate (its best call in the same rounds, core.flops' peak definition) at batch 1,
+   >= 85% at batch 8. (c) on a CPU with VNNI: FP32 pick p50 / INT8 pick p50 >= 1.5 at batch 1 and 8 (not applicable
+   without VNNI).
 
-The FP32 matmul peak is the fastest 1024^3 product by PyTorch, ONNX Runtime or OpenVINO (core.flops), the highest
-of three measurements per model (before bench, in bench, after tune): load from other processes only lowers it.
+The bench tables' "% of peak" uses the FP32 matmul peak by PyTorch, ONNX Runtime or OpenVINO (core.flops), the
+highest of three measurements per model (before bench, in bench, after tune); the GEMM library of the head-to-head
+is the fastest before bench.
 
 Writes benchmarks/results/NAME.{json,md} (NAME: ``--name``, default deploy_cpu; a smoke run: another name). Time,
 measured on 2 cores: all four models 50 minutes (3012 s), vit_b_16 about 35 of them (its batch-8 tune 23: 70
@@ -48,8 +53,10 @@ from typing import TYPE_CHECKING, Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import ROOT, ensure_converted, machine, write
+from benchmarks.deploy_h2h import head_to_head
 
 if TYPE_CHECKING:
+    from core.metrics import LatencyStats
     from reports.models import BenchRecord, BenchResults
     from runtimes.tune import Candidate, TuneResult
 
@@ -71,7 +78,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--tune-backends", default="ort,openvino")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=10, help="bench timed calls per target and batch")
-    ap.add_argument("--rounds", type=int, default=5, help="bench interleaved rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="bench and head-to-head interleaved rounds")
+    ap.add_argument("--h2h-iters", type=int, default=15, help="head-to-head timed calls per configuration")
     ap.add_argument("--tune-minutes", type=float, default=1.0, help="tune --max-minutes per batch size (its first "
                                                                      "stage always runs)")
     ap.add_argument("--budget", type=float, default=1.0, help="accuracy budget, points")
@@ -174,43 +182,55 @@ def _pick(result: TuneResult, batch: int, precision: str | None = None) -> Candi
     return next((c for c in result.candidates if c.label == label and c.batch_size == batch), None)
 
 
-def _target_fastest(pick: Candidate, records: list[BenchRecord], random_init: bool, args: argparse.Namespace,
-                    result: TuneResult) -> dict[str, Any]:
+def _lat(row: dict[str, Any]) -> LatencyStats:
+    from core.metrics import LatencyStats
+
+    return LatencyStats.model_validate(row["latency_ms"])
+
+
+def _role(h2h: dict[str, Any], role: str) -> dict[str, Any] | None:
+    return next((r for r in h2h["rows"] if role in r["roles"]), None)
+
+
+def _target_fastest(h2h: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """(a) on the head-to-head's figures: no bench configuration clearly faster than tune's winner."""
     from core.metrics import clearly_slower
 
-    assert pick.latency_ms is not None
-    within = [r for r in records if _drop(r, random_init) <= args.budget + 1e-9]
-    fastest = min(within, key=lambda r: r.latency_ms.p50)
-    faster = [r for r in within if clearly_slower(pick.latency_ms, r.latency_ms)]
-    figures = (f"pick {pick.label}: {_ms(pick.latency_ms)}; fastest bench row {fastest.backend}:{fastest.variant} "
-               f"({fastest.precision}): {_ms(fastest.latency_ms)}")
-    reason = None
-    if faster:
-        r = min(faster, key=lambda x: x.latency_ms.p50)
-        searched = {(c.backend, c.variant) for c in result.candidates if c.within_budget}
-        reason = (f"tune does not search {r.backend} (--tune-backends {args.tune_backends})"
-                  if r.backend not in args.tune_backends.split(",") else
-                  f"tune did not search {r.backend}:{r.variant}" if (r.backend, r.variant) not in searched else
-                  f"tune timed {r.backend}:{r.variant} too, slower than bench did: the two runs were minutes apart "
-                  "on a shared CPU, under different load")
-        figures += f"; clearly faster in bench: {r.backend}:{r.variant} {_ms(r.latency_ms)}"
-    return {"target": "tune's pick is the fastest (no bench row clearly faster)", "verdict": "MISSED" if faster
-            else "met", "figures": figures, "reason": reason}
+    out: dict[str, Any] = {"target": "tune's pick is the fastest (no bench configuration clearly faster, same rounds)",
+                           "reason": None}
+    pick, bench = _role(h2h, "winner"), [r for r in h2h["rows"] if "bench" in r["roles"]]
+    if pick is None or not bench:
+        return out | {"verdict": "MISSED", "figures": "no pick or no bench configuration",
+                      "reason": "tune or bench measured nothing at this batch"}
+    fastest = min(bench, key=lambda r: _lat(r).p50)
+    faster = [r for r in bench if r is not pick and clearly_slower(_lat(pick), _lat(r))]
+    figures = (f"pick {pick['config']}: {_ms(_lat(pick))}; fastest bench configuration {fastest['config']}: "
+               f"{_ms(_lat(fastest))}")
+    if not faster:
+        return out | {"verdict": "met", "figures": figures}
+    r = min(faster, key=lambda x: _lat(x).p50)
+    reason = (f"tune does not search {r['backend']} (--tune-backends {args.tune_backends})"
+              if r["backend"] not in args.tune_backends.split(",") else
+              f"tune timed {r['backend']}:{r['variant']} and ranked it lower: its stages' intervals overlapped, or "
+              "the machine's speed drifted within them")
+    return out | {"verdict": "MISSED", "figures": f"{figures}; clearly faster: {r['config']} {_ms(_lat(r))}",
+                  "reason": reason}
 
 
-def _target_peak(fp32: Candidate | None, batch: int, records: list[BenchRecord], peak: float | None,
-                 load: float) -> dict[str, Any]:
+def _target_peak(h2h: dict[str, Any], batch: int, load: float) -> dict[str, Any]:
+    """(b) the FP32 pick's GFLOP/s over the GEMM's best call, both in the head-to-head's rounds."""
     goal = PEAK_TARGET.get(batch)
-    out: dict[str, Any] = {"target": f"FP32 pick >= {goal:.0%} of the FP32 matmul peak" if goal else
-                           "FP32 pick's fraction of the FP32 matmul peak (no target at this batch)", "reason": None}
-    gflop = next((r.gflop for r in records if r.gflop), None)
-    if fp32 is None or fp32.latency_ms is None or not gflop or not peak:
+    out: dict[str, Any] = {"target": f"FP32 pick >= {goal:.0%} of the FP32 GEMM peak (same rounds)" if goal else
+                           "FP32 pick's fraction of the FP32 GEMM peak (no target at this batch)", "reason": None}
+    fp32, gemm = _role(h2h, "fp32 pick"), h2h["gemm"]
+    if fp32 is None or fp32["peak_fraction"] is None:
         return out | {"verdict": "MISSED" if goal else "-", "figures": "no FP32 pick or no GFLOP count",
-                      "reason": "tune measured no FP32 candidate, or bench could not count the model's GFLOP"}
-    frac = gflop / (fp32.latency_ms.p50 / 1e3) / peak
-    out["figures"] = (f"{fp32.label}: {gflop:.2f} GFLOP in {fp32.latency_ms.p50:.2f} ms = "
-                      f"{gflop / fp32.latency_ms.p50 * 1e3:.1f} GFLOP/s, {frac:.0%} of the {peak:.1f} GFLOP/s peak")
-    out["fraction"] = round(frac, 4)
+                      "reason": "tune measured no FP32 candidate, or the model's GFLOP could not be counted"}
+    frac, p50 = fp32["peak_fraction"], _lat(fp32).p50
+    out["figures"] = (f"{fp32['config']}: {fp32['gflop']:.2f} GFLOP in {p50:.2f} ms = {fp32['gflop'] / p50 * 1e3:.1f} "
+                      f"GFLOP/s, {frac:.0%} of the {gemm['library']} GEMM's {gemm['peak_gflops']:.1f} GFLOP/s "
+                      f"(its best call; at its p50 {gemm['p50_gflops']:.1f})")
+    out["fraction"] = frac
     if goal is None:
         return out | {"verdict": "-"}
     if frac >= goal:
@@ -224,18 +244,20 @@ def _target_peak(fp32: Candidate | None, batch: int, records: list[BenchRecord],
     return out | {"verdict": "MISSED", "reason": f"likely: {why}{busy}"}
 
 
-def _target_int8(fp32: Candidate | None, int8: Candidate | None, batch: int, vnni: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"target": f"INT8 pick >= {INT8_TARGET}x the FP32 pick (CPU with VNNI)", "reason": None}
+def _target_int8(h2h: dict[str, Any], batch: int, vnni: bool) -> dict[str, Any]:
+    """(c) FP32 pick p50 / INT8 pick p50, both in the head-to-head's rounds."""
+    out: dict[str, Any] = {"target": f"INT8 pick >= {INT8_TARGET}x the FP32 pick (CPU with VNNI; same rounds)",
+                           "reason": None}
     if batch not in INT8_TARGET_BATCHES:
         return out | {"verdict": "-", "figures": "no target at this batch"}
     if not vnni:
         return out | {"verdict": "not applicable", "figures": "this CPU has no VNNI"}
-    if fp32 is None or fp32.latency_ms is None or int8 is None or int8.latency_ms is None:
+    fp32, int8 = _role(h2h, "fp32 pick"), _role(h2h, "int8 pick")
+    if fp32 is None or int8 is None:
         return out | {"verdict": "MISSED", "figures": "no INT8 or no FP32 candidate timed",
                       "reason": "no INT8 variant within the accuracy budget (or none could run)"}
-    ratio = fp32.latency_ms.p50 / int8.latency_ms.p50
-    out["figures"] = (f"{ratio:.2f}x: FP32 {fp32.label} {_ms(fp32.latency_ms)}, INT8 {int8.label} "
-                      f"{_ms(int8.latency_ms)}")
+    ratio = _lat(fp32).p50 / _lat(int8).p50
+    out["figures"] = f"{ratio:.2f}x: FP32 {fp32['config']} {_ms(_lat(fp32))}, INT8 {int8['config']} {_ms(_lat(int8))}"
     out["ratio"] = round(ratio, 3)
     if ratio >= INT8_TARGET:
         return out | {"verdict": "met"}
@@ -245,16 +267,11 @@ def _target_int8(fp32: Candidate | None, int8: Candidate | None, batch: int, vnn
     return out | {"verdict": "MISSED", "reason": f"likely: {why}"}
 
 
-def _targets(model: str, tunes: dict[int, TuneResult], bench: BenchResults, random_init: bool,
-             args: argparse.Namespace, vnni: bool, load: float, peak: float) -> list[dict[str, Any]]:
+def _targets(model: str, h2hs: dict[int, dict[str, Any]], args: argparse.Namespace, vnni: bool,
+             load: float) -> list[dict[str, Any]]:
     out = []
-    for b, result in tunes.items():
-        records = [r for r in bench.records if r.batch_size == b]
-        pick, fp32, int8 = _pick(result, b), _pick(result, b, "fp32"), _pick(result, b, "int8")
-        rows = [_target_fastest(pick, records, random_init, args, result)] if pick and records else [
-            {"target": "tune's pick is the fastest", "verdict": "MISSED", "figures": "no pick or no bench rows",
-             "reason": "tune or bench measured nothing at this batch"}]
-        rows += [_target_peak(fp32, b, records, peak, load), _target_int8(fp32, int8, b, vnni)]
+    for b, h2h in h2hs.items():
+        rows = [_target_fastest(h2h, args), _target_peak(h2h, b, load), _target_int8(h2h, b, vnni)]
         out += [{"model": model, "batch": b, **t} for t in rows]
     return out
 
@@ -290,11 +307,20 @@ def _model(model: str, args: argparse.Namespace, vnni: bool) -> tuple[dict[str, 
         tunes[b], secs = _tune(folder, variants, b, args)
         entry["tune"][str(b)] = _tune_summary(tunes[b], b, secs)
     peaks |= {"in bench": bench.machine.get("matmul_peaks_gflops") or {}, "after tune": _peaks()}
+    gemm = max(peaks["before bench"], key=lambda lib: peaks["before bench"][lib])
+    entry["head_to_head"] = {}
+    for b, result in tunes.items():
+        picks = {"winner": _pick(result, b), "fp32 pick": _pick(result, b, "fp32"), "int8 pick": _pick(result, b, "int8")}
+        records = [r for r in bench.records if r.batch_size == b]
+        entry["head_to_head"][str(b)] = head_to_head(
+            folder, variants, b, picks, records, lambda r: _drop(r, random_init) <= args.budget + 1e-9, gemm,
+            args.h2h_iters, args.rounds)
     peak = entry["matmul_peak_gflops"] = max(v for by_lib in peaks.values() for v in by_lib.values())
     entry |= {"peak_measurements_gflops": peaks, "warnings": bench.warnings,
               "rows": [_row(r, random_init, peak) for r in sorted(bench.records,
                                                                   key=lambda r: (r.batch_size, r.latency_ms.p50))]}
-    return entry, _targets(model, tunes, bench, random_init, args, vnni, entry["load_avg_before"][0], peak)
+    return entry, _targets(model, {int(b): h for b, h in entry["head_to_head"].items()}, args, vnni,
+                           entry["load_avg_before"][0])
 
 
 def _model_md(model: str, e: dict[str, Any]) -> list[str]:
@@ -320,6 +346,22 @@ def _model_md(model: str, e: dict[str, Any]) -> list[str]:
         lines.append(f"- tune at batch {b} ({t['objective']}, {t['timed']}/{t['candidates']} candidates timed, "
                      f"{t['stages_run']} stage(s){_final(t)}, {t['seconds']:.0f} s): winner {t['winner']}; FP32 pick "
                      f"{t['fp32_pick']}; INT8 pick {t['int8_pick']}; {t['reason']}")
+    for b, h in e.get("head_to_head", {}).items():
+        lines += _h2h_md(b, h)
+    return [*lines, ""]
+
+
+def _h2h_md(batch: str, h: dict[str, Any]) -> list[str]:
+    g = h["gemm"]
+    lines = ["", f"Head-to-head at batch {batch} ({h['seconds']:.0f} s; {h['iters']} calls each in {h['rounds']} "
+             f"interleaved rounds; the {g['library']} {g['n']}^3 FP32 GEMM in the same rounds: {g['peak_gflops']:.1f} "
+             f"GFLOP/s at its best call, {g['p50_gflops']:.1f} at its p50; settings: those not at RunnerOptions' "
+             "defaults):", "", "| configuration | role | p50 ms | 95% interval | % of GEMM peak |", "|---|---|---|---|---|"]
+    for r in h["rows"]:
+        lo, hi = r["latency_ms"]["p50_interval"] or (r["latency_ms"]["p50"],) * 2
+        frac = r["peak_fraction"]
+        lines.append(f"| {r['config']} | {', '.join(r['roles'])} | {r['latency_ms']['p50']:.2f} | {lo:.2f}-{hi:.2f} | "
+                     f"{'' if frac is None else f'{100 * frac:.0f}%'} |")
     return [*lines, ""]
 
 

@@ -104,19 +104,32 @@ def matmul_peaks(threads: int | None = None, n: int = 1024, repeats: int = 16) -
     (an FP32 transformer on OpenVINO at 166% of PyTorch's GEMM rate)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        out = {"torch": _best_gflops(lambda: torch.mm(a, b), n, repeats)}
+        return {name: _best_gflops(call, n, repeats) for name in MATMUL_LIBRARIES
+                if (call := matmul_call(name, n, threads)) is not None}
     finally:
         torch.set_num_threads(before)
-    feed = {"A": a.numpy(), "B": b.numpy()}
-    for name, run in (("onnxruntime", _ort_matmul), ("openvino", _openvino_matmul)):
-        if (call := run(n, threads)) is not None:
-            out[name] = _best_gflops(functools.partial(call, feed), n, repeats)
-    return out
+
+
+#: the GEMM libraries ``matmul_peaks`` measures
+MATMUL_LIBRARIES = ("torch", "onnxruntime", "openvino")
+
+
+def matmul_call(library: str, n: int = 1024, threads: int | None = None) -> Callable[[], object] | None:
+    """One n x n FP32 product by ``library`` (one of MATMUL_LIBRARIES) on fixed random operands, as a call to
+    time; None when the library is not installed. ``threads``: ONNX Runtime's and OpenVINO's; PyTorch's product
+    runs on the process's torch thread count. Timed side by side with a model's calls, its rate is the machine's
+    GEMM peak at that moment (a shared CPU's speed drifts: a peak from minutes earlier is not)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    if library == "torch":
+        return functools.partial(torch.mm, a, b)
+    run = {"onnxruntime": _ort_matmul, "openvino": _openvino_matmul}[library](n, threads)
+    return None if run is None else functools.partial(run, {"A": a.numpy(), "B": b.numpy()})
 
 
 def _best_gflops(call: Callable[[], object], n: int, repeats: int) -> float:
