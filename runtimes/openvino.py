@@ -1,13 +1,16 @@
 """OpenVINO runtime on the same ONNX files ONNX Runtime runs (FP32, FP16, INT8 Q/DQ), on CPU.
 
 OpenVINO is an optional extra (``pip install .[openvino]``). Its ``PERFORMANCE_HINT`` (``LATENCY`` or
-``THROUGHPUT``) and ``INFERENCE_NUM_THREADS`` come from the runner options. OpenVINO can crash the whole
-process on a graph it does not handle (seen: a segfault on a static INT8 Q/DQ file), so each file is first
-compiled and run once in a child process: a crash there is one line saying so, and the other backends go on.
+``THROUGHPUT``) and ``INFERENCE_NUM_THREADS`` come from the runner options; ``INFERENCE_PRECISION_HINT`` is f32,
+as ONNX Runtime computes (OpenVINO's default on a CPU with AMX is bf16: ``core.flops.openvino_config``).
+OpenVINO can crash the whole process on a graph it does not handle (seen: a segfault on a static INT8 Q/DQ
+file), so each file is first compiled and run once in a child process: a crash there is one line saying so, and
+the other backends go on.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +19,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from core.errors import BackendUnavailableError, first_line
+from core.flops import openvino_config
 from runtimes.base import Device, Runner
 
-#: Compile and run the model once, in a child process (argv: path, hint, threads).
+#: Compile and run the model once, in a child process (argv: path, the compile settings as JSON).
 _PROBE = """
-import sys, numpy as np, openvino as ov
-path, hint, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+import json, sys, numpy as np, openvino as ov
+path, config = sys.argv[1], json.loads(sys.argv[2])
 core = ov.Core()
-config = {"PERFORMANCE_HINT": hint}
-if threads:
-    config["INFERENCE_NUM_THREADS"] = threads
 compiled = core.compile_model(core.read_model(path), "CPU", config)
 feed = {}
 for port in compiled.inputs:
@@ -64,10 +65,15 @@ class OpenVinoRunner(Runner):
     def hint(self) -> str:
         return self.options.openvino_hint
 
+    @property
+    def config(self) -> dict[str, Any]:
+        """The compile settings: hint, threads, f32 compute."""
+        return openvino_config(self.hint, self.options.threads)
+
     def _probe(self, path: Path) -> None:
         """Compile and run once in a child process; a crash or an error there is a BackendUnavailableError."""
         try:
-            proc = subprocess.run([sys.executable, "-c", _PROBE, str(path), self.hint, str(self.options.threads or 0)],
+            proc = subprocess.run([sys.executable, "-c", _PROBE, str(path), json.dumps(self.config)],
                                   capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired:
             raise BackendUnavailableError(f"OpenVINO took over 900 s to compile {path.name}") from None
@@ -86,11 +92,8 @@ class OpenVinoRunner(Runner):
         path = self.base / self.artifact.file.path
         self._probe(path)
         core = ov.Core()
-        config: dict[str, Any] = {"PERFORMANCE_HINT": self.hint}
-        if self.options.threads:
-            config["INFERENCE_NUM_THREADS"] = self.options.threads
         try:
-            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", self.config)
         except Exception as exc:
             raise BackendUnavailableError(f"OpenVINO cannot compile {path.name}: {first_line(exc)}") from None
         self.request = self.compiled.create_infer_request()

@@ -8,7 +8,8 @@ is packaged and its settings become the parameters of the Triton backend that ru
                { level } }`` (all: the backend's default, no field; extended: 1; basic: -1, the backend's
                numbering). Thread spinning has no key in the backend: recorded as not carried over.
     openvino   backend "openvino" reading ``1/model.onnx``; ``PERFORMANCE_HINT`` (LATENCY / THROUGHPUT) and
-               threads -> ``INFERENCE_NUM_THREADS``.
+               threads -> ``INFERENCE_NUM_THREADS``. The f32 compute the runner pins has no key in that
+               backend (only ``HINT_BF16``): recorded as not carried over.
 
 Only keys the backends read are written (the onnxruntime backend's ``ModelState`` and the openvino backend's
 ``ParseParameters``); ``check_config`` refuses any other. A winner batch above 1 becomes the dynamic batcher's
@@ -113,6 +114,9 @@ def triton_parameters(backend: str, settings: dict[str, Any]) -> tuple[dict[str,
             not_carried.append(f"{key}={value}")
     if backend == "ort":
         params.setdefault("execution_mode", "0")  # sequential, the runner's default
+    if backend == "openvino":
+        not_carried.append("f32 compute (INFERENCE_PRECISION_HINT=f32, as tune measured): the openvino backend has "
+                           "no key for it (only HINT_BF16=YES); on a CPU with AMX it computes in bf16 by default")
     return params, not_carried
 
 

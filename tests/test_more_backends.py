@@ -24,6 +24,29 @@ def test_openvino_runs_every_onnx_variant_and_agrees(tiny_artifacts: Path) -> No
     assert res.config["options"]["openvino_hint"] == "THROUGHPUT"
 
 
+def test_an_fp32_variant_on_openvino_is_computed_in_fp32(tiny_artifacts: Path) -> None:
+    """OpenVINO's CPU plugin computes an FP32 model in bf16 by default on a CPU with AMX (relative error about
+    1e-3, within the cosine check above): a row labelled fp32 must be FP32, as close to ONNX Runtime as FP32 is."""
+    import numpy as np
+    import onnxruntime as ort
+    import openvino as ov
+
+    from core.manifest import Manifest
+    from runtimes.base import RunnerOptions
+    from runtimes.openvino import OpenVinoRunner
+
+    manifest = Manifest.load(tiny_artifacts)
+    art = manifest.artifacts["opt"]
+    sess = ort.InferenceSession(str(tiny_artifacts / art.file.path), providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    x = np.random.default_rng(0).standard_normal((2, *inp.shape[1:])).astype(np.float32)
+    expected = sess.run(None, {inp.name: x})[0]
+    with OpenVinoRunner(manifest, tiny_artifacts, art, RunnerOptions()) as runner:
+        assert runner.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+        got = runner.infer_prepared(runner.prepare({inp.name: x}))[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * float(np.abs(expected).max()))
+
+
 def test_openvino_failure_is_one_line_and_the_others_go_on(tiny_artifacts: Path, tmp_path: Path) -> None:
     from core.manifest import Manifest
     from runtimes.base import RunnerOptions

@@ -191,3 +191,27 @@ def test_the_matmul_peak_is_the_fastest_gemm_library_here() -> None:
     assert {"torch", "onnxruntime"} <= set(peaks) and all(v > 0 for v in peaks.values())
     assert ("openvino" in peaks) == (importlib.util.find_spec("openvino") is not None)
     assert matmul_peak_gflops(1) == max(peaks.values())
+
+
+def test_each_gemm_library_computes_the_fp32_product_it_times() -> None:
+    """run_deploy times ``matmul_call`` beside a model's calls as the machine's FP32 peak of that moment: each
+    library's call must be the n x n FP32 product itself (OpenVINO's bf16 default on a CPU with AMX runs 3x faster
+    with 2e-3 relative error: a peak from it would not be FP32's)."""
+    import numpy as np
+    import pytest
+
+    from core.flops import MATMUL_LIBRARIES, matmul_call
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((128, 128)).astype(np.float32) for _ in range(2))
+    expected = a.astype(np.float64) @ b.astype(np.float64)
+    for lib in MATMUL_LIBRARIES:
+        call = matmul_call(lib, 128, 1, operands=(a, b))
+        if call is None:
+            continue
+        out = call()
+        got = np.asarray(out[0] if isinstance(out, list) else
+                         out.numpy() if hasattr(out, "numpy") else next(iter(out.values())))
+        assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5, lib
+    with pytest.raises(KeyError):
+        matmul_call("no-such-library", 8)
