@@ -13,9 +13,11 @@ fastest call is slower than the best's slowest (one thread of two, FP32 against 
 is most of the search's cost (vit_b_16 at batch 8: 70 candidates, 1-5 s a call). The screen and the first of
 ``stages`` always run. The best candidate of each precision at each batch size (``best_per_precision``: what to
 deploy where INT8 is not allowed) or at each batch size may have been pruned early, its figures resting on the
-screen's three calls; if so, a final stage re-times those and the winner side by side (``stages[0]`` calls, few sessions held), so the
-figures they are quoted with come from the same, longer measurement. Every candidate, its figures (from the last
-stage it was timed in), interval and the stage it was pruned at go to ``tune.json``.
+screen's three calls; if so, a final stage re-times those, the winner and every candidate still within the
+winner's noise side by side (``stages[0]`` calls), so the figures they are quoted with come from the same, longer
+measurement, and the winner is picked again from it (a tie is not settled by which candidate led the stage
+before). Every candidate, its figures (from the last stage it was timed in), interval and the stage it was
+pruned at go to ``tune.json``.
 """
 
 from __future__ import annotations
@@ -99,8 +101,10 @@ class TuneResult(BaseModel):
     best_per_precision: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="Batch size -> precision -> its best candidate (best_per_batch's rule)")
     final_stage: list[str] = Field(default_factory=list, description="Candidates re-timed side by side after the "
-                                                                     "search: the winner, best_per_batch's and "
-                                                                     "best_per_precision's, when one was pruned early")
+                                                                     "search, when one was pruned early: the "
+                                                                     "winner, those within its noise (the winner "
+                                                                     "is picked again among them), best_per_batch's "
+                                                                     "and best_per_precision's")
 
 
 def settings_for(backend: str) -> list[dict[str, Any]]:
@@ -198,24 +202,40 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
             if clearly_slower(_per_sample(c), _per_sample(best)):
                 c.pruned_at_stage = stage + 1
                 live.remove(c)
-    win = min(live, key=lambda c: _per_sample(c).p50)
-    tied = [c.label for c in live if c is not win and not clearly_slower(_per_sample(c), _per_sample(win))]
+    win, tied, final = _final_stage(cfg, setup, candidates, live, log)
     reason = (f"fastest {'p50 at batch ' + str(win.batch_size) if cfg.objective == 'latency' else 'samples/s'} "
               f"within {cfg.accuracy_budget:g} points after {stages_run} stage(s)"
+              + (" and a final stage" if final else "")
               + (f"; within the noise of: {'; '.join(tied)}" if tied else "; every other candidate clearly slower"))
-    per_batch, per_precision = best_per_batch(candidates), best_per_precision(candidates)
-    labels = {win.label, *per_batch.values(), *(label for by_p in per_precision.values() for label in by_p.values())}
-    final = [c for c in candidates if c.label in labels]
-    if not any(c.pruned_at_stage for c in final):
-        final = []  # every pick's figures already come from the longest stage run
-    if final:
-        log(f"final stage: the winner and the best at each batch and precision ({len(final)}) re-timed side by side, "
-            f"{cfg.stages[0]} timed calls in {cfg.rounds} interleaved rounds")
-        _time_stage(setup, final, cfg.stages[0], cfg.rounds)
     return TuneResult(config=cfg.model_dump(mode="json"), candidates=candidates, winner=win.label,
-                      stages_run=stages_run, reason=reason, best_per_batch=per_batch,
-                      best_per_precision=per_precision,
+                      stages_run=stages_run, reason=reason, best_per_batch=best_per_batch(candidates),
+                      best_per_precision=best_per_precision(candidates),
                       final_stage=[c.label for c in final])
+
+
+def _pick(live: list[Candidate]) -> tuple[Candidate, list[str]]:
+    """The lowest p50 per sample, and the labels of the others not clearly slower than it."""
+    win = min(live, key=lambda c: _per_sample(c).p50)
+    return win, [c.label for c in live if c is not win and not clearly_slower(_per_sample(c), _per_sample(win))]
+
+
+def _final_stage(cfg: TuneConfig, setup: Any, candidates: list[Candidate], live: list[Candidate],
+                 log: Callable[[str], None]) -> tuple[Candidate, list[str], list[Candidate]]:
+    """(winner, labels within its noise, candidates re-timed in the final stage). The winner, every candidate
+    still within its noise and the best at each batch and precision are re-timed side by side when any of them
+    has older figures than the others (pruned at an earlier stage); the winner is then picked again from those
+    same-round figures, so that it is not whichever of a tie led at the stage before."""
+    win, tied = _pick(live)
+    picks = {*best_per_batch(candidates).values(),
+             *(label for by_p in best_per_precision(candidates).values() for label in by_p.values())}
+    final = [c for c in candidates if c.label in {win.label, *tied, *picks}]
+    if not any(c.pruned_at_stage for c in final):
+        return win, tied, []  # every one's figures already come from the same, last stage
+    log(f"final stage: the winner, the {len(tied)} within its noise and the best at each batch and precision "
+        f"({len(final)}) re-timed side by side, {cfg.stages[0]} timed calls in {cfg.rounds} interleaved rounds")
+    _time_stage(setup, final, cfg.stages[0], cfg.rounds)
+    win, tied = _pick([c for c in final if c is win or c.label in tied])
+    return win, tied, final
 
 
 def best_per_batch(candidates: list[Candidate]) -> dict[str, str]:
