@@ -28,8 +28,9 @@ def _one_error_line(res: Any) -> str:
 
 def test_sparsity_with_eval_data_needs_no_quantization(digits_model: Any, tmp_path: Path) -> None:
     """The README's `convert path/to/model.py:build --weights w.pt --sparsity 2:4 --eval-data test.npz`: the
-    sparse variant is made and measured on test.npz; without fine-tuning it loses ~40 points, so the default
-    gate fails it (exit 5, one line saying why), and a budget that allows it passes."""
+    sparse variant is made and measured on test.npz; without fine-tuning it loses 40-62 points (by CPU: the
+    model is trained here), so the default gate fails it (exit 5, one line saying why), and a budget that allows
+    it passes."""
     test_npz = tmp_path / "test.npz"
     np.savez(test_npz, input=digits_model.x_test, labels=digits_model.y_test)
     res = _convert(digits_model, tmp_path / "out", "--sparsity", "2:4", "--eval-data", str(test_npz))
@@ -37,7 +38,7 @@ def test_sparsity_with_eval_data_needs_no_quantization(digits_model: Any, tmp_pa
     arts = json.loads((tmp_path / "out" / "manifest.json").read_text())["artifacts"]
     assert arts["sparse24"]["status"] == "failed" and arts["sparse24"]["metrics"]["gate"]["budget_points"] == 1.0
     res = _convert(digits_model, tmp_path / "out", "--sparsity", "2:4", "--eval-data", str(test_npz),
-                   "--max-accuracy-drop", "60", "--min-cosine", "0.5")
+                   "--max-accuracy-drop", "100", "--min-cosine", "0")
     assert res.exit_code == 0, res.output
     arts = json.loads((tmp_path / "out" / "manifest.json").read_text())["artifacts"]
     assert arts["sparse24"]["status"] == "ok"
