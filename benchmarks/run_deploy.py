@@ -33,7 +33,7 @@ highest of three measurements per model (before bench, in bench, after tune); th
 is the fastest before bench.
 
 Writes benchmarks/results/NAME.{json,md} (NAME: ``--name``, default deploy_cpu; a smoke run: another name). Time,
-measured on 2 cores: all four models 52 minutes (3132 s), vit_b_16 about 34 of them (its batch-8 tune 17: 70
+measured on 2 cores: all four models 45 minutes (2706 s), vit_b_16 about 31 of them (its batch-8 tune 17: 70
 candidates at 1-5 s a call, screened with 3 calls each, in memory-sized chunks); each phase's seconds are recorded. To shrink: --models
 densenet121,resnet50,transformer, --iters 5, --backends ort,openvino (no eager/compile rows: target (a) then
 checks only the deployable backends), --layouts ''.
