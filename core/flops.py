@@ -124,7 +124,7 @@ def matmul_call(library: str, n: int = 1024, threads: int | None = None,
     call to time; None when the library is not installed. ``threads``: ONNX Runtime's and OpenVINO's; PyTorch's
     product runs on the process's torch thread count. Timed side by side with a model's calls, its rate is the
     machine's GEMM peak at that moment (a shared CPU's speed drifts: a peak from minutes earlier is not).
-    OpenVINO computes it in f32 (``openvino_config``): its default on CPUs with AMX is bf16, about 3x the rate."""
+    OpenVINO computes it in f32 (``openvino_config``): its default on CPUs with AMX is bf16, about 2x the rate."""
     import torch
 
     a, b = (torch.randn(n, n), torch.randn(n, n)) if operands is None else (torch.from_numpy(x) for x in operands)
@@ -164,7 +164,8 @@ def _ort_matmul(n: int, threads: int | None) -> Callable[[dict[str, Any]], objec
 def openvino_config(hint: str, threads: int | None) -> dict[str, Any]:
     """OpenVINO CPU compile settings: the performance hint, the thread count, and f32 compute. OpenVINO's CPU
     plugin computes an FP32 model in bf16 by default where the CPU has bf16 units (AMX): an "fp32" row would be
-    bf16 (3.3x the GEMM rate, 2e-3 relative error, measured on a Xeon with AMX), so f32 is pinned."""
+    bf16 (about 2x the GEMM rate, 3e-3 relative error: benchmarks/run_openvino_precision.py on a Xeon with AMX), so
+    f32 is pinned."""
     return {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32"} | (
         {"INFERENCE_NUM_THREADS": threads} if threads else {})
 

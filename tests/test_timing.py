@@ -195,8 +195,8 @@ def test_the_matmul_peak_is_the_fastest_gemm_library_here() -> None:
 
 def test_each_gemm_library_computes_the_fp32_product_it_times() -> None:
     """run_deploy times ``matmul_call`` beside a model's calls as the machine's FP32 peak of that moment: each
-    library's call must be the n x n FP32 product itself (OpenVINO's bf16 default on a CPU with AMX runs 3x faster
-    with 2e-3 relative error: a peak from it would not be FP32's)."""
+    library's call must be the n x n FP32 product itself (OpenVINO's bf16 default on a CPU with AMX runs 2x faster
+    with 3e-3 relative error: a peak from it would not be FP32's)."""
     import numpy as np
     import pytest
 
