@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=40, help="timed calls per setting (split over the rounds)")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.n < 1 or args.rounds < 3 or args.iters < args.rounds:
+        ap.error("need --n >= 1, --rounds >= 3 (an interval needs three) and --iters >= --rounds")
     n = args.n
     rng = np.random.default_rng(0)
     feed = {"A": rng.standard_normal((n, n)).astype(np.float32), "B": rng.standard_normal((n, n)).astype(np.float32)}
