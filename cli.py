@@ -101,7 +101,8 @@ def int_list(text: str, what: str) -> list[int]:
 def convert(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="torchvision name (densenet121), path/to/file.py:factory, a TorchScript "
-                                              ".pt, an .onnx file, or hf:path/to/folder (Hugging Face, needs .[hf])")],
+                                              ".pt, an .onnx file, or hf:path/to/folder (Hugging Face, needs "
+                                              "`pip install -e '.\\[hf]'`)")],
     weights: Annotated[str | None, typer.Option(help="torchvision weights name (needs internet) or a local "
                                                      "state-dict file; default: random init")] = None,
     input_shape: Annotated[str | None, typer.Option(
