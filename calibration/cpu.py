@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import functools
 import platform
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,12 +36,43 @@ class CpuFeatures(BaseModel):
     amx: bool = Field(default=False, description="AMX tiles with INT8 support")
     fp16_arith: bool = Field(default=False, description="Native FP16 arithmetic (AVX512-FP16, AMX-FP16, ARM fphp)")
     arm_dotprod: bool = Field(default=False, description="ARM SDOT/UDOT (asimddp)")
+    fma: bool = Field(default=False, description="FMA3 fused multiply-add")
+    avx512_vnni: bool = Field(default=False, description="AVX512-VNNI (one of the two kinds of vnni)")
+    avx_vnni: bool = Field(default=False, description="AVX-VNNI, the 256-bit kind (Alder Lake, Zen 5 ...)")
+    avx512_bf16: bool = Field(default=False, description="AVX512_BF16 bfloat16 dot products")
+    amx_bf16: bool = Field(default=False, description="AMX tiles with BF16 support")
+    avx512_fp16: bool = Field(default=False, description="AVX512-FP16 arithmetic")
+    arm_i8mm: bool = Field(default=False, description="ARM int8 matrix multiply (i8mm)")
+    arm_bf16: bool = Field(default=False, description="ARM BF16 instructions")
     source: str = Field(default="", description="Where the flags were read from")
     summary: str = ""
+    isa: str = Field(default="", description="The ISA a reader needs to judge the timings, e.g. 'AVX2, FMA; no "
+                                             "AVX-512, no VNNI' (see isa_text)")
 
     @property
     def is_x86(self) -> bool:
         return self.arch.lower() in _X86
+
+    def isa_text(self) -> str:
+        """What the CPU has for FP32/INT8/BF16/FP16 math and, on x86, the lacks that decide INT8's speed:
+        e.g. "AVX2, FMA; no AVX-512, no VNNI" or "AVX2, FMA, AVX-512F, AVX512_VNNI, AVX512_BF16, AMX-BF16,
+        AMX-INT8, AVX512-FP16". Works on the flags of older results files too (a plain "VNNI"/"AMX" there)."""
+        vnni = [n for n, on in (("AVX512_VNNI", self.avx512_vnni), ("AVX_VNNI", self.avx_vnni)) if on] \
+            or (["VNNI"] if self.vnni else [])
+        amx = [n for n, on in (("AMX-BF16", self.amx_bf16), ("AMX-INT8", self.amx)) if on]
+        fp16 = ["AVX512-FP16"] if self.avx512_fp16 else (["FP16 arithmetic"] if self.fp16_arith else [])
+        if self.is_x86:
+            have = [n for n, on in (("AVX2", self.avx2), ("FMA", self.fma), ("AVX-512F", self.avx512)) if on]
+            have += vnni + (["AVX512_BF16"] if self.avx512_bf16 else []) + amx + fp16
+            lacks = [n for n, on in (("AVX-512", self.avx512), ("VNNI", self.vnni)) if not on]
+            if self.avx512 and not self.amx:  # AMX comes only with AVX-512: naming its lack elsewhere is noise
+                lacks.append("AMX")
+        else:
+            have = [n for n, on in (("dot-product (SDOT/UDOT)", self.arm_dotprod), ("I8MM", self.arm_i8mm),
+                                    ("BF16", self.arm_bf16)) if on] + fp16
+            lacks = [] if self.arm_dotprod or self.arch.lower() not in _ARM else ["dot-product"]
+        text = ", ".join(have) or "no wide SIMD flags found"
+        return text + ("; " + ", ".join(f"no {n}" for n in lacks) if lacks else "")
 
     @property
     def int8_dot_product(self) -> bool:
@@ -90,6 +125,25 @@ def _linux_flags() -> tuple[set[str], str]:
     return flags, model
 
 
+def _cpu_model_elsewhere() -> str:
+    """The CPU's marketing name where /proc/cpuinfo has none: lscpu (Linux on ARM), sysctl (macOS), the registry
+    (Windows); '' when none answers."""
+    try:
+        if sys.platform == "darwin":
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5, check=False).stdout.strip()
+        if sys.platform == "win32":
+            import winreg
+
+            with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE,
+                                r"HARDWARE\DESCRIPTION\System\CentralProcessor\0") as key:
+                return str(winreg.QueryValueEx(key, "ProcessorNameString")[0]).strip()
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5, check=False).stdout
+        return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:")), "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def _numpy_flags() -> set[str]:
     """NumPy's own runtime CPU dispatch table (works on every OS), as lower-case cpuinfo-style names."""
     try:
@@ -99,8 +153,8 @@ def _numpy_flags() -> set[str]:
             from numpy.core._multiarray_umath import __cpu_features__ as feats  # type: ignore[no-redef]
         except ImportError:
             return set()
-    names = {"AVX2": "avx2", "AVX512F": "avx512f", "AVX512_CLX": "avx512_vnni",
-             "AVX512_SPR": "avx512_fp16", "ASIMDDP": "asimddp", "ASIMDHP": "fphp"}
+    names = {"AVX2": "avx2", "FMA3": "fma", "AVX512F": "avx512f", "AVX512_CLX": "avx512_vnni",
+             "AVX512_CPX": "avx512_bf16", "AVX512_SPR": "avx512_fp16", "ASIMDDP": "asimddp", "ASIMDHP": "fphp"}
     return {names[k] for k, v in feats.items() if v and k in names}
 
 
@@ -112,7 +166,11 @@ def cpu_features() -> CpuFeatures:
     source = "/proc/cpuinfo" if flags else "numpy cpu dispatch"
     if not flags:
         flags = _numpy_flags()
-    model = model or platform.processor()
+    return features_from_flags(arch, model or _cpu_model_elsewhere() or platform.processor(), flags, source)
+
+
+def features_from_flags(arch: str, model: str, flags: set[str], source: str = "") -> CpuFeatures:
+    """The features named by a set of lower-case cpuinfo flags (x86 'flags' or ARM 'Features')."""
     feats = CpuFeatures(
         arch=arch, model=model,
         avx2="avx2" in flags,
@@ -121,8 +179,17 @@ def cpu_features() -> CpuFeatures:
         amx=bool({"amx_int8"} & flags),
         fp16_arith=bool({"avx512_fp16", "amx_fp16", "fphp", "asimdhp"} & flags),
         arm_dotprod=bool({"asimddp", "dotprod"} & flags),
+        fma="fma" in flags,
+        avx512_vnni=bool({"avx512_vnni", "avx512vnni"} & flags),
+        avx_vnni=bool({"avx_vnni", "avxvnni"} & flags),
+        avx512_bf16="avx512_bf16" in flags,
+        amx_bf16="amx_bf16" in flags,
+        avx512_fp16="avx512_fp16" in flags,
+        arm_i8mm="i8mm" in flags,
+        arm_bf16="bf16" in flags and arch.lower() in _ARM,
         source=source,
     )
+    feats.isa = feats.isa_text()
     have = [n for n, on in (("AVX2", feats.avx2), ("AVX-512", feats.avx512), ("VNNI", feats.vnni),
                             ("AMX", feats.amx), ("FP16", feats.fp16_arith), ("dotprod", feats.arm_dotprod)) if on]
     lacks = [n for n, on in (("VNNI", feats.vnni), ("AMX", feats.amx)) if not on] if feats.is_x86 else []
@@ -130,3 +197,21 @@ def cpu_features() -> CpuFeatures:
                      + (f"; no {'/'.join(lacks)}" if lacks else "")
                      + (" -> INT8 reduce_range on" if feats.needs_reduce_range else ""))
     return feats
+
+
+def describe_cpu(machine: Mapping[str, Any]) -> str:
+    """The CPU of a results file's ``machine`` record, as a reader needs it to judge the timings: e.g.
+    "AMD EPYC 7B13 (AVX2, FMA; no AVX-512, no VNNI), 2 cores". Older files have no ``cpu_model``/``cpu_isa``:
+    the model and ISA then come from their ``cpu_flags`` (or ``processor``), and what is not recorded is left out."""
+    flags = machine.get("cpu_flags")
+    feats: CpuFeatures | None = None
+    if isinstance(flags, Mapping):
+        try:
+            feats = CpuFeatures.model_validate({k: v for k, v in flags.items() if k in CpuFeatures.model_fields})
+        except ValueError:  # a hand-edited or foreign record: say what the other fields say
+            feats = None
+    model = str(machine.get("cpu_model") or (feats.model if feats else "") or machine.get("processor")
+                or "unknown CPU")
+    isa = str(machine.get("cpu_isa") or (feats.isa or feats.isa_text() if feats else ""))
+    cores = machine.get("cpu_count")
+    return f"{model}" + (f" ({isa})" if isa else "") + (f", {cores} cores" if cores else "")

@@ -168,16 +168,14 @@ def _comparison_html(cmp: Comparison, threshold: float | None) -> str:
 
 
 def _machine_text(res: BenchResults) -> str:
+    from calibration.cpu import describe_cpu
+
     m = res.machine
-    text = f"{m.get('hostname', '?')}: {m.get('processor', '?')}, {m.get('cpu_count', '?')} cores, " \
-           f"{m.get('ram_gb', '?')} GiB RAM"
+    text = f"{describe_cpu(m)}, {m.get('ram_gb', '?')} GiB RAM"
     if m.get("gpu"):
         text += f", GPU {m['gpu']}"
-    flags = m.get("cpu_flags")
-    if isinstance(flags, dict):
-        on = [k for k, v in flags.items() if v is True]
-        off = [k for k, v in flags.items() if v is False]
-        text += f", CPU features: {', '.join(on) if on else 'none'}" + (f" (not: {', '.join(off)})" if off else "")
+    if m.get("hostname"):
+        text += f" (host {m['hostname']})"
     threads = res.config.get("threads")
     return text + f"; threads {threads if threads else 'default'}; created {res.created_at}"
 

@@ -69,7 +69,12 @@ def machine_info() -> dict[str, Any]:
     try:
         from calibration.cpu import cpu_features  # optional: added with INT8 support
 
-        info["cpu_flags"] = cpu_features().model_dump()
+        cpu = cpu_features()
+        # The CPU by name and ISA ("AMD EPYC 7B13", "AVX2, FMA; no AVX-512, no VNNI"): what a reader needs to
+        # judge the timings; the hostname and platform.processor() ('x86_64' or '') say neither.
+        info["cpu_model"] = cpu.model or info["processor"]
+        info["cpu_isa"] = cpu.isa
+        info["cpu_flags"] = cpu.model_dump()
     except Exception:
         pass
     try:

@@ -106,9 +106,11 @@ def _machine_line(results: BenchResults, device: str) -> str:
     m = results.machine
     threads = results.config.get("threads")
     thread_text = f"{threads} intra-op thread(s)" if threads else "the libraries' default thread count"
-    where = (f"GPU {m['gpu']}" if device == "cuda" and m.get("gpu")
-             else f"{m.get('processor', 'unknown CPU')}, {m.get('cpu_count', '?')} cores")
-    return (f"Measured on {m.get('hostname', '?')} ({where}) with {thread_text}, "
+    from calibration.cpu import describe_cpu
+
+    where = f"GPU {m['gpu']}" if device == "cuda" and m.get("gpu") else describe_cpu(m)
+    host = f" (host {m['hostname']})" if m.get("hostname") else ""
+    return (f"Measured on {where}{host} with {thread_text}, "
             f"{results.config.get('iters', '?')} timed iterations after {results.config.get('warmup', '?')} "
             f"warm-up runs.")
 

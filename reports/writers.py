@@ -87,9 +87,11 @@ SUMMARY_COLUMNS = [("backend", "backend"), ("variant", "variant"), ("precision",
 
 
 def to_markdown(results: BenchResults) -> str:
+    from calibration.cpu import describe_cpu
+
     lines = [f"# Benchmark: {results.model}", "",
              f"- created: {results.created_at}", f"- device: {results.records[0].device if results.records else '-'}",
-             f"- machine: {results.machine.get('processor', '-')}, {results.machine.get('cpu_count')} cores, "
+             f"- machine: {describe_cpu(results.machine)}, "
              f"{results.machine.get('ram_gb')} GiB" + (f", GPU {results.machine['gpu']}" if 'gpu' in results.machine
                                                         else ""),
              f"- inputs: {results.config.get('inputs', '-')}",
