@@ -3,7 +3,8 @@
 - :class:`convert.heldout.HeldOutEvaluator` runs the FP32 ONNX model once on the held-out inputs (never
   the calibration samples), then each variant on the same inputs: top-1 agreement, max/mean abs error,
   cosine and, with labels, accuracy (:func:`core.metrics.accuracy_stats`, the statistics ``bench`` reports).
-- :func:`gate_verdict` applies ``--max-accuracy-drop`` (top-1 points; agreement where there are no labels).
+- :func:`gate_verdict` applies ``--max-accuracy-drop`` (top-1 points; agreement where there are no labels);
+  a constant or all-zero FP32 output fails it as "not measurable".
 - :func:`rank_nodes` ranks quantized nodes by the error each one *adds* (relative error of its output
   minus that of its inputs, FP32 vs QDQ, on calibration samples); :func:`auto_search` uses it for
   ``--auto``: try the calibration methods, then keep the worst nodes in FP32 until within budget.
@@ -22,7 +23,7 @@ import numpy as np
 from convert.config import Budget, CalibMethod
 from core.errors import AccuracyGateError
 from core.manifest import Manifest
-from core.metrics import AccuracyStats, accuracy_drop
+from core.metrics import AccuracyStats, accuracy_drop, unmeasured_drop
 from core.records import AutoRecord, GateResult, NodeRank, PruneParams, SparsityParams, TrialRecord
 from runtimes.ort import ort_session
 
@@ -30,7 +31,12 @@ from runtimes.ort import ort_session
 def gate_verdict(stats: AccuracyStats, budget: Budget, random_init: bool = False) -> GateResult:
     """The gate record kept in the manifest: the drop (and its basis, see ``core.metrics.accuracy_drop``)
     against the points budget, the worst output cosine against the smallest allowed, passed, and the reason
-    when it failed."""
+    when it failed. A constant or all-zero FP32 output that the drop rests on fails the gate with that one line
+    (nothing was measured: zeros against zeros is no pass)."""
+    if (unmeasured := unmeasured_drop(stats, random_init, "held-out inputs")) is not None:
+        return GateResult(drop_points=None, basis="not measurable", budget_points=budget.max_accuracy_drop,
+                          passed=False, samples=stats.samples, cosine=stats.cosine, min_cosine=budget.min_cosine,
+                          reason=unmeasured)
     drop, basis = accuracy_drop(stats, random_init)
     why = []
     if drop > budget.max_accuracy_drop + 1e-9:

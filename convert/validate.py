@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import InputError, ValidationError, first_line
 from core.iospec import IOSpec
-from core.metrics import compare_outputs
+from core.metrics import compare_outputs, not_measurable_line
 from core.models import output_list
 from core.onnxfile import external_data_files
 from core.records import ArtifactMetrics
@@ -131,7 +131,12 @@ def validate_onnx(path: Path, spec: IOSpec, reference: Reference | None, *, batc
 
 def _parity_at(sess: Any, spec: IOSpec, reference: Reference, at: tuple[int, dict[str, int]], key: str, where: str,
                tol: Tolerance, metrics: ArtifactMetrics) -> list[str]:
-    """Parity of every output, by name, on one seeded random feed; the failures, each naming where."""
+    """Parity of every output, by name, on one seeded random feed; the failures, each naming where.
+
+    An output whose reference is constant over the feed or all zeros (``core.metrics.constant_reference``) is
+    "not measurable": its values are still held to the tolerance, its cosine is not read (it is no perfect match)
+    and the record lists it (``ParityStats.not_measurable``); when every output is, parity fails in one line
+    rather than pass on zeros against zeros."""
     batch, dims = at
     feed = spec.random_feed(batch, seed=1234 + batch, dims=dims)
     try:
@@ -142,9 +147,13 @@ def _parity_at(sess: Any, spec: IOSpec, reference: Reference, at: tuple[int, dic
     if len(got) != len(ref):
         return [f"parity at {where}: {len(got)} outputs, the reference has {len(ref)}"]
     names = spec.output_names if len(spec.output_names) == len(got) else [f"output {i}" for i in range(len(got))]
-    stats = compare_outputs(got, ref, names)
+    stats = compare_outputs(got, ref, names, samples=batch)
     metrics.parity[key] = stats
     failures: list[str] = []
+    if ref and len(stats.not_measurable) == len(ref):  # nothing varies: zeros matching zeros is no pass
+        line = not_measurable_line(stats, batch, "random input" if batch == 1 else "random inputs", "parity",
+                                   "the reference")
+        failures.append(f"parity at {where}: {line}")
     for name, g, r in zip(names, got, ref, strict=True):
         one = stats.per_output[name]
         if np.shape(g) != np.shape(r):
@@ -156,6 +165,6 @@ def _parity_at(sess: Any, spec: IOSpec, reference: Reference, at: tuple[int, dic
         if not np.allclose(np.asarray(g, np.float64), r64, atol=tol.atol * scale, rtol=tol.rtol):
             failures.append(f"parity at {where}: {name}: max abs err {one.max_abs_err:.3g} exceeds "
                             f"atol {tol.atol:g} x {scale:.3g} (the output's largest value) + rtol {tol.rtol:g}")
-        if one.cosine < tol.min_cosine:
+        if one.not_measurable is None and one.cosine < tol.min_cosine:  # a constant one: recorded in not_measurable
             failures.append(f"parity at {where}: {name}: cosine {one.cosine:.6f} < {tol.min_cosine}")
     return failures

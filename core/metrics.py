@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.errors import AccuracyGateError
+
 #: Two latencies closer than this ratio are not called different (run-to-run noise on a shared machine).
 NOISE_RATIO = 1.05
 
@@ -77,6 +79,11 @@ def clearly_slower(a: LatencyStats, b: LatencyStats, ratio: float = 1.0) -> bool
     return a.p50_interval[0] > b.p50_interval[1]
 
 
+#: A reference output whose samples differ by no more than this fraction of its largest value is constant
+#: (a few float32 roundings: the same values computed in another row of a batch).
+CONSTANT_RTOL = 1e-6
+
+
 class OutputStats(BaseModel):
     """How far one output is from its reference."""
 
@@ -84,7 +91,11 @@ class OutputStats(BaseModel):
 
     max_abs_err: float
     mean_abs_err: float
-    cosine: float
+    cosine: float = Field(description="Cosine similarity with the reference; 0.0 when the reference is constant "
+                                      "(see not_measurable): never a perfect match")
+    not_measurable: str | None = Field(
+        default=None, description="Why no comparison can measure this output, when its reference is constant: "
+                                  "'all 0.0' or 'identical for every input' (None: measurable)")
 
 
 class AccuracyStats(BaseModel):
@@ -105,6 +116,10 @@ class AccuracyStats(BaseModel):
     ref_top5_acc: float | None = None
     scored_output: str | None = Field(default=None, description="The class-score output top-k were taken from")
     per_output: dict[str, OutputStats] = Field(default_factory=dict, description="Each output, by name")
+    not_measurable: dict[str, str] = Field(
+        default_factory=dict, description="Outputs whose reference is constant over the inputs or all zeros, and "
+                                          "how (no comparison measures them: see core.metrics.not_measurable_line); "
+                                          "cosine is the worst over the other outputs")
 
 
 class ParityStats(BaseModel):
@@ -115,40 +130,81 @@ class ParityStats(BaseModel):
     max_abs_err: float
     max_rel_err: float
     mean_abs_err: float
-    cosine: float = Field(description="Minimum cosine similarity over the outputs")
+    cosine: float = Field(description="Minimum cosine similarity over the measurable outputs (0.0 when none is)")
     per_output: dict[str, OutputStats] = Field(default_factory=dict, description="Each output, by name")
+    not_measurable: dict[str, str] = Field(
+        default_factory=dict, description="Outputs whose reference is constant over the inputs or all zeros, and how")
 
 
-def _one_output(g: np.ndarray, r: np.ndarray) -> tuple[OutputStats, float]:
-    """(stats, max relative error) of one output; a shape mismatch is infinitely far."""
+def constant_reference(r: np.ndarray, samples: int | None) -> str | None:
+    """How a reference output is constant, or None when it varies: 'all 0.0' (any number of samples), or
+    'identical for every input' when its ``samples`` rows (axis 0, two or more) are the same within
+    CONSTANT_RTOL of its largest value. Comparing with such a reference measures nothing: zeros match zeros
+    with cosine 1.0, and a variant that ignored its input would match a constant output perfectly."""
+    r64 = np.asarray(r, dtype=np.float64)
+    if r64.size == 0:
+        return None
+    if not np.any(r64):
+        return "all 0.0"
+    varies = samples is None or samples < 2 or r64.ndim < 1 or r64.shape[0] != samples or \
+        float(np.abs(r64 - r64[:1]).max()) > CONSTANT_RTOL * float(np.abs(r64).max())
+    if not varies:
+        return "identical for every input"
+    return None
+
+
+def not_measurable_line(stats: AccuracyStats | ParityStats, samples: int, inputs: str = "inputs",
+                        what: str = "accuracy", reference: str = "the FP32 reference") -> str | None:
+    """One line naming the outputs that cannot be measured, e.g. "output logits of the FP32 reference is
+    constant (all 0.0) on the 20 held-out inputs: accuracy not measurable"; None when every output is
+    measurable."""
+    if not stats.not_measurable:
+        return None
+    outs = "; ".join(f"output {n} of {reference} is constant ({why})" for n, why in stats.not_measurable.items())
+    return f"{outs} on the {samples} {inputs}: {what} not measurable"
+
+
+def _one_output(g: np.ndarray, r: np.ndarray, samples: int | None = None) -> tuple[OutputStats, float]:
+    """(stats, max relative error) of one output; a shape mismatch is infinitely far; a constant reference
+    (see :func:`constant_reference`) has cosine 0.0, never a perfect match."""
     g64 = np.asarray(g, dtype=np.float64).reshape(-1)
     r64 = np.asarray(r, dtype=np.float64).reshape(-1)
+    constant = constant_reference(np.asarray(r), samples)
     if np.shape(g) != np.shape(r):
-        return OutputStats(max_abs_err=float("inf"), mean_abs_err=float("inf"), cosine=0.0), float("inf")
+        return OutputStats(max_abs_err=float("inf"), mean_abs_err=float("inf"), cosine=0.0,
+                           not_measurable=constant), float("inf")
     diff = np.abs(g64 - r64)
     # np.sum (pairwise, in one thread), not np.dot / np.linalg.norm (BLAS): BLAS splits the sum over its threads,
     # so the same outputs would give a cosine that differs in the last digits with the process's thread count
     # (a sweep cell on a 1-CPU Ray worker vs in this process).
     denom = float(np.sqrt(np.sum(g64 * g64)) * np.sqrt(np.sum(r64 * r64)))
-    cos = float(np.sum(g64 * r64) / denom) if denom > 0 else float(np.allclose(g64, r64))
+    cos = 0.0 if constant is not None else float(np.sum(g64 * r64) / denom) if denom > 0 else 0.0
     rel = float((diff / np.maximum(np.abs(r64), 1e-6)).max(initial=0.0))
     return OutputStats(max_abs_err=float(diff.max(initial=0.0)), mean_abs_err=float(diff.mean()) if diff.size
-                       else 0.0, cosine=cos), rel
+                       else 0.0, cosine=cos, not_measurable=constant), rel
 
 
 def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray],
-                    names: Sequence[str] | None = None) -> ParityStats:
-    """Max abs / max rel / mean abs error and the minimum cosine over all outputs; with ``names``, each
-    output's own figures too."""
+                    names: Sequence[str] | None = None, samples: int | None = None) -> ParityStats:
+    """Max abs / max rel / mean abs error and the minimum cosine over the measurable outputs; the outputs whose
+    reference is constant over the ``samples`` inputs (default: the first output's leading dim) or all zeros,
+    by name; with ``names``, each output's own figures too."""
     per: dict[str, OutputStats] = {}
     worst = ParityStats(max_abs_err=0.0, max_rel_err=0.0, mean_abs_err=0.0, cosine=1.0)
     labels = list(names) if names is not None and len(names) == len(ref) else [f"output_{i}" for i in range(len(ref))]
+    if samples is None and ref and np.ndim(ref[0]) >= 1:
+        samples = int(np.shape(ref[0])[0])
     for name, g, r in zip(labels, got, ref, strict=True):
-        one, rel = _one_output(g, r)
+        one, rel = _one_output(g, r, samples)
         per[name] = one
         worst = ParityStats(max_abs_err=max(worst.max_abs_err, one.max_abs_err), max_rel_err=max(worst.max_rel_err, rel),
                             mean_abs_err=max(worst.mean_abs_err, one.mean_abs_err),
-                            cosine=min(worst.cosine, one.cosine))
+                            cosine=worst.cosine if one.not_measurable else min(worst.cosine, one.cosine),
+                            not_measurable=worst.not_measurable)
+        if one.not_measurable:
+            worst.not_measurable[name] = one.not_measurable
+    if ref and len(worst.not_measurable) == len(ref):
+        worst.cosine = 0.0  # nothing was measured: never a perfect match
     if names is not None:
         worst.per_output = per
     return worst
@@ -170,9 +226,10 @@ def accuracy_stats(outputs: Sequence[np.ndarray], ref: Sequence[np.ndarray], lab
     top-k accuracy from the first output that is class scores (see :func:`is_class_scores`)."""
     names = list(output_names) if output_names is not None and len(output_names) == len(ref) \
         else [f"output_{i}" for i in range(len(ref))]
-    cmp = compare_outputs(outputs, ref, names)
+    cmp = compare_outputs(outputs, ref, names, samples=len(ref[0]))
     stats = AccuracyStats(reference=reference, samples=len(ref[0]), max_abs_err=cmp.max_abs_err,
-                          mean_abs_err=cmp.mean_abs_err, cosine=cmp.cosine, per_output=cmp.per_output)
+                          mean_abs_err=cmp.mean_abs_err, cosine=cmp.cosine, per_output=cmp.per_output,
+                          not_measurable=cmp.not_measurable)
     scored = next((i for i, (r, n) in enumerate(zip(ref, names, strict=True)) if is_class_scores(r.shape, n)), None)
     if scored is None or np.shape(outputs[scored]) != np.shape(ref[scored]):
         return stats
@@ -193,13 +250,34 @@ def accuracy_stats(outputs: Sequence[np.ndarray], ref: Sequence[np.ndarray], lab
     return stats
 
 
+def unmeasured_drop(stats: AccuracyStats, random_init: bool = False, inputs: str = "inputs") -> str | None:
+    """Why :func:`accuracy_drop` cannot measure ``stats``, in one line, or None when it can: top-1 rests on the
+    class-score output, the output cosine on every output that varies; a constant or all-zero reference output
+    is "not measurable", never a perfect match (a random-init ViT's zero-initialised head outputs 0 for every
+    input: zeros against zeros)."""
+    if not stats.not_measurable:
+        return None
+    top1_basis = (stats.top1_acc is not None and stats.ref_top1_acc is not None) or \
+        (not random_init and stats.top1_agreement is not None)
+    if top1_basis and stats.scored_output not in stats.not_measurable:
+        return None
+    if not top1_basis and len(stats.not_measurable) < len(stats.per_output):
+        return None  # the cosine of the outputs that vary
+    unmeasured = {n: w for n, w in stats.not_measurable.items() if not top1_basis or n == stats.scored_output}
+    return not_measurable_line(stats.model_copy(update={"not_measurable": unmeasured}), stats.samples, inputs)
+
+
 def accuracy_drop(stats: AccuracyStats, random_init: bool = False) -> tuple[float, str]:
     """(drop in points, basis): top-1 accuracy loss with labels, else top-1 disagreement with FP32; for an
     output that is not class scores (an embedding), or for random-init weights, 100 x (1 - cosine with FP32).
+    A reference the drop would rest on that is constant or all zeros raises AccuracyGateError with one line
+    (:func:`unmeasured_drop`): nothing can be measured against it.
 
     Random-init weights give near-uniform class scores whose argmax flips on rounding noise (a random resnet50's
     INT8 variant: cosine 0.9997 with FP32, yet 2 of 11 top-1 classes differ): class agreement measures nothing
     there, so the output itself is compared."""
+    if (why := unmeasured_drop(stats, random_init)) is not None:
+        raise AccuracyGateError(why)
     if stats.top1_acc is not None and stats.ref_top1_acc is not None:
         return 100.0 * (stats.ref_top1_acc - stats.top1_acc), "top-1 accuracy (labels)"
     if random_init:

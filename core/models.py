@@ -131,7 +131,10 @@ def _torchvision(name: str, weights: str | None, seed: int) -> LoadedModel:
     notes: list[str] = []
     if weights is None:
         module = torchvision.models.get_model(name, weights=None)
-        source.weights_note = f"random init (seed {seed}); pass --weights to use trained weights"
+        redone = reinit_zero_head(module, seed)
+        source.weights_note = f"random init (seed {seed})" + (
+            f"; zero-initialised head {_head_name(redone)} re-initialised (seeded)" if redone else "") + \
+            "; pass --weights to use trained weights"
         notes.append(source.weights_note)
     elif Path(weights).suffix in {".pt", ".pth", ".bin", ".ckpt"} or Path(weights).exists():
         module = torchvision.models.get_model(name, weights=None)
@@ -153,6 +156,42 @@ def _torchvision(name: str, weights: str | None, seed: int) -> LoadedModel:
         source.preprocessing = _preprocessing_from_weights(w) or pre
     crop = pre.crop if pre else 224
     return LoadedModel(source=source, module=module.eval(), default_shape=(1, 3, crop, crop), notes=notes)
+
+
+def reinit_zero_head(module: Any, seed: int) -> list[str]:
+    """Give the final output layer's all-zero parameters a seeded init, when its weight is all zero; the names of
+    the parameters re-initialised (none when the weight is not all zero).
+
+    torchvision zero-initialises some heads (the ViT family's ``heads.head``, weight and bias): trained weights
+    replace them, but at random init such a model outputs 0 for every input, so parity and every accuracy check
+    would compare zeros with zeros. The final layer is the last module holding parameters of its own (in
+    registration order); its zero parameters get ``nn.Linear``'s default scale, uniform in +-1/sqrt(fan_in),
+    drawn from a generator seeded with ``seed`` (the same model for the same seed, whatever ran before)."""
+    import math
+
+    import torch
+
+    leaves = [(n, m) for n, m in module.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    if not leaves:
+        return []
+    name, head = leaves[-1]
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim < 2 or bool(torch.any(weight)):
+        return []
+    bound = 1.0 / math.sqrt(max(1, weight[0].numel()))
+    gen = torch.Generator().manual_seed(seed)
+    redone = []
+    with torch.no_grad():
+        for pname, p in head.named_parameters(recurse=False):
+            if p.numel() and not bool(torch.any(p)):
+                p.copy_(torch.rand(p.shape, generator=gen, dtype=p.dtype) * (2 * bound) - bound)
+                redone.append(f"{name}.{pname}" if name else pname)
+    return redone
+
+
+def _head_name(params: list[str]) -> str:
+    """``['heads.head.weight', 'heads.head.bias']`` -> 'heads.head'."""
+    return ", ".join(dict.fromkeys(p.rpartition(".")[0] or p for p in params))
 
 
 def factory_parts(spec: str) -> tuple[str, str] | None:
