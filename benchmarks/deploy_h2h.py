@@ -139,11 +139,12 @@ def head_to_head(folder: Path, variants: list[str], batch: int, picks: dict[str,
         e.latency = LatencyStats.from_samples(tm.samples, tm.rounds)
     gemm = LatencyStats.from_samples(timed[-1].samples, timed[-1].rounds)
     gemm_gflops = 2 * GEMM_N**3 / 1e9 / (gemm.min / 1e3)
-    macs = setup.macs[0]
     rows = []
     for e in sorted(entries, key=lambda x: x.latency.p50 if x.latency else 0.0):
         assert e.latency is not None
-        gflop, frac = peak_fraction(macs, e.latency.p50, gemm_gflops)
+        # the variant's own file's MACs; the GEMM of these rounds is FP32's: only FP32 configurations are read against it
+        gflop, frac = peak_fraction(setup.macs[e.variant].per_point[0], e.latency.p50,
+                                    gemm_gflops if e.precision == "fp32" else None)
         rows.append({"config": e.key, "backend": e.backend, "variant": e.variant, "precision": e.precision,
                      "roles": e.roles, "latency_ms": e.latency.model_dump(mode="json"), "gflop": gflop,
                      "peak_fraction": None if frac is None else round(frac, 4)})

@@ -28,9 +28,10 @@ Per model, everything through ``cli.py`` (what users run), random-init weights:
    >= 85% at batch 8. (c) on a CPU with VNNI: FP32 pick p50 / INT8 pick p50 >= 1.5 at batch 1 and 8 (not applicable
    without VNNI).
 
-The bench tables' "% of peak" uses the FP32 matmul peak by PyTorch, ONNX Runtime or OpenVINO (core.flops), the
-highest of three measurements per model (before bench, in bench, after tune); the GEMM library of the head-to-head
-is the fastest before bench.
+The bench tables' "% of peak" of FP32 rows uses the FP32 matmul peak by PyTorch, ONNX Runtime or OpenVINO
+(core.flops), the highest of three measurements per model (before bench, in bench, after tune); other precisions'
+rows, their own precision's peak measured in bench (INT8: core.flops.int8_matmul_peaks); the GEMM library of the
+head-to-head is the fastest before bench.
 
 Writes benchmarks/results/NAME.{json,md} (NAME: ``--name``, default deploy_cpu; a smoke run: another name). Time,
 measured on 2 cores: all four models 45 minutes (2706 s), vit_b_16 about 31 of them (its batch-8 tune 17: 70
@@ -161,11 +162,13 @@ def _peaks() -> dict[str, float]:
 def _row(r: BenchRecord, random_init: bool, peak: float) -> dict[str, Any]:
     lat = r.latency_ms
     lo, hi = lat.p50_interval or (lat.p50, lat.p50)
-    frac = None if not r.gflop else round(r.gflop / (lat.p50 / 1e3) / peak, 4)
+    frac = (None if not r.gflop else round(r.gflop / (lat.p50 / 1e3) / peak, 4)) if r.precision == "fp32" else (
+        None if r.peak_fraction is None else round(r.peak_fraction, 4))  # other precisions: their own peak's, in bench
     return {"backend": r.backend, "variant": r.variant, "precision": r.precision, "batch": r.batch_size,
             "p50_ms": round(lat.p50, 3), "p50_interval_ms": [round(lo, 3), round(hi, 3)],
             "samples_per_s": round(r.throughput, 2), "gflop": r.gflop, "peak_fraction": frac,
             "bench_peak_fraction": None if r.peak_fraction is None else round(r.peak_fraction, 4),
+            "bench_peak_basis": r.peak_basis,
             "accuracy_drop_points": _drop(r, random_init), "compile_s": r.extra.get("compile_s")}
 
 
@@ -382,7 +385,8 @@ def _markdown(p: dict[str, Any]) -> str:
              f"{p['config']['iters']} timed calls per target and batch in {min(p['config']['rounds'], p['config']['iters'])} "
              "interleaved rounds; p50 with the 95% bootstrap interval of the per-round p50s. % of peak: GFLOP per "
              "call / p50 over the FP32 matrix-multiply peak (the fastest 1024^3 product by PyTorch, ONNX Runtime or "
-             "OpenVINO over the model's measurements: load only lowers it; INT8 rows can exceed 100%). tune: one search per batch "
+             "OpenVINO over the model's measurements: load only lowers it); INT8 rows over bench's INT8 matrix-multiply peak "
+             "(core.flops.int8_matmul_peaks). tune: one search per batch "
              f"size over {p['config']['tune_backends']}, accuracy budget {p['config']['budget']:g} point(s).", ""]
     for model, e in p["models"].items():
         lines += _model_md(model, e)

@@ -24,7 +24,7 @@ from reports.compare import Comparison, Run, compare_runs, key_text, load_runs, 
 from reports.models import BenchResults
 from reports.plots import Plot, render_plots, write_pngs
 from reports.recommend import Recommendation, recommend
-from reports.writers import CSV_COLUMNS, _fmt, flat_row
+from reports.writers import CSV_COLUMNS, PEAK_HEADER, _fmt, flat_row, peak_note
 
 #: The default accuracy budget: at most this much top-1 (agreement or accuracy) may be lost.
 DEFAULT_BUDGET = 1.0
@@ -193,6 +193,7 @@ def _results_html(runs: Sequence[Run]) -> str:
     parts = ['<section id="results"><h2>All results</h2>',
              '<p class="muted">Every measurement, as in results.json (latencies in ms, memory in MB).</p>']
     cols = [c for c in CSV_COLUMNS if c != "model"]
+    header = [f"peak_fraction: {PEAK_HEADER}" if c == "peak_fraction" else c for c in cols]  # peak_basis says which
     for run in runs:
         rows, attrs = [], []
         for rec in run.results.records:
@@ -201,7 +202,9 @@ def _results_html(runs: Sequence[Run]) -> str:
             attrs.append(f' data-key="{_e(key_text(row_key(rec)))}"')
         models = ", ".join(sorted({r.model for r in run.results.records}))
         parts.append(f'<h3 data-run="{_e(run.label)}">{_e(run.label)} — {_e(models)}</h3>')
-        parts.append(_table(cols, rows, left=4, attrs=attrs))
+        parts.append(_table(header, rows, left=4, attrs=attrs))
+        if note := peak_note(run.results):
+            parts.append(f'<p class="muted">{_e(note)}</p>')
     parts.append("</section>")
     return "".join(parts)
 

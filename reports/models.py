@@ -46,7 +46,14 @@ class BenchRecord(BaseModel):
     gflop: float | None = Field(default=None, description="Arithmetic of one call: 2 x the multiply-accumulates of "
                                                           "its Conv/MatMul/Gemm ops (core.flops), in GFLOP")
     peak_fraction: float | None = Field(default=None, description="gflop / p50 as a fraction of this machine's "
-                                                                  "measured FP32 matrix-multiply peak (CPU)")
+                                                                  "measured matrix-multiply peak of the row's own "
+                                                                  "precision (CPU; peak_basis says which). Results "
+                                                                  "without peak_basis divided every row by FP32's")
+    peak_precision: str | None = Field(default=None, description="The precision whose peak peak_fraction is divided "
+                                                                 "by (the row's own), None when there is none")
+    peak_basis: str | None = Field(default=None, description="The peak peak_fraction is divided by, e.g. 'int8 GEMM "
+                                                             "(onnxruntime MatMulInteger u8s8) 205 GOP/s', or why the "
+                                                             "row has none ('no fp16 peak measured on this CPU')")
     load_s: float | None = None
     input_digest: str = Field(description="sha256 prefix of the exact inputs: equal across backends")
     accuracy: AccuracyStats | None = None

@@ -16,7 +16,7 @@ CSV_COLUMNS = [
     "model", "backend", "variant", "precision", "device", "batch_size", "dims", "input_shapes",
     "latency_ms_p50", "latency_ms_p50_lo", "latency_ms_p50_hi", "latency_ms_p90",
     "latency_ms_p99", "latency_ms_mean", "throughput", "ram_mb", "vram_mb", "cpu_util", "gpu_util",
-    "model_size_mb", "gflop", "peak_fraction", "max_abs_err", "mean_abs_err", "cosine", "top1_agreement", "top5_agreement",
+    "model_size_mb", "gflop", "peak_fraction", "peak_precision", "peak_basis", "max_abs_err", "mean_abs_err", "cosine", "top1_agreement", "top5_agreement",
     "top1_acc", "top5_acc", "input_digest", "is_reference",
 ]
 
@@ -38,6 +38,8 @@ def flat_row(r: BenchRecord) -> dict[str, Any]:
         "latency_ms_p99": r.latency_ms.p99, "latency_ms_mean": r.latency_ms.mean, "throughput": r.throughput,
         "ram_mb": r.ram_mb, "vram_mb": r.vram_mb, "cpu_util": r.cpu_util, "gpu_util": r.gpu_util,
         "model_size_mb": r.model_size_mb, "gflop": r.gflop, "peak_fraction": r.peak_fraction,
+        "peak_precision": r.peak_precision if r.peak_basis is not None else "fp32" if r.peak_fraction is not None else None,
+        "peak_basis": peak_basis(r),
         "max_abs_err": acc.max_abs_err if acc else None, "mean_abs_err": acc.mean_abs_err if acc else None,
         "cosine": acc.cosine if acc else None, "top1_agreement": acc.top1_agreement if acc else None,
         "top5_agreement": acc.top5_agreement if acc else None, "top1_acc": acc.top1_acc if acc else None,
@@ -54,10 +56,44 @@ def _display(r: BenchRecord) -> dict[str, str]:
         lo, hi = r.latency_ms.p50_interval
         shown["latency_ms_p50"] += f" [{_fmt(lo)}-{_fmt(hi)}]"
     if r.peak_fraction is not None:
-        shown["peak_fraction"] = f"{100 * r.peak_fraction:.0f}%"
+        legacy_mixed = r.peak_basis is None and r.precision != "fp32"  # an old file: every row against FP32's peak
+        shown["peak_fraction"] = f"{100 * r.peak_fraction:.0f}%" + (" of fp32" if legacy_mixed else "")
+    elif r.gflop is not None and r.peak_basis is not None:
+        shown["peak_fraction"] = "n/a"  # no peak of its precision: peak_note says why
     if row["is_reference"]:
         shown["max_abs_err"], shown["top1_agreement"] = "reference", "reference"
     return shown
+
+
+#: the peak_fraction column's header: each row is read against the peak of its own precision
+PEAK_HEADER = "% of peak (own precision)"
+#: the basis of a fraction in a results file written before peaks per precision: every row against FP32's
+LEGACY_BASIS = "fp32 GEMM (results written before peaks per precision: every row divided by FP32's)"
+
+
+def peak_basis(r: BenchRecord) -> str | None:
+    """What ``r``'s peak_fraction is divided by, or why it has none; for an older file's fraction: FP32's peak."""
+    if r.peak_basis is not None:
+        return r.peak_basis
+    return LEGACY_BASIS if r.peak_fraction is not None else None
+
+
+def peak_note(results: BenchResults) -> str | None:
+    """One line under a table: which peak each precision's rows are divided by, and why a row has none (n/a)."""
+    used = {r.precision: b for r in results.records if r.peak_fraction is not None and (b := peak_basis(r))}
+    missing = sorted({b for r in results.records if r.peak_fraction is None and r.gflop is not None
+                      and (b := r.peak_basis) is not None})
+    if not used and not missing:
+        return None
+    if any(b == LEGACY_BASIS for b in used.values()):
+        peak = results.machine.get("matmul_peak_gflops")
+        text = (f"{PEAK_HEADER}: this file predates peaks per precision: every row is divided by the FP32 GEMM peak"
+                + (f" ({peak:.0f} GFLOP/s)" if isinstance(peak, int | float) else "")
+                + ", so a non-FP32 row's fraction (marked 'of fp32') overstates it")
+    else:
+        text = (f"{PEAK_HEADER}: GFLOP (INT8: GOP) per call / p50 over the measured matrix-multiply peak of the row's "
+                "own precision: " + "; ".join(sorted(set(used.values()))))
+    return text + "".join(f"; n/a: {m}" for m in missing) + "."
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -82,7 +118,7 @@ def to_csv(results: BenchResults) -> str:
 SUMMARY_COLUMNS = [("backend", "backend"), ("variant", "variant"), ("precision", "precision"),
                    ("batch", "batch_size"), ("dims", "dims"), ("p50 ms [95%]", "latency_ms_p50"), ("p90 ms", "latency_ms_p90"),
                    ("p99 ms", "latency_ms_p99"), ("samples/s", "throughput"), ("RAM MB", "ram_mb"),
-                   ("size MB", "model_size_mb"), ("% peak", "peak_fraction"), ("max abs err", "max_abs_err"), ("top-1 agree", "top1_agreement"),
+                   ("size MB", "model_size_mb"), (PEAK_HEADER, "peak_fraction"), ("max abs err", "max_abs_err"), ("top-1 agree", "top1_agreement"),
                    ("top-1 acc", "top1_acc")]
 
 
@@ -103,6 +139,8 @@ def to_markdown(results: BenchResults) -> str:
     for r in results.records:
         shown = _display(r)
         lines.append("| " + " | ".join(shown[k] for _, k in SUMMARY_COLUMNS) + " |")
+    if note := peak_note(results):
+        lines += ["", note]
     if results.warnings:
         lines += ["", "## Warnings", *[f"- {w}" for w in results.warnings]]
     return "\n".join(lines) + "\n"
@@ -149,7 +187,8 @@ def write_results(results: BenchResults, json_path: Path,
 def rich_table(results: BenchResults) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"{results.model} — {results.records[0].device if results.records else ''}")
+    table = Table(title=f"{results.model} — {results.records[0].device if results.records else ''}",
+                  caption=peak_note(results), caption_justify="left")
     for h, _ in SUMMARY_COLUMNS:
         table.add_column(h, justify="left" if h in ("backend", "variant", "precision") else "right")
     for r in results.records:

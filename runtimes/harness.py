@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from calibration.pools import InputPool, image_pool, random_pool
 from core.errors import BackendUnavailableError, InputError
-from core.flops import matmul_peak_gflops, matmul_peaks, onnx_macs, peak_fraction
+from core.flops import PEAK_MEASURES, measured_peaks, peak_fraction, row_peak, variant_macs
 from core.iospec import IOSpec, feed_digest
 from core.manifest import Artifact, Manifest
 from core.metrics import AccuracyStats, LatencyStats, accuracy_stats
@@ -35,6 +35,7 @@ from runtimes.base import Device, Runner, RunnerOptions
 from runtimes.timing import interleaved
 
 if TYPE_CHECKING:
+    from core.flops import VariantMacs
     from runtimes.gpu import NvmlSampler
 
 
@@ -209,7 +210,7 @@ class BenchSetup:
     digests: list[str]
     ref_out: list[np.ndarray]
     ref_label: str
-    macs: list[int | None]  # multiply-accumulates of one call at each point (core.flops), None when unknown
+    macs: dict[str, VariantMacs]  # by artifact: multiply-accumulates of one call at each point, on its own file
 
 
 def load_checked_manifest(cfg: BenchConfig) -> Manifest:
@@ -239,8 +240,8 @@ def prepare_bench(cfg: BenchConfig, log: Callable[[str], None]) -> BenchSetup:
         ref_out = run_pool(ref_runner, pool, chunk)
         ref_label = f"{ref_runner.name}:{ref_runner.artifact.name}:fp32:cpu"
     log(f"reference: {ref_label} on {pool.size} inputs ({pool.source})")
-    fp32 = base / manifest.artifacts["fp32"].file.path if "fp32" in manifest.artifacts else None
-    macs = [onnx_macs(fp32, {n: a.shape for n, a in f.items()}) if fp32 else None for f in feeds]
+    macs = variant_macs(manifest, base, dict.fromkeys(t.artifact.name for t in targets),
+                        [{n: a.shape for n, a in f.items()} for f in feeds])
     return BenchSetup(manifest=manifest, base=base, targets=targets, pool=pool, chunk=chunk, points=points,
                       feeds=feeds, digests=[feed_digest(f) for f in feeds], ref_out=ref_out, ref_label=ref_label,
                       macs=macs)
@@ -325,10 +326,13 @@ def _time_point(setup: BenchSetup, cfg: BenchConfig, loaded: list[Loaded], i: in
     timed = interleaved([x.runner for x in loaded], prepared, warmup=cfg.warmup, iters=cfg.iters, rounds=cfg.rounds,
                         block_warmup=cfg.round_warmup, gpu_util=window if gpu.available else None)
     records = []
-    peak = matmul_peak_gflops(cfg.threads) if cfg.device == "cpu" else None
+    # each row against the peak of its own precision (never an INT8 row against FP32's), measured in run_bench
+    peaks = measured_peaks(cfg.threads, {"fp32", *(x.target.precision for x in loaded)}) if cfg.device == "cpu" else {}
     for x, tm in zip(loaded, timed, strict=True):
         lat = LatencyStats.from_samples(tm.samples, tm.rounds)
-        gflop, fraction = peak_fraction(setup.macs[i], lat.p50, peak)
+        peak, basis = row_peak(x.target.precision, peaks, "this CPU" if cfg.device == "cpu" else cfg.device)
+        macs = setup.macs[x.target.artifact.name]
+        gflop, fraction = peak_fraction(macs.per_point[i], lat.p50, peak.rate if peak else None)
         t = x.target
         records.append(BenchRecord(
             model=setup.manifest.source.model, backend=t.backend, variant=t.artifact.name, precision=t.precision,
@@ -337,10 +341,12 @@ def _time_point(setup: BenchSetup, cfg: BenchConfig, loaded: list[Loaded], i: in
             vram_mb=x.runner.memory_stats().get("vram_mb", x.vram_mb),
             gpu_util=sum(tm.gpu_util) / len(tm.gpu_util) if tm.gpu_util else None,
             model_size_mb=t.artifact.file.size_bytes / 2**20, load_s=x.load_s, input_digest=setup.digests[i],
-            gflop=gflop, peak_fraction=fraction,
+            gflop=gflop, peak_fraction=fraction, peak_precision=peak.precision if peak else None, peak_basis=basis,
             accuracy=x.accuracy, dims=dims, input_shapes={n: list(a.shape) for n, a in feed.items()},
             notes=[f"failed at convert: {_failure(t.artifact)}"] if t.artifact.status != "ok" else [],
             extra=x.runner.record_extra()))
+        if macs.note:
+            records[-1].notes.append(macs.note)
     return records
 
 
@@ -381,8 +387,13 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
             raise BackendUnavailableError("no backend could be measured: " + "; ".join(results.warnings))
         gpu = stack.enter_context(NvmlSampler(enabled=cfg.device == "cuda"))
         if cfg.device == "cpu":  # measured before the timing, never during it
-            results.machine["matmul_peak_gflops"] = matmul_peak_gflops(cfg.threads)
-            results.machine["matmul_peaks_gflops"] = dict(matmul_peaks(cfg.threads))  # by library; the peak is the best
+            fp32_by_library = dict(PEAK_MEASURES["fp32"](cfg.threads))  # the FP32 peak is the best library's
+            results.machine["matmul_peak_gflops"] = max(fp32_by_library.values())
+            results.machine["matmul_peaks_gflops"] = fp32_by_library
+            peaks = measured_peaks(cfg.threads, {"fp32", *(x.target.precision for x in loaded)})
+            results.machine["peaks"] = {p: {"basis": k.basis, "library": k.library, "rate": k.rate, "unit": k.unit,
+                                            "by_library": dict(PEAK_MEASURES[p](cfg.threads))}
+                                        for p, k in peaks.items()}  # every precision's peak rows are divided by
         for i, (b, dims) in enumerate(setup.points):
             if progress:
                 progress(f"batch {b}" + "".join(f" {d} {v}" for d, v in dims.items()) +
