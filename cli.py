@@ -578,8 +578,13 @@ def report(
     accuracy_budget: Annotated[float, typer.Option(min=0.0, help="Largest top-1 drop against FP32 allowed "
                                                                  "for the recommendation, in points (as convert's "
                                                                  "--max-accuracy-drop)")] = 1.0,
-    fail_if_slower: Annotated[str | None, typer.Option(metavar="PCT", help="Exit non-zero when any row's p50 is "
-                                                       "more than PCT (e.g. 5%) slower than in the first file")] = None,
+    fail_if_slower: Annotated[str | None, typer.Option(metavar="PCT", help=(
+        "Exit 4 when a row is more than PCT (e.g. 5%) slower than in the first file: its p50 above "
+        "(1 + PCT/100) x the baseline's and, when both files timed it in 3 or more rounds (bench --rounds, "
+        "default 5), beyond the noise: a one-sided exact rank-sum test of its round p50s against the "
+        "baseline's times (1 + PCT/100) at 5% (at 5 v 5 rounds: at most 4 of the 25 round pairs have the "
+        "new round faster), so a row fails by chance at most 5% of the time when it is at most PCT slower. "
+        "With fewer rounds: the p50 ratio only (said once)"))] = None,
 ) -> None:
     """HTML report with plots and a recommendation; several files are compared side by side."""
     with user_errors():
@@ -600,7 +605,8 @@ def report(
             out_console.print(f"png: {path}")
         out_console.print(f"html: {rep.html_path}")
         if cfg.fail_if_slower is not None:
-            check_regressions(rep.comparison, cfg.fail_if_slower)
+            check_regressions(rep.comparison, cfg.fail_if_slower,
+                              log=lambda note: log(f"[yellow]note:[/] {escape(note)}"))
             out_console.print(f"no row is more than {cfg.fail_if_slower:g}% slower than {rep.runs[0].label}")
 
 
