@@ -344,7 +344,7 @@ def _time_point(setup: BenchSetup, cfg: BenchConfig, loaded: list[Loaded], i: in
             gflop=gflop, peak_fraction=fraction, peak_precision=peak.precision if peak else None, peak_basis=basis,
             accuracy=x.accuracy, dims=dims, input_shapes={n: list(a.shape) for n, a in feed.items()},
             notes=[f"failed at convert: {_failure(t.artifact)}"] if t.artifact.status != "ok" else [],
-            extra=x.runner.record_extra()))
+            extra=x.runner.record_extra() | tm.block_warmup()))
         if macs.note:
             records[-1].notes.append(macs.note)
     return records

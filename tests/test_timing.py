@@ -12,7 +12,7 @@ import pytest
 from core.metrics import LatencyStats, clearly_slower, median_interval
 from runtimes import timing
 from runtimes.base import Runner, RunnerOptions
-from runtimes.timing import interleaved, interleaved_within_memory, split_iters
+from runtimes.timing import SETTLE, Settle, interleaved, interleaved_within_memory, split_iters, warm_block
 
 
 class _Sleeper(Runner):
@@ -35,7 +35,7 @@ class _Sleeper(Runner):
 def test_rounds_rotate_the_order_and_split_the_iterations() -> None:
     log: list[str] = []
     runners = [_Sleeper(t, 0.0005, log) for t in "abc"]
-    timed = interleaved(runners, [None] * 3, warmup=1, iters=10, rounds=3, block_warmup=1)
+    timed = interleaved(runners, [None] * 3, warmup=1, iters=10, rounds=3, block_warmup=1, settle=None)
     assert split_iters(10, 3) == [4, 3, 3] and split_iters(2, 5) == [1, 1]
     assert [len(r) for r in timed[0].rounds] == [4, 3, 3] and all(len(t.samples) == 10 for t in timed)
     blocks = [log[i] for i in range(3, len(log)) if i == 3 or log[i] != log[i - 1]]  # after the warm-ups
@@ -55,7 +55,7 @@ def test_a_slow_stretch_falls_on_every_candidate_alike() -> None:
             time.sleep(self.sleep_s * (4 if time.perf_counter() < slow_until else 1))
 
     a, b = _Machine("a", 0.002, log), _Machine("b", 0.002, log)
-    ta, tb = interleaved([a, b], [None, None], warmup=0, iters=60, rounds=6, block_warmup=0)
+    ta, tb = interleaved([a, b], [None, None], warmup=0, iters=60, rounds=6, block_warmup=0, settle=None)
     sa, sb = LatencyStats.from_samples(ta.samples, ta.rounds), LatencyStats.from_samples(tb.samples, tb.rounds)
     assert not clearly_slower(sa, sb) and not clearly_slower(sb, sa)
 
@@ -94,14 +94,81 @@ def test_runners_that_do_not_fit_in_memory_are_timed_in_chunks_every_round(
 
 
 def test_a_long_call_gets_no_block_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The untimed call at the start of each block absorbs millisecond effects; a runner whose calls take
-    LONG_CALL_MS or more skips it (one-call blocks of a 2 s call would otherwise cost twice the timed time)."""
+    """The untimed calls at the start of each block absorb millisecond effects; a runner whose calls take
+    LONG_CALL_MS or more skips them (one-call blocks of a 2 s call would otherwise cost twice the timed time),
+    while a short one is warmed for at least Settle.min_ms in every block."""
     monkeypatch.setattr(timing, "LONG_CALL_MS", 5.0)
     log: list[str] = []
     timed = interleaved_within_memory([lambda: _Sleeper("short", 0.0005, log), lambda: _Sleeper("long", 0.01, log)],
                                       {}, warmup=2, iters=3, rounds=3)
     assert [len(t.samples) for t in timed] == [3, 3]
-    assert log.count("short") == 2 + 3 + 3 and log.count("long") == 2 + 3  # warm-ups, block warm-ups, timed
+    assert log.count("long") == 2 + 3  # warm-ups and timed calls only
+    assert log.count("short") > 2 + 3 + 3 and timed[1].warmup_calls == [0, 0, 0]
+    assert all(c >= 1 for c in timed[0].warmup_calls) and min(timed[0].warmup_ms) >= SETTLE.min_ms
+    # bench's fixed count (round_warmup) still applies to a long call, the time-based part does not
+    assert warm_block(_Sleeper("long", 0.01, log), None, 1, SETTLE, steady_ms=10.0)[0] == 1
+
+
+class _ColdAfterSwitch(Runner):
+    """A runner that is slow for ``cold_s`` of wall time after another runner ran, as a real runtime is while the
+    previous one's threads still spin and its own caches and threads are cold. It sleeps its latency and reports
+    it as measured, so the schedule is tested, not the load on this machine (a sleep only ever overshoots)."""
+
+    name = "cold-after-switch"
+    last: ClassVar[list[str]] = [""]  # the tag of the runner that ran last
+
+    def __init__(self, tag: str, warm_ms: float, cold_ms: float, cold_s: float) -> None:
+        self.tag, self.warm_ms, self.cold_ms, self.cold_s = tag, warm_ms, cold_ms, cold_s
+        self.options = RunnerOptions()
+        self.switched = 0.0
+
+    def _load(self) -> None:
+        pass
+
+    def run_once(self, prepared: Any) -> None:
+        self.time_iterations(prepared, 1, 0)
+
+    def time_iterations(self, prepared: Any, warmup: int, iters: int) -> list[float]:
+        out: list[float] = []
+        for k in range(warmup + iters):
+            now = time.perf_counter()
+            if self.last[0] != self.tag:
+                self.last[0], self.switched = self.tag, now
+            ms = self.cold_ms if now - self.switched < self.cold_s else self.warm_ms
+            time.sleep(ms / 1e3)
+            if k >= warmup:
+                out.append(ms)
+        return out
+
+
+def test_each_block_is_timed_only_once_its_target_is_back_to_steady_state() -> None:
+    """Two targets, each 10x slower for 80 ms after the other ran (longer than Settle.min_ms, so the settle rule
+    decides): with one untimed call per block (the old rule, settle=None) the first timed calls of every block
+    are cold; the default block warm-up keeps calling until the last call is back at the steady latency, so
+    every timed call is a steady one, and it records what it did."""
+    def pair() -> list[Runner]:
+        return [_ColdAfterSwitch(t, warm_ms=1.0, cold_ms=10.0, cold_s=0.08) for t in "ab"]
+
+    old = interleaved(pair(), [None, None], warmup=12, iters=30, rounds=3, block_warmup=1, settle=None)
+    assert sum(x == 10.0 for t in old for x in t.samples) >= 8  # 4 blocks follow a switch: each timed cold calls
+    timed = interleaved(pair(), [None, None], warmup=12, iters=30, rounds=3)
+    for t in timed:
+        assert t.samples == [1.0] * 30
+        assert len(t.warmup_calls) == 3 and all(c >= 2 for c in t.warmup_calls)
+        assert all(SETTLE.min_ms <= ms < SETTLE.max_ms for ms in t.warmup_ms) and max(t.warmup_ms) >= 80.0
+        info = t.block_warmup()
+        assert info["block_warmup_calls_max"] == max(t.warmup_calls)
+        assert info["block_warmup_ms_total"] >= 3 * SETTLE.min_ms
+
+
+def test_a_block_warm_up_that_never_settles_stops_at_its_cap_and_follows_the_steady_latency() -> None:
+    """A target whose calls stay 5x above the steady latency it was given is warmed up to Settle.max_ms, not
+    forever; its steady latency is then the median of its timed calls, so the next blocks settle at once."""
+    always_cold = _ColdAfterSwitch("c", warm_ms=5.0, cold_ms=5.0, cold_s=1e9)
+    (t,) = interleaved([always_cold], [None], warmup=0, iters=6, rounds=3,
+                       settle=Settle(min_ms=5.0, tolerance=0.05, max_ms=30.0), steady_ms=[1.0])
+    assert 30.0 <= t.warmup_ms[0] < 130.0 and 2 <= t.warmup_calls[0] <= 6  # calls of 5 ms or more: at most 30/5
+    assert t.warmup_calls[1:] == [1, 1] and t.samples == [5.0] * 6
 
 
 def test_interval_rule() -> None:
@@ -133,6 +200,8 @@ def test_bench_records_rounds_spinning_and_restores_torch_threads(tiny_artifacts
         lo, hi = r.latency_ms.p50_interval or (0, 0)
         assert 0 < lo <= hi
         assert r.cpu_util is not None and 0 < r.cpu_util <= 105  # % of the CPUs the process may use
+        # the block warm-ups are recorded: at least round_warmup calls, and Settle.min_ms, in each of the 4 blocks
+        assert r.extra["block_warmup_calls_median"] >= 1 and r.extra["block_warmup_ms_total"] >= 4 * SETTLE.min_ms
     from reports.writers import to_markdown
 
     eager_row = next(ln for ln in to_markdown(res).splitlines() if ln.startswith("| eager "))
