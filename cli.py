@@ -41,6 +41,9 @@ console = Console(stderr=True, highlight=False)
 # Wide tables when piped to a file or CI log; a real terminal keeps its own width.
 out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 180)
 STATE: dict[str, Any] = {"debug": False}
+DATA_HELP = ("Accuracy data instead of the artifact's own held-out data (what convert graded the variants on; random "
+             "inputs only where it has none, and then top-1 is not graded): an image folder (class sub-folders give "
+             "labels) or a .npy/.npz keyed by input name with optional 'labels'")
 
 
 @app.callback()
@@ -455,7 +458,7 @@ def bench(
     iters: Annotated[int, typer.Option(min=1, help="Timed runs")] = 100,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda (auto: cuda when a GPU is visible)")] = "auto",
     threads: Annotated[int | None, typer.Option(min=1, help="Intra-op threads")] = None,
-    data: Annotated[Path | None, typer.Option(help="Image folder; class sub-folders give labels")] = None,
+    data: Annotated[Path | None, typer.Option(help=DATA_HELP)] = None,
     variants: Annotated[str | None, typer.Option(help="Comma-separated artifact names (default: all)")] = None,
     accuracy_samples: Annotated[int, typer.Option(min=1, help="Inputs used for the accuracy checks")] = 32,
     input_shape: Annotated[str | None, typer.Option(
@@ -808,6 +811,7 @@ def tune(
     objective: Annotated[str, typer.Option(help="latency | throughput")] = "latency",
     accuracy_budget: Annotated[float, typer.Option(min=0.0, help="Largest top-1 drop against FP32, in points")] = 1.0,
     max_minutes: Annotated[float, typer.Option(min=0.1, help="No new search stage after this long")] = 10.0,
+    data: Annotated[Path | None, typer.Option(help=DATA_HELP)] = None,
     out: Annotated[Path | None, typer.Option(help="tune.json path (default ARTIFACT_DIR/tune.json)")] = None,
 ) -> None:
     """Find the fastest backend x variant x settings (x batch) on this machine within an accuracy budget."""
@@ -820,7 +824,7 @@ def tune(
         cfg = TuneConfig(artifact_dir=artifact_dir, backends=csv_list(backends, "--backends"),
                          batch_sizes=int_list(batch_sizes, "--batch-sizes"), objective=objective,  # type: ignore[arg-type]
                          variants=csv_list(variants, "--variants") if variants else None,
-                         accuracy_budget=accuracy_budget, max_minutes=max_minutes)
+                         accuracy_budget=accuracy_budget, max_minutes=max_minutes, data=data)
         result = run_tune(cfg, log=log)
         path = out or artifact_dir / "tune.json"
         atomic_write_text(path, result.model_dump_json(indent=2) + "\n")

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from core.errors import InputError
 from core.iospec import IOSpec
-from core.manifest import SourceInfo
+from core.manifest import HeldOutFile, SourceInfo
 
 
 @dataclass
@@ -25,6 +26,7 @@ class InputPool:
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None
     source: str
+    kind: Literal["held-out", "data", "random"] = "data"  # the artifact's own held-out data, given data, noise
 
     @property
     def size(self) -> int:
@@ -44,7 +46,33 @@ def random_pool(spec: IOSpec, size: int, seed: int) -> InputPool:
     else:
         parts = [spec.random_feed(fixed, seed=seed + i) for i in range(-(-size // fixed))]
         feed = {n: np.concatenate([p[n] for p in parts])[:size] for n in spec.input_names}
-    return InputPool(arrays=feed, labels=None, source=f"random normal (seed {seed})")
+    return InputPool(arrays=feed, labels=None, source=f"random normal (seed {seed})", kind="random")
+
+
+def heldout_pool(base: Path, held: HeldOutFile, spec: IOSpec, size: int) -> InputPool | str:
+    """The artifact's own held-out inputs (``Manifest.held_out``: what convert graded the variants on), the first
+    ``size`` of them; or why they cannot feed ``spec`` as bench binds it (another --input-shape), in one line."""
+    path = Path(base) / held.file.path
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"held-out data {path} is not a readable .npz file: {exc}") from None
+    labels = arrays.pop("labels", None)
+    want = spec.random_feed(spec.fixed_batch() or 1, seed=0)
+    for name, ref in want.items():
+        got = arrays.get(name)
+        if got is None:
+            return f"{held.file.path} has no input {name!r} (it has {sorted(arrays)})"
+        if got.shape[1:] != ref.shape[1:] or got.dtype != ref.dtype:
+            return (f"its {name} is {got.dtype}{list(got.shape[1:])} per sample, the run needs "
+                    f"{ref.dtype}{list(ref.shape[1:])}")
+    n = min(size, len(arrays[spec.input_names[0]]))
+    what = f"{n} of the {held.of_samples}" if n < held.of_samples else f"the {n}"
+    return InputPool(arrays={k: np.ascontiguousarray(arrays[k][:n]) for k in spec.input_names},
+                     labels=None if labels is None else labels[:n],
+                     source=f"held-out data of the artifact ({held.file.path}): {what} samples its variants' gates "
+                            f"were graded on, from {held.source}", kind="held-out")
 
 
 def image_pool(spec: IOSpec, source: SourceInfo, folder: Path, size: int, log: Callable[[str], None],

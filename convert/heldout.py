@@ -14,15 +14,26 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from calibration.pools import InputPool
 from core.errors import InputError
+from core.fsutil import sha256_file
+from core.manifest import FileRecord, HeldOutFile
 from core.metrics import AccuracyStats, accuracy_stats
 from core.records import AccuracyChange, DataRecord, HeldOutRecord
 from runtimes.ort import ort_session
+
+if TYPE_CHECKING:
+    from convert.context import ConvertContext
+
+#: The held-out file kept in an artifact folder (``save_heldout``) and its size limit: the gates read up to
+#: --eval-size samples (200 by default, 120 MB of 224x224 images); bench grades on up to --accuracy-samples (32).
+HELDOUT_FILE = "heldout.npz"
+HELDOUT_MAX_BYTES = 32 << 20
+LABELS_KEY = "labels"
 
 LabelledBatch = tuple[dict[str, np.ndarray], np.ndarray | None]
 
@@ -57,7 +68,7 @@ class PoolData:
         for name in sorted(self.pool.arrays):
             h.update(name.encode())
             h.update(np.ascontiguousarray(self.pool.arrays[name]).tobytes())
-        return {"source": self.pool.source, "kind": "pool", "sha256": h.hexdigest(), "num_samples": self.pool.size,
+        return {"source": self.pool.source, "kind": "synthetic" if self.pool.kind == "random" else "pool", "sha256": h.hexdigest(), "num_samples": self.pool.size,
                 "skipped": 0, "labels": self.pool.labels is not None, "warnings": []}
 
 
@@ -132,3 +143,51 @@ class HeldOutEvaluator:
         """The held-out data, as the manifest keeps it, and how many samples were compared."""
         data = DataRecord.model_validate(self.data.manifest_record())
         return HeldOutRecord(**data.model_dump(), used=0 if self.reference is None else len(self.reference[0]))
+
+
+def save_heldout(data: HeldOutData, used: int, path: Path, base: Path,
+                 max_bytes: int = HELDOUT_MAX_BYTES) -> HeldOutFile | None:
+    """Write the first held-out samples of ``data`` (as many as fit in ``max_bytes``, at least one) to ``path``, an
+    .npz keyed by input name plus ``labels``, and describe it for the manifest (``Manifest.held_out``); ``used``:
+    how many samples the gates were graded on; ``base``: the artifact folder. Synthetic (random) held-out data is
+    not kept: bench says it has no held-out data instead of grading on noise."""
+    record = data.manifest_record()
+    if record.get("kind") == "synthetic":
+        return None
+    kept: list[dict[str, np.ndarray]] = []
+    labels: list[np.ndarray] = []
+    cap: int | None = None
+    for feed, lab in data.iter_labelled(16):
+        if cap is None:
+            cap = max(1, max_bytes // max(1, sum(a[:1].nbytes for a in feed.values())))
+        take = min(_rows(feed), cap - sum(_rows(f) for f in kept))
+        kept.append({k: v[:take] for k, v in feed.items()})
+        if lab is not None:
+            labels.append(lab[:take])
+        if sum(_rows(f) for f in kept) >= cap:
+            break
+    if not kept:
+        return None
+    arrays = {k: np.concatenate([f[k] for f in kept]) for k in kept[0]}
+    if labels and sum(len(x) for x in labels) == _rows(arrays):
+        arrays[LABELS_KEY] = np.concatenate(labels).astype(np.int64)
+    named: dict[str, Any] = arrays  # every key is an array's name (savez also takes allow_pickle by keyword)
+    with open(path, "wb") as f:  # the run's staging folder: swapped in only when every step succeeded
+        np.savez(f, **named)
+    return HeldOutFile(file=FileRecord(path=path.relative_to(base).as_posix(), sha256=sha256_file(path),
+                                       size_bytes=path.stat().st_size),
+                       source=data.describe(), samples=_rows(arrays), of_samples=max(used, _rows(arrays)),
+                       labels=LABELS_KEY in arrays, data_sha256=str(record.get("sha256", "")))
+
+
+def keep_heldout(ctx: ConvertContext, evaluator: HeldOutEvaluator) -> None:
+    """The held-out inputs the gates grade on, kept in the artifact folder (``heldout.npz``, recorded as
+    ``Manifest.held_out``) so that bench, tune and report grade on them by default. The first held-out data of a
+    run is kept (the quantization gates' when there are several)."""
+    if ctx.manifest.held_out is not None:
+        return
+    kept = save_heldout(evaluator.data, evaluator.record().used, ctx.path(HELDOUT_FILE), ctx.out)
+    if kept is not None:
+        ctx.manifest.held_out = kept
+        ctx.log(f"held-out data kept for bench: {HELDOUT_FILE} ({kept.samples} of {kept.of_samples} sample(s), "
+                f"{kept.file.size_bytes / 2**20:.1f} MB)")

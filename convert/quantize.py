@@ -30,7 +30,7 @@ from convert.calibrate import Calibrations, QuantData, open_quant_data
 from convert.config import CALIB_METHODS, CalibMethod, Int8Layout, QType, QuantConfig
 from convert.context import ConvertContext, Step
 from convert.gates import NodeScore, Trial, auto_search, gate_verdict, rank_nodes, summary_line
-from convert.heldout import HeldOutEvaluator
+from convert.heldout import HeldOutEvaluator, keep_heldout
 from convert.ort_quant import (
     QuantizeError,
     check_exclusions,
@@ -171,6 +171,7 @@ def setup_quant(ctx: ConvertContext, cfg: QuantConfig, work: Path) -> QuantState
     evaluator = HeldOutEvaluator(data.held, cfg.gate.eval_batch, ctx.spec.fixed_batch())
     ctx.log(f"held-out reference: {reference} (FP32) on {data.held.num_samples} sample(s)")
     evaluator.set_reference(ref_file, reference)
+    keep_heldout(ctx, evaluator)
     selection = None
     if data.selection is not None:
         selection = HeldOutEvaluator(data.selection, cfg.gate.eval_batch, ctx.spec.fixed_batch())

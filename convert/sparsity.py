@@ -30,7 +30,7 @@ from convert.config import Budget, SparsityConfig, SparsityPattern
 from convert.context import ConvertContext, parity_batches
 from convert.export import export_onnx
 from convert.gates import gate_verdict
-from convert.heldout import HeldOutEvaluator, PoolData
+from convert.heldout import HeldOutEvaluator, PoolData, keep_heldout
 from convert.inputs import export_args
 from convert.optimize import optimize_onnx
 from convert.prune import apply_2of4, check_2of4_onnx, ops_and_params, prune_channels
@@ -125,6 +125,7 @@ def fp32_evaluator(ctx: ConvertContext, cfg: SparsityConfig) -> tuple[HeldOutEva
     ctx.log(f"running {ref_name} with ONNX Runtime on the held-out inputs ({pool.source})")
     ev = HeldOutEvaluator(PoolData(pool), EVAL_BATCH, ctx.spec.fixed_batch())
     ev.set_reference(ctx.out / ctx.manifest.artifacts[ref_name].file.path, ref_name)
+    keep_heldout(ctx, ev)
     return ev, pool
 
 

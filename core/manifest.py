@@ -96,6 +96,21 @@ class FileRecord(BaseModel):
         return [self.path, *(d.path for d in self.external_data)]
 
 
+class HeldOutFile(BaseModel):
+    """Held-out inputs (and labels) the variants' accuracy gates were graded on, kept beside the models so that
+    ``bench``, ``tune`` and ``report`` grade every variant on the same real data by default, never on noise."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: FileRecord = Field(description="An .npz keyed by input name, plus 'labels' when the data has them")
+    source: str = Field(description="What the data is (the held-out part of --calib or --eval-data)")
+    samples: int = Field(description="Samples in the file")
+    of_samples: int = Field(description="Samples the gates were graded on (the file keeps the first of them, "
+                                        "up to a size limit)")
+    labels: bool
+    data_sha256: str = Field(description="Digest of the held-out data the gates read (the manifest's held_out)")
+
+
 class Artifact(BaseModel):
     """One file the pipeline produced, and how."""
 
@@ -132,6 +147,7 @@ class Manifest(BaseModel):
     exporter: str | None = None
     versions: dict[str, str] = Field(default_factory=library_versions)
     artifacts: dict[str, Artifact] = Field(default_factory=dict)
+    held_out: HeldOutFile | None = Field(default=None, description="The held-out inputs bench grades on by default")
 
     # -- files ---------------------------------------------------------------------------------
     def record(self, base: Path, path: Path, *, name: str, kind: ArtifactKind, params: StepParams,
@@ -169,11 +185,18 @@ class Manifest(BaseModel):
                     problems.append(f"{art.name}: {rec.path} is missing")
                 elif sha256_file(p) != rec.sha256:
                     problems.append(f"{art.name}: {rec.path} sha256 does not match the manifest")
+        if self.held_out is not None:
+            p = Path(base) / self.held_out.file.path
+            if not p.is_file():
+                problems.append(f"held-out data: {self.held_out.file.path} is missing")
+            elif sha256_file(p) != self.held_out.file.sha256:
+                problems.append(f"held-out data: {self.held_out.file.path} sha256 does not match the manifest")
         return problems
 
     def owned_paths(self) -> set[str]:
         """Every file the artifacts consist of (external data included), relative to the folder."""
-        return {p for art in self.artifacts.values() for p in art.file.paths()}
+        held = {self.held_out.file.path} if self.held_out is not None else set()
+        return {p for art in self.artifacts.values() for p in art.file.paths()} | held
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, base: Path) -> Path:

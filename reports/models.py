@@ -57,6 +57,10 @@ class BenchRecord(BaseModel):
     load_s: float | None = None
     input_digest: str = Field(description="sha256 prefix of the exact inputs: equal across backends")
     accuracy: AccuracyStats | None = None
+    accuracy_drop: float | None = Field(default=None, description="Points lost against the FP32 reference, graded "
+                                                                  "as convert's gates and tune grade it")
+    accuracy_basis: str | None = Field(default=None, description="What accuracy_drop measures (e.g. top-1 "
+                                                                 "agreement with FP32 on held-out data)")
     dims: dict[str, int] = Field(default_factory=dict, description="Values of the symbolic dims other than "
                                                                    "the batch when they were swept (--dims)")
     input_shapes: dict[str, list[int]] = Field(default_factory=dict, description="Every input's shape as run")
@@ -109,6 +113,8 @@ class BenchResults(BaseModel):
     versions: dict[str, str] = Field(default_factory=library_versions)
     records: list[BenchRecord] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+    accuracy_inputs: str | None = Field(default=None, description="What accuracy was graded on: 'held-out' (the "
+                                                                  "artifact's own), 'data' (--data) or 'random'")
 
     @classmethod
     def load(cls, path: Path) -> BenchResults:

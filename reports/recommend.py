@@ -115,6 +115,17 @@ def _machine_line(results: BenchResults, device: str) -> str:
             f"warm-up runs.")
 
 
+def _graded_on(results: BenchResults, metric: AccuracyMetric) -> str:
+    """What the accuracy behind the pick was graded on, and how: the same basis as convert's gates and tune."""
+    inputs = results.config.get("inputs", "inputs not recorded")
+    text = f"Accuracy was graded on {inputs}"
+    if metric.basis:
+        text += f"; the drop is {metric.basis}"
+    if results.accuracy_inputs == "random":
+        text += " (random inputs: pass --data, or convert with --calib/--eval-data, for a verdict on real inputs)"
+    return text + "."
+
+
 def _recommend_group(results: BenchResults, recs: list[BenchRecord], budget: float) -> Recommendation:
     metric: AccuracyMetric = accuracy_metric(recs)
     batch = min(r.batch_size for r in recs)
@@ -129,7 +140,8 @@ def _recommend_group(results: BenchResults, recs: list[BenchRecord], budget: flo
     for r in at_batch:
         d = metric.drop(r)
         if d is None:
-            excluded.append(f"{record_label(r)}: no accuracy measured, so it cannot be checked against the budget")
+            why = f" ({r.accuracy_basis})" if r.accuracy is not None and r.accuracy_basis else ""
+            excluded.append(f"{record_label(r)}: no accuracy measured{why}, so it cannot be checked against the budget")
         elif d > budget + 1e-12:
             excluded.append(f"{record_label(r)}: {metric.label} {metric.value(r):.3f} is {d:.2f} points below the "
                             f"reference, over the budget of {budget:g} points")
@@ -160,6 +172,7 @@ def _recommend_group(results: BenchResults, recs: list[BenchRecord], budget: flo
     ev.append(f"Accuracy: {metric.label} {metric.value(best):.3f} against {metric.reference(best):.3f} for the "
               f"reference (drop {max(d or 0.0, 0.0):.2f} points, budget {budget:g}, "
               f"{best.accuracy.samples if best.accuracy else '?'} samples).")
+    ev.append(_graded_on(results, metric))
     ev.extend(_precision_statements(at_batch, device, results.machine))
     tail = best.latency_ms.p99 / best.latency_ms.p50 if best.latency_ms.p50 > 0 else 1.0
     if tail > NOISY_TAIL:

@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from calibration.pools import InputPool, image_pool, random_pool
+from calibration.pools import InputPool, heldout_pool, image_pool, random_pool, source_pool
 from core.errors import BackendUnavailableError, InputError
 from core.flops import PEAK_MEASURES, measured_peaks, peak_fraction, row_peak, variant_macs
 from core.iospec import IOSpec, feed_digest
 from core.manifest import Artifact, Manifest
-from core.metrics import AccuracyStats, LatencyStats, accuracy_stats
+from core.metrics import AccuracyStats, LatencyStats, accuracy_drop, accuracy_stats, unmeasured_drop
+from core.models import is_random_init
 from core.records import TrtQdqParams
 from core.resources import ResourceSampler, check_feed_memory
 from core.shapes import apply_input_shapes
@@ -51,7 +52,9 @@ class BenchConfig(BaseModel):
     iters: int = Field(default=100, ge=1)
     device: Device = "cpu"
     threads: int | None = Field(default=None, ge=1, description="Intra-op threads for every backend")
-    data: Path | None = Field(default=None, description="Image folder (optionally class sub-folders = labels)")
+    data: Path | None = Field(default=None, description="Accuracy data instead of the artifact's own held-out data: "
+                                                         "an image folder (class sub-folders = labels), or a "
+                                                         ".npy/.npz keyed by input name (optional 'labels')")
     variants: list[str] | None = Field(default=None, description="Artifact names to include (default: all ok)")
     precisions: list[str] = Field(default=["fp32"], description="PyTorch compute precisions (fp16/bf16: cuda)")
     accuracy_samples: int = Field(default=32, ge=1, description="Inputs in the accuracy pool")
@@ -77,9 +80,40 @@ class Target:
 
 
 def build_pool(manifest: Manifest, cfg: BenchConfig, size: int, log: Callable[[str], None]) -> InputPool:
-    if cfg.data is None:
-        return random_pool(manifest.iospec, size, cfg.seed)
-    return image_pool(manifest.iospec, manifest.source, cfg.data, size, log, cfg.seed)
+    """The accuracy pool: ``--data`` when given; else the held-out data convert graded the variants on
+    (``Manifest.held_out``); random inputs only where the artifact has none, said in one line (then accuracy is
+    graded on the output cosine only, see :func:`graded_drop`)."""
+    if cfg.data is not None:
+        if Path(cfg.data).is_dir():
+            return image_pool(manifest.iospec, manifest.source, cfg.data, size, log, cfg.seed)
+        return source_pool(str(cfg.data), manifest.iospec, manifest.source, cfg.seed, size)
+    why = "this artifact has no held-out data (convert keeps it with --int8/--calib, --eval-data)"
+    if manifest.held_out is not None:
+        got = heldout_pool(cfg.artifact_dir, manifest.held_out, manifest.iospec, size)
+        if isinstance(got, InputPool):
+            return got
+        why = f"the artifact's held-out data does not fit this run: {got}"
+    log(f"[yellow]warning:[/] accuracy on random inputs: {why}; pass --data for real inputs. Top-1 is not graded "
+        "on noise: the output cosine is")
+    return random_pool(manifest.iospec, size, cfg.seed)
+
+
+#: The basis of a drop graded on random inputs (``graded_drop``).
+RANDOM_INPUTS_BASIS = ("100 x (1 - output cosine vs FP32) on random inputs (no held-out data): top-1 on noise is not "
+                       "graded")
+
+
+def graded_drop(stats: AccuracyStats, pool: InputPool, manifest: Manifest) -> tuple[float | None, str]:
+    """A variant's drop against FP32 in points, and its basis, as convert's gates and tune grade it
+    (``core.metrics.accuracy_drop``: top-1 accuracy with labels, the output cosine for random-init weights, else
+    top-1 agreement); on random inputs the output cosine only. A reference output the drop rests on that is constant
+    or all zeros gives (None, the one line that says so): not measurable, never a perfect match."""
+    random_init = is_random_init(manifest.source)
+    if (why := unmeasured_drop(stats, random_init or pool.kind == "random", pool.source)) is not None:
+        return None, why
+    if pool.kind == "random":
+        return 100.0 * (1.0 - stats.cosine), RANDOM_INPUTS_BASIS
+    return accuracy_drop(stats, random_init)
 
 
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -283,12 +317,18 @@ class Loaded:
     ram_mb: float
     ram_delta_mb: float
     vram_mb: float | None
+    drop: tuple[float | None, str]  # points lost against FP32 and the basis (graded_drop)
 
 
 def pool_accuracy(setup: BenchSetup, runner: Runner) -> AccuracyStats:
-    """``runner``'s outputs on the accuracy pool against the reference's (every output, by name)."""
-    return accuracy_stats(run_pool(runner, setup.pool, setup.chunk), setup.ref_out, setup.pool.labels,
-                          setup.ref_label, runner.manifest.iospec.output_names)
+    """``runner``'s outputs on the accuracy pool against the reference's (every output, by name). On random inputs
+    the top-k agreement is left out: the argmax of noise measures nothing (a static INT8 resnet18 at 82% top-1
+    agreement on held-out photos agreed on 0% of random-normal inputs)."""
+    stats = accuracy_stats(run_pool(runner, setup.pool, setup.chunk), setup.ref_out, setup.pool.labels,
+                           setup.ref_label, runner.manifest.iospec.output_names)
+    if setup.pool.kind == "random":
+        stats = stats.model_copy(update={"top1_agreement": None, "top5_agreement": None})
+    return stats
 
 
 def _load_target(setup: BenchSetup, t: Target, runner: Runner, skip: Callable[[str], None],
@@ -308,7 +348,8 @@ def _load_target(setup: BenchSetup, t: Target, runner: Runner, skip: Callable[[s
         load_s = time.perf_counter() - t_load
         acc = pool_accuracy(setup, runner)
     return Loaded(target=t, runner=runner, load_s=load_s, accuracy=acc, ram_mb=sampler.peak_rss / 2**20,
-                  ram_delta_mb=(sampler.peak_rss - sampler.baseline_rss) / 2**20, vram_mb=gpu.growth_mb)
+                  ram_delta_mb=(sampler.peak_rss - sampler.baseline_rss) / 2**20, vram_mb=gpu.growth_mb,
+                  drop=graded_drop(acc, setup.pool, setup.manifest))
 
 
 def _time_point(setup: BenchSetup, cfg: BenchConfig, loaded: list[Loaded], i: int,
@@ -342,7 +383,7 @@ def _time_point(setup: BenchSetup, cfg: BenchConfig, loaded: list[Loaded], i: in
             gpu_util=sum(tm.gpu_util) / len(tm.gpu_util) if tm.gpu_util else None,
             model_size_mb=t.artifact.file.size_bytes / 2**20, load_s=x.load_s, input_digest=setup.digests[i],
             gflop=gflop, peak_fraction=fraction, peak_precision=peak.precision if peak else None, peak_basis=basis,
-            accuracy=x.accuracy, dims=dims, input_shapes={n: list(a.shape) for n, a in feed.items()},
+            accuracy=x.accuracy, accuracy_drop=x.drop[0], accuracy_basis=x.drop[1], dims=dims, input_shapes={n: list(a.shape) for n, a in feed.items()},
             notes=[f"failed at convert: {_failure(t.artifact)}"] if t.artifact.status != "ok" else [],
             extra=x.runner.record_extra() | tm.block_warmup()))
         if macs.note:
@@ -369,7 +410,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
 
     setup = prepare_bench(cfg, log)
     results = BenchResults(model=setup.manifest.source.model, artifact_dir=str(setup.base),
-                           config=cfg.model_dump(mode="json") | {"inputs": setup.pool.source})
+                           config=cfg.model_dump(mode="json") | {"inputs": setup.pool.source},
+                           accuracy_inputs=setup.pool.kind)
     extra_opts = RunnerOptions(**cfg.options) if cfg.options else RunnerOptions()
     with contextlib.ExitStack() as stack:
         loaded: list[Loaded] = []
@@ -385,6 +427,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
                 loaded.append(got)
         if not loaded:
             raise BackendUnavailableError("no backend could be measured: " + "; ".join(results.warnings))
+        if setup.pool.kind == "random":
+            results.warnings.append(f"accuracy graded on random inputs ({setup.pool.source}): the artifact has no "
+                                    "held-out data that fits this run, so top-1 is not graded (the output cosine "
+                                    "is); pass --data for real inputs")
         gpu = stack.enter_context(NvmlSampler(enabled=cfg.device == "cuda"))
         if cfg.device == "cpu":  # measured before the timing, never during it
             fp32_by_library = dict(PEAK_MEASURES["fp32"](cfg.threads))  # the FP32 peak is the best library's

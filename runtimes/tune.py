@@ -33,12 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import BackendUnavailableError, InputError
 from core.manifest import utc_now
-from core.metrics import AccuracyStats, LatencyStats, accuracy_drop, clearly_slower
-from core.models import is_random_init
+from core.metrics import AccuracyStats, LatencyStats, clearly_slower
 from reports.models import machine_info
 from runtimes import RUNNERS
 from runtimes.base import RunnerOptions
-from runtimes.harness import BenchConfig, Target, pool_accuracy, prepare_bench
+from runtimes.harness import BenchConfig, Target, graded_drop, pool_accuracy, prepare_bench
 from runtimes.timing import interleaved_within_memory, usable_cpus
 
 Objective = Literal["latency", "throughput"]
@@ -60,6 +59,8 @@ class TuneConfig(BaseModel):
     stages: list[int] = Field(default=[10, 30, 60], description="Timed calls per candidate in each stage")
     rounds: int = Field(default=5, ge=3, description="Interleaved rounds per stage")
     accuracy_samples: int = Field(default=32, ge=1)
+    data: Path | None = Field(default=None, description="Accuracy data instead of the artifact's held-out data "
+                                                         "(as bench's --data)")
     seed: int = 0
 
 
@@ -143,14 +144,15 @@ def _candidates(cfg: TuneConfig, setup: Any, log: Callable[[str], None]) -> list
     """Every (backend, variant, settings, batch), with its accuracy drop; the latency objective keeps only the
     smallest batch."""
     batches = [min(cfg.batch_sizes)] if cfg.objective == "latency" else sorted(set(cfg.batch_sizes))
-    random_init = is_random_init(setup.manifest.source)  # graded on the output cosine, as convert's gates are
     out: list[Candidate] = []
     for t in setup.targets:
         acc = _accuracy(setup, t, log)
-        drop = None if isinstance(acc, str) else accuracy_drop(acc, random_init)[0]
+        drop, basis = (None, acc) if isinstance(acc, str) else graded_drop(acc, setup.pool, setup.manifest)  # as bench
+        if drop is None and not isinstance(acc, str):
+            log(f"skipped {t.backend}:{t.artifact.name}: {basis}")  # a constant reference output: not measurable
         for settings, b in itertools.product(settings_for(t.backend), batches):
             out.append(Candidate(backend=t.backend, variant=t.artifact.name, precision=t.precision, settings=settings,
-                                 batch_size=b, accuracy_drop_points=drop, skipped=acc if isinstance(acc, str) else None,
+                                 batch_size=b, accuracy_drop_points=drop, skipped=basis if drop is None else None,
                                  within_budget=drop is not None and drop <= cfg.accuracy_budget + 1e-9))
     return out
 
@@ -182,7 +184,8 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     if not usable:
         raise BackendUnavailableError(f"none of the backends {cfg.backends} can run here")
     setup = prepare_bench(BenchConfig(artifact_dir=cfg.artifact_dir, backends=usable, batch_sizes=cfg.batch_sizes,
-                                      variants=cfg.variants, accuracy_samples=cfg.accuracy_samples, seed=cfg.seed), log)
+                                      variants=cfg.variants, accuracy_samples=cfg.accuracy_samples, data=cfg.data,
+                                      seed=cfg.seed), log)
     candidates = _candidates(cfg, setup, log)
     live = [c for c in candidates if c.within_budget and c.skipped is None]
     if not live:

@@ -31,7 +31,9 @@ def test_every_backend_sees_the_same_inputs_and_agrees(resnet18_artifacts: Path)
         assert len(digests) == 1, "backends were fed different inputs"
     for r in res.records:
         assert r.accuracy is not None and r.accuracy.samples == 6
-        assert r.accuracy.top1_agreement == 1.0 and r.accuracy.cosine > 0.9999
+        # random inputs (the artifact has no held-out data): graded on the output cosine, no top-1 on noise
+        assert r.accuracy.top1_agreement is None and r.accuracy.cosine > 0.9999
+        assert r.accuracy_drop is not None and r.accuracy_drop < 0.01
         assert r.accuracy.max_abs_err < 1e-3
         lat = r.latency_ms
         assert 0 < lat.min <= lat.p50 <= lat.p90 <= lat.p99 <= lat.max and lat.iters == 3
@@ -157,8 +159,8 @@ def test_a_backend_that_fails_to_load_is_closed_and_skipped(tiny_artifacts: Path
     monkeypatch.setattr(HalfLoadingRunner, "closed", [])
     res = _bench(tiny_artifacts, backends=["half-loading", "ort"], batch_sizes=[1], accuracy_samples=4)
     assert sorted(HalfLoadingRunner.closed) == ["fp32", "opt"]  # closed once per target, after the failed load
-    assert res.warnings == [f"half-loading:{v} (fp32) skipped: the device went away while loading"
-                            for v in ("fp32", "opt")]
+    assert [w for w in res.warnings if "skipped" in w] == [
+        f"half-loading:{v} (fp32) skipped: the device went away while loading" for v in ("fp32", "opt")]
     assert {(r.backend, r.variant) for r in res.records} == {("ort", "fp32"), ("ort", "opt")}
     with pytest.raises(BackendUnavailableError, match="no backend could be measured: half-loading:fp32"):
         _bench(tiny_artifacts, backends=["half-loading"], batch_sizes=[1], accuracy_samples=4)

@@ -20,7 +20,8 @@ def test_openvino_runs_every_onnx_variant_and_agrees(tiny_artifacts: Path) -> No
     assert {r.variant for r in ov} == {r.variant for r in res.records if r.backend == "ort"}
     assert {r.batch_size for r in ov} == {1, 2}
     for r in ov:
-        assert r.accuracy is not None and r.accuracy.cosine > 0.9999 and r.accuracy.top1_agreement == 1.0
+        assert r.accuracy is not None and r.accuracy.cosine > 0.9999 and r.accuracy_drop is not None
+        assert r.accuracy_drop < 0.01  # random inputs (no held-out data): the output cosine is graded, no top-1
     assert res.config["options"]["openvino_hint"] == "THROUGHPUT"
 
 
