@@ -147,7 +147,7 @@ def _markdown(payload: dict[str, Any]) -> str:
              "seeded head core.models now gives them.", "",
              "Peak RSS: the largest resident memory of the convert / bench process (wait4's ru_maxrss); rows "
              "without it were measured before it was recorded.", "",
-             "| model | status | step | ORT = eager | min cosine | s | peak RSS MiB convert / bench | CPU | error |",
+             "| model | status | step | ORT = eager | min cosine | s | peak RSS MiB convert / bench | CPU | error / note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cos = r.get("min_ort_cosine")
@@ -157,7 +157,7 @@ def _markdown(payload: dict[str, Any]) -> str:
         lines.append(f"| {r['model']} | {r['status']} | {r.get('step', '')} | {shown} | "
                      f"{'' if cos is None else f'{cos:.5f}'} | {r['seconds']} | "
                      f"{' / '.join(str(mem[k]) for k in ('convert', 'bench') if k in mem) or '-'} | "
-                     f"{r.get('cpu', 'earlier')} | {r.get('error', '')} |")
+                     f"{r.get('cpu', 'earlier')} | {r.get('error') or (r.get('agreement_basis', '') if verdict is None else '')} |")
     return "\n".join(lines) + "\n"
 
 
