@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run_transformer.py
 	$(BIN)/python benchmarks/run_sweep.py
 	$(BIN)/python benchmarks/run_openvino_precision.py
+	$(BIN)/python benchmarks/run_fidelity.py
 	$(BIN)/python benchmarks/run_deploy.py
 
 lint: $(STAMP)
