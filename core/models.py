@@ -132,9 +132,11 @@ def _torchvision(name: str, weights: str | None, seed: int) -> LoadedModel:
     if weights is None:
         module = torchvision.models.get_model(name, weights=None)
         redone = reinit_zero_head(module, seed)
+        crop = pre.crop if pre else 224
+        reset = reinit_if_constant(module, seed, (2, 3, crop, crop))
         source.weights_note = f"random init (seed {seed})" + (
             f"; zero-initialised head {_head_name(redone)} re-initialised (seeded)" if redone else "") + \
-            "; pass --weights to use trained weights"
+            (f"; {reset}" if reset else "") + "; pass --weights to use trained weights"
         notes.append(source.weights_note)
     elif Path(weights).suffix in {".pt", ".pth", ".bin", ".ckpt"} or Path(weights).exists():
         module = torchvision.models.get_model(name, weights=None)
@@ -187,6 +189,34 @@ def reinit_zero_head(module: Any, seed: int) -> list[str]:
                 p.copy_(torch.rand(p.shape, generator=gen, dtype=p.dtype) * (2 * bound) - bound)
                 redone.append(f"{name}.{pname}" if name else pname)
     return redone
+
+
+def reinit_if_constant(module: Any, seed: int, shape: tuple[int, ...]) -> str | None:
+    """Random-init weights whose output does not depend on the input get PyTorch's default layer init (seeded): a
+    note saying so, or None when the output varies. torchvision's googlenet draws its weights from a normal of std
+    0.01, which shrinks the features about 10x per block (1e-11 before its classifier), so every input gives the fc
+    bias exactly and every check of the model would compare a constant with a constant. ``shape``: two inputs."""
+    import torch
+
+    from core.metrics import constant_reference
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def constant() -> bool:
+        with torch.no_grad():
+            outs = [o for o in output_list(module.eval()(x)) if isinstance(o, torch.Tensor)]
+        return bool(outs) and all(constant_reference(o.float().numpy(), shape[0]) is not None for o in outs)
+
+    if not constant():
+        return None
+    torch.manual_seed(seed)
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    for m in layers:
+        m.reset_parameters()
+    if constant():
+        return "its random-init output is the same for every input, also with PyTorch's default layer init"
+    return (f"random-init output was the same for every input: its {len(layers)} Conv2d/Linear layers re-initialised "
+            "with PyTorch's default init (seeded)")
 
 
 def _head_name(params: list[str]) -> str:

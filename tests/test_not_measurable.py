@@ -228,3 +228,35 @@ def test_random_init_tiny_vit_int8_has_a_measured_drop(tmp_path: Path) -> None:
     gate = gate_verdict(stats, Budget(), random_init=True)
     assert gate.drop_points is not None and 0.0005 < gate.drop_points < 100.0
     assert f"{gate.drop_points:.3f}" != "0.000"
+
+
+def test_a_random_init_whose_output_ignores_the_input_is_re_initialised() -> None:
+    """googlenet's random init shrinks its features to 1e-11, so its output is the fc bias for every input: such a
+    model gets PyTorch's default layer init (seeded, said in the note), and a model whose output varies is left as
+    it is."""
+    import torch
+
+    from core.metrics import constant_reference
+    from core.models import reinit_if_constant
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 5))
+        with torch.no_grad():
+            m[0].weight.mul_(1e-30)  # the features vanish, as googlenet's do
+            m[0].bias.zero_()
+        return m
+
+    x = torch.randn(2, 3, 6, 6)
+    m = build()
+    assert constant_reference(m(x).detach().numpy(), 2) == "identical for every input"
+    note = reinit_if_constant(m, 0, (2, 3, 6, 6))
+    assert note is not None and "2 Conv2d/Linear layers re-initialised" in note
+    assert constant_reference(m(x).detach().numpy(), 2) is None
+    again = build()
+    reinit_if_constant(again, 0, (2, 3, 6, 6))
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), again.state_dict().values(), strict=True))
+    varied = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(108, 5))
+    before = {k: v.clone() for k, v in varied.state_dict().items()}
+    assert reinit_if_constant(varied, 0, (2, 3, 6, 6)) is None
+    assert all(torch.equal(before[k], v) for k, v in varied.state_dict().items())
