@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from convert.context import ConvertContext, parity_batches
-from convert.ort_quant import scratch_cwd
 from convert.validate import Tolerance, validate_onnx
 from core.errors import ToolkitError, ValidationError, first_line
+from core.fsutil import scratch_cwd
 from core.onnxfile import save_onnx
 from core.records import FusionParams
 

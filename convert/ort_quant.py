@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from convert.config import CalibMethod, Int8Layout, QType, QuantConfig
 from core.errors import InputError, ToolkitError, first_line
+from core.fsutil import scratch_cwd
 
 
 class QuantizeError(ToolkitError):
@@ -47,15 +47,6 @@ def quiet() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def scratch_cwd() -> Iterator[None]:
-    """Run inside a temporary working directory, removed afterwards: ONNX Runtime's symbolic shape inference
-    writes ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data`` into the current directory when it fails, and
-    nothing may be left in the user's folder. Paths given to the tools must be absolute."""
-    with tempfile.TemporaryDirectory(prefix=".onnxkit-scratch-") as tmp, contextlib.chdir(tmp):
-        yield
 
 
 def preprocess_for_quantization(src: Path, out: Path) -> str | None:

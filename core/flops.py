@@ -159,10 +159,12 @@ def _infer(model: Any, symbolic: bool) -> Any:
 
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    from core.fsutil import scratch_cwd
+
     quiet = logging.getLogger("onnxruntime.tools.symbolic_shape_infer")
     level, quiet.level = quiet.level, logging.CRITICAL
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), scratch_cwd():  # its failure writes files into the cwd
             return SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
     finally:
         quiet.setLevel(level)

@@ -121,3 +121,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def scratch_cwd() -> Iterator[None]:
+    """Run inside a temporary working directory, removed afterwards: ONNX Runtime's symbolic shape inference
+    writes ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data`` into the current directory when it fails (the
+    quantization pre-processing and bench's MAC count both call it), and nothing may be left in the user's
+    folder. Paths given to the tools must be absolute."""
+    with tempfile.TemporaryDirectory(prefix=".onnxkit-scratch-") as tmp, contextlib.chdir(tmp):
+        yield
