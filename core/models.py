@@ -412,6 +412,8 @@ def rebuild_module(source: SourceInfo, state_dict_path: Path | None, seed: int =
     """Rebuild the PyTorch module an artifact folder was exported from (for the eager/TorchScript runners)."""
     if source.kind == "onnx":
         raise InputError("this artifact folder was made from an .onnx file: there is no PyTorch model to run")
+    if source.kind == "torchvision" and state_dict_path is not None:  # built with its weights: no random init, so
+        return resolve_model(source.model, str(state_dict_path), seed).module  # none of its checks (a forward pass)
     loaded = resolve_model(source.model, None, seed, task=source.task)
     if state_dict_path is not None and source.kind != "torchscript":
         apply_state_dict(loaded.module, load_state_dict_file(state_dict_path), str(state_dict_path))
