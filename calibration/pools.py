@@ -52,13 +52,15 @@ def random_pool(spec: IOSpec, size: int, seed: int) -> InputPool:
 def heldout_pool(base: Path, held: HeldOutFile, spec: IOSpec, size: int) -> InputPool | str:
     """The artifact's own held-out inputs (``Manifest.held_out``: what convert graded the variants on), the first
     ``size`` of them; or why they cannot feed ``spec`` as bench binds it (another --input-shape), in one line."""
+    from calibration.sources import LABELS_KEY
+
     path = Path(base) / held.file.path
     try:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError) as exc:
         raise InputError(f"held-out data {path} is not a readable .npz file: {exc}") from None
-    labels = arrays.pop("labels", None)
+    labels = arrays.pop(LABELS_KEY, None)
     want = spec.random_feed(spec.fixed_batch() or 1, seed=0)
     for name, ref in want.items():
         got = arrays.get(name)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from calibration.pools import InputPool
+from calibration.sources import LABELS_KEY
 from core.errors import InputError
 from core.fsutil import sha256_file
 from core.manifest import FileRecord, HeldOutFile
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 #: --eval-size samples (200 by default, 120 MB of 224x224 images); bench grades on up to --accuracy-samples (32).
 HELDOUT_FILE = "heldout.npz"
 HELDOUT_MAX_BYTES = 32 << 20
-LABELS_KEY = "labels"
 
 LabelledBatch = tuple[dict[str, np.ndarray], np.ndarray | None]
 
@@ -157,14 +157,16 @@ def save_heldout(data: HeldOutData, used: int, path: Path, base: Path,
     kept: list[dict[str, np.ndarray]] = []
     labels: list[np.ndarray] = []
     cap: int | None = None
+    rows = 0
     for feed, lab in data.iter_labelled(16):
         if cap is None:
             cap = max(1, max_bytes // max(1, sum(a[:1].nbytes for a in feed.values())))
-        take = min(_rows(feed), cap - sum(_rows(f) for f in kept))
+        take = min(_rows(feed), cap - rows)
         kept.append({k: v[:take] for k, v in feed.items()})
         if lab is not None:
             labels.append(lab[:take])
-        if sum(_rows(f) for f in kept) >= cap:
+        rows += take
+        if rows >= cap:
             break
     if not kept:
         return None

@@ -176,26 +176,23 @@ class Manifest(BaseModel):
 
     def verify(self, base: Path) -> list[str]:
         """Every problem with the files on disk versus their recorded hashes (empty = all good)."""
-        problems: list[str] = []
+        owners: list[tuple[str, FileRecord | DataFile]] = []
         for art in self.artifacts.values():
-            records: list[FileRecord | DataFile] = [art.file, *art.file.external_data]
-            for rec in records:
-                p = Path(base) / rec.path
-                if not p.is_file():
-                    problems.append(f"{art.name}: {rec.path} is missing")
-                elif sha256_file(p) != rec.sha256:
-                    problems.append(f"{art.name}: {rec.path} sha256 does not match the manifest")
+            owners += [(art.name, art.file), *((art.name, d) for d in art.file.external_data)]
         if self.held_out is not None:
-            p = Path(base) / self.held_out.file.path
+            owners.append(("held-out data", self.held_out.file))
+        problems: list[str] = []
+        for owner, rec in owners:
+            p = Path(base) / rec.path
             if not p.is_file():
-                problems.append(f"held-out data: {self.held_out.file.path} is missing")
-            elif sha256_file(p) != self.held_out.file.sha256:
-                problems.append(f"held-out data: {self.held_out.file.path} sha256 does not match the manifest")
+                problems.append(f"{owner}: {rec.path} is missing")
+            elif sha256_file(p) != rec.sha256:
+                problems.append(f"{owner}: {rec.path} sha256 does not match the manifest")
         return problems
 
     def owned_paths(self) -> set[str]:
         """Every file the artifacts consist of (external data included), relative to the folder."""
-        held = {self.held_out.file.path} if self.held_out is not None else set()
+        held = set(self.held_out.file.paths()) if self.held_out is not None else set()
         return {p for art in self.artifacts.values() for p in art.file.paths()} | held
 
     # -- persistence ---------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from runtimes.base import Device, Runner, RunnerOptions
 from runtimes.timing import interleaved
 
 if TYPE_CHECKING:
-    from core.flops import VariantMacs
+    from core.flops import Peak, VariantMacs
     from runtimes.gpu import NvmlSampler
 
 
@@ -353,7 +353,7 @@ def _load_target(setup: BenchSetup, t: Target, runner: Runner, skip: Callable[[s
 
 
 def _time_point(setup: BenchSetup, cfg: BenchConfig, loaded: list[Loaded], i: int,
-                gpu: NvmlSampler) -> list[BenchRecord]:
+                gpu: NvmlSampler, peaks: dict[str, Peak]) -> list[BenchRecord]:
     """Every loaded target on the feed of point ``i`` (a batch size and dim values), interleaved: one record
     each."""
     b, dims = setup.points[i]
@@ -368,7 +368,6 @@ def _time_point(setup: BenchSetup, cfg: BenchConfig, loaded: list[Loaded], i: in
                         block_warmup=cfg.round_warmup, gpu_util=window if gpu.available else None)
     records = []
     # each row against the peak of its own precision (never an INT8 row against FP32's), measured in run_bench
-    peaks = measured_peaks(cfg.threads, {"fp32", *(x.target.precision for x in loaded)}) if cfg.device == "cpu" else {}
     for x, tm in zip(loaded, timed, strict=True):
         lat = LatencyStats.from_samples(tm.samples, tm.rounds)
         peak, basis = row_peak(x.target.precision, peaks, "this CPU" if cfg.device == "cpu" else cfg.device)
@@ -432,6 +431,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
                                     "held-out data that fits this run, so top-1 is not graded (the output cosine "
                                     "is); pass --data for real inputs")
         gpu = stack.enter_context(NvmlSampler(enabled=cfg.device == "cuda"))
+        peaks: dict[str, Peak] = {}  # by precision: what each row's % of peak divides by (none off the CPU)
         if cfg.device == "cpu":  # measured before the timing, never during it
             fp32_by_library = dict(PEAK_MEASURES["fp32"](cfg.threads))  # the FP32 peak is the best library's
             results.machine["matmul_peak_gflops"] = max(fp32_by_library.values())
@@ -444,5 +444,5 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
             if progress:
                 progress(f"batch {b}" + "".join(f" {d} {v}" for d, v in dims.items()) +
                          f": {len(loaded)} targets x {cfg.rounds} rounds")
-            results.records.extend(_time_point(setup, cfg, loaded, i, gpu))
+            results.records.extend(_time_point(setup, cfg, loaded, i, gpu, peaks))
     return results
