@@ -122,7 +122,8 @@ def image_pool(spec: IOSpec, source: SourceInfo, folder: Path, size: int, log: C
                      labels=np.concatenate(got_labels) if got_labels else None, source=desc)
 
 
-def source_pool(data: str, spec: IOSpec, source: SourceInfo, seed: int, size: int | None = None) -> InputPool:
+def source_pool(data: str, spec: IOSpec, source: SourceInfo, seed: int, size: int | None = None,
+                role: str | None = None) -> InputPool:
     """Held-out inputs from ``data`` (image folder, .npy/.npz with optional 'labels', or a built-in set),
     read through the same sources as calibration, all in memory."""
     from calibration.loaders import open_source, resolve_preprocessing
@@ -132,7 +133,7 @@ def source_pool(data: str, spec: IOSpec, source: SourceInfo, seed: int, size: in
         pre = resolve_preprocessing(spec, source.preprocessing)
     except InputError:
         pre = None  # not an image model: only tensor files apply, and open_source says so
-    src = open_source(data, spec, pre, size=size, seed=seed, role=EVAL_ROLE)
+    src = open_source(data, spec, pre, size=size, seed=seed, role=role or EVAL_ROLE)  # role: how errors name it
     feeds: list[dict[str, np.ndarray]] = []
     labels: list[np.ndarray] = []
     for feed, lab in src.iter_labelled(64):

@@ -86,7 +86,7 @@ def build_pool(manifest: Manifest, cfg: BenchConfig, size: int, log: Callable[[s
     if cfg.data is not None:
         if Path(cfg.data).is_dir():
             return image_pool(manifest.iospec, manifest.source, cfg.data, size, log, cfg.seed)
-        return source_pool(str(cfg.data), manifest.iospec, manifest.source, cfg.seed, size)
+        return source_pool(str(cfg.data), manifest.iospec, manifest.source, cfg.seed, size, role="accuracy (--data)")
     why = "this artifact has no held-out data (convert keeps it with --int8/--calib, --eval-data)"
     if manifest.held_out is not None:
         got = heldout_pool(cfg.artifact_dir, manifest.held_out, manifest.iospec, size)
