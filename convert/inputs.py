@@ -65,7 +65,9 @@ def _output_names(loaded: LoadedModel, examples: dict[str, np.ndarray]) -> list[
 
 
 def input_spec(cfg: ExportConfig, loaded: LoadedModel) -> tuple[IOSpec, dict[str, np.ndarray] | None]:
-    """(IOSpec with its dims bound, sample inputs for the export or None)."""
+    """(IOSpec with its dims bound, sample inputs or None): the values the export traces (a torch source) and the
+    first parity point runs on (see ``convert.validate.validate_onnx``). A dim the samples give another value than
+    ``--input-shape`` binds is checked at both: the samples' value is its ``parity_values`` entry."""
     samples = load_sample_inputs(cfg.sample_inputs) if cfg.sample_inputs else None
     shapes = _shapes(cfg)
     if loaded.onnx_path is not None:
@@ -75,7 +77,7 @@ def input_spec(cfg: ExportConfig, loaded: LoadedModel) -> tuple[IOSpec, dict[str
         if samples is not None:
             spec.check_feed(samples)  # names, ranks, fixed dims, int vs float
             shapes = {**{n: a.shape for n, a in samples.items()}, **shapes}
-        examples = None
+        examples = samples
     else:
         examples = samples if samples is not None else loaded.example_inputs
         if samples is not None and loaded.example_inputs is None:
@@ -90,6 +92,10 @@ def input_spec(cfg: ExportConfig, loaded: LoadedModel) -> tuple[IOSpec, dict[str
     if shapes:
         _, dims = bind_shapes(spec, shapes)
         spec = spec.with_dims(dims)
+    if samples is not None:
+        _, given = bind_shapes(spec, {n: a.shape for n, a in samples.items() if n in spec.input_names})
+        other = {d: v for d, v in given.items() if d in spec.dims and spec.dims[d] != v}
+        spec = spec.model_copy(update={"parity_values": {**spec.parity_values, **other}})
     spec.input_shapes(spec.fixed_batch() or 1)  # an unbound dim: one line naming it and the flag
     check_feed_memory(spec, 2 if spec.dynamic_batch else (spec.fixed_batch() or 1),
                       "--input-shape" if cfg.input_shape is not None else "the export's sample inputs")

@@ -28,7 +28,7 @@ from convert.optimize import optimize_onnx
 from convert.quantize import quant_steps
 from convert.recover import check_distill_inputs, check_recover_inputs, step_distill, step_recover
 from convert.sparsity import check_sparsity_inputs, step_sparsity
-from convert.validate import Tolerance, ort_reference, torch_reference, validate_onnx
+from convert.validate import Tolerance, ort_reference, parity_spec, torch_reference, validate_onnx
 from core.errors import ToolkitError, ValidationError, first_line
 from core.fsutil import atomic_path
 from core.iospec import onnx_opset
@@ -107,9 +107,12 @@ def step_validate(name: str) -> Callable[[ConvertContext], None]:
         itself = isinstance(art.params, CopyParams)
         ctx.log(f"validating {art.file.path}: checker, shape inference"
                 + ("" if itself else f", parity at batch {parity_batches(ctx)}"))
+        if ctx.reference is not None:  # once, recorded: each dim's second value is one the source runs at
+            ctx.manifest.iospec = parity_spec(ctx.spec, ctx.reference, parity_batches(ctx)[0], ctx.examples, ctx.log)
         # A failure ends the run: the staged files are dropped and the output folder keeps its old set.
         art.metrics.update(validate_onnx(ctx.out / art.file.path, ctx.spec, None if itself else ctx.reference,
-                                         batches=parity_batches(ctx), tol=Tolerance.fp32(), what=art.file.path))
+                                         batches=parity_batches(ctx), tol=Tolerance.fp32(), what=art.file.path,
+                                         sample=ctx.examples))
         if itself:
             _run_reference(ctx)
             art.metrics.summary = "reference: the input file as given (every variant is compared with it)"

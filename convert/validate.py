@@ -6,7 +6,7 @@ Every check runs; the failures are reported together in one ``ValidationError``.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,14 @@ class Tolerance(BaseModel):
 
 def ort_reference(path: Path, simulate_qdq: bool = False) -> Reference:
     """Outputs of ``path`` in ONNX Runtime on CPU, in the model's output order (``simulate_qdq``: see
-    ``ort_session``)."""
+    ``ort_session``). A run that fails raises without ONNX Runtime's own error log: the caller words it (and
+    :func:`parity_spec` expects the source to refuse some shapes)."""
+    import onnxruntime as ort
+
     sess = ort_session(path, simulate_qdq=simulate_qdq)
-    return lambda feed: list(sess.run(None, feed))
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
+    return lambda feed: list(sess.run(None, feed, quiet))
 
 
 def torch_reference(module: Any, spec: IOSpec) -> Reference:
@@ -103,10 +108,75 @@ def structural_checks(path: Path) -> tuple[Any, list[str]]:
     return model, failures
 
 
+def parity_spec(spec: IOSpec, reference: Reference, batch: int, sample: Mapping[str, np.ndarray] | None = None,
+                log: Callable[[str], None] | None = None) -> IOSpec:
+    """The spec parity runs on: integer inputs of unknown range drawn from the span of ``sample``'s values
+    (:meth:`IOSpec.with_sample_ranges`), and every bound dim that declares no second value (``parity_values``) given
+    the first of :meth:`IOSpec.parity_candidates` the source (``reference``) runs at, at ``batch`` with the dims
+    settled before it varied too. A dim the source runs at no candidate is not varied: its second value is its
+    binding, the reason goes to ``parity_notes`` and ``log``. A shape where the source fails says nothing of the
+    conversion; one where it runs and the converted file does not is a defect that parity reports. The spec as it
+    is when every dim has its value, or when the source does not run at its own bindings (parity says so)."""
+    spec = spec.with_sample_ranges(sample)
+    pending = [d for d in spec.dims if d not in spec.parity_values]
+    if not pending:
+        return spec
+
+    def runs(dims: dict[str, int]) -> bool:
+        feed = spec.random_feed(batch, seed=1234 + batch, dims=dims)
+        try:
+            reference(feed)
+        except Exception:
+            return False
+        return True
+
+    if not runs(spec.dims):
+        return spec
+    values, notes = dict(spec.parity_values), dict(spec.parity_notes)
+    for d in pending:
+        varied = {k: v for k, v in values.items() if k in spec.dims}
+        tried: list[int] = []
+        for value in spec.parity_candidates(d):
+            if runs({**spec.dims, **varied, d: value}):
+                values[d] = value
+                break
+            tried.append(value)
+        else:
+            values[d] = spec.dims[d]
+            listed = ", ".join(map(str, tried[:-1])) + (" or " if len(tried) > 1 else "") + str(tried[-1])
+            notes[d] = f"{d} not varied: the source does not run at {d}={listed}"
+            if log is not None:
+                log(f"parity: {notes[d]}")
+    return spec.model_copy(update={"parity_values": values, "parity_notes": notes})
+
+
+def sample_feed(spec: IOSpec, sample: Mapping[str, np.ndarray], batch: int,
+                dims: Mapping[str, int]) -> dict[str, np.ndarray] | None:
+    """``sample``'s values as the feed at ``batch`` and ``dims`` (rows repeated or cut to the batch where it is
+    dynamic); None when they do not have that shape (e.g. --input-shape bound other values)."""
+    shapes = spec.input_shapes(batch, dims)
+    feed: dict[str, np.ndarray] = {}
+    for t in spec.inputs:
+        if t.name not in sample:
+            return None
+        arr = np.asarray(sample[t.name]).astype(np.float32 if t.dtype == "bfloat16" else t.dtype, copy=False)
+        if spec.dynamic_batch and arr.ndim and 0 < arr.shape[0] != batch:
+            arr = np.concatenate([arr] * -(-batch // arr.shape[0]))[:batch]
+        if arr.shape != shapes[t.name]:
+            return None
+        feed[t.name] = np.ascontiguousarray(arr)
+    return feed
+
+
 def validate_onnx(path: Path, spec: IOSpec, reference: Reference | None, *, batches: Sequence[int] = (1, 2),
-                  tol: Tolerance | None = None, what: str | None = None) -> ArtifactMetrics:
+                  tol: Tolerance | None = None, what: str | None = None,
+                  sample: Mapping[str, np.ndarray] | None = None) -> ArtifactMetrics:
     """Run every check on ``path``; return the checker, shape inference and parity results (merge them into
-    an artifact's metrics with ``ArtifactMetrics.update``); raise one ValidationError on any failure."""
+    an artifact's metrics with ``ArtifactMetrics.update``); raise one ValidationError on any failure.
+
+    Parity runs at every batch of ``batches`` at the dims' bindings, then with every dim the source runs at another
+    value at that value (:func:`parity_spec`). With ``sample`` (``--sample-inputs``, a factory's example inputs),
+    the first point runs on its values, not random ones, where they have its shape."""
     tol = tol or Tolerance.fp32()
     _, failures = structural_checks(path)
     metrics = ArtifactMetrics(checker="failed" if any(f.startswith("onnx.checker") for f in failures) else "ok",
@@ -118,32 +188,43 @@ def validate_onnx(path: Path, spec: IOSpec, reference: Reference | None, *, batc
         except InputError as exc:
             failures.append(str(exc))
             batches = ()
-        for i, dims in enumerate(spec.parity_dims()):  # the bound values, then every dynamic dim at another
-            for batch in batches:
-                extra = [(d, v) for d, v in dims.items()] if i else []
-                key = f"batch_{batch}" + "".join(f"_{d}_{v}" for d, v in extra)
-                where = ", ".join([f"batch {batch}", *(f"{d}={v}" for d, v in extra)])
-                failures += _parity_at(sess, spec, reference, (batch, dims), key, where, tol, metrics)
+        if batches:
+            spec = parity_spec(spec, reference, batches[0], sample)
+        for i, dims in enumerate(spec.parity_dims()):  # the bound values, then the dims the source runs at another
+            varied = [(d, v) for d, v in dims.items() if i and v != spec.dims.get(d)]
+            for j, batch in enumerate(batches):
+                key = f"batch_{batch}" + "".join(f"_{d}_{v}" for d, v in varied)
+                where = ", ".join([f"batch {batch}", *(f"{d}={v}" for d, v in varied)])
+                feed = sample_feed(spec, sample, batch, dims) if sample and not i and not j else None
+                failures += _parity_at(sess, spec, reference, (batch, dims), key,
+                                       where + (" (the sample inputs)" if feed is not None else ""), tol, metrics,
+                                       feed=feed)
     if failures:
         raise ValidationError(f"validation of {what or path.name}", failures)
     return metrics
 
 
 def _parity_at(sess: Any, spec: IOSpec, reference: Reference, at: tuple[int, dict[str, int]], key: str, where: str,
-               tol: Tolerance, metrics: ArtifactMetrics) -> list[str]:
-    """Parity of every output, by name, on one seeded random feed; the failures, each naming where.
+               tol: Tolerance, metrics: ArtifactMetrics, feed: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Parity of every output, by name, on one seeded random feed (or ``feed``); the failures, each naming where.
 
     An output whose reference is constant over the feed or all zeros (``core.metrics.constant_reference``) is
     "not measurable": its values are still held to the tolerance, its cosine is not read (it is no perfect match)
     and the record lists it (``ParityStats.not_measurable``); when every output is, parity fails in one line
-    rather than pass on zeros against zeros."""
+    rather than pass on zeros against zeros. NaN or inf where the reference has the same (asin of 2, the square
+    root of a negative: an input outside the function's domain) is a match, the finite elements are compared; NaN
+    or inf on one side only is a failure."""
     batch, dims = at
-    feed = spec.random_feed(batch, seed=1234 + batch, dims=dims)
+    if feed is None:
+        feed = spec.random_feed(batch, seed=1234 + batch, dims=dims)
     try:
         got = list(sess.run(None, feed))
     except Exception as exc:
         return [f"ONNX Runtime run at {where}: {first_line(exc)}"]
-    ref = reference(feed)
+    try:
+        ref = reference(feed)
+    except Exception as exc:
+        return [f"parity at {where}: the source model does not run here, nothing to compare with: {first_line(exc)}"]
     if len(got) != len(ref):
         return [f"parity at {where}: {len(got)} outputs, the reference has {len(ref)}"]
     names = spec.output_names if len(spec.output_names) == len(got) else [f"output {i}" for i in range(len(got))]
@@ -160,11 +241,26 @@ def _parity_at(sess: Any, spec: IOSpec, reference: Reference, at: tuple[int, dic
             failures.append(f"parity at {where}: {name}: shape {list(np.shape(g))}, the reference's "
                             f"{list(np.shape(r))}")
             continue
-        r64 = np.asarray(r, np.float64)
+        g64, r64 = np.asarray(g, np.float64), np.asarray(r, np.float64)
+        failures += [f"parity at {where}: {name}: {line}" for line in nonfinite_mismatches(g64, r64)]
+        both = np.isfinite(g64) & np.isfinite(r64)
+        g64, r64 = g64[both], r64[both]
         scale = max(1.0, float(np.abs(r64).max(initial=0.0)))
-        if not np.allclose(np.asarray(g, np.float64), r64, atol=tol.atol * scale, rtol=tol.rtol):
-            failures.append(f"parity at {where}: {name}: max abs err {one.max_abs_err:.3g} exceeds "
+        if not np.allclose(g64, r64, atol=tol.atol * scale, rtol=tol.rtol):
+            failures.append(f"parity at {where}: {name}: max abs err {float(np.abs(g64 - r64).max()):.3g} exceeds "
                             f"atol {tol.atol:g} x {scale:.3g} (the output's largest value) + rtol {tol.rtol:g}")
         if one.not_measurable is None and one.cosine < tol.min_cosine:  # a constant one: recorded in not_measurable
             failures.append(f"parity at {where}: {name}: cosine {one.cosine:.6f} < {tol.min_cosine}")
     return failures
+
+
+def nonfinite_mismatches(got: np.ndarray, ref: np.ndarray) -> list[str]:
+    """Where NaN/inf differ between an output and its reference of the same shape, one line per kind (none when
+    every NaN and inf of one is the same NaN or inf, at the same place, in the other)."""
+    gf, rf = np.isfinite(got), np.isfinite(ref)
+    with np.errstate(invalid="ignore"):
+        differ = ~gf & ~rf & ~(np.isnan(got) & np.isnan(ref)) & (got != ref)
+    counts = {"NaN or inf where the reference is finite": int((~gf & rf).sum()),
+              "finite where the reference is NaN or inf": int((gf & ~rf).sum()),
+              "NaN or inf other than the reference's": int(differ.sum())}
+    return [f"{n} element(s) {what}" for what, n in counts.items() if n]

@@ -11,6 +11,7 @@ optimization profiles and the Triton configuration. Nothing else guesses shapes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -97,6 +98,15 @@ class IOSpec(BaseModel):
                                                                    "for runs: random feeds, parity, profiles")
     ranges: dict[str, DimRange] = Field(default_factory=dict, description="Symbolic dim -> min/opt/max where a "
                                                                           "range is needed (TensorRT profiles)")
+    parity_values: dict[str, int] = Field(
+        default_factory=dict, description="Symbolic dim (not the batch) -> the second value parity checks run it at: "
+                                          "a value the source model accepts (declared by the loader, e.g. from "
+                                          "Optimum's dummy inputs or --sample-inputs, or found by running the source; "
+                                          "see convert.validate.parity_spec). Equal to the dim's binding: the dim is "
+                                          "not varied (the source runs at no other value tried)")
+    parity_notes: dict[str, str] = Field(
+        default_factory=dict, description="Symbolic dim -> why parity checks do not vary it, e.g. 'channels not "
+                                          "varied: the source does not run at channels=4, 6 or 2'")
 
     @classmethod
     def for_image_model(
@@ -191,14 +201,35 @@ class IOSpec(BaseModel):
         raise InputError(f"symbolic dim {dim!r} has no value: bind it with --input-shape (see `convert --help`)")
 
     def parity_dims(self) -> list[dict[str, int]]:
-        """Dim values for parity checks: the bindings, and each dynamic dim at a second value (its range's
-        max, else binding + 1), so that a graph that baked one value in is caught."""
+        """Dim values for parity checks: the bindings, then every dynamic dim at a second value, so that a graph that
+        baked one value in is caught. The second value is the declared ``parity_values`` one (equal to the binding:
+        not varied), else the range's other bound, else binding + 1 (see :meth:`parity_candidates`)."""
         base = dict(self.dims)
-        second = {d: (r.max if r.max != base.get(d) else r.min) for d, r in self.ranges.items()
-                  if d in base and d != BATCH}
-        for d, v in base.items():
-            second.setdefault(d, v + 1)
-        return [base, second] if base else [base]
+        second = {d: self.parity_values[d] if d in self.parity_values else self.parity_candidates(d)[0] for d in base}
+        return [base, second] if second != base else [base]
+
+    def parity_candidates(self, dim: str) -> list[int]:
+        """Second values to try for a bound ``dim`` that declares none, most telling first: the range's other bound,
+        binding + 1, twice the binding (a stride-32 detector bound at 320 runs at 640, not 321), binding - 1 (a
+        sequence bound at its longest)."""
+        v = self.dims[dim]
+        out = [self.ranges[dim].max if self.ranges[dim].max != v else self.ranges[dim].min] if dim in self.ranges else []
+        return [c for c in dict.fromkeys([*out, v + 1, 2 * v, v - 1]) if c >= 1 and c != v]
+
+    def with_sample_ranges(self, samples: Mapping[str, np.ndarray] | None) -> IOSpec:
+        """A copy in which every integer input filled at random whose range is unknown is drawn from the span of the
+        ``samples`` values ([min, max + 1)): values the model is known to accept (indices into an axis whose size no
+        static shape gives). The spec itself when there is nothing to fill."""
+        if not samples:
+            return self
+        inputs: list[TensorSpec] = []
+        for t in self.inputs:
+            arr = np.asarray(samples[t.name]) if t.name in samples else None
+            if t.int_range is None and t.fill == "random" and np.dtype(t.dtype).kind in "iu" and arr is not None \
+                    and arr.size and arr.dtype.kind in "iu":
+                t = t.model_copy(update={"int_range": (int(arr.min()), int(arr.max()) + 1)})
+            inputs.append(t)
+        return self if inputs == self.inputs else self.model_copy(update={"inputs": inputs})
 
     def check_batch(self, batch: int) -> None:
         fixed = self.fixed_batch()
@@ -267,8 +298,8 @@ def spec_from_onnx(model: Any) -> IOSpec:
 
     The leading symbolic dim of the first input is the batch: its name becomes ``batch`` in every tensor
     that uses it. Other named dims keep their names (shared across tensors); an unnamed symbolic dim gets
-    a name of its own (``<tensor>_dim<i>``). Integer inputs that index an embedding table get the
-    table's row count as their value range.
+    a name of its own (``<tensor>_dim<i>``). Integer inputs get the value range their consumer accepts
+    (:func:`int_ranges`: the rows of the embedding table token ids index, a Gather's axis, a Reduce's rank).
     """
     from onnx import helper
 
@@ -279,7 +310,7 @@ def spec_from_onnx(model: Any) -> IOSpec:
         first = graph_inputs[0].type.tensor_type.shape.dim[0]
         if not first.HasField("dim_value"):
             rename[first.dim_param or f"{graph_inputs[0].name}_dim0"] = BATCH
-    vocab = embedding_sizes(model)
+    ranges = int_ranges(model)
 
     def tensors(values: Any, is_input: bool) -> list[TensorSpec]:
         out: list[TensorSpec] = []
@@ -294,15 +325,16 @@ def spec_from_onnx(model: Any) -> IOSpec:
                     dims.append(rename.get(name, name))
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).name
             out.append(TensorSpec(name=v.name, shape=dims, dtype=dtype,
-                                  **(input_semantics(v.name, dtype, vocab) if is_input else {})))
+                                  **(input_semantics(v.name, dtype, ranges) if is_input else {})))
         return out
 
     return IOSpec(inputs=tensors(graph_inputs, True), outputs=tensors(model.graph.output, False))
 
 
-def input_semantics(name: str, dtype: str, vocab: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """Random-feed hints from what an input is: ids index an embedding table (``vocab``: input -> rows; without
-    it, ids are small non-negative ints); masks are ones; token type ids zeros."""
+def input_semantics(name: str, dtype: str, ranges: Mapping[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Random-feed hints from what an input is: integers inside the range their consumer accepts (``ranges``: input ->
+    [low, high), see :func:`int_ranges`; without it, ids are small non-negative ints); masks are ones; token type
+    ids zeros."""
     if np.dtype(dtype).kind not in "iu":
         return {}
     lowered = name.lower()
@@ -310,35 +342,81 @@ def input_semantics(name: str, dtype: str, vocab: Mapping[str, int] | None = Non
         return {"fill": "ones"}
     if "token_type" in lowered or "segment" in lowered:
         return {"fill": "zeros"}
-    if vocab is None:
+    if ranges is None:
         return {"int_range": (0, 10)}
-    if name in vocab:
-        return {"int_range": (0, vocab[name])}
+    if name in ranges:
+        return {"int_range": ranges[name]}
     return {}
 
 
-def embedding_sizes(model: Any) -> dict[str, int]:
-    """Graph input -> rows of the embedding table it indexes (a ``Gather`` on an initializer, axis 0,
-    possibly through Cast/Unsqueeze/Reshape), for inputs that are token ids."""
-    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+#: Ops that carry an integer input's values on unchanged (through their first input).
+_PASS_THROUGH = ("Cast", "Unsqueeze", "Reshape", "Squeeze", "Identity", "Flatten")
+#: Ops with an ``axes`` (or ``axis``) input, by its position: values in [-rank, rank) of the op's first input.
+_AXES_INPUT = {**{f"Reduce{r}": 1 for r in ("Sum", "Mean", "Max", "Min", "Prod", "L1", "L2", "LogSum", "LogSumExp",
+                                             "SumSquare")}, "CumSum": 1}
+
+
+def int_ranges(model: Any) -> dict[str, tuple[int, int]]:
+    """Graph input -> the [low, high) its values must lie in, read from what consumes it (possibly through
+    Cast/Unsqueeze/Reshape/...): ``Gather``/``GatherElements`` indices stay inside the gathered axis (the rows of
+    an embedding table for token ids), a Reduce*'s or CumSum's ``axes`` inside the data's rank. An input with several
+    such consumers gets the intersection; one whose consumer's size is symbolic gets none."""
     consumers: dict[str, list[Any]] = {}
     for node in model.graph.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
-    out: dict[str, int] = {}
+    shapes, inferred = _static_shapes(model, inferred=False), False
+
+    def shape_of(name: str) -> list[int | None] | None:  # an intermediate tensor: shape inference, once
+        nonlocal shapes, inferred
+        if name not in shapes and not inferred:
+            shapes, inferred = _static_shapes(model, inferred=True), True
+        return shapes.get(name)
+
+    out: dict[str, tuple[int, int]] = {}
     for v in model.graph.input:
+        found: list[tuple[int, int]] = []
         frontier, seen = [v.name], set()
-        while frontier and v.name not in out:
+        while frontier:
             t = frontier.pop()
             seen.add(t)
             for node in consumers.get(t, []):
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                if node.op_type == "Gather" and node.input[1] == t and node.input[0] in inits and axis == 0:
-                    out[v.name] = int(inits[node.input[0]][0])
-                    break
-                if node.op_type in ("Cast", "Unsqueeze", "Reshape", "Squeeze", "Identity", "Flatten"):
+                slot = [i for i, name in enumerate(node.input) if name == t]
+                if 0 in slot and node.op_type in _PASS_THROUGH:
                     frontier += [o for o in node.output if o not in seen]
+                    continue
+                if node.op_type in ("Gather", "GatherElements") and 1 in slot:
+                    data = shape_of(node.input[0])
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    size = data[axis] if data is not None and -len(data) <= axis < len(data) else None
+                    if isinstance(size, int) and size > 0:
+                        found.append((0, size))
+                elif _AXES_INPUT.get(node.op_type) in slot:
+                    data = shape_of(node.input[0])
+                    if data is not None and data:
+                        found.append((-len(data), len(data)))
+        if found:
+            low, high = max(r[0] for r in found), min(r[1] for r in found)
+            if low < high:
+                out[v.name] = (low, high)
     return out
+
+
+def _static_shapes(model: Any, inferred: bool) -> dict[str, list[int | None]]:
+    """Tensor -> its dims (None where symbolic) for initializers and graph inputs, and with ``inferred`` every
+    tensor ONNX shape inference can type (an error there: the other shapes only)."""
+    shapes: dict[str, list[int | None]] = {i.name: [int(d) for d in i.dims] for i in model.graph.initializer}
+    values = list(model.graph.input)
+    if inferred:
+        import onnx
+
+        with contextlib.suppress(Exception):  # e.g. past protobuf's 2 GiB: the declared shapes only
+            values += list(onnx.shape_inference.infer_shapes(model).graph.value_info)
+    for v in values:
+        tt = v.type.tensor_type
+        if tt.HasField("shape") and v.name not in shapes:
+            shapes[v.name] = [int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim]
+    return shapes
 
 
 def spec_from_examples(examples: Mapping[str, np.ndarray], axes: Mapping[str, Mapping[int, str]] | None,

@@ -166,22 +166,34 @@ def not_measurable_line(stats: AccuracyStats | ParityStats, samples: int, inputs
 
 def _one_output(g: np.ndarray, r: np.ndarray, samples: int | None = None) -> tuple[OutputStats, float]:
     """(stats, max relative error) of one output; a shape mismatch is infinitely far; a constant reference
-    (see :func:`constant_reference`) has cosine 0.0, never a perfect match."""
+    (see :func:`constant_reference`) has cosine 0.0, never a perfect match. NaN or inf at the same place in both
+    (an input outside a function's domain, in the source as in its conversion) is a match: the errors and the cosine
+    are read over the finite elements; NaN or inf on one side only is infinitely far."""
     g64 = np.asarray(g, dtype=np.float64).reshape(-1)
     r64 = np.asarray(r, dtype=np.float64).reshape(-1)
-    constant = constant_reference(np.asarray(r), samples)
+    finite_r = np.isfinite(r64)
+    constant = constant_reference(np.asarray(r) if finite_r.all() else np.where(np.isfinite(r), r, 0.0), samples)
     if np.shape(g) != np.shape(r):
         return OutputStats(max_abs_err=float("inf"), mean_abs_err=float("inf"), cosine=0.0,
                            not_measurable=constant), float("inf")
+    both = np.isfinite(g64) & finite_r
+    with np.errstate(invalid="ignore"):
+        same = (np.isnan(g64) & np.isnan(r64)) | (~both & (g64 == r64))  # the same NaN / inf in both
+    mismatched = bool((~both & ~same).any())
+    if not both.all():
+        if not finite_r.any():
+            constant = "no finite value"
+        g64, r64 = g64[both], r64[both]
     diff = np.abs(g64 - r64)
     # np.sum (pairwise, in one thread), not np.dot / np.linalg.norm (BLAS): BLAS splits the sum over its threads,
     # so the same outputs would give a cosine that differs in the last digits with the process's thread count
     # (a sweep cell on a 1-CPU Ray worker vs in this process).
     denom = float(np.sqrt(np.sum(g64 * g64)) * np.sqrt(np.sum(r64 * r64)))
     cos = 0.0 if constant is not None else float(np.sum(g64 * r64) / denom) if denom > 0 else 0.0
-    rel = float((diff / np.maximum(np.abs(r64), 1e-6)).max(initial=0.0))
-    return OutputStats(max_abs_err=float(diff.max(initial=0.0)), mean_abs_err=float(diff.mean()) if diff.size
-                       else 0.0, cosine=cos, not_measurable=constant), rel
+    rel = float("inf") if mismatched else float((diff / np.maximum(np.abs(r64), 1e-6)).max(initial=0.0))
+    max_abs = float("inf") if mismatched else float(diff.max(initial=0.0))
+    mean_abs = float("inf") if mismatched else float(diff.mean()) if diff.size else 0.0
+    return OutputStats(max_abs_err=max_abs, mean_abs_err=mean_abs, cosine=cos, not_measurable=constant), rel
 
 
 def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray],
