@@ -483,6 +483,8 @@ def bench(
     ort_spinning: Annotated[bool, typer.Option("--ort-spinning/--no-ort-spinning",
                                                help="ONNX Runtime's threads spin while waiting for work (its default, "
                                                     "what a deployment runs); recorded in the results")] = True,
+    component: Annotated[str | None, typer.Option(help="A model exported as several files (encoder, decoder, ...): "
+                                                       "the one to measure (default: each in turn)")] = None,
 ) -> None:
     """Benchmark every backend on the same inputs; check accuracy against the FP32 reference."""
     with user_errors():
@@ -494,6 +496,7 @@ def bench(
                             shapes=(input_shape, dims), options={"cuda_graphs": cuda_graphs, "channels_last": channels_last,
                                      "include_transfers": include_transfers}, timing=(rounds, ort_spinning),
                             openvino_hint=openvino_hint)
+        cfg.component = component
         json_path = out or cfg.artifact_dir / "bench" / "results.json"
         check_results_path(json_path)  # before the run; the folder is created only when the results are written
         _render_bench(_run_bench_with_progress(cfg), json_path)

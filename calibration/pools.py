@@ -27,15 +27,17 @@ class InputPool:
     labels: np.ndarray | None
     source: str
     kind: Literal["held-out", "data", "random"] = "data"  # the artifact's own held-out data, given data, noise
+    #: Inputs without a batch axis (a merged decoder's use_cache_branch): every feed takes them whole
+    unbatched: frozenset[str] = frozenset()
 
     @property
     def size(self) -> int:
-        return len(next(iter(self.arrays.values())))
+        return len(next(a for n, a in self.arrays.items() if n not in self.unbatched))
 
     def feed(self, start: int, batch: int) -> dict[str, np.ndarray]:
         """``batch`` samples from ``start``, wrapping around so any batch size can be served."""
         idx = (np.arange(start, start + batch)) % self.size
-        return {n: np.ascontiguousarray(a[idx]) for n, a in self.arrays.items()}
+        return {n: np.ascontiguousarray(a if n in self.unbatched else a[idx]) for n, a in self.arrays.items()}
 
 
 def random_pool(spec: IOSpec, size: int, seed: int) -> InputPool:
@@ -46,7 +48,9 @@ def random_pool(spec: IOSpec, size: int, seed: int) -> InputPool:
     else:
         parts = [spec.random_feed(fixed, seed=seed + i) for i in range(-(-size // fixed))]
         feed = {n: np.concatenate([p[n] for p in parts])[:size] for n in spec.input_names}
-    return InputPool(arrays=feed, labels=None, source=f"random normal (seed {seed})", kind="random")
+    unbatched = frozenset(t.name for t in spec.inputs if fixed is None and not t.has_dynamic_batch)
+    return InputPool(arrays=feed, labels=None, source=f"random normal (seed {seed})", kind="random",
+                     unbatched=unbatched)
 
 
 def heldout_pool(base: Path, held: HeldOutFile, spec: IOSpec, size: int) -> InputPool | str:

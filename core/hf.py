@@ -1,40 +1,87 @@
-"""Hugging Face transformers from a local folder (``hf:path/to/folder``), described by Optimum's ONNX configs.
+"""Hugging Face transformers from a local folder (``hf:path/to/folder``), exported by Optimum's ONNX exporter.
 
-Optimum declares, per architecture and task, the model's input and output names, their dynamic axes and
-dummy inputs (``optimum.exporters.onnx`` model configs). We take that description, not a guess: the module
-(wrapped so that it takes its inputs positionally and returns its outputs as a tuple in Optimum's order), the
-sample inputs and the dynamic axes go through the same export, parity and quantization as any other model,
-and the eager backend runs the same wrapped module. Optional: ``pip install .[hf]``; nothing is downloaded.
+Optimum declares, per architecture and task, the submodels to export (one ``model``, or an encoder, a decoder, a
+decoder with past and a merged decoder), their ONNX configs (input and output names, dynamic axes, dummy-input
+generators) and the model patchers its export needs (KV caches, attention masks, unsupported ops). We use all of
+it: ``convert.hf_export`` runs Optimum's own export; this module loads the model and its submodels, and gives, per
+component, the eager module (the submodel under Optimum's patcher, taking the ONNX inputs by name and returning the
+ONNX outputs in order: the parity reference and bench's eager backend) and feeds from Optimum's dummy-input
+generators (values the model accepts: ids in the vocabulary, past lengths consistent with the masks).
+
+Optional: ``pip install .[hf]``; nothing is downloaded. Where optimum-onnx cannot be imported with the installed
+transformers (a newer transformers than it supports), the model is exported by torch.onnx's dynamo exporter from the
+architecture's own inputs, with one line saying so (no ``*-with-past`` tasks then).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from core.errors import BackendUnavailableError, InputError, first_line
 
 PREFIX = "hf:"
-#: Optimum's axis names -> ours (a dim shared by several inputs is one dim, named once).
-_DIM_NAMES = {"batch_size": "batch", "sequence_length": "sequence", "num_channels": "channels"}
-#: The sequence length of the sample inputs (bind another with --input-shape input_ids:1x128,...).
+#: Optimum's dim names -> ours, word by word ("past_sequence_length + sequence_length" -> "past_sequence + sequence").
+_DIM_WORDS = {"batch_size": "batch", "sequence_length": "sequence", "past_sequence_length": "past_sequence",
+              "encoder_sequence_length": "encoder_sequence", "decoder_sequence_length": "decoder_sequence",
+              "past_decoder_sequence_length": "past_decoder_sequence", "num_channels": "channels"}
+#: The sequence length of the export's dummy inputs, and the second value parity checks run at.
 SAMPLE_SEQUENCE = 16
+SECOND_SEQUENCE = 24
+#: The single-file component's name (Optimum's file stem for a model exported as one file).
+SINGLE = "model"
 
 
 def is_hf(spec: str) -> bool:
     return spec.startswith(PREFIX)
 
 
-def _imports() -> tuple[Any, Any]:
+def dim_name(optimum_name: str) -> str:
+    """Optimum's axis name (possibly a sum such as 'past_sequence_length + sequence_length') in our words."""
+    return " + ".join(_DIM_WORDS.get(w.strip(), w.strip()) for w in optimum_name.split("+"))
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise BackendUnavailableError(f"hf: models need transformers ({first_line(exc)}); install it with: "
+                                      "pip install '.[hf]'") from None
+    return transformers
+
+
+def optimum_problem() -> str | None:
+    """Why Optimum's ONNX exporter cannot be used here (None: it can): not installed, or not importable with the
+    installed transformers (e.g. a transformers newer than optimum-onnx supports)."""
     try:
         import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
-        import transformers
-        from optimum.exporters.tasks import TasksManager
+        from optimum.exporters.tasks import TasksManager  # noqa: F401
     except ImportError as exc:
-        raise BackendUnavailableError(f"hf: models need transformers and optimum-onnx ({first_line(exc)}); "
-                                      "install them with: pip install '.[hf]'") from None
-    return transformers, TasksManager
+        from importlib.metadata import PackageNotFoundError, version
+
+        def ver(pkg: str) -> str:
+            try:
+                return version(pkg)
+            except PackageNotFoundError:
+                return "not installed"
+        return (f"optimum-onnx {ver('optimum-onnx')} cannot be used with transformers {ver('transformers')} "
+                f"({first_line(exc)})")
+    return None
+
+
+def _tasks() -> Any:
+    if (why := optimum_problem()) is not None:
+        raise BackendUnavailableError(f"hf: {why}; install the versions in pyproject's [hf] extra")
+    # optimum_problem imported (registered) its ONNX configs
+    from optimum.exporters.tasks import TasksManager
+
+    return TasksManager
 
 
 def _folder(spec: str) -> Path:
@@ -45,82 +92,308 @@ def _folder(spec: str) -> Path:
     return folder
 
 
-def infer_task(folder: Path, task: str | None) -> str:
-    """``--task`` as given (checked against what Optimum exports for this architecture), else the task of the
-    folder's ``architectures`` class (e.g. BertForSequenceClassification -> text-classification)."""
-    transformers, tasks = _imports()
+def _config(folder: Path) -> Any:
     try:
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        return _transformers().AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:
         raise InputError(f"{folder}/config.json cannot be read by transformers: {first_line(exc)}") from None
+
+
+def _arch_class(folder: Path, config: Any) -> Any:
+    arch = (config.architectures or [None])[0]
+    return getattr(_transformers(), arch, None) if arch else None
+
+
+def _tasks_of_class(tasks: Any, cls: Any) -> list[str]:
+    """Every task whose model loader (an Auto class) maps to ``cls``, in Optimum's task order."""
+    found = []
+    for task, loaders in tasks._TRANSFORMERS_TASKS_TO_MODEL_LOADERS.items():
+        for loader in loaders if isinstance(loaders, tuple) else (loaders,):
+            auto = getattr(_transformers(), loader, None)
+            mapping = getattr(auto, "_model_mapping", None)
+            try:
+                classes = list(mapping.values()) if mapping is not None else []
+            except Exception:  # a lazy mapping entry that cannot be imported here
+                classes = []
+            if any(c is cls or (isinstance(c, tuple) and cls in c) for c in classes):
+                found.append(task)
+    return found
+
+
+def infer_task(folder: Path, task: str | None) -> str:
+    """``--task`` as given (checked against what Optimum exports for this architecture), else Optimum's choice for
+    the folder's ``architectures`` class: its inferred task (or, when Optimum does not export that one for this
+    model type, the first exportable task whose model class is that class), with ``-with-past`` where Optimum
+    exports it (as Optimum's own exporter defaults to)."""
+    config = _config(folder)
+    tasks = _tasks()
     try:
         supported = list(tasks.get_supported_tasks_for_model_type(config.model_type, "onnx",
                                                                   library_name="transformers"))
     except KeyError:
         raise InputError(f"Optimum has no ONNX export config for model type {config.model_type!r}") from None
     if task is None:
-        arch = (config.architectures or [None])[0]
-        cls = getattr(transformers, arch, None) if arch else None
+        cls = _arch_class(folder, config)
         if cls is None:
             raise InputError(f"{folder}: config.json names no known architecture; pass --task, one of {supported}")
-        task = str(tasks.infer_task_from_model(cls))
+        try:
+            task = str(tasks._infer_task_from_model_or_model_class(model_class=cls))
+        except Exception:
+            task = None
+        if task not in supported:
+            task = next((t for t in _tasks_of_class(tasks, cls) if t in supported), task)
+        if task is None:
+            raise InputError(f"{folder}: Optimum cannot tell the task of {cls.__name__}; pass --task, one of "
+                             f"{supported}")
+        if f"{task}-with-past" in supported:
+            task = f"{task}-with-past"
+    else:
+        task = tasks.map_from_synonym(task)
     if task not in supported:
         raise InputError(f"--task {task!r} is not exportable for {config.model_type!r}; choose one of {supported}")
-    return task
+    return str(task)
 
 
-def _wrapper(model: Any, inputs: list[str], outputs: list[str]) -> Any:
-    """The model taking ``inputs`` positionally and returning ``outputs`` as a tuple (what exporters, the
-    parity check and the eager runner call); its signature names the inputs."""
-    import torch
+@dataclass
+class HFModel:
+    """A Hugging Face model as Optimum exports it: the loaded model, its task, the main ONNX config and the
+    components (file stem -> (submodel, ONNX config)), in export order."""
 
-    class HFModule(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
+    model: Any
+    task: str
+    onnx_config: Any
+    components: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
-        def forward(self, *args: Any) -> tuple[Any, ...]:
-            out = self.model(**dict(zip(inputs, args, strict=True)), return_dict=True)
-            return tuple(out[n] for n in outputs)
-
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in inputs]
-    HFModule.forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    return HFModule().eval()
+    @property
+    def single(self) -> bool:
+        return list(self.components) == [SINGLE]
 
 
-def load_hf(spec: str, task: str | None, weights: str | None) -> tuple[Any, str, dict[str, Any],
-                                                                        dict[str, dict[int, str]]]:
-    """``hf:folder`` -> (wrapped module, task, sample inputs by name as NumPy, dynamic axes of every input
-    and output with our dim names)."""
-    if weights:
-        raise InputError("--weights cannot be combined with an hf: model: its weights are in the folder")
+def load_hf_model(spec: str, task: str | None) -> HFModel:
+    """``hf:folder`` -> the model and Optimum's components for ``task`` (inferred when None)."""
     folder = _folder(spec)
     task = infer_task(folder, task)
-    _, tasks = _imports()
+    tasks = _tasks()
+    from optimum.exporters.onnx.utils import _get_submodels_and_onnx_configs
+
     try:
         # eager attention: the MatMul/Softmax pattern ONNX Runtime's transformer optimizer fuses into Attention
         # (SDPA exports as a pattern it does not match); the same numbers either way
         model = tasks.get_model_from_task(task, str(folder), framework="pt", library_name="transformers",
                                           local_files_only=True, attn_implementation="eager")
-        ctor = tasks.get_exporter_config_constructor(exporter="onnx", model=model, task=task,
-                                                     library_name="transformers")
-        onnx_config = ctor(model.config, task=task)
-        dummy = onnx_config.generate_dummy_inputs(framework="pt", batch_size=2, sequence_length=SAMPLE_SEQUENCE)
+        tasks.standardize_model_attributes(model)
+        main, parts = _get_submodels_and_onnx_configs(
+            model=model.eval(), task=task, monolith=False, custom_onnx_configs={}, custom_architecture=False,
+            _variant="default", library_name="transformers", float_dtype="fp32")
     except InputError:
         raise
     except Exception as exc:
         raise InputError(f"{spec}: loading it as {task!r} failed: {type(exc).__name__}: {first_line(exc)}") from None
-    inputs, outputs = list(onnx_config.inputs), list(onnx_config.outputs)
-    axes = {name: {int(i): _DIM_NAMES.get(d, d) for i, d in dims.items()}
-            for name, dims in {**onnx_config.inputs, **onnx_config.outputs}.items()}
-    samples = {n: dummy[n].detach().cpu().numpy() for n in inputs}
-    return _wrapper(model.eval(), inputs, outputs), task, samples, axes
+    return HFModel(model=model, task=task, onnx_config=main, components=dict(parts))
+
+
+# -- the eager module of a component ------------------------------------------------------------------------------
+def _leaves(obj: Any) -> Iterator[Any]:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for x in obj:
+            yield from _leaves(x)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _leaves(x)
+
+
+def _replace(obj: Any, values: dict[int, Any]) -> Any:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return values.get(id(obj), obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_replace(x, values) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _replace(v, values) for k, v in obj.items()}
+    return obj
+
+
+def _flat_onnx(config: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Optimum's flattening of a (nested) input or output dict into ONNX names, as its own validation does."""
+    import torch
+
+    flat: dict[str, Any] = {}
+    for name, value in inputs.items():
+        if isinstance(value, (list, tuple)) and value and not isinstance(value[0], (str, int)):
+            flat.update(config.flatten_output_collection_property(name, value))
+        elif isinstance(value, dict):
+            flat.update(value)
+        elif isinstance(value, torch.Tensor):
+            flat[name] = value
+    return flat
+
+
+def dummy_inputs(config: Any, onnx_inputs: list[str], batch: int, shapes: dict[str, int] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the reference model's inputs, nested as its forward() takes them; the ONNX inputs by name, holding the same
+    tensors) from Optimum's dummy-input generators at ``batch`` and Optimum's ``shapes`` (e.g. sequence_length)."""
+    from optimum.utils import DEFAULT_DUMMY_SHAPES
+
+    kw = {**DEFAULT_DUMMY_SHAPES, "sequence_length": SAMPLE_SEQUENCE, **(shapes or {}), "batch_size": batch}
+    ref = config.generate_dummy_inputs(framework="pt", **kw)
+    onnx = _flat_onnx(config, config.generate_dummy_inputs_for_validation(dict(ref), onnx_inputs))
+    return ref, {n: onnx[n] for n in onnx_inputs if n in onnx}
+
+
+def dummy_feed(config: Any, onnx_inputs: list[str], batch: int, shapes: dict[str, int] | None = None
+               ) -> dict[str, np.ndarray]:
+    """ONNX inputs by name (NumPy) from Optimum's dummy-input generators: values the model accepts."""
+    _, onnx = dummy_inputs(config, onnx_inputs, batch, shapes)
+    missing = [n for n in onnx_inputs if n not in onnx]
+    if missing:
+        raise InputError(f"Optimum's dummy inputs for {type(config).__name__} have no {missing}")
+    return {n: onnx[n].detach().cpu().numpy() for n in onnx_inputs}
+
+
+def component_module(submodel: Any, config: Any, onnx_inputs: list[str], onnx_outputs: list[str]) -> Any:
+    """The component as a module taking the ONNX inputs positionally (in ``onnx_inputs`` order) and returning the
+    ONNX outputs as a tuple in ``onnx_outputs`` order: the submodel under Optimum's model patcher (its KV-cache
+    and output handling), with the ONNX names mapped back to the nested inputs forward() takes the way Optimum's
+    validation flattens them. Its signature names the inputs."""
+    import torch
+
+    onnx_to_torch = {v: k for k, v in config.torch_to_onnx_output_map.items()}
+
+    class HFComponent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = submodel
+
+        def forward(self, *args: Any) -> tuple[Any, ...]:
+            feed = dict(zip(onnx_inputs, args, strict=True))
+            batch = int(next(iter(feed.values())).shape[0]) if feed and next(iter(feed.values())).ndim else 1
+            ref, onnx = dummy_inputs(config, onnx_inputs, batch, _shapes_of(feed, config, onnx_inputs))
+            by_id = {id(t): feed[n] for n, t in onnx.items()}
+            kwargs = config.rename_ambiguous_inputs(copy.copy(_replace(ref, by_id)))
+            with config.patch_model_for_export(self.model), torch.inference_mode():
+                out = self.model(**kwargs)
+            flat: dict[str, Any] = {}
+            for name, value in dict(out).items():
+                name = "present" if name == "past_key_values" else name
+                if isinstance(value, (list, tuple)):
+                    flat.update(config.flatten_output_collection_property(
+                        config.torch_to_onnx_output_map.get(name, name), value))
+                else:
+                    flat[name] = value
+            return tuple(flat[onnx_to_torch.get(n, n)] if onnx_to_torch.get(n, n) in flat else flat[n]
+                         for n in onnx_outputs)
+
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(n.replace(".", "_"), inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in onnx_inputs]
+    HFComponent.forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return HFComponent().eval()
+
+
+#: The ONNX dims whose value is Optimum's ``sequence_length`` argument, by priority (a feed's dims give the shapes of
+#: the reference inputs no ONNX input carries, e.g. a decoder-with-past's encoder outputs).
+_SEQUENCE_DIMS = ("encoder_sequence_length", "sequence_length")
+
+
+def _shapes_of(feed: dict[str, Any], config: Any, onnx_inputs: list[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for name, dims in config.inputs.items():
+        if name in feed:
+            for axis, dim in dims.items():
+                if dim in _SEQUENCE_DIMS and int(axis) < feed[name].ndim:
+                    found.setdefault(dim, int(feed[name].shape[int(axis)]))
+    return next(({"sequence_length": found[d]} for d in _SEQUENCE_DIMS if d in found), {})
+
+
+def onnx_names(path: Path) -> tuple[list[str], list[str]]:
+    """The input and output names of an ONNX file, in graph order."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    return [i.name for i in graph.input if i.name not in inits], [o.name for o in graph.output]
+
+
+def load_component(spec: str, task: str | None, component: str, onnx_inputs: list[str], onnx_outputs: list[str],
+                   state_dict_path: Path | None = None) -> Any:
+    """The eager module of one exported component (bench's eager backend rebuilds it from the folder and the
+    weights convert saved, ``state_dict_path``)."""
+    hf = load_hf_model(spec, task)
+    if state_dict_path is not None:
+        import torch
+
+        state = torch.load(state_dict_path, map_location="cpu", weights_only=True)
+        hf.model.load_state_dict(state, strict=True)
+    name = component if component in hf.components else _merged_branch(hf, component, onnx_inputs)
+    submodel, config = hf.components[name]
+    return component_module(submodel, config, onnx_inputs, onnx_outputs)
+
+
+def _merged_branch(hf: HFModel, component: str, onnx_inputs: list[str]) -> str:
+    """A merged decoder runs its no-cache branch (convert's IOSpec feeds use_cache_branch=False): the decoder's
+    config flagged as Optimum's post-processing flags it."""
+    if component.endswith("_merged") and "decoder_model" in hf.components:
+        merged_config = copy.deepcopy(hf.components["decoder_model"][1])
+        merged_config.is_merged, merged_config.use_cache_branch, merged_config.use_past_in_inputs = True, False, True
+        hf.components[component] = (hf.components["decoder_model"][0], merged_config)
+        return component
+    raise InputError(f"{hf.task} has no component {component!r}; it has {sorted(hf.components)}")
 
 
 def id2label(spec: str) -> list[str] | None:
     """The class names of a classification head (config.json's id2label), when it has real ones."""
-    transformers, _ = _imports()
-    config = transformers.AutoConfig.from_pretrained(str(_folder(spec)), local_files_only=True)
+    config = _config(_folder(spec))
     labels = [str(config.id2label[i]) for i in sorted(config.id2label)] if config.id2label else []
     return None if not labels or labels == [f"LABEL_{i}" for i in range(len(labels))] else labels
+
+
+# -- without Optimum: the architecture's own inputs, for torch.onnx's dynamo exporter ---------------------------------
+def load_plain(spec: str, task: str | None) -> tuple[Any, str, dict[str, np.ndarray], dict[str, dict[int, str]]]:
+    """(module taking the main inputs positionally and returning its first output, a task label, sample inputs,
+    dynamic axes) from the folder's architecture class alone: what the dynamo exporter exports where Optimum
+    cannot be used. Text models take input_ids and attention_mask, vision models pixel_values."""
+    import torch
+
+    folder = _folder(spec)
+    config = _config(folder)
+    cls = _arch_class(folder, config)
+    if cls is None:
+        raise InputError(f"{folder}: config.json names no known architecture class")
+    if task is not None and task.endswith("-with-past"):
+        raise InputError(f"--task {task} needs Optimum's exporter, which cannot be used here")
+    model = cls.from_pretrained(str(folder), local_files_only=True).eval()
+    main = getattr(model, "main_input_name", "input_ids")
+    rng = np.random.default_rng(0)
+    if main == "input_ids":
+        vocab = int(getattr(config, "vocab_size", 100) or 100)
+        samples = {"input_ids": rng.integers(0, vocab, (2, SAMPLE_SEQUENCE)).astype(np.int64),
+                   "attention_mask": np.ones((2, SAMPLE_SEQUENCE), np.int64)}
+        axes = {n: {0: "batch", 1: "sequence"} for n in samples}
+    elif main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else int(size[0])
+        samples = {"pixel_values": rng.standard_normal((2, int(getattr(config, "num_channels", 3)), size, size))
+                   .astype(np.float32)}
+        axes = {"pixel_values": {0: "batch"}}
+    else:
+        raise InputError(f"{cls.__name__} takes {main!r}: without Optimum's exporter only text (input_ids) and "
+                         "vision (pixel_values) models are exported")
+    names = list(samples)
+
+    class Plain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args: Any) -> Any:
+            out = self.model(**dict(zip(names, args, strict=True)), return_dict=True)
+            return out[0]
+
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    Plain.forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return Plain().eval(), task or cls.__name__, samples, axes

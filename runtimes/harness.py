@@ -63,6 +63,8 @@ class BenchConfig(BaseModel):
     dims: dict[str, list[int]] = Field(default_factory=dict, description="Named dims to sweep as batch_sizes is "
                                                                          "swept, e.g. {'sequence': [16, 128]}")
     seed: int = 0
+    component: str | None = Field(default=None, description="A model exported as several files (encoder, decoder, "
+                                                             "...): the one to measure (default: each in turn)")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra RunnerOptions fields")
     rounds: int = Field(default=5, ge=1, description="Interleaved rounds the timed iterations are split over; "
                                                      "the order of the targets rotates each round")
@@ -253,6 +255,10 @@ def load_checked_manifest(cfg: BenchConfig) -> Manifest:
     problems = manifest.verify(Path(cfg.artifact_dir))
     if problems:
         raise InputError("artifact folder does not match its manifest: " + "; ".join(problems))
+    if cfg.component is not None:
+        if not manifest.components():
+            raise InputError(f"--component {cfg.component}: this model was exported as one file")
+        manifest = manifest.component_view(cfg.component)
     for b in cfg.batch_sizes:
         manifest.iospec.check_batch(b)
     return manifest
@@ -401,6 +407,28 @@ def _skipped(results: BenchResults, log: Callable[[str], None], label: str, prec
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
+              progress: Callable[[str], None] | None = None) -> BenchResults:
+    """:func:`bench_one`; a model exported as several files (Optimum's encoder, decoders): each component in turn
+    (``--component`` for one), every row's variant named ``fp32/component``."""
+    components = Manifest.load(cfg.artifact_dir).components() if cfg.component is None else []
+    if not components:
+        return bench_one(cfg, log, progress)
+    merged: BenchResults | None = None
+    for name in components:
+        log(f"component {name}")
+        got = bench_one(cfg.model_copy(update={"component": name}), log, progress)
+        for rec in got.records:
+            rec.variant = f"{rec.variant}/{name}"
+        if merged is None:
+            merged = got
+        else:
+            merged.records.extend(got.records)
+            merged.warnings.extend(w for w in got.warnings if w not in merged.warnings)
+    assert merged is not None
+    return merged
+
+
+def bench_one(cfg: BenchConfig, log: Callable[[str], None] = print,
               progress: Callable[[str], None] | None = None) -> BenchResults:
     """Load every target (checking its accuracy), then time all of them point by point in interleaved
     rounds (``runtimes.timing``); see the module docstring. A target whose backend cannot load here is

@@ -23,7 +23,10 @@ def load_torch_module(runner: Runner) -> Any:
     path = runner.base / runner.artifact.file.path
     if runner.artifact.kind == "torchscript":
         return torch.jit.load(str(path), map_location="cpu").eval()
-    return rebuild_module(runner.manifest.source, path).eval()
+    man = runner.manifest
+    component = (man.source.component or "model", man.iospec.input_names, man.iospec.output_names) \
+        if man.source.kind == "hf" else None  # a Hugging Face model: the exported file's (component's) inputs
+    return rebuild_module(man.source, path, component=component).eval()
 
 
 @dataclass
