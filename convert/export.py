@@ -129,6 +129,6 @@ def complete_output_spec(spec: IOSpec, onnx_model: Any) -> IOSpec:
             shape[0] = BATCH
         outputs.append(TensorSpec(name=t.name, shape=shape, dtype=t.dtype))
     hints = {t.name: t for t in graph_spec.inputs}
-    inputs = [t.model_copy(update={"int_range": hints[t.name].int_range, "fill": hints[t.name].fill})
+    inputs = [t.model_copy(update={"int_range": hints[t.name].int_range or t.int_range, "fill": hints[t.name].fill})
               if t.name in hints else t for t in spec.inputs]
     return spec.model_copy(update={"inputs": inputs, "outputs": outputs})

@@ -26,6 +26,16 @@ _DTYPES = {"float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", 
 Fill = Literal["random", "ones", "zeros"]
 
 
+def is_derived(dim: str) -> bool:
+    """A dim that is the sum of others, e.g. a KV-cache model's 'past_sequence + sequence' (Optimum's axes): its
+    value follows from its parts, it is never bound or varied by itself."""
+    return "+" in dim
+
+
+def derived_parts(dim: str) -> list[str]:
+    return [p.strip() for p in dim.split("+")]
+
+
 class TensorSpec(BaseModel):
     """One tensor: a name, a shape whose entries are ints or symbolic names, and a dtype."""
 
@@ -42,7 +52,8 @@ class TensorSpec(BaseModel):
 
     @property
     def symbolic_dims(self) -> list[str]:
-        return [d for d in self.shape if isinstance(d, str)]
+        """The free symbolic dims (a derived dim such as 'past_sequence + sequence' is not free)."""
+        return [d for d in self.shape if isinstance(d, str) and not is_derived(d)]
 
     def concrete_shape(self, batch: int, dims: Mapping[str, int] | None = None) -> tuple[int, ...]:
         """The shape with ``batch`` and the bound dims filled in; an unbound one is one clear InputError."""
@@ -52,6 +63,9 @@ class TensorSpec(BaseModel):
                 out.append(d)
             elif d == BATCH:
                 out.append(batch)
+            elif is_derived(d) and all(p == BATCH or p in (dims or {}) for p in derived_parts(d)):
+                bound = dict(dims or {})
+                out.append(sum(batch if p == BATCH else int(bound[p]) for p in derived_parts(d)))
             elif dims is not None and d in dims:
                 out.append(int(dims[d]))
             else:
@@ -437,6 +451,9 @@ def spec_from_examples(examples: Mapping[str, np.ndarray], axes: Mapping[str, Ma
             if not 0 <= i < len(shape):
                 raise InputError(f"dynamic axis {i} of {name!r} is outside its rank {len(shape)}")
             value = int(np.shape(arr)[i])
+            if is_derived(d):  # its value follows from its parts
+                shape[i] = d
+                continue
             if d != BATCH and d in dims and dims[d][0] != value:
                 raise InputError(f"dim {d!r} is bound to two values: {dims[d][0]} (in {dims[d][1]}) and {value} "
                                  f"(in {name})")

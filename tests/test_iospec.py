@@ -87,3 +87,23 @@ def test_spec_from_onnx_keeps_dim_names_and_reads_the_vocabulary(tmp_path: Path)
     ids, mask = spec.inputs
     assert (ids.shape, ids.dtype, ids.int_range) == ([BATCH, "sequence"], "int64", (0, tiny_transformer.VOCAB))
     assert (mask.shape, mask.fill) == ([BATCH, "sequence"], "ones")
+
+
+def test_derived_dim_follows_its_parts() -> None:
+    """A KV-cache model's attention mask is 'past_sequence + sequence' long: never bound or varied by itself, its
+    value is the sum of its parts in every feed (a random feed of another length fails the model's own check)."""
+    from core.iospec import IOSpec, TensorSpec, spec_from_examples
+
+    spec = IOSpec(inputs=[TensorSpec(name="input_ids", shape=["batch", "sequence"], dtype="int64"),
+                          TensorSpec(name="past", shape=["batch", 2, "past_sequence", 4]),
+                          TensorSpec(name="attention_mask", shape=["batch", "past_sequence + sequence"],
+                                     dtype="int64", fill="ones")],
+                  dims={"sequence": 3, "past_sequence": 5})
+    assert spec.symbolic_dims() == ["batch", "sequence", "past_sequence"]
+    assert spec.input_shapes(2)["attention_mask"] == (2, 8)
+    assert spec.random_feed(1, dims={"sequence": 7})["attention_mask"].shape == (1, 12)
+    examples = {"input_ids": np.zeros((2, 3), np.int64), "attention_mask": np.ones((2, 8), np.int64)}
+    got = spec_from_examples(examples, {"input_ids": {0: "batch", 1: "sequence"},
+                                        "attention_mask": {0: "batch", 1: "past_sequence + sequence"}},
+                             ["logits"], dynamic_batch=True)
+    assert got.dims == {"sequence": 3}
