@@ -113,7 +113,7 @@ def _check_image_samples(cfg: ExportConfig, samples: dict[str, np.ndarray]) -> N
 
 def _example_spec(cfg: ExportConfig, loaded: LoadedModel, examples: dict[str, np.ndarray]) -> IOSpec:
     return spec_from_examples(examples, loaded.dynamic_axes, _output_names(loaded, examples),
-                              dynamic_batch=cfg.dynamic_batch)
+                              dynamic_batch=cfg.dynamic_batch and loaded.fixed_batch is None)
 
 
 def _image_spec(cfg: ExportConfig, loaded: LoadedModel, shapes: dict[str | None, tuple[int, ...]]) -> IOSpec:

@@ -28,9 +28,13 @@ class LoadedModel:
     example_inputs: dict[str, Any] | None = None
     #: torch.onnx ``dynamic_axes`` from a factory returning (module, example_inputs, dynamic_axes)
     dynamic_axes: dict[str, dict[int, str]] | None = None
+    #: Why the batch is fixed at the example inputs' whatever --dynamic-batch says (a torchvision detector takes
+    #: a list of images); None: the batch follows --dynamic-batch
+    fixed_batch: str | None = None
 
 
 def torchvision_classifiers() -> list[str]:
+    """The torchvision classification builders (``core.tvzoo.builders()``: every family)."""
     import torchvision
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
@@ -113,34 +117,34 @@ def apply_state_dict(module: Any, state: dict[str, Any], origin: str) -> None:
 
 
 def _torchvision(name: str, weights: str | None, seed: int) -> LoadedModel:
+    """A torchvision builder by name, any family (core.tvzoo: its sample input, wrapper and builder arguments)."""
     import torch
     import torchvision
 
-    names = torchvision_classifiers()
+    from core import tvzoo
+
+    names = tvzoo.builders()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
-        raise InputError(f"unknown model {name!r}: not a torchvision classification model, a .py:factory, "
+        raise InputError(f"unknown model {name!r}: not a torchvision model builder, a .py:factory, "
                          f"a TorchScript .pt or an .onnx file{hint}")
-    enum = torchvision.models.get_model_weights(name)
+    fam = tvzoo.family(name)
+    enum = tvzoo.weights_enum(name)
     default_w = getattr(enum, "DEFAULT", None)
-    pre = _preprocessing_from_weights(default_w) if default_w is not None else None
+    pre = _preprocessing_for(name, default_w)
     num_classes = len(default_w.meta.get("categories") or []) or None if default_w is not None else None
     source = SourceInfo(model=name, kind="torchvision", weights=weights, num_classes=num_classes, preprocessing=pre)
     torch.manual_seed(seed)
     notes: list[str] = []
     if weights is None:
-        module = torchvision.models.get_model(name, weights=None)
-        redone = reinit_zero_head(module, seed)
-        crop = pre.crop if pre else 224
-        reset = reinit_if_constant(module, seed, (2, 3, crop, crop))
-        source.weights_note = f"random init (seed {seed})" + (
-            f"; zero-initialised head {_head_name(redone)} re-initialised (seeded)" if redone else "") + \
-            (f"; {reset}" if reset else "") + "; pass --weights to use trained weights"
-        notes.append(source.weights_note)
+        module, inputs = tvzoo.build(name, None, seed)
+        source.weights_note = f"random init (seed {seed})" + _random_init_fixes(name, module, inputs, seed) + \
+            "; pass --weights to use trained weights"
     elif Path(weights).suffix in {".pt", ".pth", ".bin", ".ckpt"} or Path(weights).exists():
-        module = torchvision.models.get_model(name, weights=None)
-        apply_state_dict(module, load_state_dict_file(Path(weights)), str(weights))
+        module, inputs = tvzoo.build(name, None, seed)
+        state = load_state_dict_file(Path(weights))
+        apply_state_dict(tvzoo.state_target(module, state), state, str(weights))
         source.weights_note = f"local state dict {weights}"
     else:
         try:
@@ -149,15 +153,52 @@ def _torchvision(name: str, weights: str | None, seed: int) -> LoadedModel:
             options = [f"{name}:{m}" for m in enum.__members__] + ["a local state-dict file"]
             raise InputError(f"unknown weights {weights!r} for {name}; available: {', '.join(options)}") from None
         try:
-            module = torchvision.models.get_model(name, weights=w)
+            module, inputs = tvzoo.build(name, w, seed)
         except Exception as exc:
             raise InputError(f"could not fetch weights {w} (no internet here?): {first_line(exc)}; "
                              "download them elsewhere and pass the state-dict file with --weights PATH") from None
         source.weights = str(w)
         source.weights_note = f"torchvision weights {w}"
-        source.preprocessing = _preprocessing_from_weights(w) or pre
-    crop = pre.crop if pre else 224
-    return LoadedModel(source=source, module=module.eval(), default_shape=(1, 3, crop, crop), notes=notes)
+        source.preprocessing = _preprocessing_for(name, w) or pre
+    if fam == "detection":
+        source.weights_note += "; " + tvzoo.detections_note(name, module)
+    if weights is None:
+        notes.append(source.weights_note)
+    return LoadedModel(source=source, module=module.eval(), default_shape=inputs.default_shape,
+                       example_inputs=inputs.example_inputs, dynamic_axes=inputs.dynamic_axes,
+                       fixed_batch=inputs.fixed_batch, notes=[*inputs.notes, *notes])
+
+
+def _preprocessing_for(name: str, weights: Any) -> Preprocessing | None:
+    """How images become the input: the weights' transforms (a classifier's resize and crop; a segmentation
+    model's resize, which is also its input size); a detector normalises and resizes inside (0..1 images, any
+    size); none for video clips and image pairs."""
+    from core import tvzoo
+
+    fam = tvzoo.family(name)
+    if weights is None or fam in {"video", "optical_flow", "detection"}:
+        return None
+    if fam == "segmentation":
+        size = tvzoo.crop_of(weights, fam)
+        t = weights.transforms()
+        return Preprocessing(resize=size, crop=size, mean=list(t.mean), std=list(t.std),
+                             source=f"torchvision {weights}") if size else None
+    return _preprocessing_from_weights(weights)
+
+
+def _random_init_fixes(name: str, module: Any, inputs: Any, seed: int) -> str:
+    """What a random init needed so that the model's outputs depend on its input (each in the weights note):
+    a zero-initialised head, a constant output, a detector's tied scores."""
+    from core import tvzoo
+
+    if tvzoo.family(name) == "detection":
+        return "; " + tvzoo.spread_scores(name, module, inputs.example_inputs["images"])
+    if inputs.default_shape is None:  # RAFT: its flow varies with the images at its own init
+        return ""
+    redone = reinit_zero_head(module, seed)
+    reset = reinit_if_constant(module, seed, (2, *inputs.default_shape[1:]))
+    return (f"; zero-initialised head {_head_name(redone)} re-initialised (seeded)" if redone else "") + \
+        (f"; {reset}" if reset else "")
 
 
 def reinit_zero_head(module: Any, seed: int) -> list[str]:
@@ -390,7 +431,7 @@ def is_random_init(source: SourceInfo) -> bool:
 
 
 def categories_for(source: SourceInfo) -> list[str] | None:
-    """The class names of a torchvision classifier (from its weights' metadata; no download), or of a Hugging
+    """The class names of a torchvision classifier (image or video, from its weights' metadata; no download), or of a Hugging
     Face classification head (its config's id2label)."""
     if source.kind == "hf":
         from core.hf import id2label
@@ -398,18 +439,29 @@ def categories_for(source: SourceInfo) -> list[str] | None:
         return id2label(source.model)
     if source.kind != "torchvision":
         return None
-    import torchvision
+    from core import tvzoo
 
+    # the labels of an image folder are the classes of one image: not what a detector's, a segmentation model's
+    # or RAFT's outputs are indexed by
+    if source.model not in tvzoo.builders() or \
+            tvzoo.family(source.model) not in {"classification", "quantization", "video"}:
+        return None
     try:
-        default = torchvision.models.get_model_weights(source.model).DEFAULT
+        default = tvzoo.weights_enum(source.model).DEFAULT
     except (ValueError, AttributeError):
         return None
     cats = default.meta.get("categories")
     return list(cats) if cats else None
 
 
-def rebuild_module(source: SourceInfo, state_dict_path: Path | None, seed: int = 0) -> Any:
-    """Rebuild the PyTorch module an artifact folder was exported from (for the eager/TorchScript runners)."""
+def rebuild_module(source: SourceInfo, state_dict_path: Path | None, seed: int = 0,
+                   component: tuple[str, list[str], list[str]] | None = None) -> Any:
+    """Rebuild the PyTorch module an artifact folder was exported from (for the eager/TorchScript runners).
+    ``component``: a Hugging Face model's component (file stem, ONNX input names, ONNX output names)."""
+    if source.kind == "hf" and component is not None:
+        from core.hf import load_component
+
+        return load_component(source.model, source.task, *component, state_dict_path)
     if source.kind == "onnx":
         raise InputError("this artifact folder was made from an .onnx file: there is no PyTorch model to run")
     if source.kind == "torchvision" and state_dict_path is not None:  # built with its weights: no random init, so
