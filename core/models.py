@@ -28,6 +28,10 @@ class LoadedModel:
     example_inputs: dict[str, Any] | None = None
     #: torch.onnx ``dynamic_axes`` from a factory returning (module, example_inputs, dynamic_axes)
     dynamic_axes: dict[str, dict[int, str]] | None = None
+    #: A Hugging Face model Optimum exports (``core.hf.HFModel``): convert.hf_export writes its file(s)
+    hf: Any = None
+    #: The exporter this model must take, whatever --exporter says (None: --exporter)
+    exporter: str | None = None
     #: Why the batch is fixed at the example inputs' whatever --dynamic-batch says (a torchvision detector takes
     #: a list of images); None: the batch follows --dynamic-batch
     fixed_batch: str | None = None
@@ -388,15 +392,32 @@ def _torchscript(path: Path, weights: str | None) -> LoadedModel:
 
 
 def _hf(spec: str, weights: str | None, task: str | None, seed: int) -> LoadedModel:
+    """Optimum's export of the folder's model (its components, patchers and dummy inputs); where optimum-onnx cannot
+    be used with the installed transformers, torch.onnx's dynamo exporter on the architecture's own inputs."""
     import torch
 
-    from core.hf import load_hf
+    from core import hf
 
+    if weights:
+        raise InputError("--weights cannot be combined with an hf: model: its weights are in the folder")
     torch.manual_seed(seed)
-    module, task, samples, axes = load_hf(spec, task, weights)
-    source = SourceInfo(model=spec, kind="hf", task=task, weights_note="weights in the Hugging Face folder")
-    return LoadedModel(source=source, module=module, example_inputs=samples, dynamic_axes=axes,
-                       notes=[f"Hugging Face {task} model; inputs, outputs and dynamic axes from Optimum's ONNX config"])
+    if (why := hf.optimum_problem()) is not None:
+        module, task, samples, axes = hf.load_plain(spec, task)
+        source = SourceInfo(model=spec, kind="hf", task=task, weights_note="weights in the Hugging Face folder")
+        return LoadedModel(source=source, module=module, example_inputs=samples, dynamic_axes=axes, exporter="dynamo",
+                           notes=[f"{why}: exporting with torch.onnx's dynamo exporter from the architecture's own "
+                                  "inputs instead (no *-with-past tasks, no multi-file exports)"])
+    model = hf.load_hf_model(spec, task)
+    config = next(iter(model.components.values()))[1]
+    names = list(config.inputs)
+    samples = hf.dummy_feed(config, names, 2)
+    axes = {n: {int(i): hf.dim_name(d) for i, d in dims.items() if d != "num_channels"}
+            for n, dims in {**config.inputs, **config.outputs}.items()}
+    source = SourceInfo(model=spec, kind="hf", task=model.task, weights_note="weights in the Hugging Face folder")
+    parts = ", ".join(model.components)
+    return LoadedModel(source=source, example_inputs=samples, dynamic_axes=axes, hf=model,
+                       notes=[f"Hugging Face {model.task} model, exported by Optimum's exporter "
+                              f"({'one file' if model.single else 'components ' + parts})"])
 
 
 def resolve_model(spec: str, weights: str | None = None, seed: int = 0, task: str | None = None) -> LoadedModel:

@@ -25,7 +25,7 @@ def load_torch_module(runner: Runner) -> Any:
         return torch.jit.load(str(path), map_location="cpu").eval()
     man = runner.manifest
     component = (man.source.component or "model", man.iospec.input_names, man.iospec.output_names) \
-        if man.source.kind == "hf" else None  # a Hugging Face model: the exported file's (component's) inputs
+        if man.source.kind == "hf" and man.exporter == "optimum" else None  # Optimum export: its file's inputs
     return rebuild_module(man.source, path, component=component).eval()
 
 
