@@ -308,6 +308,8 @@ def fp16_of(ctx: ConvertContext, name: str) -> None:
 
 def step_engine(ctx: ConvertContext) -> None:
     """Build one strongly typed engine per precision asked for, from the matching ONNX variant."""
+    from convert.context import failed_variant, skip_variant
+
     cfg = ctx.cfg.engine
     if cfg is None:
         return
@@ -315,6 +317,9 @@ def step_engine(ctx: ConvertContext) -> None:
         fp16_of(ctx, cfg.source)
     targets = engine_sources(cfg, ctx.best_fp32())
     for name, source_name in targets:
+        if failed_variant(ctx, source_name) is not None:  # its source could not be made: left out, with the reason
+            skip_variant(ctx, name, "build_engine", source_name)
+            continue
         source = _source_artifact(ctx, source_name)
         if source.status == "failed":
             ctx.log(f"[yellow]warning:[/] {name}: not built, its source {source_name} failed its checks")

@@ -5,7 +5,8 @@ LayerNorm (+ residual: SkipLayerNormalization), GELU (+ bias) and embedding patt
 Runtime's contrib ops. It runs only when the graph looks like a transformer (Softmax over MatMul
 scores, and LayerNormalization) and is kept only when it fused something. The result uses
 ``com.microsoft`` ops, so it is for ONNX Runtime only: a separate variant, validated like ``opt``
-against the same reference, never the source of TensorRT engines or of the default served model.
+against the same reference, never the source of TensorRT engines or of the default served model. A fusion that
+fails (the optimizer raises, or its file fails validation) leaves the variant out; the run goes on.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import contextlib
 import io
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from convert.context import ConvertContext, parity_batches
+from convert.context import ConvertContext, attempt_variant, parity_batches
 from convert.validate import Tolerance, validate_onnx
-from core.errors import ToolkitError, ValidationError, first_line
+from core.errors import ToolkitError, first_line
 from core.fsutil import scratch_cwd
 from core.onnxfile import save_onnx
 from core.records import FusionParams
@@ -44,6 +46,11 @@ def step_fuse(ctx: ConvertContext) -> None:
     src = (ctx.out / ctx.manifest.artifacts[src_name].file.path).resolve()
     if not looks_like_transformer(onnx.load(str(src), load_external_data=False)):
         return
+    # optional: a failure (the optimizer, or a fused file that fails validation) leaves it out, the run goes on
+    attempt_variant(ctx, FUSED, "fuse_transformer", lambda: _fuse(ctx, src_name, src), parent=src_name)
+
+
+def _fuse(ctx: ConvertContext, src_name: str, src: Path) -> None:
     from onnxruntime.transformers.optimizer import optimize_model
 
     ctx.log("transformer fusion (onnxruntime.transformers.optimizer: attention, LayerNorm, GELU)")
@@ -62,14 +69,8 @@ def step_fuse(ctx: ConvertContext) -> None:
     save_onnx(_ready_to_save(optimized), target)
     art = ctx.manifest.record(ctx.out, target, name=FUSED, kind="onnx", parent=src_name, notes=[CONTRIB_NOTE],
                               params=FusionParams(model_type="bert", fused_ops=fused))
-    try:
-        art.metrics.update(validate_onnx(target, ctx.spec, ctx.reference, batches=parity_batches(ctx),
-                                         tol=Tolerance.fp32(), what=target.name))
-    except ValidationError as exc:
-        art.status = "failed"
-        art.notes.extend(exc.failures)
-        ctx.manifest.save(ctx.out)
-        raise
+    art.metrics.update(validate_onnx(target, ctx.spec, ctx.reference, batches=parity_batches(ctx),
+                                     tol=Tolerance.fp32(), what=target.name))
     ctx.log(f"{FUSED}: " + ", ".join(f"{k} x{v}" for k, v in sorted(fused.items())))
 
 

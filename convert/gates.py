@@ -8,7 +8,8 @@
 - :func:`rank_nodes` ranks quantized nodes by the error each one *adds* (relative error of its output
   minus that of its inputs, FP32 vs QDQ, on calibration samples); :func:`auto_search` uses it for
   ``--auto``: try the calibration methods, then keep the worst nodes in FP32 until within budget.
-- :func:`check_gates` turns failed gates into one ``AccuracyGateError`` after every variant was built.
+- :func:`check_gates` turns failed gates, and optional variants that could not be made
+  (``Manifest.failed_variants``), into one ``AccuracyGateError`` after everything else was written.
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ def summary_line(stats: AccuracyStats, gate: GateResult) -> str:
 
 def check_gates(manifest: Manifest) -> None:
     """Raise one AccuracyGateError naming every variant that failed its gate or onnx.checker (they stay in the
-    manifest, marked failed, so ``bench`` leaves them out unless named). A variant that ``--recover`` fine-tuned
-    into a ``*_recovered`` child is that child's starting point: its own gate is recorded, the child's counts."""
+    manifest, marked failed, so ``bench`` leaves them out unless named) and every optional variant that could not be
+    made (``Manifest.failed_variants``: no file, so nothing lists it as a candidate). A variant that ``--recover``
+    fine-tuned into a ``*_recovered`` child is that child's starting point: its own gate is recorded, the child's
+    counts."""
     failed = []
     # an unrecovered variant whose fine-tuned child (--recover) exists: kept for comparison, not a failure
     superseded = {a.parent for a in manifest.artifacts.values()
@@ -75,11 +78,18 @@ def check_gates(manifest: Manifest) -> None:
             failed.append(f"{a.name} {a.metrics.gate.reason or 'is outside its budget'}")
         elif a.status == "failed" and a.metrics.checker == "failed":
             failed.append(f"{a.name} fails onnx.checker")
+    parts = []
     if failed:
-        raise AccuracyGateError("variant gate failed: " + "; ".join(failed)
-                                + " -> marked failed in manifest.json; bench leaves it out unless --variants names "
-                                  "it (widen the gate with --max-accuracy-drop / --min-cosine; for INT8 try --auto or "
-                                  "another --calib-method)")
+        parts.append("variant gate failed: " + "; ".join(failed)
+                     + " -> marked failed in manifest.json; bench leaves it out unless --variants names it (widen the "
+                       "gate with --max-accuracy-drop / --min-cosine; for INT8 try --auto or another --calib-method)")
+    if not_made := [f for f in manifest.failed_variants if f.status == "failed"]:
+        skipped = [f.name for f in manifest.failed_variants if f.status == "skipped"]
+        parts.append("variant not made: " + "; ".join(f"{f.name}: {f.reason}" for f in not_made)
+                     + (f" (so not made either: {', '.join(skipped)})" if skipped else "")
+                     + " -> listed in manifest.json's failed_variants; everything else was written")
+    if parts:
+        raise AccuracyGateError(" | ".join(parts))
 
 
 # -- node sensitivity ------------------------------------------------------------------------------

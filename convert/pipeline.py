@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from convert.config import ConvertConfig
-from convert.context import ConvertContext, Step, parity_batches
+from convert.context import ConvertContext, Step, attempt_variant, parity_batches
 from convert.engine import preflight, step_engine, with_source_variants
 from convert.export import complete_output_spec, export_onnx
 from convert.fusion import step_fuse
@@ -134,8 +134,14 @@ def _run_reference(ctx: ConvertContext) -> None:
 
 
 def step_optimize(ctx: ConvertContext) -> None:
+    """``opt``, an optional variant: when it fails, the run goes on and every variant derives from ``fp32``."""
     if not ctx.cfg.export.optimize:
         return
+    if not attempt_variant(ctx, "opt", "optimize", lambda: _optimize(ctx), parent="fp32"):
+        ctx.log("variants derive from fp32 (model.onnx) instead of opt")
+
+
+def _optimize(ctx: ConvertContext) -> None:
     target = ctx.path("model.opt.onnx")
     ctx.log("optimizing the graph (onnxslim + ONNX Runtime basic offline optimizations)")
     info = optimize_onnx(ctx.out / ctx.manifest.artifacts["fp32"].file.path, target)
@@ -144,7 +150,6 @@ def step_optimize(ctx: ConvertContext) -> None:
     ctx.manifest.record(ctx.out, target, name="opt", kind="onnx", parent="fp32",
                         params=OptimizeParams(**info.model_dump()))
     step_validate("opt")(ctx)
-
 
 
 def build_steps(cfg: ConvertConfig) -> list[Step]:
@@ -171,8 +176,11 @@ def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print,
     """Run the pipeline; return the manifest and the output folder.
 
     The steps write into a staging folder that replaces the output folder's artifacts only when every
-    step has succeeded (manifest last); any failure or signal leaves the folder as it was. A failed
-    accuracy gate is a verdict, not a failure: the set is swapped in with the variant marked failed.
+    step has succeeded (manifest last); a failure of a required step (the export of model.onnx and its
+    validation) or a signal leaves the folder as it was. A failed accuracy gate is a verdict, not a failure:
+    the set is swapped in with the variant marked failed. An optional variant that cannot be made is left out
+    (``Manifest.failed_variants`` says why, ``convert.context.attempt_variant``) and the rest is swapped in;
+    both then exit non-zero (``check_gates``).
     ``progress`` gets each training epoch (--recover, --distill-into); None: a log line per epoch.
     """
     e = cfg.export
@@ -193,7 +201,7 @@ def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print,
         for step in build_steps(cfg):
             step(ctx)
         manifest.save(stage)  # the last file written: it lists exactly the staged set
-    check_gates(manifest)  # every variant is built and recorded first; then a failed gate exits non-zero
+    check_gates(manifest)  # every variant is built and recorded first; then a failed gate or variant exits non-zero
     return manifest, out
 
 

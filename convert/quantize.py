@@ -10,15 +10,20 @@ this CPU. For TensorRT (``convert --trt --int8``), the same ranges also give ``i
 
 The steps are plain functions over one explicit :class:`QuantState`, built once by
 :func:`setup_quant` after the FP32 model exists (held-out and calibration data, the held-out
-evaluator with its FP32 reference, the pre-processed model, the calibration runs by method).
+evaluator with its FP32 reference) and completed by the first INT8 step (:func:`prepare_int8`: the
+pre-processed model, the calibration runs by method).
 :func:`run_quant` runs them inside a work folder under the output folder that is removed when they
-end, also when one fails.
+end, also when one fails. Each variant is optional (:func:`convert.context.attempt_variant`): one that ONNX
+Runtime cannot make (a quantizer that rejects the model or the settings, a pre-processing that fails) is recorded
+as failed with its reason and the others are still made; ``int8_trt`` is skipped when static INT8 failed.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +33,7 @@ from calibration.ort_reader import OrtCalibrationReader
 from calibration.sources import EVAL_ROLE, Source
 from convert.calibrate import Calibrations, QuantData, open_quant_data
 from convert.config import CALIB_METHODS, CalibMethod, Int8Layout, QType, QuantConfig
-from convert.context import ConvertContext, Step
+from convert.context import ConvertContext, Step, attempt_variant, skip_variant
 from convert.gates import NodeScore, Trial, auto_search, gate_verdict, rank_nodes, summary_line
 from convert.heldout import HeldOutEvaluator, keep_heldout
 from convert.ort_quant import (
@@ -121,9 +126,11 @@ class QuantState:
     reference_file: Path
     evaluator: HeldOutEvaluator  # the held-out inputs and the reference's outputs on them
     selection: HeldOutEvaluator | None  # --auto: the part its trials are graded on, disjoint from held-out
-    prepped: Path | None  # the reference after quant_pre_process; None when no INT8 variant is asked
-    calibrations: Calibrations | None  # static INT8: its data (never a held-out sample), the run of each method
+    calib: Source | None  # static INT8's calibration data (never a held-out sample)
     random_init: bool = False  # random weights: gated on output cosine, not on class agreement
+    prepped: Path | None = None  # the reference after quant_pre_process (by the first INT8 step, prepare_int8)
+    calibrations: Calibrations | None = None  # static INT8: the calibration run of each method (prepare_int8)
+    prepare_error: Exception | None = None  # why prepare_int8 failed: every INT8 variant fails with it
 
     @property
     def reduce_range(self) -> bool:
@@ -162,9 +169,9 @@ def _prepare(ctx: ConvertContext, cfg: QuantConfig, src: Path, work: Path) -> Pa
 
 
 def setup_quant(ctx: ConvertContext, cfg: QuantConfig, work: Path) -> QuantState:
-    """Open the data, run the FP32 reference on the held-out inputs, pre-process the model for INT8."""
+    """Open the data, run the FP32 reference on the held-out inputs (the INT8 pre-processing is done by the first
+    INT8 step, :func:`prepare_int8`, so that its failure leaves FP16 alone)."""
     data = _open_data(ctx, cfg)
-    calib = data.calib
     reference = ctx.best_fp32()
     ref_art = ctx.manifest.artifacts[reference]
     ref_file = ctx.out / ref_art.file.path
@@ -176,15 +183,30 @@ def setup_quant(ctx: ConvertContext, cfg: QuantConfig, work: Path) -> QuantState
     if data.selection is not None:
         selection = HeldOutEvaluator(data.selection, cfg.gate.eval_batch, ctx.spec.fixed_batch())
         selection.set_reference(ref_file, reference)
-    prepped = _prepare(ctx, cfg, ref_file, work) if cfg.int8_dynamic or cfg.int8_static else None
-    calibrations = None
-    if cfg.int8_static and calib is not None and prepped is not None:
-        calibrations = Calibrations(model=prepped, model_sha256=ref_art.file.sha256, source=calib, cfg=cfg.calib,
-                                    fixed_batch=ctx.spec.fixed_batch(), op_types=quantizable_op_types(
-                                        cfg.exclude_op_types), out=ctx.out, work=work, log=ctx.log)
     return QuantState(cfg=cfg, work=work, cpu=cpu_features(), reference=reference, reference_file=ref_file,
-                      evaluator=evaluator, selection=selection, prepped=prepped, calibrations=calibrations,
+                      evaluator=evaluator, selection=selection, calib=data.calib,
                       random_init=is_random_init(ctx.manifest.source))
+
+
+def prepare_int8(ctx: ConvertContext, state: QuantState) -> None:
+    """The model pre-processed for INT8 and, for static INT8, its calibration: once, by the first INT8 step; a
+    failure is kept and raised again by every INT8 step (each is then recorded failed with the same reason)."""
+    if state.prepare_error is not None:
+        raise state.prepare_error
+    if state.prepped is not None:
+        return
+    cfg = state.cfg
+    try:
+        prepped = _prepare(ctx, cfg, state.reference_file, state.work)
+    except Exception as exc:
+        state.prepare_error = exc
+        raise
+    state.prepped = prepped
+    if cfg.int8_static and state.calib is not None:
+        state.calibrations = Calibrations(
+            model=prepped, model_sha256=ctx.manifest.artifacts[state.reference].file.sha256, source=state.calib,
+            cfg=cfg.calib, fixed_batch=ctx.spec.fixed_batch(), op_types=quantizable_op_types(cfg.exclude_op_types),
+            out=ctx.out, work=state.work, log=ctx.log)
 
 
 # -- recording ---------------------------------------------------------------------------------------
@@ -229,6 +251,7 @@ def step_int8_dynamic(ctx: ConvertContext, state: QuantState) -> None:
         return
     ctx.log(f"dynamic INT8 (ONNX Runtime quantize_dynamic, weights {cfg.weight_type}, "
             f"per-channel {cfg.per_channel}, reduce_range {state.reduce_range})")
+    prepare_int8(ctx, state)
     built = state.work / "int8_dynamic.onnx"
     quantize_dynamic_file(state.prepped_model(), built, cfg, state.reduce_range)
     params = DynamicQuantParams(weight_type=cfg.weight_type, activation_type="uint8 (at run time)",
@@ -266,11 +289,14 @@ def _rank(ctx: ConvertContext, state: QuantState, trial: Trial) -> list[NodeScor
     return rank_nodes(cal.model, trial.path, iter(reader.get_next, None))
 
 
+def _one_method(state: QuantState, method: CalibMethod) -> list[tuple[Trial, AutoRecord | None]]:
+    """Without --auto: the trial of one --calib-method, every node quantized."""
+    return [(_build_static(state, method, []), None)]
+
+
 def _choose_static(ctx: ConvertContext, state: QuantState) -> list[tuple[Trial, AutoRecord | None]]:
-    """One trial per --calib-method; with --auto, the one variant ``auto_search`` chose."""
+    """--auto: the one variant ``auto_search`` chose."""
     c, g = state.cfg.calib, state.cfg.gate
-    if not g.auto:
-        return [(_build_static(state, m, []), None) for m in c.methods]
     if state.selection is None:
         raise RuntimeError("--auto needs its selection data (open_quant_data)")
     sel = state.selection
@@ -287,18 +313,35 @@ def step_int8_static(ctx: ConvertContext, state: QuantState) -> None:
     cfg = state.cfg
     if not cfg.int8_static:
         return
-    cal = state.static()
     advised = ", as ONNX Runtime advises for U8S8 without VNNI" if state.reduce_range and cfg.reduce_range is None \
         else ""
     ctx.log(f"static INT8 (QDQ, activations {cfg.activation_type}, weights {cfg.weight_type}, "
             f"per-channel {cfg.per_channel}, reduce_range {state.reduce_range}{advised})")
-    notes = _cpu_note(ctx, state.cpu.int8_advice(dynamic=False)) + list(cal.source.warnings)
-    chosen = _choose_static(ctx, state)
-    for trial, auto in chosen:
-        for layout in dict.fromkeys([cfg.layout, *cfg.extra_layouts]):
-            _record_static(ctx, state, trial, auto, layout, notes)
+    notes = _cpu_note(ctx, state.cpu.int8_advice(dynamic=False)) + list(state.calib.warnings if state.calib else [])
+    chosen: list[Trial] = []
+
+    def make(pick: Callable[[], list[tuple[Trial, AutoRecord | None]]]) -> None:
+        prepare_int8(ctx, state)
+        for trial, auto in pick():
+            for layout in dict.fromkeys([cfg.layout, *cfg.extra_layouts]):
+                _record_static(ctx, state, trial, auto, layout, notes)
+            chosen.append(trial)
+
+    # one attempt per calibration method (its layouts with it); --auto's choice is one attempt
+    if cfg.gate.auto:
+        attempt_variant(ctx, "int8_static", "quantize_static", lambda: make(lambda: _choose_static(ctx, state)),
+                        parent=state.reference)
+    for m in [] if cfg.gate.auto else cfg.calib.methods:
+        attempt_variant(ctx, f"int8_static_{m}", "quantize_static", partial(make, partial(_one_method, state, m)),
+                        parent=state.reference)
     if cfg.trt_qdq:
-        step_int8_trt(ctx, state, chosen[0][0])
+        if chosen:
+            trial = chosen[0]
+            attempt_variant(ctx, "int8_trt", "quantize_static_trt", lambda: step_int8_trt(ctx, state, trial),
+                            parent=f"int8_static_{trial.method}")
+        else:
+            skip_variant(ctx, "int8_trt", "quantize_static_trt",
+                         "int8_static" if cfg.gate.auto else f"int8_static_{cfg.calib.methods[0]}")
 
 
 def _record_static(ctx: ConvertContext, state: QuantState, trial: Trial, auto: AutoRecord | None, layout: Int8Layout,
@@ -356,9 +399,10 @@ def run_quant(ctx: ConvertContext, cfg: QuantConfig) -> None:
     folder under the output folder, removed when the steps end, also when one of them fails."""
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=ctx.out) as work:
         state = setup_quant(ctx, cfg, Path(work))
-        for step in (step_fp16, step_int8_dynamic, step_int8_static):
-            step(ctx, state)
-            ctx.manifest.save(ctx.out)  # each variant is kept when a later one fails
+        attempt_variant(ctx, "fp16", "fp16", lambda: step_fp16(ctx, state), parent=state.reference)
+        attempt_variant(ctx, "int8_dynamic", "quantize_dynamic", lambda: step_int8_dynamic(ctx, state),
+                        parent=state.reference)
+        step_int8_static(ctx, state)  # one attempt per variant inside
 
 
 def quant_steps(cfg: QuantConfig) -> tuple[list[Step], list[Step]]:

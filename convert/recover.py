@@ -20,11 +20,13 @@ agreement is graded, which a retrained model rarely keeps: give labelled held-ou
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from calibration.pools import InputPool
 from convert.config import Budget, TrainConfig
-from convert.context import ConvertContext
+from convert.context import ConvertContext, attempt_variant, skip_variant
 from convert.distill import (
     Progress,
     TrainSet,
@@ -33,6 +35,7 @@ from convert.distill import (
     teacher_set,
     train_to_mimic,
 )
+from convert.heldout import HeldOutEvaluator
 from convert.sparsity import (
     acc_line,
     check_24_and_compare,
@@ -42,6 +45,7 @@ from convert.sparsity import (
     fp32_evaluator,
 )
 from core.errors import InputError
+from core.manifest import Artifact
 from core.records import DistillParams, PruneParams, SparsityParams
 
 RECOVERED = "_recovered"
@@ -125,40 +129,60 @@ def _train_set(ctx: ConvertContext, train: TrainConfig, flag: str) -> TrainSet:
 def step_recover(ctx: ConvertContext) -> None:
     """``--recover distill``: a fine-tuned ``<variant>_recovered`` next to each sparse/pruned variant."""
     train = ctx.cfg.sparsity.recover
-    if train is None or not ctx.variant_modules:
+    if train is None:
+        return
+    # a sparse/pruned variant that failed has nothing to fine-tune: its *_recovered is skipped, with the reason
+    for failed in [f for f in ctx.manifest.failed_variants if f.step in ("sparsity", "prune_channels")]:
+        skip_variant(ctx, failed.name + RECOVERED, failed.step, failed.name)
+    if not ctx.variant_modules:
         return
     data = _train_set(ctx, train, "--recover distill")
     ev, pool = fp32_evaluator(ctx, ctx.cfg.sparsity)
     for name, (module, layers) in list(ctx.variant_modules.items()):
         src = ctx.manifest.artifacts[name]
-        masks = {f"{layer}.weight": (dict(module.named_parameters())[f"{layer}.weight"] != 0).float()
-                 for layer in layers}
-        ctx.log(f"{name}: fine-tuning with {src.parent} as teacher (distillation"
-                + (", the 2:4 mask held fixed)" if masks else ")"))
-        record = train_to_mimic(module, data, train, names=ctx.spec.input_names, teacher=ctx.best_fp32(),
-                                masks=masks, progress=_progress(ctx, f"{name} recovery"))
-        params = src.params
-        if not isinstance(params, SparsityParams | PruneParams):
-            raise RuntimeError(f"{name} is not a sparse/pruned variant")
-        art = export_variant(ctx, module, name + RECOVERED, parent=name,
-                             params=params.model_copy(update={"fine_tuned": True, "training": record}),
-                             notes=[f"{name} fine-tuned by distillation from {record.teacher}: {record.epochs_run} "
-                                    f"epoch(s), weights of epoch {record.best_epoch} kept ({record.stopped_by})"])
-        budget = trained_budget(ctx.cfg.sparsity.budget)
-        if masks:
-            check_24_and_compare(ctx, art, ev, pool, budget)
-        else:
-            art.metrics.pruning = src.metrics.pruning
-            compare_with_fp32(ctx, art, ev, pool, ctx.cfg.sparsity, budget)
-            ctx.log(f"{art.name}: {acc_line(art.metrics.accuracy_vs_fp32)}")
-        ctx.manifest.save(ctx.out)
+        attempt_variant(ctx, name + RECOVERED, src.step, partial(_recover_one, ctx, src, module, layers, data, ev, pool),
+                        parent=name)
+
+
+def _recover_one(ctx: ConvertContext, src: Artifact, module: Any, layers: list[str], data: TrainSet,
+                 ev: HeldOutEvaluator, pool: InputPool) -> None:
+    """``<src>_recovered``: ``module`` (src's PyTorch module) fine-tuned, exported, validated and compared."""
+    train, name = ctx.cfg.sparsity.recover, src.name
+    if train is None:
+        raise RuntimeError("no --recover")
+    masks = {f"{layer}.weight": (dict(module.named_parameters())[f"{layer}.weight"] != 0).float()
+             for layer in layers}
+    ctx.log(f"{name}: fine-tuning with {src.parent} as teacher (distillation"
+            + (", the 2:4 mask held fixed)" if masks else ")"))
+    record = train_to_mimic(module, data, train, names=ctx.spec.input_names, teacher=ctx.best_fp32(),
+                            masks=masks, progress=_progress(ctx, f"{name} recovery"))
+    params = src.params
+    if not isinstance(params, SparsityParams | PruneParams):
+        raise RuntimeError(f"{name} is not a sparse/pruned variant")
+    art = export_variant(ctx, module, name + RECOVERED, parent=name,
+                         params=params.model_copy(update={"fine_tuned": True, "training": record}),
+                         notes=[f"{name} fine-tuned by distillation from {record.teacher}: {record.epochs_run} "
+                                f"epoch(s), weights of epoch {record.best_epoch} kept ({record.stopped_by})"])
+    budget = trained_budget(ctx.cfg.sparsity.budget)
+    if masks:
+        check_24_and_compare(ctx, art, ev, pool, budget)
+    else:
+        art.metrics.pruning = src.metrics.pruning
+        compare_with_fp32(ctx, art, ev, pool, ctx.cfg.sparsity, budget)
+        ctx.log(f"{art.name}: {acc_line(art.metrics.accuracy_vs_fp32)}")
 
 
 def step_distill(ctx: ConvertContext) -> None:
     """``--distill-into``: the student trained to mimic the FP32 model, written as ``model.distilled.onnx``."""
+    if ctx.cfg.distill is None:
+        return
+    attempt_variant(ctx, "distilled", "distill", lambda: _distill(ctx), parent=ctx.best_fp32())
+
+
+def _distill(ctx: ConvertContext) -> None:
     d = ctx.cfg.distill
     if d is None:
-        return
+        raise RuntimeError("no --distill-into")
     student = _student(ctx)
     data = _train_set(ctx, d.train, "--distill-into")
     example = example_inputs(ctx)

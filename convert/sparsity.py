@@ -27,7 +27,7 @@ from typing import Any
 
 from calibration.pools import InputPool, random_pool, source_pool
 from convert.config import Budget, SparsityConfig, SparsityPattern
-from convert.context import ConvertContext, parity_batches
+from convert.context import ConvertContext, attempt_variant, parity_batches
 from convert.export import export_onnx
 from convert.gates import gate_verdict
 from convert.heldout import HeldOutEvaluator, PoolData, keep_heldout
@@ -151,7 +151,7 @@ def export_variant(ctx: ConvertContext, module: Any, name: str, *,
                    params: SparsityParams | PruneParams | DistillParams, notes: list[str],
                    parent: str | None = None) -> Artifact:
     """Export ``module`` like the FP32 model (optimized when that was), record it, validate it against
-    ``module`` itself; a failed validation marks the artifact failed in the manifest and is raised."""
+    ``module`` itself; a failed validation is raised (the caller's ``attempt_variant`` leaves the variant out)."""
     e = ctx.cfg.export
     target = ctx.path(f"model.{name}.onnx")
     if e.optimize:
@@ -166,14 +166,8 @@ def export_variant(ctx: ConvertContext, module: Any, name: str, *,
     art = ctx.manifest.record(ctx.out, target, name=name, kind="onnx", parent=parent or ctx.best_fp32(),
                               params=params, notes=notes)
     ctx.log(f"validating {target.name} against the {name} PyTorch module (parity at batch {parity_batches(ctx)})")
-    try:
-        art.metrics.update(validate_onnx(target, ctx.spec, torch_reference(module, ctx.spec),
-                                         batches=parity_batches(ctx), tol=Tolerance.fp32(), what=target.name))
-    except ValidationError as exc:
-        art.status = "failed"
-        art.notes.extend(exc.failures)
-        ctx.manifest.save(ctx.out)
-        raise
+    art.metrics.update(validate_onnx(target, ctx.spec, torch_reference(module, ctx.spec),
+                                     batches=parity_batches(ctx), tol=Tolerance.fp32(), what=target.name))
     return art
 
 
@@ -198,12 +192,9 @@ def make_sparse24(ctx: ConvertContext, module: Any, ev: HeldOutEvaluator, pool: 
 
 def check_24_and_compare(ctx: ConvertContext, art: Artifact, ev: HeldOutEvaluator, pool: InputPool,
                          budget: Budget | None = None) -> None:
-    """The 2:4 pattern checked in the exported file itself (a break fails the run), then the comparison."""
+    """The 2:4 pattern checked in the exported file itself (a break fails the variant), then the comparison."""
     art.metrics.sparsity = sp = check_2of4_onnx(ctx.out / art.file.path)
     if sp.violating_weights:
-        art.status = "failed"
-        art.notes.append(f"the exported file breaks 2:4 in {sp.violating_weights}")
-        ctx.manifest.save(ctx.out)
         raise ValidationError(f"2:4 check of {art.file.path}", [f"{w} has a group of 4 with more than 2 "
                                                                 "non-zero weights" for w in sp.violating_weights])
     compare_with_fp32(ctx, art, ev, pool, ctx.cfg.sparsity, budget)
@@ -215,7 +206,7 @@ def check_24_and_compare(ctx: ConvertContext, art: Artifact, ev: HeldOutEvaluato
 def make_pruned(ctx: ConvertContext, module: Any, ratio: float, ev: HeldOutEvaluator, pool: InputPool) -> None:
     """``pruned_<ratio>``: channel pruning (torch-pruning), its parameters and MACs, compared with FP32."""
     e, cfg = ctx.cfg.export, ctx.cfg.sparsity
-    name = f"pruned_{ratio:g}"
+    name = pruned_name(ratio)
     example = example_inputs(ctx)
     macs0, params0 = ops_and_params(module, example)
     ctx.log(f"channel pruning {ratio:.0%} of every prunable layer (torch-pruning, L2 magnitude)")
@@ -244,11 +235,18 @@ def step_sparsity(ctx: ConvertContext) -> None:
         return
     original = pytorch_module(ctx)
     ev, pool = fp32_evaluator(ctx, cfg)
+    parent = ctx.best_fp32()
+    # each optional: one that fails (export, validation, the 2:4 check, torch-pruning) is left out with its reason
     if cfg.pattern == "2:4":
-        make_sparse24(ctx, copy.deepcopy(original).eval(), ev, pool)
-        ctx.manifest.save(ctx.out)
-    if cfg.prune_channels is not None:
-        make_pruned(ctx, copy.deepcopy(original).eval(), cfg.prune_channels, ev, pool)
+        attempt_variant(ctx, "sparse24", "sparsity", lambda: make_sparse24(ctx, copy.deepcopy(original).eval(), ev,
+                                                                           pool), parent=parent)
+    if (ratio := cfg.prune_channels) is not None:
+        attempt_variant(ctx, pruned_name(ratio), "prune_channels",
+                        lambda: make_pruned(ctx, copy.deepcopy(original).eval(), ratio, ev, pool), parent=parent)
+
+
+def pruned_name(ratio: float) -> str:
+    return f"pruned_{ratio:g}"
 
 
 def acc_line(acc: AccuracyChange | None) -> str:

@@ -111,6 +111,20 @@ class HeldOutFile(BaseModel):
     data_sha256: str = Field(description="Digest of the held-out data the gates read (the manifest's held_out)")
 
 
+class FailedVariant(BaseModel):
+    """An optional variant the run asked for and did not write: its step failed (``failed``), or what it derives from
+    did (``skipped``). No file exists for it, so nothing that reads ``artifacts`` (bench, tune, package, verify,
+    report) ever sees it; ``convert`` exits as for a failed gate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="The variant, e.g. 'fused', 'int8_static_minmax', 'sparse24_recovered'")
+    step: str = Field(description="The step that was to write it: optimize, fuse_transformer, quantize_static, ...")
+    parent: str | None = Field(default=None, description="The artifact (or failed variant) it derives from")
+    status: Literal["failed", "skipped"]
+    reason: str = Field(description="One line: why it failed, or which variant it derives from failed")
+
+
 class Artifact(BaseModel):
     """One file the pipeline produced, and how."""
 
@@ -148,6 +162,8 @@ class Manifest(BaseModel):
     versions: dict[str, str] = Field(default_factory=library_versions)
     artifacts: dict[str, Artifact] = Field(default_factory=dict)
     held_out: HeldOutFile | None = Field(default=None, description="The held-out inputs bench grades on by default")
+    failed_variants: list[FailedVariant] = Field(default_factory=list,
+                                                 description="Variants asked for and not written, with the reason")
 
     # -- files ---------------------------------------------------------------------------------
     def record(self, base: Path, path: Path, *, name: str, kind: ArtifactKind, params: StepParams,
