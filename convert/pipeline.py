@@ -23,6 +23,7 @@ from convert.engine import preflight, step_engine, with_source_variants
 from convert.export import complete_output_spec, export_onnx
 from convert.fusion import step_fuse
 from convert.gates import check_gates
+from convert.hf_export import components_only, step_export_hf
 from convert.inputs import export_args, input_spec
 from convert.optimize import optimize_onnx
 from convert.quantize import quant_steps
@@ -86,6 +87,11 @@ def step_export(ctx: ConvertContext) -> None:
     if ctx.loaded.onnx_path is not None:
         _copy_onnx(ctx, ctx.loaded.onnx_path)
         return
+    if ctx.loaded.hf is not None:  # Optimum's exporter: one file, or one per component (each validated there)
+        step_export_hf(ctx)
+        return
+    if ctx.loaded.exporter is not None and ctx.loaded.exporter != e.exporter:
+        e = e.model_copy(update={"exporter": ctx.loaded.exporter})
     target = ctx.path("model.onnx")
     ctx.log(f"exporting to ONNX ({e.exporter} exporter, opset {e.opset}, "
             f"{'dynamic' if e.dynamic_batch else 'static'} batch)")
@@ -102,6 +108,8 @@ def step_export(ctx: ConvertContext) -> None:
 def step_validate(name: str) -> Callable[[ConvertContext], None]:
     def run(ctx: ConvertContext) -> None:
         art = ctx.manifest.artifacts[name]
+        if art.components:  # validated per component by the export step
+            return
         # An ONNX input is its own reference: parity with itself would be a check that cannot fail. It is still
         # loaded and run by ONNX Runtime (the reference does that), checked and shape-inferred.
         itself = isinstance(art.params, CopyParams)
@@ -193,6 +201,8 @@ def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print,
     out = Path(cfg.out) if cfg.out else default_out(e.model)
     for note in loaded.notes:
         log(note)
+    if loaded.hf is not None and not loaded.hf.single:
+        cfg = components_only(cfg, loaded.hf, log)
     spec, examples = input_spec(e, loaded)
     manifest = Manifest(source=loaded.source, iospec=spec)
     with staged_folder(out, carry=kept_content(out)) as stage:

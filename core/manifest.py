@@ -70,6 +70,8 @@ class SourceInfo(BaseModel):
     weights_note: str = Field(default="", description="Human note, e.g. 'random init (seed 0)'")
     num_classes: int | None = None
     preprocessing: Preprocessing | None = None
+    component: str | None = Field(default=None, description="In a view of one component of a model exported as "
+                                                             "several files (Manifest.component_view): which one")
 
 
 class DataFile(BaseModel):
@@ -125,6 +127,17 @@ class FailedVariant(BaseModel):
     reason: str = Field(description="One line: why it failed, or which variant it derives from failed")
 
 
+class Component(BaseModel):
+    """One file of a model exported as several (Optimum's encoder, decoder, decoder with past, merged decoder): its
+    own file, hash, IOSpec and parity with its own submodel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: FileRecord
+    iospec: IOSpec
+    metrics: ArtifactMetrics = Field(default_factory=ArtifactMetrics, description="Checker, shape inference, parity")
+
+
 class Artifact(BaseModel):
     """One file the pipeline produced, and how."""
 
@@ -140,6 +153,13 @@ class Artifact(BaseModel):
     status: Literal["ok", "failed"] = "ok"
     notes: list[str] = Field(default_factory=list)
     engine: EngineBuild | None = Field(default=None, description="TensorRT plans: what the engine is tied to")
+    components: dict[str, Component] = Field(
+        default_factory=dict, description="A model exported as several files: each by name (its file stem); "
+                                          "``file`` is then the first of them")
+
+    def files(self) -> list[FileRecord]:
+        """Every file record of the artifact: its file, or each of its components'."""
+        return [c.file for c in self.components.values()] if self.components else [self.file]
 
     @property
     def step(self) -> str:
@@ -170,13 +190,35 @@ class Manifest(BaseModel):
                precision: Precision = "fp32", parent: str | None = None, metrics: ArtifactMetrics | None = None,
                notes: list[str] | None = None, engine: EngineBuild | None = None) -> Artifact:
         """Hash ``path`` and add (or replace) the artifact ``name``."""
-        path = Path(path)
-        rec = FileRecord(path=_relative(base, path), sha256=sha256_file(path), size_bytes=path.stat().st_size,
-                         external_data=_data_files(base, path) if kind == "onnx" else [])
+        rec = self.file_record(base, path, onnx=kind == "onnx")
         art = Artifact(name=name, kind=kind, precision=precision, file=rec, params=params, parent=parent,
                        metrics=metrics or ArtifactMetrics(), notes=notes or [], engine=engine)
         self.artifacts[name] = art
         return art
+
+    @staticmethod
+    def file_record(base: Path, path: Path, onnx: bool = True) -> FileRecord:
+        """``path`` hashed, relative to ``base``, with its ONNX external-data files."""
+        path = Path(path)
+        return FileRecord(path=_relative(base, path), sha256=sha256_file(path), size_bytes=path.stat().st_size,
+                          external_data=_data_files(base, path) if onnx else [])
+
+    def components(self) -> list[str]:
+        """The components of a model exported as several files (empty for one file)."""
+        fp32 = self.artifacts.get("fp32")
+        return list(fp32.components) if fp32 is not None else []
+
+    def component_view(self, name: str) -> Manifest:
+        """The manifest as if the folder held only component ``name``: its IOSpec, its file as ``fp32``, and the
+        PyTorch weights (bench measures a component as it measures a single-file model)."""
+        fp32 = self.artifacts["fp32"]
+        if name not in fp32.components:
+            raise InputError(f"no component {name!r}; this model's components: {', '.join(fp32.components)}")
+        comp = fp32.components[name]
+        art = fp32.model_copy(update={"file": comp.file, "components": {}, "metrics": comp.metrics})
+        kept = {"fp32": art, **{k: a for k, a in self.artifacts.items() if a.kind != "onnx"}}
+        return self.model_copy(update={"iospec": comp.iospec, "artifacts": kept, "held_out": None,
+                                       "source": self.source.model_copy(update={"component": name})})
 
     def path_of(self, base: Path, name: str) -> Path:
         if name not in self.artifacts:
@@ -194,7 +236,8 @@ class Manifest(BaseModel):
         """Every problem with the files on disk versus their recorded hashes (empty = all good)."""
         owners: list[tuple[str, FileRecord | DataFile]] = []
         for art in self.artifacts.values():
-            owners += [(art.name, art.file), *((art.name, d) for d in art.file.external_data)]
+            for f in art.files():
+                owners += [(art.name, f), *((art.name, d) for d in f.external_data)]
         if self.held_out is not None:
             owners.append(("held-out data", self.held_out.file))
         problems: list[str] = []
@@ -209,7 +252,7 @@ class Manifest(BaseModel):
     def owned_paths(self) -> set[str]:
         """Every file the artifacts consist of (external data included), relative to the folder."""
         held = set(self.held_out.file.paths()) if self.held_out is not None else set()
-        return {p for art in self.artifacts.values() for p in art.file.paths()} | held
+        return {p for art in self.artifacts.values() for f in art.files() for p in f.paths()} | held
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, base: Path) -> Path:
