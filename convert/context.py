@@ -40,6 +40,8 @@ class ConvertContext:
     final: Path | None = None  # the output folder the staged ``out`` becomes (None: ``out`` itself)
     # the PyTorch modules of the variants made in this run (sparse24, pruned_F), for --recover
     variant_modules: dict[str, Any] = field(default_factory=dict)
+    # a model exported as several files: each component's parity reference (its submodel), by component name
+    component_references: dict[str, Reference] = field(default_factory=dict)
     # training progress, after each epoch: (what, epoch, epochs, loss, held-out agreement); None: log lines
     progress: Callable[[str, int, int, float, float], None] | None = None
 

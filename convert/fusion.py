@@ -43,6 +43,10 @@ def step_fuse(ctx: ConvertContext) -> None:
     import onnx
 
     src_name = "fp32" if "fp32" in ctx.manifest.artifacts else ctx.best_fp32()
+    if ctx.manifest.artifacts[src_name].components:
+        ctx.log("transformer fusion skipped: the model is exported as several files (per-component fusion is not "
+                "built yet)")
+        return
     src = (ctx.out / ctx.manifest.artifacts[src_name].file.path).resolve()
     if not looks_like_transformer(onnx.load(str(src), load_external_data=False)):
         return

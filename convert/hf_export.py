@@ -173,22 +173,46 @@ def step_export_hf(ctx: ConvertContext) -> None:
                                           iospec=specs[stem]) for stem in files}
         art.notes.append(f"{len(files)} components: {', '.join(files)} (Optimum's files); the artifact's file is "
                          f"the first")
-        _validate_components(ctx, modules, specs)
+        ctx.component_references = {stem: torch_reference(modules[stem], specs[stem]) for stem in files}
+        _validate_components(ctx, "fp32")
     _save_weights(ctx, hf)
 
 
-def _validate_components(ctx: ConvertContext, modules: dict[str, Any], specs: dict[str, IOSpec]) -> None:
-    """Each component: checker, shape inference and parity with its own submodel (validation failures end the
-    run, as for a single file)."""
-    art = ctx.manifest.artifacts["fp32"]
+def _validate_components(ctx: ConvertContext, name: str) -> None:
+    """Each component of artifact ``name``: checker, shape inference and parity with its own submodel (a failure
+    raises one ValidationError naming the file)."""
+    art = ctx.manifest.artifacts[name]
     for stem, comp in art.components.items():
         ctx.log(f"validating {comp.file.path}: checker, shape inference, parity at batch {parity_batches(ctx)}")
-        comp.metrics.update(validate_onnx(ctx.out / comp.file.path, specs[stem], torch_reference(modules[stem],
-                                          specs[stem]), batches=parity_batches(ctx), tol=Tolerance.fp32(),
-                                          what=comp.file.path))
+        comp.metrics.update(validate_onnx(ctx.out / comp.file.path, comp.iospec, ctx.component_references[stem],
+                                          batches=parity_batches(ctx), tol=Tolerance.fp32(), what=comp.file.path))
     art.metrics.checker = "ok"
     art.metrics.shape_inference = "ok"
     art.metrics.summary = f"{len(art.components)} components, each validated against its submodel"
+
+
+def optimize_components(ctx: ConvertContext) -> None:
+    """``opt`` of a multi-file model: each component optimized as a single file is (onnxslim + ONNX Runtime basic
+    offline optimizations) and validated against its submodel; one ``opt`` artifact with the same components."""
+    from convert.optimize import optimize_onnx
+    from core.records import OptimizeParams
+
+    fp32 = ctx.manifest.artifacts["fp32"]
+    ctx.log("optimizing each component (onnxslim + ONNX Runtime basic offline optimizations)")
+    made: dict[str, Component] = {}
+    infos = []
+    for stem, comp in fp32.components.items():
+        target = ctx.path(f"{stem}.opt.onnx")
+        infos.append(optimize_onnx(ctx.out / comp.file.path, target))
+        made[stem] = Component(file=ctx.manifest.file_record(ctx.out, target), iospec=comp.iospec)
+    first = next(iter(made.values()))
+    info = infos[0].model_copy(update={"nodes_before": sum(i.nodes_before for i in infos),
+                                       "nodes_after_slim": sum(i.nodes_after_slim for i in infos),
+                                       "nodes_after": sum(i.nodes_after for i in infos)})  # over the components
+    art = ctx.manifest.record(ctx.out, ctx.out / first.file.path, name="opt", kind="onnx", parent="fp32",
+                              params=OptimizeParams(**info.model_dump()))
+    art.components = made
+    _validate_components(ctx, "opt")
 
 
 def _save_weights(ctx: ConvertContext, hf: HFModel) -> None:
@@ -207,9 +231,9 @@ def _save_weights(ctx: ConvertContext, hf: HFModel) -> None:
 
 
 def components_only(cfg: ConvertConfig, hf: HFModel, log: Any) -> ConvertConfig:
-    """A model Optimum exports as several files gets its components exported and validated; the graph optimization
-    of a multi-file model is skipped with one line, and a variant flag (which would make one component's variant
-    only) is refused before the export with one line naming it."""
+    """A model Optimum exports as several files gets its components exported, validated and optimized (each); a
+    variant flag (quantization, sparsity, engines: not built per component yet) is refused before the export with
+    one line naming it."""
     asked = [flag for flag, on in (("--int8/--int8-dynamic/--fp16", cfg.quant is not None),
                                    ("--sparsity/--prune", cfg.sparsity.enabled), ("--distill-into", cfg.distill is not None),
                                    ("--trt", cfg.engine is not None)) if on]
@@ -218,7 +242,4 @@ def components_only(cfg: ConvertConfig, hf: HFModel, log: Any) -> ConvertConfig:
         raise InputError(f"{asked[0]}: {hf.task} exports as several files ({parts}); variants of a multi-file model "
                          "are not built yet: convert it without variant flags, or pick a task Optimum exports as one "
                          "file (e.g. without -with-past)")
-    if cfg.export.optimize:
-        log(f"graph optimization skipped: {hf.task} exports as several files ({parts}), and per-component "
-            "optimization is not built yet")
-    return cfg.model_copy(update={"export": cfg.export.model_copy(update={"optimize": False})})
+    return cfg

@@ -23,7 +23,7 @@ from convert.engine import preflight, step_engine, with_source_variants
 from convert.export import complete_output_spec, export_onnx
 from convert.fusion import step_fuse
 from convert.gates import check_gates
-from convert.hf_export import components_only, step_export_hf
+from convert.hf_export import components_only, optimize_components, step_export_hf
 from convert.inputs import export_args, input_spec
 from convert.optimize import optimize_onnx
 from convert.quantize import quant_steps
@@ -145,7 +145,8 @@ def step_optimize(ctx: ConvertContext) -> None:
     """``opt``, an optional variant: when it fails, the run goes on and every variant derives from ``fp32``."""
     if not ctx.cfg.export.optimize:
         return
-    if not attempt_variant(ctx, "opt", "optimize", lambda: _optimize(ctx), parent="fp32"):
+    make = (lambda: optimize_components(ctx)) if ctx.manifest.artifacts["fp32"].components else (lambda: _optimize(ctx))
+    if not attempt_variant(ctx, "opt", "optimize", make, parent="fp32"):
         ctx.log("variants derive from fp32 (model.onnx) instead of opt")
 
 

@@ -209,15 +209,16 @@ class Manifest(BaseModel):
         return list(fp32.components) if fp32 is not None else []
 
     def component_view(self, name: str) -> Manifest:
-        """The manifest as if the folder held only component ``name``: its IOSpec, its file as ``fp32``, and the
-        PyTorch weights (bench measures a component as it measures a single-file model)."""
+        """The manifest as if the folder held only component ``name``: its IOSpec, each ONNX artifact's file of that
+        component, and the PyTorch weights (bench measures a component as it measures a single-file model)."""
         fp32 = self.artifacts["fp32"]
         if name not in fp32.components:
             raise InputError(f"no component {name!r}; this model's components: {', '.join(fp32.components)}")
-        comp = fp32.components[name]
-        art = fp32.model_copy(update={"file": comp.file, "components": {}, "metrics": comp.metrics})
-        kept = {"fp32": art, **{k: a for k, a in self.artifacts.items() if a.kind != "onnx"}}
-        return self.model_copy(update={"iospec": comp.iospec, "artifacts": kept, "held_out": None,
+        kept = {k: a.model_copy(update={"file": a.components[name].file, "components": {},
+                                        "metrics": a.components[name].metrics})
+                for k, a in self.artifacts.items() if name in a.components}  # fp32, opt, ...: this component
+        kept |= {k: a for k, a in self.artifacts.items() if a.kind != "onnx"}
+        return self.model_copy(update={"iospec": fp32.components[name].iospec, "artifacts": kept, "held_out": None,
                                        "source": self.source.model_copy(update={"component": name})})
 
     def path_of(self, base: Path, name: str) -> Path:
