@@ -19,5 +19,7 @@ def manifest_table(manifest: Manifest, folder: Path) -> Any:
         check = f"max abs err {worst:.2e}" if worst is not None else a.metrics.summary or ""
         if a.metrics.summary and a.metrics.summary.startswith("reference"):
             check = "reference (the input file)"
-        table.add_row(a.name, a.file.path, a.precision, a.step, f"{a.file.size_bytes / 2**20:.1f}", a.status, check)
+        files = f"{a.file.path} (+{len(a.components) - 1} components)" if len(a.components) > 1 else a.file.path
+        size = sum(f.size_bytes for f in a.files())
+        table.add_row(a.name, files, a.precision, a.step, f"{size / 2**20:.1f}", a.status, check)
     return table

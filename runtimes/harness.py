@@ -188,6 +188,10 @@ def _check_backends(manifest: Manifest, cfg: BenchConfig) -> None:
                                       f"(usable here: {', '.join(usable) or 'none'})")
     if cfg.variants:
         missing = [v for v in cfg.variants if v not in manifest.artifacts]
+        failed = {f.name: f for f in manifest.failed_variants}
+        if (gone := next((v for v in missing if v in failed), None)) is not None:
+            raise InputError(f"variant {gone!r} was not written by convert ({failed[gone].status}: "
+                             f"{failed[gone].reason}); in the manifest: {sorted(manifest.artifacts)}")
         if missing:
             raise InputError(f"unknown variant(s) {missing}; in the manifest: {sorted(manifest.artifacts)}")
 

@@ -156,6 +156,7 @@ def test_a_variant_the_quantizer_rejects_is_marked_failed_and_the_rest_is_writte
     assert {"fp16", "int8_dynamic"} <= {r["variant"] for r in rows} <= {"fp32", "opt", "fp16", "int8_dynamic"}
     named = _cli("bench", str(out), "--backends", "ort", "--variants", "int8_static_minmax", cwd=tmp_path)
     assert named.returncode == InputError.exit_code and len(_error_lines(named)) == 1, named.stdout + named.stderr
+    assert "not written by convert (failed: " in named.stdout + named.stderr  # the reason, not "unknown variant"
 
     package = _cli("package", str(out), "--out", str(tmp_path / "repo"), cwd=tmp_path)
     assert package.returncode == 0, package.stdout[-2000:] + package.stderr
