@@ -76,8 +76,8 @@ def _export(hf: HFModel, folder: Path, opset: int) -> tuple[dict[str, tuple[Any,
     merged_file = folder / "decoder_model_merged.onnx"
     if merged_file.is_file():  # checked in its no-cache branch: its cache branch is decoder_with_past_model's graph
         components["decoder_model_merged"] = merged["decoder_model"]
-    files = [p.stem for p in folder.glob("*.onnx")]
-    return {k: v for k, v in components.items() if k in files}, sorted(files, key=list(components).index)
+    files = [k for k in components if (folder / f"{k}.onnx").is_file()]
+    return {k: components[k] for k in files}, files
 
 
 def _rename_dims(path: Path, channels: int | None) -> Any:
