@@ -20,7 +20,10 @@ A detector's count of detections depends on the data. It is built with a score t
 returns its ``detections_per_img`` best boxes (a count fixed by the builder, in the weights note), and at random
 init its score and box-regression layers are rescaled (:func:`spread_scores`) so that scores differ between classes
 and between inputs: at PyTorch's init every class scores ~1/91 and every ranking is a tie, which parity cannot
-measure.
+measure. Not solved: at random init an R-CNN's selections (the RPN's top-k proposals and NMS, then the ROI
+heads' top detections) still differ between ONNX Runtime and PyTorch on some images, where float rounding moves
+a candidate across an IoU threshold or the top-k boundary: keypointrcnn_resnet50_fpn fails parity so
+(benchmarks/results/coverage_tv_cpu.md); SSDlite passes.
 """
 
 from __future__ import annotations
