@@ -255,6 +255,37 @@ def dummy_feed(config: Any, onnx_inputs: list[str], batch: int, shapes: dict[str
     return {n: onnx[n].detach().cpu().numpy() for n in onnx_inputs}
 
 
+def sample_inputs(spec: str, hf: HFModel) -> tuple[dict[str, np.ndarray], dict[str, dict[int, str]]]:
+    """The first component's dummy inputs (Optimum's generators) and its dynamic axes in our dim names, for the
+    IOSpec before export (what --input-shape binds). The channel axis is not dynamic; a dim Optimum names alike in
+    two inputs but generates at two values (speech_to_text's input_features and attention_mask) gets a name of its
+    own in the second: the exported graph's own names and values replace these after the export."""
+    config = next(iter(hf.components.values()))[1]
+    names = list(config.inputs)
+    try:
+        samples = dummy_feed(config, names, 2)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{spec}: Optimum cannot make dummy inputs for {hf.model.config.model_type} ({hf.task}): "
+                         f"{type(exc).__name__}: {first_line(exc)} (a preprocessor config it needs missing from the "
+                         "folder?)") from None
+    seen: dict[str, int] = {}
+    axes: dict[str, dict[int, str]] = {}
+    for n, dims in {**config.inputs, **config.outputs}.items():
+        axes[n] = {}
+        for i, d in dims.items():
+            if d == "num_channels":
+                continue
+            name = dim_name(d)
+            if n in samples and int(i) < samples[n].ndim:
+                value = int(samples[n].shape[int(i)])
+                if seen.setdefault(name, value) != value:
+                    name = f"{n}_{name}"
+            axes[n][int(i)] = name
+    return samples, axes
+
+
 def component_module(submodel: Any, config: Any, onnx_inputs: list[str], onnx_outputs: list[str]) -> Any:
     """The component as a module taking the ONNX inputs positionally (in ``onnx_inputs`` order) and returning the
     ONNX outputs as a tuple in ``onnx_outputs`` order: the submodel under Optimum's model patcher (its KV-cache

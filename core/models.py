@@ -408,11 +408,7 @@ def _hf(spec: str, weights: str | None, task: str | None, seed: int) -> LoadedMo
                            notes=[f"{why}: exporting with torch.onnx's dynamo exporter from the architecture's own "
                                   "inputs instead (no *-with-past tasks, no multi-file exports)"])
     model = hf.load_hf_model(spec, task)
-    config = next(iter(model.components.values()))[1]
-    names = list(config.inputs)
-    samples = hf.dummy_feed(config, names, 2)
-    axes = {n: {int(i): hf.dim_name(d) for i, d in dims.items() if d != "num_channels"}
-            for n, dims in {**config.inputs, **config.outputs}.items()}
+    samples, axes = hf.sample_inputs(spec, model)
     source = SourceInfo(model=spec, kind="hf", task=model.task, weights_note="weights in the Hugging Face folder")
     parts = ", ".join(model.components)
     return LoadedModel(source=source, example_inputs=samples, dynamic_axes=axes, hf=model,
