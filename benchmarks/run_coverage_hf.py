@@ -69,12 +69,14 @@ _RESNET = {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "laye
 @dataclass(frozen=True)
 class Arch:
     """One architecture: its family, config class and tiny config, and the model class saved (whose task
-    Optimum infers)."""
+    Optimum infers); ``processor``: an image processor class and its settings, saved alongside only where
+    Optimum's exporter reads one (DINOv2's dummy-input generator loads the folder's preprocessor)."""
 
     family: str
     config_class: str
     model_class: str
     config: dict[str, Any] = field(default_factory=dict)
+    processor: tuple[str, dict[str, Any]] | None = None
 
 
 ARCHS: dict[str, Arch] = {
@@ -144,7 +146,8 @@ ARCHS: dict[str, Arch] = {
     "vit": Arch("vision", "ViTConfig", "ViTForImageClassification", _VIT),
     "deit": Arch("vision", "DeiTConfig", "DeiTForImageClassification", _VIT),
     "beit": Arch("vision", "BeitConfig", "BeitForImageClassification", {**_VIT, "vocab_size": 128}),
-    "dinov2": Arch("vision", "Dinov2Config", "Dinov2ForImageClassification", _VIT),
+    "dinov2": Arch("vision", "Dinov2Config", "Dinov2ForImageClassification", _VIT,
+                   ("BitImageProcessor", {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}})),
     "resnet": Arch("vision", "ResNetConfig", "ResNetForImageClassification", _RESNET),
     "regnet": Arch("vision", "RegNetConfig", "RegNetForImageClassification",
                    {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "groups_width": 8,
@@ -176,7 +179,7 @@ ARCHS: dict[str, Arch] = {
     "whisper": Arch("audio", "WhisperConfig", "WhisperForConditionalGeneration",
                     {"vocab_size": 128, "num_mel_bins": 16, "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
                      "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 37,
-                     "decoder_ffn_dim": 37, "max_source_positions": 32, "max_target_positions": 32,
+                     "decoder_ffn_dim": 37, "max_source_positions": 1500, "max_target_positions": 32,
                      "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1,
                      "suppress_tokens": [], "begin_suppress_tokens": []}),
     "wav2vec2": Arch("audio", "Wav2Vec2Config", "Wav2Vec2ForCTC", _W2V),
@@ -226,6 +229,9 @@ def build_folder(model_type: str, arch: Arch, folder: Path) -> None:
         raise ValueError(f"{arch.config_class} builds model_type {config.model_type!r}, not {model_type!r}")
     model = getattr(transformers, arch.model_class)(config).eval()
     model.save_pretrained(folder)
+    if arch.processor is not None:
+        name, settings = arch.processor
+        getattr(transformers, name)(**settings).save_pretrained(folder)
 
 
 def tasks_for(model_type: str, arch: Arch) -> tuple[list[str], str]:
@@ -362,6 +368,8 @@ def run_toolkit(folder: Path, out: Path, task: str, timeout: float) -> tuple[dic
     status = "pass" if code == 0 else "gate failed" if code == GATE_EXIT else "fail"
     conv: dict[str, Any] = {"status": status, "exit_code": code, "seconds": round(secs, 1),
                             "internal": code != 0 and _is_internal(output)}
+    if out.is_dir():  # the files it wrote, to compare with Optimum's (one file or several components)
+        conv["files"] = sorted(str(p.relative_to(out)) for p in out.rglob("*.onnx"))
     if code != 0:
         conv["line"] = _reason(output, code, timeout)
         conv["output_tail"] = _tail(output)
@@ -489,7 +497,7 @@ def grouped_reasons(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     groups: dict[str, list[str]] = {}
     for r in rows:
         if r["toolkit"] != "pass" and r.get("reason"):
-            step = "bench" if r["convert"]["status"] in ("pass", "gate failed") else "convert"
+            step = "bench" if r["convert"]["status"] == "pass" else "convert"  # a gate failure is convert's line
             key = f"{step}: {r['reason']}" + (" [INTERNAL]" if r["internal"] else "")
             groups.setdefault(key, []).append(f"{r['model_type']}/{r['task']}")
     return sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
@@ -506,7 +514,9 @@ def markdown(payload: dict[str, Any]) -> str:
              f"{v['optimum']}), torch {v['torch']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}. "
              f"Toolkit: {payload.get('git', '?')}.", "",
              "Tiny random-init configs built by the script (hidden 32, 2 layers, 2 heads, vocabulary 128, 32x32 "
-             "images, short audio), one `save_pretrained` folder per architecture shared by both sides. Task: "
+             "images, short audio; whisper keeps its 3000 mel frames, the length Optimum's dummy input has), one "
+             "`save_pretrained` folder per architecture shared by both sides, no tokenizer (an image processor "
+             "only for DINOv2, whose Optimum dummy input reads it). Task: "
              "Optimum's choice for the saved class (`TasksManager.infer_task_from_model`) and its `-with-past` "
              f"task where Optimum has one. Optimum: `main_export(..., do_validation={payload['do_validation']})`; "
              "a validation tolerance miss it only logs is noted as a warning. Toolkit: `cli.py convert hf:FOLDER "
