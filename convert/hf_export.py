@@ -107,13 +107,7 @@ def _spec(model: Any, config: Any, onnx_inputs: list[str], dims: dict[str, int])
     inputs = [t.model_copy(update={"fill": "zeros"}) if t.name == "use_cache_branch" else t for t in spec.inputs]
     spec = spec.model_copy(update={"inputs": inputs})
     spec = spec.with_dims({**base, **{d: v for d, v in dims.items() if d in base}})
-    return _with_parity_values(spec, {d: second.get(d, v) for d, v in spec.dims.items()})
-
-
-def _with_parity_values(spec: IOSpec, values: dict[str, int]) -> IOSpec:
-    if "parity_values" in IOSpec.model_fields:
-        return spec.model_copy(update={"parity_values": values})
-    return spec
+    return spec.model_copy(update={"parity_values": {d: second.get(d, v) for d, v in spec.dims.items()}})
 
 
 def _dims_of(spec: IOSpec, feed: dict[str, Any]) -> dict[str, int]:
@@ -142,6 +136,9 @@ def step_export_hf(ctx: ConvertContext) -> None:
     hf = ctx.loaded.hf
     assert hf is not None  # the pipeline calls this step for hf: models only
     e = ctx.cfg.export
+    if not e.dynamic_batch:
+        raise InputError("--no-dynamic-batch: Optimum's exporter keeps the batch dynamic in every file (its dynamic "
+                         "axes); bind the batch at run time instead (bench --batch-sizes)")
     opset = max(e.opset, int(getattr(hf.onnx_config, "DEFAULT_ONNX_OPSET", e.opset)))
     if opset != e.opset:
         ctx.log(f"opset {e.opset} raised to {opset}: Optimum's minimum for {hf.model.config.model_type}")

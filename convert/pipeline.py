@@ -94,7 +94,7 @@ def step_export(ctx: ConvertContext) -> None:
         e = e.model_copy(update={"exporter": ctx.loaded.exporter})
     target = ctx.path("model.onnx")
     ctx.log(f"exporting to ONNX ({e.exporter} exporter, opset {e.opset}, "
-            f"{'dynamic' if e.dynamic_batch else 'static'} batch)")
+            f"{'dynamic' if ctx.spec.dynamic_batch else 'static'} batch)")  # a detector's is fixed whatever the flag
     export_onnx(ctx.loaded.module, ctx.spec, target, opset=e.opset, exporter=e.exporter,
                 sample=export_args(ctx.spec, ctx.examples))
     ctx.manifest.iospec = complete_output_spec(ctx.spec, onnx.load(str(target), load_external_data=False))

@@ -119,6 +119,10 @@ def test_vision_channels_fixed(root: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     spec = json.loads((out / "manifest.json").read_text())["iospec"]
     assert spec["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
+    static = _cli("convert", f"hf:{root / 'vit'}", "--no-dynamic-batch", "--out", str(root / "art_vit_static"),
+                  cwd=root)  # Optimum keeps the batch dynamic: refused in one line, not recorded as static
+    assert static.returncode == 2 and "--no-dynamic-batch" in static.stderr + static.stdout
+    assert not (root / "art_vit_static").exists()
 
 
 def test_encoder_decoder_components(root: Path) -> None:
