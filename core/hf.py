@@ -36,6 +36,8 @@ SAMPLE_SEQUENCE = 16
 SECOND_SEQUENCE = 24
 #: The single-file component's name (Optimum's file stem for a model exported as one file).
 SINGLE = "model"
+#: Optimum's merged decoder (decoder and decoder-with-past in one file, an If on use_cache_branch).
+MERGED = "decoder_model_merged"
 
 
 def is_hf(spec: str) -> bool:
@@ -299,11 +301,18 @@ def component_module(submodel: Any, config: Any, onnx_inputs: list[str], onnx_ou
         def __init__(self) -> None:
             super().__init__()
             self.model = submodel
+            # Optimum's dummy inputs by (batch, shapes): the nested structure each call's tensors are placed in,
+            # generated once per shape, not inside every timed call
+            self._templates: dict[tuple[int, tuple[tuple[str, int], ...]], tuple[dict[str, Any], dict[str, Any]]] = {}
 
         def forward(self, *args: Any) -> tuple[Any, ...]:
             feed = dict(zip(onnx_inputs, args, strict=True))
             batch = int(next(iter(feed.values())).shape[0]) if feed and next(iter(feed.values())).ndim else 1
-            ref, onnx = dummy_inputs(config, onnx_inputs, batch, _shapes_of(feed, config, onnx_inputs))
+            shapes = _shapes_of(feed, config, onnx_inputs)
+            key = (batch, tuple(sorted(shapes.items())))
+            if key not in self._templates:
+                self._templates[key] = dummy_inputs(config, onnx_inputs, batch, shapes)
+            ref, onnx = self._templates[key]
             by_id = {id(t): feed[n] for n, t in onnx.items()}
             kwargs = config.rename_ambiguous_inputs(copy.copy(_replace(ref, by_id)))
             with config.patch_model_for_export(self.model), torch.inference_mode():
@@ -359,20 +368,22 @@ def load_component(spec: str, task: str | None, component: str, onnx_inputs: lis
 
         state = torch.load(state_dict_path, map_location="cpu", weights_only=True)
         hf.model.load_state_dict(state, strict=True)
-    name = component if component in hf.components else _merged_branch(hf, component, onnx_inputs)
-    submodel, config = hf.components[name]
+    if component not in hf.components and component == MERGED and "decoder_model" in hf.components:
+        hf.components[MERGED] = merged_decoder(hf)
+    if component not in hf.components:
+        raise InputError(f"{hf.task} has no component {component!r}; it has {sorted(hf.components)}")
+    submodel, config = hf.components[component]
     return component_module(submodel, config, onnx_inputs, onnx_outputs)
 
 
-def _merged_branch(hf: HFModel, component: str, onnx_inputs: list[str]) -> str:
-    """A merged decoder runs its no-cache branch (convert's IOSpec feeds use_cache_branch=False): the decoder's
-    config flagged as Optimum's post-processing flags it."""
-    if component.endswith("_merged") and "decoder_model" in hf.components:
-        merged_config = copy.deepcopy(hf.components["decoder_model"][1])
-        merged_config.is_merged, merged_config.use_cache_branch, merged_config.use_past_in_inputs = True, False, True
-        hf.components[component] = (hf.components["decoder_model"][0], merged_config)
-        return component
-    raise InputError(f"{hf.task} has no component {component!r}; it has {sorted(hf.components)}")
+def merged_decoder(hf: HFModel) -> tuple[Any, Any]:
+    """The merged decoder's submodel and config, checked and run in its no-cache branch (its IOSpec feeds
+    use_cache_branch=False): the decoder's config flagged as Optimum's post-processing flags it (is_merged,
+    use_cache_branch False, past in the inputs). Its cache branch is the decoder-with-past's graph."""
+    submodel, config = hf.components["decoder_model"]
+    config = copy.deepcopy(config)
+    config.is_merged, config.use_cache_branch, config.use_past_in_inputs = True, False, True
+    return submodel, config
 
 
 def id2label(spec: str) -> list[str] | None:
