@@ -7,22 +7,56 @@ when it returns, the work is done, so the harness can time it with ``perf_counte
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from core.manifest import Artifact, ArtifactKind, Manifest
 
 Device = Literal["cpu", "cuda"]
 #: How ``profile`` traces a runner: ONNX Runtime's own profiler, or ``torch.profiler``.
 Profiler = Literal["onnxruntime", "torch"]
+B = TypeVar("B", bound="BackendOptions")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), not every CPU of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class BackendOptions(BaseModel):
+    """A backend's own settings: its runner's ``options_model`` (the base has none).
+
+    Field names carry the backend's prefix (``ort_spinning``, ``openvino_hint``): they are the names the CLI flags,
+    ``BenchConfig.options``, ``RunnerOptions(...)`` keywords and ``tune.json`` settings use.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class RunnerOptions(BaseModel):
-    """Options common to every backend."""
+    """Options common to every backend, and each backend's own settings (``backend``).
+
+    A backend's setting is given by its name, as before (``RunnerOptions(ort_spinning=False)``); it is checked by
+    the ``options_model`` of the runner that declares it (``runtimes.RUNNERS``), kept in ``backend`` and read by
+    that runner with :meth:`of`. ``model_dump`` lists the backend settings given beside the common fields, so a
+    dump builds the same options again.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -31,23 +65,108 @@ class RunnerOptions(BaseModel):
     precision: str = Field(default="fp32", description="Eager/TorchScript compute precision: fp32, fp16, bf16")
     channels_last: bool = Field(default=False, description="PyTorch: use channels_last memory format")
     cuda_graphs: bool = Field(default=False, description="Eager PyTorch on CUDA: capture a CUDA graph")
-    ort_spinning: bool = Field(default=True,
-                               description="ONNX Runtime intra-op threads spin between runs (its default). "
-                                           "Interleaved comparisons turn it off: one session's spinning threads "
-                                           "would steal the cores from the next session's run")
-    ort_graph_optimization: Literal["all", "extended", "basic"] = Field(
-        default="all", description="ONNX Runtime's graph optimization level (all: its default, with the CPU layout "
-                                   "transformations; extended: fusions without them; basic)")
-    ort_execution_mode: Literal["sequential", "parallel"] = Field(
-        default="sequential", description="ONNX Runtime runs the nodes one after another (its default) or "
-                                          "independent branches at once")
     include_transfers: bool = Field(default=False,
                                     description="GPU: time host->device->host copies inside the loop")
-    openvino_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
-        default="LATENCY", description="OpenVINO's PERFORMANCE_HINT: LATENCY (one request at a time) or THROUGHPUT")
-    ort_profile_prefix: str | None = Field(default=None,
-                                           description="ONNX Runtime: switch its profiler on and write the trace "
-                                                       "to PREFIX*.json (what `profile` does)")
+    #: The runners whose options models check the backend settings: ``runtimes.RUNNERS`` itself, set by
+    #: ``runtimes/__init__.py`` (which imports this module, so this module cannot import it).
+    runners: ClassVar[Mapping[str, type[Runner]]] = {}
+
+    backend: dict[str, Any] = Field(default_factory=dict,
+                                    description="Backend settings given, by name (ort_spinning, openvino_hint, ...); "
+                                                "each a field of a runner's options model")
+
+    def __init__(self, **data: Any) -> None:
+        """The common fields and any backend's settings by name (``RunnerOptions(threads=1, ort_spinning=False)``),
+        each checked by the model that declares it."""
+        super().__init__(**data)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_backend_settings(cls, data: Any) -> Any:
+        """Names that are not common fields are backend settings: moved into ``backend``."""
+        if not isinstance(data, dict):
+            return data
+        own = {k: v for k, v in data.items() if k not in cls.model_fields}
+        if not own:
+            return data
+        return {k: v for k, v in data.items() if k in cls.model_fields} | {"backend": {**data.get("backend", {}),
+                                                                                        **own}}
+
+    @model_validator(mode="after")
+    def _check_backend_settings(self) -> RunnerOptions:
+        """Each backend setting validated by the options model that declares it; an undeclared one is refused."""
+        models = self.backend_models()
+        if unknown := sorted(k for k in self.backend if not any(k in m.model_fields for m in models)):
+            known = sorted({f for m in models for f in m.model_fields})
+            raise ValueError(f"unknown runner option(s) {unknown}; backend settings: {', '.join(known)}")
+        checked: dict[str, Any] = {}
+        for m in models:
+            if given := {k: v for k, v in self.backend.items() if k in m.model_fields}:
+                checked |= m.model_validate(given).model_dump(include=set(given))
+        self.backend = checked
+        return self
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        return {k: v for k, v in out.items() if k != "backend"} | dict(out.get("backend", {}))
+
+    @classmethod
+    def backend_models(cls) -> list[type[BackendOptions]]:
+        """Every runner's options model, once each (a runner may share its parent's)."""
+        return list(dict.fromkeys(r.options_model for r in cls.runners.values()))
+
+    def of(self, model: type[B]) -> B:
+        """The settings of one backend: ``model`` (a runner's ``options_model``) from those given, defaults else."""
+        return model.model_validate({k: v for k, v in self.backend.items() if k in model.model_fields})
+
+    if not TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Any:
+            """A backend setting read by name (``RunnerOptions().openvino_hint``), as when it was a field here."""
+            if not name.startswith("_"):
+                for m in self.backend_models():
+                    if name in m.model_fields:
+                        return getattr(self.of(m), name)
+            return super().__getattr__(name)
+
+
+class TritonSettings(BaseModel):
+    """How a runner's tuned settings are written into a Triton ``config.pbtxt`` (``Runner.triton_settings``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = Field(description="The Triton backend that runs the variant the same way (onnxruntime, ...)")
+    model_filename: str | None = Field(default=None, description="Set: the backend is named (``backend:``) instead "
+                                                                 "of the artifact's platform, with this model file")
+    parameters: dict[str, str] = Field(default_factory=dict, description="config.pbtxt parameters")
+    graph_level: int | None = Field(default=None, description="config.pbtxt optimization.graph.level (None: unset)")
+    not_carried: list[str] = Field(default_factory=list, description="Settings the Triton backend has no key for")
+
+
+class Session:
+    """Calls of one loaded runner that share state (a KV cache: prefill, then decode steps), used as a context
+    manager. This default keeps none: each ``step`` is one ``infer``; a runner with state returns its own
+    subclass from :meth:`Runner.open_session`."""
+
+    def __init__(self, runner: Runner) -> None:
+        if not runner.loaded:
+            raise RuntimeError(f"{runner.label}: open a session on a loaded runner")
+        self.runner = runner
+        self.steps = 0
+
+    def step(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One call with what the session keeps; host arrays in IOSpec output order."""
+        self.steps += 1
+        return self.runner.infer(feed)
+
+    def close(self) -> None:
+        """Drop the state; the runner stays loaded."""
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Runner:
@@ -74,6 +193,12 @@ class Runner:
     #: ``profile``: operators that, among the top three, need a word of explanation -> that word.
     profile_notes: ClassVar[dict[str, str]] = {}
 
+    # -- what a backend knows of its own settings: bench, tune and `package --from-tune` ask it ----
+    #: Its own settings (``RunnerOptions`` keeps them by name; ``options.of(options_model)`` reads them).
+    options_model: ClassVar[type[BackendOptions]] = BackendOptions
+    #: The Triton backend that runs its variants the same way (``triton_settings`` maps its settings); None: none.
+    triton_backend: ClassVar[str | None] = None
+
     def __init__(self, manifest: Manifest, base: Path, artifact: Artifact, options: RunnerOptions) -> None:
         self.manifest = manifest
         self.base = Path(base)
@@ -87,6 +212,21 @@ class Runner:
     def available(cls, device: Device) -> str | None:
         """None when usable on ``device``, else one line saying what is missing."""
         return None if device in cls.devices else f"{cls.name} does not run on {device}"
+
+    @classmethod
+    def search_space(cls) -> list[dict[str, Any]]:
+        """`tune`'s search dimensions: every combination of its settings that change speed, never its numbers
+        (each a dict of ``RunnerOptions`` names -> values). Default: nothing to search."""
+        return [{}]
+
+    @classmethod
+    def triton_settings(cls, settings: dict[str, Any]) -> TritonSettings | None:
+        """``settings`` (one of ``search_space``'s) written for ``triton_backend``; None when there is none."""
+        return None
+
+    def open_session(self) -> Session:
+        """A session over this loaded runner (see :class:`Session`); stateless by default."""
+        return Session(self)
 
     @property
     def precision(self) -> str:

@@ -4,6 +4,9 @@ Every (backend, variant) is loaded once and its outputs on the accuracy pool che
 reference; then, for each batch size (and swept dim value), all of them are timed on the exact same feed
 in interleaved rounds with the order rotated (``runtimes.timing``), so the order they run in cannot decide
 which is faster, and each p50 comes with the spread of its rounds.
+
+A sequence of calls that belongs together (a runner's session: prefill, then decode steps) is timed as one unit
+by ``runtimes.timing.time_units``, with the same rounds and intervals.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from core.records import TrtQdqParams
 from core.resources import ResourceSampler, check_feed_memory
 from core.shapes import apply_input_shapes
 from reports.models import BenchRecord, BenchResults
-from runtimes import RUNNERS
+from runtimes import RUNNERS, check_backends
 from runtimes.base import Device, Runner, RunnerOptions
 from runtimes.timing import interleaved
 
@@ -65,7 +68,8 @@ class BenchConfig(BaseModel):
     seed: int = 0
     component: str | None = Field(default=None, description="A model exported as several files (encoder, decoder, "
                                                              "...): the one to measure (default: each in turn)")
-    options: dict[str, Any] = Field(default_factory=dict, description="Extra RunnerOptions fields")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra RunnerOptions fields, a backend's own "
+                                                                        "settings included (openvino_hint, ...)")
     rounds: int = Field(default=5, ge=1, description="Interleaved rounds the timed iterations are split over; "
                                                      "the order of the targets rotates each round")
     round_warmup: int = Field(default=1, ge=0, description="Untimed calls at the start of every round's block")
@@ -175,9 +179,7 @@ def _wanted(a: Artifact, runner_cls: type[Runner], variants: list[str] | None) -
 
 def _check_backends(manifest: Manifest, cfg: BenchConfig) -> None:
     """Unknown or unavailable backends, impossible requests and unknown variants: one clear error."""
-    unknown = [b for b in cfg.backends if b not in RUNNERS]
-    if unknown:
-        raise InputError(f"unknown backend(s) {unknown}; available: {', '.join(RUNNERS)}")
+    check_backends(cfg.backends)
     check_gpu_request(cfg)
     check_engine_batches(manifest, cfg)
     problems = {b: why for b in cfg.backends if (why := RUNNERS[b].available(cfg.device)) is not None}
@@ -443,12 +445,12 @@ def bench_one(cfg: BenchConfig, log: Callable[[str], None] = print,
     results = BenchResults(model=setup.manifest.source.model, artifact_dir=str(setup.base),
                            config=cfg.model_dump(mode="json") | {"inputs": setup.pool.source},
                            accuracy_inputs=setup.pool.kind)
-    extra_opts = RunnerOptions(**cfg.options) if cfg.options else RunnerOptions()
     with contextlib.ExitStack() as stack:
         loaded: list[Loaded] = []
         for t in setup.targets:
-            opts = extra_opts.model_copy(update={"device": cfg.device, "threads": cfg.threads, "precision": t.precision,
-                                                 "ort_spinning": cfg.ort_spinning})
+            # BenchConfig.ort_spinning is bench's own field (recorded in the results); it overrides cfg.options'
+            opts = RunnerOptions(**{**cfg.options, "device": cfg.device, "threads": cfg.threads,
+                                    "precision": t.precision, "ort_spinning": cfg.ort_spinning})
             runner = RUNNERS[t.backend](setup.manifest, setup.base, t.artifact, opts)
             stack.callback(runner.close)
             if progress:

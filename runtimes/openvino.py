@@ -14,13 +14,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
 
 from core.errors import BackendUnavailableError, first_line
 from core.flops import openvino_config
-from runtimes.base import Device, Runner
+from runtimes.base import BackendOptions, Device, Runner, TritonSettings
 
 #: Compile and run the model once, in a child process (argv: path, the compile settings as JSON).
 _PROBE = """
@@ -44,12 +45,21 @@ def openvino_problem() -> str | None:
     return None
 
 
+class OpenVinoOptions(BackendOptions):
+    """OpenVINO's own settings (``--openvino-hint``, ``RunnerOptions(openvino_hint=...)``, tune.json)."""
+
+    openvino_hint: Literal["LATENCY", "THROUGHPUT"] = Field(
+        default="LATENCY", description="OpenVINO's PERFORMANCE_HINT: LATENCY (one request at a time) or THROUGHPUT")
+
+
 class OpenVinoRunner(Runner):
     """OpenVINO's CPU plugin on an ONNX artifact."""
 
     name = "openvino"
     artifact_kinds: ClassVar[tuple[str, ...]] = ("onnx",)  # type: ignore[assignment]
     devices: ClassVar[tuple[Device, ...]] = ("cpu",)
+    options_model = OpenVinoOptions
+    triton_backend: ClassVar[str | None] = "openvino"
 
     compiled: Any = None
     request: Any = None
@@ -61,9 +71,33 @@ class OpenVinoRunner(Runner):
             return f"{cls.name} runs on cpu only here"
         return openvino_problem()
 
+    @classmethod
+    def search_space(cls) -> list[dict[str, Any]]:
+        """Its performance hint."""
+        return [{"openvino_hint": h} for h in ("LATENCY", "THROUGHPUT")]
+
+    @classmethod
+    def triton_settings(cls, settings: dict[str, Any]) -> TritonSettings | None:
+        """Triton's openvino backend, named (``backend: "openvino"``) and reading ``1/model.onnx``: the hint ->
+        ``PERFORMANCE_HINT``, threads -> ``INFERENCE_NUM_THREADS``. The f32 compute the runner pins has no key
+        there (only ``HINT_BF16``): recorded as not carried over."""
+        params: dict[str, str] = {}
+        not_carried: list[str] = []
+        for key, value in settings.items():
+            if key == "threads" and value:
+                params["INFERENCE_NUM_THREADS"] = str(int(value))
+            elif key == "openvino_hint":
+                params["PERFORMANCE_HINT"] = str(value)
+            elif value is not None:
+                not_carried.append(f"{key}={value}")
+        not_carried.append("f32 compute (INFERENCE_PRECISION_HINT=f32, as tune measured): the openvino backend has "
+                           "no key for it (only HINT_BF16=YES); on a CPU with AMX it computes in bf16 by default")
+        return TritonSettings(backend=str(cls.triton_backend), model_filename="model.onnx", parameters=params,
+                              not_carried=not_carried)
+
     @property
     def hint(self) -> str:
-        return self.options.openvino_hint
+        return self.options.of(OpenVinoOptions).openvino_hint
 
     @property
     def config(self) -> dict[str, Any]:

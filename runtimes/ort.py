@@ -7,14 +7,16 @@ stay there in the timed loop unless ``include_transfers``.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
 
 from core.errors import BackendUnavailableError, InputError, first_line
 from core.resources import cuda_problem
-from runtimes.base import Device, Profiler, Runner
+from runtimes.base import BackendOptions, Device, Profiler, Runner, Session, TritonSettings, usable_cpus
 
 GraphOptimization = Literal["all", "extended", "basic", "none"]
 
@@ -87,6 +89,28 @@ def ort_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+class OrtOptions(BackendOptions):
+    """ONNX Runtime's own settings (``RunnerOptions(ort_spinning=False)``, ``--no-ort-spinning``, tune.json)."""
+
+    ort_spinning: bool = Field(default=True,
+                               description="ONNX Runtime intra-op threads spin between runs (its default). "
+                                           "Interleaved comparisons turn it off: one session's spinning threads "
+                                           "would steal the cores from the next session's run")
+    ort_graph_optimization: Literal["all", "extended", "basic"] = Field(
+        default="all", description="ONNX Runtime's graph optimization level (all: its default, with the CPU layout "
+                                   "transformations; extended: fusions without them; basic)")
+    ort_execution_mode: Literal["sequential", "parallel"] = Field(
+        default="sequential", description="ONNX Runtime runs the nodes one after another (its default) or "
+                                          "independent branches at once")
+    ort_profile_prefix: str | None = Field(default=None,
+                                           description="ONNX Runtime: switch its profiler on and write the trace "
+                                                       "to PREFIX*.json (what `profile` does)")
+
+
+#: our graph optimization level -> the Triton onnxruntime backend's optimization.graph.level (all: its default)
+TRITON_GRAPH_LEVELS = {"extended": 1, "basic": -1}
+
+
 class OrtRunner(Runner):
     """``onnxruntime.InferenceSession`` over an ONNX artifact."""
 
@@ -96,6 +120,8 @@ class OrtRunner(Runner):
     #: The execution provider that must be active on CUDA (ONNX Runtime silently falls back otherwise).
     gpu_provider: ClassVar[str] = "CUDAExecutionProvider"
     profiler: ClassVar[Profiler | None] = "onnxruntime"
+    options_model = OrtOptions
+    triton_backend: ClassVar[str | None] = "onnxruntime"
 
     session: Any = None
     _stream: Any = None
@@ -117,6 +143,48 @@ class OrtRunner(Runner):
                 return f"the CUDA-event timer needs PyTorch with CUDA: {why}"
         return None
 
+    @classmethod
+    def search_space(cls) -> list[dict[str, Any]]:
+        """Intra-op threads (1 and every usable CPU), spinning, graph optimization (all, or extended: without the
+        CPU layout transformations) and execution mode."""
+        threads = sorted({1, usable_cpus()})
+        return [{"threads": t, "ort_spinning": s, "ort_graph_optimization": g, "ort_execution_mode": m}
+                for t, s, g, m in itertools.product(threads, (True, False), ("all", "extended"),
+                                                    ("sequential", "parallel"))]
+
+    @classmethod
+    def triton_settings(cls, settings: dict[str, Any]) -> TritonSettings | None:
+        """Triton's onnxruntime backend (the artifact's platform, onnxruntime_onnx): threads ->
+        ``intra_op_thread_count``, execution mode -> ``execution_mode`` (0 sequential, 1 parallel), graph
+        optimization -> ``optimization { graph { level } }`` (all: the backend's default, no field; extended: 1;
+        basic: -1, the backend's numbering). Thread spinning has no key there: recorded as not carried over."""
+        params: dict[str, str] = {}
+        not_carried: list[str] = []
+        for key, value in settings.items():
+            if key == "threads" and value:
+                params["intra_op_thread_count"] = str(int(value))
+            elif key == "ort_execution_mode":
+                params["execution_mode"] = "1" if value == "parallel" else "0"
+            elif key == "ort_graph_optimization":
+                continue  # not a parameter: optimization.graph.level
+            elif key == "ort_spinning":
+                if not value:  # spinning is ONNX Runtime's default: only "off" is lost
+                    not_carried.append("ort_spinning=False (the onnxruntime backend has no key for "
+                                       "session.intra_op.allow_spinning; its threads spin)")
+            elif value is not None:
+                not_carried.append(f"{key}={value}")
+        params.setdefault("execution_mode", "0")  # sequential, the runner's default
+        level = TRITON_GRAPH_LEVELS.get(str(settings.get("ort_graph_optimization", "all")))
+        return TritonSettings(backend=str(cls.triton_backend), parameters=params, graph_level=level,
+                              not_carried=not_carried)
+
+    def open_session(self) -> Session:
+        """A decoder with a KV cache (``past_key_values.*`` inputs, ``present.*`` outputs) gets a session that
+        feeds each step's present back as the next step's past; any other model the stateless default."""
+        from runtimes.session import KVCacheSession, has_kv_cache
+
+        return KVCacheSession(self) if has_kv_cache(self.manifest.iospec) else super().open_session()
+
     def gpu_provider_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"device_id": 0}
         if self._stream is not None:
@@ -136,8 +204,8 @@ class OrtRunner(Runner):
 
     def session_options(self) -> Any:
         """The ``SessionOptions`` the session is created with (``ort_profile_prefix`` turns the profiler on)."""
-        o = self.options
-        return session_options(o.threads, spinning=o.ort_spinning, profile_prefix=o.ort_profile_prefix,
+        o = self.options.of(OrtOptions)
+        return session_options(self.options.threads, spinning=o.ort_spinning, profile_prefix=o.ort_profile_prefix,
                                optimization=o.ort_graph_optimization, parallel=o.ort_execution_mode == "parallel")
 
     def end_profiling(self) -> Path:
@@ -222,6 +290,8 @@ class OrtTensorrtRunner(OrtRunner):
     gpu_provider = "TensorrtExecutionProvider"
     tensorrt_like = True
     profiler = None
+    #: its engines are its own: Triton's onnxruntime backend would not run them the same way
+    triton_backend = None
 
     def gpu_provider_options(self) -> dict[str, Any]:
         cache = self.base / "bench" / "ort_trt_cache"

@@ -26,7 +26,6 @@ this process while a block is timed (no sampler thread): CPU time is read betwee
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from core.metrics import LatencyStats
-from runtimes.base import Runner, RunnerOptions
+from runtimes.base import Runner, RunnerOptions, usable_cpus
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -42,14 +41,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from core.manifest import Artifact, Manifest
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity), not every CPU of the machine."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 @dataclass
@@ -173,6 +164,40 @@ def interleaved(runners: Sequence[Runner], prepared: Sequence[Any], *, warmup: i
             steady[i] = _median(out[i].samples)
             if window is not None and (u := window()) is not None:
                 out[i].gpu_util.append(u)
+    return out
+
+
+def time_units(units: Sequence[Callable[[], object]], *, warmup: int, iters: int, rounds: int,
+               block_warmup: int = 1) -> list[Timed]:
+    """Time each unit -- a callable that runs a sequence of calls as one measured unit, e.g. a session's prefill
+    and N decode steps (``runtimes.session.generate``) -- as ``interleaved`` times one-shot calls: ``warmup``
+    untimed units each, then ``rounds`` rounds, the order rotated each round, each block ``block_warmup`` untimed
+    units and its share of ``iters`` timed ones (``time.perf_counter_ns`` around the whole unit; its calls return
+    host arrays, so the work is done when it returns). ``LatencyStats.from_samples(t.samples, t.rounds)`` gives
+    the unit's percentiles and p50 interval, as for one-shot timing."""
+    clock = time.perf_counter_ns
+    for unit in units:
+        for _ in range(warmup):
+            unit()
+    out = [Timed() for _ in units]
+    n = len(units)
+    for k, count in enumerate(split_iters(iters, rounds)):
+        for j in range(n):
+            i = (k + j) % n
+            w0 = time.perf_counter()
+            for _ in range(block_warmup):
+                units[i]()
+            out[i].warmup_ms.append((time.perf_counter() - w0) * 1e3)
+            c0, t0 = time.process_time(), time.perf_counter()
+            samples: list[float] = []
+            for _ in range(count):
+                s0 = clock()
+                units[i]()
+                samples.append((clock() - s0) / 1e6)
+            out[i].rounds.append(samples)
+            out[i].cpu_s += time.process_time() - c0
+            out[i].wall_s += time.perf_counter() - t0
+            out[i].warmup_calls.append(block_warmup)
     return out
 
 

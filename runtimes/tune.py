@@ -1,9 +1,9 @@
 """`tune`: which backend x variant x settings x batch size is fastest on this machine, within an accuracy budget.
 
 Every candidate runs the artifact's variants through the same runners, inputs and accuracy check as
-`bench`. Settings are search dimensions: ONNX Runtime's intra-op threads, thread spinning, graph optimization
-level (all, or extended: without the CPU layout transformations) and execution mode (sequential or parallel),
-OpenVINO's performance hint. Candidates outside the accuracy budget are dropped before any timing (settings do not
+`bench`. Settings are search dimensions, each backend's as its runner declares them (``Runner.search_space``): ONNX
+Runtime's intra-op threads, thread spinning, graph optimization level (all, or extended: without the CPU layout
+transformations) and execution mode (sequential or parallel), OpenVINO's performance hint. Candidates outside the accuracy budget are dropped before any timing (settings do not
 change accuracy, so it is measured once per backend and variant). The rest are timed in interleaved rounds
 with the order rotated (``runtimes.timing``), in stages of growing length; after each stage the candidates
 that are clearly slower than the best (their whole p50 interval above the best's: ``core.metrics``' rule)
@@ -35,10 +35,10 @@ from core.errors import BackendUnavailableError, InputError
 from core.manifest import utc_now
 from core.metrics import AccuracyStats, LatencyStats, clearly_slower
 from reports.models import machine_info
-from runtimes import RUNNERS
+from runtimes import RUNNERS, check_backends
 from runtimes.base import RunnerOptions
 from runtimes.harness import BenchConfig, Target, graded_drop, pool_accuracy, prepare_bench
-from runtimes.timing import interleaved_within_memory, usable_cpus
+from runtimes.timing import interleaved_within_memory
 
 Objective = Literal["latency", "throughput"]
 
@@ -109,15 +109,9 @@ class TuneResult(BaseModel):
 
 
 def settings_for(backend: str) -> list[dict[str, Any]]:
-    """The search dimensions of a backend: its settings that change speed, never its numbers."""
-    if backend.startswith("ort"):
-        threads = sorted({1, usable_cpus()})
-        return [{"threads": t, "ort_spinning": s, "ort_graph_optimization": g, "ort_execution_mode": m}
-                for t, s, g, m in itertools.product(threads, (True, False), ("all", "extended"),
-                                                    ("sequential", "parallel"))]
-    if backend == "openvino":
-        return [{"openvino_hint": h} for h in ("LATENCY", "THROUGHPUT")]
-    return [{}]
+    """The search dimensions of a backend, as its runner declares them (``Runner.search_space``): its settings
+    that change speed, never its numbers."""
+    return RUNNERS[backend].search_space()
 
 
 def _accuracy(setup: Any, target: Target, log: Callable[[str], None]) -> AccuracyStats | str:
@@ -176,8 +170,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     """Search, prune, pick; see the module docstring."""
     if 0 < cfg.screen < 3:
         raise InputError(f"screen of {cfg.screen} call(s): at least 3 (its interval needs three rounds), or 0 for none")
-    if unknown := [b for b in cfg.backends if b not in RUNNERS]:
-        raise InputError(f"unknown backend(s) {unknown}; available: {', '.join(RUNNERS)}")
+    check_backends(cfg.backends)
     usable = [b for b in cfg.backends if RUNNERS[b].available("cpu") is None]
     for b in sorted(set(cfg.backends) - set(usable)):
         log(f"skipped backend {b}: {RUNNERS[b].available('cpu')}")

@@ -1,26 +1,21 @@
 """`package --from-tune`: the winner of `tune` packaged with its settings in Triton's ``config.pbtxt``.
 
 ``tune.json`` is read with the model `tune` writes it with (``runtimes.tune.TuneResult``); the winner's variant
-is packaged and its settings become the parameters of the Triton backend that runs it the same way:
-
-    ort        platform onnxruntime_onnx; intra-op threads -> ``intra_op_thread_count``, execution mode ->
-               ``execution_mode`` (0 sequential, 1 parallel), graph optimization level -> ``optimization { graph
-               { level } }`` (all: the backend's default, no field; extended: 1; basic: -1, the backend's
-               numbering). Thread spinning has no key in the backend: recorded as not carried over.
-    openvino   backend "openvino" reading ``1/model.onnx``; ``PERFORMANCE_HINT`` (LATENCY / THROUGHPUT) and
-               threads -> ``INFERENCE_NUM_THREADS``. The f32 compute the runner pins has no key in that
-               backend (only ``HINT_BF16``): recorded as not carried over.
+is packaged and its settings become the parameters of the Triton backend that runs it the same way. The winner's
+runner says which backend that is and how each setting is written (``Runner.triton_settings``: ONNX Runtime's
+threads, execution mode and graph optimization level for the onnxruntime backend, OpenVINO's hint and threads for
+the openvino backend), and which settings have no key there (recorded as not carried over).
 
 Only keys the backends read are written (the onnxruntime backend's ``ModelState`` and the openvino backend's
 ``ParseParameters``); ``check_config`` refuses any other. A winner batch above 1 becomes the dynamic batcher's
-preferred batch size. Other winners (eager, torchscript, compile, ...) have no Triton backend: one clear line.
+preferred batch size. A winner whose runner has no Triton backend (eager, torchscript, compile, ...): one clear line.
 What was carried over and what was not is recorded per model in ``MANIFEST.json``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
@@ -28,11 +23,10 @@ from pydantic import ValidationError as PydanticValidationError
 from core.errors import InputError
 from core.fsutil import sha256_file
 
+if TYPE_CHECKING:
+    from runtimes.base import TritonSettings
+
 TUNE_FILE = "tune.json"
-#: tune backend -> the Triton backend that runs its variant the same way
-TRITON_BACKENDS = {"ort": "onnxruntime", "openvino": "openvino"}
-#: our ORT graph optimization level -> the onnxruntime backend's optimization.graph.level (all: its default)
-GRAPH_LEVELS = {"extended": 1, "basic": -1}
 
 
 class TunedSettings(BaseModel):
@@ -79,53 +73,49 @@ def load_tuned(path: Path, artifact_dir: Path) -> TunedSettings:
     winner = next((c for c in result.candidates if c.label == result.winner), None)
     if winner is None:
         raise InputError(f"--from-tune: {file} names no winner ({result.reason})")
-    if winner.backend not in TRITON_BACKENDS:
+    triton = triton_settings(winner.backend, winner.settings)
+    if triton is None:
         raise InputError(f"--from-tune: the winner {winner.label} runs on {winner.backend}, which Triton has no "
-                         f"backend for; tune again with --backends {','.join(TRITON_BACKENDS)} to package its winner")
-    parameters, not_carried = triton_parameters(winner.backend, winner.settings)
-    graph_level = GRAPH_LEVELS.get(str(winner.settings.get("ort_graph_optimization", "all"))) \
-        if winner.backend == "ort" else None
+                         f"backend for; tune again with --backends {','.join(triton_runners())} to package its winner")
     flags = result.machine.get("cpu_flags") or {}
     return TunedSettings(tune_json=str(file), tune_json_sha256=sha256_file(file), winner=winner.label,
                          reason=result.reason, tuned_on=str(flags.get("summary") or result.machine.get("processor")),
                          backend=winner.backend, variant=winner.variant, batch_size=winner.batch_size,
-                         settings=winner.settings, triton_backend=TRITON_BACKENDS[winner.backend],
-                         parameters=parameters, graph_level=graph_level, not_carried=not_carried)
+                         settings=winner.settings, triton_backend=triton.backend, parameters=triton.parameters,
+                         graph_level=triton.graph_level, not_carried=triton.not_carried)
+
+
+def triton_settings(backend: str, settings: dict[str, Any]) -> TritonSettings | None:
+    """What the runner of ``backend`` writes into config.pbtxt for ``settings``; None: Triton has no backend for it
+    (or ``backend`` is no runner's)."""
+    from runtimes import RUNNERS
+
+    runner = RUNNERS.get(backend)
+    return None if runner is None or runner.triton_backend is None else runner.triton_settings(settings)
+
+
+def triton_runners() -> list[str]:
+    """The backends whose winner can be packaged: their runner maps its settings to a Triton backend."""
+    from runtimes import RUNNERS
+
+    return [name for name, runner in RUNNERS.items() if runner.triton_backend is not None]
 
 
 def triton_parameters(backend: str, settings: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
-    """(config.pbtxt parameters, settings that have no key in that Triton backend)."""
-    params: dict[str, str] = {}
-    not_carried: list[str] = []
-    for key, value in settings.items():
-        if key == "threads" and value:
-            params["intra_op_thread_count" if backend == "ort" else "INFERENCE_NUM_THREADS"] = str(int(value))
-        elif backend == "openvino" and key == "openvino_hint":
-            params["PERFORMANCE_HINT"] = str(value)
-        elif backend == "ort" and key == "ort_execution_mode":
-            params["execution_mode"] = "1" if value == "parallel" else "0"
-        elif backend == "ort" and key == "ort_graph_optimization":
-            continue  # not a parameter: optimization.graph.level (graph_level)
-        elif backend == "ort" and key == "ort_spinning":
-            if not value:  # spinning is ONNX Runtime's default: only "off" is lost
-                not_carried.append("ort_spinning=False (the onnxruntime backend has no key for "
-                                   "session.intra_op.allow_spinning; its threads spin)")
-        elif value is not None:
-            not_carried.append(f"{key}={value}")
-    if backend == "ort":
-        params.setdefault("execution_mode", "0")  # sequential, the runner's default
-    if backend == "openvino":
-        not_carried.append("f32 compute (INFERENCE_PRECISION_HINT=f32, as tune measured): the openvino backend has "
-                           "no key for it (only HINT_BF16=YES); on a CPU with AMX it computes in bf16 by default")
-    return params, not_carried
+    """(config.pbtxt parameters, settings that have no key in that Triton backend), as the runner maps them."""
+    triton = triton_settings(backend, settings)
+    if triton is None:
+        raise InputError(f"{backend}: Triton has no backend that runs it")
+    return triton.parameters, triton.not_carried
 
 
 def apply_tuning(msg: Any, tuned: TunedSettings) -> None:
     """Set the Triton backend, its parameters and the preferred batch of the config message ``msg``."""
-    if tuned.triton_backend == "openvino":
+    triton = triton_settings(tuned.backend, tuned.settings)
+    if triton is not None and triton.model_filename is not None:  # a backend named instead of the platform
         msg.ClearField("platform")
-        msg.backend = "openvino"
-        msg.default_model_filename = "model.onnx"
+        msg.backend = triton.backend
+        msg.default_model_filename = triton.model_filename
     for key, value in tuned.parameters.items():
         msg.parameters[key].string_value = value
     if tuned.graph_level is not None:

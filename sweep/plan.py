@@ -114,10 +114,10 @@ class PlanConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known(self) -> PlanConfig:
-        from runtimes import RUNNERS
+        from runtimes import unknown_backends
 
-        if unknown := [b for b in self.backends if b not in RUNNERS]:
-            raise ValueError(f"unknown backend(s) {unknown}; available: {', '.join(RUNNERS)}")
+        if (why := unknown_backends(self.backends)) is not None:
+            raise ValueError(why)
         labels = [m.label for m in self.models]
         if dupes := sorted({x for x in labels if labels.count(x) > 1}):
             raise ValueError(f"model(s) {dupes} listed twice: give each a distinct name")
