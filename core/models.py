@@ -195,13 +195,14 @@ def _random_init_fixes(name: str, module: Any, inputs: Any, seed: int) -> str:
     a zero-initialised head, a constant output, a detector's tied scores."""
     from core import tvzoo
 
+    norms = "".join(f"; {n}" for n in [tvzoo.calibrate_norms(name, module, inputs, seed)] if n)
     if tvzoo.family(name) == "detection":
-        return "; " + tvzoo.spread_scores(name, module, inputs.example_inputs["images"])
+        return norms + "; " + tvzoo.spread_scores(name, module, inputs.example_inputs["images"])
     if inputs.default_shape is None:  # RAFT: its flow varies with the images at its own init
-        return ""
+        return norms
     redone = reinit_zero_head(module, seed)
     reset = reinit_if_constant(module, seed, (2, *inputs.default_shape[1:]))
-    return (f"; zero-initialised head {_head_name(redone)} re-initialised (seeded)" if redone else "") + \
+    return norms + (f"; zero-initialised head {_head_name(redone)} re-initialised (seeded)" if redone else "") + \
         (f"; {reset}" if reset else "")
 
 

@@ -52,6 +52,9 @@ _HEAD_LAYERS: dict[str, tuple[tuple[tuple[str, bool], ...], ...]] = {
 }
 #: Standard deviation the score logits get at random init (on a seeded sample image).
 SCORE_LOGIT_STD = 4.0
+#: The largest score logit at random init (on that image): a sigmoid of the logits a detector ranks stays where
+#: float32 resolves it in both runtimes (ONNX Runtime's Sigmoid is exactly 1 or not monotonic above ~16, 0 below -17).
+SCORE_LOGIT_MAX = 6.0
 #: Standard deviation a random-init detector's box deltas get: boxes near their anchors. At PyTorch's init a box
 #: moves by up to e^4 times its anchor's size and most end clipped to the image border, degenerate boxes (a pixel
 #: wide) whose pooled features turn the two runtimes' rounding into different detections.
@@ -64,6 +67,14 @@ DETECTIONS = 20
 FLOW_SIZE = 128
 #: Frames of a video clip where the weights do not say (the clip length torchvision's video models train on).
 VIDEO_FRAMES = 16
+#: Families whose random init gets its BatchNorm statistics measured (:func:`calibrate_norms`): the MobileNetV3
+#: ones are otherwise constant. Classifiers keep PyTorch's init (every classifier passes at it, coverage_cpu.md).
+CALIBRATED = {"detection", "segmentation"}
+#: Seeded images a random init's BatchNorm statistics are measured on (:func:`calibrate_norms`; two or more: a
+#: BatchNorm after a global pooling has one value per image).
+CALIBRATION_IMAGES = 2
+#: Largest side of those images for a model that takes any size (a detector's are its own fixed size).
+CALIBRATION_SIDE = 256
 
 
 def builders() -> list[str]:
@@ -99,7 +110,8 @@ def weights_enum(name: str) -> Any:
 def builder_kwargs(name: str) -> dict[str, Any]:
     """The builder's arguments besides ``weights``: nothing is downloaded (a random backbone), a quantizable
     model in float, a detector that returns its DETECTIONS best boxes whatever their score (a fixed count, the
-    same with trained weights, so that the file and the module bench rebuilds from weights.pt agree)."""
+    same with trained weights, so that the file and the module bench rebuilds from weights.pt agree), from an
+    RPN without a score threshold."""
     fam = family(name)
     if fam == "quantization":
         return {"quantize": False}
@@ -107,8 +119,12 @@ def builder_kwargs(name: str) -> dict[str, Any]:
         return {"weights_backbone": None}
     if fam == "detection":
         rcnn = "rcnn" in name
+        # an R-CNN's RPN keeps every proposal of its top-k too (the MobileNet builders drop those of objectness
+        # below 0.05 by default): a threshold on a sigmoid decides otherwise in ONNX Runtime (whose Sigmoid is off by
+        # up to 2e-4 of its value) for a proposal near it (fasterrcnn_mobilenet_v3_large_320_fpn: 0.0499991)
+        rpn = {"rpn_score_thresh": 0.0} if rcnn else {}
         return {"weights_backbone": None, "box_score_thresh" if rcnn else "score_thresh": 0.0,
-                "box_detections_per_img" if rcnn else "detections_per_img": DETECTIONS}
+                "box_detections_per_img" if rcnn else "detections_per_img": DETECTIONS, **rpn}
     return {}
 
 
@@ -250,39 +266,136 @@ def _detector_outputs(model: Any) -> list[str]:
     return names
 
 
+def calibrate_norms(name: str, module: Any, inputs: Inputs, seed: int) -> str:
+    """For a model of a CALIBRATED family, set its BatchNorm layers' running statistics from their inputs on
+    CALIBRATION_IMAGES seeded images (one pass in eval mode, each layer set before its first call, so from the
+    activations the layers before it give once set): each channel's mean, and one variance for every channel of a
+    layer (their mean); the note saying so, or "" where the model has no BatchNorm.
+
+    At PyTorch's init every BatchNorm holds mean 0 and variance 1, which normalises nothing: in MobileNetV3 each
+    block then shrinks its activations about tenfold, so that the features reaching a detector's or a segmentation
+    model's head are ~1e-8 and its outputs those of the head's biases, the same for every input and every box
+    (deeplabv3_mobilenet_v3_large: a constant output; fasterrcnn_mobilenet_v3_large_320_fpn: every detection the
+    same score, a tie each runtime breaks its own way). One variance per layer, not per channel: dividing each
+    channel by its own spread magnifies the channels that barely vary, and with them the rounding of every
+    runtime, block after block (per channel, ONNX Runtime's features of fasterrcnn_mobilenet_v3_large_320_fpn
+    differed from PyTorch's by 5e-3 of their largest value on a random-normal image, 1e-4 so)."""
+    import torch
+
+    if family(name) not in CALIBRATED:
+        return ""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return ""
+    images = torch.from_numpy(calibration_images(name, inputs, seed))
+    done: set[int] = set()
+
+    def measure(norm: Any, args: tuple[Any, ...]) -> None:
+        """Before the layer's first call: its statistics from its input (the upstream layers already set)."""
+        if id(norm) in done:
+            return
+        done.add(id(norm))
+        x = args[0].detach().double()
+        dims = [d for d in range(x.ndim) if d != 1]
+        with torch.no_grad():
+            norm.running_mean.copy_(x.mean(dim=dims))
+            norm.running_var.fill_(float(x.var(dim=dims).mean()))
+
+    hooks = [m.register_forward_pre_hook(measure) for m in norms]
+    try:
+        with torch.no_grad():
+            module(images)  # a detector's wrapper: every image of the batch goes through the model
+    finally:
+        for h in hooks:
+            h.remove()
+    shape = "x".join(map(str, images.shape[1:]))
+    return (f"its {len(norms)} BatchNorm layers' running statistics set from their inputs on {len(images)} seeded "
+            f"{shape} images (each channel's mean, one variance per layer; at PyTorch's init they are mean 0, variance "
+            "1: no normalisation, features that vanish block by block, an output that ignores the input)")
+
+
+def calibration_images(name: str, inputs: Inputs, seed: int) -> np.ndarray:
+    """CALIBRATION_IMAGES seeded images at the model's sample size (a segmentation model's at most
+    CALIBRATION_SIDE a side: its statistics are per channel): smooth random shapes of varied brightness and
+    contrast with fine noise, values 0..1 for a detector (which normalises inside), normalised otherwise. Unlike
+    pure noise, images differ in their mean, which the global pooling of a segmentation head (ASPP) measures."""
+    if inputs.example_inputs is not None:
+        shape = next(iter(inputs.example_inputs.values())).shape
+    else:
+        shape = inputs.default_shape or (1, 3, 224, 224)
+    height, width = (min(int(v), CALIBRATION_SIDE) for v in shape[-2:]) if family(name) != "detection" \
+        else (int(v) for v in shape[-2:])
+    gen = np.random.default_rng(seed + 1)
+    n, chans = CALIBRATION_IMAGES, int(shape[1])
+    coarse = gen.random((n, chans, 6, 6))
+    rows = np.linspace(0, 5, height)
+    cols = np.linspace(0, 5, width)
+    r0, c0 = np.floor(rows).astype(int).clip(0, 4), np.floor(cols).astype(int).clip(0, 4)
+    fr, fc = (rows - r0)[:, None], (cols - c0)[None, :]
+    smooth = (coarse[:, :, r0][:, :, :, c0] * (1 - fr) * (1 - fc) + coarse[:, :, r0 + 1][:, :, :, c0] * fr * (1 - fc)
+              + coarse[:, :, r0][:, :, :, c0 + 1] * (1 - fr) * fc + coarse[:, :, r0 + 1][:, :, :, c0 + 1] * fr * fc)
+    contrast = gen.uniform(0.3, 1.0, (n, 1, 1, 1))
+    brightness = gen.uniform(0.0, 1.0 - contrast)
+    images = brightness + contrast * (0.8 * smooth + 0.2 * gen.random((n, chans, height, width)))
+    if family(name) != "detection":
+        images = (images - 0.45) / 0.225
+    return images.astype(np.float32)
+
+
 def spread_scores(name: str, module: Any, images: np.ndarray) -> str:
     """Rescale a random-init detector's score layers so that their logits have standard deviation
-    SCORE_LOGIT_STD on ``images``, and its box-regression layers to deltas of BOX_DELTA_STD; the note saying so.
-    Only the last Conv2d/Linear of each layer is scaled (weight and bias by one factor): the rest of the model
-    keeps its init."""
+    SCORE_LOGIT_STD on ``images`` and their largest is SCORE_LOGIT_MAX, and its box-regression layers to deltas
+    of BOX_DELTA_STD around 0; the note saying so. Only the last Conv2d/Linear of each layer is changed: its weight
+    scaled, its bias replaced by one value for every channel (the shift that puts the logits there; 0 for box
+    deltas). The rest of the model keeps its init.
+
+    The bias is not scaled with the weight: at init the bias is most of such a layer's output (RetinaNet's prior
+    -4.6), and scaling it as much as the input's part had put every logit near -40, where a sigmoid is 1e-10 in
+    PyTorch and exactly 0 in ONNX Runtime (whose Sigmoid is 0 below -17 and not monotonic above 16): a score
+    threshold of 0 then kept every box in PyTorch and none in ONNX Runtime."""
     import torch
 
     detector = module.model
+    noise = np.random.default_rng(0).standard_normal(images.shape[1:], dtype=np.float32)[None]
+    both = np.concatenate([images, noise])
     done: list[str] = []
     for stage in _HEAD_LAYERS[_arch(name)]:
-        leaves: list[tuple[Any, float]] = []
+        leaves: list[tuple[Any, bool]] = []
         for path, is_score in stage:
             layer = detector.get_submodule(path)
             parts = list(layer) if isinstance(layer, torch.nn.ModuleList) else [layer]
-            leaves += [([m for m in part.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)][-1],
-                        SCORE_LOGIT_STD if is_score else BOX_DELTA_STD) for part in parts]
+            leaves += [([m for m in part.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)][-1], is_score)
+                       for part in parts]
             done.append(path)
         seen: dict[int, list[Any]] = {i: [] for i in range(len(leaves))}
-        hooks = [leaf.register_forward_hook(lambda _m, _i, out, i=i, seen=seen: seen[i].append(out.detach()))
+        hooks = [leaf.register_forward_hook(lambda m, _i, out, i=i, seen=seen: seen[i].append(_without_bias(m, out)))
                  for i, (leaf, _) in enumerate(leaves)]
         try:
             with torch.no_grad():
-                module(torch.from_numpy(images))
+                module(torch.from_numpy(both))  # the wrapper runs every image of the batch
         finally:
             for h in hooks:
                 h.remove()
-        for i, (leaf, target) in enumerate(leaves):
-            std = float(torch.cat([o.flatten() for o in seen[i]]).std()) if seen[i] else 0.0
-            if std > 0:
-                with torch.no_grad():
-                    leaf.weight.mul_(target / std)
-                    if leaf.bias is not None:
-                        leaf.bias.mul_(target / std)
-    return (f"{', '.join(done)} rescaled to score logits of std {SCORE_LOGIT_STD:g} and box deltas of std "
-            f"{BOX_DELTA_STD:g} on a seeded image (at PyTorch's init every class scores alike, every ranking of "
-            "detections is a tie, and most boxes are clipped to the image border)")
+        for i, (leaf, is_score) in enumerate(leaves):
+            if not seen[i]:
+                continue
+            part = torch.cat([o.flatten() for o in seen[i]])
+            std = float(part.std())
+            factor = (SCORE_LOGIT_STD if is_score else BOX_DELTA_STD) / std if std > 0 else 1.0
+            shift = SCORE_LOGIT_MAX - factor * float(part.max()) if is_score else 0.0
+            with torch.no_grad():
+                leaf.weight.mul_(factor)
+                if leaf.bias is None:
+                    leaf.bias = torch.nn.Parameter(torch.zeros(leaf.weight.shape[0]))
+                leaf.bias.fill_(shift)
+    return (f"{', '.join(done)} rescaled to score logits of std {SCORE_LOGIT_STD:g} up to {SCORE_LOGIT_MAX:g} and "
+            f"box deltas of std {BOX_DELTA_STD:g} on a seeded image (at PyTorch's init every class scores alike, "
+            "every ranking of detections is a tie, and most boxes are clipped to the image border)")
+
+
+def _without_bias(layer: Any, out: Any) -> Any:
+    """A Conv2d/Linear's output less its bias: the part that depends on the input."""
+    if layer.bias is None:
+        return out.detach()
+    shape = (1, -1) + (1,) * (out.ndim - 2) if out.ndim > 2 else (1, -1)
+    return out.detach() - layer.bias.detach().reshape(shape)
