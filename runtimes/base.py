@@ -3,6 +3,11 @@
 Heavy imports (torch, onnxruntime, tensorrt) happen inside ``load()`` so that a machine without
 one backend still imports every other. ``infer`` returns host NumPy arrays and is synchronised:
 when it returns, the work is done, so the harness can time it with ``perf_counter_ns``.
+
+A runner also owns what is known of its backend's settings: its options model (``options_model``, kept by name in
+``RunnerOptions``), what `tune` searches (``search_space``) and how the settings are written into a Triton config
+(``triton_backend``, ``triton_settings``). ``open_session`` gives a :class:`Session`, calls that share state (a
+KV cache across prefill and decode steps; ``runtimes.session``); the default keeps none.
 """
 
 from __future__ import annotations
