@@ -55,6 +55,8 @@ SCORE_LOGIT_STD = 4.0
 #: The largest score logit at random init (on that image): a sigmoid of the logits a detector ranks stays where
 #: float32 resolves it in both runtimes (ONNX Runtime's Sigmoid is exactly 1 or not monotonic above ~16, 0 below -17).
 SCORE_LOGIT_MAX = 6.0
+#: At most this far below it, the best logit of the other image (a 0..1 one and a standard-normal one).
+SCORE_LOGIT_SPAN = 10.0
 #: Standard deviation a random-init detector's box deltas get: boxes near their anchors. At PyTorch's init a box
 #: moves by up to e^4 times its anchor's size and most end clipped to the image border, degenerate boxes (a pixel
 #: wide) whose pooled features turn the two runtimes' rounding into different detections.
@@ -343,11 +345,16 @@ def calibration_images(name: str, inputs: Inputs, seed: int) -> np.ndarray:
 
 
 def spread_scores(name: str, module: Any, images: np.ndarray) -> str:
-    """Rescale a random-init detector's score layers so that their logits have standard deviation
-    SCORE_LOGIT_STD on ``images`` and their largest is SCORE_LOGIT_MAX, and its box-regression layers to deltas
-    of BOX_DELTA_STD around 0; the note saying so. Only the last Conv2d/Linear of each layer is changed: its weight
-    scaled, its bias replaced by one value for every channel (the shift that puts the logits there; 0 for box
-    deltas). The rest of the model keeps its init.
+    """Rescale a random-init detector's score and box-regression layers, measured on ``images`` (the sample) and
+    on a seeded standard-normal image (the random inputs bench feeds an artifact without held-out data); the note
+    saying so. Only the last Conv2d/Linear of each layer is changed: its weight scaled, its bias replaced by one
+    value for every channel (0 for box deltas). The rest of the model keeps its init.
+
+    - box deltas: standard deviation BOX_DELTA_STD on both images, around 0;
+    - score logits: standard deviation SCORE_LOGIT_STD on both images, or less where the best logit of one image is
+      more than SCORE_LOGIT_SPAN above the other's (a normal image's features are several times a 0..1 image's),
+      shifted so that the best logit of both is SCORE_LOGIT_MAX: the logits a detector ranks are where a float32
+      sigmoid resolves them in both runtimes, on either kind of input.
 
     The bias is not scaled with the weight: at init the bias is most of such a layer's output (RetinaNet's prior
     -4.6), and scaling it as much as the input's part had put every logit near -40, where a sigmoid is 1e-10 in
@@ -357,7 +364,6 @@ def spread_scores(name: str, module: Any, images: np.ndarray) -> str:
 
     detector = module.model
     noise = np.random.default_rng(0).standard_normal(images.shape[1:], dtype=np.float32)[None]
-    both = np.concatenate([images, noise])
     done: list[str] = []
     for stage in _HEAD_LAYERS[_arch(name)]:
         leaves: list[tuple[Any, bool]] = []
@@ -367,30 +373,37 @@ def spread_scores(name: str, module: Any, images: np.ndarray) -> str:
             leaves += [([m for m in part.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)][-1], is_score)
                        for part in parts]
             done.append(path)
-        seen: dict[int, list[Any]] = {i: [] for i in range(len(leaves))}
-        hooks = [leaf.register_forward_hook(lambda m, _i, out, i=i, seen=seen: seen[i].append(_without_bias(m, out)))
-                 for i, (leaf, _) in enumerate(leaves)]
-        try:
-            with torch.no_grad():
-                module(torch.from_numpy(both))  # the wrapper runs every image of the batch
-        finally:
-            for h in hooks:
-                h.remove()
+        seen: list[dict[int, list[Any]]] = []  # per image: leaf -> its outputs less the bias
+        for image in (images[:1], noise):
+            got: dict[int, list[Any]] = {i: [] for i in range(len(leaves))}
+            hooks = [leaf.register_forward_hook(lambda m, _i, out, i=i, got=got: got[i].append(_without_bias(m, out)))
+                     for i, (leaf, _) in enumerate(leaves)]
+            try:
+                with torch.no_grad():
+                    module(torch.from_numpy(image))
+            finally:
+                for h in hooks:
+                    h.remove()
+            seen.append(got)
         for i, (leaf, is_score) in enumerate(leaves):
-            if not seen[i]:
+            parts = [torch.cat([o.flatten() for o in got[i]]) for got in seen if got[i]]
+            if not parts:
                 continue
-            part = torch.cat([o.flatten() for o in seen[i]])
-            std = float(part.std())
+            std = float(torch.cat(parts).std())
             factor = (SCORE_LOGIT_STD if is_score else BOX_DELTA_STD) / std if std > 0 else 1.0
-            shift = SCORE_LOGIT_MAX - factor * float(part.max()) if is_score else 0.0
+            tops = [float(p.max()) for p in parts]
+            if is_score and max(tops) - min(tops) > 0:
+                factor = min(factor, SCORE_LOGIT_SPAN / (max(tops) - min(tops)))
+            shift = SCORE_LOGIT_MAX - factor * max(tops) if is_score else 0.0
             with torch.no_grad():
                 leaf.weight.mul_(factor)
                 if leaf.bias is None:
                     leaf.bias = torch.nn.Parameter(torch.zeros(leaf.weight.shape[0]))
                 leaf.bias.fill_(shift)
-    return (f"{', '.join(done)} rescaled to score logits of std {SCORE_LOGIT_STD:g} up to {SCORE_LOGIT_MAX:g} and "
-            f"box deltas of std {BOX_DELTA_STD:g} on a seeded image (at PyTorch's init every class scores alike, "
-            "every ranking of detections is a tie, and most boxes are clipped to the image border)")
+    return (f"{', '.join(done)} rescaled to score logits of std up to {SCORE_LOGIT_STD:g}, the best at "
+            f"{SCORE_LOGIT_MAX:g}, and box deltas of std {BOX_DELTA_STD:g} on a seeded 0..1 image and a seeded "
+            "normal one (at PyTorch's init every class scores alike, every ranking of detections is a tie, and most "
+            "boxes are clipped to the image border)")
 
 
 def _without_bias(layer: Any, out: Any) -> Any:
