@@ -298,7 +298,7 @@ def fp16_of(ctx: ConvertContext, name: str) -> None:
         raise InputError(f"--trt-from {name!r} --fp16 converts an FP32 ONNX variant; {name!r} is a "
                          f"{source.precision} {source.kind}")
     target = ctx.path(f"model.{name}_fp16.onnx")
-    ctx.log(f"FP16 conversion of {name} for the engine (onnxconverter-common, FP32 inputs/outputs kept)")
+    ctx.log(f"FP16 conversion of {name} for the engine (ONNX Runtime's float16 converter, FP32 inputs/outputs kept)")
     info = convert_fp16(ctx.out / source.file.path, target)
     params = Fp16Params(**info.model_dump(), sparsity="2:4" if source_is_sparse(source) else None)
     ctx.manifest.record(ctx.out, target, name=f"{name}_fp16", kind="onnx", precision="fp16", parent=name,

@@ -92,10 +92,15 @@ def _ready_to_save(optimized: Any) -> Any:
 
 @contextlib.contextmanager
 def _quiet_logs() -> Iterator[None]:
-    logger = logging.getLogger("onnxruntime.transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """The optimizer's warnings, and its symbolic shape inference's one line per undecidable dim ("Cannot determine
+    if past_sequence + sequence - sequence < 0" for a KV-cache decoder), stay out of the log."""
+    loggers = [logging.getLogger(n) for n in ("onnxruntime.transformers", "onnxruntime.tools.symbolic_shape_infer",
+                                                 "symbolic_shape_infer")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)

@@ -20,7 +20,7 @@ import numpy as np
 
 from calibration.pools import InputPool
 from calibration.sources import LABELS_KEY
-from core.errors import InputError
+from core.errors import InputError, ValidationError
 from core.fsutil import sha256_file
 from core.manifest import FileRecord, HeldOutFile
 from core.metrics import AccuracyStats, accuracy_stats
@@ -104,7 +104,10 @@ class HeldOutEvaluator:
     def outputs(self, path: Path, simulate_qdq: bool = False) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Every output of ``path`` on every held-out sample, and the labels (``simulate_qdq``: see
         ``runtimes.ort.ort_session``)."""
-        sess = ort_session(path, simulate_qdq=simulate_qdq)
+        try:
+            sess = ort_session(path, simulate_qdq=simulate_qdq)
+        except InputError as exc:  # a variant this run built: its failure, not the user's input
+            raise ValidationError(f"held-out evaluation of {path.name}", [str(exc)]) from None
         self.output_names = [o.name for o in sess.get_outputs()]
         outs: list[list[np.ndarray]] = []
         labels: list[np.ndarray] = []

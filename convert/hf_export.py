@@ -238,15 +238,22 @@ def _save_weights(ctx: ConvertContext, hf: HFModel) -> None:
 
 
 def components_only(cfg: ConvertConfig, hf: HFModel, log: Any) -> ConvertConfig:
-    """A model Optimum exports as several files gets its components exported, validated and optimized (each); a
-    variant flag (quantization, sparsity, engines: not built per component yet) is refused before the export with
-    one line naming it."""
-    asked = [flag for flag, on in (("--int8/--int8-dynamic/--fp16", cfg.quant is not None),
-                                   ("--sparsity/--prune", cfg.sparsity.enabled), ("--distill-into", cfg.distill is not None),
-                                   ("--trt", cfg.engine is not None)) if on]
+    """A model Optimum exports as several files gets its components exported, validated, optimized, converted to FP16
+    and dynamically quantized, each on its own (:mod:`convert.component_variants`). What needs one input set for the
+    whole model (static INT8's calibration, held-out or node names from the user) or a PyTorch module per variant
+    (sparsity, distillation) or an engine is refused before the export, in one line naming the flag."""
+    q = cfg.quant
+    asked = [flag for flag, on in (
+        ("--int8 (static INT8)", q is not None and q.int8_static),
+        ("--calib", q is not None and bool(q.calib.data)),
+        ("--eval-data", q is not None and bool(q.gate.eval_data)),
+        ("--exclude-nodes", q is not None and bool(q.exclude_nodes)),
+        ("--sparsity/--prune", cfg.sparsity.enabled), ("--distill-into", cfg.distill is not None),
+        ("--trt", cfg.engine is not None)) if on]
     parts = ", ".join(hf.components)
     if asked:
-        raise InputError(f"{asked[0]}: {hf.task} exports as several files ({parts}); variants of a multi-file model "
-                         "are not built yet: convert it without variant flags, or pick a task Optimum exports as one "
-                         "file (e.g. without -with-past)")
+        raise InputError(f"{asked[0]}: {hf.task} exports as several files ({parts}), which take each other's outputs; "
+                         "a multi-file model gets --fp16 and --int8-dynamic per component (graded on inputs made for "
+                         "each file), not this: drop it, or pick a task Optimum exports as one file (e.g. without "
+                         "-with-past)")
     return cfg

@@ -32,6 +32,7 @@ from calibration.loaders import count_samples
 from calibration.ort_reader import OrtCalibrationReader
 from calibration.sources import EVAL_ROLE, Source
 from convert.calibrate import Calibrations, QuantData, open_quant_data
+from convert.component_variants import run_component_variants
 from convert.config import CALIB_METHODS, CalibMethod, Int8Layout, QType, QuantConfig
 from convert.context import ConvertContext, Step, attempt_variant, skip_variant
 from convert.gates import NodeScore, Trial, auto_search, gate_verdict, rank_nodes, summary_line
@@ -237,7 +238,7 @@ def _cpu_note(ctx: ConvertContext, advice: str | None) -> list[str]:
 def step_fp16(ctx: ConvertContext, state: QuantState) -> None:
     if not state.cfg.fp16:
         return
-    ctx.log("FP16 conversion (onnxconverter-common, FP32 inputs/outputs kept)")
+    ctx.log("FP16 conversion (ONNX Runtime's float16 converter, FP32 inputs/outputs kept)")
     built = state.work / "fp16.onnx"
     info = convert_fp16(state.reference_file, built)
     _record(ctx, state, built, name="fp16", precision="fp16",
@@ -397,6 +398,9 @@ def check_quant_inputs(ctx: ConvertContext, cfg: QuantConfig) -> None:
 def run_quant(ctx: ConvertContext, cfg: QuantConfig) -> None:
     """Every FP16/INT8 variant asked for, after the FP32 model exists. Intermediate files go to a work
     folder under the output folder, removed when the steps end, also when one of them fails."""
+    if ctx.manifest.artifacts[ctx.best_fp32()].components:  # several files: each component on its own
+        run_component_variants(ctx, cfg)
+        return
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=ctx.out) as work:
         state = setup_quant(ctx, cfg, Path(work))
         attempt_variant(ctx, "fp16", "fp16", lambda: step_fp16(ctx, state), parent=state.reference)
