@@ -264,3 +264,31 @@ def test_a_failed_export_still_aborts_and_leaves_the_folder_untouched(tmp_path: 
         run_convert(ConvertConfig(export=ExportConfig(model=f"{factory}:build", input_shape=(1, 4, 4)), out=out),
                     log=lambda _m: None)
     assert _tree_digest(out) == before
+
+
+def test_a_variant_file_onnx_runtime_refuses_is_that_variants_failure(tmp_path: Path) -> None:
+    """The held-out evaluator loads a file this run built: ONNX Runtime refusing it (an op it has no kernel for) is a
+    ValidationError, which attempt_variant records as the variant's failure, not an InputError (exit 2) that drops
+    the whole run as a user mistake."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from calibration.pools import InputPool
+    from convert.heldout import HeldOutEvaluator, PoolData
+    from core.errors import ValidationError
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    good = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                             opset_imports=[helper.make_opsetid("", 17)])
+    bad = helper.make_model(helper.make_graph([helper.make_node("Nope", ["x"], ["y"], domain="com.example")], "g",
+                                              [x], [y]),
+                            opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    onnx.save(good, str(tmp_path / "good.onnx"))
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    pool = InputPool(arrays={"x": np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)}, labels=None,
+                     source="test", kind="random")
+    ev = HeldOutEvaluator(PoolData(pool), 4)
+    ev.set_reference(tmp_path / "good.onnx", "fp32")
+    with pytest.raises(ValidationError, match="held-out evaluation of bad.onnx"):
+        ev.evaluate(tmp_path / "bad.onnx")
