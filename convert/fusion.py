@@ -20,7 +20,7 @@ from typing import Any
 
 from convert.context import ConvertContext, attempt_variant, parity_batches
 from convert.validate import Tolerance, validate_onnx
-from core.errors import ToolkitError, first_line
+from core.errors import ToolkitError, ValidationError, first_line
 from core.fsutil import scratch_cwd
 from core.onnxfile import save_onnx
 from core.records import FusionParams
@@ -55,13 +55,30 @@ def step_fuse(ctx: ConvertContext) -> None:
 
 
 def _fuse(ctx: ConvertContext, src_name: str, src: Path) -> None:
+    ctx.log("transformer fusion (onnxruntime.transformers.optimizer: attention, LayerNorm, GELU)")
+    try:
+        _fuse_with(ctx, src_name, src, rotary=True)
+    except ValidationError as exc:
+        if not any("RotaryEmbedding" in f for f in exc.failures):
+            raise
+        # ONNX Runtime's RotaryEmbedding takes position_ids of the batch's size; the optimizer feeds it the export's
+        # broadcast [1, sequence] positions (gemma), a file that runs at batch 1 only
+        ctx.log("transformer fusion: the fused RotaryEmbedding fails at batch > 1 "
+                f"({exc.failures[0].splitlines()[0][:160]}); fusing again without rotary-embedding fusion")
+        ctx.path(f"model.{FUSED}.onnx").unlink(missing_ok=True)
+        _fuse_with(ctx, src_name, src, rotary=False)
+
+
+def _fuse_with(ctx: ConvertContext, src_name: str, src: Path, *, rotary: bool) -> None:
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    ctx.log("transformer fusion (onnxruntime.transformers.optimizer: attention, LayerNorm, GELU)")
+    options = FusionOptions("bert")
+    options.enable_rotary_embeddings = rotary
     try:
         with contextlib.redirect_stdout(io.StringIO()), _quiet_logs(), scratch_cwd():
             optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=0,
-                                       use_gpu=False)
+                                       use_gpu=False, optimization_options=options)
     except Exception as exc:
         raise ToolkitError(f"ONNX Runtime's transformer optimizer failed on {src.name}: "
                            f"{first_line(exc, with_type=True)}") from exc
@@ -71,10 +88,13 @@ def _fuse(ctx: ConvertContext, src_name: str, src: Path) -> None:
         return
     target = ctx.path(f"model.{FUSED}.onnx")
     save_onnx(_ready_to_save(optimized), target)
-    art = ctx.manifest.record(ctx.out, target, name=FUSED, kind="onnx", parent=src_name, notes=[CONTRIB_NOTE],
+    notes = [CONTRIB_NOTE] + ([] if rotary else [
+        "rotary-embedding fusion off: ONNX Runtime's fused RotaryEmbedding failed at batch > 1 on this model"])
+    metrics = validate_onnx(target, ctx.spec, ctx.reference, batches=parity_batches(ctx), tol=Tolerance.fp32(),
+                            what=target.name)  # raises before anything is recorded
+    art = ctx.manifest.record(ctx.out, target, name=FUSED, kind="onnx", parent=src_name, notes=notes,
                               params=FusionParams(model_type="bert", fused_ops=fused))
-    art.metrics.update(validate_onnx(target, ctx.spec, ctx.reference, batches=parity_batches(ctx),
-                                     tol=Tolerance.fp32(), what=target.name))
+    art.metrics.update(metrics)
     ctx.log(f"{FUSED}: " + ", ".join(f"{k} x{v}" for k, v in sorted(fused.items())))
 
 

@@ -41,6 +41,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     t.LlamaForCausalLM(t.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                      num_key_value_heads=1, vocab_size=100, max_position_embeddings=64)) \
         .save_pretrained(root / "llama")
+    t.GemmaForCausalLM(t.GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, head_dim=16, vocab_size=100, max_position_embeddings=64)) \
+        .save_pretrained(root / "gemma")
     t.ViTForImageClassification(t.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                             intermediate_size=64, image_size=32, patch_size=8)) \
         .save_pretrained(root / "vit")
@@ -112,6 +115,21 @@ def test_llama_explicit_with_past_task(root: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     spec = json.loads((out / "manifest.json").read_text())["iospec"]
     assert sum(t["name"].startswith("past_key_values.") for t in spec["inputs"]) == 4
+
+
+def test_gemma_fused_without_rotary_fusion(root: Path) -> None:
+    """ONNX Runtime's fused RotaryEmbedding takes position_ids of the batch's size and the optimizer feeds it gemma's
+    broadcast [1, sequence] positions: that file fails at batch 2 (the fused variant was left out, exit 5). The
+    fusion is made again without rotary-embedding fusion, validated at batch 1 and 2, and says so."""
+    from core.manifest import Manifest
+
+    out = root / "art_gemma"
+    proc = _cli("convert", f"hf:{root / 'gemma'}", "--out", str(out), cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "fusing again without rotary-embedding fusion" in proc.stderr + proc.stdout
+    fused = Manifest.load(out).artifacts["fused"]
+    assert fused.status == "ok" and any("rotary-embedding fusion off" in n for n in fused.notes)
+    assert any(k.startswith("batch_2") for k in fused.metrics.parity), fused.metrics.parity
 
 
 def test_vision_channels_fixed(root: Path) -> None:
