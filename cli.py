@@ -21,15 +21,7 @@ from core.errors import InputError, ToolkitError, as_user_error
 
 if TYPE_CHECKING:  # the library is imported inside each command: --help stays fast
     from convert.config import (
-        Budget,
-        CalibConfig,
         ConvertConfig,
-        EngineConfig,
-        ExportConfig,
-        GateConfig,
-        QuantConfig,
-        SparsityConfig,
-        TrainConfig,
     )
     from core.manifest import Manifest
     from reports.models import BenchResults
@@ -237,75 +229,21 @@ def convert(
 ) -> None:
     """Export MODEL to ONNX, validate it, optimize it, and write manifest.json."""
     with user_errors():
-        from convert.config import Budget, ConvertConfig, GateConfig
+        from convert.flags import from_flags
 
-        export = _export_config(model, weights=weights, input_shape=input_shape, opset=opset, exporter=exporter,
-                                dynamic_batch=dynamic_batch, optimize=optimize, seed=seed,
-                                sample_inputs=sample_inputs, task=task)
-        quant = _quant_config(
-            ctx, fp16=fp16, int8=int8, int8_dynamic=int8_dynamic,
-            calib=_calib_config(calib, size=calib_size, batch=calib_batch, methods=calib_method, resize=size,
-                                mean=mean, std=std, seed=seed),
-            gate=GateConfig(max_accuracy_drop=max_accuracy_drop, min_cosine=min_cosine, auto=auto, eval_data=eval_data,
-                            eval_size=eval_size),
-            activation_type=activation_type, weight_type=weight_type, per_channel=per_channel,
-            reduce_range=reduce_range, exclude_nodes=exclude_nodes, exclude_op_types=exclude_op_types,
-            int8_layouts=int8_layouts)
-        engine = _engine_config(trt, fp16=fp16, int8=int8, source=trt_from, tf32=tf32, min_batch=min_batch,
-                                opt_batch=opt_batch, max_batch=max_batch, workspace_mb=workspace,
-                                builder_opt_level=builder_opt_level, timing_cache=timing_cache,
-                                dim_range=dim_range)
-        cfg = ConvertConfig(export=export, out=out, quant=quant, engine=engine,
-                            sparsity=_sparsity_config(sparsity, prune_channels, eval_data,
-                                                      Budget(max_accuracy_drop=max_accuracy_drop,
-                                                             min_cosine=min_cosine)))
-        train = _train_config(ctx, train_data, epochs=epochs, lr=lr, temperature=temperature,
-                              label_weight=label_weight, patience=patience, max_seconds=train_time,
-                              device=train_device, seed=seed)
-        cfg = _with_training(cfg, recover, distill_into, train)
-        _check_eval_data(cfg, eval_data)
+        cfg = from_flags(**_given(ctx))  # the flags' rules and the config's: convert/flags.py, convert/config.py
         manifest, folder = _run_convert_with_progress(cfg)
         _render_manifest(manifest, folder)
 
 
-_TRAIN_PARAMS = ("epochs", "lr", "temperature", "label_weight", "patience", "train_time", "train_device")
+def _given(ctx: typer.Context) -> dict[str, Any]:
+    """The command's parameters the user gave explicitly (not left at their defaults), by name."""
+    def explicit(name: str) -> bool:
+        # by name: recent typer vendors click, whose ParameterSource is not click.core.ParameterSource
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
-
-def _train_config(ctx: typer.Context, data: str | None, **train: Any) -> TrainConfig | None:
-    """How --recover / --distill-into train; None without --train-data (a training flag alone is an error)."""
-    from convert.config import TrainConfig
-
-    if data is None:
-        if given := _flags_given(ctx, _TRAIN_PARAMS):
-            raise InputError(f"{', '.join(given)} tune training: add --recover distill or --distill-into with "
-                             "--train-data")
-        return None
-    if train["device"] not in ("cpu", "cuda"):
-        raise InputError(f"unknown --train-device {train['device']!r}; choose cpu or cuda")
-    return TrainConfig(data=data, **train)
-
-
-def _with_training(cfg: ConvertConfig, recover: str | None, distill_into: str | None,
-                   train: TrainConfig | None) -> ConvertConfig:
-    """--recover distill and --distill-into, each needing --train-data; --train-data needing one of them."""
-    from convert.config import DistillConfig
-
-    if recover is not None and recover.strip().lower() != "distill":
-        raise InputError(f"unsupported --recover {recover!r}: only 'distill' (fine-tuning with the FP32 model as "
-                         "teacher) is supported")
-    if recover is not None and not cfg.sparsity.enabled:
-        raise InputError("--recover distill fine-tunes a pruned or sparse variant: add --prune-channels F or "
-                         "--sparsity 2:4")
-    wants = [f for f, v in (("--recover distill", recover), ("--distill-into", distill_into)) if v is not None]
-    if wants and train is None:
-        raise InputError(f"{' and '.join(wants)} needs --train-data DATA (an image folder or .npz keyed by input "
-                         "name; labels optional)")
-    if train is not None and not wants:
-        raise InputError("--train-data trains something: add --recover distill (with --sparsity/--prune-channels) "
-                         "or --distill-into STUDENT")
-    sparsity = cfg.sparsity.model_copy(update={"recover": train if recover is not None else None})
-    distill = DistillConfig(student=distill_into, train=train) if distill_into is not None and train else None
-    return cfg.model_copy(update={"sparsity": sparsity, "distill": distill})
+    return {name: value for name, value in ctx.params.items() if explicit(name)}
 
 
 def _run_convert_with_progress(cfg: ConvertConfig) -> tuple[Manifest, Path]:
@@ -325,113 +263,6 @@ def _run_convert_with_progress(cfg: ConvertConfig) -> tuple[Manifest, Path]:
             bar.update(task, completed=epoch, description=f"{what}: loss {loss:.4f}, held-out agreement {agree:.1%}")
 
         return run_convert(cfg, log=log, progress=tick)
-
-
-# Flags that tune the FP16/INT8 variants: without --fp16, --int8 or --int8-dynamic they act on nothing.
-# (--eval-data is not one of them: the sparse/pruned variants are measured on it too.)
-_QUANT_ONLY_PARAMS = ("calib", "calib_size", "calib_method", "calib_batch", "size", "mean", "std", "activation_type",
-                      "weight_type", "per_channel", "reduce_range", "exclude_nodes", "exclude_op_types",
-                      "auto", "eval_size", "int8_layouts")
-
-
-def _flags_given(ctx: typer.Context, params: tuple[str, ...]) -> list[str]:
-    """The command-line spelling of each of ``params`` the user gave explicitly (not left at its default)."""
-    def explicit(name: str) -> bool:
-        # by name: recent typer vendors click, whose ParameterSource is not click.core.ParameterSource
-        source = ctx.get_parameter_source(name)
-        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-
-    given = {p.name: p for p in ctx.command.params if p.name in params and explicit(p.name)}
-    return [given[name].opts[0] for name in params if name in given]
-
-
-def _export_config(model: str, *, weights: str | None, input_shape: str | None, opset: int, exporter: str,
-                   dynamic_batch: bool, optimize: bool, seed: int, sample_inputs: str | None,
-                   task: str | None) -> ExportConfig:
-    """What to export: the model, its weights and input shape(s), and the exporter's settings."""
-    from convert.config import ExportConfig
-    from core.shapes import parse_input_shapes
-
-    if exporter not in ("torchscript", "dynamo"):
-        raise InputError(f"unknown --exporter {exporter!r}; choose torchscript or dynamo")
-    shapes = parse_input_shapes(input_shape) if input_shape else None
-    shape: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
-    if shapes is not None:
-        shape = shapes[None] if None in shapes else {str(k): v for k, v in shapes.items()}
-    return ExportConfig(model=model, weights=weights, task=task, input_shape=shape, sample_inputs=sample_inputs,
-                        opset=opset, exporter=exporter,  # type: ignore[arg-type]
-                        dynamic_batch=dynamic_batch, optimize=optimize, seed=seed)
-
-
-def _calib_config(data: str | None, *, size: int, batch: int, methods: str, resize: int | None, mean: str | None,
-                  std: str | None, seed: int) -> CalibConfig:
-    """Where static INT8's calibration samples come from and how images are preprocessed."""
-    from convert.config import CalibConfig
-    from convert.quantize import parse_floats, parse_methods
-
-    return CalibConfig(data=data, size=size, batch=batch, methods=parse_methods(methods), resize=resize,
-                       mean=parse_floats(mean, "--mean") if mean else None,
-                       std=parse_floats(std, "--std") if std else None, seed=seed)
-
-
-def _quant_config(ctx: typer.Context, *, fp16: bool, int8: bool, int8_dynamic: bool, calib: CalibConfig,
-                  gate: GateConfig, activation_type: str, weight_type: str, per_channel: bool,
-                  reduce_range: bool | None, exclude_nodes: str | None,
-                  exclude_op_types: str | None, int8_layouts: str | None = None) -> QuantConfig | None:
-    """The FP16/INT8 variants, or None when none was asked for (--fp16, --int8, --int8-dynamic).
-
-    A flag that only tunes those variants, given without one, is a user error: it would do nothing.
-    """
-    from convert.config import Int8Layout, QuantConfig
-    from convert.quantize import parse_qtype
-
-    if not (fp16 or int8 or int8_dynamic):
-        if stray := _flags_given(ctx, _QUANT_ONLY_PARAMS):
-            raise InputError(f"{', '.join(stray)} appl{'ies' if len(stray) == 1 else 'y'} to FP16/INT8 variants: "
-                             "add --fp16, --int8 or --int8-dynamic")
-        return None
-    return QuantConfig(
-        fp16=fp16, int8_static=int8, int8_dynamic=int8_dynamic, calib=calib, gate=gate,
-        activation_type=parse_qtype(activation_type, "--activation-type"),
-        weight_type=parse_qtype(weight_type, "--weight-type"), per_channel=per_channel, reduce_range=reduce_range,
-        exclude_nodes=csv_list(exclude_nodes, "--exclude-nodes") if exclude_nodes else [],
-        exclude_op_types=csv_list(exclude_op_types, "--exclude-op-types") if exclude_op_types else [],
-        extra_layouts=[Int8Layout.parse(t) for t in csv_list(int8_layouts, "--int8-layouts")] if int8_layouts else [])
-
-
-def _sparsity_config(pattern: str | None, prune_channels: str | None, eval_data: str | None,
-                     budget: Budget) -> SparsityConfig:
-    """The 2:4 sparse and channel-pruned variants (disabled when neither flag is given)."""
-    from convert.config import SparsityConfig
-    from convert.sparsity import parse_prune_ratio, parse_sparsity_pattern
-
-    return SparsityConfig(pattern=parse_sparsity_pattern(pattern) if pattern is not None else None,
-                          prune_channels=parse_prune_ratio(prune_channels) if prune_channels is not None else None,
-                          eval_data=eval_data, budget=budget)
-
-
-def _engine_config(trt: bool, *, fp16: bool, int8: bool, source: str | None, tf32: bool, min_batch: int | None,
-                   opt_batch: int | None, max_batch: int | None, workspace_mb: int | None,
-                   builder_opt_level: int | None, timing_cache: Path | None,
-                   dim_range: str | None) -> EngineConfig | None:
-    """The TensorRT engines (--trt): one per --fp16 / --int8 asked for, FP32 otherwise; None without --trt."""
-    from convert.config import EngineConfig
-    from convert.trt_profile import parse_dim_ranges
-
-    if not trt:
-        if dim_range is not None:
-            raise InputError("--dim-range sets a TensorRT profile: add --trt")
-        return None
-    return EngineConfig(fp16=fp16, int8=int8, source=source, tf32=tf32, min_batch=min_batch, opt_batch=opt_batch,
-                        max_batch=max_batch, workspace_mb=workspace_mb, builder_opt_level=builder_opt_level,
-                        timing_cache=timing_cache, dim_ranges=parse_dim_ranges(dim_range) if dim_range else {})
-
-
-def _check_eval_data(cfg: ConvertConfig, eval_data: str | None) -> None:
-    """--eval-data measures the variants: with none asked for, it would be silently ignored."""
-    if eval_data is not None and cfg.quant is None and not cfg.sparsity.enabled and cfg.distill is None:
-        raise InputError("--eval-data measures variants: add --fp16, --int8, --int8-dynamic, --sparsity, "
-                         "--prune-channels or --distill-into")
 
 
 def _render_manifest(manifest: Manifest, folder: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from convert.export import Exporter
 from core.errors import InputError
@@ -134,9 +134,13 @@ class QuantConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    fp16: bool = Field(default=False, description="FP16 weights/compute, FP32 inputs/outputs")
-    int8_static: bool = Field(default=False, description="QDQ static INT8 with calibration")
-    int8_dynamic: bool = Field(default=False, description="Dynamic INT8 (weights int8, activations at run time)")
+    # a variant's own field names its convert flag: messages list them (variant_flags); convert.variants has its step
+    fp16: bool = Field(default=False, description="FP16 weights/compute, FP32 inputs/outputs",
+                       json_schema_extra={"flag": "--fp16"})
+    int8_static: bool = Field(default=False, description="QDQ static INT8 with calibration",
+                              json_schema_extra={"flag": "--int8"})
+    int8_dynamic: bool = Field(default=False, description="Dynamic INT8 (weights int8, activations at run time)",
+                               json_schema_extra={"flag": "--int8-dynamic"})
     calib: CalibConfig = Field(default_factory=CalibConfig)
     activation_type: QType = Field(default="uint8", description="Static INT8 activations")
     weight_type: QType = Field(default="int8", description="INT8 weights")
@@ -151,10 +155,13 @@ class QuantConfig(BaseModel):
     trt_qdq: bool = Field(default=False, description="Also write int8_trt from the same calibration: Q/DQ by "
                                                      "TensorRT's rules, for an INT8 engine (convert --trt --int8)")
     gate: GateConfig = Field(default_factory=GateConfig)
+    extra_variants: list[str] = Field(
+        default_factory=list, description="More variant steps by their name in convert.variants.VARIANTS: a step "
+                                          "whose row has no bool field of this section")
 
     @property
     def any_variant(self) -> bool:
-        return self.fp16 or self.int8_static or self.int8_dynamic
+        return self.fp16 or self.int8_static or self.int8_dynamic or bool(self.extra_variants)
 
     @property
     def layout(self) -> Int8Layout:
@@ -292,3 +299,44 @@ class ConvertConfig(BaseModel):
                                                                   "None = no engine")
     distill: DistillConfig | None = Field(default=None, description="Also distill into a smaller student "
                                                                     "(convert/recover.py); None = none")
+
+    @model_validator(mode="after")
+    def _sections_combine(self) -> ConvertConfig:
+        """The rules that combine fields, one line each naming the flags (the API, sweep and the CLI share them):
+        the variant flags' rules, recovery, --eval-data. The rules of the variant table's own rows run before the
+        export (``convert.variants.check_config``); the engines' need of calibration (``--trt --int8``) at the start
+        of the run (``convert.engine.with_source_variants``)."""
+        if (q := self.quant) is not None:
+            e = self.engine
+            engine_int8 = e is not None and e.source is None and e.int8  # its calibration rule is the engine's
+            if not q.any_variant and not (e is not None and e.source is None and (e.fp16 or e.int8)):
+                raise InputError(f"calibration, precision and accuracy-gate flags apply to a variant: add "
+                                 f"{variant_flags()}")
+            if q.int8_static and not q.calib.data and not engine_int8:
+                raise InputError("--int8 needs calibration data: --calib DIR|FILE.npz|imagenet_subset "
+                                 "(or --calib synthetic, explicitly)")
+            if q.gate.auto and not q.int8_static:
+                raise InputError("--auto tunes static INT8: add --int8")
+            if q.extra_layouts and not q.int8_static:
+                raise InputError("--int8-layouts are layouts of static INT8: add --int8")
+            if (q.exclude_nodes or q.exclude_op_types) and not (q.int8_static or q.int8_dynamic):
+                raise InputError("--exclude-nodes/--exclude-op-types apply to --int8 and --int8-dynamic")
+        s = self.sparsity
+        if s.recover is not None and not s.enabled:
+            raise InputError(RECOVER_NEEDS_VARIANT)
+        if s.eval_data is not None and self.quant is None and not s.enabled and self.distill is None:
+            raise InputError(f"--eval-data measures variants: add {variant_flags(', ')}, --sparsity, "
+                             "--prune-channels or --distill-into")
+        return self
+
+
+def variant_flags(last: str = " or ") -> str:
+    """"--fp16, --int8 or --int8-dynamic": the flag of every QuantConfig field that asks for a variant (its
+    ``json_schema_extra`` names the flag), for messages; ``last`` joins the last two."""
+    flags = [str(f.json_schema_extra["flag"]) for f in QuantConfig.model_fields.values()
+             if isinstance(f.json_schema_extra, dict) and "flag" in f.json_schema_extra]
+    return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])}{last}{flags[-1]}"
+
+
+RECOVER_NEEDS_VARIANT = ("--recover distill fine-tunes a pruned or sparse variant: add --prune-channels F or "
+                         "--sparsity 2:4")

@@ -26,10 +26,10 @@ from convert.gates import check_gates
 from convert.hf_export import components_only, optimize_components, step_export_hf
 from convert.inputs import export_args, input_spec
 from convert.optimize import optimize_onnx
-from convert.quantize import quant_steps
 from convert.recover import check_distill_inputs, check_recover_inputs, step_distill, step_recover
 from convert.sparsity import check_sparsity_inputs, step_sparsity
 from convert.validate import Tolerance, ort_reference, parity_spec, torch_reference, validate_onnx
+from convert.variants import quant_steps
 from core.errors import ToolkitError, ValidationError, first_line
 from core.fsutil import atomic_path
 from core.iospec import onnx_opset
@@ -172,7 +172,7 @@ def build_steps(cfg: ConvertConfig) -> list[Step]:
             steps = [check_recover_inputs, *steps, step_recover]
     if cfg.distill is not None:
         steps = [check_distill_inputs, *steps, step_distill]
-    if cfg.quant is not None:
+    if cfg.quant is not None:  # the variant steps of convert.variants.VARIANTS that cfg.quant asks for
         before, after = quant_steps(cfg.quant)  # before: flag/data checks ahead of the slow export
         steps = [*before, *steps, *after]
     if cfg.engine is not None:

@@ -12,15 +12,14 @@ The steps are plain functions over one explicit :class:`QuantState`, built once 
 :func:`setup_quant` after the FP32 model exists (held-out and calibration data, the held-out
 evaluator with its FP32 reference) and completed by the first INT8 step (:func:`prepare_int8`: the
 pre-processed model, the calibration runs by method).
-:func:`run_quant` runs them inside a work folder under the output folder that is removed when they
-end, also when one fails. Each variant is optional (:func:`convert.context.attempt_variant`): one that ONNX
+:func:`convert.variants.run_quant` runs the steps the table ``convert.variants.VARIANTS`` lists, inside a
+work folder under the output folder that is removed when they end, also when one fails. Each variant is optional (:func:`convert.context.attempt_variant`): one that ONNX
 Runtime cannot make (a quantizer that rejects the model or the settings, a pre-processing that fails) is recorded
 as failed with its reason and the others are still made; ``int8_trt`` is skipped when static INT8 failed.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -28,13 +27,11 @@ from pathlib import Path
 from typing import Literal
 
 from calibration.cpu import CpuFeatures, cpu_features
-from calibration.loaders import count_samples
 from calibration.ort_reader import OrtCalibrationReader
-from calibration.sources import EVAL_ROLE, Source
+from calibration.sources import Source
 from convert.calibrate import Calibrations, QuantData, open_quant_data
-from convert.component_variants import run_component_variants
 from convert.config import CALIB_METHODS, CalibMethod, Int8Layout, QType, QuantConfig
-from convert.context import ConvertContext, Step, attempt_variant, skip_variant
+from convert.context import ConvertContext, attempt_variant, skip_variant
 from convert.gates import NodeScore, Trial, auto_search, gate_verdict, rank_nodes, summary_line
 from convert.heldout import HeldOutEvaluator, keep_heldout
 from convert.ort_quant import (
@@ -94,25 +91,6 @@ def parse_qtype(text: str, what: str) -> QType:
         return "int8"
     raise InputError(f"unknown {what} {text!r}; choose uint8 or int8")
 
-
-
-def check_config(cfg: QuantConfig) -> None:
-    """User errors that need no model: say them before the (slow) export runs."""
-    c, g = cfg.calib, cfg.gate
-    if not cfg.any_variant:
-        raise InputError("calibration, precision and accuracy-gate flags apply to a variant: add --fp16, --int8 "
-                         "or --int8-dynamic")
-    if cfg.int8_static and not c.data:
-        raise InputError("--int8 needs calibration data: --calib DIR|FILE.npz|imagenet_subset "
-                         "(or --calib synthetic, explicitly)")
-    if g.auto and not cfg.int8_static:
-        raise InputError("--auto tunes static INT8: add --int8")
-    if cfg.extra_layouts and not cfg.int8_static:
-        raise InputError("--int8-layouts are layouts of static INT8: add --int8")
-    if (cfg.exclude_nodes or cfg.exclude_op_types) and not (cfg.int8_static or cfg.int8_dynamic):
-        raise InputError("--exclude-nodes/--exclude-op-types apply to --int8 and --int8-dynamic")
-    count_samples(c.data)  # a missing folder/file or unreadable array fails now
-    count_samples(g.eval_data, EVAL_ROLE)
 
 
 # -- the state the steps share -----------------------------------------------------------------------
@@ -211,7 +189,7 @@ def prepare_int8(ctx: ConvertContext, state: QuantState) -> None:
 
 
 # -- recording ---------------------------------------------------------------------------------------
-def _record(ctx: ConvertContext, state: QuantState, built: Path, *, name: str, precision: Precision,
+def record_variant(ctx: ConvertContext, state: QuantState, built: Path, *, name: str, precision: Precision,
             params: StepParams, stats: AccuracyStats, notes: list[str]) -> None:
     """Copy ``built`` into the output folder and record it with its held-out statistics and gate."""
     target = ctx.path(f"model.{name}.onnx")
@@ -241,7 +219,7 @@ def step_fp16(ctx: ConvertContext, state: QuantState) -> None:
     ctx.log("FP16 conversion (ONNX Runtime's float16 converter, FP32 inputs/outputs kept)")
     built = state.work / "fp16.onnx"
     info = convert_fp16(state.reference_file, built)
-    _record(ctx, state, built, name="fp16", precision="fp16",
+    record_variant(ctx, state, built, name="fp16", precision="fp16",
             params=Fp16Params(**info.model_dump(), cpu=state.cpu.summary), stats=state.evaluator.evaluate(built),
             notes=_cpu_note(ctx, state.cpu.fp16_advice()))
 
@@ -259,7 +237,7 @@ def step_int8_dynamic(ctx: ConvertContext, state: QuantState) -> None:
                                 per_channel=cfg.per_channel, reduce_range=state.reduce_range,
                                 exclude_nodes=cfg.exclude_nodes, exclude_op_types=cfg.exclude_op_types,
                                 cpu=state.cpu.summary)
-    _record(ctx, state, built, name="int8_dynamic", precision="int8", params=params,
+    record_variant(ctx, state, built, name="int8_dynamic", precision="int8", params=params,
             stats=state.evaluator.evaluate(built), notes=_cpu_note(ctx, state.cpu.int8_advice(dynamic=True)))
 
 
@@ -361,7 +339,7 @@ def _record_static(ctx: ConvertContext, state: QuantState, trial: Trial, auto: A
         exclude_op_types=cfg.exclude_op_types, fp32_nodes=trial.fp32_nodes, cpu=state.cpu.summary,
         calibration=state.static().record(trial.method), auto=auto)
     name = f"int8_static_{trial.method}" + ("" if main else f"_{layout.name}")
-    _record(ctx, state, trial.path, name=name, precision="int8", params=params, stats=trial.stats, notes=notes)
+    record_variant(ctx, state, trial.path, name=name, precision="int8", params=params, stats=trial.stats, notes=notes)
 
 
 def step_int8_trt(ctx: ConvertContext, state: QuantState, trial: Trial) -> None:
@@ -380,42 +358,8 @@ def step_int8_trt(ctx: ConvertContext, state: QuantState, trial: Trial) -> None:
                           op_types=trt_op_types(cfg), exclude_nodes=cfg.exclude_nodes, fp32_nodes=trial.fp32_nodes,
                           calibration=cal.record(trial.method),
                           accuracy_evaluated_as="simulated Q/DQ (ONNX Runtime, graph optimizations off)")
-    _record(ctx, state, out, name="int8_trt", precision="int8", params=params,
+    record_variant(ctx, state, out, name="int8_trt", precision="int8", params=params,
             stats=state.evaluator.evaluate(out, simulate_qdq=True),
             notes=["Q/DQ for a TensorRT INT8 engine (convert --trt --int8). For ONNX Runtime on CPU use "
                    "int8_static_*: its fused x86 kernels can saturate with this variant's full-range "
                    "signed INT8 weights, and lose accuracy TensorRT does not"])
-
-
-# -- the pipeline's steps ----------------------------------------------------------------------------
-def check_quant_inputs(ctx: ConvertContext, cfg: QuantConfig) -> None:
-    """Before the export: the flags, and for PyTorch models (whose IOSpec is known now) the data."""
-    check_config(cfg)
-    if ctx.loaded.onnx_path is None:
-        open_quant_data(cfg, ctx.spec, ctx.manifest.source.preprocessing)
-
-
-def run_quant(ctx: ConvertContext, cfg: QuantConfig) -> None:
-    """Every FP16/INT8 variant asked for, after the FP32 model exists. Intermediate files go to a work
-    folder under the output folder, removed when the steps end, also when one of them fails."""
-    if ctx.manifest.artifacts[ctx.best_fp32()].components:  # several files: each component on its own
-        run_component_variants(ctx, cfg)
-        return
-    with tempfile.TemporaryDirectory(prefix=".quant-", dir=ctx.out) as work:
-        state = setup_quant(ctx, cfg, Path(work))
-        attempt_variant(ctx, "fp16", "fp16", lambda: step_fp16(ctx, state), parent=state.reference)
-        attempt_variant(ctx, "int8_dynamic", "quantize_dynamic", lambda: step_int8_dynamic(ctx, state),
-                        parent=state.reference)
-        step_int8_static(ctx, state)  # one attempt per variant inside
-
-
-def quant_steps(cfg: QuantConfig) -> tuple[list[Step], list[Step]]:
-    """(steps to run before the export: flag and data checks; steps after the FP32 model exists)."""
-
-    def check_quant_flags_and_data(ctx: ConvertContext) -> None:
-        check_quant_inputs(ctx, cfg)
-
-    def quantize(ctx: ConvertContext) -> None:
-        run_quant(ctx, cfg)
-
-    return [check_quant_flags_and_data], [quantize]

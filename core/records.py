@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, SerializeAsAny, Tag
 
 from core.metrics import AccuracyStats, LatencyStats, ParityStats
 from core.training import TrainingRecord
@@ -240,10 +240,34 @@ class FusionParams(Record):
     fused_ops: dict[str, int]
 
 
-StepParams = Annotated[
+class VariantParams(Record):
+    """The parameters of a variant step whose record is not one of the steps above: a step added by its own
+    module and one row of ``convert.variants.VARIANTS``. Its record subclasses this one (with its ``step`` name and
+    its own typed fields); a manifest read back gives this class, its fields as attributes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    step: str
+
+
+_KnownParams = Annotated[
     CopyParams | ExportParams | WeightsParams | OptimizeParams | Fp16Params | DynamicQuantParams
     | StaticQuantParams | TrtQdqParams | SparsityParams | PruneParams | DistillParams | EngineParams | FusionParams,
     Field(discriminator="step"),
+]
+_KNOWN_STEPS = frozenset(m.model_fields["step"].default for m in (
+    CopyParams, ExportParams, WeightsParams, OptimizeParams, Fp16Params, DynamicQuantParams, StaticQuantParams,
+    TrtQdqParams, SparsityParams, PruneParams, DistillParams, EngineParams, FusionParams))
+
+
+def _params_tag(value: Any) -> str:
+    step = value.get("step") if isinstance(value, dict) else getattr(value, "step", None)
+    return "known" if step in _KNOWN_STEPS else "variant"
+
+
+StepParams = Annotated[
+    Annotated[_KnownParams, Tag("known")] | Annotated[SerializeAsAny[VariantParams], Tag("variant")],
+    Discriminator(_params_tag),
 ]
 
 

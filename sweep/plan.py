@@ -54,24 +54,12 @@ class Conversion(BaseModel):
     seed: int = Field(default=0, description="Seed for random init and test inputs")
 
     def to_config(self, entry: ModelEntry, out: Path) -> ConvertConfig:
-        """The ConvertConfig ``convert`` would build from the same flags."""
-        from convert.config import CalibConfig, ExportConfig, GateConfig, QuantConfig
-        from core.shapes import parse_input_shapes
+        """The ConvertConfig ``convert`` builds from the same flags (``convert.flags``: one mapping, the same
+        rules)."""
+        from convert.flags import from_flags
 
-        shape: tuple[int, ...] | dict[str, tuple[int, ...]] | None = None
-        if entry.input_shape:
-            shapes = parse_input_shapes(entry.input_shape)
-            shape = shapes[None] if None in shapes else {str(k): v for k, v in shapes.items()}
-        export = ExportConfig(model=entry.model, weights=entry.weights, input_shape=shape, opset=self.opset,
-                              exporter=self.exporter, optimize=self.optimize, seed=self.seed)
-        quant = None
-        if self.fp16 or self.int8 or self.int8_dynamic:
-            quant = QuantConfig(
-                fp16=self.fp16, int8_static=self.int8, int8_dynamic=self.int8_dynamic,
-                calib=CalibConfig(data=self.calib, size=self.calib_size, methods=self.calib_methods, seed=self.seed),
-                gate=GateConfig(max_accuracy_drop=self.max_accuracy_drop, min_cosine=self.min_cosine,
-                                eval_data=self.eval_data, eval_size=self.eval_size))
-        return ConvertConfig(export=export, out=out, quant=quant)
+        given = {("calib_method" if k == "calib_methods" else k): getattr(self, k) for k in self.model_fields_set}
+        return from_flags(model=entry.model, weights=entry.weights, input_shape=entry.input_shape, out=out, **given)
 
 
 class PlanConfig(BaseModel):

@@ -1,0 +1,131 @@
+"""The variant steps, in one explicit table, as ``runtimes.RUNNERS`` is for backends.
+
+Each row (:class:`Variant`) names what asks for the variant (its config section and field, and the convert flag
+that sets it), its checks before the export, its step, the params record it writes and its precision. The pipeline
+(:func:`quant_steps`) and the checks before the export (:func:`check_config`) iterate this table; the config
+section's field that asks for a variant names its flag, which the "which variants" messages list
+(``convert.config.variant_flags``). Adding a variant is its module, one row here (and, for a flag of its own, one
+field of its section) and its tests.
+
+A row's step runs after the FP32 model exists, over the :class:`convert.quantize.QuantState` its section shares
+(held-out data and the FP32 reference, calibration), and makes its variant(s) through
+:func:`convert.context.attempt_variant`, so that one that fails is recorded and the others are still made.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from calibration.loaders import count_samples
+from calibration.sources import EVAL_ROLE
+from convert.calibrate import open_quant_data
+from convert.component_variants import run_component_variants
+from convert.config import QuantConfig
+from convert.context import ConvertContext, Step, attempt_variant
+from convert.quantize import QuantState, setup_quant, step_fp16, step_int8_dynamic, step_int8_static
+from core.errors import InputError
+from core.manifest import Precision
+from core.records import DynamicQuantParams, Fp16Params, Record, StaticQuantParams
+
+#: A variant's step: makes its variant(s) from the state its section shares (each through attempt_variant).
+VariantStep = Callable[[ConvertContext, QuantState], None]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a variant step and everything that lists or checks it."""
+
+    name: str  # the artifact it writes (or the prefix of several: int8_static_<method>)
+    section: Literal["quant"]  # the ConvertConfig section it reads
+    field: str | None  # the section's bool field that asks for it (None: named in QuantConfig.extra_variants)
+    step: VariantStep
+    params: type[Record]  # the record its artifacts carry (Artifact.params)
+    precision: Precision
+    checks: Callable[[QuantConfig], None] | None = None  # its own checks before the export (raise InputError)
+
+    @property
+    def flag(self) -> str | None:
+        """The convert flag that asks for it: the one its section's field names (None: no field, no flag)."""
+        extra = QuantConfig.model_fields[self.field].json_schema_extra if self.field is not None else None
+        return str(extra["flag"]) if isinstance(extra, dict) and "flag" in extra else None
+
+    def asked(self, cfg: QuantConfig) -> bool:
+        return self.name in cfg.extra_variants or (self.field is not None and bool(getattr(cfg, self.field)))
+
+
+def one_attempt(name: str, step: str, make: VariantStep) -> VariantStep:
+    """A step that makes one optional variant ``name`` (derived from the FP32 reference)."""
+    def run(ctx: ConvertContext, state: QuantState) -> None:
+        attempt_variant(ctx, name, step, lambda: make(ctx, state), parent=state.reference)
+    return run
+
+
+#: Every variant step, in the order they run.
+VARIANTS: dict[str, Variant] = {
+    "fp16": Variant(name="fp16", section="quant", field="fp16",
+                    step=one_attempt("fp16", "fp16", step_fp16), params=Fp16Params, precision="fp16"),
+    "int8_dynamic": Variant(name="int8_dynamic", section="quant", field="int8_dynamic",
+                            step=one_attempt("int8_dynamic", "quantize_dynamic", step_int8_dynamic),
+                            params=DynamicQuantParams, precision="int8"),
+    "int8_static": Variant(name="int8_static", section="quant", field="int8_static",
+                           step=step_int8_static,  # one attempt per calibration method inside (and int8_trt)
+                           params=StaticQuantParams, precision="int8"),
+}
+
+
+def asked_variants(cfg: QuantConfig) -> list[Variant]:
+    """The rows ``cfg`` asks for, in the order they run."""
+    return [v for v in VARIANTS.values() if v.asked(cfg)]
+
+
+def check_variants(cfg: QuantConfig) -> None:
+    """The table's own rules (the config's rules on the flags are ConvertConfig's validators): every name in
+    ``extra_variants`` is a row, and each row asked for passes its checks."""
+    if unknown := [n for n in cfg.extra_variants if n not in VARIANTS]:
+        raise InputError(f"unknown variant step(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    for v in asked_variants(cfg):
+        if v.checks is not None:
+            v.checks(cfg)
+
+
+def check_config(cfg: QuantConfig) -> None:
+    """User errors that need no model: the flag rules, then that the data files exist and can be read."""
+    check_variants(cfg)
+    count_samples(cfg.calib.data)  # a missing folder/file or unreadable array fails now
+    count_samples(cfg.gate.eval_data, EVAL_ROLE)
+
+
+# -- the pipeline's steps ----------------------------------------------------------------------------
+def check_quant_inputs(ctx: ConvertContext, cfg: QuantConfig) -> None:
+    """Before the export: the flags, and for PyTorch models (whose IOSpec is known now) the data."""
+    check_config(cfg)
+    if ctx.loaded.onnx_path is None:
+        open_quant_data(cfg, ctx.spec, ctx.manifest.source.preprocessing)
+
+
+def run_quant(ctx: ConvertContext, cfg: QuantConfig) -> None:
+    """Every variant of the table ``cfg`` asks for, after the FP32 model exists. Intermediate files go to a work
+    folder under the output folder, removed when the steps end, also when one of them fails."""
+    if ctx.manifest.artifacts[ctx.best_fp32()].components:  # several files: each component on its own
+        run_component_variants(ctx, cfg)
+        return
+    with tempfile.TemporaryDirectory(prefix=".quant-", dir=ctx.out) as work:
+        state = setup_quant(ctx, cfg, Path(work))
+        for v in asked_variants(cfg):
+            v.step(ctx, state)
+
+
+def quant_steps(cfg: QuantConfig) -> tuple[list[Step], list[Step]]:
+    """(steps to run before the export: flag and data checks; steps after the FP32 model exists)."""
+
+    def check_quant_flags_and_data(ctx: ConvertContext) -> None:
+        check_quant_inputs(ctx, cfg)
+
+    def quantize(ctx: ConvertContext) -> None:
+        run_quant(ctx, cfg)
+
+    return [check_quant_flags_and_data], [quantize]
