@@ -125,8 +125,8 @@ class Int8Layout(BaseModel):
         if len(parts) != 3 or parts[0] not in fmt or parts[1] not in scales or parts[2] not in acts:
             raise InputError(f"--int8-layouts: bad layout {text!r}; expected FORMAT_SCALES_ACTIVATIONS with FORMAT "
                              "qdq|qop, SCALES pc|pt (per channel/tensor), ACTIVATIONS u8|s8, e.g. qop_pt_u8")
-        return cls(quant_format=fmt[parts[0]], per_channel=scales[parts[1]],  # type: ignore[arg-type]
-                   activation_type=acts[parts[2]])  # type: ignore[arg-type]
+        return cls.model_validate({"quant_format": fmt[parts[0]], "per_channel": scales[parts[1]],
+                                   "activation_type": acts[parts[2]]})
 
 
 class QuantConfig(BaseModel):

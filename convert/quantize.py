@@ -69,7 +69,7 @@ def parse_methods(text: str) -> list[CalibMethod]:
     if bad or not items:
         raise InputError(f"unknown --calib-method {text!r}; choose from {', '.join(CALIB_METHODS)} "
                          "(comma-separated for one variant each)")
-    return list(dict.fromkeys(items))  # type: ignore[arg-type]
+    return [m for x in dict.fromkeys(items) for m in CALIB_METHODS if m == x]
 
 
 def parse_floats(text: str, what: str) -> list[float]:
