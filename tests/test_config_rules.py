@@ -113,3 +113,19 @@ def test_a_sweep_conversion_shares_the_mapping_and_its_rules(tmp_path: Path) -> 
     assert cfg.out == tmp_path
     with pytest.raises(InputError, match="^--int8 needs calibration data"):
         Conversion(int8=True).to_config(entry, tmp_path)
+
+
+def test_the_cli_defaults_are_the_flags_defaults() -> None:
+    """cli.py passes only the flags given: a default shown by --help must be the one ConvertFlags applies."""
+    import typer
+
+    import cli
+    from convert.flags import ConvertFlags
+
+    params = typer.main.get_command(cli.app).commands["convert"].params  # type: ignore[attr-defined]
+    asked = {"model": "m", "fp16": True, "train_data": "t.npz", "distill_into": "s.py:build"}  # every rule met
+    shown = {p.name: p.default for p in params if p.default is not None and p.name not in asked}
+    unset = [p.name for p in params if p.default is None and p.name not in asked]
+    assert set(shown) | set(unset) | set(asked) == set(ConvertFlags.model_fields)
+    assert ConvertFlags(**asked, **shown).model_dump() == ConvertFlags(**asked).model_dump()
+    assert all(ConvertFlags.model_fields[n].get_default(call_default_factory=True) in (None, [], {}) for n in unset)
