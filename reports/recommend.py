@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.manifest import INTEGER_PRECISIONS, PRECISION_LABELS
 from core.metrics import LatencyStats, latency_differs
 from reports.compare import record_label
 from reports.models import BenchRecord, BenchResults
@@ -40,13 +41,13 @@ class Recommendation(BaseModel):
 def precision_name(r: BenchRecord) -> str:
     """'static INT8', 'dynamic INT8', 'FP16', ... from the precision and the variant's name."""
     p = r.precision.lower()
-    if p == "int8":
+    label = PRECISION_LABELS.get(p, p.upper())
+    if p in INTEGER_PRECISIONS:
         v = r.variant.lower()
         for word in ("static", "dynamic", "qat"):
             if word in v:
-                return f"{'QAT' if word == 'qat' else word} INT8"
-        return "INT8"
-    return {"mixed": "mixed precision"}.get(p, p.upper())
+                return f"{'QAT' if word == 'qat' else word} {label}"
+    return label
 
 
 def _flag(flags: dict[str, Any], word: str) -> bool:
@@ -96,7 +97,7 @@ def _precision_statements(recs: Sequence[BenchRecord], device: str, machine: dic
             factor = ratio if ratio > 1 else 1 / ratio
             text = (f"{r.backend}: {precision_name(r)} ({r.variant}) is {factor:.2f}x {verb} than FP32 "
                     f"({base.variant}) {where}")
-        if r.precision == "int8" and device == "cpu":
+        if r.precision in INTEGER_PRECISIONS and device == "cpu":
             text += cpu_int8_reason(machine, slower=not (a < b and latency_differs(r.latency_ms, base.latency_ms)))
         out.append(f"{text}: p50 {a:.3f} ms vs {b:.3f} ms at batch {r.batch_size}.")
     return out

@@ -113,3 +113,15 @@ def test_the_table_lists_the_builtin_variants_and_refuses_unknown_names() -> Non
     assert [v.name for v in asked_variants(q)] == ["fp16", "int8_dynamic", "int8_static"]  # the run order
     with pytest.raises(InputError, match="unknown variant step"):  # before the export
         check_variants(ConvertConfig(export=ExportConfig(model="m"), quant=QuantConfig(extra_variants=["rounded"])).quant)
+
+
+def test_every_precision_a_row_may_declare_is_named_in_reports() -> None:
+    """Reports sit below convert (they cannot read the table): the precisions a row may declare carry their report
+    label and integer-kernel flag in core.manifest, which reports/recommend.py reads."""
+    from typing import get_args
+
+    from convert.variants import VARIANTS
+    from core.manifest import INTEGER_PRECISIONS, PRECISION_LABELS, Precision
+
+    assert set(get_args(Precision)) == set(PRECISION_LABELS) and set(PRECISION_LABELS) >= INTEGER_PRECISIONS
+    assert all(v.precision in PRECISION_LABELS for v in VARIANTS.values())
