@@ -183,7 +183,7 @@ def test_parity_tolerance_follows_the_outputs_magnitude() -> None:
         def __init__(self, out: np.ndarray) -> None:
             self.out = out
 
-        def run(self, _names: object, _feed: object) -> list[np.ndarray]:
+        def run(self, _names: object, _feed: object, _options: object = None) -> list[np.ndarray]:
             return [self.out]
 
     def check(ref: np.ndarray, got: np.ndarray) -> list[str]:
