@@ -64,7 +64,8 @@ def count_macs(path: Path, shapes: Mapping[str, Sequence[int]]) -> MacCount:
     unknown, and so does every MatMul after it). So when some op's shape is unknown at batch 1, the count is made at
     batch 2 and halved: one call's arithmetic is proportional to its batch. ONNX's inference knows no contrib op
     (a QOperator INT8 graph's QLinearAdd: every QLinearConv after it has no shape), so where ops stay unknown ONNX
-    Runtime's symbolic shape inference, which knows them, counts instead."""
+    Runtime's symbolic shape inference, which knows them, counts instead (not where sizes come from the data:
+    :data:`DATA_DEPENDENT`)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -74,11 +75,17 @@ def count_macs(path: Path, shapes: Mapping[str, Sequence[int]]) -> MacCount:
         if doubled.unshaped < best.unshaped:
             best = MacCount(None if doubled.macs is None else doubled.macs // 2 or None, doubled.uncounted,
                             doubled.unshaped)
-    if best.unshaped:
+    if best.unshaped and not {n.op_type for n in model.graph.node} & DATA_DEPENDENT:
         symbolic = _count_macs(model, shapes, symbolic=True)
         if symbolic.unshaped < best.unshaped:
             best = symbolic
     return best
+
+
+#: Ops whose output sizes come from the data (a detector's NMS, a Loop's trip count): ONNX Runtime's symbolic shape
+#: inference turns them into sympy expressions it simplifies for many minutes (fasterrcnn_mobilenet_v3_large_320_fpn:
+#: past 17 minutes of bench's preparation), and cannot size them anyway; such a graph's count is ONNX's, a lower bound
+DATA_DEPENDENT = {"NonMaxSuppression", "NonZero", "Loop", "Scan"}
 
 
 @dataclass(frozen=True)
