@@ -58,12 +58,18 @@ def ort_reference(path: Path, simulate_qdq: bool = False) -> Reference:
     """Outputs of ``path`` in ONNX Runtime on CPU, in the model's output order (``simulate_qdq``: see
     ``ort_session``). A run that fails raises without ONNX Runtime's own error log: the caller words it (and
     :func:`parity_spec` expects the source to refuse some shapes)."""
+    sess = ort_session(path, simulate_qdq=simulate_qdq)
+    quiet = _quiet_run()
+    return lambda feed: list(sess.run(None, feed, quiet))
+
+
+def _quiet_run() -> Any:
+    """Run options without ONNX Runtime's own error log: a failing run is reported once, in the caller's words."""
     import onnxruntime as ort
 
-    sess = ort_session(path, simulate_qdq=simulate_qdq)
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4
-    return lambda feed: list(sess.run(None, feed, quiet))
+    return quiet
 
 
 def torch_reference(module: Any, spec: IOSpec) -> Reference:
@@ -254,12 +260,8 @@ def _parity_at(sess: Any, spec: IOSpec, reference: Reference, at: tuple[int, dic
     batch, dims = at
     if feed is None:
         feed = spec.random_feed(batch, seed=1234 + batch, dims=dims)
-    import onnxruntime as ort
-
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4  # a failing run is one failure line here, not also ONNX Runtime's own error log
     try:
-        got = list(sess.run(None, feed, quiet))
+        got = list(sess.run(None, feed, _quiet_run()))
     except Exception as exc:
         return [f"ONNX Runtime run at {where}: {first_line(exc)}"]
     try:
