@@ -1,0 +1,241 @@
+"""The generation benchmark (runtimes.generation) on tiny random-init decoders exported with their KV cache by the
+toolkit (gpt2, llama; nothing downloaded): per-backend rows with TTFT/TPOT from interleaved rounds, the exact KV cache
+size, the KV-cache path's tokens equal to the no-cache path's, agreement with eager, a backend that cannot run it
+skipped with the reason, `bench` on such an artifact writing the generation table; and the text/perplexity helpers
+(calibration.text). Timing values on tiny models are noise: only the structure is checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibration.text import (
+    BYTE_VOCAB,
+    decode,
+    encode,
+    perplexity_from_logits,
+    stdlib_files,
+    windows,
+)
+from core.manifest import Manifest
+from runtimes.base import RunnerOptions
+from runtimes.generation import (
+    GenerationConfig,
+    RunnerDecoder,
+    greedy,
+    greedy_no_cache,
+    prompt_plan,
+    run_generation,
+    timed_traces,
+)
+from runtimes.ort import OrtRunner
+from runtimes.timing import time_units
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("optimum.exporters.onnx")
+
+from tests.test_hf_optimum import _cli  # noqa: E402  (after the skips: it needs transformers too)
+
+LAYERS, HEADS, HEAD_DIM = 2, 2, 16
+
+
+def _export(root: Path, name: str, model: object) -> Path:
+    model.save_pretrained(root / name)  # type: ignore[attr-defined]
+    out = root / f"art_{name}"
+    proc = _cli("convert", f"hf:{root / name}", "--task", "text-generation-with-past", "--no-optimize", "--out",
+                str(out), cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gen")
+
+
+@pytest.fixture(scope="module")
+def gpt2_art(root: Path) -> Path:
+    """initializer_range 0.5: the random model's greedy continuation changes token from step to step (at 0.02 it
+    repeats one token, which a broken cache could repeat too)."""
+    import torch
+
+    torch.manual_seed(0)
+    t = transformers
+    return _export(root, "gpt2", t.GPT2LMHeadModel(t.GPT2Config(
+        n_layer=LAYERS, n_head=HEADS, n_embd=HEADS * HEAD_DIM, vocab_size=100, n_positions=64, initializer_range=0.5)))
+
+
+@pytest.fixture(scope="module")
+def llama_art(root: Path) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    t = transformers
+    return _export(root, "llama", t.LlamaForCausalLM(t.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=100, max_position_embeddings=64, initializer_range=0.5)))
+
+
+def _cfg(art: Path, **kw: object) -> GenerationConfig:
+    base: dict[str, object] = dict(artifact_dir=art, prompt_lengths=[4, 8], batch_sizes=[1, 2], new_tokens=4,
+                                   no_cache_tokens=6, check_prompts=2, check_tokens=5, warmup=1, iters=3, rounds=3,
+                                   round_warmup=0, threads=1)
+    return GenerationConfig(**(base | kw))  # type: ignore[arg-type]
+
+
+def test_generation_rows_per_backend_and_checks(gpt2_art: Path) -> None:
+    """Every backend that can run the decoder gets a row per (prompt length, batch) on the same prompt; TTFT/TPOT
+    come from the timed units only (3 rounds: an interval); the cache holds exactly prompt + new - 1 positions;
+    torchscript (no generation loop) is skipped with its reason; the checks agree with eager."""
+    cfg = _cfg(gpt2_art, backends=["eager", "ort", "openvino", "torchscript"])
+    gen = run_generation(cfg, log=lambda _: None)
+
+    assert any(s.startswith("torchscript: no generation loop") for s in gen.skipped), gen.skipped
+    backends = {(r.backend, r.variant) for r in gen.rows}
+    assert backends == {("eager", "torch"), ("ort", "fp32"), ("openvino", "fp32")}
+    for length in (4, 8):
+        for batch in (1, 2):
+            rows = [r for r in gen.rows if r.kv_cache and r.prompt_length == length and r.batch_size == batch
+                    and r.new_tokens == 4]
+            assert len(rows) == 3 and len({r.input_digest for r in rows}) == 1  # the same prompt for every target
+            for r in rows:
+                assert r.ttft_ms.iters == r.tpot_ms.iters == r.total_ms.iters == cfg.iters
+                assert len(r.ttft_ms.round_p50s) == 3 and r.ttft_ms.p50_interval is not None
+                cached = length + r.new_tokens - 1  # the last token chosen is not fed
+                assert r.kv_cache_mb is not None
+                assert round(r.kv_cache_mb * 2**20) == batch * LAYERS * 2 * HEADS * cached * HEAD_DIM * 4
+                assert r.ttft_ms.p50 > 0 and r.decode_tokens_per_s > 0 and r.tokens_per_s > 0
+    no_cache = [r for r in gen.rows if not r.kv_cache]
+    assert {(r.backend, r.new_tokens, r.batch_size, r.prompt_length) for r in no_cache} == \
+        {("eager", 6, 1, 4), ("ort", 6, 1, 4), ("openvino", 6, 1, 4)}
+    assert len(gen.cache_speedups()) == 3
+
+    checks = {(c.backend, c.variant): c for c in gen.checks}
+    assert set(checks) == backends
+    for c in checks.values():
+        assert c.reference == "eager:torch:fp32" and c.tokens == 5 and c.prompts == 2
+        assert c.kv_matches_no_cache, c
+        assert c.agreement == 1.0 and c.forced_agreement == 1.0 and c.cosine_min > 0.9999, c
+        assert c.perplexity is None  # no held-out text: random init, agreement and cosine only
+    assert gen.random_init
+
+
+def test_kv_cache_path_equals_no_cache_path_and_a_forgetful_cache_fails(gpt2_art: Path) -> None:
+    """The check behind kv_matches_no_cache: ORT's KV-cache loop gives the no-cache loop's tokens; a decoder whose
+    session forgets the cache after the prefill does not (so the check can fail)."""
+    manifest = Manifest.load(gpt2_art)
+    runner = OrtRunner(manifest, gpt2_art, manifest.artifacts["fp32"], RunnerOptions(threads=1))
+    decoder = RunnerDecoder(runner)
+    decoder.load()
+    try:
+        prompt = np.array([[5, 17, 42, 7, 9, 11], [3, 1, 4, 1, 5, 9]], np.int64)
+        kv = greedy(decoder, prompt, 6)
+        full = greedy_no_cache(decoder, prompt, 6)
+        assert kv.tokens.shape == (2, 7) and len(set(kv.tokens[0].tolist())) > 2
+        np.testing.assert_array_equal(kv.tokens, full.tokens)
+
+        class Forgetful(RunnerDecoder):
+            def session(self):  # type: ignore[no-untyped-def]
+                s = super().session()
+                step = s.step
+
+                def forget(ids: np.ndarray) -> np.ndarray:
+                    out = step(ids)
+                    s.inner.cache, s.inner.length = {}, 0  # type: ignore[attr-defined]
+                    return out
+
+                s.step = forget  # type: ignore[method-assign]
+                return s
+
+        broken = Forgetful(runner)
+        assert not np.array_equal(greedy(broken, prompt, 6).tokens, full.tokens)
+    finally:
+        decoder.close()
+
+
+def test_timed_traces_are_the_timed_units_of_each_round(gpt2_art: Path) -> None:
+    """time_units runs warm-up units and per-round untimed units too: the traces kept are exactly the timed ones,
+    round by round; a count that does not add up is refused."""
+    calls: list[int] = []
+
+    def unit() -> None:
+        calls.append(len(calls))
+
+    timed = time_units([unit], warmup=2, iters=5, rounds=2, block_warmup=1)[0]
+    from runtimes.generation import Trace
+
+    traces = [Trace(tokens=np.zeros((1, 1)), prefill_ms=float(i), decode_ms=0.0) for i in calls]
+    got = timed_traces(traces, 2, timed)
+    # 2 warm-up; round 1: 1 untimed + 3 timed; round 2: 1 untimed + 2 timed
+    assert [[t.prefill_ms for t in r] for r in got] == [[3.0, 4.0, 5.0], [7.0, 8.0]]
+    with pytest.raises(RuntimeError, match="recorded"):
+        timed_traces(traces[:-1], 2, timed)
+
+
+def test_prompt_lengths_capped_by_the_models_positions() -> None:
+    cfg = GenerationConfig(artifact_dir=Path("."), prompt_lengths=[32, 128, 512], new_tokens=16, no_cache_tokens=128)
+    lengths, no_cache, notes = prompt_plan(cfg, 64)
+    assert lengths == [32, 48] and no_cache == 32
+    assert any("capped to 48" in n for n in notes) and any("at 32 new tokens" in n for n in notes)
+    assert prompt_plan(cfg, 1024)[:2] == ([32, 128, 512], 128)
+
+
+def test_llama_agrees_with_eager_and_its_cache_matches_no_cache(llama_art: Path) -> None:
+    gen = run_generation(_cfg(llama_art, backends=["eager", "ort"], prompt_lengths=[6], batch_sizes=[1],
+                              no_cache_tokens=0, iters=1, rounds=1), log=lambda _: None)
+    assert {(r.backend, r.kv_cache) for r in gen.rows} == {("eager", True), ("ort", True)}
+    ort = next(c for c in gen.checks if c.backend == "ort")
+    assert ort.agreement == 1.0 and ort.kv_matches_no_cache and ort.cosine_min > 0.9999
+
+
+def test_eager_skipped_with_its_reason_when_the_source_folder_is_gone(gpt2_art: Path, tmp_path: Path) -> None:
+    """A copy whose manifest names a Hugging Face folder that is not there: eager is skipped and says why, ORT is
+    measured, and the checks say which reference they used."""
+    art = tmp_path / "art"
+    shutil.copytree(gpt2_art, art)
+    data = json.loads((art / "manifest.json").read_text())
+    data["source"]["model"] = f"hf:{tmp_path / 'gone'}"
+    (art / "manifest.json").write_text(json.dumps(data))
+    gen = run_generation(_cfg(art, backends=["eager", "ort"], prompt_lengths=[4], batch_sizes=[1], iters=1,
+                              rounds=1, no_cache_tokens=0), log=lambda _: None)
+    assert any(s.startswith("eager: the manifest records no Hugging Face source folder") for s in gen.skipped)
+    assert {r.backend for r in gen.rows} == {"ort"}
+    assert gen.checks[0].reference == "ort:fp32:fp32"
+
+
+def test_bench_on_a_kv_cache_artifact_writes_the_generation_table(gpt2_art: Path, tmp_path: Path) -> None:
+    from reports.models import BenchResults
+    from reports.writers import write_results
+    from runtimes.harness import BenchConfig, run_bench
+
+    cfg = BenchConfig(artifact_dir=gpt2_art, backends=["ort"], batch_sizes=[1], iters=2, rounds=1, threads=1,
+                      dims={"sequence": [4]})
+    results = run_bench(cfg, log=lambda _: None)
+    assert results.generation is not None and not results.records
+    assert {(r.backend, r.prompt_length, r.batch_size) for r in results.generation.rows if r.kv_cache} == \
+        {("ort", 4, 1)}
+    paths = write_results(results, tmp_path / "results.json")
+    assert "## Generation (KV cache)" in paths["md"].read_text()
+    assert paths["csv"].read_text().splitlines()[0].startswith("model,backend,variant,precision,kv_cache")
+    again = BenchResults.load(paths["json"])
+    assert again.generation is not None and again.generation.rows == results.generation.rows
+
+
+def test_text_split_and_perplexity() -> None:
+    """Held-out files never train; bytes round-trip; perplexity is the vocabulary size for uniform logits and 1 for
+    a model sure of every next token."""
+    train, held = stdlib_files("train"), stdlib_files("heldout")
+    assert train and held and not {p.name for p in train} & {p.name for p in held}
+    ids = encode("def f():\n    return 1\n")
+    assert decode(ids) == "def f():\n    return 1\n" and ids.max() < BYTE_VOCAB
+    rows = windows(ids, 8, 3, seed=0)
+    assert rows.shape == (3, 8)
+    assert perplexity_from_logits(np.zeros((3, 8, BYTE_VOCAB), np.float32), rows) == pytest.approx(BYTE_VOCAB)
+    sure = np.full((3, 8, BYTE_VOCAB), -50.0, np.float32)
+    for b in range(3):
+        sure[b, np.arange(7), rows[b, 1:]] = 50.0
+    assert perplexity_from_logits(sure, rows) == pytest.approx(1.0)
