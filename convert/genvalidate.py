@@ -1,0 +1,290 @@
+"""Generation-aware validation of a decoder exported with its KV cache: greedy decoding, not one forward pass.
+
+From the same seeded prompts (token ids inside the vocabulary, one batch), each model decodes greedily: a prefill on
+the prompt, then one token per step through ONNX Runtime's :class:`runtimes.session.KVCacheSession` (the past fed back
+each step). Models are compared step by step *along the reference's tokens* (each step is fed the token the reference
+chose, so every step's logits answer the same question): the share of steps whose greedy token equals the
+reference's (token agreement) and the logits cosine of every step (the worst is kept). Each model's own free-running
+continuation is also compared (how much of the reference's it reproduces before the first difference).
+
+- The FP32 ONNX model (the variants' reference, ``opt`` or ``fp32``) against eager PyTorch: transformers'
+  ``AutoModelForCausalLM`` loaded from the ``hf:`` folder, decoding with its own cache.
+- Every variant (``fp16``, ``int8_dynamic``, ``int8_static_*``, ``int4``) against the FP32 ONNX model: its gate
+  (:class:`convert.config.GenerationGate`: smallest token agreement, smallest step cosine) replaces the held-out gate
+  of one forward pass on random inputs (whose random past values no decoding produces); outside it the variant is
+  marked failed and convert exits non-zero, as for any gate.
+- Each model's KV-cache path against its no-cache path: one forward over the whole sequence (prompt and the chosen
+  tokens) with an empty past gives the logits of every position the cached steps produced.
+
+Random-init weights get agreement and cosine only (no perplexity: there is no text they model), and the record says
+so. Results are ``ArtifactMetrics.generation`` (:class:`core.records.GenerationCheck`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convert.config import GenerationGate
+from convert.context import ConvertContext
+from core.errors import InputError, first_line
+from core.hf import PREFIX
+from core.iospec import IOSpec
+from core.manifest import Artifact, Manifest
+from core.records import CacheCheck, GateResult, GenerationCheck, GenerationCompare
+from runtimes.session import has_kv_cache
+
+#: the logits output of Optimum's decoders
+LOGITS = "logits"
+#: the basis the gate records
+BASIS = "greedy token agreement with FP32 (teacher-forced steps)"
+
+
+@dataclass
+class Decoded:
+    """A greedy decoding: the tokens chosen (prompts x steps) and each step's last-position logits (steps x prompts x
+    vocab); step 0 is the prefill's."""
+
+    tokens: np.ndarray
+    logits: np.ndarray
+
+
+def seeded_prompts(spec: IOSpec, gate: GenerationGate, seed: int) -> np.ndarray:
+    """``gate.prompts`` prompts of ``gate.prompt_length`` token ids inside the vocabulary (the IOSpec's range of
+    ``input_ids``, read from the embedding table), from ``seed``."""
+    ids = spec.input("input_ids")
+    low, high = ids.int_range or (0, 100)
+    return np.random.default_rng(seed).integers(low, high, size=(gate.prompts, gate.prompt_length)).astype(ids.dtype)
+
+
+# -- ONNX Runtime -------------------------------------------------------------------------------------------------
+@contextmanager
+def ort_runner(manifest: Manifest, base: Path, art: Artifact) -> Iterator[Any]:
+    """A loaded ONNX Runtime runner over ``art`` (one thread: small decode steps on a shared CPU)."""
+    from runtimes.base import RunnerOptions
+    from runtimes.ort import OrtRunner
+
+    with OrtRunner(manifest, base, art, RunnerOptions(threads=1, ort_spinning=False)) as runner:
+        yield runner
+
+
+def _logits_index(runner: Any) -> int:
+    names = runner.manifest.iospec.output_names
+    if LOGITS not in names:
+        raise InputError(f"{runner.label}: no {LOGITS!r} output to decode from (outputs: {', '.join(names)})")
+    return int(names.index(LOGITS))
+
+
+def onnx_greedy(runner: Any, prompt: np.ndarray, steps: int) -> Decoded:
+    """The runner's own greedy decoding through its KV-cache session."""
+    index = _logits_index(runner)
+    with runner.open_session() as session:
+        last = session.step({"input_ids": prompt})[index][:, -1]
+        tokens, logits = [last.argmax(-1)], [last]
+        for _ in range(steps):
+            last = session.step({"input_ids": tokens[-1][:, None].astype(prompt.dtype)})[index][:, -1]
+            tokens.append(last.argmax(-1))
+            logits.append(last)
+    return Decoded(tokens=np.stack(tokens, 1), logits=np.stack(logits).astype(np.float32))
+
+
+def onnx_along(runner: Any, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Each step's logits when the runner is fed ``tokens`` (a reference's choices) after the prefill: steps x
+    prompts x vocab, the same steps as the reference's."""
+    index = _logits_index(runner)
+    with runner.open_session() as session:
+        logits = [session.step({"input_ids": prompt})[index][:, -1]]
+        for i in range(tokens.shape[1] - 1):
+            logits.append(session.step({"input_ids": tokens[:, i:i + 1].astype(prompt.dtype)})[index][:, -1])
+    return np.stack(logits).astype(np.float32)
+
+
+def onnx_no_cache(runner: Any, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """One forward over prompt + ``tokens`` (but the last) with an empty past: the logits of the positions the cached
+    steps produced, steps x prompts x vocab."""
+    index = _logits_index(runner)
+    seq = np.concatenate([prompt, tokens[:, :-1].astype(prompt.dtype)], axis=1)
+    with runner.open_session() as session:
+        out = session.step({"input_ids": seq})[index]
+    return np.moveaxis(out[:, prompt.shape[1] - 1:], 1, 0).astype(np.float32)
+
+
+# -- eager PyTorch --------------------------------------------------------------------------------------------------
+def load_causal_lm(source: str) -> Any:
+    """transformers' ``AutoModelForCausalLM`` from an ``hf:`` folder (nothing downloaded), in eval mode."""
+    import transformers
+
+    folder = source.removeprefix(PREFIX)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise InputError(f"{source}: transformers cannot load it as a causal LM: {first_line(exc)}") from None
+    return model.eval()
+
+
+def eager_greedy(model: Any, prompt: np.ndarray, steps: int) -> Decoded:
+    """Greedy decoding in eager PyTorch with the model's own cache (``past_key_values``)."""
+    import torch
+
+    ids = torch.from_numpy(prompt.astype(np.int64))
+    tokens, logits = [], []
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True)
+        for i in range(steps + 1):
+            last = out.logits[:, -1].float()
+            tokens.append(last.argmax(-1))
+            logits.append(last.numpy())
+            if i < steps:
+                out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
+    return Decoded(tokens=torch.stack(tokens, 1).numpy(), logits=np.stack(logits).astype(np.float32))
+
+
+# -- comparisons ----------------------------------------------------------------------------------------------------
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of the last axis, a and b steps x prompts x vocab -> steps x prompts."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    num = np.sum(a64 * b64, -1)
+    den = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
+    return np.where(den > 0, num / np.maximum(den, 1e-300), 0.0)
+
+
+def compare(reference: str, ref: Decoded, along: np.ndarray, own: Decoded | None = None) -> GenerationCompare:
+    """A model's logits along ``ref``'s tokens (``along``) against ``ref``; ``own``: its free-running decoding."""
+    agree = along.argmax(-1) == ref.tokens.T  # steps x prompts
+    cos = _cosines(along, ref.logits)
+    per_step = cos.min(axis=1)
+    free = None
+    if own is not None:
+        same = own.tokens == ref.tokens
+        first_diff = np.where(same.all(1), same.shape[1], np.argmin(same, axis=1))
+        free = round(float(np.mean(first_diff / same.shape[1])), 4)
+    return GenerationCompare(reference=reference, steps=int(ref.tokens.shape[1]),
+                             token_agreement=round(float(agree.mean()), 4), min_cosine=round(float(cos.min()), 6),
+                             mean_cosine=round(float(cos.mean()), 6),
+                             step_cosines=[round(float(c), 6) for c in per_step], free_run_match=free)
+
+
+def cache_check(cached: np.ndarray, no_cache: np.ndarray) -> CacheCheck:
+    return CacheCheck(positions=int(cached.shape[0]), max_abs_diff=float(np.abs(cached - no_cache).max()),
+                      min_cosine=round(float(_cosines(cached, no_cache).min()), 6))
+
+
+def generation_gate(cmp: GenerationCompare, gate: GenerationGate) -> GateResult:
+    """The gate of a variant from its comparison with FP32: agreement (in points) and the worst step cosine."""
+    drop = 100.0 * (1.0 - cmp.token_agreement)
+    budget = 100.0 * (1.0 - gate.min_token_agreement)
+    why = []
+    if cmp.token_agreement < gate.min_token_agreement - 1e-9:
+        why.append(f"greedy token agreement with FP32 {100 * cmp.token_agreement:.1f}% < "
+                   f"{100 * gate.min_token_agreement:g}%")
+    if cmp.min_cosine < gate.min_cosine:
+        why.append(f"logits cosine {cmp.min_cosine:.4f} < {gate.min_cosine:g} at a decode step")
+    return GateResult(drop_points=round(drop, 4), basis=BASIS, budget_points=round(budget, 4), passed=not why,
+                      samples=cmp.steps * gate.prompts, cosine=cmp.min_cosine, min_cosine=gate.min_cosine,
+                      reason="; ".join(why) or None)
+
+
+def summary(check: GenerationCheck, gate: GateResult | None) -> str:
+    parts = []
+    for cmp in (check.vs_fp32, check.vs_eager):
+        if cmp is not None:
+            parts.append(f"greedy vs {cmp.reference}: agree {100 * cmp.token_agreement:.1f}%, min cos "
+                         f"{cmp.min_cosine:.4f}")
+    parts.append(f"cache vs no-cache cos {check.cache.min_cosine:.6f}")
+    if gate is not None and gate.passed is not None:
+        parts.append("gate ok" if gate.passed else f"gate FAILED: {gate.reason}")
+    return ", ".join(parts) + f" ({check.prompts}x{check.new_tokens} tokens)"
+
+
+# -- the step over an artifact folder -------------------------------------------------------------------------------
+@dataclass
+class GenerationRun:
+    """What every model's check shares: the prompts, the FP32 reference's decoding and the eager one."""
+
+    gate: GenerationGate
+    seed: int
+    prompt: np.ndarray
+    reference: str
+    ref: Decoded
+    eager: Decoded | None
+    random_init: bool
+
+    def check(self, runner: Any, is_reference: bool) -> GenerationCheck:
+        steps = self.gate.new_tokens
+        own = self.ref if is_reference else onnx_greedy(runner, self.prompt, steps)
+        along_ref = self.ref.logits if is_reference else onnx_along(runner, self.prompt, self.ref.tokens)
+        vs_fp32 = None if is_reference else compare(self.reference, self.ref, along_ref, own)
+        vs_eager = None
+        if self.eager is not None:
+            vs_eager = compare("eager", self.eager, onnx_along(runner, self.prompt, self.eager.tokens), own)
+        cache = cache_check(along_ref, onnx_no_cache(runner, self.prompt, self.ref.tokens))
+        note = ("random-init weights: token agreement and logits cosine only (no perplexity: they model no text)"
+                if self.random_init else
+                "token agreement and logits cosine on seeded prompts; perplexity needs text (the generation benchmark)")
+        if self.eager is None:
+            note += "; no eager comparison (no hf: folder to load the PyTorch model from)"
+        return GenerationCheck(prompts=self.gate.prompts, prompt_length=self.gate.prompt_length, new_tokens=steps,
+                               seed=self.seed, vs_fp32=vs_fp32, vs_eager=vs_eager, cache=cache,
+                               random_init=self.random_init, note=note)
+
+
+def start(manifest: Manifest, base: Path, reference: str, gate: GenerationGate, seed: int,
+          random_init: bool) -> GenerationRun:
+    """The prompts, the FP32 reference's greedy decoding and (for an ``hf:`` model) eager PyTorch's."""
+    prompt = seeded_prompts(manifest.iospec, gate, seed)
+    with ort_runner(manifest, base, manifest.artifacts[reference]) as runner:
+        ref = onnx_greedy(runner, prompt, gate.new_tokens)
+    eager = None
+    if manifest.source.kind == "hf":
+        eager = eager_greedy(load_causal_lm(manifest.source.model), prompt, gate.new_tokens)
+    return GenerationRun(gate=gate, seed=seed, prompt=prompt, reference=reference, ref=ref, eager=eager,
+                         random_init=random_init)
+
+
+def grade_generation(manifest: Manifest, base: Path, reference: str, variants: list[str], gate: GenerationGate,
+                     seed: int, random_init: bool, log: Any = print) -> None:
+    """Check ``reference`` (against eager, and its cache against no cache) and grade each of ``variants`` against it
+    by greedy decoding; each artifact's ``metrics.generation`` is set, each variant's gate is the generation gate
+    (``status`` failed when it fails, or when onnx.checker failed)."""
+    if not has_kv_cache(manifest.iospec) or manifest.artifacts[reference].components:
+        return
+    log(f"generation check: greedy decoding of {gate.prompts} seeded prompt(s) of {gate.prompt_length} tokens, "
+        f"{gate.new_tokens} new tokens, KV-cache path vs no-cache path; variants gated against {reference} "
+        f"(agreement >= {100 * gate.min_token_agreement:g}%, step cosine >= {gate.min_cosine:g})")
+    run = start(manifest, base, reference, gate, seed, random_init)
+    for name in [reference, *variants]:
+        art = manifest.artifacts[name]
+        try:
+            with ort_runner(manifest, base, art) as runner:
+                check = run.check(runner, is_reference=name == reference)
+        except Exception as exc:  # a variant ONNX Runtime cannot decode with fails its gate, the others go on
+            if name == reference:
+                raise
+            why = f"greedy decoding failed: {first_line(exc, with_type=True)}"
+            art.metrics.gate = GateResult(drop_points=None, basis=BASIS, budget_points=None, passed=False, samples=0,
+                                          reason=why)
+            art.metrics.summary, art.status = f"gate FAILED: {why}", "failed"
+            log(f"  {name}: {why}")
+            continue
+        art.metrics.generation = check
+        verdict = None
+        if check.vs_fp32 is not None:
+            verdict = generation_gate(check.vs_fp32, gate)
+            art.metrics.gate = verdict
+            art.metrics.summary = summary(check, verdict)
+            art.status = "failed" if verdict.passed is False or art.metrics.checker == "failed" else "ok"
+        log(f"  {name}: {summary(check, verdict)}")
+
+
+def grade_new_variants(ctx: ConvertContext, gate: GenerationGate, reference: str, before: set[str],
+                       random_init: bool) -> None:
+    """After the variant steps of a one-file decoder with a KV cache: the generation check of ``reference`` and of
+    every ONNX artifact made since ``before`` (the artifact names then)."""
+    made = [n for n, a in ctx.manifest.artifacts.items() if n not in before and a.kind == "onnx"]
+    if made:
+        grade_generation(ctx.manifest, ctx.out, reference, made, gate, ctx.cfg.export.seed, random_init, ctx.log)
