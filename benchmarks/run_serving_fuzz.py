@@ -1,21 +1,31 @@
-"""Serving under hostile clients (issue 13): random malformed requests, then good ones checked against ONNX Runtime.
+"""Serving under hostile clients (issues 13, 33): random malformed requests, stalled connections and bad gRPC
+messages, then good requests checked against ONNX Runtime.
 
-    python benchmarks/run_serving_fuzz.py [--count 2000] [--good 200] [--seed 0] [--artifact-dir /tmp/fuzz_tiny]
+    python benchmarks/run_serving_fuzz.py [--count 2000] [--good 200] [--seed 0] [--stalled 300]
+                                          [--read-timeout-s 5] [--artifact-dir /tmp/fuzz_tiny]
 
 1. ``convert`` the tests' tiny CNN (32x32, dynamic batch) unless the folder has a manifest.
-2. ``cli.py serve`` in a subprocess on a free 127.0.0.1 port (its defaults: max batch 8, the body limit
-   derived from them), warmed up with good requests; its RSS is read from /proc.
+2. ``cli.py serve`` in a subprocess on a free 127.0.0.1 port with gRPC too (its defaults: max batch 8, the body
+   limit derived from them; ``--read-timeout-s`` and the same keep-alive), warmed up with good requests; its RSS
+   is read from /proc at start, after the warm-up and at the end.
 3. ``--count`` requests over raw sockets, each a random mutation of a valid request (binary or JSON):
    bad shapes and huge dims, bad datatypes, bad data values, truncated bodies, wrong header and
-   content lengths, bit flips, garbage and deeply nested JSON, unknown names, oversized bodies, bad
-   encodings, and clients that hang up mid-body.
-4. ``--good`` valid requests (batch 1-8, binary and JSON), every output checked against ONNX Runtime
+   content lengths (non-numeric ones too), bit flips, garbage and deeply nested JSON, unknown names, oversized
+   bodies, bad encodings, clients that hang up mid-body, true/false as FP32 data, an input with both JSON data and
+   binary bytes, and a binary_data_size that is not a byte count.
+4. ``--stalled`` connections held open: a third send nothing, a third stop inside their headers, a third send a
+   body shorter than their Content-Length. Good requests are sent meanwhile; each stalled connection must be
+   closed within the read/keep-alive timeout (plus 5 s), the begun requests with a 408 JSON error.
+5. gRPC: messages that are not protobuf, and an input sent both in ``contents`` and ``raw_input_contents``;
+   each must be INVALID_ARGUMENT.
+6. ``--good`` valid requests (batch 1-8, binary and JSON), every output checked against ONNX Runtime
    run here on the served file.
 
 It records crashes (the server process gone), 5xx answers to client errors, answers that are not a
-one-line ``{"error"}`` JSON, requests left unanswered, wrong answers, and the server's RSS before and
-after (target: within 20%), in benchmarks/results/serving_fuzz.{json,md}. Only 127.0.0.1 is contacted;
-every socket has a timeout.
+one-line ``{"error"}`` JSON (uvicorn's plain-text parser errors included), requests left unanswered, requests that
+must be refused but were answered 200, stalled connections left open, wrong answers, and the server's RSS at start,
+after the warm-up and at the end (target: within 20%), in benchmarks/results/serving_fuzz.{json,md}. Only
+127.0.0.1 is contacted; every socket has a timeout.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from benchmarks.run_serving import free_port, wait_ready
 MODEL = "tiny_cnn_opt"
 PATH = f"/v2/models/{MODEL}/infer"
 HL = "Inference-Header-Content-Length"
-#: uvicorn's answer to a request its HTTP parser refuses (e.g. Content-Length 2**70): the app never sees it.
+#: uvicorn's own answer to a request its HTTP parser refuses (before issue 33: plain text, now a JSON error).
 UVICORN_400 = b"Invalid HTTP request received."
 Wire = tuple[dict[str, str], bytes, str]  # headers, body, how to send: "full" | "hangup" | "short"
 
@@ -159,15 +169,49 @@ def m_content(rng: random.Random, doc: dict[str, Any], blob: bytes) -> Wire:
         headers["Content-Encoding"] = rng.choice(["gzip", "deflate", "br", "x" * 100])
         return headers, body, "full"
     if what == 3:
-        headers["Content-Length"] = str(max(len(body) - rng.randint(1, 100), 0))
+        headers["Content-Length"] = rng.choice([str(max(len(body) - rng.randint(1, 100), 0)), "abc", "-5", "1e3",
+                                                "12 34", "0x10"])
         return headers, body, "full"
     return headers, b"0" * (2 << 20), "full"  # over the default body limit
+
+
+def m_bools(rng: random.Random, doc: dict[str, Any], blob: bytes) -> Wire:
+    """true/false in FP32 JSON data: all of it, or one value among floats."""
+    item = doc["inputs"][0]
+    item.pop("parameters", None)
+    count = int(np.prod(item["shape"]))
+    data = item.get("data") or [0.5] * count
+    if rng.random() < 0.5:
+        data = [rng.random() < 0.5 for _ in range(count)]
+    else:
+        data[rng.randrange(count)] = rng.choice([True, False])
+    item["data"] = data
+    return wire(doc, b"")
+
+
+def m_both(rng: random.Random, doc: dict[str, Any], blob: bytes) -> Wire:
+    """An input with JSON data and binary bytes both."""
+    item = doc["inputs"][0]
+    count = int(np.prod(item["shape"]))
+    item["data"] = item.get("data") or [0.5] * count
+    item["parameters"] = {"binary_data_size": count * 4}
+    return wire(doc, blob or b"\0" * (count * 4))
+
+
+def m_binary_size(rng: random.Random, doc: dict[str, Any], blob: bytes) -> Wire:
+    """A binary_data_size that is not a byte count."""
+    item = doc["inputs"][0]
+    item.pop("data", None)
+    item["parameters"] = {"binary_data_size": rng.choice([-5, -1, "abc", "12288", 1.5, True, [4], {"a": 1}])}
+    return wire(doc, blob or b"\0" * (int(np.prod(item["shape"])) * 4))
 
 
 MUTATIONS: dict[str, Callable[[random.Random, dict[str, Any], bytes], Wire]] = {
     "shape": m_shape, "datatype": m_dtype, "values": m_values, "literal": m_literal, "truncate": m_truncate,
     "header_length": m_header_length, "bit_flip": m_flip, "garbage": m_garbage, "names": m_names,
-    "content": m_content}
+    "content": m_content, "bool_data": m_bools, "data_and_binary": m_both, "binary_size": m_binary_size}
+#: Mutations no valid request can come out of: a 200 to one of them is a silent acceptance.
+MUST_REFUSE = {"bool_data", "data_and_binary", "binary_size"}
 
 
 # -- sending -------------------------------------------------------------------------------------------
@@ -221,16 +265,93 @@ def fuzz(port: int, count: int, rng: random.Random, alive: Callable[[], bool]) -
         else:
             label = str(status)
             if answer == UVICORN_400:  # refused by uvicorn's HTTP parser (Content-Length 2**70) before the app
-                label += " (HTTP parser, plain text)"
+                label += " (HTTP parser, plain text: not a one-line JSON error)"
             elif 400 <= status < 500 and not one_line_json_error(answer):
                 label += " (not a one-line JSON error)"
+            elif status == 200 and kind in MUST_REFUSE:
+                label += " (silently accepted)"
         by_kind[kind][label] += 1
-        if status >= 500 or label in ("no answer",) or "not a one-line" in label:
+        if status >= 500 or label in ("no answer",) or "not a one-line" in label or "silently" in label:
             problems.append(f"#{i} {kind}: {label} {answer[:200]!r}")
         if not alive():
             problems.append(f"#{i} {kind}: the server process died")
             break
     return {"by_kind": {k: dict(v) for k, v in by_kind.items()}, "problems": problems}
+
+
+def stalled(port: int, count: int, timeout_s: float, url: str, rng: random.Random, reference: Any) -> dict[str, Any]:
+    """``count`` connections held open (nothing sent, headers cut short, a body shorter than its Content-Length)
+    while 20 good requests are sent; how long each took to be closed, and what it was told."""
+    import select
+
+    kinds = {"idle": b"", "headers": f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-".encode(),
+             "body": f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n".encode()
+             + b'{"inputs": ['}
+    socks: dict[socket.socket, tuple[str, float]] = {}
+    refused = 0
+    for i in range(count):
+        kind = list(kinds)[i % 3]
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(kinds[kind])
+        except OSError:
+            refused += 1
+            continue
+        socks[sock] = (kind, time.monotonic())
+    t_good = time.perf_counter()
+    during = good(url, 20, rng, reference)
+    during["seconds"] = round(time.perf_counter() - t_good, 2)
+    open_ = dict(socks)
+    answers: Counter[str] = Counter()
+    closed_after: list[float] = []
+    deadline = time.monotonic() + timeout_s + 5
+    buffers: dict[socket.socket, bytes] = {s: b"" for s in socks}
+    while open_ and time.monotonic() < deadline:
+        ready, _, _ = select.select(list(open_), [], [], 0.1)
+        for sock in ready:
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if chunk:
+                buffers[sock] += chunk
+                continue
+            kind, t0 = open_.pop(sock)
+            closed_after.append(time.monotonic() - t0)
+            raw = buffers[sock]
+            status = raw[9:12].decode() if raw.startswith(b"HTTP/1.1 ") else "closed"
+            json_ok = status == "closed" or one_line_json_error(raw.partition(b"\r\n\r\n")[2])
+            answers[f"{kind}: {status}{'' if json_ok else ' (not a one-line JSON error)'}"] += 1
+    for sock in socks:
+        sock.close()
+    return {"connections": count, "refused_at_connect": refused, "left_open": len(open_), "answers": dict(answers),
+            "closed_after_s_max": round(max(closed_after, default=0), 2),
+            "closed_after_s_median": round(float(np.median(closed_after)) if closed_after else 0, 2),
+            "good_requests_meanwhile": during}
+
+
+def grpc_cases(target: str) -> dict[str, Any]:
+    """Messages that are not protobuf (three calls), and an input in both contents and raw_input_contents."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    codes: Counter[str] = Counter()
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    both = service_pb2.ModelInferRequest(model_name=MODEL)
+    both.inputs.add(name="input", datatype="FP32", shape=[1, 3, 32, 32]).contents.fp32_contents.extend(x.ravel())
+    both.raw_input_contents.append(x.tobytes())
+    cases = [(call, garbage) for call in ("ModelInfer", "ModelMetadata", "ServerLive")
+             for garbage in (b"\xff\xff\xff\xff", b"\x0a\xff\x01abc", bytes(range(256)) * 4)]
+    cases.append(("ModelInfer", both.SerializeToString()))
+    with grpc.insecure_channel(target) as channel:
+        for call, raw in cases:
+            try:
+                channel.unary_unary(f"/inference.GRPCInferenceService/{call}")(raw, timeout=30)
+                codes[f"{call}: OK"] += 1
+            except grpc.RpcError as exc:
+                codes[f"{call}: {exc.code().name}"] += 1
+    return {"requests": len(cases), "codes": dict(codes),
+            "not_invalid_argument": sum(n for k, n in codes.items() if not k.endswith("INVALID_ARGUMENT"))}
 
 
 def good(url: str, count: int, rng: random.Random, reference: Any) -> dict[str, Any]:
@@ -265,14 +386,15 @@ def rss_mb(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def serve(art: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = free_port()
+def serve(art: Path, timeout_s: float) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+    port, grpc_port = free_port(), free_port()
     cmd = [sys.executable, str(ROOT / "cli.py"), "serve", str(art), "--variant", "opt", "--port", str(port),
-           "--no-ort-spinning"]
+           "--grpc-port", str(grpc_port), "--no-ort-spinning", "--read-timeout-s", str(timeout_s),
+           "--keep-alive-s", str(timeout_s)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(f"http://127.0.0.1:{port}", proc)
-        yield proc, port
+        yield proc, port, grpc_port
     finally:
         stop(proc)
 
@@ -293,13 +415,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     onnx_file = art / Manifest.load(art).artifacts["opt"].file.path
     reference = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     rng = random.Random(args.seed)
-    with serve(art) as (proc, port):
+    with serve(art, args.read_timeout_s) as (proc, port, grpc_port):
         url = f"http://127.0.0.1:{port}"
+        rss_start = rss_mb(proc.pid)
         warm = good(url, args.good, rng, reference)
         rss_before = rss_mb(proc.pid)
         t0 = time.perf_counter()
         fuzzed = fuzz(port, args.count, rng, lambda: proc.poll() is None)
         fuzz_s = time.perf_counter() - t0
+        held = stalled(port, args.stalled, args.read_timeout_s, url, rng, reference) if proc.poll() is None else None
+        grpc_ = grpc_cases(f"127.0.0.1:{grpc_port}") if proc.poll() is None else None
         crashed = proc.poll() is not None
         after = good(url, args.good, rng, reference) if not crashed else None
         rss_after = rss_mb(proc.pid) if not crashed else None
@@ -312,24 +437,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         timespec="seconds"), "machine": machine(), "count": args.count, "seed": args.seed, "fuzz_s": round(fuzz_s, 1),
         "crashes": int(crashed), "five_xx_for_client_errors": five, "problems": fuzzed["problems"][:50],
         "problem_count": len(fuzzed["problems"]), "by_kind": fuzzed["by_kind"], "server_metrics": server,
-        "good_before": warm, "good_after": after, "rss_mb_before": rss_before, "rss_mb_after": rss_after,
-        "rss_ratio": round(rss_after / rss_before, 3) if rss_after else None}
+        "read_timeout_s": args.read_timeout_s, "stalled": held, "grpc": grpc_,
+        "good_before": warm, "good_after": after, "rss_mb_start": rss_start, "rss_mb_before": rss_before,
+        "rss_mb_after": rss_after, "rss_ratio": round(rss_after / rss_before, 3) if rss_after else None,
+        "rss_ratio_to_start": round(rss_after / rss_start, 3) if rss_after else None}
 
 
 def markdown(r: dict[str, Any]) -> str:
     after = r["good_after"] or {}
+    held = r["stalled"] or {}
+    during = held.get("good_requests_meanwhile") or {}
+    grpc_ = r["grpc"] or {}
     lines = [
         "# Serving fuzz: malformed requests against `serve` (tiny CNN, ONNX Runtime, CPU)", "",
         f"Command: `{r['command']}`  ", f"Date: {r['date']}  ",
         f"Machine: {r['machine']['cpu_model']}, {r['machine']['cpu_count']} cores", "",
         f"- {r['count']} malformed requests (seed {r['seed']}) in {r['fuzz_s']} s: **{r['crashes']} crashes**, "
         f"**{r['five_xx_for_client_errors']} 5xx** answers to client errors, {r['problem_count']} problems "
-        "(5xx, no answer, or an error body that is not one-line JSON; uvicorn's own plain-text 400 for requests "
-        "its HTTP parser refuses before the app sees them, such as Content-Length 2**70, is listed apart)",
+        "(5xx, no answer, an error body that is not one-line JSON, uvicorn's plain-text parser errors included, "
+        "or a 200 to a request that must be refused)",
+        f"- {held.get('connections')} stalled connections (read/keep-alive timeout {r['read_timeout_s']:g} s): "
+        f"**{held.get('left_open')} left open** {r['read_timeout_s'] + 5:g} s after; closed after "
+        f"{held.get('closed_after_s_median')} s (median), {held.get('closed_after_s_max')} s (max); answers "
+        f"{held.get('answers')}; {held.get('refused_at_connect')} refused at connect; good requests meanwhile: "
+        f"{during.get('requests')}, {during.get('errors')} errors, {during.get('wrong')} wrong, in "
+        f"{during.get('seconds')} s",
+        f"- gRPC: {grpc_.get('requests')} malformed messages, **{grpc_.get('not_invalid_argument')} not "
+        f"INVALID_ARGUMENT** ({grpc_.get('codes')})",
         f"- good requests after the fuzz: {after.get('requests', 0)}, {after.get('errors', 'n/a')} errors, "
         f"**{after.get('wrong', 'n/a')} wrong answers** vs ONNX Runtime (max abs err {after.get('max_abs_err')})",
-        f"- server RSS: {r['rss_mb_before']} MB before the fuzz, {r['rss_mb_after']} MB after "
-        f"(ratio {r['rss_ratio']}; target within 20%)",
+        f"- server RSS: {r['rss_mb_start']} MB at start, {r['rss_mb_before']} MB after the warm-up (before the fuzz), "
+        f"{r['rss_mb_after']} MB at the end (ratio to the warmed-up RSS {r['rss_ratio']}, to the start "
+        f"{r['rss_ratio_to_start']}; target within 20%)",
         f"- server /metrics after: {r['server_metrics']}", "",
         "| mutation | answers |", "|---|---|"]
     for kind, labels in r["by_kind"].items():
@@ -343,6 +482,8 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=2000, help="Malformed requests")
     ap.add_argument("--good", type=int, default=200, help="Good requests before and after, checked against ORT")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stalled", type=int, default=300, help="Connections held open with an unfinished request")
+    ap.add_argument("--read-timeout-s", type=float, default=5.0, help="serve --read-timeout-s and --keep-alive-s")
     ap.add_argument("--artifact-dir", default="/tmp/fuzz_tiny")
     args = ap.parse_args()
     result = run(args)
@@ -350,7 +491,10 @@ def main() -> None:
     print(markdown(result))
     print(f"wrote {j} and {m}")
     after = result["good_after"] or {}
-    bad = result["crashes"] or result["problem_count"] or after.get("wrong", 1) or after.get("errors", 1)
+    held = result["stalled"] or {}
+    bad = (result["crashes"] or result["problem_count"] or after.get("wrong", 1) or after.get("errors", 1)
+           or held.get("left_open", 1) or (held.get("good_requests_meanwhile") or {}).get("errors", 1)
+           or (result["grpc"] or {}).get("not_invalid_argument", 1) or (result["rss_ratio"] or 2) > 1.2)
     sys.exit(1 if bad else 0)
 
 

@@ -102,6 +102,9 @@ def decode_infer_request(request: Any, check: InputCheck | None = None) -> Infer
         if any(d < 0 for d in shape):
             raise RequestError(400, f"{where}: shape {list(shape)} has a negative dim")
         dtype = open_tensor(tensor.name, tensor.datatype, shape, where, check)
+        if raw and tensor.contents.ListFields():
+            raise RequestError(400, f"{where}: values given both in contents.{tensor.contents.ListFields()[0][0].name} "
+                                    "and in raw_input_contents; send the tensor one way")
         if raw:
             arr = binary_tensor(memoryview(raw[i]), 0, len(raw[i]), dtype, shape, tensor.datatype, where)
         else:
@@ -121,6 +124,27 @@ def encode_infer_response(pb: Any, model: str, outputs: dict[str, np.ndarray], r
 
 
 # -- the service -----------------------------------------------------------------------------------
+class Malformed:
+    """A request message that is not valid protobuf, handed to the call so that it can refuse it."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _lenient(cls: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that gives a ``Malformed`` instead of raising on bytes that do not parse."""
+    from google.protobuf.message import DecodeError
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return cls.FromString(raw)
+        except DecodeError as exc:
+            return Malformed(f"malformed {cls.__name__} ({len(raw)} bytes): not a valid protobuf message: "
+                             f"{brief(str(exc), 200)}")
+
+    return parse
+
+
 class InferenceServicer:
     """The GRPCInferenceService calls ``serve`` answers; the others get UNIMPLEMENTED from gRPC itself."""
 
@@ -138,9 +162,19 @@ class InferenceServicer:
         for name in self.UNARY:
             req_cls, resp_cls = (getattr(self.pb, f"{name}{part}") for part in ("Request", "Response"))
             calls[name] = self.grpc.unary_unary_rpc_method_handler(
-                getattr(self, name), request_deserializer=req_cls.FromString,
+                self._parsed(getattr(self, name)), request_deserializer=_lenient(req_cls),
                 response_serializer=resp_cls.SerializeToString)
         return self.grpc.method_handlers_generic_handler(SERVICE, calls)
+
+    def _parsed(self, method: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        """``method``, after a request that did not parse is refused with INVALID_ARGUMENT (gRPC itself gives a
+        deserializer's exception UNKNOWN)."""
+        async def call(request: Any, context: Any) -> Any:
+            if isinstance(request, Malformed):
+                await context.abort(self.grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await method(request, context)
+
+        return call
 
     async def _refuse(self, context: Any, exc: RequestError) -> None:
         code = getattr(self.grpc.StatusCode, _CODES.get(exc.status, "INTERNAL"))

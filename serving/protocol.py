@@ -132,9 +132,24 @@ def _check_size(shape: tuple[int, ...], dtype: np.dtype[Any], datatype: str, whe
                                 "take more than 2**63 bytes")
 
 
-def _json_data(data: Any, dtype: np.dtype[Any], datatype: str, where: str) -> np.ndarray:
+def _has_bool(data: list[Any]) -> bool:
+    """Whether a (nested) JSON list holds ``true`` or ``false`` anywhere (NumPy reads them as 1 and 0)."""
+    stack = [data]
+    while stack:
+        for v in stack.pop():
+            if v is True or v is False:
+                return True
+            if isinstance(v, list):
+                stack.append(v)
+    return False
+
+
+def _json_data(data: Any, dtype: np.dtype[Any], datatype: str, where: str,
+               may_have_bools: bool = True) -> np.ndarray:
     """JSON ``data`` as ``dtype``; a float for an integer datatype (e.g. 0.5 for INT64 token ids) is refused,
-    never truncated, and so is an integer out of the datatype's range or a non-finite float."""
+    never truncated, and so is an integer out of the datatype's range, a non-finite float, or ``true``/``false``
+    for a datatype other than BOOL. ``may_have_bools=False`` (the JSON text has no ``true``/``false``) skips
+    the walk over the values that looks for them."""
     bad = f"{where}: 'data' is not a list of {datatype} values"
     if not isinstance(data, list):
         raise RequestError(400, f"{bad}: got {type(data).__name__}")
@@ -142,6 +157,8 @@ def _json_data(data: Any, dtype: np.dtype[Any], datatype: str, where: str) -> np
         kind = np.asarray(data).dtype.kind
         if kind not in "biuf":  # object: integers beyond 64 bits or null; U: strings
             raise ValueError("values that are not numbers, or integers beyond 64 bits")
+        if dtype.kind != "b" and (kind == "b" or (may_have_bools and _has_bool(data))):
+            raise ValueError("true/false are BOOL values")  # NumPy would take them as 1 and 0
         if dtype.kind in "iub" and kind == "f":
             raise ValueError("non-integer values")
         with np.errstate(over="ignore", invalid="ignore"):
@@ -168,8 +185,11 @@ def binary_tensor(blob: memoryview, offset: int, size: Any, dtype: np.dtype[Any]
                   datatype: str, where: str) -> np.ndarray:
     """``size`` raw little-endian bytes at ``offset`` of ``blob`` as an array of ``shape`` (a view, no copy),
     refused unless they are exactly what the shape needs."""
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(blob):
-        raise RequestError(400, f"{where}: binary_data_size {brief(size)} exceeds the {len(blob) - offset} "
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise RequestError(400, f"{where}: binary_data_size must be a non-negative integer (a byte count), got "
+                                f"{brief(size)}")
+    if offset + size > len(blob):
+        raise RequestError(400, f"{where}: binary_data_size {size} exceeds the {len(blob) - offset} "
                                 "binary bytes left in the body")
     count = math.prod(shape)
     if size != count * dtype.itemsize:
@@ -179,9 +199,9 @@ def binary_tensor(blob: memoryview, offset: int, size: Any, dtype: np.dtype[Any]
 
 
 def _input_array(item: dict[str, Any], where: str, blob: memoryview, offset: int, check: InputCheck | None,
-                 json_bytes: int) -> tuple[np.ndarray, int]:
+                 head: bytes | bytearray) -> tuple[np.ndarray, int]:
     """One input's array and the number of binary bytes it took; counts are Python ints, checked against
-    the body before NumPy is asked for anything."""
+    the body (``head``: its JSON part) before NumPy is asked for anything."""
     datatype = item.get("datatype")
     if not isinstance(datatype, str):
         raise RequestError(400, f"{where}: 'datatype' is missing")
@@ -190,14 +210,17 @@ def _input_array(item: dict[str, Any], where: str, blob: memoryview, offset: int
     count = math.prod(shape)
     iparams = item.get("parameters") or {}
     size = iparams.get("binary_data_size") if isinstance(iparams, dict) else None
+    if size is not None and "data" in item:
+        raise RequestError(400, f"{where}: both 'data' and parameters.binary_data_size are given; send the tensor "
+                                "one way, as JSON data or as binary data")
     if size is not None:
         return binary_tensor(blob, offset, size, dtype, shape, datatype, where), size
     if "data" not in item:
         raise RequestError(400, f"{where}: neither 'data' nor parameters.binary_data_size is given")
-    if count > json_bytes:  # every JSON value takes at least one byte: refuse before converting anything
+    if count > len(head):  # every JSON value takes at least one byte: refuse before converting anything
         raise RequestError(400, f"{where}: shape {list(shape)} needs {count} values, more than a JSON body of "
-                                f"{json_bytes} bytes can hold")
-    arr = _json_data(item["data"], dtype, datatype, where)
+                                f"{len(head)} bytes can hold")
+    arr = _json_data(item["data"], dtype, datatype, where, may_have_bools=b"true" in head or b"false" in head)
     if arr.size != count:
         raise RequestError(400, f"{where}: 'data' has {arr.size} values but shape {list(shape)} needs {count}")
     return arr.reshape(shape), 0
@@ -223,7 +246,7 @@ def decode_request(body: bytes | bytearray, header_length: str | None,
         where = f"input {brief(item['name'])}"
         if item["name"] in req.inputs:
             raise RequestError(400, f"{where} is given twice")
-        req.inputs[item["name"]], used = _input_array(item, where, blob, offset, check, len(head))
+        req.inputs[item["name"]], used = _input_array(item, where, blob, offset, check, head)
         req.datatypes[item["name"]] = item["datatype"]
         offset += used
     if offset != len(blob):

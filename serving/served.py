@@ -57,6 +57,13 @@ class ServeConfig(BaseModel):
                                     "input_ids:8x128,attention_mask:8x128 (default: the ones convert bound, batch 1); "
                                     "requests may use any shape the model accepts, up to max_batch rows")
     log_level: str = Field(default="warning", description="uvicorn log level")
+    read_timeout_s: float = Field(default=30.0, gt=0, le=3600, description="Longest an HTTP request's headers and "
+                                  "body may take to arrive in full, from its first byte; a slower one gets a 408 "
+                                  "and its connection is closed")
+    keep_alive_s: float = Field(default=30.0, gt=0, le=3600, description="Longest an HTTP connection stays open "
+                                "idle (before its first request or after a response)")
+    max_connections: int = Field(default=1024, ge=1, description="Most HTTP connections open at once; more are "
+                                 "answered 503 and closed")
 
 
 # -- metrics ---------------------------------------------------------------------------------------

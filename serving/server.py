@@ -10,16 +10,28 @@ client written against this server works unchanged against Triton serving that r
 
 With ``--grpc-port`` the same process also answers the v2 / Triton gRPC protocol (``serving.grpc_service``),
 on the same event loop, model and micro-batcher.
+
+Connections are guarded (``GuardedHttpProtocol``): a request must arrive whole, headers and body, within
+``read_timeout_s`` of its first byte (else a 408 and the connection is closed), an idle connection is closed after
+``keep_alive_s``, at most ``max_connections`` are open at once (more get a 503 and are closed), and a request the
+HTTP parser refuses (a non-numeric Content-Length) gets the same one-line JSON error body as every other.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import math
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from core.errors import InputError
 from serving.app import create_app
@@ -47,11 +59,131 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+# -- connections -----------------------------------------------------------------------------------
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 503: b"Service Unavailable"}
+_log = logging.getLogger("uvicorn.error")
+
+
+def raw_error(status: int, message: str) -> bytes:
+    """A whole HTTP/1.1 response with the ``{"error": ...}`` body of the app's errors, closing the connection:
+    what the connection guard writes where no app runs (a parser error, a timeout, the connection cap)."""
+    body = json.dumps({"error": message}).encode()
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % (status, _REASONS[status], len(body)) + body)
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools connection with the limits uvicorn lacks. uvicorn times out only a connection idle after a
+    response, and any byte (even a bare CRLF) cancels that; a connection that opens and sends nothing, or sends its
+    headers or body slowly or never in full, is otherwise held forever. Here one timer per connection:
+
+    - idle (opened, or its last response sent, and no request begun): closed after ``keep_alive_s``;
+    - a request begun: its headers and body must arrive in full within ``read_timeout_s`` of its first byte,
+      however they trickle in, else a 408 JSON error (if its response has not started) and the connection closes;
+    - a request received in full: no limit while the model runs.
+
+    Connections beyond ``max_connections`` get a 503 JSON error and are closed at once, so stalled clients cannot
+    take every file descriptor. Subclasses made by ``guarded_protocol`` set the three limits."""
+
+    read_timeout_s: float = 30.0
+    keep_alive_s: float = 30.0
+    max_connections: int = 1024
+    _last_refusal_log = -1e9
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading = False  # a request has begun and has not arrived in full
+        self._cycle_before: Any = None
+        self._read_deadline = 0.0
+        over = len(self.connections) >= self.max_connections
+        super().connection_made(transport)
+        if over:
+            now = self.loop.time()
+            if now - GuardedHttpProtocol._last_refusal_log > 10:  # one line per burst, not one per connection
+                GuardedHttpProtocol._last_refusal_log = now
+                _log.warning("refusing connections: %d open, the limit (serve --max-connections)",
+                             self.max_connections)
+            self._close_with(503, f"the server has {self.max_connections} connections open, its limit "
+                                  "(serve --max-connections); retry later")
+            return
+        self._rearm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading = True
+        self._cycle_before = self.cycle  # replaced once this request's headers are complete
+        self._read_deadline = self.loop.time() + self.read_timeout_s
+        self._rearm()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._reading = False
+        self._rearm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._rearm()
+
+    def send_400_response(self, msg: str) -> None:
+        """The parser refused the request (uvicorn logged ``msg``); its reason, e.g. "Invalid character in
+        Content-Length", is the HttpParserError being handled."""
+        exc = sys.exc_info()[1]
+        self._close_with(400, f"malformed HTTP request: {exc}" if exc is not None and str(exc) else msg)
+
+    # -- the timer --
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _rearm(self) -> None:
+        """Arm the timer for the connection's state: reading a request, idle, or waiting on the app (none)."""
+        self._cancel()
+        if self.transport.is_closing():
+            return
+        if self._reading:
+            self._timer = self.loop.call_at(self._read_deadline, self._expired)
+        elif self.cycle is None or self.cycle.response_complete:
+            self._timer = self.loop.call_later(self.keep_alive_s, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        headers_pending = self.cycle is self._cycle_before  # the request has no cycle (and no response) yet
+        if self._reading and (headers_pending or not self.cycle.response_started):
+            self._close_with(408, f"the request did not arrive in full within {self.read_timeout_s:g} s "
+                                  "(serve --read-timeout-s)")
+        else:
+            self.transport.close()
+
+    def _close_with(self, status: int, message: str) -> None:
+        self._cancel()
+        if not self.transport.is_closing():
+            self.transport.write(raw_error(status, message))
+            self.transport.close()
+
+
+def guarded_protocol(cfg: ServeConfig) -> type[GuardedHttpProtocol]:
+    """``GuardedHttpProtocol`` with the limits of ``cfg`` (uvicorn creates one instance per connection)."""
+    limits = {"read_timeout_s": cfg.read_timeout_s, "keep_alive_s": cfg.keep_alive_s,
+              "max_connections": cfg.max_connections}
+    return type("ServeHttpProtocol", (GuardedHttpProtocol,), limits)
+
+
 def _uvicorn_server(app: Any, cfg: ServeConfig) -> Any:
     import uvicorn
 
+    # uvicorn's own keep-alive timer stays, never shorter than the guard's (which covers what it misses). Its
+    # limit_concurrency is left off: it accepts every connection, and answers 503 (in plain text) only once a
+    # request's headers are complete, so stalled clients would still hold their sockets.
     return uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, access_log=False, lifespan="on",
-                                         timeout_keep_alive=30))
+                                         http=guarded_protocol(cfg),
+                                         timeout_keep_alive=math.ceil(cfg.keep_alive_s)))
 
 
 def _check_grpc_port(cfg: ServeConfig) -> None:

@@ -175,7 +175,11 @@ def _hostile_requests() -> list[tuple[str, Any, str, str]]:
     x = np.zeros((1, 3, 32, 32), np.float32).tobytes()
     wrong_field = req([1, 3, 32, 32])
     wrong_field.inputs[0].contents.int64_contents.extend([0] * 3072)
+    both = req([1, 3, 32, 32], [x])
+    both.inputs[0].contents.fp32_contents.extend([0.5] * 3072)
     return [
+        ("contents and raw bytes both", both, "INVALID_ARGUMENT",
+         "values given both in contents.fp32_contents and in raw_input_contents; send the tensor one way"),
         ("no data", req([1, 3, 32, 32]), "INVALID_ARGUMENT", "contents.fp32_contents has 0 values but shape"),
         ("wrong contents field", wrong_field, "INVALID_ARGUMENT",
          "FP32 values go in contents.fp32_contents; the request filled contents.int64_contents"),
@@ -198,6 +202,24 @@ def test_hostile_grpc_requests_are_refused(server: BackgroundServer) -> None:
                 stub.ModelInfer(request, timeout=30)
             assert info.value.code().name == code, (what, info.value)
             assert needle in str(info.value.details()), (what, info.value.details())
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    assert _client(server).infer("tiny_cnn_opt", [_input("input", x)]).as_numpy("logits").shape == (1, 10)
+
+
+def test_bytes_that_are_not_protobuf_are_invalid_argument(server: BackgroundServer) -> None:
+    """Garbage sent as a request message (any call) is the client's error, INVALID_ARGUMENT, not UNKNOWN."""
+    import grpc
+
+    assert server.grpc_target is not None
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        for call in ("ModelInfer", "ModelMetadata", "ServerLive"):
+            stub = channel.unary_unary(f"/inference.GRPCInferenceService/{call}")
+            for garbage in (b"\xff\xff\xff\xff", b"\x0a\xff\x01abc", bytes(range(256)) * 4):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub(garbage, timeout=30)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (call, garbage[:8], info.value)
+                assert f"malformed {call}Request" in str(info.value.details()), info.value.details()
+                assert "not a valid protobuf message" in str(info.value.details())
     x = np.zeros((1, 3, 32, 32), np.float32)
     assert _client(server).infer("tiny_cnn_opt", [_input("input", x)]).as_numpy("logits").shape == (1, 10)
 

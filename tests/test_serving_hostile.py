@@ -43,10 +43,11 @@ def _json(shape: list[int], data: object, datatype: str = "FP32") -> bytes:
     return json.dumps({"inputs": [{"name": "input", "datatype": datatype, "shape": shape, "data": data}]}).encode()
 
 
-def _binary(shape: list[int], size: int) -> tuple[bytes, dict[str, str]]:
+def _binary(shape: list[int], size: object, sent: int | None = None) -> tuple[bytes, dict[str, str]]:
+    """A binary request announcing ``size`` bytes and sending ``sent`` (default: ``size``)."""
     head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": shape,
                                    "parameters": {"binary_data_size": size}}]}).encode()
-    return head + b"\0" * size, {HEADER_LENGTH: str(len(head))}
+    return head + b"\0" * (size if sent is None else sent), {HEADER_LENGTH: str(len(head))}  # type: ignore[operator]
 
 
 def _literal(values: bytes) -> bytes:
@@ -79,7 +80,29 @@ def _cases() -> list[tuple[str, bytes, dict[str, str], int, str]]:
         ("header length past the body", *(_binary([1, 3, 32, 32], 12288)[0], {HEADER_LENGTH: "99999"}), 400,
          "does not fit"),
         ("body over the limit", b"0" * (LIMIT + 1), {}, 413, "exceeds the server's limit"),
+        # issue 33
+        ("JSON true/false as FP32", _json([1, 3, 32, 32], [True, False] * 1536), {}, 400,
+         "not a list of FP32 values: true/false are BOOL values"),
+        ("one true among FP32 floats", _json([1, 3, 32, 32], [0.5] * 3071 + [True]), {}, 400,
+         "true/false are BOOL values"),
+        ("a nested false among floats", _json([1, 3, 32, 32], [[[[0.5] * 32] * 31 + [[0.5] * 31 + [False]]] * 3]),
+         {}, 400, "true/false are BOOL values"),
+        ("data and binary_data_size both", *_both(), 400,
+         "both 'data' and parameters.binary_data_size are given; send the tensor one way"),
+        ("binary_data_size -5", *_binary([1, 3, 32, 32], -5, 12288), 400,
+         "binary_data_size must be a non-negative integer (a byte count), got -5"),
+        ("binary_data_size 'abc'", *_binary([1, 3, 32, 32], "abc", 12288), 400,
+         "binary_data_size must be a non-negative integer (a byte count), got 'abc'"),
+        ("binary_data_size 1.5", *_binary([1, 3, 32, 32], 1.5, 12288), 400,
+         "binary_data_size must be a non-negative integer (a byte count), got 1.5"),
     ]
+
+
+def _both() -> tuple[bytes, dict[str, str]]:
+    """One input with JSON data and binary bytes: which of the two would the model run?"""
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                                   "data": [0.5] * 3072, "parameters": {"binary_data_size": 12288}}]}).encode()
+    return head + b"\0" * 12288, {HEADER_LENGTH: str(len(head))}
 
 
 def _assert_one_line_error(resp: httpx.Response, status: int, message: str) -> None:
@@ -126,6 +149,36 @@ def test_decoding_alone_refuses_overflows() -> None:
         assert info.value.status == 400
     ok = decode_request(_json([1, 2], [1, -2], "INT64"), None)
     assert ok.inputs["input"].tolist() == [[1, -2]]
+
+
+def test_true_false_only_for_bool_and_true_elsewhere_in_the_json_is_fine() -> None:
+    """true/false are refused as numbers (INT64 too), taken for BOOL, and a ``true`` outside the data (asking for
+    binary outputs) does not make float data suspect."""
+    with pytest.raises(RequestError, match="INT64 values: true/false are BOOL values"):
+        decode_request(_json([2], [1, True], "INT64"), None)
+    assert decode_request(_json([2], [True, False], "BOOL"), None).inputs["input"].tolist() == [True, False]
+    doc = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2], "data": [0.5, 1]}],
+           "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}
+    req = decode_request(json.dumps(doc).encode(), None)
+    assert req.inputs["input"].tolist() == [0.5, 1.0] and req.binary_outputs == {"logits"}
+
+
+def test_non_numeric_content_length_is_a_json_error(server: BackgroundServer, reference: ort.InferenceSession) -> None:
+    """uvicorn's HTTP parser refuses it before the app runs: the answer is still the one-line JSON error."""
+    host, port = server.url.removeprefix("http://").split(":")
+    for value in ("abc", "-5", "1e3", "99999999999999999999999"):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {value}\r\n\r\n{{}}"
+                         .encode())
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head.lower(), raw[:300]
+        doc = json.loads(body)
+        assert list(doc) == ["error"] and doc["error"].startswith("malformed HTTP request: ")
+        assert "Content-Length" in doc["error"], doc
+    _assert_still_serving(server, reference)
 
 
 def test_chunked_body_over_the_limit_is_a_413(server: BackgroundServer, reference: ort.InferenceSession) -> None:
