@@ -33,6 +33,13 @@ def load_sample_inputs(path: str) -> dict[str, np.ndarray]:
                          f"{first_line(exc)}") from None
     if not arrays:
         raise InputError(f"--sample-inputs {path} holds no arrays")
+    for name, arr in arrays.items():
+        if arr.size == 0:
+            raise InputError(f"--sample-inputs {path}: {name!r} holds no sample (shape {list(arr.shape)}); give at "
+                             "least one, with the batch as the first dim")
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            raise InputError(f"--sample-inputs {path}: {name!r} holds NaN or infinite values; the export traces and "
+                             "the parity check runs on these samples, so give finite ones")
     return arrays
 
 
@@ -81,7 +88,7 @@ def input_spec(cfg: ExportConfig, loaded: LoadedModel) -> tuple[IOSpec, dict[str
     else:
         examples = samples if samples is not None else loaded.example_inputs
         if samples is not None and loaded.example_inputs is None:
-            _check_image_samples(cfg, samples)
+            _check_image_samples(cfg, loaded, samples)
         if examples is not None:
             if samples is not None and loaded.example_inputs is not None:
                 _example_spec(cfg, loaded, loaded.example_inputs).check_feed(samples)
@@ -102,13 +109,29 @@ def input_spec(cfg: ExportConfig, loaded: LoadedModel) -> tuple[IOSpec, dict[str
     return spec, examples
 
 
-def _check_image_samples(cfg: ExportConfig, samples: dict[str, np.ndarray]) -> None:
-    """A model without example inputs takes one float image: integer or boolean samples cannot be its input."""
+def _check_image_samples(cfg: ExportConfig, loaded: LoadedModel, samples: dict[str, np.ndarray]) -> None:
+    """A model without example inputs takes one float image, named ``input`` (or as forward() names it): integer
+    or boolean samples cannot be its input, and a name that is neither would silently rename the input."""
+    names = {"input", *_forward_params(loaded.module)}
+    if len(samples) == 1 and (key := next(iter(samples))) not in names:
+        raise InputError(f"--sample-inputs {cfg.sample_inputs}: no input named {key!r}; {cfg.model} takes one image "
+                         f"input: name its array {' or '.join(repr(n) for n in sorted(names))}")
     wrong = {n: a.dtype for n, a in samples.items() if a.dtype.kind != "f"}
     if wrong:
         name, dtype = next(iter(wrong.items()))
         raise InputError(f"--sample-inputs {cfg.sample_inputs}: {name!r} is {dtype} but {cfg.model} takes a float "
                          "image (float32); save float arrays, or make the factory return example inputs of other dtypes")
+
+
+def _forward_params(module: Any) -> list[str]:
+    """forward()'s positional parameter names (none when its signature cannot be read: TorchScript, C++)."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _example_spec(cfg: ExportConfig, loaded: LoadedModel, examples: dict[str, np.ndarray]) -> IOSpec:
@@ -120,7 +143,11 @@ def _image_spec(cfg: ExportConfig, loaded: LoadedModel, shapes: dict[str | None,
     if any(k is not None for k in shapes):
         raise InputError(f"{cfg.model} takes one image input: give --input-shape as 1x3x224x224, without a name "
                          "(or make the factory return example inputs to name them)")
-    shape = shapes.get(None) or loaded.default_shape
+    given, default = shapes.get(None), loaded.default_shape
+    if given is not None and default is not None and len(given) != len(default):  # before the export fails on it
+        raise InputError(f"--input-shape {'x'.join(map(str, given))} has rank {len(given)} but {cfg.model} takes a "
+                         f"rank-{len(default)} input, e.g. {'x'.join(map(str, default))}")
+    shape = given or default
     if shape is None:
         raise InputError(f"{cfg.model}: the input shape is unknown; pass --input-shape, e.g. 1x3x224x224")
     return IOSpec.for_image_model(shape, dynamic_batch=cfg.dynamic_batch)

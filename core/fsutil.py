@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from core.errors import InputError
@@ -45,6 +45,26 @@ def check_output_file(path: Path, flag: str, example: str) -> Path:
                          f"{path / example}")
     check_writable_target(path.parent)
     return path
+
+
+def check_not_an_input(path: Path, flag: str, inputs: Iterable[Path]) -> Path:
+    """Refuse an output path that is one of the command's inputs, by any name (``a/../a``, a symlink, a hard
+    link): writing it would destroy the input (``report RUN/results.json --html RUN/results.json``)."""
+    path = Path(path)
+    for src in map(Path, inputs):
+        if _same_file(path, src):
+            raise InputError(f"{flag} {path} is also an input ({src}): writing it would destroy that file; choose "
+                             f"another path")
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
 
 
 @contextlib.contextmanager

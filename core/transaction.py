@@ -212,7 +212,9 @@ def staged_folder(target: Path, carry: Callable[[str], bool] | None = None) -> I
 
     ``carry``: which files of the existing ``target`` (relative POSIX paths) the new set keeps.
     """
-    target = Path(target).absolute()
+    target = Path(target)
+    # DIR/..: the folder it names, so that the staging folder beside it is not inside it (and copied into itself)
+    target = target.resolve() if target.name == ".." else target.absolute()
     with signals_raise():
         stage, created = _make_stage(target)
         committed = False

@@ -16,17 +16,17 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import InputError
-from core.fsutil import atomic_path, check_output_file, ensure_writable_dir
-from core.manifest import Manifest
+from core.fsutil import atomic_path, check_not_an_input, check_output_file, ensure_writable_dir
+from core.manifest import Manifest, artifact_files
 from core.resources import check_feed_memory
 from core.shapes import apply_input_shapes
 from runtimes import RUNNERS
-from runtimes.base import Device, Profiler, Runner, RunnerOptions
+from runtimes.base import Device, Profiler, Runner, RunnerOptions, check_threads
 from runtimes.harness import BenchConfig, Target, load_checked_manifest, select_targets
 from runtimes.ort import OrtRunner
 
@@ -55,6 +55,18 @@ class ProfileConfig(BaseModel):
                                                        ".trace.json)")
     top: int = Field(default=15, ge=1, description="Operators listed in the summary")
     seed: int = 0
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _known_device(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in get_args(Device):
+            raise InputError(f"unknown --device {value!r}; choose {' or '.join(get_args(Device))}")
+        return value
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_fit(cls, value: int | None) -> int | None:
+        return check_threads(value)  # before anything is written: more threads than CPUs is refused
 
 
 class OpStat(BaseModel):
@@ -190,11 +202,12 @@ def run_profile(cfg: ProfileConfig, log: Callable[[str], None] = print) -> Profi
     runner_cls = RUNNERS[cfg.backend]
     trace = cfg.out or Path(cfg.artifact_dir) / "profile" / f"{cfg.backend}_{target.artifact.name}.trace.json"
     check_output_file(trace, "--out", "trace.json")
-    ensure_writable_dir(trace.parent)
+    check_not_an_input(trace, "--out", artifact_files(cfg.artifact_dir))
     spec, _ = apply_input_shapes(manifest.iospec, cfg.input_shape)
     if unbound := spec.unbound_dims():
         raise InputError(f"the model's dim(s) {', '.join(unbound)} have no value: give them with --input-shape")
     check_feed_memory(spec, cfg.batch_size, f"--batch-size {cfg.batch_size}")
+    ensure_writable_dir(trace.parent)  # only once the request is known to be good: a refused one creates nothing
     feed = spec.random_feed(cfg.batch_size, seed=cfg.seed)
     shapes = {n: list(a.shape) for n, a in feed.items()}
     log(f"profiling {cfg.backend}:{target.artifact.name} ({target.precision}, {cfg.device}) at "

@@ -38,6 +38,8 @@ STORAGE_SCHEMES = ("gs", "s3", "pvc", "http", "https", "hdfs", "webhdfs", "hf", 
 _QUANTITY = re.compile(r"^[+]?(\d+(\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E|[eE][+-]?\d+)?$")
 _PRIMITIVES: dict[str, type | tuple[type, ...]] = {"str": str, "int": int, "bool": bool, "float": (int, float)}
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+#: An OCI image tag (the Docker reference grammar): a word character, then up to 127 of [A-Za-z0-9_.-].
+_IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 class KServeOptions(BaseModel):
@@ -86,6 +88,14 @@ class KServeOptions(BaseModel):
         if v is not None and (len(v) > 63 or not _DNS1035.match(v)):
             raise InputError(f"--service-name {v!r} is not a DNS-1035 label (lower-case letters, digits and '-', starting with a "
                              "letter, at most 63 characters)")
+        return v
+
+    @field_validator("runtime_version")
+    @classmethod
+    def _tag(cls, v: str | None) -> str | None:
+        if v is not None and not _IMAGE_TAG.match(v):
+            raise InputError(f"--runtime-version {v!r} is not an image tag (letters, digits, '_', '.' and '-', not "
+                             "starting with '.' or '-', at most 128 characters; e.g. 24.08-py3)")
         return v
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ schema, so a misspelt field or enum fails here rather than in the deployment tea
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import InputError, ValidationError
 from core.fsutil import _umask, atomic_write_text, ensure_writable_dir, sha256_file
@@ -58,6 +59,13 @@ class PackageConfig(ModelOptions):
                                     "input_ids:8x128,attention_mask:8x128; the config's dims stay -1")
     from_tune: Path | None = Field(default=None, description="tune.json (or a folder holding one) whose winner is "
                                                              "packaged with its settings in config.pbtxt")
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _known_kind(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("cpu", "gpu"):
+            raise InputError(f"unknown --kind {value!r}; choose cpu or gpu")
+        return value
 
 
 class RepoModel(BaseModel):
@@ -100,7 +108,8 @@ class RepoManifest(BaseModel):
 def load_artifacts(base: Path) -> Manifest:
     """The manifest of an artifact folder whose files all match their recorded hashes."""
     if not Path(base).is_dir():
-        raise InputError(f"artifact folder {base} does not exist")
+        raise InputError(f"artifact folder {base} " + ("is a file: give the folder that holds manifest.json (from "
+                                                       "`convert`)" if Path(base).exists() else "does not exist"))
     manifest = Manifest.load(base)
     problems = manifest.verify(base)
     if problems:
@@ -218,13 +227,24 @@ def _swap_in(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _copy_file(src: Path, dst: Path) -> None:
+    """``shutil.copyfile``, whose error on a full disk names the file written, not the one read (its sendfile path
+    gives both, the source first, and the message then points at the wrong disk)."""
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(exc.errno, exc.strerror, str(dst)) from None
+        raise
+
+
 def _copy_model(base: Path, art: Artifact, target: Path, name: str) -> tuple[list[Path], list[str]]:
     """Copy the artifact's file to ``target`` and its external-data files beside it under their own names (a model
     past 2 GiB names its side file inside it); (the data copies, the copies whose sha256 differs from the record)."""
-    shutil.copyfile(base / art.file.path, target)
+    _copy_file(base / art.file.path, target)
     data = [target.parent / Path(d.path).name for d in art.file.external_data]
     for d, dst in zip(art.file.external_data, data, strict=True):
-        shutil.copyfile(base / d.path, dst)
+        _copy_file(base / d.path, dst)
     pairs = [(art.file.path, art.file.sha256, target)] + [
         (d.path, d.sha256, dst) for d, dst in zip(art.file.external_data, data, strict=True)]
     return data, [f"{name}: the copy of {src} does not match its recorded sha256"

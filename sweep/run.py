@@ -14,6 +14,8 @@ A re-run finds each cell by its content key: a done cell is reused, a failed or 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -92,13 +94,18 @@ class RayExecutor:
         except ImportError:
             raise BackendUnavailableError("--ray needs Ray: pip install .[ray]") from None
         self.ray, self.owned = ray, False
+        self.temp_dir: str | None = None  # the session folder of a Ray started here: removed by close()
         if not ray.is_initialized():
             try:
                 if address == "local":
-                    ray.init(num_cpus=affinity_cpus(), include_dashboard=False, log_to_driver=False)
+                    # its own folder, not Ray's shared $TMPDIR/ray, where every session would stay behind
+                    self.temp_dir = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths inside stay < 108 bytes
+                    ray.init(num_cpus=affinity_cpus(), include_dashboard=False, log_to_driver=False,
+                             _temp_dir=self.temp_dir)
                 else:
                     ray.init(address=address, log_to_driver=False)
             except Exception as exc:
+                self.close()
                 raise BackendUnavailableError(f"could not start or join Ray ({address}): {first_line(exc)}") from None
             self.owned = True
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -137,8 +144,11 @@ class RayExecutor:
             yield job, state
 
     def close(self) -> None:
-        if self.owned:
+        if self.owned or (self.ray.is_initialized() and self.temp_dir is not None):
             self.ray.shutdown()
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
 
 
 def _reusable(state: CellState | None, skip_failed: bool) -> bool:
