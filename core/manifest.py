@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 
-from core.errors import InputError, ValidationError
+from core.errors import InputError, ToolkitError, ValidationError, first_line
 from core.fsutil import atomic_write_text, sha256_file
 from core.iospec import IOSpec
 from core.records import ArtifactMetrics, EngineBuild, StepParams, migrate_v1_artifact
@@ -270,13 +270,15 @@ class Manifest(BaseModel):
     @classmethod
     def load(cls, base: Path) -> Manifest:
         base = Path(base)
+        if base.is_file() and base.name != MANIFEST_NAME:
+            raise _not_a_folder(base)
         path = base / MANIFEST_NAME if base.is_dir() or not base.suffix else base
         if not path.is_file():
             raise InputError(f"no {MANIFEST_NAME} in {base}: run `python cli.py convert MODEL --out {base}` first")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"{path} is not readable JSON: {exc}") from None
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, bytes that are not UTF-8
+            raise InputError(f"{path} is not readable JSON: {first_line(exc)}") from None
         if isinstance(data, dict) and data.get("schema_version") == 1:
             data = _from_v1(data)
         if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
@@ -288,6 +290,24 @@ class Manifest(BaseModel):
         except PydanticValidationError as exc:
             errs = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
             raise ValidationError(f"{path} is not a valid manifest", [errs]) from None
+
+
+def artifact_files(base: Path) -> list[Path]:
+    """The files of an artifact folder that commands read: manifest.json and every file it records (only
+    manifest.json when it cannot be read; the command that loads it says why). An output path must not be one."""
+    base = Path(base)
+    if base.is_file():  # said first: an output path derived from it would only fail more obscurely
+        raise _not_a_folder(base)
+    try:
+        owned = sorted(Manifest.load(base).owned_paths()) if base.is_dir() else []
+    except ToolkitError:
+        owned = []
+    return [base / MANIFEST_NAME, *(base / p for p in owned)]
+
+
+def _not_a_folder(base: Path) -> InputError:
+    return InputError(f"{base} is a file, not an artifact folder: give the folder that holds {MANIFEST_NAME} "
+                      f"(written by `python cli.py convert MODEL --out FOLDER`)")
 
 
 def _relative(base: Path, path: Path) -> str:

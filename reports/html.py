@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.errors import InputError
-from core.fsutil import atomic_write_text, check_output_file, ensure_writable_dir
+from core.fsutil import atomic_write_text, check_not_an_input, check_output_file, ensure_writable_dir
 from core.metrics import NOISE_RATIO
 from reports.compare import Comparison, Run, compare_runs, key_text, load_runs, row_key
 from reports.models import BenchResults
@@ -266,8 +266,11 @@ def make_report(cfg: ReportConfig) -> Report:
     if cfg.fail_if_slower is not None and len(cfg.results) < 2:
         raise InputError("--fail-if-slower needs at least two results files: the baseline first, then the new run")
     check_output_file(cfg.html, "--html", "report.html")
+    check_not_an_input(cfg.html, "--html", cfg.results)
     if cfg.png_dir is not None and cfg.png_dir.exists() and not cfg.png_dir.is_dir():
         raise InputError(f"--png-dir {cfg.png_dir} is a file; expected a folder to write the PNG plots into")
+    if cfg.png_dir is not None:  # the plots are written as PNG_DIR/*.png
+        check_not_an_input(cfg.png_dir, "--png-dir", [p.parent for p in cfg.results if p.suffix.lower() == ".png"])
     return build_report(load_runs(cfg.results), cfg.html, cfg.accuracy_budget, cfg.png_dir, cfg.fail_if_slower)
 
 

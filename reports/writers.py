@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from core.fsutil import atomic_write_text, check_output_file
+from core.fsutil import atomic_write_text, check_not_an_input, check_output_file
 from core.transaction import staged_files
 from reports.models import BenchRecord, BenchResults
 
@@ -153,10 +153,14 @@ def result_paths(json_path: Path) -> dict[str, Path]:
             "html": json_path.with_suffix(".html"), "json": json_path}
 
 
-def check_results_path(json_path: Path, flag: str = "--out") -> Path:
-    """Refuse, before a run, a results path where results.json or one of its .csv/.md/.html is a folder."""
+def check_results_path(json_path: Path, flag: str = "--out", inputs: Iterable[Path] = ()) -> Path:
+    """Refuse, before a run (nothing created; the folder is made only when the results are written), a results
+    path where results.json or one of its .csv/.md/.html is a folder or one of the run's ``inputs``."""
+    inputs = list(inputs)
     for p in result_paths(json_path).values():
-        check_output_file(p, flag if p == Path(json_path) else f"{flag} (its {p.suffix} beside it)", "results.json")
+        what = flag if p == Path(json_path) else f"{flag} (its {p.suffix} beside it)"
+        check_output_file(p, what, "results.json")
+        check_not_an_input(p, what, inputs)
     return Path(json_path)
 
 
