@@ -3,7 +3,7 @@
 A KV-cache decoder is measured as a generation loop, not one call: per (backend, variant, prompt length, batch) one
 :class:`GenerationResult` (time to first token = the prefill step, time per output token = the decode steps,
 tokens/s, memory), the no-cache path (every new token a full forward over the whole sequence) as rows with
-``kv_cache=False``, and per (backend, variant) one :class:`GenerationCheck` (greedy agreement with the reference,
+``kv_cache=False``, and per (backend, variant) one :class:`GenerationAccuracy` (greedy agreement with the reference,
 logits cosine per step, the KV-cache path's tokens against the no-cache path's, perplexity on real text when given).
 They live in ``BenchResults.generation``; JSON holds them, CSV/Markdown/HTML/rich show the tables below.
 """
@@ -51,7 +51,7 @@ class GenerationResult(BaseModel):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
-class GenerationCheck(BaseModel):
+class GenerationAccuracy(BaseModel):
     """One (backend, variant)'s generation accuracy against the reference (eager PyTorch where it runs)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -83,7 +83,7 @@ class GenerationResults(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rows: list[GenerationResult] = Field(default_factory=list)
-    checks: list[GenerationCheck] = Field(default_factory=list)
+    checks: list[GenerationAccuracy] = Field(default_factory=list)
     skipped: list[str] = Field(default_factory=list, description="'backend:variant: why' for each that cannot run it")
     config: dict[str, Any] = Field(default_factory=dict)
     random_init: bool = Field(default=False, description="Random-init weights: agreement and cosine only")
@@ -129,7 +129,7 @@ def timing_cells(r: GenerationResult) -> list[str]:
             _f(r.tokens_per_s, 1), _f(r.peak_rss_delta_mb, 1), _f(r.kv_cache_mb, 3), _f(r.model_size_mb, 2)]
 
 
-def check_cells(c: GenerationCheck) -> list[str]:
+def check_cells(c: GenerationAccuracy) -> list[str]:
     return [c.backend, c.variant, c.precision, c.reference, f"{c.agreement:.1%}", f"{c.forced_agreement:.1%}",
             f"{c.cosine_min:.5f}", f"{c.cosine_mean:.5f}", "yes" if c.kv_matches_no_cache else "NO",
             _f(c.perplexity, 3) if c.perplexity is not None else "- (random init)"]

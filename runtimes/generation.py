@@ -45,7 +45,7 @@ from core.errors import BackendUnavailableError, InputError, first_line
 from core.iospec import feed_digest
 from core.manifest import Manifest
 from core.metrics import LatencyStats
-from reports.generation import GenerationCheck, GenerationResult, GenerationResults
+from reports.generation import GenerationAccuracy, GenerationResult, GenerationResults
 from runtimes import RUNNERS, check_backends
 from runtimes.base import Runner, RunnerOptions
 from runtimes.session import KVCacheSession, has_kv_cache
@@ -501,7 +501,7 @@ def perplexity(decoder: Decoder, text: np.ndarray, chunk: int = 4) -> float:
 
 
 def check_decoders(decoders: Sequence[Decoder], reference: Decoder, prompts: np.ndarray, tokens: int,
-                   text: np.ndarray | None = None) -> list[GenerationCheck]:
+                   text: np.ndarray | None = None) -> list[GenerationAccuracy]:
     """Each decoder against ``reference`` on ``prompts`` for ``tokens`` tokens (see the module docstring)."""
     ref = greedy(reference, prompts, tokens - 1, keep_logits=True)
     ref_label = f"{reference.backend}:{reference.variant}:{reference.precision}"
@@ -514,7 +514,7 @@ def check_decoders(decoders: Sequence[Decoder], reference: Decoder, prompts: np.
         notes = ["the reference"] if d is reference else []
         if d.backend == "compile":
             notes.append("no-cache path: the eager model (the compiled module runs the KV-cache loop)")
-        checks.append(GenerationCheck(
+        checks.append(GenerationAccuracy(
             backend=d.backend, variant=d.variant, precision=d.precision, reference=ref_label,
             prompts=int(prompts.shape[0]), tokens=tokens, agreement=float((free.tokens == ref.tokens).mean()),
             forced_agreement=float((forced.tokens == ref.tokens).mean()), cosine_min=float(cos.min()),
