@@ -84,33 +84,69 @@ class ComponentState:
         return self.cpu.needs_reduce_range if self.cfg.reduce_range is None else self.cfg.reduce_range
 
 
-def run_component_variants(ctx: ConvertContext, cfg: QuantConfig) -> None:
-    """``fp16`` and ``int8_dynamic`` of a multi-file model, each an optional variant (a failure leaves it out with
-    its reason, as for one file). Work files go to a folder under the output folder, removed when the steps end."""
+@dataclass(frozen=True)
+class PerComponent:
+    """How a row of the variant table (``convert.variants.VARIANTS``, its ``per_component``) is made for a model
+    exported as several files: each component's file built on its own, graded against its own FP32 component; the
+    merged decoder merged from the variant's two decoders. A row without one is refused for these models."""
+
+    step: str  # the step a failure is recorded under (as the one-file row's attempt)
+    describe: Callable[[ComponentState], str]  # the log line before the components are built
+    build: Callable[[ComponentState, Path, Path], Any]  # one component: (source, target) -> what ``params`` reads
+    params: Callable[[ComponentState, list[Any]], StepParams]  # the artifact's record, from every build's result
+    advice: Callable[[CpuFeatures], str | None]  # this CPU's advice about the variant (logged and noted), if any
+
+
+def run_component_variants(ctx: ConvertContext, cfg: QuantConfig, rows: list[tuple[str, Precision, PerComponent]]
+                           ) -> None:
+    """Each (name, precision, recipe) of the table's rows asked for, in order, each an optional variant (a failure
+    leaves it out with its reason, as for one file). Work files go to a folder under the output folder, removed when
+    the steps end."""
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=ctx.out) as work:
         state = _setup(ctx, cfg, Path(work))
-        if cfg.fp16:
-            ctx.log("FP16 conversion of each component (ONNX Runtime's float16 converter, FP32 inputs/outputs kept)")
-            casts: list[int] = []
+        for name, precision, recipe in rows:
+            _attempt(ctx, state, name, precision, recipe)
 
-            def fp16_params() -> StepParams:
-                return Fp16Params(converter=FP16_CONVERTER, keep_io_types=True, casts_added=sum(casts),
-                                  cpu=state.cpu.summary)
 
-            attempt_variant(ctx, "fp16", "fp16",
-                            lambda: _make(ctx, state, "fp16", "fp16", fp16_params,
-                                          lambda src, out: casts.append(convert_fp16(src, out).casts_added),
-                                          state.cpu.fp16_advice()), parent=state.reference)
-        if cfg.int8_dynamic:
-            ctx.log(f"dynamic INT8 of each component (ONNX Runtime quantize_dynamic, weights {cfg.weight_type}, "
-                    f"per-channel {cfg.per_channel}, reduce_range {state.reduce_range})")
-            dyn = DynamicQuantParams(weight_type=cfg.weight_type, activation_type="uint8 (at run time)",
-                                     per_channel=cfg.per_channel, reduce_range=state.reduce_range,
-                                     exclude_nodes=[], exclude_op_types=cfg.exclude_op_types, cpu=state.cpu.summary)
-            attempt_variant(ctx, "int8_dynamic", "quantize_dynamic",
-                            lambda: _make(ctx, state, "int8_dynamic", "int8", lambda: dyn,
-                                          lambda src, out: _int8_dynamic(state, src, out),
-                                          state.cpu.int8_advice(dynamic=True)), parent=state.reference)
+def _attempt(ctx: ConvertContext, state: ComponentState, name: str, precision: Precision,
+             recipe: PerComponent) -> None:
+    ctx.log(recipe.describe(state))
+    results: list[Any] = []
+    attempt_variant(ctx, name, recipe.step,
+                    lambda: _make(ctx, state, name, precision, lambda: recipe.params(state, results),
+                                  lambda src, out: results.append(recipe.build(state, src, out)),
+                                  recipe.advice(state.cpu)), parent=state.reference)
+
+
+#: ``fp16`` per component: ONNX Runtime's float16 converter on each file
+FP16_PER_COMPONENT = PerComponent(
+    step="fp16",
+    describe=lambda state: "FP16 conversion of each component (ONNX Runtime's float16 converter, FP32 "
+                           "inputs/outputs kept)",
+    build=lambda state, src, out: convert_fp16(src, out).casts_added,
+    params=lambda state, casts: Fp16Params(converter=FP16_CONVERTER, keep_io_types=True, casts_added=sum(casts),
+                                           cpu=state.cpu.summary),
+    advice=lambda cpu: cpu.fp16_advice())
+
+
+def _int8_dynamic(state: ComponentState, src: Path, out: Path) -> None:
+    prepped = out.with_suffix(".prepped.onnx")
+    preprocess_for_quantization(src, prepped)
+    quantize_dynamic_file(prepped, out, state.cfg, state.reduce_range)
+
+
+#: ``int8_dynamic`` per component: ONNX Runtime's quantize_dynamic on each pre-processed file
+INT8_DYNAMIC_PER_COMPONENT = PerComponent(
+    step="quantize_dynamic",
+    describe=lambda state: f"dynamic INT8 of each component (ONNX Runtime quantize_dynamic, weights "
+                           f"{state.cfg.weight_type}, per-channel {state.cfg.per_channel}, reduce_range "
+                           f"{state.reduce_range})",
+    build=_int8_dynamic,
+    params=lambda state, _: DynamicQuantParams(
+        weight_type=state.cfg.weight_type, activation_type="uint8 (at run time)", per_channel=state.cfg.per_channel,
+        reduce_range=state.reduce_range, exclude_nodes=[], exclude_op_types=state.cfg.exclude_op_types,
+        cpu=state.cpu.summary),
+    advice=lambda cpu: cpu.int8_advice(dynamic=True))
 
 
 def _setup(ctx: ConvertContext, cfg: QuantConfig, work: Path) -> ComponentState:
@@ -128,12 +164,6 @@ def _setup(ctx: ConvertContext, cfg: QuantConfig, work: Path) -> ComponentState:
             "other's outputs, which no user data gives file by file")
     return ComponentState(cfg=cfg, work=work, cpu=cpu_features(), reference=reference, evaluators=evaluators,
                           random_init=is_random_init(ctx.manifest.source))
-
-
-def _int8_dynamic(state: ComponentState, src: Path, out: Path) -> None:
-    prepped = out.with_suffix(".prepped.onnx")
-    preprocess_for_quantization(src, prepped)
-    quantize_dynamic_file(prepped, out, state.cfg, state.reduce_range)
 
 
 def _make(ctx: ConvertContext, state: ComponentState, name: str, precision: Precision,

@@ -161,7 +161,7 @@ class QuantConfig(BaseModel):
 
     @property
     def any_variant(self) -> bool:
-        return self.fp16 or self.int8_static or self.int8_dynamic or bool(self.extra_variants)
+        return any(getattr(self, name) for name in flag_fields(QuantConfig)) or bool(self.extra_variants)
 
     @property
     def layout(self) -> Int8Layout:
@@ -209,7 +209,8 @@ class DistillConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    student: str = Field(description="torchvision name or path/to/file.py:factory of the student")
+    student: str = Field(description="torchvision name or path/to/file.py:factory of the student",
+                         json_schema_extra={"flag": "--distill-into"})
     train: TrainConfig
 
 
@@ -218,9 +219,12 @@ class SparsityConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pattern: SparsityPattern | None = Field(default=None, description="Semi-structured pattern: only '2:4'")
+    # a variant's own field names its convert flag (field_flags), as QuantConfig's do
+    pattern: SparsityPattern | None = Field(default=None, description="Semi-structured pattern: only '2:4'",
+                                            json_schema_extra={"flag": "--sparsity"})
     prune_channels: float | None = Field(default=None, gt=0, lt=1,
-                                         description="Fraction of channels to remove per prunable layer")
+                                         description="Fraction of channels to remove per prunable layer",
+                                         json_schema_extra={"flag": "--prune-channels"})
     round_to: int | None = Field(default=None, ge=1,
                                  description="Keep pruned channel counts a multiple of this (e.g. 8 for GPUs)")
     eval_data: str | None = Field(default=None, description="Held-out inputs for the accuracy change (--eval-data: "
@@ -325,18 +329,84 @@ class ConvertConfig(BaseModel):
         if s.recover is not None and not s.enabled:
             raise InputError(RECOVER_NEEDS_VARIANT)
         if s.eval_data is not None and self.quant is None and not s.enabled and self.distill is None:
-            raise InputError(f"--eval-data measures variants: add {variant_flags(', ')}, --sparsity, "
-                             "--prune-channels or --distill-into")
+            raise InputError("--eval-data measures variants: add "
+                             + join_flags(field_flags(QuantConfig, SparsityConfig, DistillConfig)))
         return self
 
 
-def variant_flags(last: str = " or ") -> str:
-    """"--fp16, --int8 or --int8-dynamic": the flag of every QuantConfig field that asks for a variant (its
-    ``json_schema_extra`` names the flag), for messages; ``last`` joins the last two."""
-    flags = [str(f.json_schema_extra["flag"]) for f in QuantConfig.model_fields.values()
-             if isinstance(f.json_schema_extra, dict) and "flag" in f.json_schema_extra]
+def flag_fields(section: type[BaseModel]) -> dict[str, str]:
+    """Every field of ``section`` that asks for a variant, and its convert flag (its ``json_schema_extra`` names it):
+    QuantConfig's are the rows of convert.variants.VARIANTS (``int8_static``: ``--int8``)."""
+    return {name: str(f.json_schema_extra["flag"]) for name, f in section.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and "flag" in f.json_schema_extra}
+
+
+def field_flags(*sections: type[BaseModel]) -> list[str]:
+    """The flag of every field of ``sections`` that asks for a variant, in order."""
+    return [flag for section in sections for flag in flag_fields(section).values()]
+
+
+def join_flags(flags: list[str], last: str = " or ") -> str:
+    """``["--a", "--b", "--c"]`` -> "--a, --b or --c" (``last`` joins the last two)."""
     return flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])}{last}{flags[-1]}"
+
+
+def variant_flags(last: str = " or ") -> str:
+    """"--fp16, --int8 or --int8-dynamic": the flags of QuantConfig's variants (the rows of convert.variants), for
+    messages; ``last`` joins the last two."""
+    return join_flags(field_flags(QuantConfig), last)
 
 
 RECOVER_NEEDS_VARIANT = ("--recover distill fine-tunes a pruned or sparse variant: add --prune-channels F or "
                          "--sparsity 2:4")
+
+
+# -- the flags' text, parsed into the types above (one clear line naming the flag) --------------------------
+def parse_methods(text: str) -> list[CalibMethod]:
+    """``minmax,entropy`` -> ["minmax", "entropy"]; an unknown name is one clear InputError."""
+    items = [x.strip().lower() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in CALIB_METHODS]
+    if bad or not items:
+        raise InputError(f"unknown --calib-method {text!r}; choose from {', '.join(CALIB_METHODS)} "
+                         "(comma-separated for one variant each)")
+    return [m for x in dict.fromkeys(items) for m in CALIB_METHODS if m == x]
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    """``0.5,0.5,0.5`` -> [0.5, 0.5, 0.5], or one clear InputError."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise InputError(f"{what} is empty")
+    return values
+
+
+def parse_qtype(text: str, what: str) -> QType:
+    t = text.strip().lower().removeprefix("q")
+    if t in ("uint8", "u8"):
+        return "uint8"
+    if t in ("int8", "s8", "i8"):
+        return "int8"
+    raise InputError(f"unknown {what} {text!r}; choose uint8 or int8")
+
+
+def parse_sparsity_pattern(text: str) -> SparsityPattern:
+    """The ``--sparsity`` value, or one clear InputError."""
+    if text.strip().replace(" ", "") == "2:4":
+        return "2:4"
+    raise InputError(f"unsupported --sparsity {text!r}: only 2:4 is supported (2 non-zero weights in every "
+                     "group of 4 input channels, the pattern TensorRT's sparse kernels use)")
+
+
+def parse_prune_ratio(text: str) -> float:
+    """The ``--prune-channels`` value: a fraction strictly between 0 and 1, or one clear InputError."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise InputError(f"--prune-channels must be a fraction strictly between 0 and 1 (e.g. 0.3 removes 30% of "
+                         f"the channels of every prunable layer), got {text!r}")
+    return value

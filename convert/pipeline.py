@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from convert.config import ConvertConfig
 from convert.context import ConvertContext, Step, attempt_variant, parity_batches
@@ -29,14 +31,24 @@ from convert.optimize import optimize_onnx
 from convert.recover import check_distill_inputs, check_recover_inputs, step_distill, step_recover
 from convert.sparsity import check_sparsity_inputs, step_sparsity
 from convert.validate import Tolerance, ort_reference, parity_spec, torch_reference, validate_onnx
-from convert.variants import quant_steps
+from convert.variants import check_quant_inputs, run_quant
 from core.errors import ToolkitError, ValidationError, first_line
 from core.fsutil import atomic_path
 from core.iospec import onnx_opset
-from core.manifest import MANIFEST_NAME, Manifest
+from core.manifest import MANIFEST_NAME, Manifest, Precision
 from core.models import factory_parts, resolve_model
 from core.onnxfile import copy_onnx
-from core.records import CopyParams, ExportParams, OptimizeParams, WeightsParams
+from core.records import (
+    CopyParams,
+    DistillParams,
+    EngineParams,
+    ExportParams,
+    OptimizeParams,
+    PruneParams,
+    Record,
+    SparsityParams,
+    WeightsParams,
+)
 from core.transaction import staged_folder
 
 
@@ -161,23 +173,65 @@ def _optimize(ctx: ConvertContext) -> None:
     step_validate("opt")(ctx)
 
 
+@dataclass(frozen=True)
+class PipelineVariant:
+    """A row of the pipeline's variant steps: one pipeline step of its own that makes variants, the section of the
+    config that asks for it, the checks it runs before the export, the records its artifacts carry and their
+    precision. The rows of ``convert.variants.VARIANTS`` share one state (held-out data, calibration) and run inside
+    the ``quant`` row; these rows each hold their own (a PyTorch module to prune or train, an engine builder)."""
+
+    name: str
+    section: Literal["sparsity", "distill", "quant", "engine"]  # the ConvertConfig section it reads
+    field: str | None  # the section's field (or property) that asks for it; None: the section being set
+    step: Step  # after the FP32 model exists
+    params: tuple[type[Record], ...]  # the records its artifacts carry (the quant row: its rows' own)
+    precision: Precision | None  # None: each artifact's own (the quant rows'; an engine's source's)
+    checks: Step | None = None  # before the export: what can fail without the slow work
+
+    def asked(self, cfg: ConvertConfig) -> bool:
+        section = getattr(cfg, self.section)
+        return section is not None and (self.field is None or getattr(section, self.field) not in (None, False))
+
+
+def _quantize(ctx: ConvertContext) -> None:
+    if ctx.cfg.quant is not None:
+        run_quant(ctx, ctx.cfg.quant)
+
+
+def _check_quant(ctx: ConvertContext) -> None:
+    if ctx.cfg.quant is not None:
+        check_quant_inputs(ctx, ctx.cfg.quant)
+
+
+#: The variant steps after the FP32 model, in the order they run (each may build from those before it: recovery
+#: fine-tunes what sparsity made, an engine builds from any ONNX variant). Their checks run before the export, the
+#: last row's first (the quant flags before a student, training or pruning data).
+PIPELINE_VARIANTS: dict[str, PipelineVariant] = {
+    "sparsity": PipelineVariant(name="sparsity", section="sparsity", field="enabled", step=step_sparsity,
+                                params=(SparsityParams, PruneParams), precision="fp32",
+                                checks=check_sparsity_inputs),  # sparse24, pruned_<F>
+    "recover": PipelineVariant(name="recover", section="sparsity", field="recover", step=step_recover,
+                               params=(SparsityParams, PruneParams), precision="fp32",
+                               checks=check_recover_inputs),  # <variant>_recovered
+    "distill": PipelineVariant(name="distill", section="distill", field=None, step=step_distill,
+                               params=(DistillParams,), precision="fp32", checks=check_distill_inputs),  # distilled
+    "quant": PipelineVariant(name="quant", section="quant", field=None, step=_quantize, params=(), precision=None,
+                             checks=_check_quant),  # the rows of convert.variants.VARIANTS
+    "engine": PipelineVariant(name="engine", section="engine", field=None, step=step_engine, params=(EngineParams,),
+                              precision=None),  # last: it may build from any ONNX variant above; its preflight
+    # (TensorRT and the GPU present) runs in run_convert, before the model is even loaded
+}
+
+
 def build_steps(cfg: ConvertConfig) -> list[Step]:
-    """The ordered list of steps for ``cfg``: variant modules append theirs here."""
+    """The ordered list of steps for ``cfg``: the export, then every row of ``PIPELINE_VARIANTS`` it asks for, their
+    checks first (ahead of the slow export)."""
     steps: list[Step] = [step_export, step_validate("fp32"), step_optimize]
     if cfg.export.optimize:
         steps.append(step_fuse)  # transformers only: ONNX Runtime's attention/LayerNorm/GELU fusion
-    if cfg.sparsity.enabled:  # the preflight: wrong source or eval data fail before the slow export
-        steps = [check_sparsity_inputs, *steps, step_sparsity]
-        if cfg.sparsity.recover is not None:  # fine-tunes the variants step_sparsity made
-            steps = [check_recover_inputs, *steps, step_recover]
-    if cfg.distill is not None:
-        steps = [check_distill_inputs, *steps, step_distill]
-    if cfg.quant is not None:  # the variant steps of convert.variants.VARIANTS that cfg.quant asks for
-        before, after = quant_steps(cfg.quant)  # before: flag/data checks ahead of the slow export
-        steps = [*before, *steps, *after]
-    if cfg.engine is not None:
-        steps.append(step_engine)  # last: it may build from any ONNX variant above
-    return steps
+    rows = [row for row in PIPELINE_VARIANTS.values() if row.asked(cfg)]
+    before = [row.checks for row in reversed(rows) if row.checks is not None]
+    return [*before, *steps, *(row.step for row in rows)]
 
 
 def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print,

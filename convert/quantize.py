@@ -30,7 +30,10 @@ from calibration.cpu import CpuFeatures, cpu_features
 from calibration.ort_reader import OrtCalibrationReader
 from calibration.sources import Source
 from convert.calibrate import Calibrations, QuantData, open_quant_data
-from convert.config import CALIB_METHODS, CalibMethod, Int8Layout, QType, QuantConfig
+from convert.config import CALIB_METHODS, CalibMethod, Int8Layout, QuantConfig
+from convert.config import parse_floats as parse_floats
+from convert.config import parse_methods as parse_methods
+from convert.config import parse_qtype as parse_qtype
 from convert.context import ConvertContext, attempt_variant, skip_variant
 from convert.gates import NodeScore, Trial, auto_search, gate_verdict, rank_nodes, summary_line
 from convert.heldout import HeldOutEvaluator, keep_heldout
@@ -45,7 +48,6 @@ from convert.ort_quant import (
 from convert.precision import convert_fp16
 from convert.trt_qdq import quantize_trt_file, trt_op_types, trt_qdq_problems
 from convert.validate import structural_checks
-from core.errors import InputError
 from core.manifest import Precision
 from core.metrics import AccuracyStats
 from core.models import is_random_init
@@ -60,37 +62,6 @@ from core.records import (
     StepParams,
     TrtQdqParams,
 )
-
-
-def parse_methods(text: str) -> list[CalibMethod]:
-    """``minmax,entropy`` -> ["minmax", "entropy"]; an unknown name is one clear InputError."""
-    items = [x.strip().lower() for x in text.split(",") if x.strip()]
-    bad = [x for x in items if x not in CALIB_METHODS]
-    if bad or not items:
-        raise InputError(f"unknown --calib-method {text!r}; choose from {', '.join(CALIB_METHODS)} "
-                         "(comma-separated for one variant each)")
-    return [m for x in dict.fromkeys(items) for m in CALIB_METHODS if m == x]
-
-
-def parse_floats(text: str, what: str) -> list[float]:
-    """``0.5,0.5,0.5`` -> [0.5, 0.5, 0.5], or one clear InputError."""
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"{what} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise InputError(f"{what} is empty")
-    return values
-
-
-def parse_qtype(text: str, what: str) -> QType:
-    t = text.strip().lower().removeprefix("q")
-    if t in ("uint8", "u8"):
-        return "uint8"
-    if t in ("int8", "s8", "i8"):
-        return "int8"
-    raise InputError(f"unknown {what} {text!r}; choose uint8 or int8")
-
 
 
 # -- the state the steps share -----------------------------------------------------------------------

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from calibration.pools import InputPool, random_pool, source_pool
-from convert.config import Budget, SparsityConfig, SparsityPattern
+from convert.config import Budget, SparsityConfig
+from convert.config import parse_prune_ratio as parse_prune_ratio
+from convert.config import parse_sparsity_pattern as parse_sparsity_pattern
 from convert.context import ConvertContext, attempt_variant, parity_batches
 from convert.export import export_onnx
 from convert.gates import gate_verdict
@@ -47,26 +49,6 @@ CPU_24_NOTE = ("2:4 sparsity keeps every weight tensor's shape: the file is not 
 
 #: Held-out samples per ONNX Runtime run (a fixed-batch model runs its own batch).
 EVAL_BATCH = 64
-
-
-def parse_sparsity_pattern(text: str) -> SparsityPattern:
-    """The ``--sparsity`` value, or one clear InputError."""
-    if text.strip().replace(" ", "") == "2:4":
-        return "2:4"
-    raise InputError(f"unsupported --sparsity {text!r}: only 2:4 is supported (2 non-zero weights in every "
-                     "group of 4 input channels, the pattern TensorRT's sparse kernels use)")
-
-
-def parse_prune_ratio(text: str) -> float:
-    """The ``--prune-channels`` value: a fraction strictly between 0 and 1, or one clear InputError."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 < value < 1.0:
-        raise InputError(f"--prune-channels must be a fraction strictly between 0 and 1 (e.g. 0.3 removes 30% of "
-                         f"the channels of every prunable layer), got {text!r}")
-    return value
 
 
 # -- held-out inputs and timing ----------------------------------------------------------------------

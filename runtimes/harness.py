@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from calibration.pools import InputPool, heldout_pool, image_pool, random_pool, source_pool
 from core.errors import BackendUnavailableError, InputError
@@ -76,6 +76,94 @@ class BenchConfig(BaseModel):
     ort_spinning: bool = Field(default=True, description="ONNX Runtime's intra-op threads spin while waiting "
                                                          "for work (its default, what a deployment runs); recorded "
                                                          "in the results")
+
+    # -- the flags' text, parsed here (one line naming the flag), so the API, sweep and the CLI share the rules ----
+    @field_validator("backends", "precisions", "variants", mode="before")
+    @classmethod
+    def _names(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name == "variants" and value == "":
+            return None  # --variants "": every variant, as when not given
+        return csv_items(value, flag_name(info.field_name or "")) if isinstance(value, str) else value
+
+    @field_validator("batch_sizes", mode="before")
+    @classmethod
+    def _batches(cls, value: Any) -> Any:
+        return int_items(value, "--batch-sizes") if isinstance(value, str) else value
+
+    @field_validator("dims", mode="before")
+    @classmethod
+    def _dims(cls, value: Any) -> Any:
+        if value is None or value == "":  # --dims not given
+            return {}
+        return parse_dims(value) if isinstance(value, str) else value
+
+    @field_validator("dims")
+    @classmethod
+    def _positive_dims(cls, value: dict[str, list[int]]) -> dict[str, list[int]]:
+        if any(not v or min(v) < 1 for v in value.values()):
+            raise InputError(f"--dims values must be positive integers, got {value}")
+        return value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> Any:
+        return resolve_device(value) if isinstance(value, str) else value
+
+    @field_validator("options")
+    @classmethod
+    def _openvino_hint(cls, value: dict[str, Any]) -> dict[str, Any]:
+        hint = value.get("openvino_hint")
+        if isinstance(hint, str):
+            if hint.upper() not in OPENVINO_HINTS:
+                raise InputError(f"unknown --openvino-hint {hint!r}; choose LATENCY or THROUGHPUT")
+            return {**value, "openvino_hint": hint.upper()}
+        return value
+
+    @model_validator(mode="after")
+    def _fits_the_device(self) -> BenchConfig:
+        check_gpu_request(self)
+        return self
+
+
+def flag_name(field: str) -> str:
+    """``batch_sizes`` -> ``--batch-sizes``."""
+    return "--" + field.replace("_", "-")
+
+
+def csv_items(text: str, what: str) -> list[str]:
+    """``a, b`` -> ["a", "b"]; nothing in it is one clear line naming ``what`` (the flag)."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise InputError(f"{what} is empty")
+    if len(items) < text.count(",") + 1:  # 1,,2 or 1,2,: a value left out by mistake, not a list of two
+        raise InputError(f"{what} {text!r} has an empty item; separate the values with single commas")
+    return items
+
+
+def int_items(text: str, what: str) -> list[int]:
+    """``1,8`` -> [1, 8]: positive integers, or one clear line naming ``what``."""
+    try:
+        values = [int(x) for x in csv_items(text, what)]
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise InputError(f"{what} must be >= 1, got {text!r}")
+    return values
+
+
+def parse_dims(text: str) -> dict[str, list[int]]:
+    """``sequence=16,128`` (``;`` between dims) -> {"sequence": [16, 128]}, or one clear line."""
+    out: dict[str, list[int]] = {}
+    for part in text.split(";"):
+        name, sep, values = part.strip().partition("=")
+        if not sep or not name.strip():
+            raise InputError(f"malformed --dims {text!r}: expected NAME=V1,V2 (e.g. sequence=16,128)")
+        out[name.strip()] = int_items(values, f"--dims {name.strip()}")
+    return out
+
+
+#: OpenVINO's PERFORMANCE_HINT values (``--openvino-hint``, any case)
+OPENVINO_HINTS = ("LATENCY", "THROUGHPUT")
 
 
 @dataclass
@@ -180,7 +268,6 @@ def _wanted(a: Artifact, runner_cls: type[Runner], variants: list[str] | None) -
 def _check_backends(manifest: Manifest, cfg: BenchConfig) -> None:
     """Unknown or unavailable backends, impossible requests and unknown variants: one clear error."""
     check_backends(cfg.backends)
-    check_gpu_request(cfg)
     check_engine_batches(manifest, cfg)
     problems = {b: why for b in cfg.backends if (why := RUNNERS[b].available(cfg.device)) is not None}
     if problems:
@@ -307,8 +394,6 @@ def bench_spec(spec: IOSpec, cfg: BenchConfig) -> IOSpec:
 def bench_points(spec: IOSpec, cfg: BenchConfig) -> list[tuple[int, dict[str, int]]]:
     """Every (batch, dim values) to time: --batch-sizes x every combination of the --dims values (each, and the
     accuracy pool, checked to fit in memory)."""
-    if any(not v or min(v) < 1 for v in cfg.dims.values()):
-        raise InputError(f"--dims values must be positive integers, got {cfg.dims}")
     combos: list[dict[str, int]] = [dict(zip(cfg.dims, vals, strict=True))
                                     for vals in itertools.product(*cfg.dims.values())] if cfg.dims else [{}]
     points = [(b, c) for b in cfg.batch_sizes for c in combos]

@@ -27,9 +27,9 @@ import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from core.errors import BackendUnavailableError, InputError
 from core.manifest import utc_now
@@ -37,7 +37,16 @@ from core.metrics import AccuracyStats, LatencyStats, clearly_slower
 from reports.models import machine_info
 from runtimes import RUNNERS, check_backends
 from runtimes.base import RunnerOptions
-from runtimes.harness import BenchConfig, Target, graded_drop, pool_accuracy, prepare_bench
+from runtimes.harness import (
+    BenchConfig,
+    Target,
+    csv_items,
+    flag_name,
+    graded_drop,
+    int_items,
+    pool_accuracy,
+    prepare_bench,
+)
 from runtimes.timing import interleaved_within_memory
 
 Objective = Literal["latency", "throughput"]
@@ -62,6 +71,33 @@ class TuneConfig(BaseModel):
     data: Path | None = Field(default=None, description="Accuracy data instead of the artifact's held-out data "
                                                          "(as bench's --data)")
     seed: int = 0
+
+    # -- the flags' text and values, checked here (one line naming the flag): the API and the CLI share them ------
+    @field_validator("backends", "variants", mode="before")
+    @classmethod
+    def _names(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name == "variants" and value == "":
+            return None  # --variants "": every ok variant, as when not given
+        return csv_items(value, flag_name(info.field_name or "")) if isinstance(value, str) else value
+
+    @field_validator("batch_sizes", mode="before")
+    @classmethod
+    def _batches(cls, value: Any) -> Any:
+        return int_items(value, "--batch-sizes") if isinstance(value, str) else value
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in get_args(Objective):
+            raise InputError(f"unknown --objective {value!r}; choose latency or throughput")
+        return value
+
+    @field_validator("screen")
+    @classmethod
+    def _screen(cls, value: int) -> int:
+        if 0 < value < 3:
+            raise InputError(f"screen of {value} call(s): at least 3 (its interval needs three rounds), or 0 for none")
+        return value
 
 
 class Candidate(BaseModel):
@@ -168,8 +204,6 @@ def _time_stage(setup: Any, live: list[Candidate], iters: int, rounds: int) -> N
 
 def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     """Search, prune, pick; see the module docstring."""
-    if 0 < cfg.screen < 3:
-        raise InputError(f"screen of {cfg.screen} call(s): at least 3 (its interval needs three rounds), or 0 for none")
     check_backends(cfg.backends)
     usable = [b for b in cfg.backends if RUNNERS[b].available("cpu") is None]
     for b in sorted(set(cfg.backends) - set(usable)):

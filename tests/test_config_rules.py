@@ -11,7 +11,7 @@ import pytest
 
 from core.errors import InputError
 
-VARIANT_FLAGS = "--fp16, --int8 or --int8-dynamic"
+VARIANT_FLAGS = "--fp16, --int8, --int8-dynamic or --int4"  # the flags of the rows of convert.variants.VARIANTS
 
 
 def _config(**sections: Any) -> Any:
@@ -41,7 +41,7 @@ def test_quant_rules_hold_for_a_config_built_directly(quant: dict[str, Any], mes
 def test_section_rules_hold_for_a_config_built_directly() -> None:
     from convert.config import EngineConfig, QuantConfig, SparsityConfig, TrainConfig
 
-    with pytest.raises(InputError, match="^--eval-data measures variants: add --fp16, --int8, --int8-dynamic, "
+    with pytest.raises(InputError, match="^--eval-data measures variants: add --fp16, --int8, --int8-dynamic, --int4, "
                                          "--sparsity, --prune-channels or --distill-into$"):
         _config(sparsity=SparsityConfig(eval_data="test.npz"))
     with pytest.raises(InputError, match="^--recover distill fine-tunes a pruned or sparse variant"):
@@ -129,3 +129,71 @@ def test_the_cli_defaults_are_the_flags_defaults() -> None:
     assert set(shown) | set(unset) | set(asked) == set(ConvertFlags.model_fields)
     assert ConvertFlags(**asked, **shown).model_dump() == ConvertFlags(**asked).model_dump()
     assert all(ConvertFlags.model_fields[n].get_default(call_default_factory=True) in (None, [], {}) for n in unset)
+
+
+# -- bench and tune: their flags' rules are BenchConfig's and TuneConfig's own validators ---------------------------
+@pytest.mark.parametrize("fields,message", [
+    ({"backends": " , "}, "--backends is empty"),
+    ({"batch_sizes": "1,x"}, "--batch-sizes must be comma-separated integers, got '1,x'"),
+    ({"batch_sizes": "0,8"}, "--batch-sizes must be >= 1, got '0,8'"),
+    ({"device": "tpu"}, "unknown --device 'tpu'; choose auto, cpu or cuda"),
+    ({"dims": "sequence"}, "malformed --dims 'sequence': expected NAME=V1,V2"),
+    ({"dims": "sequence=16,x"}, "--dims sequence must be comma-separated integers"),
+    ({"dims": {"sequence": [0, 16]}}, "--dims values must be positive integers"),
+    ({"options": {"openvino_hint": "fast"}}, "unknown --openvino-hint 'fast'; choose LATENCY or THROUGHPUT"),
+    ({"precisions": "fp8"}, "unknown precision(s) ['fp8']; choose from fp32, fp16, bf16"),
+    ({"precisions": "fp32,fp16", "options": {"cuda_graphs": True}},
+     "--precisions fp16, --cuda-graphs: only measured with --device cuda"),
+    ({"device": "cpu", "options": {"include_transfers": True}}, "--include-transfers: only measured with --device cuda"),
+])
+def test_bench_rules_hold_through_the_python_api(tmp_path: Path, fields: dict[str, Any], message: str) -> None:
+    from runtimes.harness import BenchConfig
+
+    with pytest.raises(InputError) as err:
+        BenchConfig.model_validate({"artifact_dir": tmp_path, **fields})
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_bench_flags_map_to_the_config_the_cli_builds(tmp_path: Path) -> None:
+    from runtimes.harness import BenchConfig
+
+    cfg = BenchConfig.model_validate({"artifact_dir": tmp_path, "backends": "ort, openvino", "batch_sizes": "1,8",
+                                      "precisions": "fp32", "variants": "opt,int8_dynamic", "dims": "sequence=16,128",
+                                      "options": {"openvino_hint": "throughput"}, "device": "cpu"})
+    assert cfg.backends == ["ort", "openvino"] and cfg.batch_sizes == [1, 8] and cfg.precisions == ["fp32"]
+    assert cfg.variants == ["opt", "int8_dynamic"] and cfg.dims == {"sequence": [16, 128]}
+    assert cfg.options == {"openvino_hint": "THROUGHPUT"}
+    assert BenchConfig.model_validate({"artifact_dir": tmp_path, "variants": "", "dims": ""}).variants is None
+    assert BenchConfig.model_validate({"artifact_dir": tmp_path, "variants": None, "dims": None}).dims == {}
+    assert BenchConfig(artifact_dir=tmp_path, device="cuda", precisions=["fp16"], options={"cuda_graphs": True})
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"objective": "speed"}, "unknown --objective 'speed'; choose latency or throughput"),
+    ({"screen": 2}, "screen of 2 call(s): at least 3 (its interval needs three rounds), or 0 for none"),
+    ({"batch_sizes": "1,-2"}, "--batch-sizes must be >= 1, got '1,-2'"),
+    ({"backends": ""}, "--backends is empty"),
+])
+def test_tune_rules_hold_through_the_python_api(tmp_path: Path, fields: dict[str, Any], message: str) -> None:
+    from runtimes.tune import TuneConfig
+
+    with pytest.raises(InputError) as err:
+        TuneConfig.model_validate({"artifact_dir": tmp_path, **fields})
+    assert str(err.value).startswith(message), str(err.value)
+    cfg = TuneConfig.model_validate({"artifact_dir": tmp_path, "backends": "ort", "batch_sizes": "1,8",
+                                     "objective": "throughput", "variants": "opt", "screen": 0})
+    assert (cfg.backends, cfg.batch_sizes, cfg.variants, cfg.screen) == (["ort"], [1, 8], ["opt"], 0)
+
+
+def test_every_variant_row_has_its_convert_flag() -> None:
+    """ConvertFlags maps each QuantConfig variant field from its flag (--int8 sets int8_static): a row's flag must be
+    a ConvertFlags field, or the flag would do nothing."""
+    from convert.config import QuantConfig, flag_fields
+    from convert.flags import ConvertFlags, from_flags
+
+    fields = flag_fields(QuantConfig)
+    for name, flag in fields.items():
+        attr = flag.removeprefix("--").replace("-", "_")
+        assert attr in ConvertFlags.model_fields, f"{flag} (QuantConfig.{name}) is no convert flag"
+    cfg = from_flags(model="m", int8_dynamic=True, fp16=True)
+    assert cfg.quant is not None and cfg.quant.int8_dynamic and cfg.quant.fp16 and not cfg.quant.int8_static
