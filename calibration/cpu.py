@@ -19,6 +19,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.errors import InputError
+
 _X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
 _ARM = {"aarch64", "arm64", "armv8l", "armv8", "arm"}
 
@@ -215,3 +217,44 @@ def describe_cpu(machine: Mapping[str, Any]) -> str:
     isa = str(machine.get("cpu_isa") or (feats.isa or feats.isa_text() if feats else ""))
     cores = machine.get("cpu_count")
     return f"{model}" + (f" ({isa})" if isa else "") + (f", {cores} cores" if cores else "")
+
+
+# -- the reduced float precisions a CPU computes natively (issue 32) ---------------------------------------------
+#: The reduced float precisions a CPU may compute natively -> the units that do it (named in one-line refusals).
+REDUCED_PRECISIONS: dict[str, str] = {"bf16": "AVX512_BF16 or AMX-BF16 (x86), BF16 (ARM)",
+                                      "fp16": "AVX512-FP16 or AMX-FP16 (x86), FP16 arithmetic (ARM)"}
+#: Overrides the probe (tests simulate a CPU with and without the units): a comma list of the reduced precisions to
+#: treat as native ("bf16", "bf16,fp16"), or "none". Unset: what the CPU's flags say.
+PRECISION_ENV = "ONNXKIT_CPU_PRECISIONS"
+
+
+def native_precisions(feats: CpuFeatures | None = None, env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """fp32 and the reduced precisions (REDUCED_PRECISIONS) this CPU computes natively: bf16 with AVX512_BF16 or
+    AMX-BF16 (or ARM BF16), fp16 with AVX512-FP16 or AMX-FP16 (or ARM FP16 arithmetic). Without those units PyTorch
+    emulates them (slower than FP32) and OpenVINO falls back to f32: a timing labelled bf16 there would be a fake.
+    ``env`` (default: os.environ) holds PRECISION_ENV, the override; ``feats``: default this CPU's."""
+    import os
+
+    given = (os.environ if env is None else env).get(PRECISION_ENV)
+    if given is not None:
+        names = [p.strip().lower() for p in given.split(",") if p.strip()]
+        if names in ([], ["none"]):
+            return ("fp32",)
+        if unknown := [p for p in names if p not in REDUCED_PRECISIONS]:
+            raise InputError(f"{PRECISION_ENV}={given!r}: unknown precision(s) {unknown}; give a comma list of "
+                             f"{', '.join(REDUCED_PRECISIONS)}, or none")
+        return ("fp32", *(p for p in REDUCED_PRECISIONS if p in names))
+    f = feats or cpu_features()
+    have = {"bf16": f.avx512_bf16 or f.amx_bf16 or f.arm_bf16, "fp16": f.fp16_arith}
+    return ("fp32", *(p for p in REDUCED_PRECISIONS if have[p]))
+
+
+def precision_problem(precision: str, feats: CpuFeatures | None = None,
+                      env: Mapping[str, str] | None = None) -> str | None:
+    """None when this CPU computes ``precision`` natively (see native_precisions; a precision that is no reduced float
+    one, fp32 or int8, is not this probe's question: None), else one line saying which units it lacks."""
+    if precision not in REDUCED_PRECISIONS or precision in native_precisions(feats, env):
+        return None
+    f = feats or cpu_features()
+    return (f"this CPU ({f.model or f.arch}: {f.isa or f.isa_text()}) has no {precision} units "
+            f"({REDUCED_PRECISIONS[precision]})")

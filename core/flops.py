@@ -291,12 +291,16 @@ def _ort_matmul(n: int, threads: int | None) -> Callable[[dict[str, Any]], objec
     return lambda feed: sess.run(None, feed)
 
 
-def openvino_config(hint: str, threads: int | None) -> dict[str, Any]:
-    """OpenVINO CPU compile settings: the performance hint, the thread count, and f32 compute. OpenVINO's CPU
-    plugin computes an FP32 model in bf16 by default where the CPU has bf16 units (AMX): an "fp32" row would be
-    bf16 (about 2x the GEMM rate, 3e-3 relative error: benchmarks/run_openvino_precision.py on a Xeon with AMX), so
-    f32 is pinned."""
-    return {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": "f32"} | (
+#: our compute precision -> OpenVINO's INFERENCE_PRECISION_HINT
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def openvino_config(hint: str, threads: int | None, precision: str = "fp32") -> dict[str, Any]:
+    """OpenVINO CPU compile settings: the performance hint, the thread count, and the compute precision (f32 unless
+    a row asks for bf16/fp16). OpenVINO's CPU plugin computes an FP32 model in bf16 by default where the CPU has bf16
+    units (AMX): an "fp32" row would be bf16 (about 2x the GEMM rate, 3e-3 relative error:
+    benchmarks/run_openvino_precision.py on a Xeon with AMX), so f32 is pinned, and bf16 is a row of its own."""
+    return {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision]} | (
         {"INFERENCE_NUM_THREADS": threads} if threads else {})
 
 
@@ -304,8 +308,9 @@ def _openvino_matmul(n: int, threads: int | None) -> Callable[[dict[str, Any]], 
     return _openvino_run(_matmul_model(n), threads)
 
 
-def _openvino_run(model: Any, threads: int | None) -> Callable[[dict[str, Any]], object] | None:
-    """``model`` (ONNX) compiled by OpenVINO for the CPU with bench's settings; None when OpenVINO is absent."""
+def _openvino_run(model: Any, threads: int | None, precision: str = "fp32") -> Callable[[dict[str, Any]], object] | None:
+    """``model`` (ONNX) compiled by OpenVINO for the CPU with bench's settings, computing in ``precision``; None when
+    OpenVINO is absent, or computes in another precision (its CPU plugin falls back to f32 without bf16/f16 units)."""
     try:
         import openvino as ov
     except ImportError:
@@ -318,8 +323,11 @@ def _openvino_run(model: Any, threads: int | None) -> Callable[[dict[str, Any]],
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "matmul.onnx"
         onnx.save(model, str(path))
-        config = openvino_config("LATENCY", threads)
-        request = core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
+        config = openvino_config("LATENCY", threads, precision)
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        if compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() != OPENVINO_PRECISIONS[precision]:
+            return None
+        request = compiled.create_infer_request()
     return lambda feed: request.infer(feed)
 
 
@@ -388,9 +396,41 @@ def _int8_matmul_model(b: np.ndarray, qdq: bool) -> Any:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
+#: the reduced float precisions ``reduced_matmul_peaks`` measures -> PyTorch's dtype name
+REDUCED_FLOATS = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+@functools.cache
+def reduced_matmul_peaks(precision: str, threads: int | None = None, n: int = 1024,
+                         repeats: int = 16) -> dict[str, float]:
+    """GFLOP/s of an n x n product computed in ``precision`` (bf16 or fp16), the best of ``repeats``, by PyTorch
+    (``torch.mm`` on tensors of that dtype: oneDNN's AMX/AVX512 kernels) and OpenVINO (the FP32 MatMul compiled with
+    that INFERENCE_PRECISION_HINT, left out where OpenVINO falls back to f32); measured once per process, as FP32's.
+    Asked for only where a bf16/fp16 row was measured, i.e. on a CPU with units for it (``calibration.cpu``): on one
+    without, PyTorch emulates the precision and the rate is the emulation's."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        dtype = getattr(torch, REDUCED_FLOATS[precision])
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        out = {"torch": _best_gflops(functools.partial(torch.mm, a, b), n, repeats)}
+        if (run := _openvino_run(_matmul_model(n), threads, precision)) is not None:
+            feed = {"A": np.random.default_rng(0).standard_normal((n, n), np.float32),
+                    "B": np.random.default_rng(1).standard_normal((n, n), np.float32)}
+            out["openvino"] = _best_gflops(functools.partial(run, feed), n, repeats)
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
 #: precision -> the measurement of its matrix-multiply peak by library/kernel (G(FL)OP/s); a precision not here
-#: (fp16, bf16, mixed) has no peak measured on a CPU, and its rows no fraction
-PEAK_MEASURES: dict[str, Callable[[int | None], dict[str, float]]] = {"fp32": matmul_peaks, "int8": int8_matmul_peaks}
+#: (mixed, int4) has no peak measured on a CPU, and its rows no fraction
+PEAK_MEASURES: dict[str, Callable[[int | None], dict[str, float]]] = {
+    "fp32": matmul_peaks, "int8": int8_matmul_peaks,
+    "bf16": functools.partial(reduced_matmul_peaks, "bf16"), "fp16": functools.partial(reduced_matmul_peaks, "fp16")}
 
 
 @dataclass(frozen=True)

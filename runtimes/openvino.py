@@ -2,7 +2,10 @@
 
 OpenVINO is an optional extra (``pip install .[openvino]``). Its ``PERFORMANCE_HINT`` (``LATENCY`` or
 ``THROUGHPUT``) and ``INFERENCE_NUM_THREADS`` come from the runner options; ``INFERENCE_PRECISION_HINT`` is f32,
-as ONNX Runtime computes (OpenVINO's default on a CPU with AMX is bf16: ``core.flops.openvino_config``).
+as ONNX Runtime computes (OpenVINO's default on a CPU with AMX is bf16: ``core.flops.openvino_config``), unless the
+row's precision is bf16 or fp16: then the FP32 file is compiled with that hint, on a CPU with the units for it
+(``calibration.cpu.native_precisions``), and the precision OpenVINO reports after compiling is checked (its CPU
+plugin falls back to f32 silently where it has no such kernels: such a row is skipped, never labelled bf16).
 OpenVINO can crash the whole process on a graph it does not handle (seen: a segfault on a static INT8 Q/DQ
 file), so each file is first compiled and run once in a child process: a crash there is one line saying so, and
 the other backends go on.
@@ -60,6 +63,7 @@ class OpenVinoRunner(Runner):
     devices: ClassVar[tuple[Device, ...]] = ("cpu",)
     options_model = OpenVinoOptions
     triton_backend: ClassVar[str | None] = "openvino"
+    compute_in: ClassVar[tuple[str, ...]] = ("bf16", "fp16")  # INFERENCE_PRECISION_HINT on the FP32 file
 
     compiled: Any = None
     request: Any = None
@@ -79,19 +83,28 @@ class OpenVinoRunner(Runner):
     @classmethod
     def triton_settings(cls, settings: dict[str, Any]) -> TritonSettings | None:
         """Triton's openvino backend, named (``backend: "openvino"``) and reading ``1/model.onnx``: the hint ->
-        ``PERFORMANCE_HINT``, threads -> ``INFERENCE_NUM_THREADS``. The f32 compute the runner pins has no key
-        there (only ``HINT_BF16``): recorded as not carried over."""
+        ``PERFORMANCE_HINT``, threads -> ``INFERENCE_NUM_THREADS``, a bf16 compute precision (``precision``) ->
+        ``HINT_BF16=YES``, the one precision key that backend reads (its ParseParameters). The f32 compute the
+        runner pins for other rows and an f16 one have no key there: recorded as not carried over."""
         params: dict[str, str] = {}
         not_carried: list[str] = []
+        precision = settings.get("precision") or "fp32"
         for key, value in settings.items():
             if key == "threads" and value:
                 params["INFERENCE_NUM_THREADS"] = str(int(value))
             elif key == "openvino_hint":
                 params["PERFORMANCE_HINT"] = str(value)
-            elif value is not None:
+            elif key != "precision" and value is not None:
                 not_carried.append(f"{key}={value}")
-        not_carried.append("f32 compute (INFERENCE_PRECISION_HINT=f32, as tune measured): the openvino backend has "
-                           "no key for it (only HINT_BF16=YES); on a CPU with AMX it computes in bf16 by default")
+        if precision == "bf16":
+            params["HINT_BF16"] = "YES"
+        elif precision == "fp16":
+            not_carried.append("f16 compute (INFERENCE_PRECISION_HINT=f16, as tune measured): the openvino backend "
+                               "has no key for it (only HINT_BF16=YES); it computes in its CPU's default precision")
+        else:
+            not_carried.append("f32 compute (INFERENCE_PRECISION_HINT=f32, as tune measured): the openvino backend "
+                               "has no key for it (only HINT_BF16=YES); on a CPU with AMX it computes in bf16 by "
+                               "default")
         return TritonSettings(backend=str(cls.triton_backend), model_filename="model.onnx", parameters=params,
                               not_carried=not_carried)
 
@@ -100,9 +113,16 @@ class OpenVinoRunner(Runner):
         return self.options.of(OpenVinoOptions).openvino_hint
 
     @property
+    def precision(self) -> str:
+        """The compute precision: bf16/fp16 asked for an FP32 file, else the file's own (compiled in f32)."""
+        asked = self.options.precision
+        return asked if self.artifact.precision == "fp32" and asked in self.compute_in else self.artifact.precision
+
+    @property
     def config(self) -> dict[str, Any]:
-        """The compile settings: hint, threads, f32 compute."""
-        return openvino_config(self.hint, self.options.threads)
+        """The compile settings: hint, threads, compute precision (f32 but for a bf16/fp16 row)."""
+        return openvino_config(self.hint, self.options.threads, self.precision if self.precision in self.compute_in
+                               else "fp32")
 
     def _probe(self, path: Path) -> None:
         """Compile and run once in a child process; a crash or an error there is a BackendUnavailableError."""
@@ -130,9 +150,22 @@ class OpenVinoRunner(Runner):
             self.compiled = core.compile_model(core.read_model(str(path)), "CPU", self.config)
         except Exception as exc:
             raise BackendUnavailableError(f"OpenVINO cannot compile {path.name}: {first_line(exc)}") from None
+        self._check_precision(path)
         self.request = self.compiled.create_infer_request()
         self._output_names = [self._name(p) for p in self.compiled.outputs]
         self._types = {self._name(p): p.get_element_type().to_dtype() for p in self.compiled.inputs}
+
+    def _check_precision(self, path: Path) -> None:
+        """The precision OpenVINO compiled in is the one asked: its CPU plugin falls back to f32 where it has no
+        bf16/f16 kernels (an AVX2 CPU), silently; such a row would be f32 labelled bf16, so it is refused."""
+        asked = self.config["INFERENCE_PRECISION_HINT"]
+        got = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        if asked != got and asked != "f32":
+            import openvino as ov
+
+            caps = ", ".join(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+            raise BackendUnavailableError(f"OpenVINO compiled {path.name} in {got}, not {asked}: its CPU plugin has no "
+                                          f"{asked} kernels on this CPU (OPTIMIZATION_CAPABILITIES: {caps})")
 
     @staticmethod
     def _name(port: Any) -> str:

@@ -1,5 +1,7 @@
-"""PyTorch eager: the FP32 reference on CPU; on CUDA also FP16/BF16 autocast, channels_last and
-CUDA graphs (``--cuda-graphs``: one graph per input shape, replayed in the timed loop)."""
+"""PyTorch eager: the FP32 reference on CPU; FP16/BF16 autocast on CUDA, and on a CPU that computes them natively
+(AVX512_BF16/AMX-BF16, AVX512-FP16/AMX-FP16: ``calibration.cpu.native_precisions``; elsewhere PyTorch emulates them,
+slower than FP32, so they are refused, never timed under their name); on CUDA also channels_last and CUDA graphs
+(``--cuda-graphs``: one graph per input shape, replayed in the timed loop)."""
 
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class TorchRunnerBase(Runner):
     torch_like = True
     needs_weights = True
     profiler = "torch"
+    compute_in: ClassVar[tuple[str, ...]] = ("fp16", "bf16")  # autocast; on the CPU only where it has the units
 
     module: Any = None
     _threads_before: int | None = None
@@ -71,8 +74,6 @@ class TorchRunnerBase(Runner):
             torch.set_num_threads(self.options.threads)
         if self.options.device == "cuda" and (why := cuda_problem()):
             raise BackendUnavailableError(f"{self.name} on cuda: {why}")
-        if self.options.precision != "fp32" and self.options.device == "cpu":
-            raise BackendUnavailableError(f"{self.name}: {self.options.precision} autocast is only measured on cuda")
         if self.options.precision == "bf16" and self.options.device == "cuda" and \
                 not torch.cuda.is_bf16_supported(including_emulation=False):
             major, minor = torch.cuda.get_device_capability()

@@ -3,8 +3,10 @@
 ``tune.json`` is read with the model `tune` writes it with (``runtimes.tune.TuneResult``); the winner's variant
 is packaged and its settings become the parameters of the Triton backend that runs it the same way. The winner's
 runner says which backend that is and how each setting is written (``Runner.triton_settings``: ONNX Runtime's
-threads, execution mode and graph optimization level for the onnxruntime backend, OpenVINO's hint and threads for
-the openvino backend), and which settings have no key there (recorded as not carried over).
+threads, execution mode and graph optimization level for the onnxruntime backend, OpenVINO's hint, threads and a bf16
+compute precision (``HINT_BF16``) for the openvino backend), and which settings have no key there (recorded as not
+carried over, and said in the package's notes: an f32 or f16 compute precision on the openvino backend). The winner's
+precision is a setting when it is not its file's own (bf16 computed from the FP32 file).
 
 Only keys the backends read are written (the onnxruntime backend's ``ModelState`` and the openvino backend's
 ``ParseParameters``); ``check_config`` refuses any other. A winner batch above 1 becomes the dynamic batcher's
@@ -24,6 +26,7 @@ from core.errors import InputError
 from core.fsutil import sha256_file
 
 if TYPE_CHECKING:
+    from core.manifest import Artifact
     from runtimes.base import TritonSettings
 
 TUNE_FILE = "tune.json"
@@ -42,7 +45,10 @@ class TunedSettings(BaseModel):
     backend: str
     variant: str
     batch_size: int
-    settings: dict[str, Any] = Field(description="The winner's settings, as tune.json records them")
+    precision: str = Field(default="fp32", description="The precision the winner computed in (tune.json's)")
+    settings: dict[str, Any] = Field(description="The winner's settings, as tune.json records them, and its compute "
+                                                 "precision (precision) where that is not its file's own (bf16 on the "
+                                                 "FP32 file)")
     triton_backend: str = Field(description="onnxruntime or openvino")
     parameters: dict[str, str] = Field(description="config.pbtxt parameters written from the settings")
     graph_level: int | None = Field(default=None, description="config.pbtxt optimization.graph.level (onnxruntime "
@@ -73,7 +79,11 @@ def load_tuned(path: Path, artifact_dir: Path) -> TunedSettings:
     winner = next((c for c in result.candidates if c.label == result.winner), None)
     if winner is None:
         raise InputError(f"--from-tune: {file} names no winner ({result.reason})")
-    triton = triton_settings(winner.backend, winner.settings)
+    settings = dict(winner.settings)
+    art = _artifact(artifact_dir, winner.variant)
+    if art is not None and winner.precision != art.precision:  # computed in another precision than its file's
+        settings["precision"] = winner.precision
+    triton = triton_settings(winner.backend, settings)
     if triton is None:
         raise InputError(f"--from-tune: the winner {winner.label} runs on {winner.backend}, which Triton has no "
                          f"backend for; tune again with --backends {','.join(triton_runners())} to package its winner")
@@ -81,8 +91,18 @@ def load_tuned(path: Path, artifact_dir: Path) -> TunedSettings:
     return TunedSettings(tune_json=str(file), tune_json_sha256=sha256_file(file), winner=winner.label,
                          reason=result.reason, tuned_on=str(flags.get("summary") or result.machine.get("processor")),
                          backend=winner.backend, variant=winner.variant, batch_size=winner.batch_size,
-                         settings=winner.settings, triton_backend=triton.backend, parameters=triton.parameters,
+                         precision=winner.precision, settings=settings, triton_backend=triton.backend, parameters=triton.parameters,
                          graph_level=triton.graph_level, not_carried=triton.not_carried)
+
+
+def _artifact(artifact_dir: Path, variant: str) -> Artifact | None:
+    """The winner's artifact in the folder's manifest (None where it is not there: `package` says so itself)."""
+    from core.manifest import Manifest
+
+    try:
+        return Manifest.load(artifact_dir).artifacts.get(variant)
+    except InputError:  # no or an unreadable manifest: package's own one-line error, raised where it reads it
+        return None
 
 
 def triton_settings(backend: str, settings: dict[str, Any]) -> TritonSettings | None:
