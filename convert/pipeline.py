@@ -187,6 +187,8 @@ class PipelineVariant:
     params: tuple[type[Record], ...]  # the records its artifacts carry (the quant row: its rows' own)
     precision: Precision | None  # None: each artifact's own (the quant rows'; an engine's source's)
     checks: Step | None = None  # before the export: what can fail without the slow work
+    # before the model is even loaded: what the row adds to the config, and what it needs of the machine
+    prepare: Callable[[ConvertConfig], ConvertConfig] | None = None
 
     def asked(self, cfg: ConvertConfig) -> bool:
         section = getattr(cfg, self.section)
@@ -201,6 +203,16 @@ def _quantize(ctx: ConvertContext) -> None:
 def _check_quant(ctx: ConvertContext) -> None:
     if ctx.cfg.quant is not None:
         check_quant_inputs(ctx, ctx.cfg.quant)
+
+
+def _prepare_engine(cfg: ConvertConfig) -> ConvertConfig:
+    """The engines' ONNX sources (fp16, int8_trt) are variants too; then, before any work, one clear line where
+    TensorRT or the GPU is missing."""
+    if (engine := cfg.engine) is None:
+        return cfg
+    cfg = cfg.model_copy(update={"quant": with_source_variants(engine, cfg.quant)})
+    preflight(engine)
+    return cfg
 
 
 #: The variant steps after the FP32 model, in the order they run (each may build from those before it: recovery
@@ -218,8 +230,7 @@ PIPELINE_VARIANTS: dict[str, PipelineVariant] = {
     "quant": PipelineVariant(name="quant", section="quant", field=None, step=_quantize, params=(), precision=None,
                              checks=_check_quant),  # the rows of convert.variants.VARIANTS
     "engine": PipelineVariant(name="engine", section="engine", field=None, step=step_engine, params=(EngineParams,),
-                              precision=None),  # last: it may build from any ONNX variant above; its preflight
-    # (TensorRT and the GPU present) runs in run_convert, before the model is even loaded
+                              precision=None, prepare=_prepare_engine),  # last: it builds from any ONNX variant
 }
 
 
@@ -247,11 +258,9 @@ def run_convert(cfg: ConvertConfig, log: Callable[[str], None] = print,
     ``progress`` gets each training epoch (--recover, --distill-into); None: a log line per epoch.
     """
     e = cfg.export
-    if (engine := cfg.engine) is not None:
-        # The engines' ONNX sources (fp16, int8_trt) are variants too; then, before any work, one
-        # clear line where TensorRT or the GPU is missing.
-        cfg = cfg.model_copy(update={"quant": with_source_variants(engine, cfg.quant)})
-        preflight(engine)
+    for row in PIPELINE_VARIANTS.values():
+        if row.prepare is not None and row.asked(cfg):
+            cfg = row.prepare(cfg)  # the engine's: its ONNX sources asked for, TensorRT and the GPU checked
     loaded = resolve_model(e.model, e.weights, e.seed, task=e.task)
     out = Path(cfg.out) if cfg.out else default_out(e.model)
     for note in loaded.notes:
