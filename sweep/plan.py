@@ -40,6 +40,8 @@ class Conversion(BaseModel):
     fp16: bool = Field(default=False, description="Also write an FP16 variant (fp16)")
     int8: bool = Field(default=False, description="Also write a static INT8 variant (int8_static_<method>; needs calib)")
     int8_dynamic: bool = Field(default=False, description="Also write a dynamic INT8 variant (int8_dynamic)")
+    int4: bool = Field(default=False, description="Also write an INT4 weight-only variant (int4)")
+    # one bool per convert flag of a row of convert.variants.VARIANTS (tests/test_sweep.py checks they match)
     calib: str | None = Field(default=None, description="Calibration data: image folder, .npy/.npz, "
                                                         "imagenet_subset (built in) or synthetic")
     calib_size: int = Field(default=100, ge=1, description="Calibration samples (at most)")

@@ -154,7 +154,7 @@ def test_ray_missing_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     ({"models": []}, "models: List should have at least 1 item"),
     ({"models": ["resnet18"], "backends": ["onnxruntime"]}, "unknown backend(s) ['onnxruntime']"),
     ({"models": ["resnet18", "resnet18"]}, "listed twice"),
-    ({"models": ["resnet18"], "conversions": {"a": {"int4": True}}}, "conversions.a.int4: Extra inputs"),
+    ({"models": ["resnet18"], "conversions": {"a": {"int2": True}}}, "conversions.a.int2: Extra inputs"),
     ({"models": ["resnet18"], "batch_sizes": [0]}, "batch sizes must be >= 1"),
     (["resnet18"], "expected a mapping"),
 ])
@@ -183,3 +183,15 @@ def test_example_plan_is_valid() -> None:
     converts, benches = expand(plan)
     assert len(converts) == 2 and len(benches) == 2 * 3 * 2
     assert json.loads(plan.model_dump_json())["threads"] == 1
+
+
+def test_a_conversion_has_every_variant_flag_of_the_table() -> None:
+    """A plan's conversion set asks for the variant rows by convert's flags: one bool per row flag, mapped by the
+    shared ConvertFlags (an int4 set writes the int4 variant)."""
+    from convert.config import QuantConfig, flag_fields
+    from sweep.plan import Conversion, ModelEntry
+
+    flags = {f.removeprefix("--").replace("-", "_") for f in flag_fields(QuantConfig).values()}
+    assert flags <= set(Conversion.model_fields), flags - set(Conversion.model_fields)
+    cfg = Conversion(int4=True).to_config(ModelEntry(model="m"), Path("out"))
+    assert cfg.quant is not None and cfg.quant.int4 and not cfg.quant.fp16
