@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from core.errors import InputError, ToolkitError, as_user_error
 
@@ -27,7 +28,39 @@ if TYPE_CHECKING:  # the library is imported inside each command: --help stays f
     from reports.models import BenchResults
     from runtimes.harness import BenchConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """click's usage errors (an option out of its range, an unknown option, a missing argument) as one `error:`
+    line and exit 2, like every other bad input, instead of typer's usage box; `cli.py` alone still shows help."""
+    # typer vendors click (typer._click): its UsageError is the base of typer.BadParameter, the family's public name
+    usage_error: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    try:
+        yield
+    except usage_error as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `cli.py` alone: typer prints the help
+            raise
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        formatted = getattr(exc, "format_message", None)  # BadParameter's names the flag
+        message = formatted() if callable(formatted) else str(exc)
+        console.print(f"[bold red]error:[/] {escape(message)}{escape(where)}", soft_wrap=True)
+        raise typer.Exit(getattr(exc, "exit_code", 2)) from None
+
+
+class _Commands(TyperGroup):
+    """The command group: its own and its commands' usage errors are one line (``_one_line_usage_errors``)."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(info_name, args, parent=parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert PyTorch models to ONNX/TensorRT, optimize, quantize, benchmark and hand off.")
 console = Console(stderr=True, highlight=False)
 # Wide tables when piped to a file or CI log; a real terminal keeps its own width.
@@ -79,6 +112,8 @@ def csv_list(text: str, what: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
         raise InputError(f"{what} is empty")
+    if len(items) < text.count(",") + 1:  # 1,,2 or 1,2,: a value left out by mistake, not a list of two
+        raise InputError(f"{what} {text!r} has an empty item; separate the values with single commas")
     return items
 
 
@@ -125,6 +160,13 @@ def convert(
                                        rich_help_panel="Precision")] = False,
     int8_dynamic: Annotated[bool, typer.Option("--int8-dynamic", help="Also write a dynamic INT8 variant",
                                                rich_help_panel="Precision")] = False,
+    int4: Annotated[bool, typer.Option("--int4", help="Also write an INT4 weight-only variant (ONNX Runtime "
+                                                      "MatMulNBits; MatMul/Gemm weights in 4-bit blocks)",
+                                       rich_help_panel="Precision")] = False,
+    int4_algorithm: Annotated[str, typer.Option(help="INT4: rtn | hqq | gptq (gptq calibrates on --calib, else on "
+                                                     "seeded inputs)", rich_help_panel="Precision")] = "rtn",
+    int4_block_size: Annotated[int, typer.Option(min=16, max=256, help="INT4: weights per scale along K (a power of "
+                                                                       "2)", rich_help_panel="Precision")] = 32,
     calib: Annotated[str | None, typer.Option(help="Calibration data: image folder, .npy/.npz keyed by input name, "
                                                    "imagenet_subset (built in, offline) or synthetic",
                                               rich_help_panel="Precision")] = None,
@@ -164,6 +206,10 @@ def convert(
     min_cosine: Annotated[float, typer.Option(min=-1.0, max=1.0, help="The gate's other half: the smallest output "
                                                                       "cosine with FP32 a variant may have",
                                               rich_help_panel="Accuracy gate")] = 0.99,
+    min_token_agreement: Annotated[float, typer.Option(min=0.0, max=1.0, help="Decoders with a KV cache: the share "
+                                                       "of greedy decode steps whose token a variant must choose as "
+                                                       "FP32 does (and a step logits cosine >= 0.98)",
+                                                       rich_help_panel="Accuracy gate")] = 0.9,
     auto: Annotated[bool, typer.Option("--auto", help="Static INT8: try calibration methods, then keep the most "
                                                       "error-adding nodes in FP32 until within --max-accuracy-drop",
                                        rich_help_panel="Precision")] = False,
@@ -298,8 +344,9 @@ def bench(
     dims: Annotated[str | None, typer.Option(
         help="Sweep named dims as --batch-sizes sweeps the batch, e.g. sequence=16,128 (';' between dims)")] = None,
     out: Annotated[Path | None, typer.Option(help="results.json path (default ARTIFACT_DIR/bench/results.json)")] = None,
-    precisions: Annotated[str, typer.Option(help="PyTorch (eager, torchscript) compute precisions: fp32,fp16,bf16; "
-                                                 "fp16/bf16 autocast on cuda only")] = "fp32",
+    precisions: Annotated[str, typer.Option(help="Compute precisions of the PyTorch weights (autocast) and the FP32 "
+                                                 "file (OpenVINO's precision hint): fp32,fp16,bf16; fp16/bf16 on "
+                                                 "cuda or on a CPU with units for them (else refused)")] = "fp32",
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Eager on cuda: replay a captured CUDA graph "
                                                                     "(removes launch overhead)")] = False,
     include_transfers: Annotated[bool, typer.Option("--include-transfers", help="cuda: time the host->device input "
@@ -319,56 +366,31 @@ def bench(
 ) -> None:
     """Benchmark every backend on the same inputs; check accuracy against the FP32 reference."""
     with user_errors():
+        from core.manifest import artifact_files
         from reports.writers import check_results_path
 
         cfg = _bench_config(artifact_dir, backends=backends, batch_sizes=batch_sizes, warmup=warmup, iters=iters,
                             device=device, threads=threads, data=data, variants=variants,
-                            accuracy_samples=accuracy_samples, precisions=precisions,
-                            shapes=(input_shape, dims), options={"cuda_graphs": cuda_graphs, "channels_last": channels_last,
-                                     "include_transfers": include_transfers}, timing=(rounds, ort_spinning),
-                            openvino_hint=openvino_hint)
-        cfg.component = component
+                            accuracy_samples=accuracy_samples, precisions=precisions, input_shape=input_shape,
+                            dims=dims, options={**{k: True for k, v in {"cuda_graphs": cuda_graphs,
+                                                                        "channels_last": channels_last,
+                                                                        "include_transfers": include_transfers}.items()
+                                                   if v}, "openvino_hint": openvino_hint},
+                            rounds=rounds, ort_spinning=ort_spinning, component=component)
         json_path = out or cfg.artifact_dir / "bench" / "results.json"
-        check_results_path(json_path)  # before the run; the folder is created only when the results are written
+        check_results_path(json_path, inputs=[*artifact_files(cfg.artifact_dir), *([cfg.data] if cfg.data else [])])
         _render_bench(_run_bench_with_progress(cfg), json_path)
 
 
-def _bench_config(artifact_dir: Path | None, *, backends: str, batch_sizes: str, warmup: int, iters: int,
-                  device: str, threads: int | None, data: Path | None, variants: str | None, accuracy_samples: int,
-                  precisions: str, shapes: tuple[str | None, str | None], options: dict[str, bool],
-                  timing: tuple[int, bool] = (5, True), openvino_hint: str = "LATENCY") -> BenchConfig:
-    """The benchmark request; without ARTIFACT_DIR, the newest folder under artifacts/ (said so)."""
-    from runtimes.harness import BenchConfig, resolve_device
+def _bench_config(artifact_dir: Path | None, **flags: Any) -> BenchConfig:
+    """The benchmark request (the flags' rules are BenchConfig's); without ARTIFACT_DIR, the newest folder under
+    artifacts/ (said so)."""
+    from runtimes.harness import BenchConfig
 
-    resolved = resolve_device(device)
     folder = artifact_dir or _latest_artifact_dir()
     if artifact_dir is None:
         log(f"using artifact folder {folder}")
-    return BenchConfig(artifact_dir=folder, backends=csv_list(backends, "--backends"),
-                       batch_sizes=int_list(batch_sizes, "--batch-sizes"), warmup=warmup, iters=iters,
-                       device=resolved, threads=threads, data=data,
-                       variants=csv_list(variants, "--variants") if variants else None,
-                       accuracy_samples=accuracy_samples, precisions=csv_list(precisions, "--precisions"),
-                       input_shape=shapes[0], dims=_parse_dims(shapes[1]) if shapes[1] else {},
-                       options={**{k: True for k, v in options.items() if v}, "openvino_hint": _ov_hint(openvino_hint)},
-                       rounds=timing[0], ort_spinning=timing[1])
-
-
-def _ov_hint(text: str) -> str:
-    if text.upper() not in ("LATENCY", "THROUGHPUT"):
-        raise InputError(f"unknown --openvino-hint {text!r}; choose LATENCY or THROUGHPUT")
-    return text.upper()
-
-
-def _parse_dims(text: str) -> dict[str, list[int]]:
-    """``sequence=16,128`` (``;`` between dims) -> {"sequence": [16, 128]}, or one clear line."""
-    out: dict[str, list[int]] = {}
-    for part in text.split(";"):
-        name, sep, values = part.strip().partition("=")
-        if not sep or not name.strip():
-            raise InputError(f"malformed --dims {text!r}: expected NAME=V1,V2 (e.g. sequence=16,128)")
-        out[name.strip()] = int_list(values, f"--dims {name.strip()}")
-    return out
+    return BenchConfig.model_validate({"artifact_dir": folder, **flags})
 
 
 def _run_bench_with_progress(cfg: BenchConfig) -> BenchResults:
@@ -468,12 +490,9 @@ def profile(
     with user_errors():
         from runtimes.profile import ProfileConfig, run_profile, top_ops_table
 
-        if device not in ("cpu", "cuda"):
-            raise InputError(f"unknown --device {device!r}; choose cpu or cuda")
-        cfg = ProfileConfig(artifact_dir=artifact_dir, backend=backend, variant=variant, batch_size=batch_size,
-                            input_shape=input_shape,
-                            warmup=warmup, iters=iters, device=device, threads=threads, out=out,  # type: ignore[arg-type]
-                            top=top)
+        cfg = ProfileConfig.model_validate(dict(  # --device and --threads are checked by ProfileConfig
+            artifact_dir=artifact_dir, backend=backend, variant=variant, batch_size=batch_size, input_shape=input_shape,
+            warmup=warmup, iters=iters, device=device, threads=threads, out=out, top=top))
         result = run_profile(cfg, log=log)
         out_console.print(top_ops_table(result, cfg.top))
         for note in result.notes:
@@ -532,13 +551,10 @@ def package(
         kserve_flags = dict(storage_uri=storage_uri, service_name=service_name, cpu=cpu, memory=memory, gpus=gpus,
                             min_replicas=min_replicas, max_replicas=max_replicas, scale_metric=scale_metric,
                             scale_target=scale_target, grpc=grpc, runtime_version=runtime_version)
-        if kind not in (None, "cpu", "gpu"):
-            raise InputError(f"unknown --kind {kind!r}; choose cpu or gpu")
-        cfg = PackageConfig(artifact_dir=artifact_dir, out=out, name=name,
-                            variants=csv_list(variants, "--variants") if variants else None,
-                            max_batch_size=max_batch_size, dynamic_batching=dynamic_batching,
-                            max_queue_delay_us=max_queue_delay_us, instances=instances, kind=kind,  # type: ignore[arg-type]
-                            input_shape=input_shape, from_tune=from_tune)
+        cfg = PackageConfig.model_validate(dict(  # --kind is checked by PackageConfig
+            artifact_dir=artifact_dir, out=out, name=name, variants=csv_list(variants, "--variants") if variants else None,
+            max_batch_size=max_batch_size, dynamic_batching=dynamic_batching, max_queue_delay_us=max_queue_delay_us,
+            instances=instances, kind=kind, input_shape=input_shape, from_tune=from_tune))
         if format == "kserve":
             from serving.kserve import ISVC_FILE, REPO_DIR, options_from_flags, package_kserve
 
@@ -587,6 +603,10 @@ def serve(
     input_shape: Annotated[str | None, typer.Option(
         help="Shapes of the start-up warm-up run, e.g. input_ids:8x128,attention_mask:8x128 (default: the ones "
              "convert bound, batch 1); requests may use any shape the model accepts, up to --max-batch rows")] = None,
+    read_timeout_s: Annotated[float, typer.Option(help="Seconds an HTTP request's headers and body may take to "
+                                                       "arrive in full (slower: 408, connection closed)")] = 30.0,
+    keep_alive_s: Annotated[float, typer.Option(help="Seconds an idle HTTP connection stays open")] = 30.0,
+    max_connections: Annotated[int, typer.Option(help="Most HTTP connections open at once (more: 503)")] = 1024,
 ) -> None:
     """Serve one variant over the KServe v2 / Triton HTTP (and gRPC) protocol, with /metrics and micro-batching."""
     with user_errors():
@@ -596,7 +616,8 @@ def serve(
         run_serve(ServeConfig(artifact_dir=artifact_dir, variant=variant, host=host, port=port, grpc_port=grpc_port,
                               max_batch=max_batch,
                               max_delay_ms=max_delay_ms, threads=threads, max_body_mb=max_body_mb,
-                              ort_spinning=ort_spinning, input_shape=input_shape), log=log)
+                              ort_spinning=ort_spinning, input_shape=input_shape, read_timeout_s=read_timeout_s,
+                              keep_alive_s=keep_alive_s, max_connections=max_connections), log=log)
 
 
 @app.command()
@@ -619,6 +640,7 @@ def loadtest(
     """Load-test a KServe v2 endpoint: p50/p90/p99 latency, throughput, errors, response checks."""
     with user_errors():
         from core.errors import ValidationError
+        from core.manifest import artifact_files
         from reports.writers import check_results_path, rich_table, write_results
         from serving.loadtest import LoadTestConfig, run_loadtest
 
@@ -626,7 +648,7 @@ def loadtest(
                              batch=batch, max_requests=max_requests, binary=not json_tensors, reference=reference,
                              input_shape=input_shape)
         if out is not None:
-            check_results_path(out)
+            check_results_path(out, inputs=artifact_files(reference) if reference is not None else ())
         results = run_loadtest(cfg, log=log)
         if results.records:
             out_console.print(rich_table(results))
@@ -650,17 +672,16 @@ def tune(
 ) -> None:
     """Find the fastest backend x variant x settings (x batch) on this machine within an accuracy budget."""
     with user_errors():
-        from core.fsutil import atomic_write_text
+        from core.fsutil import atomic_write_text, check_not_an_input
+        from core.manifest import artifact_files
         from runtimes.tune import TuneConfig, run_tune, tune_table
 
-        if objective not in ("latency", "throughput"):
-            raise InputError(f"unknown --objective {objective!r}; choose latency or throughput")
-        cfg = TuneConfig(artifact_dir=artifact_dir, backends=csv_list(backends, "--backends"),
-                         batch_sizes=int_list(batch_sizes, "--batch-sizes"), objective=objective,  # type: ignore[arg-type]
-                         variants=csv_list(variants, "--variants") if variants else None,
-                         accuracy_budget=accuracy_budget, max_minutes=max_minutes, data=data)
-        result = run_tune(cfg, log=log)
+        cfg = TuneConfig.model_validate({  # the flags' rules are TuneConfig's
+            "artifact_dir": artifact_dir, "backends": backends, "batch_sizes": batch_sizes, "objective": objective,
+            "variants": variants, "accuracy_budget": accuracy_budget, "max_minutes": max_minutes, "data": data})
         path = out or artifact_dir / "tune.json"
+        check_not_an_input(path, "--out", [*artifact_files(artifact_dir), *([data] if data else [])])
+        result = run_tune(cfg, log=log)
         atomic_write_text(path, result.model_dump_json(indent=2) + "\n")
         out_console.print(tune_table(result))
         from rich.markup import escape

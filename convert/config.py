@@ -35,7 +35,8 @@ class ExportConfig(BaseModel):
     exporter: Exporter = Field(default="torchscript", description="torch.onnx exporter")
     dynamic_batch: bool = Field(default=True, description="Symbolic batch dimension")
     optimize: bool = Field(default=True, description="Write model.opt.onnx (onnxslim + ORT basic)")
-    seed: int = Field(default=0, description="Seed for random init and test inputs")
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Seed for random init and test inputs (PyTorch "
+                      "takes 0 to 2**63-1)")
     parity_batches: list[int] = Field(default=[1, 2], description="Batch sizes for the parity check")
 
 
@@ -69,6 +70,21 @@ class Budget(BaseModel):
                               description="Smallest output cosine with FP32 allowed (worst output, worst over samples)")
 
 
+class GenerationGate(BaseModel):
+    """A model with a KV cache: each variant decodes greedily from seeded prompts along the FP32 ONNX model's tokens
+    (convert/genvalidate.py); it must choose the same token and keep its logits close at every step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: int = Field(default=2, ge=1, description="Seeded prompts (token ids inside the vocabulary), decoded as "
+                                                      "one batch")
+    prompt_length: int = Field(default=8, ge=1, description="Tokens per prompt")
+    new_tokens: int = Field(default=16, ge=1, description="Greedy decode steps after the prefill")
+    min_token_agreement: float = Field(default=0.9, ge=0, le=1, description="Smallest share of steps whose greedy "
+                                                                            "token equals FP32's")
+    min_cosine: float = Field(default=0.98, ge=-1, le=1, description="Smallest logits cosine with FP32 at any step")
+
+
 class GateConfig(Budget):
     """How variants are checked against FP32, and the budget they must meet."""
 
@@ -79,6 +95,8 @@ class GateConfig(Budget):
                                                             "the calibration data that calibration never sees")
     eval_size: int = Field(default=200, ge=1, description="At most this many held-out samples")
     eval_batch: int = Field(default=16, ge=1, description="Batch size for the held-out runs")
+    generation: GenerationGate = Field(default_factory=GenerationGate,
+                                       description="Models with a KV cache: the greedy-decoding gate (convert.genvalidate)")
 
 
 class CalibConfig(BaseModel):
@@ -129,6 +147,34 @@ class Int8Layout(BaseModel):
                                    "activation_type": acts[parts[2]]})
 
 
+Int4Algorithm = Literal["rtn", "hqq", "gptq"]
+
+
+class Int4Config(BaseModel):
+    """INT4 weight-only (``--int4``): ONNX Runtime's MatMulNBitsQuantizer turns every MatMul with a constant weight
+    into a MatMulNBits (4-bit weights in blocks along K, one scale per block; activations stay FP32)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Int4Algorithm = Field(default="rtn", description="rtn: round to nearest per block; hqq: half-quadratic "
+                                                                "(no data; asymmetric); gptq: GPTQ on calibration "
+                                                                "inputs (--calib, else seeded inputs of the IOSpec)")
+    block_size: int = Field(default=32, ge=16, le=256, description="Weights per scale along K: a power of 2 from 16 "
+                                                                   "(K is zero-padded to a multiple)")
+    symmetric: bool = Field(default=False, description="Symmetric blocks (no zero points)")
+    accuracy_level: int | None = Field(default=None, ge=0, le=4, description="MatMulNBits compute type: unset/0 "
+                                                                             "FP32, 1 fp32, 2 fp16, 3 bf16, 4 int8")
+
+    @model_validator(mode="after")
+    def _combine(self) -> Int4Config:
+        if self.block_size & (self.block_size - 1):
+            raise InputError(f"--int4-block-size must be a power of 2 from 16 to 256, got {self.block_size}")
+        if self.algorithm == "hqq" and (self.symmetric or self.accuracy_level):
+            raise InputError("INT4 hqq writes asymmetric blocks with float zero points and no accuracy level: drop "
+                             "symmetric/accuracy_level, or use rtn")
+        return self
+
+
 class QuantConfig(BaseModel):
     """Which reduced-precision variants to build, and how."""
 
@@ -141,6 +187,9 @@ class QuantConfig(BaseModel):
                               json_schema_extra={"flag": "--int8"})
     int8_dynamic: bool = Field(default=False, description="Dynamic INT8 (weights int8, activations at run time)",
                                json_schema_extra={"flag": "--int8-dynamic"})
+    int4: bool = Field(default=False, description="INT4 weight-only (MatMulNBits, convert/int4.py)",
+                       json_schema_extra={"flag": "--int4"})
+    int4_options: Int4Config = Field(default_factory=Int4Config, description="How --int4 quantizes")
     calib: CalibConfig = Field(default_factory=CalibConfig)
     activation_type: QType = Field(default="uint8", description="Static INT8 activations")
     weight_type: QType = Field(default="int8", description="INT8 weights")

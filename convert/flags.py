@@ -9,10 +9,11 @@ the model's ``model_fields_set``: pass only those. The rules that combine sectio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from convert.config import (
     DEFAULT_OPSET,
@@ -25,6 +26,9 @@ from convert.config import (
     EngineConfig,
     ExportConfig,
     GateConfig,
+    GenerationGate,
+    Int4Algorithm,
+    Int4Config,
     Int8Layout,
     QType,
     QuantConfig,
@@ -32,10 +36,18 @@ from convert.config import (
     SparsityPattern,
     TrainConfig,
     TrainDevice,
+    flag_fields,
+    parse_floats,
+    parse_methods,
+    parse_prune_ratio,
+    parse_qtype,
+    parse_sparsity_pattern,
     variant_flags,
 )
 from convert.export import Exporter
+from convert.trt_profile import parse_dim_ranges
 from core.errors import InputError
+from core.shapes import parse_input_shapes
 
 InputShape = tuple[int, ...] | dict[str, tuple[int, ...]]
 
@@ -43,7 +55,11 @@ InputShape = tuple[int, ...] | dict[str, tuple[int, ...]]
 #: (--eval-data is not one of them: the sparse/pruned variants are measured on it too.)
 QUANT_ONLY_FLAGS = ("calib", "calib_size", "calib_method", "calib_batch", "size", "mean", "std", "activation_type",
                     "weight_type", "per_channel", "reduce_range", "exclude_nodes", "exclude_op_types", "auto",
-                    "eval_size", "int8_layouts")
+                    "eval_size", "int8_layouts", "min_token_agreement")
+#: Flags that tune --trt's engines: without it they act on nothing.
+TRT_ONLY_FLAGS = ("trt_from", "min_batch", "opt_batch", "max_batch", "workspace", "builder_opt_level", "timing_cache")
+#: Flags that tune --int4: without it they act on nothing.
+INT4_FLAGS = ("int4_algorithm", "int4_block_size")
 
 #: Flags that tune training: without --train-data they act on nothing.
 TRAIN_FLAGS = ("epochs", "lr", "temperature", "label_weight", "patience", "train_time", "train_device")
@@ -58,13 +74,54 @@ def csv_items(text: str, what: str) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
         raise InputError(f"{what} is empty")
+    if len(items) < text.count(",") + 1:  # 1,,2 or 1,2,: a value left out by mistake, not a list of two
+        raise InputError(f"{what} {text!r} has an empty item; separate the values with single commas")
     return items
 
 
-def _choice(value: Any, flag: str, choices: tuple[str, ...]) -> Any:
-    if isinstance(value, str) and value not in choices:
-        raise InputError(f"unknown {flag} {value!r}; choose {' or '.join(choices)}")
-    return value
+#: (the flag's text, the flag) -> the value of its field, or one clear line naming the flag
+TextParser = Callable[[str, str], Any]
+
+
+def _choice(*choices: str) -> TextParser:
+    def parse(text: str, flag: str) -> str:
+        if text not in choices:
+            raise InputError(f"unknown {flag} {text!r}; choose {' or '.join(choices)}")
+        return text
+    return parse
+
+
+def _shapes(text: str, _flag: str) -> InputShape:
+    shapes = parse_input_shapes(text)
+    return shapes[None] if None in shapes else {str(k): v for k, v in shapes.items()}
+
+
+def _recover(text: str, flag: str) -> str:
+    if text.strip().lower() != "distill":
+        raise InputError(f"unsupported {flag} {text!r}: only 'distill' (fine-tuning with the FP32 model as teacher) "
+                         "is supported")
+    return "distill"
+
+
+#: The flags whose text is parsed, by field name; every other flag's text is its field's type's (pydantic).
+TEXT_PARSERS: dict[str, TextParser] = {
+    "input_shape": _shapes,
+    "exporter": _choice("torchscript", "dynamo"),
+    "sparsity": lambda text, _: parse_sparsity_pattern(text),
+    "prune_channels": lambda text, _: parse_prune_ratio(text),
+    "calib_method": lambda text, _: parse_methods(text),
+    "mean": parse_floats,
+    "std": parse_floats,
+    "activation_type": parse_qtype,
+    "weight_type": parse_qtype,
+    "int8_layouts": lambda text, flag: [Int8Layout.parse(t) for t in csv_items(text, flag)],
+    "exclude_nodes": csv_items,
+    "exclude_op_types": csv_items,
+    "dim_range": lambda text, _: parse_dim_ranges(text),
+    "recover": _recover,
+    "train_device": _choice("cpu", "cuda"),
+    "int4_algorithm": _choice("rtn", "hqq", "gptq"),
+}
 
 
 class ConvertFlags(BaseModel):
@@ -89,6 +146,10 @@ class ConvertFlags(BaseModel):
     fp16: bool = False
     int8: bool = False
     int8_dynamic: bool = False
+    int4: bool = False
+    int4_algorithm: Int4Algorithm = "rtn"
+    int4_block_size: int = 32
+    min_token_agreement: float = 0.9
     calib: str | None = None
     calib_size: int = 100
     calib_method: list[CalibMethod] = Field(default=["minmax"])
@@ -129,86 +190,12 @@ class ConvertFlags(BaseModel):
     train_time: float | None = None
     train_device: TrainDevice = "cpu"
 
-    # -- values parsed from their text, in the order the flags are listed -------------------------------------
-    @field_validator("input_shape", mode="before")
+    # -- values parsed from their text (TEXT_PARSERS) ----------------------------------------------------------
+    @field_validator("*", mode="before")
     @classmethod
-    def _shape(cls, value: Any) -> Any:
-        from core.shapes import parse_input_shapes
-
-        if not isinstance(value, str):
-            return value
-        shapes = parse_input_shapes(value)
-        return shapes[None] if None in shapes else {str(k): v for k, v in shapes.items()}
-
-    @field_validator("exporter", mode="before")
-    @classmethod
-    def _exporter(cls, value: Any) -> Any:
-        return _choice(value, "--exporter", ("torchscript", "dynamo"))
-
-    @field_validator("sparsity", mode="before")
-    @classmethod
-    def _pattern(cls, value: Any) -> Any:
-        from convert.sparsity import parse_sparsity_pattern
-
-        return parse_sparsity_pattern(value) if isinstance(value, str) else value
-
-    @field_validator("prune_channels", mode="before")
-    @classmethod
-    def _ratio(cls, value: Any) -> Any:
-        from convert.sparsity import parse_prune_ratio
-
-        return parse_prune_ratio(value) if isinstance(value, str) else value
-
-    @field_validator("calib_method", mode="before")
-    @classmethod
-    def _methods(cls, value: Any) -> Any:
-        from convert.quantize import parse_methods
-
-        return parse_methods(value) if isinstance(value, str) else value
-
-    @field_validator("mean", "std", mode="before")
-    @classmethod
-    def _floats(cls, value: Any, info: Any) -> Any:
-        from convert.quantize import parse_floats
-
-        return parse_floats(value, flag_name(info.field_name)) if isinstance(value, str) else value
-
-    @field_validator("activation_type", "weight_type", mode="before")
-    @classmethod
-    def _qtype(cls, value: Any, info: Any) -> Any:
-        from convert.quantize import parse_qtype
-
-        return parse_qtype(value, flag_name(info.field_name)) if isinstance(value, str) else value
-
-    @field_validator("int8_layouts", mode="before")
-    @classmethod
-    def _layouts(cls, value: Any) -> Any:
-        return [Int8Layout.parse(t) for t in csv_items(value, "--int8-layouts")] if isinstance(value, str) else value
-
-    @field_validator("exclude_nodes", "exclude_op_types", mode="before")
-    @classmethod
-    def _names(cls, value: Any, info: Any) -> Any:
-        return csv_items(value, flag_name(info.field_name)) if isinstance(value, str) else value
-
-    @field_validator("dim_range", mode="before")
-    @classmethod
-    def _dim_ranges(cls, value: Any) -> Any:
-        from convert.trt_profile import parse_dim_ranges
-
-        return parse_dim_ranges(value) if isinstance(value, str) else value
-
-    @field_validator("recover", mode="before")
-    @classmethod
-    def _recover(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() != "distill":
-            raise InputError(f"unsupported --recover {value!r}: only 'distill' (fine-tuning with the FP32 model as "
-                             "teacher) is supported")
-        return "distill" if isinstance(value, str) else value
-
-    @field_validator("train_device", mode="before")
-    @classmethod
-    def _train_device(cls, value: Any) -> Any:
-        return _choice(value, "--train-device", ("cpu", "cuda"))
+    def _parse_text(cls, value: Any, info: ValidationInfo) -> Any:
+        parse = TEXT_PARSERS.get(info.field_name or "")
+        return parse(value, flag_name(info.field_name or "")) if parse is not None and isinstance(value, str) else value
 
     # -- flags given without the flag they need ----------------------------------------------------------------
     def given(self, names: tuple[str, ...]) -> list[str]:
@@ -217,15 +204,27 @@ class ConvertFlags(BaseModel):
 
     @property
     def asks_quant(self) -> bool:
-        return self.fp16 or self.int8 or self.int8_dynamic
+        return any(self.quant_variants.values())
+
+    @property
+    def quant_variants(self) -> dict[str, Any]:
+        """QuantConfig's variant fields (the rows of convert.variants.VARIANTS) as their flags set them: ``int8_static``
+        from ``--int8`` (the flag ``--x-y`` is this model's field ``x_y``)."""
+        return {name: bool(getattr(self, flag.removeprefix("--").replace("-", "_"), False))
+                for name, flag in flag_fields(QuantConfig).items()}
 
     @model_validator(mode="after")
     def _flags_need_their_variant(self) -> ConvertFlags:
         if not self.asks_quant and (stray := self.given(QUANT_ONLY_FLAGS)):
             raise InputError(f"{', '.join(stray)} appl{'ies' if len(stray) == 1 else 'y'} to FP16/INT8 variants: "
                              f"add {variant_flags()}")
+        if not self.int4 and (stray := self.given(INT4_FLAGS)):
+            raise InputError(f"{', '.join(stray)} tune{'s' if len(stray) == 1 else ''} INT4: add --int4")
         if not self.trt and "dim_range" in self.model_fields_set:
             raise InputError("--dim-range sets a TensorRT profile: add --trt")
+        if not self.trt and (stray := self.given(TRT_ONLY_FLAGS)):
+            raise InputError(f"{', '.join(stray)} appl{'ies' if len(stray) == 1 else 'y'} to TensorRT engines: "
+                             "add --trt")
         if self.train_data is None and (given := self.given(TRAIN_FLAGS)):
             raise InputError(f"{', '.join(given)} tune training: add --recover distill or --distill-into with "
                              "--train-data")
@@ -254,12 +253,16 @@ class ConvertFlags(BaseModel):
                                 methods=self.calib_method, resize=self.size, mean=self.mean, std=self.std,
                                 seed=self.seed)
             gate = GateConfig(**budget.model_dump(), auto=self.auto, eval_data=self.eval_data,
-                              eval_size=self.eval_size)
-            quant = QuantConfig(fp16=self.fp16, int8_static=self.int8, int8_dynamic=self.int8_dynamic, calib=calib,
-                                gate=gate, activation_type=self.activation_type, weight_type=self.weight_type,
-                                per_channel=self.per_channel, reduce_range=self.reduce_range,
+                              eval_size=self.eval_size,
+                              generation=GenerationGate(min_token_agreement=self.min_token_agreement).model_copy(
+                                  update={"min_cosine": self.min_cosine} if "min_cosine" in self.model_fields_set
+                                  else {}))
+            quant = QuantConfig(**self.quant_variants, calib=calib, gate=gate, activation_type=self.activation_type,
+                                weight_type=self.weight_type, per_channel=self.per_channel,
+                                reduce_range=self.reduce_range,
                                 exclude_nodes=self.exclude_nodes, exclude_op_types=self.exclude_op_types,
-                                extra_layouts=self.int8_layouts)
+                                extra_layouts=self.int8_layouts,
+                                int4_options=Int4Config(algorithm=self.int4_algorithm, block_size=self.int4_block_size))
         engine = None
         if self.trt:
             engine = EngineConfig(fp16=self.fp16, int8=self.int8, source=self.trt_from, tf32=self.tf32,

@@ -252,8 +252,10 @@ def components_only(cfg: ConvertConfig, hf: HFModel, log: Any) -> ConvertConfig:
         ("--trt", cfg.engine is not None)) if on]
     parts = ", ".join(hf.components)
     if asked:
+        from convert.variants import per_component_flags  # the table's rows that say how, per component
+
         raise InputError(f"{asked[0]}: {hf.task} exports as several files ({parts}), which take each other's outputs; "
-                         "a multi-file model gets --fp16 and --int8-dynamic per component (graded on inputs made for "
+                         f"a multi-file model gets {per_component_flags()} per component (graded on inputs made for "
                          "each file), not this: drop it, or pick a task Optimum exports as one file (e.g. without "
                          "-with-past)")
     return cfg

@@ -2,7 +2,8 @@
 
 Each row (:class:`Variant`) names what asks for the variant (its config section and field, and the convert flag
 that sets it), its checks before the export, its step, the params record it writes and its precision. The pipeline
-(:func:`quant_steps`) and the checks before the export (:func:`check_config`) iterate this table; the config
+(its ``quant`` row, ``convert.pipeline.PIPELINE_VARIANTS``, runs :func:`run_quant`) and the checks before the export
+(:func:`check_config`) iterate this table; the config
 section's field that asks for a variant names its flag, which the "which variants" messages list
 (``convert.config.variant_flags``). Adding a variant is its module, one row here (and, for a flag of its own, one
 field of its section) and its tests.
@@ -23,9 +24,16 @@ from typing import Literal
 from calibration.loaders import count_samples
 from calibration.sources import EVAL_ROLE
 from convert.calibrate import open_quant_data
-from convert.component_variants import run_component_variants
-from convert.config import QuantConfig
-from convert.context import ConvertContext, Step, attempt_variant
+from convert.component_variants import (
+    FP16_PER_COMPONENT,
+    INT8_DYNAMIC_PER_COMPONENT,
+    PerComponent,
+    run_component_variants,
+)
+from convert.config import QuantConfig, join_flags
+from convert.context import ConvertContext, attempt_variant
+from convert.genvalidate import grade_new_variants
+from convert.int4 import INT4_PER_COMPONENT, Int4Params, check_int4, step_int4
 from convert.quantize import QuantState, setup_quant, step_fp16, step_int8_dynamic, step_int8_static
 from core.errors import InputError
 from core.manifest import Precision
@@ -46,6 +54,8 @@ class Variant:
     params: type[Record]  # the record its artifacts carry (Artifact.params)
     precision: Precision
     checks: Callable[[QuantConfig], None] | None = None  # its own checks before the export (raise InputError)
+    # how it is made file by file for a model exported as several files (None: refused for those models)
+    per_component: PerComponent | None = None
 
     @property
     def flag(self) -> str | None:
@@ -67,13 +77,16 @@ def one_attempt(name: str, step: str, make: VariantStep) -> VariantStep:
 #: Every variant step, in the order they run.
 VARIANTS: dict[str, Variant] = {
     "fp16": Variant(name="fp16", section="quant", field="fp16",
-                    step=one_attempt("fp16", "fp16", step_fp16), params=Fp16Params, precision="fp16"),
+                    step=one_attempt("fp16", "fp16", step_fp16), params=Fp16Params, precision="fp16",
+                    per_component=FP16_PER_COMPONENT),
     "int8_dynamic": Variant(name="int8_dynamic", section="quant", field="int8_dynamic",
                             step=one_attempt("int8_dynamic", "quantize_dynamic", step_int8_dynamic),
-                            params=DynamicQuantParams, precision="int8"),
+                            params=DynamicQuantParams, precision="int8", per_component=INT8_DYNAMIC_PER_COMPONENT),
     "int8_static": Variant(name="int8_static", section="quant", field="int8_static",
                            step=step_int8_static,  # one attempt per calibration method inside (and int8_trt)
                            params=StaticQuantParams, precision="int8"),
+    "int4": Variant(name="int4", section="quant", field="int4", step=one_attempt("int4", "quantize_int4", step_int4),
+                    params=Int4Params, precision="int4", checks=check_int4, per_component=INT4_PER_COMPONENT),
 }
 
 
@@ -92,6 +105,11 @@ def check_variants(cfg: QuantConfig) -> None:
             v.checks(cfg)
 
 
+def per_component_flags() -> str:
+    """"--fp16 and --int8-dynamic": the flags of the rows a model exported as several files gets, per component."""
+    return join_flags([v.flag or v.name for v in VARIANTS.values() if v.per_component is not None], " and ")
+
+
 def check_config(cfg: QuantConfig) -> None:
     """User errors that need no model: the flag rules, then that the data files exist and can be read."""
     check_variants(cfg)
@@ -103,6 +121,11 @@ def check_config(cfg: QuantConfig) -> None:
 def check_quant_inputs(ctx: ConvertContext, cfg: QuantConfig) -> None:
     """Before the export: the flags, and for PyTorch models (whose IOSpec is known now) the data."""
     check_config(cfg)
+    hf = ctx.loaded.hf  # several files: only the rows that say how to make them per component
+    if hf is not None and not hf.single and (whole := [v for v in asked_variants(cfg) if v.per_component is None]):
+        raise InputError(f"{whole[0].flag or whole[0].name}: {hf.task} exports as several files "
+                         f"({', '.join(hf.components)}); a multi-file model gets {per_component_flags()} per "
+                         "component, not this: drop it")
     if ctx.loaded.onnx_path is None:
         open_quant_data(cfg, ctx.spec, ctx.manifest.source.preprocessing)
 
@@ -111,21 +134,12 @@ def run_quant(ctx: ConvertContext, cfg: QuantConfig) -> None:
     """Every variant of the table ``cfg`` asks for, after the FP32 model exists. Intermediate files go to a work
     folder under the output folder, removed when the steps end, also when one of them fails."""
     if ctx.manifest.artifacts[ctx.best_fp32()].components:  # several files: each component on its own
-        run_component_variants(ctx, cfg)
+        run_component_variants(ctx, cfg, [(v.name, v.precision, v.per_component) for v in asked_variants(cfg)
+                                          if v.per_component is not None])
         return
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=ctx.out) as work:
         state = setup_quant(ctx, cfg, Path(work))
+        before = set(ctx.manifest.artifacts)
         for v in asked_variants(cfg):
             v.step(ctx, state)
-
-
-def quant_steps(cfg: QuantConfig) -> tuple[list[Step], list[Step]]:
-    """(steps to run before the export: flag and data checks; steps after the FP32 model exists)."""
-
-    def check_quant_flags_and_data(ctx: ConvertContext) -> None:
-        check_quant_inputs(ctx, cfg)
-
-    def quantize(ctx: ConvertContext) -> None:
-        run_quant(ctx, cfg)
-
-    return [check_quant_flags_and_data], [quantize]
+        grade_new_variants(ctx, cfg.gate.generation, state.reference, before, state.random_init)  # KV-cache decoders

@@ -25,10 +25,10 @@ MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 2
 
 ArtifactKind = Literal["onnx", "state_dict", "torchscript", "plan"]
-Precision = Literal["fp32", "fp16", "bf16", "int8", "mixed"]
+Precision = Literal["fp32", "fp16", "bf16", "int8", "int4", "mixed"]
 #: Every precision a variant (a row of convert.variants.VARIANTS) may declare, as reports name it, and whether it
 #: runs on integer kernels (whose speed on a CPU depends on VNNI, AMX or the ARM dot-product extension).
-PRECISION_LABELS: dict[str, str] = {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16", "int8": "INT8",
+PRECISION_LABELS: dict[str, str] = {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16", "int8": "INT8", "int4": "INT4",
                                     "mixed": "mixed precision"}
 INTEGER_PRECISIONS: frozenset[str] = frozenset({"int8"})
 

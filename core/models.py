@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import signal
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -299,6 +300,11 @@ def _factory(spec: str, weights: str | None, seed: int) -> LoadedModel:
         raise
     except Exception as exc:
         raise InputError(f"importing {path} failed: {type(exc).__name__}: {exc}") from None
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:
+            raise
+        raise InputError(f"importing {path} called sys.exit({exc.code!r}): a model file must define the factory, "
+                         "not run a script") from None
     factory = getattr(mod, attr, None)
     if factory is None or not callable(factory):
         found = [n for n, v in vars(mod).items() if callable(v) and not n.startswith("_")]
@@ -308,6 +314,10 @@ def _factory(spec: str, weights: str | None, seed: int) -> LoadedModel:
         result = factory()
     except Exception as exc:
         raise InputError(f"{spec}() raised {type(exc).__name__}: {exc}") from None
+    except SystemExit as exc:  # not SIGTERM's (core.transaction): the factory itself exited, with nothing to export
+        if exc.code == 128 + signal.SIGTERM:
+            raise
+        raise InputError(f"{spec}() called sys.exit({exc.code!r}) instead of returning the model") from None
     module, examples, axes = _factory_result(spec, result)
     source = SourceInfo(model=spec, kind="factory", weights=weights)
     if weights:

@@ -346,6 +346,45 @@ class PruneStats(Record):
     flops_note: str
 
 
+class GenerationCompare(Record):
+    """A model's greedy decoding against a reference's, step by step along the reference's tokens
+    (``convert.genvalidate``)."""
+
+    reference: str = Field(description="fp32/opt ONNX, or eager (transformers)")
+    steps: int = Field(description="Steps compared per prompt: the prefill's token, then each decode step's")
+    token_agreement: float = Field(description="Share of (prompt, step) whose greedy token equals the reference's")
+    min_cosine: float = Field(description="Worst logits cosine with the reference at any step of any prompt")
+    mean_cosine: float
+    step_cosines: list[float] = Field(description="Per step, the worst over prompts")
+    free_run_match: float | None = Field(default=None, description="Its own greedy continuation: share of the "
+                                                                   "reference's tokens reproduced before the first "
+                                                                   "difference (mean over prompts)")
+
+
+class CacheCheck(Record):
+    """The KV-cache path (prefill, then one token per step) against one forward over the whole sequence without a
+    past: the logits at every position the cached steps produced."""
+
+    positions: int
+    max_abs_diff: float
+    min_cosine: float
+
+
+class GenerationCheck(Record):
+    """A decoder with a KV cache, checked by greedy decoding (``convert.genvalidate``)."""
+
+    prompts: int
+    prompt_length: int
+    new_tokens: int
+    seed: int
+    vs_fp32: GenerationCompare | None = Field(default=None, description="A variant against the FP32 ONNX model: "
+                                                                        "its gate's basis")
+    vs_eager: GenerationCompare | None = Field(default=None, description="Against eager PyTorch (transformers)")
+    cache: CacheCheck
+    random_init: bool = Field(description="Random weights: agreement and cosine only, no perplexity")
+    note: str = ""
+
+
 class ArtifactMetrics(Record):
     """Everything measured about one artifact; each step fills its part."""
 
@@ -363,6 +402,8 @@ class ArtifactMetrics(Record):
     size_bytes_before: int | None = None
     size_bytes_after: int | None = None
     pruning: PruneStats | None = None
+    generation: GenerationCheck | None = Field(default=None, description="KV-cache decoders: greedy decoding "
+                                                                         "checks")
 
     def update(self, other: ArtifactMetrics) -> None:
         """Take every field ``other`` has set (e.g. a validation's checker, shape inference and parity)."""

@@ -205,6 +205,10 @@ def _results_html(runs: Sequence[Run]) -> str:
         parts.append(_table(header, rows, left=4, attrs=attrs))
         if note := peak_note(run.results):
             parts.append(f'<p class="muted">{_e(note)}</p>')
+        if run.results.generation is not None:
+            from reports.generation import generation_html
+
+            parts.append(generation_html(run.results.generation))
     parts.append("</section>")
     return "".join(parts)
 

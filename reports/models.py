@@ -15,6 +15,7 @@ from pydantic import ValidationError as PydanticValidationError
 from core.errors import InputError
 from core.manifest import library_versions, utc_now
 from core.metrics import AccuracyStats, LatencyStats
+from reports.generation import GenerationResults
 
 #: 2: records carry the dims' values and every input's shape (version 1 files are read, without them)
 RESULTS_SCHEMA_VERSION = 2
@@ -115,6 +116,8 @@ class BenchResults(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     accuracy_inputs: str | None = Field(default=None, description="What accuracy was graded on: 'held-out' (the "
                                                                   "artifact's own), 'data' (--data) or 'random'")
+    generation: GenerationResults | None = Field(default=None, description="A KV-cache decoder's generation "
+                                                                          "benchmark (runtimes.generation)")
 
     @classmethod
     def load(cls, path: Path) -> BenchResults:

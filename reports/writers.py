@@ -107,6 +107,10 @@ def _fmt(v: Any, digits: int = 3) -> str:
 
 
 def to_csv(results: BenchResults) -> str:
+    if results.generation is not None and not results.records:  # a KV-cache decoder's run: its generation rows
+        from reports.generation import generation_csv
+
+        return generation_csv(results.generation)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     w.writeheader()
@@ -141,6 +145,10 @@ def to_markdown(results: BenchResults) -> str:
         lines.append("| " + " | ".join(shown[k] for _, k in SUMMARY_COLUMNS) + " |")
     if note := peak_note(results):
         lines += ["", note]
+    if results.generation is not None:
+        from reports.generation import generation_markdown
+
+        lines += generation_markdown(results.generation)
     if results.warnings:
         lines += ["", "## Warnings", *[f"- {w}" for w in results.warnings]]
     return "\n".join(lines) + "\n"
@@ -190,6 +198,11 @@ def write_results(results: BenchResults, json_path: Path,
 
 def rich_table(results: BenchResults) -> Any:
     from rich.table import Table
+
+    if results.generation is not None and not results.records:
+        from reports.generation import generation_rich_table
+
+        return generation_rich_table(results.generation, f"{results.model} — generation (cpu)")
 
     table = Table(title=f"{results.model} — {results.records[0].device if results.records else ''}",
                   caption=peak_note(results), caption_justify="left")

@@ -24,10 +24,12 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
 
+from core.errors import BackendUnavailableError, InputError
 from core.manifest import Artifact, ArtifactKind, Manifest
 
 Device = Literal["cpu", "cuda"]
@@ -42,6 +44,15 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None) -> int | None:
+    """``threads`` when this process can run them on CPUs of its own; more (``--threads 1000``) is one clear line:
+    the intra-op pool would start that many busy threads on the few CPUs there are, and the run would crawl."""
+    if threads is not None and threads > (cpus := usable_cpus()):
+        raise InputError(f"--threads {threads} is more than the {cpus} CPU(s) this process may use: give at most "
+                         f"{cpus} (more threads than CPUs only compete for them)")
+    return threads
 
 
 class BackendOptions(BaseModel):
@@ -79,6 +90,11 @@ class RunnerOptions(BaseModel):
     backend: dict[str, Any] = Field(default_factory=dict,
                                     description="Backend settings given, by name (ort_spinning, openvino_hint, ...); "
                                                 "each a field of a runner's options model")
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_fit(cls, value: int | None) -> int | None:
+        return check_threads(value)
 
     def __init__(self, **data: Any) -> None:
         """The common fields and any backend's settings by name (``RunnerOptions(threads=1, ort_spinning=False)``),
@@ -203,6 +219,10 @@ class Runner:
     options_model: ClassVar[type[BackendOptions]] = BackendOptions
     #: The Triton backend that runs its variants the same way (``triton_settings`` maps its settings); None: none.
     triton_backend: ClassVar[str | None] = None
+    #: The reduced precisions it can compute an FP32 file in when asked (``--precisions``, tune): PyTorch's autocast,
+    #: OpenVINO's INFERENCE_PRECISION_HINT; ``precision_notes``: why it cannot compute one (more than the default line).
+    compute_in: ClassVar[tuple[str, ...]] = ()
+    precision_notes: ClassVar[dict[str, str]] = {}
 
     def __init__(self, manifest: Manifest, base: Path, artifact: Artifact, options: RunnerOptions) -> None:
         self.manifest = manifest
@@ -229,6 +249,28 @@ class Runner:
         """``settings`` (one of ``search_space``'s) written for ``triton_backend``; None when there is none."""
         return None
 
+    @classmethod
+    def compute_precisions(cls, artifact: Artifact, asked: list[str]) -> list[str]:
+        """The precisions ``artifact`` runs in on this backend when ``asked`` are wanted: a file of a reduced precision
+        (an INT8 or FP16 variant) in its own; an FP32 file (or PyTorch's weights) in each one asked, also those
+        ``precision_problem`` refuses here (each then a skip with its line, not a silent omission)."""
+        return list(dict.fromkeys(asked)) if artifact.precision == "fp32" else [artifact.precision]
+
+    @classmethod
+    def precision_problem(cls, precision: str, device: Device) -> str | None:
+        """None when this backend computes an FP32 file in ``precision`` on ``device``, else one line why not: it has
+        no switch for it, or (on the CPU) the CPU has no units for it (``calibration.cpu.precision_problem``: never
+        a timing of an emulation labelled with the precision)."""
+        if precision == "fp32":
+            return None
+        if precision not in cls.compute_in:
+            return cls.precision_notes.get(precision, f"{cls.name} cannot compute an FP32 file in {precision}")
+        if device == "cpu":
+            from calibration.cpu import precision_problem
+
+            return precision_problem(precision)
+        return None
+
     def open_session(self) -> Session:
         """A session over this loaded runner (see :class:`Session`); stateless by default."""
         return Session(self)
@@ -246,6 +288,9 @@ class Runner:
         """Load the model; if that fails, release whatever was acquired before the failure, then raise."""
         self._started = True
         try:
+            if self.options.precision != self.artifact.precision and \
+                    (why := self.precision_problem(self.options.precision, self.options.device)) is not None:
+                raise BackendUnavailableError(why)
             self._load()
         except BaseException:
             self.close()

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from core.errors import BackendUnavailableError, first_line
 from core.flops import openvino_config
-from runtimes.base import BackendOptions, Device, Runner, TritonSettings
+from runtimes.base import BackendOptions, Device, Runner, Session, TritonSettings
 
 #: Compile and run the model once, in a child process (argv: path, the compile settings as JSON).
 _PROBE = """
@@ -181,6 +181,12 @@ class OpenVinoRunner(Runner):
         self.request.infer(prepared)
         by_name = {self._name(p): np.array(self.request.get_tensor(p).data) for p in self.compiled.outputs}
         return [by_name[n] for n in self._output_names]
+
+    def open_session(self) -> Session:
+        """A KV-cache session for a decoder exported with its cache (as ONNX Runtime's), else the stateless one."""
+        from runtimes.session import KVCacheSession, has_kv_cache
+
+        return KVCacheSession(self) if has_kv_cache(self.manifest.iospec) else super().open_session()
 
     def _close(self) -> None:
         self.request = None

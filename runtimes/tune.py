@@ -3,7 +3,11 @@
 Every candidate runs the artifact's variants through the same runners, inputs and accuracy check as
 `bench`. Settings are search dimensions, each backend's as its runner declares them (``Runner.search_space``): ONNX
 Runtime's intra-op threads, thread spinning, graph optimization level (all, or extended: without the CPU layout
-transformations) and execution mode (sequential or parallel), OpenVINO's performance hint. Candidates outside the accuracy budget are dropped before any timing (settings do not
+transformations) and execution mode (sequential or parallel), OpenVINO's performance hint. Precision is searched too:
+the FP32 file and the PyTorch weights in fp32 and in each reduced precision this CPU computes natively
+(``calibration.cpu.native_precisions``; each runner computes it as it declares: ``Runner.compute_precisions``), each a
+candidate with its own accuracy check; a precision the CPU or the backend cannot compute is a skipped candidate with
+its one line (``Runner.precision_problem``). Candidates outside the accuracy budget are dropped before any timing (settings do not
 change accuracy, so it is measured once per backend and variant). The rest are timed in interleaved rounds
 with the order rotated (``runtimes.timing``), in stages of growing length; after each stage the candidates
 that are clearly slower than the best (their whole p50 interval above the best's: ``core.metrics``' rule)
@@ -210,10 +214,25 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
         log(f"skipped backend {b}: {RUNNERS[b].available('cpu')}")
     if not usable:
         raise BackendUnavailableError(f"none of the backends {cfg.backends} can run here")
+    from calibration.cpu import REDUCED_PRECISIONS, native_precisions
+
+    native = list(native_precisions())
     setup = prepare_bench(BenchConfig(artifact_dir=cfg.artifact_dir, backends=usable, batch_sizes=cfg.batch_sizes,
                                       variants=cfg.variants, accuracy_samples=cfg.accuracy_samples, data=cfg.data,
-                                      seed=cfg.seed), log)
+                                      seed=cfg.seed, precisions=native), log)
+    for t in [t for t in setup.targets if t.precision not in ("fp32", t.artifact.precision,
+                                                              *RUNNERS[t.backend].compute_in)]:
+        setup.targets.remove(t)  # no switch for it (ONNX Runtime): no candidate, one line
+        log(f"{t.backend}:{t.artifact.name} is not searched in {t.precision}: "
+            f"{RUNNERS[t.backend].precision_problem(t.precision, 'cpu')}")
     candidates = _candidates(cfg, setup, log)
+    for t in [t for t in setup.targets if t.precision == "fp32" == t.artifact.precision]:  # what the CPU lacks
+        for p in (p for p in REDUCED_PRECISIONS if p not in native and p in RUNNERS[t.backend].compute_in):
+            why = RUNNERS[t.backend].precision_problem(p, "cpu")
+            fp32 = [c for c in candidates if (c.backend, c.variant, c.precision) == (t.backend, t.artifact.name, "fp32")]
+            candidates += [c.model_copy(update={"precision": p, "accuracy_drop_points": None, "within_budget": False,
+                                                "skipped": why}) for c in fp32]
+            log(f"skipped {t.backend}:{t.artifact.name} in {p}: {why}")
     live = [c for c in candidates if c.within_budget and c.skipped is None]
     if not live:
         raise InputError(f"no candidate is within the accuracy budget of {cfg.accuracy_budget:g} points")

@@ -10,6 +10,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny_cnn.py"
 
 
+@pytest.fixture(autouse=True)
+def _cpu_without_reduced_precisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test sees a CPU without bf16/fp16 units (calibration.cpu's override, inherited by CLI subprocesses),
+    whatever CPU CI lands on: with AMX or AVX512-FP16, bench and tune would add bf16/fp16 candidates and the
+    refusals tested here would be allowed. tests/test_precisions.py sets the CPU it simulates itself."""
+    from calibration.cpu import PRECISION_ENV
+
+    monkeypatch.setenv(PRECISION_ENV, "none")
+
+
 def _convert(model: str, out: Path, **export: object) -> Path:
     from convert.config import ConvertConfig, ExportConfig
     from convert.pipeline import run_convert

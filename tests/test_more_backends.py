@@ -87,7 +87,8 @@ def test_tune_searches_settings_prunes_and_picks_within_budget(tiny_artifacts: P
     assert all(c.batch_size == 1 for c in res.candidates)  # the latency objective: the smallest batch
     winner = next(c for c in res.candidates if c.label == res.winner)
     assert winner.within_budget and winner.latency_ms is not None and winner.pruned_at_stage is None
-    assert all(c.latency_ms is not None for c in res.candidates)  # every candidate measured in stage 1
+    # every candidate measured in stage 1 (but a bf16/fp16 one on a CPU without the units: skipped, issue 32)
+    assert all(c.latency_ms is not None for c in res.candidates if c.skipped is None)
     assert res.best_per_batch == {"1": res.winner}
     stages = [line for line in logs if line.startswith("stage ")]  # the screen first, then at least stage 4
     assert stages[0].endswith("x 3 timed calls in 3 interleaved rounds") and stages[0].startswith("stage 1 (screen):")
