@@ -2,7 +2,9 @@
 
 From the same seeded prompts (token ids inside the vocabulary, one batch), each model decodes greedily: a prefill on
 the prompt, then one token per step through ONNX Runtime's :class:`runtimes.session.KVCacheSession` (the past fed back
-each step). Models are compared step by step *along the reference's tokens* (each step is fed the token the reference
+each step). The decoding, the teacher-forced and no-cache logits and the cosine are the generation benchmark's own
+(:mod:`runtimes.generation`: ``greedy``, ``forced_logits``, ``no_cache_logits``, ``cosines``); this module adds the
+records and the gate. Models are compared step by step *along the reference's tokens* (each step is fed the token the reference
 chose, so every step's logits answer the same question): the share of steps whose greedy token equals the
 reference's (token agreement) and the logits cosine of every step (the worst is kept). Each model's own free-running
 continuation is also compared (how much of the reference's it reproduces before the first difference).
@@ -32,15 +34,22 @@ import numpy as np
 
 from convert.config import GenerationGate
 from convert.context import ConvertContext
-from core.errors import InputError, first_line
+from core.errors import BackendUnavailableError, InputError, first_line
 from core.hf import PREFIX
 from core.iospec import IOSpec
 from core.manifest import Artifact, Manifest
 from core.records import CacheCheck, GateResult, GenerationCheck, GenerationCompare
+from runtimes.generation import (
+    Decoder,
+    RunnerDecoder,
+    TorchDecoder,
+    cosines,
+    forced_logits,
+    greedy,
+    no_cache_logits,
+)
 from runtimes.session import has_kv_cache
 
-#: the logits output of Optimum's decoders
-LOGITS = "logits"
 #: the basis the gate records
 BASIS = "greedy token agreement with FP32 (teacher-forced steps)"
 
@@ -62,7 +71,7 @@ def seeded_prompts(spec: IOSpec, gate: GenerationGate, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(low, high, size=(gate.prompts, gate.prompt_length)).astype(ids.dtype)
 
 
-# -- ONNX Runtime -------------------------------------------------------------------------------------------------
+# -- decoding: runtimes.generation's greedy loop (the generation benchmark's) ------------------------------------------
 @contextmanager
 def ort_runner(manifest: Manifest, base: Path, art: Artifact) -> Iterator[Any]:
     """A loaded ONNX Runtime runner over ``art`` (one thread: small decode steps on a shared CPU)."""
@@ -73,90 +82,29 @@ def ort_runner(manifest: Manifest, base: Path, art: Artifact) -> Iterator[Any]:
         yield runner
 
 
-def _logits_index(runner: Any) -> int:
-    names = runner.manifest.iospec.output_names
-    if LOGITS not in names:
-        raise InputError(f"{runner.label}: no {LOGITS!r} output to decode from (outputs: {', '.join(names)})")
-    return int(names.index(LOGITS))
+def decode(decoder: Decoder, prompt: np.ndarray, steps: int) -> Decoded:
+    """The decoder's own greedy decoding (prefill + ``steps`` steps) through its KV-cache session."""
+    trace = greedy(decoder, prompt, steps, keep_logits=True)
+    return Decoded(tokens=trace.tokens, logits=np.stack(trace.logits).astype(np.float32))
 
 
-def onnx_greedy(runner: Any, prompt: np.ndarray, steps: int) -> Decoded:
-    """The runner's own greedy decoding through its KV-cache session."""
-    index = _logits_index(runner)
-    with runner.open_session() as session:
-        last = session.step({"input_ids": prompt})[index][:, -1]
-        tokens, logits = [last.argmax(-1)], [last]
-        for _ in range(steps):
-            last = session.step({"input_ids": tokens[-1][:, None].astype(prompt.dtype)})[index][:, -1]
-            tokens.append(last.argmax(-1))
-            logits.append(last)
-    return Decoded(tokens=np.stack(tokens, 1), logits=np.stack(logits).astype(np.float32))
-
-
-def onnx_along(runner: Any, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """Each step's logits when the runner is fed ``tokens`` (a reference's choices) after the prefill: steps x
-    prompts x vocab, the same steps as the reference's."""
-    index = _logits_index(runner)
-    with runner.open_session() as session:
-        logits = [session.step({"input_ids": prompt})[index][:, -1]]
-        for i in range(tokens.shape[1] - 1):
-            logits.append(session.step({"input_ids": tokens[:, i:i + 1].astype(prompt.dtype)})[index][:, -1])
-    return np.stack(logits).astype(np.float32)
-
-
-def onnx_no_cache(runner: Any, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-    """One forward over prompt + ``tokens`` (but the last) with an empty past: the logits of the positions the cached
-    steps produced, steps x prompts x vocab."""
-    index = _logits_index(runner)
-    seq = np.concatenate([prompt, tokens[:, :-1].astype(prompt.dtype)], axis=1)
-    with runner.open_session() as session:
-        out = session.step({"input_ids": seq})[index]
-    return np.moveaxis(out[:, prompt.shape[1] - 1:], 1, 0).astype(np.float32)
-
-
-# -- eager PyTorch --------------------------------------------------------------------------------------------------
-def load_causal_lm(source: str) -> Any:
-    """transformers' ``AutoModelForCausalLM`` from an ``hf:`` folder (nothing downloaded), in eval mode."""
-    import transformers
-
-    folder = source.removeprefix(PREFIX)
+def eager_decoder(manifest: Manifest, base: Path) -> TorchDecoder:
+    """Eager PyTorch from the ``hf:`` folder (its own weights, nothing downloaded), loaded."""
+    source = manifest.source.model
+    decoder = TorchDecoder(manifest, base, Path(source.removeprefix(PREFIX)), compiled=False, threads=None,
+                           saved_weights=False)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:
-        raise InputError(f"{source}: transformers cannot load it as a causal LM: {first_line(exc)}") from None
-    return model.eval()
-
-
-def eager_greedy(model: Any, prompt: np.ndarray, steps: int) -> Decoded:
-    """Greedy decoding in eager PyTorch with the model's own cache (``past_key_values``)."""
-    import torch
-
-    ids = torch.from_numpy(prompt.astype(np.int64))
-    tokens, logits = [], []
-    with torch.inference_mode():
-        out = model(input_ids=ids, use_cache=True)
-        for i in range(steps + 1):
-            last = out.logits[:, -1].float()
-            tokens.append(last.argmax(-1))
-            logits.append(last.numpy())
-            if i < steps:
-                out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
-    return Decoded(tokens=torch.stack(tokens, 1).numpy(), logits=np.stack(logits).astype(np.float32))
+        decoder.load()
+    except BackendUnavailableError as exc:
+        raise InputError(f"generation check: {exc}") from None
+    return decoder
 
 
 # -- comparisons ----------------------------------------------------------------------------------------------------
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine of the last axis, a and b steps x prompts x vocab -> steps x prompts."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    num = np.sum(a64 * b64, -1)
-    den = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
-    return np.where(den > 0, num / np.maximum(den, 1e-300), 0.0)
-
-
 def compare(reference: str, ref: Decoded, along: np.ndarray, own: Decoded | None = None) -> GenerationCompare:
     """A model's logits along ``ref``'s tokens (``along``) against ``ref``; ``own``: its free-running decoding."""
     agree = along.argmax(-1) == ref.tokens.T  # steps x prompts
-    cos = _cosines(along, ref.logits)
+    cos = cosines(along, ref.logits)
     per_step = cos.min(axis=1)
     free = None
     if own is not None:
@@ -171,7 +119,7 @@ def compare(reference: str, ref: Decoded, along: np.ndarray, own: Decoded | None
 
 def cache_check(cached: np.ndarray, no_cache: np.ndarray) -> CacheCheck:
     return CacheCheck(positions=int(cached.shape[0]), max_abs_diff=float(np.abs(cached - no_cache).max()),
-                      min_cosine=round(float(_cosines(cached, no_cache).min()), 6))
+                      min_cosine=round(float(cosines(cached, no_cache).min()), 6))
 
 
 def generation_gate(cmp: GenerationCompare, gate: GenerationGate) -> GateResult:
@@ -216,13 +164,14 @@ class GenerationRun:
 
     def check(self, runner: Any, is_reference: bool) -> GenerationCheck:
         steps = self.gate.new_tokens
-        own = self.ref if is_reference else onnx_greedy(runner, self.prompt, steps)
-        along_ref = self.ref.logits if is_reference else onnx_along(runner, self.prompt, self.ref.tokens)
+        decoder = RunnerDecoder(runner)
+        own = self.ref if is_reference else decode(decoder, self.prompt, steps)
+        along_ref = self.ref.logits if is_reference else forced_logits(decoder, self.prompt, self.ref.tokens)
         vs_fp32 = None if is_reference else compare(self.reference, self.ref, along_ref, own)
         vs_eager = None
         if self.eager is not None:
-            vs_eager = compare("eager", self.eager, onnx_along(runner, self.prompt, self.eager.tokens), own)
-        cache = cache_check(along_ref, onnx_no_cache(runner, self.prompt, self.ref.tokens))
+            vs_eager = compare("eager", self.eager, forced_logits(decoder, self.prompt, self.eager.tokens), own)
+        cache = cache_check(along_ref, no_cache_logits(decoder, self.prompt, self.ref.tokens))
         note = ("random-init weights: token agreement and logits cosine only (no perplexity: they model no text)"
                 if self.random_init else
                 "token agreement and logits cosine on seeded prompts; perplexity needs text (the generation benchmark)")
@@ -238,10 +187,14 @@ def start(manifest: Manifest, base: Path, reference: str, gate: GenerationGate, 
     """The prompts, the FP32 reference's greedy decoding and (for an ``hf:`` model) eager PyTorch's."""
     prompt = seeded_prompts(manifest.iospec, gate, seed)
     with ort_runner(manifest, base, manifest.artifacts[reference]) as runner:
-        ref = onnx_greedy(runner, prompt, gate.new_tokens)
+        ref = decode(RunnerDecoder(runner), prompt, gate.new_tokens)
     eager = None
     if manifest.source.kind == "hf":
-        eager = eager_greedy(load_causal_lm(manifest.source.model), prompt, gate.new_tokens)
+        model = eager_decoder(manifest, base)
+        try:
+            eager = decode(model, prompt.astype(np.int64), gate.new_tokens)
+        finally:
+            model.close()
     return GenerationRun(gate=gate, seed=seed, prompt=prompt, reference=reference, ref=ref, eager=eager,
                          random_init=random_init)
 

@@ -79,6 +79,10 @@ PLOT_CAPTIONS = {
                            "not beaten on both speed and accuracy by any other point.",
     "size_memory": "Model file size per variant; peak process memory per backend/variant (grey: already "
                    "resident before loading it, green: added by loading and running it).",
+    "generation_tokens_per_s": "A KV-cache decoder: decode tokens/s (batch / p50 time per output token) per "
+                               "backend and variant, at each batch size and the shortest prompt. Higher is better.",
+    "generation_ttft_vs_prompt": "Time to first token (the prefill step, p50; band: its 95% interval) against the "
+                                 "prompt length, at each backend and variant's smallest batch. Lower is better.",
 }
 
 
@@ -201,8 +205,9 @@ def _results_html(runs: Sequence[Run]) -> str:
             rows.append([_td(_fmt(flat[c]), left=i < 4) for i, c in enumerate(cols)])
             attrs.append(f' data-key="{_e(key_text(row_key(rec)))}"')
         models = ", ".join(sorted({r.model for r in run.results.records}))
-        parts.append(f'<h3 data-run="{_e(run.label)}">{_e(run.label)} — {_e(models)}</h3>')
-        parts.append(_table(header, rows, left=4, attrs=attrs))
+        parts.append(f'<h3 data-run="{_e(run.label)}">{_e(run.label)} — {_e(models or run.results.model)}</h3>')
+        if rows or run.results.generation is None:  # a KV-cache decoder's run: its generation tables only
+            parts.append(_table(header, rows, left=4, attrs=attrs))
         if note := peak_note(run.results):
             parts.append(f'<p class="muted">{_e(note)}</p>')
         if run.results.generation is not None:

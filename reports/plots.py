@@ -13,6 +13,7 @@ from typing import Any
 
 from core.fsutil import atomic_write_bytes, ensure_writable_dir
 from reports.compare import Run, record_label
+from reports.generation import GenerationResult
 from reports.models import BenchRecord
 from reports.pareto import accuracy_metric, pareto_front
 
@@ -212,8 +213,79 @@ PLOTS: dict[str, Callable[[Sequence[Run]], Plot]] = {
 }
 
 
+# -- a KV-cache decoder's generation rows (BenchResults.generation) ----------------------------------------------------
+def _generation_series(runs: Sequence[Run]) -> list[tuple[str, int, str, list[GenerationResult]]]:
+    """(name, run index, colour key, KV-cache rows of the run's main new-token count) per run x backend:variant
+    precision; the no-cache comparison's rows (another new-token count) are left out."""
+    out = []
+    for i, run in enumerate(runs):
+        gen = run.results.generation
+        if gen is None:
+            continue
+        groups: dict[str, list[GenerationResult]] = {}
+        for r in gen.rows:
+            if r.kv_cache and r.new_tokens == gen.config.get("new_tokens", r.new_tokens):
+                groups.setdefault(f"{r.backend}:{r.variant} {r.precision}", []).append(r)
+        for key, rows in groups.items():
+            out.append((key if len(runs) == 1 else f"{key} [{run.label}]", i, key, rows))
+    return out
+
+
+def generation_tokens_plot(runs: Sequence[Run]) -> Plot:
+    """Decode tokens/s per backend x variant (bars), one bar group per batch size, at the shortest prompt timed."""
+    series = _generation_series(runs)
+    colours = _colours([s[2] for s in series])
+    batches = sorted({r.batch_size for s in series for r in s[3]})
+    fig = _figure()
+    ax = fig.add_subplot()
+    width = 0.8 / max(len(series), 1)
+    for j, (name, _run_i, key, rows) in enumerate(series):
+        shortest = min(r.prompt_length for r in rows)
+        by_batch = {r.batch_size: r.decode_tokens_per_s for r in rows if r.prompt_length == shortest}
+        xs = [k + j * width for k, b in enumerate(batches) if b in by_batch]
+        ax.bar(xs, [by_batch[b] for b in batches if b in by_batch], width=width, color=colours[key],
+               label=f"{name} (prompt {shortest})")
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(batches))])
+    ax.set_xticklabels([str(b) for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("decode tokens/s (p50 time per output token)")
+    ax.set_title("Decode tokens/s per backend and variant")
+    ax.grid(True, axis="y", alpha=0.3)
+    _legend(ax, len(series))
+    return Plot("generation_tokens_per_s", "Decode tokens/s per backend and variant", _png(fig))
+
+
+def generation_ttft_plot(runs: Sequence[Run]) -> Plot:
+    """Time to first token vs prompt length, per backend x variant at its smallest batch (band: the p50 interval)."""
+    series = _generation_series(runs)
+    colours = _colours([s[2] for s in series])
+    fig = _figure()
+    ax = fig.add_subplot()
+    for name, run_i, key, rows in series:
+        batch = min(r.batch_size for r in rows)
+        pts = sorted((r for r in rows if r.batch_size == batch), key=lambda r: r.prompt_length)
+        xs = [r.prompt_length for r in pts]
+        ax.plot(xs, [r.ttft_ms.p50 for r in pts], marker="o", ms=4, lw=1.6, color=colours[key],
+                ls=LINESTYLES[run_i % len(LINESTYLES)], label=f"{name} (batch {batch})")
+        bands = [r.ttft_ms.p50_interval or (r.ttft_ms.p50, r.ttft_ms.p50) for r in pts]
+        ax.fill_between(xs, [b[0] for b in bands], [b[1] for b in bands], color=colours[key], alpha=0.12, lw=0)
+    ax.set_xlabel("prompt length, tokens")
+    ax.set_ylabel("time to first token, ms (p50)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Time to first token vs prompt length")
+    ax.grid(True, alpha=0.3)
+    _legend(ax, len(series))
+    return Plot("generation_ttft_vs_prompt", "Time to first token vs prompt length", _png(fig))
+
+
 def render_plots(runs: Sequence[Run]) -> list[Plot]:
-    return [make(runs) for make in PLOTS.values()]
+    """The one-shot plots when a run has one-shot records, the generation plots when a run has generation rows."""
+    plots = []
+    if any(run.results.records for run in runs):
+        plots += [make(runs) for make in PLOTS.values()]
+    if _generation_series(runs):
+        plots += [generation_tokens_plot(runs), generation_ttft_plot(runs)]
+    return plots
 
 
 def write_pngs(plots: Sequence[Plot], folder: Path) -> list[Path]:

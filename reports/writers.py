@@ -137,9 +137,10 @@ def to_markdown(results: BenchResults) -> str:
              f"- inputs: {results.config.get('inputs', '-')}",
              f"- warm-up {results.config.get('warmup')}, timed iterations {results.config.get('iters')}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in results.versions.items() if k != "platform"), ""]
-    header = [h for h, _ in SUMMARY_COLUMNS]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
+    if results.records or results.generation is None:  # a KV-cache decoder's run has generation rows only
+        header = [h for h, _ in SUMMARY_COLUMNS]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
     for r in results.records:
         shown = _display(r)
         lines.append("| " + " | ".join(shown[k] for _, k in SUMMARY_COLUMNS) + " |")

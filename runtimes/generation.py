@@ -44,7 +44,7 @@ from calibration.text import next_token_nll
 from core.errors import BackendUnavailableError, InputError, first_line
 from core.iospec import feed_digest
 from core.manifest import Manifest
-from core.metrics import LatencyStats
+from core.metrics import LatencyStats, clearly_slower
 from reports.generation import GenerationAccuracy, GenerationResult, GenerationResults
 from runtimes import RUNNERS, check_backends
 from runtimes.base import Runner, RunnerOptions
@@ -54,6 +54,7 @@ from runtimes.timing import Timed, time_units
 if TYPE_CHECKING:
     from reports.models import BenchResults
     from runtimes.harness import BenchConfig
+    from runtimes.tune import TuneConfig, TuneResult
 
 #: the backends with a generation loop, in the order they are measured
 GENERATION_BACKENDS = ("eager", "compile", "ort", "openvino")
@@ -169,7 +170,10 @@ class RunnerDecoder(Decoder):
         self.runner = runner
         self.backend, self.variant, self.precision = runner.name, runner.artifact.name, runner.artifact.precision
         self.size_mb = runner.artifact.file.size_bytes / 2**20
-        self.index = runner.manifest.iospec.output_names.index(LOGITS)
+        names = runner.manifest.iospec.output_names
+        if LOGITS not in names:
+            raise InputError(f"{runner.label}: no {LOGITS!r} output to decode from (outputs: {', '.join(names)})")
+        self.index = names.index(LOGITS)
 
     def load(self) -> None:
         self.runner.load()
@@ -234,12 +238,15 @@ def hf_folder(manifest: Manifest) -> Path | None:
 
 class TorchDecoder(Decoder):
     """transformers' model of the source folder, with the weights convert saved (the ``state_dict`` artifact), run
-    with ``use_cache=True``; ``compiled``: under ``torch.compile(dynamic=True)``."""
+    with ``use_cache=True``; ``compiled``: under ``torch.compile(dynamic=True)``; ``saved_weights=False``: the
+    folder's own weights (convert's generation check: the model as given, before any variant step)."""
 
-    def __init__(self, manifest: Manifest, base: Path, folder: Path, *, compiled: bool, threads: int | None) -> None:
+    def __init__(self, manifest: Manifest, base: Path, folder: Path, *, compiled: bool, threads: int | None,
+                 saved_weights: bool = True) -> None:
         self.folder, self.compiled, self.threads = folder, compiled, threads
         self.backend = "compile" if compiled else "eager"
-        weights = [a for a in manifest.artifacts.values() if a.kind == "state_dict" and a.status == "ok"]
+        weights = [a for a in manifest.artifacts.values()
+                   if saved_weights and a.kind == "state_dict" and a.status == "ok"]
         self.weights = base / weights[0].file.path if weights else None
         self.variant = weights[0].name if weights else "hf"
         self.size_mb = weights[0].file.size_bytes / 2**20 if weights else None
@@ -333,6 +340,27 @@ def greedy(decoder: Decoder, prompt: np.ndarray, steps: int, *, keep_logits: boo
     t2 = clock()
     return Trace(tokens=np.stack(tokens, axis=1), prefill_ms=(t1 - t0) / 1e6, decode_ms=(t2 - t1) / 1e6,
                  cache_bytes=session.cache_bytes(), logits=logits)
+
+
+def forced_logits(decoder: Decoder, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Each step's last-position logits when ``decoder`` is fed ``tokens`` (a reference's choices, batch x steps) after
+    the prefill: steps x batch x vocab, the same steps as the reference's (teacher forcing)."""
+    trace = greedy(decoder, prompt, tokens.shape[1] - 1, keep_logits=True, forced=tokens)
+    return np.stack(trace.logits).astype(np.float32)
+
+
+def no_cache_logits(decoder: Decoder, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """One forward over prompt + ``tokens`` (but the last) with no cache: the logits of the positions the cached
+    steps of :func:`forced_logits` produced, steps x batch x vocab."""
+    seq = np.concatenate([prompt, tokens[:, :-1].astype(prompt.dtype)], axis=1)
+    return np.moveaxis(decoder.forward(seq)[:, prompt.shape[1] - 1:], 1, 0).astype(np.float32)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine along the last axis (0 where either vector is zero)."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    den = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
+    return np.asarray(np.where(den > 0, (a64 * b64).sum(-1) / np.maximum(den, 1e-300), 0.0))
 
 
 def greedy_no_cache(decoder: Decoder, prompt: np.ndarray, steps: int) -> Trace:
@@ -485,12 +513,6 @@ def time_point(manifest: Manifest, entries: Sequence[tuple[Decoder, bool]], prom
                  *memory[i]) for i, (d, kv) in enumerate(entries)]
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    na, nb = np.linalg.norm(a64, axis=-1), np.linalg.norm(b64, axis=-1)
-    return np.asarray((a64 * b64).sum(-1) / np.maximum(na * nb, 1e-300))
-
-
 def perplexity(decoder: Decoder, text: np.ndarray, chunk: int = 4) -> float:
     """exp(mean next-token NLL) of ``decoder`` on ``text`` windows (rows x tokens), ``chunk`` rows per forward."""
     total, count = 0.0, 0
@@ -509,7 +531,7 @@ def check_decoders(decoders: Sequence[Decoder], reference: Decoder, prompts: np.
     for d in decoders:
         free = greedy(d, prompts, tokens - 1)
         forced = greedy(d, prompts, tokens - 1, keep_logits=True, forced=ref.tokens)
-        cos = np.stack([_cosines(x, y) for x, y in zip(forced.logits, ref.logits, strict=True)])
+        cos = np.stack([cosines(x, y) for x, y in zip(forced.logits, ref.logits, strict=True)])
         no_cache = greedy_no_cache(d, prompts, tokens - 1)
         notes = ["the reference"] if d is reference else []
         if d.backend == "compile":
@@ -541,6 +563,52 @@ def load_generation_manifest(artifact_dir: Path) -> Manifest:
     return manifest
 
 
+def load_decoders(manifest: Manifest, cfg: GenerationConfig, stack: contextlib.ExitStack, skipped: list[str],
+                  log: Callable[[str], None], progress: Callable[[str], None] | None = None) -> list[Decoder]:
+    """Every decoder that loads here (closed when ``stack`` closes); the others go to ``skipped`` with the reason."""
+    decoders: list[Decoder] = []
+    for d in build_decoders(manifest, Path(cfg.artifact_dir), cfg, skipped):
+        if progress:
+            progress(f"loading {d.label}")
+        try:
+            d.load()
+        except BackendUnavailableError as exc:
+            skipped.append(f"{d.label}: {exc}")
+            log(f"[yellow]skipped {d.label}: {exc}[/]")
+            continue
+        stack.callback(d.close)
+        decoders.append(d)
+    if not decoders:
+        raise BackendUnavailableError("no backend can run this decoder: " + "; ".join(skipped))
+    return decoders
+
+
+def pick_reference(manifest: Manifest, base: Path, cfg: GenerationConfig, decoders: Sequence[Decoder],
+                   stack: contextlib.ExitStack, skipped: list[str]) -> Decoder:
+    """The checks' reference: eager PyTorch FP32 (loaded for it when not measured), else ONNX Runtime's FP32
+    (said so in ``skipped``)."""
+    reference = next((d for d in decoders if d.backend == "eager"), None)
+    if reference is None and (folder := hf_folder(manifest)) is not None:
+        with contextlib.suppress(BackendUnavailableError):
+            eager = TorchDecoder(manifest, base, folder, compiled=False, threads=cfg.threads)
+            eager.load()
+            stack.callback(eager.close)
+            reference = eager
+    if reference is None:
+        reference = next((d for d in decoders if d.backend == "ort" and d.variant == "fp32"), decoders[0])
+        skipped.append(f"reference: eager PyTorch cannot run here; the checks compare with {reference.label}")
+    return reference
+
+
+def progress_steps(cfg: GenerationConfig) -> int:
+    """How many times :func:`run_generation` calls its ``progress``: each decoder loaded, the checks, each (prompt
+    length, batch) point and the no-cache comparison (a progress bar's total)."""
+    manifest = load_generation_manifest(cfg.artifact_dir)
+    lengths, no_cache_tokens, _ = prompt_plan(cfg, max_positions(manifest))
+    decoders = build_decoders(manifest, Path(cfg.artifact_dir), cfg, [])
+    return len(decoders) + 1 + len(lengths) * len(cfg.batch_sizes) + (1 if no_cache_tokens else 0)
+
+
 def run_generation(cfg: GenerationConfig, log: Callable[[str], None] = print,
                    progress: Callable[[str], None] | None = None, *, text: np.ndarray | None = None,
                    check_prompts: np.ndarray | None = None) -> GenerationResults:
@@ -558,31 +626,8 @@ def run_generation(cfg: GenerationConfig, log: Callable[[str], None] = print,
                                                                       "notes": notes},
                                 random_init=text is None)
     with contextlib.ExitStack() as stack:
-        decoders: list[Decoder] = []
-        for d in build_decoders(manifest, base, cfg, results.skipped):
-            if progress:
-                progress(f"loading {d.label}")
-            try:
-                d.load()
-            except BackendUnavailableError as exc:
-                results.skipped.append(f"{d.label}: {exc}")
-                log(f"[yellow]skipped {d.label}: {exc}[/]")
-                continue
-            stack.callback(d.close)
-            decoders.append(d)
-        if not decoders:
-            raise BackendUnavailableError("no backend can run this decoder: " + "; ".join(results.skipped))
-        reference = next((d for d in decoders if d.backend == "eager"), None)
-        if reference is None and (folder := hf_folder(manifest)) is not None:
-            with contextlib.suppress(BackendUnavailableError):
-                eager = TorchDecoder(manifest, base, folder, compiled=False, threads=cfg.threads)
-                eager.load()
-                stack.callback(eager.close)
-                reference = eager
-        if reference is None:
-            reference = next((d for d in decoders if d.backend == "ort" and d.variant == "fp32"), decoders[0])
-            results.skipped.append(f"reference: eager PyTorch cannot run here; the checks compare with "
-                                   f"{reference.label}")
+        decoders = load_decoders(manifest, cfg, stack, results.skipped, log, progress)
+        reference = pick_reference(manifest, base, cfg, decoders, stack, results.skipped)
         prompts = check_prompts if check_prompts is not None else \
             seeded_prompts(manifest, cfg.check_prompts, lengths[0], cfg.seed + 1)
         if progress:
@@ -622,3 +667,76 @@ def run_generation_bench(cfg: GenerationConfig, log: Callable[[str], None] = pri
                            accuracy_inputs="random")
     results.warnings += [f"skipped {s}" for s in gen.skipped] + list(gen.config.get("notes", []))
     return results
+
+
+# -- tune on a KV-cache decoder -----------------------------------------------------------------------------------------
+#: the prompt and the new tokens of a tune candidate's generation loop (the prompt capped by the model's positions)
+TUNE_PROMPT, TUNE_NEW_TOKENS, TUNE_CHECK_TOKENS = 32, 32, 16
+
+
+def is_generation_artifact(artifact_dir: Path) -> bool:
+    """One decoder file with a KV cache: ``bench`` and ``tune`` run it as a generation loop."""
+    manifest = Manifest.load(artifact_dir)
+    return not manifest.components() and has_kv_cache(manifest.iospec)
+
+
+def tune_generation(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
+    """``tune`` on a KV-cache decoder: every backend x variant that can run the generation loop, ranked by decode
+    tokens/s (the objective; ``latency``: at the smallest batch, ``throughput``: at any batch), within an accuracy
+    budget in points of greedy token agreement with FP32 (the reference of :func:`check_decoders`: eager PyTorch
+    FP32, else ONNX Runtime's FP32; teacher-forced steps, as convert's generation gate). Candidates over the budget
+    are not timed; the rest are timed once, interleaved (``stages[0]`` generation loops in ``rounds`` rounds), so
+    there is no pruning and no final stage; runner settings are not searched (each runs with its defaults)."""
+    from runtimes.tune import Candidate, TuneResult, _per_sample, best_per_batch, best_per_precision
+
+    manifest = load_generation_manifest(cfg.artifact_dir)
+    batches = [min(cfg.batch_sizes)] if cfg.objective == "latency" else sorted(set(cfg.batch_sizes))
+    gcfg = GenerationConfig(artifact_dir=cfg.artifact_dir, backends=cfg.backends, variants=cfg.variants,
+                            prompt_lengths=[TUNE_PROMPT], batch_sizes=batches, new_tokens=TUNE_NEW_TOKENS,
+                            no_cache_tokens=0, check_prompts=cfg.accuracy_samples, check_tokens=TUNE_CHECK_TOKENS,
+                            iters=cfg.stages[0], rounds=cfg.rounds, round_warmup=0, seed=cfg.seed)
+    lengths, _, notes = prompt_plan(gcfg, max_positions(manifest))
+    for n in notes:
+        log(f"note: {n}")
+    skipped: list[str] = []
+    candidates: list[Candidate] = []
+    with contextlib.ExitStack() as stack:
+        decoders = load_decoders(manifest, gcfg, stack, skipped, log)
+        reference = pick_reference(manifest, Path(cfg.artifact_dir), gcfg, decoders, stack, skipped)
+        prompts = seeded_prompts(manifest, gcfg.check_prompts, lengths[0], cfg.seed + 1)
+        log(f"accuracy: greedy token agreement of {len(decoders)} candidate(s) with {reference.label} "
+            f"({gcfg.check_prompts} prompts x {TUNE_CHECK_TOKENS} tokens, teacher-forced)")
+        checks = check_decoders(decoders, reference, prompts, TUNE_CHECK_TOKENS)
+        ref_label = checks[0].reference
+        drops = [round(100.0 * (1.0 - c.forced_agreement), 4) for c in checks]
+        for d, drop in zip(decoders, drops, strict=True):
+            candidates += [Candidate(backend=d.backend, variant=d.variant, precision=d.precision, settings={},
+                                     batch_size=b, accuracy_drop_points=drop,
+                                     within_budget=drop <= cfg.accuracy_budget + 1e-9) for b in batches]
+        live = [d for d, drop in zip(decoders, drops, strict=True) if drop <= cfg.accuracy_budget + 1e-9]
+        if not live:
+            raise InputError(f"no candidate is within the accuracy budget of {cfg.accuracy_budget:g} points of "
+                             f"greedy token agreement with {ref_label}")
+        largest = seeded_prompts(manifest, max(batches), lengths[0], cfg.seed)
+        for b in batches:
+            log(f"batch {b}: {len(live)} candidate(s) x {gcfg.iters} generation loops of {TUNE_NEW_TOKENS} tokens "
+                f"(prompt {lengths[0]}) in {gcfg.rounds} interleaved rounds")
+            for row in time_point(manifest, [(d, True) for d in live], largest[:b], TUNE_NEW_TOKENS, gcfg):
+                c = next(c for c in candidates if (c.backend, c.variant, c.batch_size) ==
+                         (row.backend, row.variant, b))
+                c.latency_ms, c.throughput = row.tpot_ms, row.decode_tokens_per_s
+    for s in skipped:
+        log(f"skipped {s}")
+    timed = [c for c in candidates if c.throughput is not None]
+    win = max(timed, key=lambda c: c.throughput or 0.0)
+    tied = [c.label for c in timed if c is not win and not clearly_slower(_per_sample(c), _per_sample(win))]
+    reason = (f"most decode tokens/s (KV-cache generation loop, prompt {lengths[0]}, {TUNE_NEW_TOKENS} new tokens"
+              f"{', batch ' + str(win.batch_size) if cfg.objective == 'latency' else ', any batch'}) within "
+              f"{cfg.accuracy_budget:g} points of greedy token agreement with {ref_label}; latency_ms is "
+              f"the time per output token" + (f"; within the noise of: {'; '.join(tied)}" if tied else
+                                               "; every other candidate clearly slower"))
+    return TuneResult(config=cfg.model_dump(mode="json") | {"generation": gcfg.model_dump(mode="json"),
+                                                            "skipped": skipped},
+                      candidates=candidates, winner=win.label, stages_run=1, reason=reason,
+                      best_per_batch=best_per_batch(candidates), best_per_precision=best_per_precision(candidates))
+

@@ -219,7 +219,9 @@ def test_bench_on_a_kv_cache_artifact_writes_the_generation_table(gpt2_art: Path
     assert {(r.backend, r.prompt_length, r.batch_size) for r in results.generation.rows if r.kv_cache} == \
         {("ort", 4, 1)}
     paths = write_results(results, tmp_path / "results.json")
-    assert "## Generation (KV cache)" in paths["md"].read_text()
+    md = paths["md"].read_text()
+    assert "## Generation (KV cache)" in md
+    assert "| samples/s |" not in md and "p50 ms [95%]" not in md  # no empty one-shot table above it
     assert paths["csv"].read_text().splitlines()[0].startswith("model,backend,variant,precision,kv_cache")
     again = BenchResults.load(paths["json"])
     assert again.generation is not None and again.generation.rows == results.generation.rows
@@ -239,3 +241,67 @@ def test_text_split_and_perplexity() -> None:
     for b in range(3):
         sure[b, np.arange(7), rows[b, 1:]] = 50.0
     assert perplexity_from_logits(sure, rows) == pytest.approx(1.0)
+
+
+def test_bench_html_plots_the_generation_rows_and_the_progress_total_is_its_steps(gpt2_art: Path,
+                                                                                  tmp_path: Path) -> None:
+    """A KV-cache run has no one-shot records: its HTML has the generation plots (decode tokens/s per backend x
+    variant, TTFT vs prompt length) and no one-shot plot (each warned 'no artists' and drew nothing); the CLI's
+    progress total is the number of progress steps the generation loop reports, not one-shot targets."""
+    import warnings
+
+    from reports.html import write_bench_html
+    from runtimes.generation import generation_request, progress_steps, run_generation_bench
+    from runtimes.harness import BenchConfig
+
+    cfg = BenchConfig(artifact_dir=gpt2_art, backends=["ort", "openvino"], batch_sizes=[1, 2], iters=2, rounds=1,
+                      threads=1, dims={"sequence": [4, 8]})
+    gen = generation_request(cfg)
+    assert gen is not None
+    gen = gen.model_copy(update={"no_cache_tokens": 4, "check_tokens": 3, "check_prompts": 1, "new_tokens": 3})
+    steps: list[str] = []
+    results = run_generation_bench(gen, log=lambda _: None, progress=steps.append)
+    assert progress_steps(gen) == len(steps) == 2 + 1 + 2 * 2 + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's 'No artists with labels found to put in legend'
+        html = write_bench_html(results, tmp_path / "results.json").read_text()
+    assert 'id="plot-generation_tokens_per_s"' in html and 'id="plot-generation_ttft_vs_prompt"' in html
+    assert 'id="plot-latency_vs_batch"' not in html and 'id="plot-size_memory"' not in html
+    assert "<th>samples/s</th>" not in html and "<th>p50 ms [95%]</th>" not in html
+
+
+def test_tune_on_a_kv_cache_decoder_ranks_by_decode_tokens_per_s(gpt2_art: Path, tmp_path: Path) -> None:
+    """`tune` on a KV-cache artifact: each backend x variant is a generation loop, its accuracy drop is 100 - greedy
+    token agreement with FP32 (eager PyTorch), its figures are time per output token and decode tokens/s; the
+    winner has the most tokens/s; tune.json is written as for other tunes."""
+    from runtimes.tune import TuneResult
+
+    out = tmp_path / "tune.json"
+    proc = _cli("tune", str(gpt2_art), "--backends", "ort,openvino", "--batch-sizes", "1,2", "--out", str(out),
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    result = TuneResult.model_validate_json(out.read_text())
+    assert {(c.backend, c.variant, c.batch_size) for c in result.candidates} == {("ort", "fp32", 1),
+                                                                                 ("openvino", "fp32", 1)}
+    for c in result.candidates:
+        assert c.accuracy_drop_points == 0.0 and c.within_budget and c.skipped is None
+        assert c.latency_ms is not None and c.throughput is not None
+        assert c.throughput == pytest.approx(1e3 / c.latency_ms.p50)  # decode tokens/s at batch 1
+    best = max(result.candidates, key=lambda c: c.throughput or 0.0)
+    assert result.winner == best.label and "decode tokens/s" in result.reason and "eager:torch:fp32" in result.reason
+    assert result.config["generation"]["new_tokens"] == 32
+
+
+def test_package_on_a_kv_cache_decoder_says_what_it_cannot_package(gpt2_art: Path, tmp_path: Path) -> None:
+    """`package` writes the decoder as one stateless step (its past/present as plain tensors) and says, in one line
+    and in MANIFEST.json, that the generation loop is not packaged."""
+    from serving.triton import KV_CACHE_NOTE, PackageConfig, RepoManifest, package
+
+    lines: list[str] = []
+    repo, out = package(PackageConfig(artifact_dir=gpt2_art, out=tmp_path / "repo"), log=lines.append)
+    assert repo.notes == [KV_CACHE_NOTE] and f"note: {KV_CACHE_NOTE}" in lines
+    assert "not packaged yet" in KV_CACHE_NOTE and "\n" not in KV_CACHE_NOTE
+    again = RepoManifest.model_validate_json((out / "MANIFEST.json").read_text())
+    assert again.notes == [KV_CACHE_NOTE]
+    config = next(out.glob("*/config.pbtxt")).read_text()
+    assert 'name: "past_key_values.0.key"' in config and 'name: "present.0.key"' in config

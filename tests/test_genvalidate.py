@@ -133,3 +133,21 @@ def test_generation_run_needs_no_hf_folder_for_onnx_only(converted: tuple[Path, 
     with ort_runner(m, out, m.artifacts["fp32"]) as runner:
         check = bare.check(runner, is_reference=True)
     assert check.vs_eager is None and "no eager comparison" in check.note
+
+
+def test_tune_keeps_a_variant_over_its_token_agreement_budget_out(converted: tuple[Path, Any]) -> None:
+    """`tune` on the KV-cache decoder: the INT4 variant that failed its gate is over the accuracy budget (points of
+    greedy token agreement with FP32) and is not timed; FP32 and FP16 are, and the winner is one of them."""
+    from runtimes.tune import TuneConfig, run_tune
+
+    out, _ = converted
+    result = run_tune(TuneConfig(artifact_dir=out, backends=["ort"], batch_sizes=[1], variants=["fp32", "fp16", "int4"],
+                                 stages=[3], rounds=3, accuracy_samples=GATE.prompts), log=lambda _: None)
+    by = {c.variant: c for c in result.candidates}
+    assert set(by) == {"fp32", "fp16", "int4"} and len(result.candidates) == 3  # a generation loop per variant
+    assert "greedy token agreement with eager:torch:fp32" in result.reason
+    assert by["int4"].accuracy_drop_points is not None and by["int4"].accuracy_drop_points > 1.0
+    assert not by["int4"].within_budget and by["int4"].latency_ms is None
+    for v in ("fp32", "fp16"):
+        assert by[v].within_budget and by[v].throughput is not None and by[v].throughput > 0
+    assert result.winner in {by["fp32"].label, by["fp16"].label}
