@@ -19,6 +19,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from core.errors import InputError, ToolkitError, as_user_error
+from core.flagtext import csv_items
 
 if TYPE_CHECKING:  # the library is imported inside each command: --help stays fast
     from convert.config import (
@@ -106,25 +107,6 @@ def user_errors() -> Iterator[None]:
 
 def log(msg: str) -> None:
     console.print(msg, soft_wrap=True)
-
-
-def csv_list(text: str, what: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise InputError(f"{what} is empty")
-    if len(items) < text.count(",") + 1:  # 1,,2 or 1,2,: a value left out by mistake, not a list of two
-        raise InputError(f"{what} {text!r} has an empty item; separate the values with single commas")
-    return items
-
-
-def int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in csv_list(text, what)]
-    except ValueError:
-        raise InputError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise InputError(f"{what} must be >= 1, got {text!r}")
-    return values
 
 
 @app.command()
@@ -398,12 +380,15 @@ def _run_bench_with_progress(cfg: BenchConfig) -> BenchResults:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from core.manifest import Manifest
+    from runtimes.generation import generation_request, progress_steps
     from runtimes.harness import run_bench, select_targets
 
     combos = 1
     for values in cfg.dims.values():
         combos *= len(values)
-    total = len(select_targets(Manifest.load(cfg.artifact_dir), cfg)) + len(cfg.batch_sizes) * combos
+    gen = generation_request(cfg)  # a KV-cache decoder: its generation loop's steps, not one-shot targets
+    total = progress_steps(gen) if gen is not None else \
+        len(select_targets(Manifest.load(cfg.artifact_dir), cfg)) + len(cfg.batch_sizes) * combos
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("benchmark", total=total)
@@ -552,7 +537,7 @@ def package(
                             min_replicas=min_replicas, max_replicas=max_replicas, scale_metric=scale_metric,
                             scale_target=scale_target, grpc=grpc, runtime_version=runtime_version)
         cfg = PackageConfig.model_validate(dict(  # --kind is checked by PackageConfig
-            artifact_dir=artifact_dir, out=out, name=name, variants=csv_list(variants, "--variants") if variants else None,
+            artifact_dir=artifact_dir, out=out, name=name, variants=csv_items(variants, "--variants") if variants else None,
             max_batch_size=max_batch_size, dynamic_batching=dynamic_batching, max_queue_delay_us=max_queue_delay_us,
             instances=instances, kind=kind, input_shape=input_shape, from_tune=from_tune))
         if format == "kserve":

@@ -47,6 +47,7 @@ from convert.config import (
 from convert.export import Exporter
 from convert.trt_profile import parse_dim_ranges
 from core.errors import InputError
+from core.flagtext import csv_items, flag_name
 from core.shapes import parse_input_shapes
 
 InputShape = tuple[int, ...] | dict[str, tuple[int, ...]]
@@ -63,20 +64,6 @@ INT4_FLAGS = ("int4_algorithm", "int4_block_size")
 
 #: Flags that tune training: without --train-data they act on nothing.
 TRAIN_FLAGS = ("epochs", "lr", "temperature", "label_weight", "patience", "train_time", "train_device")
-
-
-def flag_name(field: str) -> str:
-    """``calib_method`` -> ``--calib-method``."""
-    return "--" + field.replace("_", "-")
-
-
-def csv_items(text: str, what: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise InputError(f"{what} is empty")
-    if len(items) < text.count(",") + 1:  # 1,,2 or 1,2,: a value left out by mistake, not a list of two
-        raise InputError(f"{what} {text!r} has an empty item; separate the values with single commas")
-    return items
 
 
 #: (the flag's text, the flag) -> the value of its field, or one clear line naming the flag

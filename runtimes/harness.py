@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from calibration.cpu import precision_problem
 from calibration.pools import InputPool, heldout_pool, image_pool, random_pool, source_pool
 from core.errors import BackendUnavailableError, InputError
+from core.flagtext import csv_items, flag_name, int_items
 from core.flops import PEAK_MEASURES, measured_peaks, peak_fraction, row_peak, variant_macs
 from core.iospec import IOSpec, feed_digest
 from core.manifest import Artifact, Manifest
@@ -126,32 +127,6 @@ class BenchConfig(BaseModel):
     def _fits_the_device(self) -> BenchConfig:
         check_gpu_request(self)
         return self
-
-
-def flag_name(field: str) -> str:
-    """``batch_sizes`` -> ``--batch-sizes``."""
-    return "--" + field.replace("_", "-")
-
-
-def csv_items(text: str, what: str) -> list[str]:
-    """``a, b`` -> ["a", "b"]; nothing in it is one clear line naming ``what`` (the flag)."""
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise InputError(f"{what} is empty")
-    if len(items) < text.count(",") + 1:  # 1,,2 or 1,2,: a value left out by mistake, not a list of two
-        raise InputError(f"{what} {text!r} has an empty item; separate the values with single commas")
-    return items
-
-
-def int_items(text: str, what: str) -> list[int]:
-    """``1,8`` -> [1, 8]: positive integers, or one clear line naming ``what``."""
-    try:
-        values = [int(x) for x in csv_items(text, what)]
-    except ValueError:
-        raise InputError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise InputError(f"{what} must be >= 1, got {text!r}")
-    return values
 
 
 def parse_dims(text: str) -> dict[str, list[int]]:

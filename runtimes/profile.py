@@ -21,6 +21,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import InputError
+from core.flagtext import check_choice
 from core.fsutil import atomic_path, check_not_an_input, check_output_file, ensure_writable_dir
 from core.manifest import Manifest, artifact_files
 from core.resources import check_feed_memory
@@ -59,9 +60,7 @@ class ProfileConfig(BaseModel):
     @field_validator("device", mode="before")
     @classmethod
     def _known_device(cls, value: Any) -> Any:
-        if isinstance(value, str) and value not in get_args(Device):
-            raise InputError(f"unknown --device {value!r}; choose {' or '.join(get_args(Device))}")
-        return value
+        return check_choice(value, get_args(Device), "--device")
 
     @field_validator("threads")
     @classmethod

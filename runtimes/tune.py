@@ -36,6 +36,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from core.errors import BackendUnavailableError, InputError
+from core.flagtext import check_choice, csv_items, flag_name, int_items
 from core.manifest import utc_now
 from core.metrics import AccuracyStats, LatencyStats, clearly_slower
 from reports.models import machine_info
@@ -44,10 +45,7 @@ from runtimes.base import RunnerOptions
 from runtimes.harness import (
     BenchConfig,
     Target,
-    csv_items,
-    flag_name,
     graded_drop,
-    int_items,
     pool_accuracy,
     prepare_bench,
 )
@@ -92,9 +90,7 @@ class TuneConfig(BaseModel):
     @field_validator("objective", mode="before")
     @classmethod
     def _objective(cls, value: Any) -> Any:
-        if isinstance(value, str) and value not in get_args(Objective):
-            raise InputError(f"unknown --objective {value!r}; choose latency or throughput")
-        return value
+        return check_choice(value, get_args(Objective), "--objective")
 
     @field_validator("screen")
     @classmethod
@@ -209,6 +205,10 @@ def _time_stage(setup: Any, live: list[Candidate], iters: int, rounds: int) -> N
 def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     """Search, prune, pick; see the module docstring."""
     check_backends(cfg.backends)
+    from runtimes.generation import is_generation_artifact, tune_generation
+
+    if is_generation_artifact(cfg.artifact_dir):  # a KV-cache decoder: by decode tokens/s within a token-agreement budget
+        return tune_generation(cfg, log)
     usable = [b for b in cfg.backends if RUNNERS[b].available("cpu") is None]
     for b in sorted(set(cfg.backends) - set(usable)):
         log(f"skipped backend {b}: {RUNNERS[b].available('cpu')}")
