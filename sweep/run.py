@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.errors import BackendUnavailableError, first_line
+from core.errors import BackendUnavailableError, InputError, first_line
 from core.manifest import MANIFEST_NAME, utc_now
 from sweep.cells import CellState, check_out, expand, read_state, write_state
 from sweep.plan import PlanConfig
@@ -151,6 +152,19 @@ class RayExecutor:
             self.temp_dir = None
 
 
+def check_local_threads(cfg: SweepConfig) -> None:
+    """A sweep run here (in this process or a Ray started here) with more threads per cell than this process may
+    use is one clear line before anything runs or is written: every cell would run that many busy threads on the
+    few CPUs there are (bench refuses such a count itself), or wait for a Ray node that cannot exist."""
+    ray = sys.modules.get("ray")
+    if cfg.ray not in (None, "local") or (cfg.ray == "local" and ray is not None and ray.is_initialized()):
+        return  # a cluster's nodes (or a Ray this process joined) may have other CPUs: Ray says which cells no node can run
+    if cfg.plan.threads > (cpus := affinity_cpus()):
+        where = "this process" if cfg.ray is None else "the Ray started here (--ray local)"
+        raise InputError(f"plan threads: {cfg.plan.threads} is more than the {cpus} CPU(s) {where} may use: give "
+                         f"at most {cpus} (more threads than CPUs only compete for them)")
+
+
 def _reusable(state: CellState | None, skip_failed: bool) -> bool:
     if state is None:
         return False
@@ -172,6 +186,7 @@ def _phase(executor: LocalExecutor | RayExecutor, jobs: list[Job], out: Path, st
 def run_sweep(cfg: SweepConfig, log: Callable[[str], None] = print,
               progress: Progress | None = None) -> SweepOutcome:
     """Run every cell of the plan not already done; write OUT/results.json and OUT/report.md."""
+    check_local_threads(cfg)
     t0 = time.perf_counter()
     out = check_out(cfg.out).resolve()
     converts, benches = expand(cfg.plan)

@@ -211,3 +211,21 @@ def test_choices_checked_by_the_configs(art: Path, tmp_path: Path) -> None:
     one_error(["profile", art, "--device", "tpu"], "unknown --device 'tpu'; choose cpu or cuda")
     one_error(["package", art, "--kind", "tpu", "--out", tmp_path / "r"], "unknown --kind 'tpu'; choose cpu or gpu")
     assert json.loads((art / "manifest.json").read_text())  # untouched (the fixture compares every byte too)
+
+
+# -- the campaign's rerun (benchmarks/run_hostile_cli.py) found these two --------------------------------------------
+def test_calib_method_with_an_empty_item(art: Path) -> None:
+    one_error(["convert", f"{TINY}:build", "--int8", "--calib", "synthetic", "--calib-method", "minmax,,entropy",
+               "--out", art], "--calib-method", "empty item")
+
+
+@pytest.mark.parametrize("ray", [None, "local"])
+def test_a_local_sweep_with_more_threads_than_cpus_is_refused_up_front(tmp_path: Path, ray: str | None) -> None:
+    from sweep.plan import parse_plan
+    from sweep.run import SweepConfig, run_sweep
+
+    plan = parse_plan({"models": [{"model": str(tmp_path / "missing.onnx"), "name": "missing"}],
+                       "backends": ["ort"], "batch_sizes": [1], "threads": usable_cpus() + 1})
+    with pytest.raises(InputError, match=f"plan threads: {usable_cpus() + 1} is more than the {usable_cpus()} CPU"):
+        run_sweep(SweepConfig(plan=plan, out=tmp_path / "sweep", ray=ray), log=lambda _m: None)
+    assert not (tmp_path / "sweep").exists()  # nothing started, nothing written
