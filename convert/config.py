@@ -418,6 +418,8 @@ def parse_methods(text: str) -> list[CalibMethod]:
     if bad or not items:
         raise InputError(f"unknown --calib-method {text!r}; choose from {', '.join(CALIB_METHODS)} "
                          "(comma-separated for one variant each)")
+    if len(items) < text.count(",") + 1:  # minmax,,entropy: a method left out by mistake
+        raise InputError(f"--calib-method {text!r} has an empty item; separate the methods with single commas")
     return [m for x in dict.fromkeys(items) for m in CALIB_METHODS if m == x]
 
 

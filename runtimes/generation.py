@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from runtimes.tune import TuneConfig, TuneResult
 
 #: the backends with a generation loop, in the order they are measured
-GENERATION_BACKENDS = ("eager", "compile", "ort", "openvino")
+GENERATION_BACKENDS = ("eager", "compile", "ort", "genai", "openvino")  # genai: runtimes.genai, no runner
 TORCH_BACKENDS = ("eager", "compile")
 ONNX_BACKENDS = ("ort", "openvino")
 LOGITS = "logits"
@@ -445,7 +445,7 @@ def prompt_plan(cfg: GenerationConfig, positions: int | None) -> tuple[list[int]
 
 def build_decoders(manifest: Manifest, base: Path, cfg: GenerationConfig, skipped: list[str]) -> list[Decoder]:
     """A decoder per (backend, variant) that can run here; what cannot is added to ``skipped`` with the reason."""
-    check_backends(cfg.backends)
+    check_backends([b for b in cfg.backends if b != "genai"])  # ONNX Runtime GenAI: a generation loop, no runner
     if cfg.variants is not None and (missing := [v for v in cfg.variants if v not in manifest.artifacts]):
         raise InputError(f"unknown variant(s) {missing}; in the manifest: {sorted(manifest.artifacts)}")
     opts = RunnerOptions(threads=cfg.threads, ort_spinning=cfg.ort_spinning)
@@ -455,6 +455,11 @@ def build_decoders(manifest: Manifest, base: Path, cfg: GenerationConfig, skippe
         if b not in GENERATION_BACKENDS:
             skipped.append(f"{b}: no generation loop with a KV cache for this backend (generation runs on "
                            f"{', '.join(GENERATION_BACKENDS)})")
+            continue
+        if b == "genai":
+            from runtimes.genai import genai_decoders
+
+            out += genai_decoders(manifest, base, cfg, skipped)
             continue
         if (why := RUNNERS[b].available("cpu")) is not None:
             skipped.append(f"{b}: {why}")

@@ -102,6 +102,15 @@ class RepoManifest(BaseModel):
     packaged_with: dict[str, str] = Field(description="Libraries that wrote and validated this repository")
     models: list[RepoModel]
     files: list[FileRecord] = Field(description="Every file of the repository except this one, with its sha256")
+    notes: list[str] = Field(default_factory=list, description="What this repository does not package (a KV-cache "
+                                                               "decoder's generation loop)")
+
+
+#: ``package`` on a decoder with a KV cache: what it writes, and what it cannot package yet
+KV_CACHE_NOTE = ("KV-cache decoder: packaged as one stateless step (past_key_values.* in, present.* out, as plain "
+                 "tensors; the client runs the generation loop and feeds present back as past); not packaged yet: "
+                 "a server-side generation loop (Triton's sequence batcher with implicit state, or an ensemble/BLS "
+                 "loop with sampling), so the dynamic batcher joins only requests of equal prompt and past length")
 
 
 # -- naming and selection --------------------------------------------------------------------------
@@ -303,6 +312,9 @@ def package(cfg: PackageConfig, log: Callable[[str], None] = print) -> tuple[Rep
     base = Path(cfg.artifact_dir)
     manifest = load_artifacts(base)
     arts, opts, tuned = _chosen(cfg, manifest)
+    from runtimes.session import has_kv_cache
+
+    notes = [KV_CACHE_NOTE] if has_kv_cache(manifest.iospec) else []
     base_name = safe_name(cfg.name) if cfg.name else model_base_name(manifest)
     engines = {a.name: engine_info(a) for a in arts if a.kind == "plan"}  # refuses plans of unknown origin
     out = Path(cfg.out)
@@ -327,11 +339,13 @@ def package(cfg: PackageConfig, log: Callable[[str], None] = print) -> tuple[Rep
                 f"{group.count} x {schema().ModelInstanceGroup.Kind.Name(group.kind)}{_tuned_note(tuned)}")
         repo = RepoManifest(source_model=manifest.source.model, artifact_dir=str(base.resolve()),
                             source_manifest_sha256=sha256_file(base / "manifest.json"), versions=manifest.versions,
-                            packaged_with=packaging_versions(), models=models, files=files)
+                            packaged_with=packaging_versions(), models=models, files=files, notes=notes)
         atomic_write_text(tmp / REPO_MANIFEST, repo.model_dump_json(indent=2) + "\n")
         os.chmod(tmp, 0o777 & ~_umask())
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for note in notes:
+        log(f"note: {note}")
     return repo, out
