@@ -380,8 +380,8 @@ def _run_bench_with_progress(cfg: BenchConfig) -> BenchResults:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from core.manifest import Manifest
-    from runtimes.generation import generation_request, progress_steps
-    from runtimes.harness import run_bench, select_targets
+    from runtimes.generation import progress_steps
+    from runtimes.harness import generation_request, run_bench, select_targets
 
     combos = 1
     for values in cfg.dims.values():

@@ -132,7 +132,8 @@ def heldout_windows(count: int, seed: int) -> np.ndarray:
 
 def run_model(name: str, folder: Path, art: Path, args: argparse.Namespace, trained: bool) -> dict[str, Any]:
     from core.manifest import Manifest
-    from runtimes.generation import GenerationConfig, run_generation
+    from runtimes.decoding import GenerationConfig
+    from runtimes.generation import run_generation
 
     q = args.quick
     backends = args.backends.split(",")

@@ -3,7 +3,7 @@
 From the same seeded prompts (token ids inside the vocabulary, one batch), each model decodes greedily: a prefill on
 the prompt, then one token per step through ONNX Runtime's :class:`runtimes.session.KVCacheSession` (the past fed back
 each step). The decoding, the teacher-forced and no-cache logits and the cosine are the generation benchmark's own
-(:mod:`runtimes.generation`: ``greedy``, ``forced_logits``, ``no_cache_logits``, ``cosines``); this module adds the
+(:mod:`runtimes.decoding`: ``greedy``, ``forced_logits``, ``no_cache_logits``, ``cosines``); this module adds the
 records and the gate. Models are compared step by step *along the reference's tokens* (each step is fed the token the reference
 chose, so every step's logits answer the same question): the share of steps whose greedy token equals the
 reference's (token agreement) and the logits cosine of every step (the worst is kept). Each model's own free-running
@@ -39,7 +39,7 @@ from core.hf import PREFIX
 from core.iospec import IOSpec
 from core.manifest import Artifact, Manifest
 from core.records import CacheCheck, GateResult, GenerationCheck, GenerationCompare
-from runtimes.generation import (
+from runtimes.decoding import (
     Decoder,
     RunnerDecoder,
     TorchDecoder,
@@ -71,7 +71,7 @@ def seeded_prompts(spec: IOSpec, gate: GenerationGate, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(low, high, size=(gate.prompts, gate.prompt_length)).astype(ids.dtype)
 
 
-# -- decoding: runtimes.generation's greedy loop (the generation benchmark's) ------------------------------------------
+# -- decoding: runtimes.decoding's greedy loop (the generation benchmark's) --------------------------------------------
 @contextmanager
 def ort_runner(manifest: Manifest, base: Path, art: Artifact) -> Iterator[Any]:
     """A loaded ONNX Runtime runner over ``art`` (one thread: small decode steps on a shared CPU)."""

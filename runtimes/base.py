@@ -288,8 +288,9 @@ class Runner:
         """Load the model; if that fails, release whatever was acquired before the failure, then raise."""
         self._started = True
         try:
-            if self.options.precision != self.artifact.precision and \
-                    (why := self.precision_problem(self.options.precision, self.options.device)) is not None:
+            asked = self.options.precision  # a reduced precision of an FP32 file: can this backend and CPU compute it?
+            if asked != "fp32" and asked != self.artifact.precision and \
+                    (why := self.precision_problem(asked, self.options.device)) is not None:
                 raise BackendUnavailableError(why)
             self._load()
         except BaseException:

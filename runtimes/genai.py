@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from core.errors import BackendUnavailableError, first_line
-from runtimes.generation import Decoder, GenerationConfig, hf_folder, max_positions
+from runtimes.decoding import Decoder, GenerationConfig, hf_folder, max_positions
 from runtimes.session import PAST, PAST_DIM, PRESENT, has_kv_cache
 
 if TYPE_CHECKING:

@@ -42,6 +42,7 @@ from runtimes.timing import interleaved
 
 if TYPE_CHECKING:
     from core.flops import Peak, VariantMacs
+    from runtimes.decoding import GenerationConfig
     from runtimes.gpu import NvmlSampler
 
 
@@ -479,11 +480,37 @@ def _skipped(results: BenchResults, log: Callable[[str], None], label: str, prec
     log(f"[yellow]skipped {label}: {why}[/]")
 
 
+def generation_request(cfg: BenchConfig) -> GenerationConfig | None:
+    """``bench``'s request as a generation benchmark when its artifact is one decoder file with a KV cache, else
+    None: its flags where given; a flag left at bench's default takes the generation default (bench's default
+    backends mean every backend with a generation loop, its default 100 iterations would be 100 generation loops
+    per point). ``--dims sequence=...`` gives the prompt lengths."""
+    from runtimes.decoding import GenerationConfig
+    from runtimes.session import has_kv_cache
+
+    manifest = Manifest.load(cfg.artifact_dir)
+    if cfg.component is not None or manifest.components() or not has_kv_cache(manifest.iospec):
+        return None
+    if cfg.device != "cpu":
+        raise InputError("the generation benchmark of a KV-cache decoder runs on cpu here (--device cpu)")
+
+    def given(name: str) -> bool:
+        return bool(getattr(cfg, name) != BenchConfig.model_fields[name].get_default(call_default_factory=True))
+
+    fields: dict[str, Any] = {"artifact_dir": cfg.artifact_dir, "variants": cfg.variants,
+                              "threads": cfg.threads, "seed": cfg.seed, "ort_spinning": cfg.ort_spinning}
+    fields |= {name: getattr(cfg, name) for name in ("backends", "batch_sizes", "warmup", "iters", "rounds",
+                                                     "round_warmup") if given(name)}
+    if "sequence" in cfg.dims:
+        fields["prompt_lengths"] = cfg.dims["sequence"]
+    return GenerationConfig(**fields)
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
               progress: Callable[[str], None] | None = None) -> BenchResults:
     """:func:`bench_one`; a model exported as several files (Optimum's encoder, decoders): each component in turn
     (``--component`` for one), every row's variant named ``fp32/component``."""
-    from runtimes.generation import generation_request, run_generation_bench
+    from runtimes.generation import run_generation_bench
 
     if (gen := generation_request(cfg)) is not None:  # one decoder file with a KV cache: its generation loop
         return run_generation_bench(gen, log, progress)

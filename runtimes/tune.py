@@ -26,6 +26,7 @@ pruned at go to ``tune.json``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import time
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from core.errors import BackendUnavailableError, InputError
 from core.flagtext import check_choice, csv_items, flag_name, int_items
-from core.manifest import utc_now
+from core.manifest import Manifest, utc_now
 from core.metrics import AccuracyStats, LatencyStats, clearly_slower
 from reports.models import machine_info
 from runtimes import RUNNERS, check_backends
@@ -49,6 +50,7 @@ from runtimes.harness import (
     pool_accuracy,
     prepare_bench,
 )
+from runtimes.session import has_kv_cache
 from runtimes.timing import interleaved_within_memory
 
 Objective = Literal["latency", "throughput"]
@@ -205,7 +207,6 @@ def _time_stage(setup: Any, live: list[Candidate], iters: int, rounds: int) -> N
 def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     """Search, prune, pick; see the module docstring."""
     check_backends(cfg.backends)
-    from runtimes.generation import is_generation_artifact, tune_generation
 
     if is_generation_artifact(cfg.artifact_dir):  # a KV-cache decoder: by decode tokens/s within a token-agreement budget
         return tune_generation(cfg, log)
@@ -330,3 +331,85 @@ def tune_table(result: TuneResult) -> Any:
         table.add_row(escape(c.label), drop, p50, "-" if c.throughput is None else f"{c.throughput:.1f}",
                       escape(outcome))
     return table
+
+
+# -- tune on a KV-cache decoder -----------------------------------------------------------------------------------------
+#: the prompt and the new tokens of a tune candidate's generation loop (the prompt capped by the model's positions)
+TUNE_PROMPT, TUNE_NEW_TOKENS, TUNE_CHECK_TOKENS = 32, 32, 16
+
+
+def is_generation_artifact(artifact_dir: Path) -> bool:
+    """One decoder file with a KV cache: ``bench`` and ``tune`` run it as a generation loop."""
+    manifest = Manifest.load(artifact_dir)
+    return not manifest.components() and has_kv_cache(manifest.iospec)
+
+
+def tune_generation(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
+    """``tune`` on a KV-cache decoder: every backend x variant that can run the generation loop, ranked by decode
+    tokens/s (the objective; ``latency``: at the smallest batch, ``throughput``: at any batch), within an accuracy
+    budget in points of greedy token agreement with FP32 (the reference of :func:`check_decoders`: eager PyTorch
+    FP32, else ONNX Runtime's FP32; teacher-forced steps, as convert's generation gate). Candidates over the budget
+    are not timed; the rest are timed once, interleaved (``stages[0]`` generation loops in ``rounds`` rounds), so
+    there is no pruning and no final stage; runner settings are not searched (each runs with its defaults)."""
+
+    from runtimes.decoding import GenerationConfig, max_positions
+    from runtimes.generation import (
+        check_decoders,
+        load_decoders,
+        load_generation_manifest,
+        pick_reference,
+        prompt_plan,
+        seeded_prompts,
+        time_point,
+    )
+
+    manifest = load_generation_manifest(cfg.artifact_dir)
+    batches = [min(cfg.batch_sizes)] if cfg.objective == "latency" else sorted(set(cfg.batch_sizes))
+    gcfg = GenerationConfig(artifact_dir=cfg.artifact_dir, backends=cfg.backends, variants=cfg.variants,
+                            prompt_lengths=[TUNE_PROMPT], batch_sizes=batches, new_tokens=TUNE_NEW_TOKENS,
+                            no_cache_tokens=0, check_prompts=cfg.accuracy_samples, check_tokens=TUNE_CHECK_TOKENS,
+                            iters=cfg.stages[0], rounds=cfg.rounds, round_warmup=0, seed=cfg.seed)
+    lengths, _, notes = prompt_plan(gcfg, max_positions(manifest))
+    for n in notes:
+        log(f"note: {n}")
+    skipped: list[str] = []
+    candidates: list[Candidate] = []
+    with contextlib.ExitStack() as stack:
+        decoders = load_decoders(manifest, gcfg, stack, skipped, log)
+        reference = pick_reference(manifest, Path(cfg.artifact_dir), gcfg, decoders, stack, skipped)
+        prompts = seeded_prompts(manifest, gcfg.check_prompts, lengths[0], cfg.seed + 1)
+        log(f"accuracy: greedy token agreement of {len(decoders)} candidate(s) with {reference.label} "
+            f"({gcfg.check_prompts} prompts x {TUNE_CHECK_TOKENS} tokens, teacher-forced)")
+        checks = check_decoders(decoders, reference, prompts, TUNE_CHECK_TOKENS)
+        ref_label = checks[0].reference
+        drops = [round(100.0 * (1.0 - c.forced_agreement), 4) for c in checks]
+        for d, drop in zip(decoders, drops, strict=True):
+            candidates += [Candidate(backend=d.backend, variant=d.variant, precision=d.precision, settings={},
+                                     batch_size=b, accuracy_drop_points=drop,
+                                     within_budget=drop <= cfg.accuracy_budget + 1e-9) for b in batches]
+        live = [d for d, drop in zip(decoders, drops, strict=True) if drop <= cfg.accuracy_budget + 1e-9]
+        if not live:
+            raise InputError(f"no candidate is within the accuracy budget of {cfg.accuracy_budget:g} points of "
+                             f"greedy token agreement with {ref_label}")
+        largest = seeded_prompts(manifest, max(batches), lengths[0], cfg.seed)
+        for b in batches:
+            log(f"batch {b}: {len(live)} candidate(s) x {gcfg.iters} generation loops of {TUNE_NEW_TOKENS} tokens "
+                f"(prompt {lengths[0]}) in {gcfg.rounds} interleaved rounds")
+            for row in time_point(manifest, [(d, True) for d in live], largest[:b], TUNE_NEW_TOKENS, gcfg):
+                c = next(c for c in candidates if (c.backend, c.variant, c.batch_size) ==
+                         (row.backend, row.variant, b))
+                c.latency_ms, c.throughput = row.tpot_ms, row.decode_tokens_per_s
+    for s in skipped:
+        log(f"skipped {s}")
+    timed = [c for c in candidates if c.throughput is not None]
+    win = max(timed, key=lambda c: c.throughput or 0.0)
+    tied = [c.label for c in timed if c is not win and not clearly_slower(_per_sample(c), _per_sample(win))]
+    reason = (f"most decode tokens/s (KV-cache generation loop, prompt {lengths[0]}, {TUNE_NEW_TOKENS} new tokens"
+              f"{', batch ' + str(win.batch_size) if cfg.objective == 'latency' else ', any batch'}) within "
+              f"{cfg.accuracy_budget:g} points of greedy token agreement with {ref_label}; latency_ms is "
+              f"the time per output token" + (f"; within the noise of: {'; '.join(tied)}" if tied else
+                                               "; every other candidate clearly slower"))
+    return TuneResult(config=cfg.model_dump(mode="json") | {"generation": gcfg.model_dump(mode="json"),
+                                                            "skipped": skipped},
+                      candidates=candidates, winner=win.label, stages_run=1, reason=reason,
+                      best_per_batch=best_per_batch(candidates), best_per_precision=best_per_precision(candidates))

@@ -19,15 +19,15 @@ pytest.importorskip("optimum.exporters.onnx")
 
 from core.manifest import Manifest  # noqa: E402
 from runtimes.base import RunnerOptions  # noqa: E402
-from runtimes.genai import GenaiDecoder, genai_config  # noqa: E402
-from runtimes.generation import (  # noqa: E402
+from runtimes.decoding import (  # noqa: E402
     GenerationConfig,
     RunnerDecoder,
     greedy,
     greedy_no_cache,
     max_positions,
-    run_generation,
 )
+from runtimes.genai import GenaiDecoder, genai_config  # noqa: E402
+from runtimes.generation import run_generation  # noqa: E402
 from runtimes.ort import OrtRunner  # noqa: E402
 from tests.test_hf_optimum import _cli  # noqa: E402
 
@@ -147,7 +147,7 @@ def test_genai_skipped_with_the_install_line_when_not_importable(llama_art: Path
     code = ("import sys; sys.modules['onnxruntime_genai'] = None\n"
             "from pathlib import Path\n"
             "from core.manifest import Manifest\n"
-            "from runtimes.generation import GenerationConfig, build_decoders\n"
+            "from runtimes.decoding import GenerationConfig\nfrom runtimes.generation import build_decoders\n"
             f"art = Path({str(llama_art)!r}); skipped = []\n"
             "ds = build_decoders(Manifest.load(art), art, GenerationConfig(artifact_dir=art, "
             "backends=['ort', 'genai']), skipped)\n"

@@ -23,15 +23,8 @@ from calibration.text import (
 )
 from core.manifest import Manifest
 from runtimes.base import RunnerOptions
-from runtimes.generation import (
-    GenerationConfig,
-    RunnerDecoder,
-    greedy,
-    greedy_no_cache,
-    prompt_plan,
-    run_generation,
-    timed_traces,
-)
+from runtimes.decoding import GenerationConfig, RunnerDecoder, greedy, greedy_no_cache
+from runtimes.generation import prompt_plan, run_generation, timed_traces
 from runtimes.ort import OrtRunner
 from runtimes.timing import time_units
 
@@ -166,7 +159,7 @@ def test_timed_traces_are_the_timed_units_of_each_round(gpt2_art: Path) -> None:
         calls.append(len(calls))
 
     timed = time_units([unit], warmup=2, iters=5, rounds=2, block_warmup=1)[0]
-    from runtimes.generation import Trace
+    from runtimes.decoding import Trace
 
     traces = [Trace(tokens=np.zeros((1, 1)), prefill_ms=float(i), decode_ms=0.0) for i in calls]
     got = timed_traces(traces, 2, timed)
@@ -251,8 +244,8 @@ def test_bench_html_plots_the_generation_rows_and_the_progress_total_is_its_step
     import warnings
 
     from reports.html import write_bench_html
-    from runtimes.generation import generation_request, progress_steps, run_generation_bench
-    from runtimes.harness import BenchConfig
+    from runtimes.generation import progress_steps, run_generation_bench
+    from runtimes.harness import BenchConfig, generation_request
 
     cfg = BenchConfig(artifact_dir=gpt2_art, backends=["ort", "openvino"], batch_sizes=[1, 2], iters=2, rounds=1,
                       threads=1, dims={"sequence": [4, 8]})
