@@ -650,7 +650,9 @@ def tune(
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes (latency: the smallest one)")] = "1,8",
     variants: Annotated[str | None, typer.Option(help="Comma-separated artifact names to search (default: all ok)")] = None,
     objective: Annotated[str, typer.Option(help="latency | throughput")] = "latency",
-    accuracy_budget: Annotated[float, typer.Option(min=0.0, help="Largest top-1 drop against FP32, in points")] = 1.0,
+    accuracy_budget: Annotated[float, typer.Option(min=0.0, help="Largest top-1 drop against FP32, in points (a "
+                                                                 "decoder with a KV cache: points of greedy token "
+                                                                 "agreement lost)")] = 1.0,
     max_minutes: Annotated[float, typer.Option(min=0.1, help="No new search stage after this long")] = 10.0,
     data: Annotated[Path | None, typer.Option(help=DATA_HELP)] = None,
     out: Annotated[Path | None, typer.Option(help="tune.json path (default ARTIFACT_DIR/tune.json)")] = None,
