@@ -64,3 +64,23 @@ def digits_model(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
     from tests.digits import train_digits_model
 
     return train_digits_model(tmp_path_factory.mktemp("digits"))
+
+
+# -- tiny decoders with a KV cache (tests/decoders.py), one export per test module that asks -----------------------
+@pytest.fixture(scope="module")
+def decoders_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("decoders")
+
+
+@pytest.fixture(scope="module")
+def gpt2_art(decoders_root: Path) -> Path:
+    from tests.decoders import export, tiny_gpt2
+
+    return export(decoders_root, "gpt2", tiny_gpt2())
+
+
+@pytest.fixture(scope="module")
+def llama_art(decoders_root: Path) -> Path:
+    from tests.decoders import export, tiny_llama
+
+    return export(decoders_root, "llama", tiny_llama())

@@ -29,46 +29,9 @@ from runtimes.decoding import (  # noqa: E402
 from runtimes.genai import GenaiDecoder, genai_config  # noqa: E402
 from runtimes.generation import run_generation  # noqa: E402
 from runtimes.ort import OrtRunner  # noqa: E402
-from tests.test_hf_optimum import _cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _export(root: Path, name: str, model: object) -> Path:
-    model.save_pretrained(root / name)  # type: ignore[attr-defined]
-    out = root / f"art_{name}"
-    proc = _cli("convert", f"hf:{root / name}", "--task", "text-generation-with-past", "--no-optimize", "--out",
-                str(out), cwd=root)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("genai")
-
-
-@pytest.fixture(scope="module")
-def gpt2_art(root: Path) -> Path:
-    """initializer_range 0.5: greedy continuations change token from step to step (a broken cache shows)."""
-    import torch
-
-    torch.manual_seed(0)
-    t = transformers
-    return _export(root, "gpt2", t.GPT2LMHeadModel(t.GPT2Config(
-        n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64, initializer_range=0.5)))
-
-
-@pytest.fixture(scope="module")
-def llama_art(root: Path) -> Path:
-    """Grouped-query attention (1 KV head for 2 heads), attention_mask and position_ids inputs."""
-    import torch
-
-    torch.manual_seed(0)
-    t = transformers
-    return _export(root, "llama", t.LlamaForCausalLM(t.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=100, max_position_embeddings=64, initializer_range=0.5)))
 
 
 def _decoders(art: Path) -> tuple[RunnerDecoder, GenaiDecoder]:

@@ -31,46 +31,8 @@ from runtimes.timing import time_units
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("optimum.exporters.onnx")
 
+from tests.decoders import HEAD_DIM, HEADS, LAYERS  # noqa: E402
 from tests.test_hf_optimum import _cli  # noqa: E402  (after the skips: it needs transformers too)
-
-LAYERS, HEADS, HEAD_DIM = 2, 2, 16
-
-
-def _export(root: Path, name: str, model: object) -> Path:
-    model.save_pretrained(root / name)  # type: ignore[attr-defined]
-    out = root / f"art_{name}"
-    proc = _cli("convert", f"hf:{root / name}", "--task", "text-generation-with-past", "--no-optimize", "--out",
-                str(out), cwd=root)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("gen")
-
-
-@pytest.fixture(scope="module")
-def gpt2_art(root: Path) -> Path:
-    """initializer_range 0.5: the random model's greedy continuation changes token from step to step (at 0.02 it
-    repeats one token, which a broken cache could repeat too)."""
-    import torch
-
-    torch.manual_seed(0)
-    t = transformers
-    return _export(root, "gpt2", t.GPT2LMHeadModel(t.GPT2Config(
-        n_layer=LAYERS, n_head=HEADS, n_embd=HEADS * HEAD_DIM, vocab_size=100, n_positions=64, initializer_range=0.5)))
-
-
-@pytest.fixture(scope="module")
-def llama_art(root: Path) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    t = transformers
-    return _export(root, "llama", t.LlamaForCausalLM(t.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        vocab_size=100, max_position_embeddings=64, initializer_range=0.5)))
 
 
 def _cfg(art: Path, **kw: object) -> GenerationConfig:
