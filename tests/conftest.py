@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,19 @@ def llama_art(decoders_root: Path) -> Path:
     from tests.decoders import export, tiny_llama
 
     return export(decoders_root, "llama", tiny_llama())
+
+
+# -- a private copy of the tiny artifact folder that a test may not change (bad-input and hostile tests) -----------
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def art(tiny_artifacts: Path, tmp_path: Path) -> Iterator[Path]:
+    """A private copy of the tiny model's artifact folder; afterwards it must hold exactly what it held."""
+    folder = tmp_path / "art"
+    shutil.copytree(tiny_artifacts, folder)
+    before = snapshot(folder)
+    yield folder
+    assert snapshot(folder) == before

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, snapshot
 
 runner = CliRunner()
 DICT_MODEL = ROOT / "tests" / "fixtures" / "dict_outputs.py"
@@ -37,21 +36,6 @@ def one_error(args: list[str | Path], *needles: str, code: int = 2) -> str:
     for n in needles:
         assert n in errors[0], errors[0]
     return errors[0]
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def art(tiny_artifacts: Path, tmp_path: Path) -> Iterator[Path]:
-    """A private copy of the tiny model's artifact folder; afterwards it must hold exactly what it held."""
-    folder = tmp_path / "art"
-    shutil.copytree(tiny_artifacts, folder)
-    before = snapshot(folder)
-    yield folder
-    assert snapshot(folder) == before
 
 
 def _results(tmp_path: Path, name: str, edit: dict[str, object], *, all_rows: bool = False) -> Path:

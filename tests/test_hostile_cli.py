@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +18,10 @@ import pytest
 from core.errors import InputError
 from runtimes.base import usable_cpus
 from tests.conftest import ROOT, TINY
-from tests.test_bad_input import invoke, one_error, snapshot
+from tests.test_bad_input import invoke, one_error
 
 RESULTS = ROOT / "tests" / "fixtures" / "results" / "r18_cpu.json"
 QUICK_BENCH = ["--backends", "ort", "--batch-sizes", "1", "--iters", "2", "--warmup", "0", "--rounds", "1"]
-
-
-@pytest.fixture
-def art(tiny_artifacts: Path, tmp_path: Path) -> Iterator[Path]:
-    """A private copy of the tiny model's artifact folder; afterwards it must hold exactly what it held."""
-    folder = tmp_path / "art"
-    shutil.copytree(tiny_artifacts, folder)
-    before = snapshot(folder)
-    yield folder
-    assert snapshot(folder) == before
 
 
 def _digest(path: Path) -> str:
