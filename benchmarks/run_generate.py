@@ -121,7 +121,7 @@ def convert(folder: Path, out: Path, quick: bool, int4: bool) -> dict[str, Any]:
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode not in (0, 5):
         raise RuntimeError(f"convert failed (exit {done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return {"command": shlex.join(["python", "cli.py", *cmd[3:]]), "exit": done.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"command": shlex.join(["python", "cli.py", *cmd[2:]]), "exit": done.returncode, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def heldout_windows(count: int, seed: int) -> np.ndarray:
