@@ -486,10 +486,9 @@ def generation_request(cfg: BenchConfig) -> GenerationConfig | None:
     backends mean every backend with a generation loop, its default 100 iterations would be 100 generation loops
     per point). ``--dims sequence=...`` gives the prompt lengths."""
     from runtimes.decoding import GenerationConfig
-    from runtimes.session import has_kv_cache
+    from runtimes.session import is_generation_artifact
 
-    manifest = Manifest.load(cfg.artifact_dir)
-    if cfg.component is not None or manifest.components() or not has_kv_cache(manifest.iospec):
+    if cfg.component is not None or not is_generation_artifact(Manifest.load(cfg.artifact_dir)):
         return None
     if cfg.device != "cpu":
         raise InputError("the generation benchmark of a KV-cache decoder runs on cpu here (--device cpu)")

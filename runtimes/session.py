@@ -19,6 +19,7 @@ from runtimes.base import Session
 
 if TYPE_CHECKING:
     from core.iospec import IOSpec
+    from core.manifest import Manifest
     from runtimes.base import Runner
 
 PAST, PRESENT = "past_key_values.", "present."
@@ -30,6 +31,12 @@ def has_kv_cache(spec: IOSpec) -> bool:
     """Whether every cache input has its present output (a decoder exported with its KV cache)."""
     past = [n for n in spec.input_names if n.startswith(PAST)]
     return bool(past) and all(PRESENT + n[len(PAST):] in spec.output_names for n in past)
+
+
+def is_generation_artifact(manifest: Manifest) -> bool:
+    """One decoder file with a KV cache: ``bench`` and ``tune`` run it as a generation loop (a model exported as
+    several files is measured component by component)."""
+    return not manifest.components() and has_kv_cache(manifest.iospec)
 
 
 class KVCacheSession(Session):

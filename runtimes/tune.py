@@ -50,7 +50,7 @@ from runtimes.harness import (
     pool_accuracy,
     prepare_bench,
 )
-from runtimes.session import has_kv_cache
+from runtimes.session import is_generation_artifact
 from runtimes.timing import interleaved_within_memory
 
 Objective = Literal["latency", "throughput"]
@@ -208,7 +208,7 @@ def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     """Search, prune, pick; see the module docstring."""
     check_backends(cfg.backends)
 
-    if is_generation_artifact(cfg.artifact_dir):  # a KV-cache decoder: by decode tokens/s within a token-agreement budget
+    if is_generation_artifact(Manifest.load(cfg.artifact_dir)):  # a KV-cache decoder: by decode tokens/s within a token-agreement budget
         return tune_generation(cfg, log)
     usable = [b for b in cfg.backends if RUNNERS[b].available("cpu") is None]
     for b in sorted(set(cfg.backends) - set(usable)):
@@ -336,12 +336,6 @@ def tune_table(result: TuneResult) -> Any:
 # -- tune on a KV-cache decoder -----------------------------------------------------------------------------------------
 #: the prompt and the new tokens of a tune candidate's generation loop (the prompt capped by the model's positions)
 TUNE_PROMPT, TUNE_NEW_TOKENS, TUNE_CHECK_TOKENS = 32, 32, 16
-
-
-def is_generation_artifact(artifact_dir: Path) -> bool:
-    """One decoder file with a KV cache: ``bench`` and ``tune`` run it as a generation loop."""
-    manifest = Manifest.load(artifact_dir)
-    return not manifest.components() and has_kv_cache(manifest.iospec)
 
 
 def tune_generation(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
