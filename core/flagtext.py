@@ -1,10 +1,14 @@
 """The text of command-line flags, parsed the same way by every config that takes it (BenchConfig, TuneConfig,
 ProfileConfig, convert's ConvertFlags, the CLI): comma lists, positive integer lists and closed choices, each
-refused in one line naming the flag."""
+refused in one line naming the flag. ``names_field`` and ``ints_field`` are those parsers as pydantic
+before-validators (``field_validator("backends", mode="before")(names_field)``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
+
+from pydantic import ValidationInfo
 
 from core.errors import InputError
 
@@ -33,6 +37,19 @@ def int_items(text: str, what: str) -> list[int]:
     if any(v < 1 for v in values):
         raise InputError(f"{what} must be >= 1, got {text!r}")
     return values
+
+
+def names_field(value: Any, info: ValidationInfo) -> Any:
+    """A config's before-validator for a list of names given as its flag's text (``--backends ort,openvino``), the
+    flag named after the field; ``variants`` given as "" means every variant, as when not given."""
+    if info.field_name == "variants" and value == "":
+        return None
+    return csv_items(value, flag_name(info.field_name or "")) if isinstance(value, str) else value
+
+
+def ints_field(value: Any, info: ValidationInfo) -> Any:
+    """A config's before-validator for positive integers given as its flag's text (``--batch-sizes 1,8``)."""
+    return int_items(value, flag_name(info.field_name or "")) if isinstance(value, str) else value
 
 
 def check_choice(value: object, choices: Iterable[str], what: str) -> object:

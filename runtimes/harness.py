@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from calibration.cpu import precision_problem
 from calibration.pools import InputPool, heldout_pool, image_pool, random_pool, source_pool
 from core.errors import BackendUnavailableError, InputError
-from core.flagtext import csv_items, flag_name, int_items
+from core.flagtext import int_items, ints_field, names_field
 from core.flops import PEAK_MEASURES, measured_peaks, peak_fraction, row_peak, variant_macs
 from core.iospec import IOSpec, feed_digest
 from core.manifest import Artifact, Manifest
@@ -83,17 +83,8 @@ class BenchConfig(BaseModel):
                                                          "in the results")
 
     # -- the flags' text, parsed here (one line naming the flag), so the API, sweep and the CLI share the rules ----
-    @field_validator("backends", "precisions", "variants", mode="before")
-    @classmethod
-    def _names(cls, value: Any, info: ValidationInfo) -> Any:
-        if info.field_name == "variants" and value == "":
-            return None  # --variants "": every variant, as when not given
-        return csv_items(value, flag_name(info.field_name or "")) if isinstance(value, str) else value
-
-    @field_validator("batch_sizes", mode="before")
-    @classmethod
-    def _batches(cls, value: Any) -> Any:
-        return int_items(value, "--batch-sizes") if isinstance(value, str) else value
+    _names = field_validator("backends", "precisions", "variants", mode="before")(names_field)
+    _batches = field_validator("batch_sizes", mode="before")(ints_field)
 
     @field_validator("dims", mode="before")
     @classmethod

@@ -34,10 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from core.errors import BackendUnavailableError, InputError
-from core.flagtext import check_choice, csv_items, flag_name, int_items
+from core.flagtext import check_choice, ints_field, names_field
 from core.manifest import Manifest, utc_now
 from core.metrics import AccuracyStats, LatencyStats, clearly_slower
 from reports.models import machine_info
@@ -77,17 +77,8 @@ class TuneConfig(BaseModel):
     seed: int = 0
 
     # -- the flags' text and values, checked here (one line naming the flag): the API and the CLI share them ------
-    @field_validator("backends", "variants", mode="before")
-    @classmethod
-    def _names(cls, value: Any, info: ValidationInfo) -> Any:
-        if info.field_name == "variants" and value == "":
-            return None  # --variants "": every ok variant, as when not given
-        return csv_items(value, flag_name(info.field_name or "")) if isinstance(value, str) else value
-
-    @field_validator("batch_sizes", mode="before")
-    @classmethod
-    def _batches(cls, value: Any) -> Any:
-        return int_items(value, "--batch-sizes") if isinstance(value, str) else value
+    _names = field_validator("backends", "variants", mode="before")(names_field)
+    _batches = field_validator("batch_sizes", mode="before")(ints_field)
 
     @field_validator("objective", mode="before")
     @classmethod
