@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from convert.validate import Tolerance, validate_onnx
 from core.errors import ToolkitError, ValidationError, first_line
 from core.fsutil import scratch_cwd
 from core.onnxfile import save_onnx
+from core.quiet import quiet_loggers
 from core.records import FusionParams
 
 FUSED = "fused"
@@ -122,13 +122,5 @@ def _ready_to_save(optimized: Any) -> Any:
 def _quiet_logs() -> Iterator[None]:
     """The optimizer's warnings, and its symbolic shape inference's one line per undecidable dim ("Cannot determine
     if past_sequence + sequence - sequence < 0" for a KV-cache decoder), stay out of the log."""
-    loggers = [logging.getLogger(n) for n in ("onnxruntime.transformers", "onnxruntime.tools.symbolic_shape_infer",
-                                                 "symbolic_shape_infer")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
+    with quiet_loggers("onnxruntime.transformers", "onnxruntime.tools.symbolic_shape_infer", "symbolic_shape_infer"):
         yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)

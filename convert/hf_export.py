@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import logging
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from core.hf import (
 )
 from core.iospec import BATCH, IOSpec, is_derived, spec_from_onnx
 from core.manifest import Component
+from core.quiet import quiet_loggers
 from core.records import ExportParams
 
 EXPORTER = "optimum"
@@ -50,17 +50,10 @@ EXPORTER = "optimum"
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Optimum's and torch.onnx's warnings and prints (TracerWarnings, 'accelerate' hints) stay out of our log."""
-    loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    with quiet_loggers("optimum", "transformers", "torch.onnx"), warnings.catch_warnings(), \
+            contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _export(hf: HFModel, folder: Path, opset: int) -> tuple[dict[str, tuple[Any, Any]], list[str]]:

@@ -40,6 +40,7 @@ from convert.context import ConvertContext
 from convert.quantize import QuantState, record_variant
 from core.errors import InputError, ToolkitError, first_line
 from core.onnxfile import external_data_files, save_onnx
+from core.quiet import quiet_loggers
 from core.records import StepParams, VariantParams
 
 BITS = 4
@@ -146,25 +147,20 @@ def _quiet() -> Iterator[None]:
     path warns about read-only arrays: none of it reaches our log."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    names = ("onnxruntime.quantization.matmul_nbits_quantizer", "onnxruntime.quantization.neural_compressor",
-             "onnxruntime.quantization.neural_compressor.weight_only")
-    loggers = [logging.getLogger(n) for n in names]
-    before = [lg.level for lg in loggers]
     try:
         import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401  (its basicConfig, undone below)
 
         root.handlers[:] = handlers
         root.setLevel(level)
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with quiet_loggers("onnxruntime.quantization.matmul_nbits_quantizer",
+                           "onnxruntime.quantization.neural_compressor",
+                           "onnxruntime.quantization.neural_compressor.weight_only"), \
+                warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
-        for lg, lv in zip(loggers, before, strict=True):
-            lg.setLevel(lv)
 
 
 class _Feeds:
