@@ -43,15 +43,10 @@ from core.iospec import feed_digest
 from core.manifest import Manifest
 from core.metrics import LatencyStats
 from reports.generation import GenerationAccuracy, GenerationResult, GenerationResults
-from runtimes import RUNNERS, check_backends
-from runtimes.base import RunnerOptions
 from runtimes.decoding import (
-    GENERATION_BACKENDS,
     LOGITS,
-    TORCH_BACKENDS,
     Decoder,
     GenerationConfig,
-    RunnerDecoder,
     TorchDecoder,
     Trace,
     cosines,
@@ -60,6 +55,7 @@ from runtimes.decoding import (
     hf_folder,
     max_positions,
 )
+from runtimes.genbackends import generation_decoders
 from runtimes.session import has_kv_cache
 from runtimes.timing import Timed, time_units
 
@@ -117,37 +113,11 @@ def prompt_plan(cfg: GenerationConfig, positions: int | None) -> tuple[list[int]
 
 
 def build_decoders(manifest: Manifest, base: Path, cfg: GenerationConfig, skipped: list[str]) -> list[Decoder]:
-    """A decoder per (backend, variant) that can run here; what cannot is added to ``skipped`` with the reason."""
-    check_backends([b for b in cfg.backends if b != "genai"])  # ONNX Runtime GenAI: a generation loop, no runner
+    """A decoder per (backend, variant) that can run here (the table ``runtimes.genbackends.GENERATION_BACKENDS``);
+    what cannot is added to ``skipped`` with the reason."""
     if cfg.variants is not None and (missing := [v for v in cfg.variants if v not in manifest.artifacts]):
         raise InputError(f"unknown variant(s) {missing}; in the manifest: {sorted(manifest.artifacts)}")
-    opts = RunnerOptions(threads=cfg.threads, ort_spinning=cfg.ort_spinning)
-    folder = hf_folder(manifest)
-    out: list[Decoder] = []
-    for b in cfg.backends:
-        if b not in GENERATION_BACKENDS:
-            skipped.append(f"{b}: no generation loop with a KV cache for this backend (generation runs on "
-                           f"{', '.join(GENERATION_BACKENDS)})")
-            continue
-        if b == "genai":
-            from runtimes.genai import genai_decoders
-
-            out += genai_decoders(manifest, base, cfg, skipped)
-            continue
-        if (why := RUNNERS[b].available("cpu")) is not None:
-            skipped.append(f"{b}: {why}")
-            continue
-        if b in TORCH_BACKENDS:
-            if folder is None:
-                skipped.append(f"{b}: the manifest records no Hugging Face source folder that is still there "
-                               f"({manifest.source.model}): transformers' model cannot be rebuilt")
-                continue
-            out.append(TorchDecoder(manifest, base, folder, compiled=b == "compile", threads=cfg.threads))
-            continue
-        arts = [a for a in manifest.artifacts.values() if a.kind == "onnx"
-                and (a.name in cfg.variants if cfg.variants is not None else a.status == "ok")]
-        out += [RunnerDecoder(RUNNERS[b](manifest, base, a, opts)) for a in arts]
-    return out
+    return generation_decoders(manifest, base, cfg, skipped)
 
 
 def _row(manifest: Manifest, d: Decoder, prompt: np.ndarray, new_tokens: int, kv: bool, traces: list[list[Trace]],

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -491,18 +491,26 @@ def generation_request(cfg: BenchConfig) -> GenerationConfig | None:
                               "threads": cfg.threads, "seed": cfg.seed, "ort_spinning": cfg.ort_spinning}
     fields |= {name: getattr(cfg, name) for name in ("backends", "batch_sizes", "warmup", "iters", "rounds",
                                                      "round_warmup") if given(name)}
+    if "backends" in fields:  # the generation backends' own table (genai has no runner): one line naming them
+        from runtimes.genbackends import check_generation_backends
+
+        check_generation_backends(fields["backends"])
     if "sequence" in cfg.dims:
         fields["prompt_lengths"] = cfg.dims["sequence"]
     return GenerationConfig(**fields)
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print,
-              progress: Callable[[str], None] | None = None) -> BenchResults:
+              progress: Callable[[str], None] | None = None, *,
+              generation: GenerationConfig | Literal["ask"] | None = "ask") -> BenchResults:
     """:func:`bench_one`; a model exported as several files (Optimum's encoder, decoders): each component in turn
-    (``--component`` for one), every row's variant named ``fp32/component``."""
+    (``--component`` for one), every row's variant named ``fp32/component``. ``generation``: the request's
+    :func:`generation_request` when the caller already made it (None: not a generation artifact), so the manifest
+    is read for it once."""
     from runtimes.generation import run_generation_bench
 
-    if (gen := generation_request(cfg)) is not None:  # one decoder file with a KV cache: its generation loop
+    gen = generation_request(cfg) if generation == "ask" else generation
+    if gen is not None:  # one decoder file with a KV cache: its generation loop
         return run_generation_bench(gen, log, progress)
     components = Manifest.load(cfg.artifact_dir).components() if cfg.component is None else []
     if not components:

@@ -197,10 +197,9 @@ def _time_stage(setup: Any, live: list[Candidate], iters: int, rounds: int) -> N
 
 def run_tune(cfg: TuneConfig, log: Callable[[str], None] = print) -> TuneResult:
     """Search, prune, pick; see the module docstring."""
-    check_backends(cfg.backends)
-
     if is_generation_artifact(Manifest.load(cfg.artifact_dir)):  # a KV-cache decoder: by decode tokens/s within a token-agreement budget
         return tune_generation(cfg, log)
+    check_backends(cfg.backends)
     usable = [b for b in cfg.backends if RUNNERS[b].available("cpu") is None]
     for b in sorted(set(cfg.backends) - set(usable)):
         log(f"skipped backend {b}: {RUNNERS[b].available('cpu')}")
@@ -338,6 +337,7 @@ def tune_generation(cfg: TuneConfig, log: Callable[[str], None] = print) -> Tune
     there is no pruning and no final stage; runner settings are not searched (each runs with its defaults)."""
 
     from runtimes.decoding import GenerationConfig, max_positions
+    from runtimes.genbackends import check_generation_backends
     from runtimes.generation import (
         check_decoders,
         load_decoders,
@@ -348,6 +348,7 @@ def tune_generation(cfg: TuneConfig, log: Callable[[str], None] = print) -> Tune
         time_point,
     )
 
+    check_generation_backends(cfg.backends)  # its own table: genai runs a generation loop but has no runner
     manifest = load_generation_manifest(cfg.artifact_dir)
     batches = [min(cfg.batch_sizes)] if cfg.objective == "latency" else sorted(set(cfg.batch_sizes))
     gcfg = GenerationConfig(artifact_dir=cfg.artifact_dir, backends=cfg.backends, variants=cfg.variants,
