@@ -112,11 +112,22 @@ def int4_available() -> str | None:
     return None if "int4" in VARIANTS else "convert has no --int4 variant row (convert/variants.py) in this tree"
 
 
-def convert(folder: Path, out: Path, quick: bool, int4: bool) -> dict[str, Any]:
-    """``cli.py convert hf:FOLDER --task text-generation-with-past --int8-dynamic [--int4]``; exit 5 (a variant
-    failed its gate) is a verdict, the folder is written with that variant marked failed."""
+def int4_ov_available() -> str | None:
+    """None when ``convert --int4-ov`` (NNCF's INT4 for OpenVINO, an OpenVINO IR) runs here, else why not."""
+    try:
+        from convert.int4_ov import ov_problem
+        from convert.variants import VARIANTS
+    except ImportError as exc:
+        return f"convert.int4_ov cannot be imported: {exc}"
+    return ov_problem() if "int4_ov" in VARIANTS else "convert has no --int4-ov variant row in this tree"
+
+
+def convert(folder: Path, out: Path, quick: bool, int4: bool, int4_ov: bool = False) -> dict[str, Any]:
+    """``cli.py convert hf:FOLDER --task text-generation-with-past --int8-dynamic [--int4] [--int4-ov]``; exit 5 (a
+    variant failed its gate) is a verdict, the folder is written with that variant marked failed."""
     cmd = [sys.executable, str(ROOT / "cli.py"), "convert", f"hf:{folder}", "--task", "text-generation-with-past",
-           "--int8-dynamic", "--out", str(out)] + (["--int4"] if int4 else []) + (["--no-optimize"] if quick else [])
+           "--int8-dynamic", "--out", str(out)] + (["--int4"] if int4 else []) + (["--int4-ov"] if int4_ov else []) \
+        + (["--no-optimize"] if quick else [])
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode not in (0, 5):
@@ -141,7 +152,8 @@ def run_model(name: str, folder: Path, art: Path, args: argparse.Namespace, trai
         backends.remove("compile")  # minutes of Inductor per model on two cores; the trained model has the row
     cfg = GenerationConfig(
         artifact_dir=art, backends=backends,
-        variants=[v for v in ("fp32", "int8_dynamic", "int4") if v in Manifest.load(art).artifacts] if q else None,
+        variants=[v for v in ("fp32", "int8_dynamic", "int4", "int4_ov") if v in Manifest.load(art).artifacts] if q
+        else None,  # int4_ov: an OpenVINO IR, run by openvino only (the others skip it, saying so)
         prompt_lengths=[32] if q else [32, 128, 512], batch_sizes=[1] if q else [1, 4], new_tokens=8 if q else 32,
         no_cache_tokens=32 if q else 128, check_prompts=4, check_tokens=8 if q else 32, warmup=1,
         iters=3 if q else 10, rounds=3 if q else 5, round_warmup=0 if q else 1, threads=args.threads, seed=0)
@@ -156,7 +168,8 @@ def run_model(name: str, folder: Path, art: Path, args: argparse.Namespace, trai
     manifest = Manifest.load(art)
     return {"model": name, "source": str(folder), "trained": trained, "artifact_dir": str(art),
             "seconds": round(time.perf_counter() - t0, 1),
-            "sizes_bytes": {a.name: a.file.size_bytes for a in manifest.artifacts.values()},
+            "sizes_bytes": {a.name: a.file.size_bytes + sum(d.size_bytes for d in a.file.external_data)
+                            for a in manifest.artifacts.values()},  # an OpenVINO IR: .xml + .bin
             "failed_variants": {f.name: f"{f.status}: {f.reason}" for f in manifest.failed_variants},
             "generation": gen.model_dump(mode="json")}
 
@@ -185,6 +198,12 @@ def targets(models: dict[str, dict[str, Any]], int4_missing: str | None, quick: 
                            "in ONNX Runtime's MatMulNBits quantizer"))
     else:
         out.append(_target("INT4 file <= 30% of FP32 (trained)", None, "-", f"no INT4 variant: {why_no_int4}"))
+    if trained is not None and "int4_ov" in trained["sizes_bytes"]:
+        s = trained["sizes_bytes"]
+        ratio = s["int4_ov"] / s["fp32"]
+        out.append(_target("INT4 (OpenVINO IR, NNCF) file <= 30% of FP32 (trained)", ratio <= 0.30, f"{ratio:.1%}",
+                           f"{s['int4_ov'] / 2**20:.2f} MB (.xml + .bin) vs {s['fp32'] / 2**20:.2f} MB ONNX; embeddings "
+                           "and LM head INT8 (NNCF's default)"))
     if trained is None:
         return out
     gen = GenerationResults.model_validate(trained["generation"])
@@ -195,13 +214,14 @@ def targets(models: dict[str, dict[str, Any]], int4_missing: str | None, quick: 
         rows = [r for r in gen.rows if r.backend == backend and r.kv_cache and r.batch_size == 1
                 and r.prompt_length == shortest and r.new_tokens == max(x.new_tokens for x in gen.rows if x.kv_cache
                                                                           and x.prompt_length == shortest)]
-        int4 = next((r for r in rows if r.variant == "int4"), None)
+        int4 = max((r for r in rows if r.variant in ("int4", "int4_ov")), key=lambda r: r.decode_tokens_per_s,
+                   default=None)  # int4_ov: NNCF's INT4 IR, openvino only
         fp32 = max((r for r in rows if r.precision == "fp32"), key=lambda r: r.decode_tokens_per_s, default=None)
         if int4 is not None and fp32 is not None:
             from core.metrics import latency_differs
 
             sure = latency_differs(int4.tpot_ms, fp32.tpot_ms)
-            detail = (f"{backend}: int4 {int4.decode_tokens_per_s:.0f} vs {fp32.variant} {fp32.decode_tokens_per_s:.0f}"
+            detail = (f"{backend}: {int4.variant} {int4.decode_tokens_per_s:.0f} vs {fp32.variant} {fp32.decode_tokens_per_s:.0f}"
                       f" decode tokens/s (TPOT {'differs' if sure else 'within the noise'})")
             if best is None or int4.decode_tokens_per_s > best[0]:
                 best = (int4.decode_tokens_per_s, backend, int4.decode_tokens_per_s / fp32.decode_tokens_per_s,
@@ -223,6 +243,11 @@ def targets(models: dict[str, dict[str, Any]], int4_missing: str | None, quick: 
     else:
         out.append(_target("INT4 perplexity within 5% of FP32 (trained)", None, "-",
                            f"no INT4 perplexity on ort: {why_no_int4 or 'not measured'}"))
+    if ("openvino", "int4_ov") in ppl and ("openvino", "fp32") in ppl:
+        r = ppl[("openvino", "int4_ov")] / ppl[("openvino", "fp32")]
+        out.append(_target("INT4 (OpenVINO IR, NNCF) perplexity within 5% of FP32 (trained)", r <= 1.05,
+                           f"{ppl[('openvino', 'int4_ov')]:.3f} vs {ppl[('openvino', 'fp32')]:.3f} ({r - 1:+.1%})",
+                           "OpenVINO, byte-level perplexity on held-out standard library files"))
     # 4. KV cache vs no cache
     speed = gen.cache_speedups()
     if speed:
@@ -256,7 +281,8 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = ["# Generation benchmark (CPU)", "", f"- command: `{payload['command']}`",
              f"- CPU: {m.get('cpu_model')} ({m.get('cpu_isa', '')}), {m.get('cpu_count')} cores visible",
              f"- mode: {'quick (not the recorded settings)' if payload['quick'] else 'full'}",
-             f"- INT4: {payload['int4'] or 'available'}", ""]
+             f"- INT4: {payload['int4'] or 'available'}",
+             f"- INT4 for OpenVINO (--int4-ov): {payload.get('int4_ov') or 'available'}", ""]
     if payload.get("training"):
         t = payload["training"]
         lines += [f"Trained byte-level GPT-2 {t['config']}: {t['steps']} steps in {t['seconds']} s (batch {t['batch']} "
@@ -292,8 +318,11 @@ def main() -> None:
     int4_missing = int4_available()
     if int4_missing:
         log(f"INT4 not measured: {int4_missing}")
+    if int4_ov_missing := int4_ov_available():
+        log(f"INT4 for OpenVINO not measured: {int4_ov_missing}")
     payload: dict[str, Any] = {"command": shlex.join(["python", "benchmarks/run_generate.py", *sys.argv[1:]]),
-                               "machine": machine(), "quick": args.quick, "int4": int4_missing, "models": {}}
+                               "machine": machine(), "quick": args.quick, "int4": int4_missing,
+                               "int4_ov": int4_ov_missing, "models": {}}
     positions = TRAINED["n_positions"]
     for name in args.models.split(","):
         folder, art = work / f"{name}-src", work / f"{name}-art"
@@ -307,7 +336,7 @@ def main() -> None:
 
             shutil.rmtree(art)
         log(f"converting {name}")
-        conv = convert(folder, art, args.quick, int4_missing is None)
+        conv = convert(folder, art, args.quick, int4_missing is None, int4_ov_missing is None)
         log(f"measuring {name}")
         payload["models"][name] = run_model(name, folder, art, args, name == "trained") | {"convert": conv}
     payload["targets"] = targets(payload["models"], int4_missing, args.quick)

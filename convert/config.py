@@ -164,6 +164,8 @@ class Int4Config(BaseModel):
     symmetric: bool = Field(default=False, description="Symmetric blocks (no zero points)")
     accuracy_level: int | None = Field(default=None, ge=0, le=4, description="MatMulNBits compute type: unset/0 "
                                                                              "FP32, 1 fp32, 2 fp16, 3 bf16, 4 int8")
+    ratio: float = Field(default=1.0, gt=0, le=1, description="--int4-ov: share of the layers NNCF compresses to INT4 "
+                                                               "(the rest INT8); --int4 (ONNX Runtime) has no ratio")
 
     @model_validator(mode="after")
     def _combine(self) -> Int4Config:
@@ -189,7 +191,10 @@ class QuantConfig(BaseModel):
                                json_schema_extra={"flag": "--int8-dynamic"})
     int4: bool = Field(default=False, description="INT4 weight-only (MatMulNBits, convert/int4.py)",
                        json_schema_extra={"flag": "--int4"})
-    int4_options: Int4Config = Field(default_factory=Int4Config, description="How --int4 quantizes")
+    int4_ov: bool = Field(default=False, description="INT4 weight compression by NNCF for OpenVINO, an OpenVINO IR "
+                                                     "(convert/int4_ov.py)", json_schema_extra={"flag": "--int4-ov"})
+    int4_options: Int4Config = Field(default_factory=Int4Config, description="How --int4 and --int4-ov quantize "
+                                                                             "(block size, symmetry; ratio: --int4-ov)")
     calib: CalibConfig = Field(default_factory=CalibConfig)
     activation_type: QType = Field(default="uint8", description="Static INT8 activations")
     weight_type: QType = Field(default="int8", description="INT8 weights")
