@@ -1,7 +1,9 @@
 """``torch.compile`` (TorchInductor) on the exported PyTorch weights: the same module the eager runner runs,
 compiled. Compilation happens in ``load()`` (one call at the model's bound shape), and its time is recorded
 apart from the run time (``BenchRecord.extra['compile_s']``); a new batch size recompiles during the
-harness's warm-up, never inside timed calls. On CPU, Inductor needs a C++ compiler.
+harness's warm-up, never inside timed calls. On CPU, Inductor needs a C++ compiler. With channels_last (searched by
+`tune` for image inputs, as for eager) the module and the compile-time input are in that memory format, so the
+compiled graph is the one timed.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class CompileRunner(EagerRunner):
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                compiled(*[torch.from_numpy(feed[n]).to(self.options.device) for n in spec.input_names])
+                compiled(*self._to_device([feed[n] for n in spec.input_names]))  # channels_last as timed
         except Exception as exc:
             raise BackendUnavailableError(f"torch.compile failed on this model: {first_line(exc, with_type=True)}") \
                 from None

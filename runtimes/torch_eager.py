@@ -1,7 +1,9 @@
 """PyTorch eager: the FP32 reference on CPU; FP16/BF16 autocast on CUDA, and on a CPU that computes them natively
 (AVX512_BF16/AMX-BF16, AVX512-FP16/AMX-FP16: ``calibration.cpu.native_precisions``; elsewhere PyTorch emulates them,
-slower than FP32, so they are refused, never timed under their name); on CUDA also channels_last and CUDA graphs
-(``--cuda-graphs``: one graph per input shape, replayed in the timed loop)."""
+slower than FP32, so they are refused, never timed under their name); channels_last (``--channels-last``; `tune`
+searches it, with and without, for a model with a 4-D float input: an image, where oneDNN's and cuDNN's convolutions
+prefer NHWC and the NCHW<->NHWC reorders around each one go away); on CUDA also CUDA graphs (``--cuda-graphs``: one
+graph per input shape, replayed in the timed loop)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,17 @@ from typing import Any, ClassVar
 import numpy as np
 
 from core.errors import BackendUnavailableError
+from core.iospec import IOSpec
+from core.manifest import Manifest
 from core.models import output_list
 from core.resources import cuda_problem
 from runtimes.base import Device, Runner
+
+
+def has_image_input(spec: IOSpec) -> bool:
+    """Whether the model takes a 4-D float tensor (N, C, H, W): the inputs channels_last changes (PyTorch's
+    ``channels_last`` memory format is defined for 4-D tensors only)."""
+    return any(len(t.shape) == 4 and t.dtype.startswith("float") for t in spec.inputs)
 
 
 def load_torch_module(runner: Runner) -> Any:
@@ -61,6 +71,11 @@ class TorchRunnerBase(Runner):
         if device == "cuda":
             return cuda_problem()
         return None
+
+    @classmethod
+    def search_space_for(cls, manifest: Manifest) -> list[dict[str, Any]]:
+        """channels_last, off and on, for a model with an image input (4-D); nothing to search otherwise."""
+        return [{"channels_last": False}, {"channels_last": True}] if has_image_input(manifest.iospec) else [{}]
 
     @property
     def precision(self) -> str:

@@ -1,0 +1,213 @@
+"""OpenVINO's own post-training INT8 (``--int8-nncf``): NNCF's ``nncf.quantize`` on the ``ov.Model`` OpenVINO reads
+from the FP32 reference ONNX file, calibrated on the same data as static INT8 (``--calib``'s calibration part, never
+a held-out sample), written as an OpenVINO IR (``model.int8_nncf.xml`` + ``.bin``) that only the ``openvino`` backend
+runs.
+
+NNCF inserts ``FakeQuantize`` nodes where OpenVINO's CPU plugin has INT8 kernels (its ``CPU`` target device, the
+``performance`` preset: symmetric INT8 weights per output channel, activations u8/i8 per tensor) and applies its
+fast bias correction; the weights are stored as ``i8`` constants with their scales, other constants stay FP32
+(``compress_to_fp16=False``). At compile time the plugin fuses each FakeQuantize pair into its INT8 kernels.
+
+Why an IR and not NNCF's ONNX backend (``nncf.quantize`` on an ``onnx.ModelProto``, which writes a Q/DQ ONNX file):
+both give the same runtime graph on OpenVINO (the same counts of u8/i8/f32 layers after compiling resnet18 and
+densenet121, and the same latency within the noise on the 2-core AMD EPYC; ``benchmarks/run_nncf_int8.py`` measures
+both), but the IR is OpenVINO's own deployment path: its quantization is made on the graph OpenVINO runs (no ONNX
+Q/DQ round trip through the ONNX frontend), and on densenet121 the ONNX frontend took 3x longer to compile the Q/DQ
+file. A Q/DQ ONNX that ONNX Runtime runs is what ``--int8`` already writes.
+
+The artifact is kind ``openvino_ir`` (as ``--int4-ov``'s, :mod:`convert.int4_ov`): its ``.bin`` is recorded (hashed)
+as the file's data file, and only ``runtimes.openvino.OpenVinoRunner`` lists that kind. It is graded like every INT8
+variant: its outputs on OpenVINO (f32 compute for what is not quantized) against the FP32 reference on the held-out
+data, with the gate of ``--max-accuracy-drop`` / ``--min-cosine`` (:func:`convert.gates.gate_verdict`); a variant
+over budget is recorded failed and ``convert`` exits 5.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import ConfigDict, Field
+
+from convert.config import QuantConfig
+from convert.context import ConvertContext
+from convert.gates import gate_verdict, summary_line
+from convert.int4_ov import KIND, constant_types
+from convert.quantize import QuantState
+from core.errors import InputError, ToolkitError, first_line
+from core.manifest import DataFile, Manifest
+from core.quiet import quiet_loggers
+from core.records import ArtifactMetrics, VariantParams
+
+NAME = "int8_nncf"
+QUANTIZER = "nncf.quantize"
+#: NNCF's settings, as recorded
+PRESET = "performance"
+TARGET_DEVICE = "CPU"
+
+
+class Int8NncfError(ToolkitError):
+    """NNCF or OpenVINO failed on this model."""
+
+
+class Int8NncfParams(VariantParams):
+    """What ``--int8-nncf`` did (``Artifact.params`` of ``int8_nncf``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step: Literal["quantize_nncf"] = "quantize_nncf"
+    quantizer: str = QUANTIZER
+    nncf_version: str
+    openvino_version: str
+    form: str = Field(default="OpenVINO IR (nncf.quantize on the ov.Model read from the FP32 ONNX file)")
+    preset: str = PRESET
+    target_device: str = TARGET_DEVICE
+    fast_bias_correction: bool = True
+    calibration: str = Field(description="The calibration data (the same part static INT8 calibrates on)")
+    calibration_samples: int
+    fake_quantize: int = Field(description="FakeQuantize nodes in the IR")
+    weights_int8: int = Field(description="Weight constants in i8/u8 in the IR")
+    evaluated_on: str = "OpenVINO CPU, f32 compute where not quantized"
+    cpu: str
+
+
+def nncf_problem() -> str | None:
+    """None when NNCF and OpenVINO import, else the one line saying what to install."""
+    for module, extra in (("openvino", "openvino"), ("nncf", "ovgenai")):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"--int8-nncf needs {module} (pip install '.[{extra}]')"
+    return None
+
+
+def check_int8_nncf(cfg: QuantConfig) -> None:
+    """Before the export: NNCF and OpenVINO are installed, and there is calibration data."""
+    if (why := nncf_problem()) is not None:
+        raise InputError(why)
+    if not cfg.calib.data:
+        raise InputError("--int8-nncf needs calibration data: --calib DIR|FILE.npz|imagenet_subset "
+                         "(or --calib synthetic, explicitly)")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """NNCF logs and draws progress bars: none of it reaches our log."""
+    with quiet_loggers("nncf"), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def calibration_feeds(state: QuantState, fixed_batch: int | None) -> list[dict[str, np.ndarray]]:
+    """The calibration data static INT8 reads (``state.calib``), one sample per feed (the model's fixed batch when it
+    has one), so that NNCF's ``subset_size`` counts samples."""
+    if state.calib is None:
+        raise InputError("--int8-nncf needs calibration data (--calib)")
+    return [{k: np.ascontiguousarray(v) for k, v in b.items()} for b in state.calib.iter_batches(fixed_batch or 1)
+            if fixed_batch is None or len(next(iter(b.values()))) == fixed_batch]
+
+
+def quantize_file(src: Path, xml: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, int]:
+    """Write NNCF's INT8 quantization of the ONNX file ``src`` as the IR ``xml`` (+ its ``.bin``), calibrated on
+    ``feeds``; the IR's op and constant counts (``FakeQuantize``, ``i8``, ...)."""
+    import nncf
+    import openvino as ov
+
+    if not feeds:
+        raise InputError("--int8-nncf: no calibration sample could be read")
+    try:
+        model = ov.Core().read_model(str(src))
+        with _quiet():
+            quantized = nncf.quantize(model, nncf.Dataset(feeds), preset=nncf.QuantizationPreset.PERFORMANCE,
+                                      target_device=nncf.TargetDevice.CPU, subset_size=len(feeds),
+                                      fast_bias_correction=True)
+        ov.save_model(quantized, str(xml), compress_to_fp16=False)
+    except ToolkitError:
+        raise
+    except Exception as exc:
+        raise Int8NncfError(f"NNCF INT8 quantization of {src.name} failed: {first_line(exc, with_type=True)}") \
+            from exc
+    return ir_counts(xml)
+
+
+def ir_counts(xml: Path) -> dict[str, int]:
+    """How many FakeQuantize nodes the IR holds (``FakeQuantize``) and its Constant element types (``i8``, ...)."""
+    import openvino as ov
+
+    fq = sum(1 for op in ov.Core().read_model(str(xml)).get_ops() if op.get_type_name() == "FakeQuantize")
+    return {"FakeQuantize": fq, **constant_types(xml)}
+
+
+class OpenVinoSession:
+    """The IR compiled by OpenVINO for the CPU (f32 compute where not quantized, as bench runs an INT8 row), with
+    the ``get_outputs`` / ``run`` of an ONNX Runtime session, so the held-out evaluator grades it like every variant."""
+
+    class _Out:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    def __init__(self, xml: Path) -> None:
+        import openvino as ov
+
+        from core.flops import openvino_config
+
+        self.compiled = ov.Core().compile_model(str(xml), "CPU", openvino_config("LATENCY", None, "fp32"))
+        self.request = self.compiled.create_infer_request()
+        self.names = [p.get_any_name() for p in self.compiled.outputs]
+
+    def get_outputs(self) -> list[Any]:
+        return [self._Out(n) for n in self.names]
+
+    def run(self, _names: None, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.request.infer(feed)
+        return [np.array(result[p]) for p in self.compiled.outputs]
+
+
+def record_ir(ctx: ConvertContext, xml: Path, **record: Any) -> Any:
+    """Record the IR ``xml`` as kind ``openvino_ir``, its ``.bin`` (hashed) as the file's data file."""
+    art = ctx.manifest.record(ctx.out, xml, kind=KIND, **record)
+    bin_rec = Manifest.file_record(ctx.out, xml.with_suffix(".bin"), onnx=False)
+    art.file.external_data = [DataFile(path=bin_rec.path, sha256=bin_rec.sha256, size_bytes=bin_rec.size_bytes)]
+    return art
+
+
+def _versions() -> tuple[str, str]:
+    from importlib import metadata
+
+    return metadata.version("nncf"), metadata.version("openvino")
+
+
+def step_int8_nncf(ctx: ConvertContext, state: QuantState) -> None:
+    """``int8_nncf``: the FP32 reference quantized by :func:`quantize_file` into the output folder, graded on
+    OpenVINO against the FP32 reference on the held-out data, recorded as an OpenVINO IR."""
+    if state.calib is None:
+        raise InputError("--int8-nncf needs calibration data (--calib)")
+    ctx.log(f"INT8 for OpenVINO (NNCF quantize on the ov.Model, {PRESET} preset, target {TARGET_DEVICE}, fast bias "
+            f"correction; calibration: {state.calib.describe()})")
+    feeds = calibration_feeds(state, ctx.spec.fixed_batch())
+    xml = ctx.path(f"model.{NAME}.xml")
+    counts = quantize_file(state.reference_file, xml, feeds)
+    int8 = counts.get("i8", 0) + counts.get("u8", 0)
+    if counts["FakeQuantize"] == 0:
+        raise Int8NncfError(f"NNCF quantized nothing in {state.reference_file.name} (no FakeQuantize in the IR)")
+    stats = state.evaluator.evaluate(xml, session=OpenVinoSession(xml))
+    gate = gate_verdict(stats, state.cfg.gate, state.random_init)
+    metrics = ArtifactMetrics(accuracy=stats, gate=gate, summary=summary_line(stats, gate),
+                              held_out=state.evaluator.record())
+    nncf_v, ov_v = _versions()
+    params = Int8NncfParams(nncf_version=nncf_v, openvino_version=ov_v, calibration=state.calib.describe(),
+                            calibration_samples=sum(len(next(iter(f.values()))) for f in feeds),
+                            fake_quantize=counts["FakeQuantize"], weights_int8=int8, cpu=state.cpu.summary)
+    notes = [f"OpenVINO IR ({KIND}): runs on the openvino backend only; {counts['FakeQuantize']} FakeQuantize, "
+             f"{int8} INT8 weight constants; graded on OpenVINO"]
+    art = record_ir(ctx, xml, name=NAME, precision="int8", parent=state.reference, params=params, metrics=metrics,
+                    notes=notes)
+    if gate.passed is False:
+        art.status = "failed"
+    ctx.log(f"{NAME}: {metrics.summary}")
