@@ -8,12 +8,17 @@ ids 0..255).
 
 :func:`perplexity_from_logits` is the one perplexity formula (convert's generation gate and the generation
 benchmark both use it): exp of the mean next-token negative log-likelihood.
+
+:func:`heldout_text` is what a user's ``--text`` becomes (``bench`` on a KV-cache decoder, convert's perplexity
+gate): ``stdlib`` (the held-out split above) or a UTF-8 file, tokenized by the model's own tokenizer where its
+Hugging Face folder has one, else as bytes (a vocabulary of at least 256), cut into seeded windows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -91,3 +96,76 @@ def perplexity_from_logits(logits: np.ndarray, ids: np.ndarray) -> float:
     """exp(mean next-token NLL) of ``logits`` on ``ids`` (see :func:`next_token_nll`)."""
     total, count = next_token_nll(logits, ids)
     return float(np.exp(total / count))
+
+
+# -- held-out text as a user gives it (--text) -------------------------------------------------------------------------
+#: ``--text stdlib``: the held-out standard library files
+STDLIB = "stdlib"
+#: at most this many bytes of the held-out standard library are read (windows are drawn from all of them)
+STDLIB_TEXT_BYTES = 512 * 1024
+#: perplexity windows: how many, and their most tokens (the model's positions cap it)
+PPL_WINDOWS, PPL_WINDOW = 16, 128
+#: files in a Hugging Face folder that mean it has its own tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class HeldOutText:
+    """A held-out text as token ids (``ids``: the whole stream), where it came from and how it was tokenized."""
+
+    ids: np.ndarray
+    source: str
+    tokens: str
+
+    def windows(self, length: int, count: int, seed: int = 0) -> np.ndarray:
+        return windows(self.ids, length, count, seed)
+
+    def basis(self, ppl_windows: np.ndarray) -> str:
+        """What a perplexity measured on ``ppl_windows`` (rows x tokens) of this text is."""
+        return (f"next-token perplexity on {ppl_windows.shape[0]} windows of {ppl_windows.shape[1]} {self.tokens} "
+                f"of {self.source}")
+
+
+def text_bytes(source: str) -> tuple[bytes, str]:
+    """(the text, what it is) of ``--text``: ``stdlib`` or a UTF-8 file; anything else is one clear line."""
+    if source == STDLIB:
+        return stdlib_bytes("heldout", STDLIB_TEXT_BYTES), \
+            f"the held-out standard library files ({stdlib_folder()}, 1 file in {HELD_OUT_EVERY} by name)"
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"--text {source!r}: no such file (give a UTF-8 text file, or {STDLIB!r} for the held-out "
+                         "standard library files)")
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"--text {source}: not UTF-8 text (byte {exc.start})") from None
+    return data, str(path)
+
+
+def has_tokenizer(folder: Path | None) -> bool:
+    return folder is not None and any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def heldout_text(source: str, vocab: int | None, tokenizer_folder: Path | None = None) -> HeldOutText:
+    """``--text`` as token ids: by the tokenizer of ``tokenizer_folder`` (the model's Hugging Face folder) where it
+    has one, else UTF-8 bytes; refused in one line when an id falls outside the model's ``vocab``."""
+    data, what = text_bytes(source)
+    if tokenizer_folder is not None and has_tokenizer(tokenizer_folder):
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
+            ids = np.asarray(tok(data.decode("utf-8"))["input_ids"], dtype=np.int64)
+        except Exception as exc:
+            raise InputError(f"--text: the tokenizer of {tokenizer_folder} cannot tokenize it: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        tokens = "tokens (the model's tokenizer)"
+    else:
+        ids, tokens = encode(data), "byte tokens"
+    if ids.size and vocab is not None and int(ids.max()) >= vocab:
+        hint = "" if tokens != "byte tokens" else \
+            f": byte tokens need a vocabulary of {BYTE_VOCAB} and the model's folder has no tokenizer"
+        raise InputError(f"--text {source}: token id {int(ids.max())} is outside the model's vocabulary of "
+                         f"{vocab}{hint}")
+    return HeldOutText(ids=ids, source=what, tokens=tokens)

@@ -70,8 +70,8 @@ class GenerationAccuracy(BaseModel):
     cosine_mean: float
     kv_matches_no_cache: bool = Field(description="The KV-cache path's greedy tokens equal the no-cache path's "
                                                   "(a full forward per token) on the same prompts")
-    perplexity: float | None = Field(default=None, description="exp(mean next-token NLL) on held-out text; None "
-                                                               "for random-init models (agreement and cosine only)")
+    perplexity: float | None = Field(default=None, description="exp(mean next-token NLL) on held-out text (bench "
+                                                               "--text); None without it (agreement and cosine only)")
     perplexity_basis: str | None = None
     model_size_mb: float | None = None
     notes: list[str] = Field(default_factory=list)
@@ -86,7 +86,8 @@ class GenerationResults(BaseModel):
     checks: list[GenerationAccuracy] = Field(default_factory=list)
     skipped: list[str] = Field(default_factory=list, description="'backend:variant: why' for each that cannot run it")
     config: dict[str, Any] = Field(default_factory=dict)
-    random_init: bool = Field(default=False, description="Random-init weights: agreement and cosine only")
+    random_init: bool = Field(default=False, description="The manifest knows the weights are random: a perplexity "
+                                                         "compares variants, it measures no language")
 
     def row(self, backend: str, variant: str, *, batch: int, prompt: int, new_tokens: int | None = None,
             kv_cache: bool = True) -> GenerationResult | None:
@@ -132,7 +133,17 @@ def timing_cells(r: GenerationResult) -> list[str]:
 def check_cells(c: GenerationAccuracy) -> list[str]:
     return [c.backend, c.variant, c.precision, c.reference, f"{c.agreement:.1%}", f"{c.forced_agreement:.1%}",
             f"{c.cosine_min:.5f}", f"{c.cosine_mean:.5f}", "yes" if c.kv_matches_no_cache else "NO",
-            _f(c.perplexity, 3) if c.perplexity is not None else "- (random init)"]
+            _f(c.perplexity, 3)]
+
+
+def perplexity_note(gen: GenerationResults) -> str:
+    """What the perplexity column is: its basis, or why it is empty."""
+    basis = next((c.perplexity_basis for c in gen.checks if c.perplexity is not None and c.perplexity_basis), None)
+    if basis is not None:
+        return "Perplexity: " + basis + (" (random-init weights: it compares the variants, it measures no language)"
+                                         if gen.random_init and "random-init" not in basis else "") + "."
+    return ("No held-out text (bench --text FILE or stdlib): agreement and cosine only"
+            + (" (random-init weights)." if gen.random_init else "."))
 
 
 def generation_markdown(gen: GenerationResults) -> list[str]:
@@ -147,8 +158,7 @@ def generation_markdown(gen: GenerationResults) -> list[str]:
     if gen.checks:
         lines += ["", "| " + " | ".join(CHECK_HEADER) + " |", "|" + "---|" * len(CHECK_HEADER)]
         lines += ["| " + " | ".join(check_cells(c)) + " |" for c in gen.checks]
-    if gen.random_init:
-        lines += ["", "Random-init weights: agreement and cosine only (perplexity measures nothing on them)."]
+    lines += ["", perplexity_note(gen)]
     if gen.skipped:
         lines += ["", "Skipped:", *[f"- {s}" for s in gen.skipped]]
     return lines
@@ -193,8 +203,7 @@ def generation_html(gen: GenerationResults) -> str:
     parts = ["<h2>Generation (KV cache)</h2>", table(TIMING_HEADER, [timing_cells(r) for r in gen.rows])]
     if gen.checks:
         parts.append(table(CHECK_HEADER, [check_cells(c) for c in gen.checks]))
-    if gen.random_init:
-        parts.append("<p>Random-init weights: agreement and cosine only.</p>")
+    parts.append(f"<p>{html.escape(perplexity_note(gen))}</p>")
     if gen.skipped:
         parts.append("<ul>" + "".join(f"<li>skipped {html.escape(s)}</li>" for s in gen.skipped) + "</ul>")
     return "\n".join(parts)
@@ -208,4 +217,13 @@ def generation_rich_table(gen: GenerationResults, title: str) -> Any:
         table.add_column(h, justify="left" if h in ("backend", "variant", "precision", "path") else "right")
     for r in gen.rows:
         table.add_row(*timing_cells(r))
-    return table
+    if not gen.checks:
+        return table
+    from rich.console import Group
+
+    checks = Table(title="checks against the reference", caption=perplexity_note(gen))
+    for h in CHECK_HEADER:
+        checks.add_column(h, justify="left" if h in ("backend", "variant", "precision", "reference") else "right")
+    for c in gen.checks:
+        checks.add_row(*check_cells(c))
+    return Group(table, checks)

@@ -37,11 +37,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calibration.text import next_token_nll
+from calibration.text import PPL_WINDOW, PPL_WINDOWS, HeldOutText, heldout_text, next_token_nll
 from core.errors import BackendUnavailableError, InputError
 from core.iospec import feed_digest
 from core.manifest import Manifest
 from core.metrics import LatencyStats
+from core.models import is_random_init
 from reports.generation import GenerationAccuracy, GenerationResult, GenerationResults
 from runtimes.decoding import (
     LOGITS,
@@ -171,8 +172,9 @@ def perplexity(decoder: Decoder, text: np.ndarray, chunk: int = 4) -> float:
 
 
 def check_decoders(decoders: Sequence[Decoder], reference: Decoder, prompts: np.ndarray, tokens: int,
-                   text: np.ndarray | None = None) -> list[GenerationAccuracy]:
-    """Each decoder against ``reference`` on ``prompts`` for ``tokens`` tokens (see the module docstring)."""
+                   text: np.ndarray | None = None, basis: str | None = None) -> list[GenerationAccuracy]:
+    """Each decoder against ``reference`` on ``prompts`` for ``tokens`` tokens (see the module docstring); with
+    ``text`` (held-out windows, rows x tokens; ``basis`` says what they are) each decoder's perplexity on it."""
     ref = greedy(reference, prompts, tokens - 1, keep_logits=True)
     ref_label = f"{reference.backend}:{reference.variant}:{reference.precision}"
     checks = []
@@ -190,11 +192,31 @@ def check_decoders(decoders: Sequence[Decoder], reference: Decoder, prompts: np.
             forced_agreement=float((forced.tokens == ref.tokens).mean()), cosine_min=float(cos.min()),
             cosine_mean=float(cos.mean()), kv_matches_no_cache=bool(np.array_equal(free.tokens, no_cache.tokens)),
             perplexity=perplexity(d, text) if text is not None else None,
-            perplexity_basis=(f"byte-level next-token perplexity on {text.shape[0]} held-out windows of "
-                              f"{text.shape[1]} tokens" if text is not None else
-                              "no held-out text: agreement and cosine only"),
+            perplexity_basis=(basis or f"byte-level next-token perplexity on {text.shape[0]} held-out windows of "
+                                       f"{text.shape[1]} tokens" if text is not None else
+                              "no held-out text (bench --text FILE or stdlib): agreement and cosine only"),
             model_size_mb=d.size_mb, notes=notes))
     return checks
+
+
+def model_vocab(manifest: Manifest) -> int | None:
+    """The model's vocabulary: the last dim of its logits, else the IOSpec's range of ``input_ids``."""
+    logits = next((o for o in manifest.iospec.outputs if o.name == LOGITS), None)
+    if logits is not None and logits.shape and isinstance(logits.shape[-1], int):
+        return int(logits.shape[-1])
+    r = manifest.iospec.input("input_ids").int_range
+    return int(r[1]) if r is not None else None
+
+
+def held_out(manifest: Manifest, source: str, seed: int) -> tuple[np.ndarray, str, HeldOutText]:
+    """``--text`` for perplexity: (windows of at most ``PPL_WINDOW`` tokens, capped by the model's positions; what
+    they are; the text, for the checks' prompts), tokenized by the model's own tokenizer where its folder has one."""
+    text = heldout_text(source, model_vocab(manifest), hf_folder(manifest))
+    positions = max_positions(manifest)
+    ppl = text.windows(min(PPL_WINDOW, positions) if positions else PPL_WINDOW, PPL_WINDOWS, seed)
+    basis = text.basis(ppl) + ("; random-init weights: it compares the variants, it measures no language"
+                               if is_random_init(manifest.source) else "")
+    return ppl, basis, text
 
 
 def load_generation_manifest(artifact_dir: Path) -> Manifest:
@@ -267,20 +289,29 @@ def run_generation(cfg: GenerationConfig, log: Callable[[str], None] = print,
     manifest = load_generation_manifest(cfg.artifact_dir)
     base = Path(cfg.artifact_dir)
     lengths, no_cache_tokens, notes = prompt_plan(cfg, max_positions(manifest))
+    basis = None
+    if cfg.text is not None and manifest.components():
+        raise InputError("--text: perplexity is measured on decoder-only models (an encoder-decoder's would need "
+                         "source and target text)")
+    if text is None and cfg.text is not None:  # --text: perplexity on it, and the checks' prompts from it
+        text, basis, held = held_out(manifest, cfg.text, cfg.seed)
+        if check_prompts is None:
+            check_prompts = held.windows(lengths[0], cfg.check_prompts, cfg.seed + 2)
     for n in notes:
         log(f"[yellow]note:[/] {n}")
     results = GenerationResults(config=cfg.model_dump(mode="json") | {"prompt_lengths_run": lengths,
                                                                       "no_cache_tokens_run": no_cache_tokens,
                                                                       "notes": notes},
-                                random_init=text is None)
+                                random_init=is_random_init(manifest.source))
     with contextlib.ExitStack() as stack:
         decoders = load_decoders(manifest, cfg, stack, results.skipped, log, progress)
         reference = pick_reference(manifest, base, cfg, decoders, stack, results.skipped)
         prompts = check_prompts if check_prompts is not None else \
             seeded_prompts(manifest, cfg.check_prompts, lengths[0], cfg.seed + 1)
         if progress:
-            progress(f"checks: {len(decoders)} targets against {reference.label}")
-        results.checks = check_decoders(decoders, reference, prompts, cfg.check_tokens, text)
+            progress(f"checks: {len(decoders)} targets against {reference.label}"
+                     + (f", perplexity on {text.shape[0]} windows" if text is not None else ""))
+        results.checks = check_decoders(decoders, reference, prompts, cfg.check_tokens, text, basis)
         largest = seeded_prompts(manifest, max(cfg.batch_sizes), max(lengths), cfg.seed)
         for length in lengths:
             for batch in cfg.batch_sizes:

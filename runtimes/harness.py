@@ -81,6 +81,9 @@ class BenchConfig(BaseModel):
     ort_spinning: bool = Field(default=True, description="ONNX Runtime's intra-op threads spin while waiting "
                                                          "for work (its default, what a deployment runs); recorded "
                                                          "in the results")
+    text: str | None = Field(default=None, description="A KV-cache decoder: held-out text for each variant's "
+                                                       "perplexity (a UTF-8 file, or 'stdlib': the held-out "
+                                                       "standard library files of calibration.text)")
 
     # -- the flags' text, parsed here (one line naming the flag), so the API, sweep and the CLI share the rules ----
     _names = field_validator("backends", "precisions", "variants", mode="before")(names_field)
@@ -480,6 +483,9 @@ def generation_request(cfg: BenchConfig) -> GenerationConfig | None:
     from runtimes.session import is_generation_artifact
 
     if cfg.component is not None or not is_generation_artifact(Manifest.load(cfg.artifact_dir)):
+        if cfg.text is not None:
+            raise InputError("--text (perplexity) is for a decoder exported with its KV cache (convert --task "
+                             "text-generation-with-past); this artifact is measured one call at a time")
         return None
     if cfg.device != "cpu":
         raise InputError("the generation benchmark of a KV-cache decoder runs on cpu here (--device cpu)")
@@ -487,7 +493,7 @@ def generation_request(cfg: BenchConfig) -> GenerationConfig | None:
     def given(name: str) -> bool:
         return bool(getattr(cfg, name) != BenchConfig.model_fields[name].get_default(call_default_factory=True))
 
-    fields: dict[str, Any] = {"artifact_dir": cfg.artifact_dir, "variants": cfg.variants,
+    fields: dict[str, Any] = {"artifact_dir": cfg.artifact_dir, "variants": cfg.variants, "text": cfg.text,
                               "threads": cfg.threads, "seed": cfg.seed, "ort_spinning": cfg.ort_spinning}
     fields |= {name: getattr(cfg, name) for name in ("backends", "batch_sizes", "warmup", "iters", "rounds",
                                                      "round_warmup") if given(name)}

@@ -16,7 +16,7 @@ from runtimes.genbackends import GENERATION_BACKENDS, check_generation_backends
 pytest.importorskip("transformers")
 pytest.importorskip("optimum.exporters.onnx")
 
-from tests.test_hf_optimum import _cli  # noqa: E402  (after the skips: it needs transformers too)
+from tests.test_hf_optimum import _cli  # after the skips: it needs transformers too
 
 
 def test_the_request_default_is_every_row_of_the_table(tmp_path: Path) -> None:

@@ -75,8 +75,9 @@ def test_generation_rows_per_backend_and_checks(gpt2_art: Path) -> None:
         assert c.reference == "eager:torch:fp32" and c.tokens == 5 and c.prompts == 2
         assert c.kv_matches_no_cache, c
         assert c.agreement == 1.0 and c.forced_agreement == 1.0 and c.cosine_min > 0.9999, c
-        assert c.perplexity is None  # no held-out text: random init, agreement and cosine only
-    assert gen.random_init
+        assert c.perplexity is None and c.perplexity_basis is not None  # no --text: agreement and cosine only
+        assert c.perplexity_basis.startswith("no held-out text")
+    assert not gen.random_init  # a Hugging Face folder's weights: the manifest cannot know they are random
 
 
 def test_kv_cache_path_equals_no_cache_path_and_a_forgetful_cache_fails(gpt2_art: Path) -> None:
@@ -260,3 +261,119 @@ def test_package_on_a_kv_cache_decoder_says_what_it_cannot_package(gpt2_art: Pat
     assert again.notes == [KV_CACHE_NOTE]
     config = next(out.glob("*/config.pbtxt")).read_text()
     assert 'name: "past_key_values.0.key"' in config and 'name: "present.0.key"' in config
+
+
+# -- perplexity on held-out text: bench --text and convert's perplexity gate (--eval-text) ------------------------------
+def _train_byte_gpt2(folder: Path, steps: int = 120) -> None:
+    """A tiny GPT-2 over bytes (vocabulary 256), trained a few seconds on the standard library's training split so
+    its perplexity means something (about 14 on held-out files, not 256): a variant's change in it is measurable."""
+    import torch
+
+    from calibration.text import stdlib_bytes
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32,
+                                                                     vocab_size=BYTE_VOCAB, n_positions=64))
+        data = torch.from_numpy(encode(stdlib_bytes("train", 200_000)))
+        rng = np.random.default_rng(0)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            x = torch.stack([data[i:i + 64] for i in rng.integers(0, len(data) - 64, size=16).tolist()])
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval().save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("bytes") / "gpt2_bytes"
+    _train_byte_gpt2(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ppl_art(byte_model: Path) -> Path:
+    """The trained decoder converted with INT8 and INT4 variants and the perplexity gate at its default (5%)."""
+    out = byte_model.parent / "art_bytes"
+    proc = _cli("convert", f"hf:{byte_model}", "--task", "text-generation-with-past", "--no-optimize",
+                "--int8-dynamic", "--int4", "--eval-text", "stdlib", "--out", str(out), cwd=byte_model.parent)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    return out
+
+
+def test_convert_records_each_variants_perplexity_against_fp32(ppl_art: Path) -> None:
+    manifest = Manifest.load(ppl_art)
+    ref = manifest.artifacts["fp32"].metrics.generation
+    assert ref is not None and ref.perplexity is not None and 5 < ref.perplexity.perplexity < 100
+    for name in ("int8_dynamic", "int4"):
+        art = manifest.artifacts[name]
+        gen = art.metrics.generation
+        assert art.status == "ok" and gen is not None and gen.vs_fp32 is not None  # agreement numbers beside it
+        ppl = gen.perplexity
+        assert ppl is not None and ppl.fp32_perplexity == ref.perplexity.perplexity and ppl.max_increase == 0.05
+        assert ppl.increase == pytest.approx(ppl.perplexity / ppl.fp32_perplexity - 1, abs=1e-5)
+        assert abs(ppl.increase) < 0.05 and "held-out standard library" in ppl.basis
+        assert "perplexity" in (art.metrics.summary or "")
+
+
+def test_a_variant_over_its_perplexity_budget_fails_convert(byte_model: Path, ppl_art: Path, tmp_path: Path) -> None:
+    """INT4 raises this model's perplexity (RTN noise on trained weights) more than INT8 does; a budget between the
+    two fails INT4 alone, exit 5, with the reason; the agreement gate passes both (it cannot see the change)."""
+    got = {n: Manifest.load(ppl_art).artifacts[n].metrics.generation for n in ("int8_dynamic", "int4")}
+    inc = {n: g.perplexity.increase for n, g in got.items() if g is not None and g.perplexity is not None}
+    assert inc["int4"] is not None and inc["int8_dynamic"] is not None and inc["int4"] > inc["int8_dynamic"]
+    budget = (max(inc["int8_dynamic"], 0.0) + inc["int4"]) / 2
+    out = tmp_path / "art"
+    proc = _cli("convert", f"hf:{byte_model}", "--task", "text-generation-with-past", "--no-optimize",
+                "--int8-dynamic", "--int4", "--eval-text", "stdlib", "--max-perplexity-increase", f"{budget:.6f}",
+                "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 5, proc.stdout[-3000:] + proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert err and "int4 perplexity" in err[-1] and "above FP32's" in err[-1] and "int8_dynamic" not in err[-1], err
+    manifest = Manifest.load(out)
+    assert manifest.artifacts["int4"].status == "failed" and manifest.artifacts["int8_dynamic"].status == "ok"
+    gate = manifest.artifacts["int4"].metrics.gate
+    assert gate is not None and gate.passed is False and "perplexity" in (gate.reason or "")
+
+
+def test_bench_text_gives_each_variants_perplexity(ppl_art: Path, tmp_path: Path) -> None:
+    """`bench --text stdlib` on a KV-cache artifact: every variant's perplexity in results.json, the table and the
+    report, the same windows and formula as convert's gate (ONNX Runtime's equal to the manifest's)."""
+    from reports.models import BenchResults
+
+    out = tmp_path / "results.json"
+    proc = _cli("bench", str(ppl_art), "--backends", "ort,eager", "--batch-sizes", "1", "--iters", "2", "--rounds",
+                "1", "--warmup", "0", "--dims", "sequence=4", "--threads", "1", "--text", "stdlib", "--out", str(out),
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    gen = BenchResults.load(out).generation
+    assert gen is not None
+    ppl = {(c.backend, c.variant): c.perplexity for c in gen.checks}
+    assert set(ppl) == {("eager", "torch"), ("ort", "fp32"), ("ort", "int8_dynamic"), ("ort", "int4")}
+    manifest = Manifest.load(ppl_art)
+    for v in ("fp32", "int8_dynamic", "int4"):
+        rec = manifest.artifacts[v].metrics.generation
+        assert rec is not None and rec.perplexity is not None
+        assert ppl[("ort", v)] == pytest.approx(rec.perplexity.perplexity, rel=1e-4)
+    assert ppl[("eager", "torch")] == pytest.approx(ppl[("ort", "fp32")], rel=1e-3)
+    assert all("held-out standard library" in (c.perplexity_basis or "") for c in gen.checks)
+    md = out.with_suffix(".md").read_text()
+    assert f"{ppl[('ort', 'int4')]:.3f}" in md and "Perplexity: next-token perplexity on 16 windows" in md
+    assert "perplexity" in proc.stdout  # the checks table printed beside the timings
+
+
+def test_bench_text_is_refused_in_one_line_where_it_cannot_apply(gpt2_art: Path, tmp_path: Path) -> None:
+    """Byte tokens outside a vocabulary of 100 (and no tokenizer in the folder), and a missing file."""
+    for text, says in (("stdlib", "outside the model's vocabulary of 100: byte tokens need a vocabulary of 256"),
+                       (str(tmp_path / "nope.txt"), "no such file")):
+        proc = _cli("bench", str(gpt2_art), "--backends", "ort", "--text", text, "--out",
+                    str(tmp_path / "r.json"), cwd=tmp_path)
+        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], lines
