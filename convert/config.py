@@ -164,13 +164,15 @@ class Int4Config(BaseModel):
     symmetric: bool = Field(default=False, description="Symmetric blocks (no zero points)")
     accuracy_level: int | None = Field(default=None, ge=0, le=4, description="MatMulNBits compute type: unset/0 "
                                                                              "FP32, 1 fp32, 2 fp16, 3 bf16, 4 int8")
-    ratio: float = Field(default=1.0, gt=0, le=1, description="--int4-ov: share of the layers NNCF compresses to INT4 "
+    ratio: float = Field(default=1.0, ge=0, le=1, description="--int4-ov: share of the layers NNCF compresses to INT4 "
                                                                "(the rest INT8); --int4 (ONNX Runtime) has no ratio")
 
     @model_validator(mode="after")
     def _combine(self) -> Int4Config:
         if self.block_size & (self.block_size - 1):
             raise InputError(f"--int4-block-size must be a power of 2 from 16 to 256, got {self.block_size}")
+        if self.ratio <= 0:
+            raise InputError(f"--int4-ratio is the share of the layers in INT4: above 0 and at most 1, got {self.ratio:g}")
         if self.algorithm == "hqq" and (self.symmetric or self.accuracy_level):
             raise InputError("INT4 hqq writes asymmetric blocks with float zero points and no accuracy level: drop "
                              "symmetric/accuracy_level, or use rtn")

@@ -111,6 +111,9 @@ def test_bench_runs_it_on_openvino_and_ort_skips_it(converted: tuple[Path, Any])
     ran = {(r.backend, r.variant) for r in gen.rows}
     assert ("openvino", "int4_ov") in ran and ("ort", "fp32") in ran and ("ort", "int4_ov") not in ran
     assert any(s.startswith("ort:int4_ov: an OpenVINO IR") and "only openvino runs it" in s for s in gen.skipped)
+    ir = next(r for r in gen.rows if r.variant == "int4_ov")  # its size is the .xml and the .bin (the weights)
+    files = sum((converted[0] / f"model.int4_ov.{ext}").stat().st_size for ext in ("xml", "bin"))
+    assert ir.model_size_mb == pytest.approx(files / 2**20)
 
 
 def test_sym_and_ratio_reach_nncf(converted: tuple[Path, Any], tmp_path: Path) -> None:
@@ -128,6 +131,7 @@ def test_sym_and_ratio_reach_nncf(converted: tuple[Path, Any], tmp_path: Path) -
     ({"int4_ratio": 0.5}, "--int4-ratio tunes NNCF's INT4 for OpenVINO: add --int4-ov"),
     ({"int4_symmetric": True}, "--int4-symmetric tunes INT4: add --int4 or --int4-ov"),
     ({"int4_ov": True, "int4_algorithm": "hqq"}, "--int4-algorithm tunes INT4: add --int4"),
+    ({"int4_ov": True, "int4_ratio": 0.0}, "--int4-ratio is the share of the layers in INT4: above 0"),
 ])
 def test_int4_ov_flags_refused_in_one_line(given: dict[str, object], message: str) -> None:
     with pytest.raises(InputError, match=message):
