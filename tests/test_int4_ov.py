@@ -155,3 +155,14 @@ def test_refused_in_one_line_without_nncf(monkeypatch: pytest.MonkeyPatch) -> No
     assert cfg is not None
     with pytest.raises(InputError, match=r"--int4-ov needs nncf \(pip install"):
         check_config(cfg)
+
+
+def test_a_decoder_without_kv_cache_is_refused(converted: tuple[Path, Any], tmp_path: Path) -> None:
+    """Its gate is greedy decoding on OpenVINO: a model without a KV cache is refused in one line, nothing written."""
+    out = tmp_path / "art"
+    proc = _cli("convert", f"hf:{converted[0].parent / 'gpt2'}", "--task", "text-generation", "--no-optimize",
+                "--int4-ov", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "--int4-ov is gated by greedy decoding on OpenVINO: it needs a decoder exported with its KV cache" in (
+        proc.stdout + proc.stderr)
+    assert not out.exists()
