@@ -28,7 +28,7 @@ from runtimes.decoding import Decoder, GenerationConfig, RunnerDecoder, cosines,
 from runtimes.openvino import OpenVinoRunner
 from runtimes.ort import OrtRunner
 from runtimes.ovgenai import OvGenaiDecoder
-from runtimes.ovstateful import OvStatefulDecoder, StatefulRequest, state_map, stateful_model
+from runtimes.ovstateful import OvStatefulDecoder, StatefulRequest, make_stateful, state_map, stateful_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = {6: np.array([[5, 17, 42, 7, 9, 11], [3, 1, 4, 1, 5, 9]], np.int64),
@@ -99,9 +99,13 @@ def test_a_wrong_state_mapping_and_a_u8_cache_are_caught(llama_art: Path) -> Non
     pairs = state_map(m.iospec)
     wrong = dict(pairs) | {"past_key_values.0.key": "present.1.key", "past_key_values.1.key": "present.0.key"}
 
+    import openvino as ov
+
+    stateless = ov.convert_model(str(llama_art / "model.onnx"))
+
     class Stateful(Decoder):
         def __init__(self, pairs: dict[str, str], kv: str) -> None:
-            self.req = StatefulRequest(stateful_model(llama_art / "model.onnx", m.iospec, pairs),
+            self.req = StatefulRequest(make_stateful(stateless.clone(), pairs),
                                        openvino_config("LATENCY", 1) | {"KV_CACHE_PRECISION": kv})
 
         def session(self):  # type: ignore[no-untyped-def]
