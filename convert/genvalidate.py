@@ -48,7 +48,7 @@ from runtimes.decoding import (
     greedy,
     no_cache_logits,
 )
-from runtimes.session import has_kv_cache
+from runtimes.session import has_kv_cache, is_seq2seq
 
 #: the basis the gate records
 BASIS = "greedy token agreement with FP32 (teacher-forced steps)"
@@ -163,8 +163,10 @@ class GenerationRun:
     random_init: bool
 
     def check(self, runner: Any, is_reference: bool) -> GenerationCheck:
+        return self.check_decoder(RunnerDecoder(runner), is_reference)
+
+    def check_decoder(self, decoder: Decoder, is_reference: bool) -> GenerationCheck:
         steps = self.gate.new_tokens
-        decoder = RunnerDecoder(runner)
         own = self.ref if is_reference else decode(decoder, self.prompt, steps)
         along_ref = self.ref.logits if is_reference else forced_logits(decoder, self.prompt, self.ref.tokens)
         vs_fp32 = None if is_reference else compare(self.reference, self.ref, along_ref, own)
@@ -204,6 +206,9 @@ def grade_generation(manifest: Manifest, base: Path, reference: str, variants: l
     """Check ``reference`` (against eager, and its cache against no cache) and grade each of ``variants`` against it
     by greedy decoding; each artifact's ``metrics.generation`` is set, each variant's gate is the generation gate
     (``status`` failed when it fails, or when onnx.checker failed)."""
+    if is_seq2seq(manifest):  # an encoder-decoder's components: its own loop (runtimes.seq2seq)
+        grade_seq2seq(manifest, base, reference, variants, gate, seed, random_init, log)
+        return
     if not has_kv_cache(manifest.iospec) or manifest.artifacts[reference].components:
         return
     log(f"generation check: greedy decoding of {gate.prompts} seeded prompt(s) of {gate.prompt_length} tokens, "
@@ -232,6 +237,117 @@ def grade_generation(manifest: Manifest, base: Path, reference: str, variants: l
             art.metrics.summary = summary(check, verdict)
             art.status = "failed" if verdict.passed is False or art.metrics.checker == "failed" else "ok"
         log(f"  {name}: {summary(check, verdict)}")
+
+
+# -- encoder-decoders: the components decoded together --------------------------------------------------------------
+def _seq2seq_decoder(manifest: Manifest, base: Path, name: str, path: str | None = None) -> Decoder:
+    """An ONNX variant's encoder and decoder (``path``: merged, split) on ONNX Runtime, one thread, loaded."""
+    from runtimes.base import RunnerOptions
+    from runtimes.seq2seq import Seq2SeqOnnxDecoder
+
+    d = Seq2SeqOnnxDecoder(manifest, base, name, "ort", RunnerOptions(threads=1, ort_spinning=False), path=path)
+    d.load()
+    return d
+
+
+def _seq2seq_paths(art: Artifact) -> list[str]:
+    """The decoders with a cache a variant has: the merged one and/or the decoder with past (each is checked, so a
+    broken one fails whichever path a runtime takes)."""
+    from runtimes.seq2seq import DECODER, MERGED, WITH_PAST
+
+    return [p for p, needs in (("merged", {MERGED}), ("split", {DECODER, WITH_PAST})) if needs <= set(art.components)]
+
+
+def _worst(checks: dict[str, GenerationCheck]) -> tuple[str, GenerationCheck]:
+    def key(item: tuple[str, GenerationCheck]) -> tuple[float, float]:
+        cmp = item[1].vs_fp32 or item[1].vs_eager
+        return (cmp.token_agreement, cmp.min_cosine) if cmp is not None else (1.0, item[1].cache.min_cosine)
+
+    return min(checks.items(), key=key)
+
+
+def grade_seq2seq(manifest: Manifest, base: Path, reference: str, variants: list[str], gate: GenerationGate,
+                  seed: int, random_init: bool, log: Any = print) -> None:
+    """:func:`grade_generation` for an encoder-decoder (:mod:`runtimes.seq2seq`): seeded sources (token ids, or audio
+    features), the encoder once, then greedy decoding from the decoder start token. The reference's merged decoder
+    (else its split one) is the variants' reference; every cache path of every artifact (merged decoder, decoder with
+    past) is decoded and compared: a variant against the reference (its gate), the reference against eager PyTorch
+    (gated too: a component that breaks decoding fails convert), each against its no-cache path (``decoder_model``
+    over the whole sequence). The artifact's ``metrics.generation`` is its worst path's."""
+    from runtimes.decoding import hf_folder
+    from runtimes.seq2seq import Seq2SeqTorchDecoder, seeded_sources
+
+    log(f"generation check (encoder-decoder): greedy decoding of {gate.prompts} seeded source(s), {gate.new_tokens} "
+        f"new tokens, every decoder path with its cache vs its no-cache path; {reference} gated against eager "
+        f"PyTorch, variants against {reference} (agreement >= {100 * gate.min_token_agreement:g}%, step cosine >= "
+        f"{gate.min_cosine:g})")
+    prompt = seeded_sources(manifest, gate.prompts, gate.prompt_length, seed)
+    ref_decoder = _seq2seq_decoder(manifest, base, reference)
+    try:
+        ref = decode(ref_decoder, prompt, gate.new_tokens)
+    finally:
+        ref_decoder.close()
+    eager = None
+    folder = hf_folder(manifest)
+    if folder is not None:
+        model = Seq2SeqTorchDecoder(manifest, base, folder, saved_weights=False)
+        try:
+            model.load()
+        except BackendUnavailableError as exc:
+            raise InputError(f"generation check: {exc}") from None
+        try:
+            eager = decode(model, prompt, gate.new_tokens)
+        finally:
+            model.close()
+    run = GenerationRun(gate=gate, seed=seed, prompt=prompt, reference=reference, ref=ref, eager=eager,
+                        random_init=random_init)
+    for name in [reference, *variants]:
+        art = manifest.artifacts[name]
+        is_ref = name == reference
+        checks: dict[str, GenerationCheck] = {}
+        verdicts: dict[str, GateResult] = {}
+        try:
+            for path in _seq2seq_paths(art):
+                decoder = _seq2seq_decoder(manifest, base, name, path)
+                try:
+                    checks[path] = run.check_decoder(decoder, is_reference=False)
+                finally:
+                    decoder.close()
+                cmp = checks[path].vs_eager if is_ref else checks[path].vs_fp32
+                if cmp is not None:
+                    verdicts[path] = generation_gate(cmp, gate)
+                if (cos := checks[path].cache.min_cosine) < gate.min_cosine:  # its decoder_model disagrees
+                    v = verdicts.get(path) or GateResult(drop_points=None, basis=BASIS, budget_points=None,
+                                                         passed=True, samples=0)
+                    why = f"KV-cache path vs no-cache path (decoder_model) logits cosine {cos:.4f} < {gate.min_cosine:g}"
+                    verdicts[path] = v.model_copy(update={"passed": False,
+                                                          "reason": "; ".join(filter(None, [v.reason, why]))})
+        except Exception as exc:  # a variant ONNX Runtime cannot decode fails its gate, the others go on
+            if is_ref:
+                raise
+            why = f"greedy decoding failed: {first_line(exc, with_type=True)}"
+            art.metrics.gate = GateResult(drop_points=None, basis=BASIS, budget_points=None, passed=False, samples=0,
+                                          reason=why)
+            art.metrics.summary, art.status = f"gate FAILED: {why}", "failed"
+            log(f"  {name}: {why}")
+            continue
+        path, check = _worst(checks)
+        check.note += "; decoder paths checked: " + ", ".join(checks)
+        if is_ref:
+            check.vs_fp32 = None
+        art.metrics.generation = check
+        failed = [f"{p} decoder: {v.reason}" for p, v in verdicts.items() if v.passed is False]
+        verdict = verdicts.get(path) or next(iter(verdicts.values()), None)
+        if verdict is not None and failed:
+            verdict = verdict.model_copy(update={"passed": False, "reason": "; ".join(failed)})
+        if verdict is not None and (failed or not is_ref):
+            art.metrics.gate = verdict if failed or art.metrics.gate is None or art.metrics.gate.passed else \
+                art.metrics.gate
+            if failed:
+                art.status = "failed"
+        text = summary(check, verdict)
+        art.metrics.summary = text if not art.metrics.summary else f"{art.metrics.summary}; {text}"
+        log(f"  {name} ({', '.join(checks)}): {text}")
 
 
 def grade_new_variants(ctx: ConvertContext, gate: GenerationGate, reference: str, before: set[str],

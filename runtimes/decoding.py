@@ -96,6 +96,12 @@ class Decoder:
         """Every position's logits (batch x seq x vocab) of ``ids`` with no cache."""
         raise NotImplementedError
 
+    def continuation_logits(self, prompt: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """With no cache, the logits (batch x ``ids`` + 1 x vocab) of the positions that follow ``prompt``: its last
+        and each of ``ids`` (an encoder-decoder, ``runtimes.seq2seq``, encodes the prompt and decodes ``ids``)."""
+        seq = np.concatenate([prompt, ids.astype(prompt.dtype)], axis=1)
+        return self.forward(seq)[:, prompt.shape[1] - 1:]
+
     def extra(self) -> dict[str, Any]:
         return {}
 
@@ -300,8 +306,7 @@ def forced_logits(decoder: Decoder, prompt: np.ndarray, tokens: np.ndarray) -> n
 def no_cache_logits(decoder: Decoder, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """One forward over prompt + ``tokens`` (but the last) with no cache: the logits of the positions the cached
     steps of :func:`forced_logits` produced, steps x batch x vocab."""
-    seq = np.concatenate([prompt, tokens[:, :-1].astype(prompt.dtype)], axis=1)
-    return np.moveaxis(decoder.forward(seq)[:, prompt.shape[1] - 1:], 1, 0).astype(np.float32)
+    return np.moveaxis(decoder.continuation_logits(prompt, tokens[:, :-1]), 1, 0).astype(np.float32)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -315,12 +320,12 @@ def greedy_no_cache(decoder: Decoder, prompt: np.ndarray, steps: int) -> Trace:
     """The same greedy loop with no cache: every new token a full forward over prompt + tokens so far."""
     clock = time.perf_counter_ns
     t0 = clock()
-    ids = prompt
-    tokens = [decoder.forward(ids)[:, -1].argmax(-1)]
+    ids = np.zeros((prompt.shape[0], 0), dtype=np.int64)
+    tokens = [decoder.continuation_logits(prompt, ids)[:, -1].argmax(-1)]
     t1 = clock()
     for _ in range(steps):
-        ids = np.concatenate([ids, tokens[-1][:, None].astype(prompt.dtype)], axis=1)
-        tokens.append(decoder.forward(ids)[:, -1].argmax(-1))
+        ids = np.concatenate([ids, tokens[-1][:, None].astype(np.int64)], axis=1)
+        tokens.append(decoder.continuation_logits(prompt, ids)[:, -1].argmax(-1))
     t2 = clock()
     return Trace(tokens=np.stack(tokens, axis=1), prefill_ms=(t1 - t0) / 1e6, decode_ms=(t2 - t1) / 1e6)
 

@@ -33,9 +33,20 @@ def has_kv_cache(spec: IOSpec) -> bool:
     return bool(past) and all(PRESENT + n[len(PAST):] in spec.output_names for n in past)
 
 
+def is_seq2seq(manifest: Manifest) -> bool:
+    """An encoder-decoder exported with its decoder's cache (Optimum's components): an encoder and a merged decoder
+    or a decoder with past (``runtimes.seq2seq`` decodes them together)."""
+    comps = set(manifest.components())
+    return "encoder_model" in comps and ("decoder_model_merged" in comps
+                                         or {"decoder_model", "decoder_with_past_model"} <= comps)
+
+
 def is_generation_artifact(manifest: Manifest) -> bool:
-    """One decoder file with a KV cache: ``bench`` and ``tune`` run it as a generation loop (a model exported as
-    several files is measured component by component)."""
+    """One decoder file with a KV cache, or an encoder-decoder of token ids (t5, bart): ``bench`` and ``tune`` run it
+    as a generation loop (other models exported as several files, e.g. whisper's audio encoder, are measured
+    component by component)."""
+    if is_seq2seq(manifest):
+        return "input_ids" in manifest.artifacts["fp32"].components["encoder_model"].iospec.input_names
     return not manifest.components() and has_kv_cache(manifest.iospec)
 
 
