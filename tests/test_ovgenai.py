@@ -90,6 +90,18 @@ def test_stateful_model_and_pipeline_give_the_stateless_onnx_tokens_and_logits(f
     assert not m.verify(art)
 
 
+def test_the_llama_attention_is_fused_with_its_state(llama_art: Path, gpt2_art: Path) -> None:
+    """The stateful llama runs OpenVINO's ScaledDotProductAttention (the CPU plugin's fused attention with the KV
+    cache: what makes the stateful decode step fast), not a decomposed Softmax (read_model alone keeps that); the
+    gpt2 export's attention (Select on its causal bias) is not fused, as the module docstring says."""
+    def ops(art: Path) -> set[str]:
+        return {o.get_type_name() for o in stateful_model(art / "model.onnx", Manifest.load(art).iospec).get_ops()}
+
+    llama, gpt2 = ops(llama_art), ops(gpt2_art)
+    assert {"ScaledDotProductAttention", "ReadValue", "Assign"} <= llama and "Softmax" not in llama
+    assert {"Softmax", "ReadValue", "Assign"} <= gpt2 and "ScaledDotProductAttention" not in gpt2
+
+
 def test_a_wrong_state_mapping_and_a_u8_cache_are_caught(llama_art: Path) -> None:
     """The comparison above fails on a stateful model whose state pairs layer 0's past with layer 1's present, and on
     OpenVINO's default KV cache (u8 on its CPU plugin: why the backend pins it to the compute precision); the right
