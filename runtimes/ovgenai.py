@@ -85,7 +85,8 @@ class OvGenaiDecoder(Decoder):
                  pairs: dict[str, str] | None = None) -> None:
         self.manifest, self.base, self.artifact, self.threads, self.pairs = manifest, base, artifact, threads, pairs
         self.backend, self.variant, self.precision = NAME, artifact.name, artifact.precision
-        self.size_mb = artifact.file.size_bytes / 2**20
+        f = artifact.file  # with its data files: ONNX external data, an OpenVINO IR's .bin
+        self.size_mb = (f.size_bytes + sum(d.size_bytes for d in f.external_data)) / 2**20
         self.config = openvino_config("LATENCY", threads) | {"KV_CACHE_PRECISION": KV_CACHE_PRECISION["f32"]}
         self.og: Any = None
         self.ov: Any = None
