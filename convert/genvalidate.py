@@ -275,8 +275,13 @@ def grade_seq2seq(manifest: Manifest, base: Path, reference: str, variants: list
     (gated too: a component that breaks decoding fails convert), each against its no-cache path (``decoder_model``
     over the whole sequence). The artifact's ``metrics.generation`` is its worst path's."""
     from runtimes.decoding import hf_folder
-    from runtimes.seq2seq import Seq2SeqTorchDecoder, seeded_sources
+    from runtimes.seq2seq import Seq2SeqTorchDecoder, seeded_sources, start_token
 
+    try:
+        start_token(hf_folder(manifest), manifest)
+    except InputError as exc:  # transformers' generate cannot decode it either: no generation check, said so
+        log(f"generation check skipped: {exc}")
+        return
     log(f"generation check (encoder-decoder): greedy decoding of {gate.prompts} seeded source(s), {gate.new_tokens} "
         f"new tokens, every decoder path with its cache vs its no-cache path; {reference} gated against eager "
         f"PyTorch, variants against {reference} (agreement >= {100 * gate.min_token_agreement:g}%, step cosine >= "

@@ -51,15 +51,17 @@ def source_name(manifest: Manifest) -> str:
 
 
 def start_token(folder: Path | None, manifest: Manifest) -> int:
-    """The decoder's first token: ``decoder_start_token_id`` of the folder's config (else its generation config)."""
+    """The decoder's first token, as transformers' ``generate`` picks it: ``decoder_start_token_id`` of the folder's
+    generation config or config, else their ``bos_token_id``."""
     if folder is not None:
-        for name in ("config.json", "generation_config.json"):
-            if (folder / name).is_file():
-                value = json.loads((folder / name).read_text(encoding="utf-8")).get("decoder_start_token_id")
-                if isinstance(value, int):
+        configs = [json.loads((folder / n).read_text(encoding="utf-8"))
+                   for n in ("generation_config.json", "config.json") if (folder / n).is_file()]
+        for key in ("decoder_start_token_id", "bos_token_id"):
+            for config in configs:
+                if isinstance(value := config.get(key), int):
                     return value
-    raise InputError(f"{manifest.source.model}: no decoder_start_token_id in its config: the decoder has no first "
-                     "token")
+    raise InputError(f"{manifest.source.model}: no decoder_start_token_id (nor bos_token_id) in its config: the "
+                     "decoder has no first token")
 
 
 def seeded_sources(manifest: Manifest, batch: int, length: int, seed: int) -> np.ndarray:
