@@ -275,7 +275,7 @@ def grade_seq2seq(manifest: Manifest, base: Path, reference: str, variants: list
     (gated too: a component that breaks decoding fails convert), each against its no-cache path (``decoder_model``
     over the whole sequence). The artifact's ``metrics.generation`` is its worst path's."""
     from runtimes.decoding import hf_folder
-    from runtimes.seq2seq import Seq2SeqTorchDecoder, seeded_sources, start_token
+    from runtimes.seq2seq import Seq2SeqTorchDecoder, audio_window, seeded_sources, start_token
 
     try:
         start_token(hf_folder(manifest), manifest)
@@ -286,7 +286,8 @@ def grade_seq2seq(manifest: Manifest, base: Path, reference: str, variants: list
         f"new tokens, every decoder path with its cache vs its no-cache path; {reference} gated against eager "
         f"PyTorch, variants against {reference} (agreement >= {100 * gate.min_token_agreement:g}%, step cosine >= "
         f"{gate.min_cosine:g})")
-    prompt = seeded_sources(manifest, gate.prompts, gate.prompt_length, seed)
+    # token sources of gate.prompt_length; audio: the encoder's whole window
+    prompt = seeded_sources(manifest, gate.prompts, gate.prompt_length if audio_window(manifest) is None else None, seed)
     ref_decoder = _seq2seq_decoder(manifest, base, reference)
     try:
         ref = decode(ref_decoder, prompt, gate.new_tokens)

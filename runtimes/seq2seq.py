@@ -3,7 +3,8 @@ as a decoder-only model (:class:`runtimes.decoding.Decoder`), so ``greedy``/``fo
 benchmark and convert's generation check run them unchanged.
 
 A session's first ``step`` takes the *source* (t5/bart: ``input_ids``, batch x tokens, with an all-ones
-``attention_mask``; whisper: ``input_features``, batch x mel bins x frames): the encoder runs once on it, then the
+``attention_mask``; whisper: audio features, time-major, batch x frames x mel bins, zero-padded to the encoder's
+window, :func:`to_features`): the encoder runs once on it, then the
 decoder's first step on the config's ``decoder_start_token_id``; its logits are the step's. That first decoder step
 (no past) also gives the cross-attention past (``present.<i>.encoder.*``, Optimum's layout: batch x heads x encoder
 sequence x head dim), kept for every later step; each later ``step`` feeds the new decoder tokens with the
@@ -64,19 +65,42 @@ def start_token(folder: Path | None, manifest: Manifest) -> int:
                      "decoder has no first token")
 
 
-def seeded_sources(manifest: Manifest, batch: int, length: int, seed: int) -> np.ndarray:
-    """Seeded sources: token ids inside the encoder's vocabulary range (batch x ``length``), or, for audio, features
-    of the encoder's own shape (batch x mel bins x frames; ``length`` is not used: the encoder takes a fixed window)."""
+def audio_window(manifest: Manifest) -> tuple[int, int] | None:
+    """(mel bins, frames) of an audio encoder's fixed input window (whisper: ``input_features`` batch x mel x frames);
+    None for a token source."""
+    if source_name(manifest) != "input_features":
+        return None
     spec = manifest.artifacts["fp32"].components[ENCODER].iospec
+    dims = spec.input("input_features").shape[1:]
+    mel, frames = (int(d) if isinstance(d, int) else int(spec.dims[str(d)]) for d in dims)
+    return mel, frames
+
+
+def to_features(source: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+    """An audio source, time-major (batch x frames x mel bins, at most the window's frames: its prompt length is its
+    frame count), as the encoder takes it: batch x mel x window frames, zero-padded after its end (whisper's feature
+    extractor pads every clip to its 30 s window too)."""
+    mel, frames = window
+    if source.ndim != 3 or source.shape[2] != mel:
+        raise InputError(f"an audio source is batch x frames x {mel} mel bins, got shape {list(source.shape)}")
+    if source.shape[1] > frames:
+        raise InputError(f"a source of {source.shape[1]} frames: the encoder takes at most {frames} (its window)")
+    out = np.zeros((source.shape[0], mel, frames), dtype=np.float32)
+    out[:, :, :source.shape[1]] = np.swapaxes(source, 1, 2)
+    return out
+
+
+def seeded_sources(manifest: Manifest, batch: int, length: int | None, seed: int) -> np.ndarray:
+    """Seeded sources: token ids inside the encoder's vocabulary range (batch x ``length``), or audio features,
+    time-major (batch x ``length`` frames x mel bins; None: the encoder's whole window; see :func:`to_features`)."""
     rng = np.random.default_rng(seed)
-    if source_name(manifest) == "input_ids":
+    window = audio_window(manifest)
+    if window is None:
+        spec = manifest.artifacts["fp32"].components[ENCODER].iospec
         lo, hi = spec.input("input_ids").int_range or (0, 2)
-        return rng.integers(lo, hi, size=(batch, length), dtype=np.int64)
-    t = spec.input("input_features")
-    dims = [d for d in t.shape[1:]]
-    if not all(isinstance(d, int) for d in dims):
-        dims = [int(d) if isinstance(d, int) else int(spec.dims[str(d)]) for d in dims]
-    return rng.standard_normal(size=(batch, *[int(d) for d in dims])).astype(np.float32)
+        return rng.integers(lo, hi, size=(batch, length or 16), dtype=np.int64)
+    frames = window[1] if length is None else length
+    return rng.standard_normal(size=(batch, frames, window[0])).astype(np.float32)
 
 
 def _same(memo: tuple[np.ndarray, Any], prompt: np.ndarray, ids: np.ndarray) -> bool:
@@ -118,7 +142,7 @@ class _OnnxSession:
 
     def _encode(self, source: np.ndarray) -> None:
         d = self.d
-        feed = {d.source: source}
+        feed = {d.source: source if d.window is None else to_features(source, d.window)}
         if d.source == "input_ids":
             feed["attention_mask"] = np.ones(source.shape, dtype=np.int64)
         self.enc = {"encoder_hidden_states": d.parts[ENCODER](feed)["last_hidden_state"]}
@@ -183,7 +207,7 @@ class Seq2SeqOnnxDecoder(Decoder):
                              f"(components: {', '.join(art.components)})")
         self.backend, self.variant, self.precision = backend, variant, art.precision
         self.size_mb = sum(art.components[c].file.size_bytes for c in needed) / 2**20
-        self.source = source_name(manifest)
+        self.source, self.window = source_name(manifest), audio_window(manifest)
         self.start = start if start is not None else start_token(hf_folder(manifest), manifest)
         self.runners: dict[str, Runner] = {}
         for c in needed:
@@ -273,7 +297,7 @@ class Seq2SeqTorchDecoder(Decoder):
         self.weights = base / weights[0].file.path if weights else None
         self.variant = weights[0].name if weights else "hf"
         self.size_mb = weights[0].file.size_bytes / 2**20 if weights else None
-        self.source = source_name(manifest)
+        self.source, self.window = source_name(manifest), audio_window(manifest)
         self.start = start_token(folder, manifest)
         self.model: Any = None
         self._threads_before: int | None = None
@@ -318,7 +342,9 @@ class Seq2SeqTorchDecoder(Decoder):
             mask = torch.ones_like(src)
             return {"encoder_outputs": self.model.get_encoder()(input_ids=src, attention_mask=mask),
                     "attention_mask": mask}
-        return {"encoder_outputs": self.model.get_encoder()(input_features=src)}
+        assert self.window is not None  # an audio source
+        features = torch.from_numpy(to_features(source, self.window))
+        return {"encoder_outputs": self.model.get_encoder()(input_features=features)}
 
     def session(self) -> DecodeSession:
         return _TorchSession(self)

@@ -42,12 +42,10 @@ def is_seq2seq(manifest: Manifest) -> bool:
 
 
 def is_generation_artifact(manifest: Manifest) -> bool:
-    """One decoder file with a KV cache, or an encoder-decoder of token ids (t5, bart): ``bench`` and ``tune`` run it
-    as a generation loop (other models exported as several files, e.g. whisper's audio encoder, are measured
+    """One decoder file with a KV cache, or an encoder-decoder with its decoder's cache (t5, bart, whisper):
+    ``bench`` and ``tune`` run it as a generation loop (other models exported as several files are measured
     component by component)."""
-    if is_seq2seq(manifest):
-        return "input_ids" in manifest.artifacts["fp32"].components["encoder_model"].iospec.input_names
-    return not manifest.components() and has_kv_cache(manifest.iospec)
+    return is_seq2seq(manifest) or (not manifest.components() and has_kv_cache(manifest.iospec))
 
 
 class KVCacheSession(Session):

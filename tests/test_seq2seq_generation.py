@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtimes.decoding import GenerationConfig
 from tests.test_hf_optimum import _cli
 
 transformers = pytest.importorskip("transformers")
@@ -60,7 +61,7 @@ def whisper_art(root: Path) -> Path:
     return _convert(root, "whisper", "automatic-speech-recognition-with-past")
 
 
-def _agree(art: Path, batch_lengths: list[tuple[int, int]], backends: list[tuple[str, str]]) -> None:
+def _agree(art: Path, batch_lengths: list[tuple[int, int | None]], backends: list[tuple[str, str]]) -> None:
     """Each (backend, decoder path) decodes the same seeded sources as eager PyTorch: the same tokens, and (teacher
     forced) step logits with cosine > 0.9999; its no-cache path picks the same tokens."""
     from core.manifest import Manifest
@@ -118,7 +119,9 @@ def test_t5_greedy_onnx_matches_eager(t5_art: Path) -> None:
 
 
 def test_whisper_greedy_onnx_matches_eager(whisper_art: Path) -> None:
-    _agree(whisper_art, [(1, 0), (2, 0)], [("ort", "merged"), ("ort", "split"), ("openvino", "split")])
+    """Audio sources time-major (frames x mel bins), zero-padded to the encoder's window: a short clip and a whole
+    window."""
+    _agree(whisper_art, [(1, 40), (2, None)], [("ort", "merged"), ("ort", "split"), ("openvino", "split")])
 
 
 def test_convert_gate_decodes_components(t5_art: Path, tmp_path: Path) -> None:
@@ -158,20 +161,22 @@ def test_convert_gate_decodes_components(t5_art: Path, tmp_path: Path) -> None:
     assert man.artifacts["fp32"].status == "ok"
 
 
-def test_bench_t5_generation(t5_art: Path, whisper_art: Path) -> None:
-    """bench on an encoder-decoder is a generation request (whisper's audio encoder is still benched component by
-    component) and the generation benchmark gives TTFT (encoder + first decoder step), TPOT and tokens/s on eager
-    and ONNX Runtime (both variants), the KV-cache path beside the no-cache path, and the checks against eager."""
+def _small(cfg: GenerationConfig) -> GenerationConfig:
+    return cfg.model_copy(update={"backends": ["eager", "ort"], "new_tokens": 4, "no_cache_tokens": 6,
+                                  "check_prompts": 2, "check_tokens": 6, "warmup": 0, "iters": 2, "rounds": 1})
+
+
+def test_bench_generation(t5_art: Path, whisper_art: Path) -> None:
+    """bench on an encoder-decoder is a generation request, and the generation benchmark gives TTFT (encoder + first
+    decoder step), TPOT and tokens/s on eager and ONNX Runtime (both t5 variants), the KV-cache path beside the
+    no-cache path, and the checks against eager; whisper's prompt length is its clip's frames."""
     from runtimes.generation import run_generation_bench
     from runtimes.harness import BenchConfig, generation_request
 
     gen_cfg = generation_request(BenchConfig(artifact_dir=t5_art, backends=["eager", "ort", "openvino"],
                                              batch_sizes=[1, 2], dims={"sequence": [5]}))
     assert gen_cfg is not None and gen_cfg.prompt_lengths == [5]
-    assert generation_request(BenchConfig(artifact_dir=whisper_art)) is None
-    cfg = gen_cfg.model_copy(update={"backends": ["eager", "ort"], "new_tokens": 4, "no_cache_tokens": 6,
-                                     "check_prompts": 2, "check_tokens": 6, "warmup": 0, "iters": 2, "rounds": 1})
-    gen = run_generation_bench(cfg, log=lambda _: None).generation
+    gen = run_generation_bench(_small(gen_cfg), log=lambda _: None).generation
     assert gen is not None
     rows = gen.rows
     assert {(r.backend, r.variant, r.batch_size, r.kv_cache) for r in rows} >= {
@@ -180,3 +185,9 @@ def test_bench_t5_generation(t5_art: Path, whisper_art: Path) -> None:
     assert all(r.kv_cache_mb for r in rows if r.kv_cache)
     ort = next(c for c in gen.checks if c.backend == "ort" and c.variant == "fp32")
     assert ort.forced_agreement == 1.0 and ort.cosine_min > 0.9999 and ort.kv_matches_no_cache
+
+    wh_cfg = generation_request(BenchConfig(artifact_dir=whisper_art, batch_sizes=[1], dims={"sequence": [50]}))
+    assert wh_cfg is not None
+    gen = run_generation_bench(_small(wh_cfg), log=lambda _: None).generation
+    assert gen is not None and {(r.backend, r.prompt_length) for r in gen.rows} == {("eager", 50), ("ort", 50)}
+    assert all(c.forced_agreement == 1.0 and c.kv_matches_no_cache for c in gen.checks)
