@@ -65,6 +65,25 @@ def start_token(folder: Path | None, manifest: Manifest) -> int:
                      "decoder has no first token")
 
 
+def decoder_positions(folder: Path | None) -> int | None:
+    """The most tokens the decoder takes (start token included): ``max_target_positions`` (whisper), else
+    ``max_position_embeddings`` (bart); None where positions are relative (t5)."""
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    for key in ("max_target_positions", "max_position_embeddings"):
+        if isinstance(value := config.get(key), int):
+            return value
+    return None
+
+
+def check_positions(limit: int | None, used: int, new: int) -> None:
+    """One line instead of an index error deep in the model when a loop runs past the decoder's positions."""
+    if limit is not None and used + new > limit:
+        raise InputError(f"{used + new} decoder tokens (start token included): the model's decoder takes at most "
+                         f"{limit} positions; generate fewer new tokens")
+
+
 def audio_window(manifest: Manifest) -> tuple[int, int] | None:
     """(mel bins, frames) of an audio encoder's fixed input window (whisper: ``input_features`` batch x mel x frames);
     None for a token source."""
@@ -139,6 +158,7 @@ class _OnnxSession:
         self.enc: dict[str, np.ndarray] = {}
         self.cross: dict[str, np.ndarray] = {}
         self.self_past: dict[str, np.ndarray] = {}
+        self.length = 0
 
     def _encode(self, source: np.ndarray) -> None:
         d = self.d
@@ -161,7 +181,9 @@ class _OnnxSession:
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         d = self.d
+        check_positions(d.positions, self.length, 1 if not self.enc else ids.shape[1])
         if not self.enc:  # the source: encoder, then the decoder's first step on the start token
+            self.length = 1
             self._encode(ids)
             batch = ids.shape[0]
             tokens = _start_ids(batch, d.start)
@@ -175,6 +197,7 @@ class _OnnxSession:
             self._keep(out, first=True)
             return out[LOGITS][:, -1]
         tokens = ids.astype(np.int64)
+        self.length += tokens.shape[1]
         if d.path == "merged":
             out = d.parts[MERGED]({**self.enc, "input_ids": tokens, BRANCH: np.ones([1], dtype=bool),
                                    **self.self_past, **self.cross})
@@ -209,6 +232,7 @@ class Seq2SeqOnnxDecoder(Decoder):
         self.size_mb = sum(art.components[c].file.size_bytes for c in needed) / 2**20
         self.source, self.window = source_name(manifest), audio_window(manifest)
         self.start = start if start is not None else start_token(hf_folder(manifest), manifest)
+        self.positions = decoder_positions(hf_folder(manifest))
         self.runners: dict[str, Runner] = {}
         for c in needed:
             view = manifest.component_view(c)
@@ -246,6 +270,7 @@ class Seq2SeqOnnxDecoder(Decoder):
             self._memo = (prompt.copy(), fresh)
         s = self._memo[1]
         tokens = np.concatenate([_start_ids(prompt.shape[0], self.start), ids.astype(np.int64)], axis=1)
+        check_positions(self.positions, 0, tokens.shape[1])
         if DECODER in self.parts:
             return self.parts[DECODER]({**s.enc, "input_ids": tokens})[LOGITS]
         comp = self.parts[MERGED]
@@ -263,11 +288,15 @@ class _TorchSession:
         self.d = decoder
         self.kwargs: dict[str, Any] = {}
         self.past: Any = None
+        self.length = 0
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         import torch
 
         d = self.d
+        new = 1 if not self.kwargs else ids.shape[1]
+        check_positions(d.positions, self.length, new)
+        self.length += new
         with torch.inference_mode():
             if not self.kwargs:
                 self.kwargs = d.encode(ids)
@@ -299,6 +328,7 @@ class Seq2SeqTorchDecoder(Decoder):
         self.size_mb = weights[0].file.size_bytes / 2**20 if weights else None
         self.source, self.window = source_name(manifest), audio_window(manifest)
         self.start = start_token(folder, manifest)
+        self.positions = decoder_positions(folder)
         self.model: Any = None
         self._threads_before: int | None = None
         self._memo: tuple[np.ndarray, dict[str, Any]] | None = None
@@ -353,6 +383,7 @@ class Seq2SeqTorchDecoder(Decoder):
         import torch
 
         tokens = np.concatenate([_start_ids(prompt.shape[0], self.start), ids.astype(np.int64)], axis=1)
+        check_positions(self.positions, 0, tokens.shape[1])
         with torch.inference_mode():
             if self._memo is None or not _same(self._memo, prompt, ids):  # the encoder once per source and loop
                 self._memo = (prompt.copy(), self.encode(prompt))

@@ -121,7 +121,21 @@ def test_t5_greedy_onnx_matches_eager(t5_art: Path) -> None:
 def test_whisper_greedy_onnx_matches_eager(whisper_art: Path) -> None:
     """Audio sources time-major (frames x mel bins), zero-padded to the encoder's window: a short clip and a whole
     window."""
+    from core.errors import InputError
+    from core.manifest import Manifest
+    from runtimes.base import RunnerOptions
+    from runtimes.decoding import greedy, greedy_no_cache
+    from runtimes.seq2seq import Seq2SeqOnnxDecoder, seeded_sources
+
     _agree(whisper_art, [(1, 40), (2, None)], [("ort", "merged"), ("ort", "split"), ("openvino", "split")])
+    man = Manifest.load(whisper_art)  # past the decoder's 32 positions: one line, not an index error in the model
+    d = Seq2SeqOnnxDecoder(man, whisper_art, "fp32", "ort", RunnerOptions(threads=1))
+    d.load()
+    src = seeded_sources(man, 1, 20, 0)
+    for loop in (greedy, greedy_no_cache):
+        with pytest.raises(InputError, match="at most 32 positions"):
+            loop(d, src, 32)
+    d.close()
 
 
 def test_convert_gate_decodes_components(t5_art: Path, tmp_path: Path) -> None:
