@@ -142,6 +142,9 @@ def convert(
                                        rich_help_panel="Precision")] = False,
     int8_dynamic: Annotated[bool, typer.Option("--int8-dynamic", help="Also write a dynamic INT8 variant",
                                                rich_help_panel="Precision")] = False,
+    int8_nncf: Annotated[bool, typer.Option("--int8-nncf", help="Also write OpenVINO's own INT8 (NNCF quantize on "
+                                                                "--calib, an OpenVINO IR the openvino backend runs)",
+                                            rich_help_panel="Precision")] = False,
     int4: Annotated[bool, typer.Option("--int4", help="Also write an INT4 weight-only variant (ONNX Runtime "
                                                       "MatMulNBits; MatMul/Gemm weights in 4-bit blocks)",
                                        rich_help_panel="Precision")] = False,
@@ -149,6 +152,17 @@ def convert(
                                                      "seeded inputs)", rich_help_panel="Precision")] = "rtn",
     int4_block_size: Annotated[int, typer.Option(min=16, max=256, help="INT4: weights per scale along K (a power of "
                                                                        "2)", rich_help_panel="Precision")] = 32,
+    int4_accuracy_level: Annotated[int | None, typer.Option(min=0, max=4, help=(
+        "INT4 (--int4): MatMulNBits compute type, 0 FP32, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (default: 4 for "
+        "rtn/gptq, ONNX Runtime GenAI's CPU default; 0 for hqq)"), rich_help_panel="Precision")] = None,
+    int4_ov: Annotated[bool, typer.Option("--int4-ov", help="Also write OpenVINO's own INT4 variant (NNCF "
+                                                            "compress_weights, an OpenVINO IR run by the openvino "
+                                                            "backend only; KV-cache decoders)",
+                                          rich_help_panel="Precision")] = False,
+    int4_symmetric: Annotated[bool, typer.Option("--int4-symmetric", help="INT4: symmetric blocks, no zero points "
+                                                 "(--int4 rtn, --int4-ov)", rich_help_panel="Precision")] = False,
+    int4_ratio: Annotated[float, typer.Option(min=0.0, max=1.0, help="--int4-ov: share of the layers in INT4 (the "
+                                                                     "rest INT8)", rich_help_panel="Precision")] = 1.0,
     calib: Annotated[str | None, typer.Option(help="Calibration data: image folder, .npy/.npz keyed by input name, "
                                                    "imagenet_subset (built in, offline) or synthetic",
                                               rich_help_panel="Precision")] = None,
@@ -192,6 +206,13 @@ def convert(
                                                        "of greedy decode steps whose token a variant must choose as "
                                                        "FP32 does (and a step logits cosine >= 0.98)",
                                                        rich_help_panel="Accuracy gate")] = 0.9,
+    eval_text: Annotated[str | None, typer.Option(metavar="FILE|stdlib", help=(
+        "Decoders with a KV cache: held-out text (a UTF-8 file, or stdlib: the held-out Python standard library "
+        "files); each variant's perplexity on it is gated against FP32's (--max-perplexity-increase) and recorded"),
+        rich_help_panel="Accuracy gate")] = None,
+    max_perplexity_increase: Annotated[float, typer.Option(min=0.0, help=(
+        "With --eval-text: the largest perplexity increase over FP32 a variant may have, as a fraction (0.05: 5%); "
+        "over it: marked failed, exit 5"), rich_help_panel="Accuracy gate")] = 0.05,
     auto: Annotated[bool, typer.Option("--auto", help="Static INT8: try calibration methods, then keep the most "
                                                       "error-adding nodes in FP32 until within --max-accuracy-drop",
                                        rich_help_panel="Precision")] = False,
@@ -345,6 +366,9 @@ def bench(
                                                     "what a deployment runs); recorded in the results")] = True,
     component: Annotated[str | None, typer.Option(help="A model exported as several files (encoder, decoder, ...): "
                                                        "the one to measure (default: each in turn)")] = None,
+    text: Annotated[str | None, typer.Option(metavar="FILE|stdlib", help=(
+        "A decoder with a KV cache: held-out text for each variant's perplexity (a UTF-8 file, or stdlib: the "
+        "held-out Python standard library files); the model's tokenizer where its folder has one, else bytes"))] = None,
 ) -> None:
     """Benchmark every backend on the same inputs; check accuracy against the FP32 reference."""
     with user_errors():
@@ -358,9 +382,10 @@ def bench(
                                                                         "channels_last": channels_last,
                                                                         "include_transfers": include_transfers}.items()
                                                    if v}, "openvino_hint": openvino_hint},
-                            rounds=rounds, ort_spinning=ort_spinning, component=component)
+                            rounds=rounds, ort_spinning=ort_spinning, component=component, text=text)
         json_path = out or cfg.artifact_dir / "bench" / "results.json"
-        check_results_path(json_path, inputs=[*artifact_files(cfg.artifact_dir), *([cfg.data] if cfg.data else [])])
+        check_results_path(json_path, inputs=[*artifact_files(cfg.artifact_dir), *([cfg.data] if cfg.data else []),
+                                              *([Path(text)] if text and text != "stdlib" else [])])
         _render_bench(_run_bench_with_progress(cfg), json_path)
 
 
@@ -396,7 +421,7 @@ def _run_bench_with_progress(cfg: BenchConfig) -> BenchResults:
         def step(desc: str) -> None:
             bar.update(task, description=desc, advance=1)
 
-        return run_bench(cfg, log=log, progress=step)
+        return run_bench(cfg, log=log, progress=step, generation=gen)  # gen: the manifest read once
 
 
 def _render_bench(results: BenchResults, json_path: Path) -> None:

@@ -83,6 +83,11 @@ class GenerationGate(BaseModel):
     min_token_agreement: float = Field(default=0.9, ge=0, le=1, description="Smallest share of steps whose greedy "
                                                                             "token equals FP32's")
     min_cosine: float = Field(default=0.98, ge=-1, le=1, description="Smallest logits cosine with FP32 at any step")
+    text: str | None = Field(default=None, description="Held-out text (a UTF-8 file, or 'stdlib'): each variant's "
+                                                       "perplexity on it is gated against FP32's "
+                                                       "(convert.genperplexity)")
+    max_perplexity_increase: float = Field(default=0.05, ge=0, description="With text: the largest relative "
+                                                                           "perplexity increase over FP32 (0.05: 5%)")
 
 
 class GateConfig(Budget):
@@ -150,6 +155,12 @@ class Int8Layout(BaseModel):
 Int4Algorithm = Literal["rtn", "hqq", "gptq"]
 
 
+#: MatMulNBits' accuracy level when none is given: 4 (activations quantized to int8 per block, int8 dot products), the
+#: CPU default of ONNX Runtime GenAI's model builder ("Default is 4 for the CPU EP"); level 0 dequantizes every
+#: weight to FP32 per call, which leaves INT4 little faster than FP32 on a CPU. The gate measures what it costs.
+CPU_INT4_ACCURACY_LEVEL = 4
+
+
 class Int4Config(BaseModel):
     """INT4 weight-only (``--int4``): ONNX Runtime's MatMulNBitsQuantizer turns every MatMul with a constant weight
     into a MatMulNBits (4-bit weights in blocks along K, one scale per block; activations stay FP32)."""
@@ -162,8 +173,11 @@ class Int4Config(BaseModel):
     block_size: int = Field(default=32, ge=16, le=256, description="Weights per scale along K: a power of 2 from 16 "
                                                                    "(K is zero-padded to a multiple)")
     symmetric: bool = Field(default=False, description="Symmetric blocks (no zero points)")
-    accuracy_level: int | None = Field(default=None, ge=0, le=4, description="MatMulNBits compute type: unset/0 "
-                                                                             "FP32, 1 fp32, 2 fp16, 3 bf16, 4 int8")
+    accuracy_level: int | None = Field(default=None, ge=0, le=4, description="MatMulNBits compute type: 0 FP32 "
+                                                                             "(attribute unset), 1 fp32, 2 fp16, 3 "
+                                                                             "bf16, 4 int8 activations; None: 4 for "
+                                                                             "rtn and gptq (ONNX Runtime GenAI's model "
+                                                                             "builder's CPU default), 0 for hqq")
     ratio: float = Field(default=1.0, ge=0, le=1, description="--int4-ov: share of the layers NNCF compresses to INT4 "
                                                                "(the rest INT8); --int4 (ONNX Runtime) has no ratio")
 
@@ -175,8 +189,15 @@ class Int4Config(BaseModel):
             raise InputError(f"--int4-ratio is the share of the layers in INT4: above 0 and at most 1, got {self.ratio:g}")
         if self.algorithm == "hqq" and (self.symmetric or self.accuracy_level):
             raise InputError("INT4 hqq writes asymmetric blocks with float zero points and no accuracy level: drop "
-                             "symmetric/accuracy_level, or use rtn")
+                             "--int4-symmetric/--int4-accuracy-level, or use rtn")
         return self
+
+    @property
+    def level(self) -> int:
+        """The accuracy level written (0: the attribute left unset, FP32 compute)."""
+        if self.accuracy_level is not None:
+            return self.accuracy_level
+        return 0 if self.algorithm == "hqq" else CPU_INT4_ACCURACY_LEVEL
 
 
 class QuantConfig(BaseModel):
@@ -191,6 +212,9 @@ class QuantConfig(BaseModel):
                               json_schema_extra={"flag": "--int8"})
     int8_dynamic: bool = Field(default=False, description="Dynamic INT8 (weights int8, activations at run time)",
                                json_schema_extra={"flag": "--int8-dynamic"})
+    int8_nncf: bool = Field(default=False, description="OpenVINO's own INT8 (NNCF quantize, calibrated like --int8), "
+                                                       "an OpenVINO IR (convert/int8_nncf.py)",
+                            json_schema_extra={"flag": "--int8-nncf"})
     int4: bool = Field(default=False, description="INT4 weight-only (MatMulNBits, convert/int4.py)",
                        json_schema_extra={"flag": "--int4"})
     int4_ov: bool = Field(default=False, description="INT4 weight compression by NNCF for OpenVINO, an OpenVINO IR "

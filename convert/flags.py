@@ -56,11 +56,14 @@ InputShape = tuple[int, ...] | dict[str, tuple[int, ...]]
 #: (--eval-data is not one of them: the sparse/pruned variants are measured on it too.)
 QUANT_ONLY_FLAGS = ("calib", "calib_size", "calib_method", "calib_batch", "size", "mean", "std", "activation_type",
                     "weight_type", "per_channel", "reduce_range", "exclude_nodes", "exclude_op_types", "auto",
-                    "eval_size", "int8_layouts", "min_token_agreement")
+                    "eval_size", "int8_layouts", "min_token_agreement", "eval_text", "max_perplexity_increase")
 #: Flags that tune --trt's engines: without it they act on nothing.
 TRT_ONLY_FLAGS = ("trt_from", "min_batch", "opt_batch", "max_batch", "workspace", "builder_opt_level", "timing_cache")
 #: Flags that tune --int4: without it they act on nothing.
-INT4_FLAGS = ("int4_algorithm", "int4_block_size")
+INT4_FLAGS = ("int4_algorithm", "int4_accuracy_level")
+#: Flags that tune --int4 or --int4-ov (NNCF's, convert/int4_ov.py); --int4-ratio only --int4-ov.
+INT4_ANY_FLAGS = ("int4_block_size", "int4_symmetric")
+INT4_OV_FLAGS = ("int4_ratio",)
 
 #: Flags that tune training: without --train-data they act on nothing.
 TRAIN_FLAGS = ("epochs", "lr", "temperature", "label_weight", "patience", "train_time", "train_device")
@@ -133,10 +136,17 @@ class ConvertFlags(BaseModel):
     fp16: bool = False
     int8: bool = False
     int8_dynamic: bool = False
+    int8_nncf: bool = False
     int4: bool = False
     int4_algorithm: Int4Algorithm = "rtn"
     int4_block_size: int = 32
+    int4_accuracy_level: int | None = None
+    int4_ov: bool = False
+    int4_symmetric: bool = False
+    int4_ratio: float = 1.0
     min_token_agreement: float = 0.9
+    eval_text: str | None = None
+    max_perplexity_increase: float = 0.05
     calib: str | None = None
     calib_size: int = 100
     calib_method: list[CalibMethod] = Field(default=["minmax"])
@@ -207,6 +217,12 @@ class ConvertFlags(BaseModel):
                              f"add {variant_flags()}")
         if not self.int4 and (stray := self.given(INT4_FLAGS)):
             raise InputError(f"{', '.join(stray)} tune{'s' if len(stray) == 1 else ''} INT4: add --int4")
+        if not (self.int4 or self.int4_ov) and (stray := self.given(INT4_ANY_FLAGS)):
+            raise InputError(f"{', '.join(stray)} tune{'s' if len(stray) == 1 else ''} INT4: add --int4 or --int4-ov")
+        if not self.int4_ov and (stray := self.given(INT4_OV_FLAGS)):
+            raise InputError(f"{', '.join(stray)} tunes NNCF's INT4 for OpenVINO: add --int4-ov")
+        if self.eval_text is None and "max_perplexity_increase" in self.model_fields_set:
+            raise InputError("--max-perplexity-increase gates perplexity on held-out text: add --eval-text FILE|stdlib")
         if not self.trt and "dim_range" in self.model_fields_set:
             raise InputError("--dim-range sets a TensorRT profile: add --trt")
         if not self.trt and (stray := self.given(TRT_ONLY_FLAGS)):
@@ -241,7 +257,9 @@ class ConvertFlags(BaseModel):
                                 seed=self.seed)
             gate = GateConfig(**budget.model_dump(), auto=self.auto, eval_data=self.eval_data,
                               eval_size=self.eval_size,
-                              generation=GenerationGate(min_token_agreement=self.min_token_agreement).model_copy(
+                              generation=GenerationGate(min_token_agreement=self.min_token_agreement,
+                                                        text=self.eval_text,
+                                                        max_perplexity_increase=self.max_perplexity_increase).model_copy(
                                   update={"min_cosine": self.min_cosine} if "min_cosine" in self.model_fields_set
                                   else {}))
             quant = QuantConfig(**self.quant_variants, calib=calib, gate=gate, activation_type=self.activation_type,
@@ -249,7 +267,9 @@ class ConvertFlags(BaseModel):
                                 reduce_range=self.reduce_range,
                                 exclude_nodes=self.exclude_nodes, exclude_op_types=self.exclude_op_types,
                                 extra_layouts=self.int8_layouts,
-                                int4_options=Int4Config(algorithm=self.int4_algorithm, block_size=self.int4_block_size))
+                                int4_options=Int4Config(algorithm=self.int4_algorithm, block_size=self.int4_block_size,
+                                                        symmetric=self.int4_symmetric, ratio=self.int4_ratio,
+                                                        accuracy_level=self.int4_accuracy_level))
         engine = None
         if self.trt:
             engine = EngineConfig(fp16=self.fp16, int8=self.int8, source=self.trt_from, tf32=self.tf32,

@@ -17,15 +17,19 @@ record says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from convert.config import GenerationGate
 from core.errors import InputError, first_line
-from core.manifest import Manifest
+from core.manifest import Artifact, Manifest
 from core.records import GateResult, PerplexityCheck
 
 BASIS = "perplexity on held-out text against FP32"
+#: opens the loaded runner a variant is measured on (``convert.genvalidate.variant_runner``)
+RunnerFor = Callable[[Manifest, Path, Artifact], AbstractContextManager[Any]]
 
 
 def perplexity_gate(ppl: float, ref: float, gate: GenerationGate, basis: str) -> tuple[PerplexityCheck, str | None]:
@@ -53,11 +57,11 @@ def _fail(art: Any, why: str) -> None:
 
 
 def grade_perplexity(manifest: Manifest, base: Path, reference: str, variants: list[str], gate: GenerationGate,
-                     seed: int, log: Any = print) -> None:
+                     seed: int, runner_for: RunnerFor, log: Any = print) -> None:
     """Measure the reference's and each of ``variants``' perplexity on ``gate.text`` and gate each variant (see the
-    module docstring). Runs after the agreement check (``convert.genvalidate.grade_generation``): a variant it could
+    module docstring), each on the runner ``runner_for`` opens for it (the agreement check's,
+    ``convert.genvalidate.variant_runner``). Runs after the agreement check (``grade_generation``): a variant it could
     not decode (no ``metrics.generation``) is left as it failed."""
-    from convert.genvalidate import variant_runner
     from runtimes.decoding import RunnerDecoder
     from runtimes.generation import held_out, perplexity
     from runtimes.session import is_generation_artifact, is_seq2seq
@@ -71,7 +75,7 @@ def grade_perplexity(manifest: Manifest, base: Path, reference: str, variants: l
     log(f"perplexity gate: {basis}; variants within +{100 * gate.max_perplexity_increase:g}% of {reference}'s")
 
     def measure(name: str) -> float:
-        with variant_runner(manifest, base, manifest.artifacts[name]) as runner:
+        with runner_for(manifest, base, manifest.artifacts[name]) as runner:
             return perplexity(RunnerDecoder(runner), windows)
 
     ref = measure(reference)

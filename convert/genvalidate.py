@@ -82,6 +82,20 @@ def ort_runner(manifest: Manifest, base: Path, art: Artifact) -> Iterator[Any]:
         yield runner
 
 
+@contextmanager
+def variant_runner(manifest: Manifest, base: Path, art: Artifact) -> Iterator[Any]:
+    """The runner a variant is graded on: ONNX Runtime, or OpenVINO for an OpenVINO IR (``--int4-ov``; one thread)."""
+    if art.kind != "openvino_ir":
+        with ort_runner(manifest, base, art) as runner:
+            yield runner
+        return
+    from runtimes.base import RunnerOptions
+    from runtimes.openvino import OpenVinoRunner
+
+    with OpenVinoRunner(manifest, base, art, RunnerOptions(threads=1)) as runner:
+        yield runner
+
+
 def decode(decoder: Decoder, prompt: np.ndarray, steps: int) -> Decoded:
     """The decoder's own greedy decoding (prefill + ``steps`` steps) through its KV-cache session."""
     trace = greedy(decoder, prompt, steps, keep_logits=True)
@@ -218,7 +232,7 @@ def grade_generation(manifest: Manifest, base: Path, reference: str, variants: l
     for name in [reference, *variants]:
         art = manifest.artifacts[name]
         try:
-            with ort_runner(manifest, base, art) as runner:
+            with variant_runner(manifest, base, art) as runner:
                 check = run.check(runner, is_reference=name == reference)
         except Exception as exc:  # a variant ONNX Runtime cannot decode with fails its gate, the others go on
             if name == reference:
@@ -360,6 +374,11 @@ def grade_new_variants(ctx: ConvertContext, gate: GenerationGate, reference: str
                        random_init: bool) -> None:
     """After the variant steps of a one-file decoder with a KV cache: the generation check of ``reference`` and of
     every ONNX artifact made since ``before`` (the artifact names then)."""
-    made = [n for n, a in ctx.manifest.artifacts.items() if n not in before and a.kind == "onnx"]
+    made = [n for n, a in ctx.manifest.artifacts.items() if n not in before and a.kind in ("onnx", "openvino_ir")]
     if made:
         grade_generation(ctx.manifest, ctx.out, reference, made, gate, ctx.cfg.export.seed, random_init, ctx.log)
+        if gate.text is not None:  # --eval-text: each variant's perplexity against the reference's (its own module)
+            from convert.genperplexity import grade_perplexity
+
+            grade_perplexity(ctx.manifest, ctx.out, reference, made, gate, ctx.cfg.export.seed, variant_runner,
+                             ctx.log)

@@ -101,11 +101,13 @@ class HeldOutEvaluator:
                 feed = {k: np.concatenate([v, first[k][idx]]) for k, v in feed.items()}
             yield feed, lab, n
 
-    def outputs(self, path: Path, simulate_qdq: bool = False) -> tuple[list[np.ndarray], np.ndarray | None]:
+    def outputs(self, path: Path, simulate_qdq: bool = False,
+                session: Any = None) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Every output of ``path`` on every held-out sample, and the labels (``simulate_qdq``: see
-        ``runtimes.ort.ort_session``)."""
+        ``runtimes.ort.ort_session``; ``session``: another runtime's, with ONNX Runtime's ``get_outputs``/``run``,
+        for a file ONNX Runtime does not read: an OpenVINO IR)."""
         try:
-            sess = ort_session(path, simulate_qdq=simulate_qdq)
+            sess = session if session is not None else ort_session(path, simulate_qdq=simulate_qdq)
         except InputError as exc:  # a variant this run built: its failure, not the user's input
             raise ValidationError(f"held-out evaluation of {path.name}", [str(exc)]) from None
         self.output_names = [o.name for o in sess.get_outputs()]
@@ -124,11 +126,11 @@ class HeldOutEvaluator:
         self.reference, self.labels = self.outputs(path)
         self.reference_name = name
 
-    def evaluate(self, path: Path, simulate_qdq: bool = False) -> AccuracyStats:
-        """Statistics of ``path`` against the reference."""
+    def evaluate(self, path: Path, simulate_qdq: bool = False, session: Any = None) -> AccuracyStats:
+        """Statistics of ``path`` against the reference (run by ``session`` when given, see :meth:`outputs`)."""
         if self.reference is None:
             raise RuntimeError("set_reference() first")
-        got, _ = self.outputs(path, simulate_qdq)
+        got, _ = self.outputs(path, simulate_qdq, session)
         return accuracy_stats(got, self.reference, self.labels, f"ort:{self.reference_name}:fp32:cpu",
                               self.output_names)
 

@@ -194,7 +194,7 @@ def _algo_config(opts: Int4Config, calib: list[dict[str, np.ndarray]] | None) ->
             raise InputError("INT4 gptq needs calibration inputs")
         return GPTQWeightOnlyQuantConfig(calibration_data_reader=_Feeds(calib), block_size=opts.block_size)
     return DefaultWeightOnlyQuantConfig(block_size=opts.block_size, is_symmetric=opts.symmetric,
-                                        accuracy_level=opts.accuracy_level, bits=BITS)
+                                        accuracy_level=opts.level or None, bits=BITS)
 
 
 def _file_bytes(path: Path) -> int:
@@ -213,7 +213,7 @@ def quantize_int4_file(src: Path, out: Path, opts: Int4Config,
     try:
         with _quiet():
             quantizer = MatMulNBitsQuantizer(model, bits=BITS, block_size=opts.block_size, is_symmetric=opts.symmetric,
-                                             accuracy_level=opts.accuracy_level,
+                                             accuracy_level=opts.level or None,
                                              algo_config=_algo_config(opts, calib))
             quantizer.process()
             result = quantizer.model.model
@@ -250,7 +250,7 @@ def _params(opts: Int4Config, infos: list[Int4Info], calibration: str | None) ->
     src, size = sum(i.source_bytes for i in infos), sum(i.size_bytes for i in infos)
     return Int4Params(algorithm=opts.algorithm, algorithm_config=ALGORITHM_CONFIGS[opts.algorithm],
                       block_size=opts.block_size, symmetric=opts.symmetric and opts.algorithm != "hqq",
-                      accuracy_level=opts.accuracy_level, matmuls_quantized=sum(i.quantized for i in infos),
+                      accuracy_level=opts.level or None, matmuls_quantized=sum(i.quantized for i in infos),
                       matmuls_kept=sum(i.kept for i in infos), gemms_rewritten=sum(i.gemms for i in infos),
                       calibration=calibration, source_bytes=src, size_bytes=size,
                       size_ratio=round(size / src, 4) if src else 0.0)
@@ -259,7 +259,7 @@ def _params(opts: Int4Config, infos: list[Int4Info], calibration: str | None) ->
 def describe(opts: Int4Config) -> str:
     sym = "asymmetric, float zero points" if opts.algorithm == "hqq" else \
         "symmetric" if opts.symmetric else "asymmetric"
-    level = f", accuracy level {opts.accuracy_level}" if opts.accuracy_level else ""
+    level = f", accuracy level {opts.level}" if opts.level else ""
     return (f"INT4 weight-only (ONNX Runtime MatMulNBitsQuantizer, {opts.algorithm}, block {opts.block_size}, "
             f"{sym}{level})")
 

@@ -34,6 +34,8 @@ from convert.config import QuantConfig, join_flags
 from convert.context import ConvertContext, attempt_variant
 from convert.genvalidate import grade_new_variants
 from convert.int4 import INT4_PER_COMPONENT, Int4Params, check_int4, step_int4
+from convert.int4_ov import Int4OvParams, check_int4_ov, step_int4_ov
+from convert.int8_nncf import Int8NncfParams, check_int8_nncf, step_int8_nncf
 from convert.quantize import QuantState, setup_quant, step_fp16, step_int8_dynamic, step_int8_static
 from core.errors import InputError
 from core.manifest import Precision
@@ -85,8 +87,14 @@ VARIANTS: dict[str, Variant] = {
     "int8_static": Variant(name="int8_static", section="quant", field="int8_static",
                            step=step_int8_static,  # one attempt per calibration method inside (and int8_trt)
                            params=StaticQuantParams, precision="int8"),
+    "int8_nncf": Variant(name="int8_nncf", section="quant", field="int8_nncf",  # an OpenVINO IR: openvino only
+                         step=one_attempt("int8_nncf", "quantize_nncf", step_int8_nncf), params=Int8NncfParams,
+                         precision="int8", checks=check_int8_nncf),
     "int4": Variant(name="int4", section="quant", field="int4", step=one_attempt("int4", "quantize_int4", step_int4),
                     params=Int4Params, precision="int4", checks=check_int4, per_component=INT4_PER_COMPONENT),
+    "int4_ov": Variant(name="int4_ov", section="quant", field="int4_ov",  # an OpenVINO IR: the openvino backend only
+                       step=one_attempt("int4_ov", "compress_weights_ov", step_int4_ov), params=Int4OvParams,
+                       precision="int4", checks=check_int4_ov),
 }
 
 
@@ -134,8 +142,13 @@ def run_quant(ctx: ConvertContext, cfg: QuantConfig) -> None:
     """Every variant of the table ``cfg`` asks for, after the FP32 model exists. Intermediate files go to a work
     folder under the output folder, removed when the steps end, also when one of them fails."""
     if ctx.manifest.artifacts[ctx.best_fp32()].components:  # several files: each component on its own
+        from core.models import is_random_init
+
+        before = set(ctx.manifest.artifacts)
         run_component_variants(ctx, cfg, [(v.name, v.precision, v.per_component) for v in asked_variants(cfg)
                                           if v.per_component is not None])
+        grade_new_variants(ctx, cfg.gate.generation, ctx.best_fp32(), before,  # encoder-decoders: decoded together
+                           is_random_init(ctx.manifest.source))
         return
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=ctx.out) as work:
         state = setup_quant(ctx, cfg, Path(work))

@@ -24,7 +24,7 @@ MANIFEST_NAME = "manifest.json"
 #: 2: typed ``params`` (one record per step), ``metrics`` and ``engine`` (was the free dict ``extra``).
 SCHEMA_VERSION = 2
 
-ArtifactKind = Literal["onnx", "state_dict", "torchscript", "plan"]
+ArtifactKind = Literal["onnx", "state_dict", "torchscript", "plan", "openvino_ir"]  # openvino_ir: .xml, its .bin as data
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4", "mixed"]
 #: Every precision a variant (a row of convert.variants.VARIANTS) may declare, as reports name it, and whether it
 #: runs on integer kernels (whose speed on a CPU depends on VNNI, AMX or the ARM dot-product extension).

@@ -370,6 +370,16 @@ class CacheCheck(Record):
     min_cosine: float
 
 
+class PerplexityCheck(Record):
+    """A decoder's perplexity on held-out text (``convert.genperplexity``), and against FP32's when a variant."""
+
+    perplexity: float
+    fp32_perplexity: float | None = Field(default=None, description="The reference's, on the same windows")
+    increase: float | None = Field(default=None, description="perplexity / fp32_perplexity - 1")
+    max_increase: float | None = Field(default=None, description="The gate's budget")
+    basis: str
+
+
 class GenerationCheck(Record):
     """A decoder with a KV cache, checked by greedy decoding (``convert.genvalidate``)."""
 
@@ -383,6 +393,7 @@ class GenerationCheck(Record):
     cache: CacheCheck
     random_init: bool = Field(description="Random weights: agreement and cosine only, no perplexity")
     note: str = ""
+    perplexity: PerplexityCheck | None = Field(default=None, description="With convert --eval-text")
 
 
 class ArtifactMetrics(Record):

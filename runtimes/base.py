@@ -245,6 +245,12 @@ class Runner:
         return [{}]
 
     @classmethod
+    def search_space_for(cls, manifest: Manifest) -> list[dict[str, Any]]:
+        """:meth:`search_space` for the model of ``manifest`` (a setting that applies only to some models, e.g.
+        PyTorch's channels_last to image inputs). Default: the same for every model."""
+        return cls.search_space()
+
+    @classmethod
     def triton_settings(cls, settings: dict[str, Any]) -> TritonSettings | None:
         """``settings`` (one of ``search_space``'s) written for ``triton_backend``; None when there is none."""
         return None

@@ -27,10 +27,6 @@ from core.manifest import Manifest
 from runtimes.base import Runner
 from runtimes.session import KVCacheSession
 
-#: the backends with a generation loop, in the order they are measured
-GENERATION_BACKENDS = ("eager", "compile", "ort", "genai", "openvino")  # genai: runtimes.genai, no runner
-TORCH_BACKENDS = ("eager", "compile")
-ONNX_BACKENDS = ("ort", "openvino")
 LOGITS = "logits"
 
 
@@ -40,9 +36,10 @@ class GenerationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     artifact_dir: Path = Field(description="Folder with manifest.json of a decoder exported with its KV cache")
-    backends: list[str] = Field(default_factory=lambda: list(GENERATION_BACKENDS),
-                                description="Names from runtimes.RUNNERS; one without a generation loop is skipped "
-                                            "with the reason")
+    backends: list[str] | None = Field(default=None, description="Names from runtimes.genbackends."
+                                                                 "GENERATION_BACKENDS (a one-shot backend of "
+                                                                 "runtimes.RUNNERS is skipped with the reason); None: "
+                                                                 "every row of that table, in its order")
     variants: list[str] | None = Field(default=None, description="ONNX artifact names (default: every ok one)")
     prompt_lengths: list[int] = Field(default=[32, 128, 512], description="Prompt tokens; a length that leaves no "
                                                                           "room for new_tokens within the model's "
@@ -60,6 +57,9 @@ class GenerationConfig(BaseModel):
     threads: int | None = Field(default=None, ge=1, description="Intra-op threads for every backend")
     seed: int = 0
     ort_spinning: bool = True
+    text: str | None = Field(default=None, description="Held-out text for perplexity (and the checks' prompts): a "
+                                                       "UTF-8 file, or 'stdlib' (calibration.text); None: agreement "
+                                                       "and cosine only")
 
 
 # -- decoders: one greedy-loop interface over every backend ------------------------------------------------------------
@@ -102,6 +102,11 @@ class Decoder:
         seq = np.concatenate([prompt, ids.astype(prompt.dtype)], axis=1)
         return self.forward(seq)[:, prompt.shape[1] - 1:]
 
+    def generate(self, prompt: np.ndarray, steps: int) -> Trace | None:
+        """A backend with a whole generation loop of its own (``runtimes.ovgenai``): its greedy trace, which
+        :func:`greedy` uses when it keeps no logits and forces no tokens; None: :func:`greedy` steps a session."""
+        return None
+
     def extra(self) -> dict[str, Any]:
         return {}
 
@@ -123,7 +128,8 @@ class RunnerDecoder(Decoder):
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
         self.backend, self.variant, self.precision = runner.name, runner.artifact.name, runner.artifact.precision
-        self.size_mb = runner.artifact.file.size_bytes / 2**20
+        f = runner.artifact.file  # with its data files: ONNX external data, an OpenVINO IR's .bin
+        self.size_mb = (f.size_bytes + sum(d.size_bytes for d in f.external_data)) / 2**20
         names = runner.manifest.iospec.output_names
         if LOGITS not in names:
             raise InputError(f"{runner.label}: no {LOGITS!r} output to decode from (outputs: {', '.join(names)})")
@@ -278,6 +284,8 @@ def greedy(decoder: Decoder, prompt: np.ndarray, steps: int, *, keep_logits: boo
            forced: np.ndarray | None = None) -> Trace:
     """Prefill on ``prompt`` then ``steps`` decode steps of one token, each the argmax of the step before, or, with
     ``forced`` (batch x steps + 1, e.g. a reference's tokens), that token instead (teacher forcing)."""
+    if forced is None and not keep_logits and (own := decoder.generate(prompt, steps)) is not None:
+        return own
     clock = time.perf_counter_ns
     session = decoder.session()
     t0 = clock()

@@ -49,9 +49,9 @@ def onnx_variants(manifest: Manifest, cfg: GenerationConfig, kinds: tuple[str, .
     asked = [a for a in manifest.artifacts.values() if a.kind in MODEL_KINDS
              and (a.name in cfg.variants if cfg.variants is not None else a.status == "ok")]
     if skipped is not None:
-        skipped += [f"{backend} {a.name}: an OpenVINO IR ({a.kind}); {backend} runs {'/'.join(kinds)} files, only "
+        skipped += [f"{backend}:{a.name}: an OpenVINO IR ({a.kind}); {backend} runs {'/'.join(kinds)} files, only "
                     "openvino runs it" if a.kind == "openvino_ir" else
-                    f"{backend} {a.name}: a {a.kind} file; {backend} runs {'/'.join(kinds)} files"
+                    f"{backend}:{a.name}: a {a.kind} file; {backend} runs {'/'.join(kinds)} files"
                     for a in asked if a.kind not in kinds]
     return [a for a in asked if a.kind in kinds]
 
@@ -101,7 +101,28 @@ def _genai_available() -> str | None:
 def _genai_decoders(manifest: Manifest, base: Path, cfg: GenerationConfig, skipped: list[str]) -> list[Decoder]:
     from runtimes.genai import genai_decoders
 
+    onnx_variants(manifest, cfg, ("onnx",), "genai", skipped)  # an OpenVINO IR (int4_ov): skipped, with why
     return genai_decoders(manifest, base, cfg, skipped)
+
+
+def _openvino_decoders(manifest: Manifest, base: Path, cfg: GenerationConfig, skipped: list[str]) -> list[Decoder]:
+    from runtimes.openvino import OpenVinoRunner
+    from runtimes.ovstateful import openvino_decoders
+
+    variants = onnx_variants(manifest, cfg, OpenVinoRunner.artifact_kinds, "openvino", skipped)
+    return openvino_decoders(manifest, base, variants, cfg.threads)
+
+
+def _ovgenai_available() -> str | None:
+    from runtimes.ovgenai import unavailable
+
+    return unavailable()
+
+
+def _ovgenai_decoders(manifest: Manifest, base: Path, cfg: GenerationConfig, skipped: list[str]) -> list[Decoder]:
+    from runtimes.ovgenai import ovgenai_decoders
+
+    return ovgenai_decoders(manifest, base, cfg, skipped)
 
 
 #: name -> generation backend, in the order they are measured
@@ -114,8 +135,10 @@ GENERATION_BACKENDS: dict[str, GenerationBackend] = {
                              "each ONNX variant through ONNX Runtime's KV-cache session"),
     "genai": GenerationBackend(_genai_available, _genai_decoders,
                                "each ONNX variant through ONNX Runtime GenAI's generator (runtimes.genai)"),
-    "openvino": GenerationBackend(_runner_available("openvino"), _runner_decoders("openvino"),
-                                  "each ONNX variant through OpenVINO's KV-cache session"),
+    "openvino": GenerationBackend(_runner_available("openvino"), _openvino_decoders,
+                                  "each ONNX variant as OpenVINO's stateful model (runtimes.ovstateful)"),
+    "ovgenai": GenerationBackend(_ovgenai_available, _ovgenai_decoders,
+                                 "each variant through openvino-genai's LLMPipeline (runtimes.ovgenai)"),
 }
 
 
@@ -135,12 +158,17 @@ def check_generation_backends(names: Iterable[str]) -> None:
         raise InputError(why)
 
 
+def requested(cfg: GenerationConfig) -> list[str]:
+    """The request's backends: those it names, else every row of the table in its order."""
+    return list(GENERATION_BACKENDS) if cfg.backends is None else list(cfg.backends)
+
+
 def generation_decoders(manifest: Manifest, base: Path, cfg: GenerationConfig, skipped: list[str]) -> list[Decoder]:
     """A decoder per (backend, variant) of the request that can run here, in the request's backend order; a backend
     unavailable here, or a one-shot backend with no generation loop, goes to ``skipped`` with the reason."""
-    check_generation_backends(cfg.backends)
+    check_generation_backends(requested(cfg))
     out: list[Decoder] = []
-    for name in cfg.backends:
+    for name in requested(cfg):
         row = GENERATION_BACKENDS.get(name)
         if row is None:
             skipped.append(f"{name}: no generation loop with a KV cache for this backend (generation runs on "

@@ -56,8 +56,8 @@ from runtimes.decoding import (
     hf_folder,
     max_positions,
 )
-from runtimes.genbackends import generation_decoders
-from runtimes.session import has_kv_cache
+from runtimes.genbackends import generation_decoders, requested
+from runtimes.session import has_kv_cache, is_seq2seq
 from runtimes.timing import Timed, time_units
 
 if TYPE_CHECKING:
@@ -83,6 +83,9 @@ def timed_traces(traces: Sequence[Trace], warmup: int, timed: Timed) -> list[lis
 def seeded_prompts(manifest: Manifest, batch: int, length: int, seed: int) -> np.ndarray:
     """Token ids drawn from the model's vocabulary (the IOSpec's range of input_ids), seeded: the same prompt for
     every target; a shorter or narrower one is a slice of the largest."""
+    if is_seq2seq(manifest):  # an encoder-decoder: seeded sources (runtimes.seq2seq)
+        from runtimes.seq2seq import seeded_sources
+        return seeded_sources(manifest, batch, length, seed)
     r = manifest.iospec.input("input_ids").int_range
     lo, hi = r if r is not None else (0, 2)
     return np.random.default_rng(seed).integers(lo, hi, size=(batch, length), dtype=np.int64)
@@ -118,6 +121,11 @@ def build_decoders(manifest: Manifest, base: Path, cfg: GenerationConfig, skippe
     what cannot is added to ``skipped`` with the reason."""
     if cfg.variants is not None and (missing := [v for v in cfg.variants if v not in manifest.artifacts]):
         raise InputError(f"unknown variant(s) {missing}; in the manifest: {sorted(manifest.artifacts)}")
+    if is_seq2seq(manifest):  # an encoder-decoder: the encoder once, then its decoder with past (runtimes.seq2seq)
+        from runtimes.base import RunnerOptions
+        from runtimes.seq2seq import seq2seq_decoders
+        return seq2seq_decoders(manifest, base, requested(cfg), cfg.variants,
+                                RunnerOptions(threads=cfg.threads, ort_spinning=cfg.ort_spinning), skipped)
     return generation_decoders(manifest, base, cfg, skipped)
 
 
@@ -224,6 +232,8 @@ def load_generation_manifest(artifact_dir: Path) -> Manifest:
     manifest = Manifest.load(artifact_dir)
     if problems := manifest.verify(Path(artifact_dir)):
         raise InputError("artifact folder does not match its manifest: " + "; ".join(problems))
+    if is_seq2seq(manifest):  # t5, bart, whisper: runtimes.seq2seq's loop
+        return manifest
     if manifest.components():
         raise InputError("the generation benchmark runs decoders exported as one file (a model with components, "
                          "e.g. an encoder-decoder, is not measured as a generation loop yet)")
@@ -299,7 +309,8 @@ def run_generation(cfg: GenerationConfig, log: Callable[[str], None] = print,
             check_prompts = held.windows(lengths[0], cfg.check_prompts, cfg.seed + 2)
     for n in notes:
         log(f"[yellow]note:[/] {n}")
-    results = GenerationResults(config=cfg.model_dump(mode="json") | {"prompt_lengths_run": lengths,
+    results = GenerationResults(config=cfg.model_dump(mode="json") | {"backends": requested(cfg),
+                                                                      "prompt_lengths_run": lengths,
                                                                       "no_cache_tokens_run": no_cache_tokens,
                                                                       "notes": notes},
                                 random_init=is_random_init(manifest.source))

@@ -280,6 +280,20 @@ def select_targets(manifest: Manifest, cfg: BenchConfig) -> list[Target]:
     return targets
 
 
+def unrunnable(manifest: Manifest, cfg: BenchConfig) -> list[tuple[str, str, str]]:
+    """(backend:variant, precision, why) of each variant ``--variants`` names that a backend asked for cannot run: a
+    file of a kind only another backend reads (an OpenVINO IR on ONNX Runtime), skipped with that reason."""
+    out: list[tuple[str, str, str]] = []
+    for b in cfg.backends:
+        cls = RUNNERS[b]
+        for a in [manifest.artifacts[v] for v in cfg.variants or [] if v in manifest.artifacts]:
+            if not cls.needs_weights and a.kind not in cls.artifact_kinds:
+                readers = [n for n, r in RUNNERS.items() if a.kind in r.artifact_kinds]
+                out.append((f"{b}:{a.name}", a.precision, f"{b} does not run {a.kind} files; {a.name} runs on "
+                                                          f"{', '.join(readers) or 'no backend here'}"))
+    return out
+
+
 def run_pool(runner: Runner, pool: InputPool, chunk: int) -> list[np.ndarray]:
     """Every output over the whole pool, in batches of ``chunk``. A fixed-batch model gets full
     batches (the last one wraps around the pool) and the surplus rows are dropped."""
@@ -547,6 +561,8 @@ def bench_one(cfg: BenchConfig, log: Callable[[str], None] = print,
     results = BenchResults(model=setup.manifest.source.model, artifact_dir=str(setup.base),
                            config=cfg.model_dump(mode="json") | {"inputs": setup.pool.source},
                            accuracy_inputs=setup.pool.kind)
+    for label, precision, why in unrunnable(setup.manifest, cfg):
+        _skipped(results, log, label, precision, why)
     with contextlib.ExitStack() as stack:
         loaded: list[Loaded] = []
         for t in setup.targets:

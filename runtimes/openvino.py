@@ -59,7 +59,8 @@ class OpenVinoRunner(Runner):
     """OpenVINO's CPU plugin on an ONNX artifact."""
 
     name = "openvino"
-    artifact_kinds: ClassVar[tuple[str, ...]] = ("onnx",)  # type: ignore[assignment]
+    # openvino_ir: OpenVINO's own INT4 weight compression (convert/int4_ov.py), read as it reads ONNX
+    artifact_kinds: ClassVar[tuple[str, ...]] = ("onnx", "openvino_ir")  # type: ignore[assignment]
     devices: ClassVar[tuple[Device, ...]] = ("cpu",)
     options_model = OpenVinoOptions
     triton_backend: ClassVar[str | None] = "openvino"

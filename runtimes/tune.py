@@ -137,10 +137,10 @@ class TuneResult(BaseModel):
                                                                      "and best_per_precision's")
 
 
-def settings_for(backend: str) -> list[dict[str, Any]]:
-    """The search dimensions of a backend, as its runner declares them (``Runner.search_space``): its settings
-    that change speed, never its numbers."""
-    return RUNNERS[backend].search_space()
+def settings_for(backend: str, manifest: Manifest | None = None) -> list[dict[str, Any]]:
+    """The search dimensions of a backend, as its runner declares them (``Runner.search_space``; for ``manifest``'s
+    model, ``Runner.search_space_for``): its settings that change speed, never its numbers."""
+    return RUNNERS[backend].search_space() if manifest is None else RUNNERS[backend].search_space_for(manifest)
 
 
 def _accuracy(setup: Any, target: Target, log: Callable[[str], None]) -> AccuracyStats | str:
@@ -173,7 +173,7 @@ def _candidates(cfg: TuneConfig, setup: Any, log: Callable[[str], None]) -> list
         drop, basis = (None, acc) if isinstance(acc, str) else graded_drop(acc, setup.pool, setup.manifest)  # as bench
         if drop is None and not isinstance(acc, str):
             log(f"skipped {t.backend}:{t.artifact.name}: {basis}")  # a constant reference output: not measurable
-        for settings, b in itertools.product(settings_for(t.backend), batches):
+        for settings, b in itertools.product(settings_for(t.backend, setup.manifest), batches):
             out.append(Candidate(backend=t.backend, variant=t.artifact.name, precision=t.precision, settings=settings,
                                  batch_size=b, accuracy_drop_points=drop, skipped=basis if drop is None else None,
                                  within_budget=drop is not None and drop <= cfg.accuracy_budget + 1e-9))

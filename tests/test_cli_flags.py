@@ -54,7 +54,7 @@ def test_sparsity_with_eval_data_needs_no_quantization(digits_model: Any, tmp_pa
 def test_quantization_flag_without_a_variant_is_one_line(digits_model: Any, tmp_path: Path, extra: list[str],
                                                          names: str) -> None:
     text = _one_error_line(_convert(digits_model, tmp_path / "out", *extra))
-    assert names in text and "add --fp16, --int8, --int8-dynamic or --int4" in text
+    assert names in text and "add --fp16, --int8, --int8-dynamic, --int8-nncf, --int4 or --int4-ov" in text
     assert not (tmp_path / "out" / "model.onnx").exists(), "refused before the export"
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from core.errors import InputError
 
-VARIANT_FLAGS = "--fp16, --int8, --int8-dynamic or --int4"  # the flags of the rows of convert.variants.VARIANTS
+VARIANT_FLAGS = "--fp16, --int8, --int8-dynamic, --int8-nncf, --int4 or --int4-ov"  # the flags of the rows of convert.variants.VARIANTS
 
 
 def _config(**sections: Any) -> Any:
@@ -41,7 +41,7 @@ def test_quant_rules_hold_for_a_config_built_directly(quant: dict[str, Any], mes
 def test_section_rules_hold_for_a_config_built_directly() -> None:
     from convert.config import EngineConfig, QuantConfig, SparsityConfig, TrainConfig
 
-    with pytest.raises(InputError, match="^--eval-data measures variants: add --fp16, --int8, --int8-dynamic, --int4, "
+    with pytest.raises(InputError, match="^--eval-data measures variants: add --fp16, --int8, --int8-dynamic, --int8-nncf, --int4, --int4-ov, "
                                          "--sparsity, --prune-channels or --distill-into$"):
         _config(sparsity=SparsityConfig(eval_data="test.npz"))
     with pytest.raises(InputError, match="^--recover distill fine-tunes a pruned or sparse variant"):
@@ -123,7 +123,7 @@ def test_the_cli_defaults_are_the_flags_defaults() -> None:
     from convert.flags import ConvertFlags
 
     params = typer.main.get_command(cli.app).commands["convert"].params  # type: ignore[attr-defined]
-    asked = {"model": "m", "fp16": True, "int4": True, "train_data": "t.npz", "distill_into": "s.py:build"}  # every rule met
+    asked = {"model": "m", "fp16": True, "int4": True, "int4_ov": True, "train_data": "t.npz", "distill_into": "s.py:build"}  # every rule met
     shown = {p.name: p.default for p in params if p.default is not None and p.name not in asked}
     unset = [p.name for p in params if p.default is None and p.name not in asked]
     assert set(shown) | set(unset) | set(asked) == set(ConvertFlags.model_fields)

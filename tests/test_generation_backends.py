@@ -11,7 +11,7 @@ import pytest
 
 from core.errors import InputError
 from runtimes.decoding import GenerationConfig
-from runtimes.genbackends import GENERATION_BACKENDS, check_generation_backends
+from runtimes.genbackends import GENERATION_BACKENDS, check_generation_backends, requested
 
 pytest.importorskip("transformers")
 pytest.importorskip("optimum.exporters.onnx")
@@ -20,7 +20,8 @@ from tests.test_hf_optimum import _cli  # after the skips: it needs transformers
 
 
 def test_the_request_default_is_every_row_of_the_table(tmp_path: Path) -> None:
-    assert GenerationConfig(artifact_dir=tmp_path).backends == list(GENERATION_BACKENDS)
+    assert requested(GenerationConfig(artifact_dir=tmp_path)) == list(GENERATION_BACKENDS)
+    assert requested(GenerationConfig(artifact_dir=tmp_path, backends=["ort"])) == ["ort"]
     assert {"eager", "compile", "ort", "genai", "openvino"} <= set(GENERATION_BACKENDS)
     check_generation_backends(["genai", "ort", "torchscript"])  # a one-shot runner: skipped later, not refused
     with pytest.raises(InputError, match=r"unknown generation backend\(s\) \['nope'\]; generation backends: eager, "):

@@ -52,6 +52,8 @@ def test_int4_variant_of_a_with_past_decoder(converted: Path) -> None:
     assert p.gemms_rewritten == 4 * N_LAYER and p.matmuls_quantized == 4 * N_LAYER + 1
     assert (converted / art.file.path).stat().st_size == p.size_bytes
     assert 0.2 < p.size_ratio < 0.5  # the embeddings (token and position) stay FP32
+    assert p.accuracy_level == 4  # rtn's default: ONNX Runtime GenAI's CPU level (int8 activations per block)
+    assert _levels(converted / art.file.path) == {4}
     gen = art.metrics.generation
     assert gen is not None and gen.vs_fp32 is not None and gen.vs_fp32.reference == "fp32"
     assert art.metrics.gate is not None and art.metrics.gate.passed is True
@@ -72,6 +74,32 @@ def test_the_gemm_rewrite_is_what_quantizes_gpt2(converted: Path, tmp_path: Path
     monkeypatch.setattr(int4, "gemm_to_matmul", lambda model: 0)
     old = quantize_int4_file(src, tmp_path / "old.onnx", Int4Config())
     assert old.quantized == 1 and old.size_bytes > 2 * info.size_bytes
+
+
+def _levels(path: Path) -> set[int | None]:
+    """The accuracy_level attribute of every MatMulNBits node (None: unset, FP32 compute)."""
+    import onnx
+    from onnx import helper
+
+    levels: set[int | None] = set()
+    for node in onnx.load(str(path)).graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            levels.add(attrs.get("accuracy_level"))
+    return levels
+
+
+def test_accuracy_level_default_and_override(converted: Path, tmp_path: Path) -> None:
+    """rtn and gptq default to level 4, as ONNX Runtime GenAI's builder does for the CPU; 0 leaves the attribute
+    unset (FP32 compute, ONNX Runtime's own default); hqq (float zero points) gets none."""
+    src = converted / "model.onnx"
+    quantize_int4_file(src, tmp_path / "l0.onnx", Int4Config(accuracy_level=0))
+    assert _levels(tmp_path / "l0.onnx") == {None}
+    quantize_int4_file(src, tmp_path / "l2.onnx", Int4Config(accuracy_level=2))
+    assert _levels(tmp_path / "l2.onnx") == {2}
+    assert Int4Config(algorithm="hqq").level == 0 and Int4Config(algorithm="gptq").level == 4
+    cfg = from_flags(model="x", int4=True, int4_accuracy_level=1)
+    assert cfg.quant.int4_options.level == 1
 
 
 def test_hqq_and_gptq_run_offline(converted: Path, tmp_path: Path) -> None:
@@ -118,6 +146,8 @@ def test_gemm_rewrite_keeps_the_values(tmp_path: Path) -> None:
     ({"int4_block_size": 64}, "--int4-block-size tunes INT4: add --int4"),
     ({"int4": True, "int4_block_size": 48}, "power of 2"),
     ({"int4": True, "int4_algorithm": "awq"}, "unknown --int4-algorithm"),
+    ({"int4_accuracy_level": 4}, "--int4-accuracy-level tunes INT4: add --int4"),
+    ({"int4": True, "int4_algorithm": "hqq", "int4_accuracy_level": 4}, "hqq writes asymmetric"),
 ])
 def test_int4_flags_refused_in_one_line(given: dict[str, object], message: str) -> None:
     with pytest.raises(InputError, match=message):

@@ -47,7 +47,7 @@ def _bad(kind: str, tmp: Path) -> tuple[list[str], str]:
     if kind == "layout_without_int8":
         return ["--int8-dynamic", "--int8-layouts", "qop_pc_u8"], "--int8-layouts are layouts of static INT8"
     if kind == "no_variant":
-        return ["--calib", "imagenet_subset"], "add --fp16, --int8, --int8-dynamic or --int4"
+        return ["--calib", "imagenet_subset"], "add --fp16, --int8, --int8-dynamic, --int8-nncf, --int4 or --int4-ov"
     return ["--int8", "--calib", "synthetic", "--activation-type", "int4"], "unknown --activation-type 'int4'"
 
 

@@ -106,10 +106,10 @@ def test_the_table_lists_the_builtin_variants_and_refuses_unknown_names() -> Non
     from convert.config import ConvertConfig, ExportConfig, variant_flags
     from convert.variants import VARIANTS, asked_variants, check_variants
 
-    assert variant_flags() == "--fp16, --int8, --int8-dynamic or --int4"  # the section's fields name the flags
+    assert variant_flags() == "--fp16, --int8, --int8-dynamic, --int8-nncf, --int4 or --int4-ov"  # the section's fields name the flags
     assert {n: (v.flag, v.precision) for n, v in VARIANTS.items()} == {
         "fp16": ("--fp16", "fp16"), "int8_dynamic": ("--int8-dynamic", "int8"), "int8_static": ("--int8", "int8"),
-        "int4": ("--int4", "int4")}
+        "int8_nncf": ("--int8-nncf", "int8"), "int4": ("--int4", "int4"), "int4_ov": ("--int4-ov", "int4")}
     assert [n for n, v in VARIANTS.items() if v.per_component is not None] == ["fp16", "int8_dynamic", "int4"]
     q = QuantConfig(fp16=True, int8_dynamic=True, int8_static=True, calib={"data": "synthetic"})
     assert [v.name for v in asked_variants(q)] == ["fp16", "int8_dynamic", "int8_static"]  # the run order
