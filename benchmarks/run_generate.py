@@ -126,11 +126,11 @@ def int4_available() -> str | None:
 def int4_ov_available() -> str | None:
     """None when ``convert --int4-ov`` (NNCF's INT4 for OpenVINO, an OpenVINO IR) runs here, else why not."""
     try:
-        from convert.int4_ov import ov_problem
+        from convert.ovir import nncf_problem
         from convert.variants import VARIANTS
     except ImportError as exc:
         return f"convert.int4_ov cannot be imported: {exc}"
-    return ov_problem() if "int4_ov" in VARIANTS else "convert has no --int4-ov variant row in this tree"
+    return nncf_problem("--int4-ov") if "int4_ov" in VARIANTS else "convert has no --int4-ov variant row in this tree"
 
 
 def convert(folder: Path, out: Path, quick: bool, int4: bool, int4_ov: bool = False, wide: bool = False

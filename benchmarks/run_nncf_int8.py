@@ -57,7 +57,7 @@ def _nncf_onnx(folder: Path, flags: list[str], out: Path) -> dict[str, Any]:
 
     from convert.calibrate import open_quant_data
     from convert.flags import ConvertFlags
-    from convert.int8_nncf import _quiet
+    from convert.ovir import quiet as _quiet
     from core.manifest import Manifest
 
     man = Manifest.load(folder)

@@ -21,10 +21,6 @@ a decoder exported with its KV cache (one file).
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -32,16 +28,13 @@ from pydantic import ConfigDict, Field
 
 from convert.config import Int4Config, QuantConfig
 from convert.context import ConvertContext
+from convert.ovir import KIND, constant_types, nncf_problem, quiet, record_ir, versions
 from convert.quantize import QuantState
 from core.errors import InputError, ToolkitError, first_line
-from core.manifest import ArtifactKind, DataFile, Manifest
-from core.quiet import quiet_loggers
 from core.records import ArtifactMetrics, VariantParams
 
 #: what the manifest names as the compressor
 COMPRESSOR = "nncf.compress_weights"
-#: the artifact kind the only backend that runs it lists (runtimes.openvino.OpenVinoRunner.artifact_kinds)
-KIND: ArtifactKind = "openvino_ir"
 NAME = "int4_ov"
 
 
@@ -75,47 +68,16 @@ class Int4OvParams(VariantParams):
     weights_ratio: float = Field(description="bin_bytes / fp32_bin_bytes: the weights' own compression")
 
 
-def ov_problem() -> str | None:
-    """None when NNCF and OpenVINO import, else the one line saying what to install."""
-    for module, extra in (("openvino", "openvino"), ("nncf", "ovgenai")):
-        try:
-            __import__(module)
-        except ImportError:
-            return f"--int4-ov needs {module} (pip install '.[{extra}]')"
-    return None
-
-
 def check_int4_ov(cfg: QuantConfig) -> None:
     """Before the export: NNCF and OpenVINO are installed."""
-    if (why := ov_problem()) is not None:
+    if (why := nncf_problem("--int4-ov")) is not None:
         raise InputError(why)
     if cfg.calib.data and not (cfg.int8_static or cfg.int8_dynamic or cfg.int4):
         raise InputError("--calib: --int4-ov uses no calibration data (NNCF's data-free compression): drop --calib")
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """NNCF logs its bit-width table and draws a progress bar on stdout: none of it reaches our log."""
-    with quiet_loggers("nncf"), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
-
-
 def mode_name(opts: Int4Config) -> str:
     return "int4_sym" if opts.symmetric else "int4_asym"
-
-
-def constant_types(xml: Path) -> dict[str, int]:
-    """How many Constant nodes of each element type (``u4``, ``i4``, ``u8``, ``f32``, ...) the IR holds."""
-    import openvino as ov
-
-    counts: dict[str, int] = {}
-    for op in ov.Core().read_model(str(xml)).get_ops():
-        if op.get_type_name() == "Constant":
-            t = op.get_element_type().get_type_name()
-            counts[t] = counts.get(t, 0) + 1
-    return counts
 
 
 def compress_file(src: Path, xml: Path, opts: Int4Config, fp32_xml: Path | None = None) -> dict[str, int]:
@@ -130,7 +92,7 @@ def compress_file(src: Path, xml: Path, opts: Int4Config, fp32_xml: Path | None 
         model = ov.Core().read_model(str(src))
         if fp32_xml is not None:  # before: compress_weights changes the model in place
             ov.save_model(model, str(fp32_xml), compress_to_fp16=False)
-        with _quiet():
+        with quiet():
             model = nncf.compress_weights(model, mode=mode, group_size=opts.block_size, ratio=opts.ratio)
         ov.save_model(model, str(xml), compress_to_fp16=False)
     except Exception as exc:
@@ -142,12 +104,6 @@ def compress_file(src: Path, xml: Path, opts: Int4Config, fp32_xml: Path | None 
 def describe(opts: Int4Config) -> str:
     return (f"INT4 weight compression for OpenVINO (NNCF compress_weights, {mode_name(opts)}, group {opts.block_size}, "
             f"ratio {opts.ratio:g}; embeddings and LM head INT8)")
-
-
-def _versions() -> tuple[str, str]:
-    from importlib import metadata
-
-    return metadata.version("nncf"), metadata.version("openvino")
 
 
 def step_int4_ov(ctx: ConvertContext, state: QuantState) -> None:
@@ -170,7 +126,7 @@ def step_int4_ov(ctx: ConvertContext, state: QuantState) -> None:
         raise Int4OvError(f"NNCF left no weight of {state.reference_file.name} in 4 bits (constants: {types})")
     source = state.reference_file.stat().st_size
     size = xml.stat().st_size + bin_path.stat().st_size
-    nncf_v, ov_v = _versions()
+    nncf_v, ov_v = versions()
     params = Int4OvParams(nncf_version=nncf_v, openvino_version=ov_v, mode=mode_name(opts), group_size=opts.block_size,
                           ratio=opts.ratio, weights_int4=int4, weights_int8=int8, source_bytes=source,
                           size_bytes=size, size_ratio=round(size / source, 4), fp32_bin_bytes=fp32_bin,
@@ -178,8 +134,6 @@ def step_int4_ov(ctx: ConvertContext, state: QuantState) -> None:
     notes = [f"OpenVINO IR ({KIND}): runs on the openvino backend only; {int4} weight constants in 4 bits, {int8} in "
              f"8 bits (embeddings, LM head); weights (.bin) {100 * params.weights_ratio:.1f}% of the FP32 IR's, IR "
              f"(.xml + .bin) {100 * params.size_ratio:.1f}% of {state.reference}'s ONNX file"]
-    art = ctx.manifest.record(ctx.out, xml, name=NAME, kind=KIND, precision="int4", parent=state.reference,
-                              params=params, metrics=ArtifactMetrics(), notes=notes)
-    bin_rec = Manifest.file_record(ctx.out, bin_path, onnx=False)
-    art.file.external_data = [DataFile(path=bin_rec.path, sha256=bin_rec.sha256, size_bytes=bin_rec.size_bytes)]
+    record_ir(ctx, xml, name=NAME, precision="int4", parent=state.reference, params=params,
+              metrics=ArtifactMetrics(), notes=notes)
     ctx.log(f"{NAME}: {notes[0]}")

@@ -24,10 +24,6 @@ over budget is recorded failed and ``convert`` exits 5.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,11 +33,9 @@ from pydantic import ConfigDict, Field
 from convert.config import QuantConfig
 from convert.context import ConvertContext
 from convert.gates import gate_verdict, summary_line
-from convert.int4_ov import KIND, constant_types
+from convert.ovir import KIND, constant_types, nncf_problem, quiet, record_ir, versions
 from convert.quantize import QuantState
 from core.errors import InputError, ToolkitError, first_line
-from core.manifest import DataFile, Manifest
-from core.quiet import quiet_loggers
 from core.records import ArtifactMetrics, VariantParams
 
 NAME = "int8_nncf"
@@ -76,32 +70,13 @@ class Int8NncfParams(VariantParams):
     cpu: str
 
 
-def nncf_problem() -> str | None:
-    """None when NNCF and OpenVINO import, else the one line saying what to install."""
-    for module, extra in (("openvino", "openvino"), ("nncf", "ovgenai")):
-        try:
-            __import__(module)
-        except ImportError:
-            return f"--int8-nncf needs {module} (pip install '.[{extra}]')"
-    return None
-
-
 def check_int8_nncf(cfg: QuantConfig) -> None:
     """Before the export: NNCF and OpenVINO are installed, and there is calibration data."""
-    if (why := nncf_problem()) is not None:
+    if (why := nncf_problem("--int8-nncf")) is not None:
         raise InputError(why)
     if not cfg.calib.data:
         raise InputError("--int8-nncf needs calibration data: --calib DIR|FILE.npz|imagenet_subset "
                          "(or --calib synthetic, explicitly)")
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """NNCF logs and draws progress bars: none of it reaches our log."""
-    with quiet_loggers("nncf"), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
 
 
 def calibration_feeds(state: QuantState, fixed_batch: int | None) -> list[dict[str, np.ndarray]]:
@@ -123,7 +98,7 @@ def quantize_file(src: Path, xml: Path, feeds: list[dict[str, np.ndarray]]) -> d
         raise InputError("--int8-nncf: no calibration sample could be read")
     try:
         model = ov.Core().read_model(str(src))
-        with _quiet():
+        with quiet():
             quantized = nncf.quantize(model, nncf.Dataset(feeds), preset=nncf.QuantizationPreset.PERFORMANCE,
                                       target_device=nncf.TargetDevice.CPU, subset_size=len(feeds),
                                       fast_bias_correction=True)
@@ -169,20 +144,6 @@ class OpenVinoSession:
         return [np.array(result[p]) for p in self.compiled.outputs]
 
 
-def record_ir(ctx: ConvertContext, xml: Path, **record: Any) -> Any:
-    """Record the IR ``xml`` as kind ``openvino_ir``, its ``.bin`` (hashed) as the file's data file."""
-    art = ctx.manifest.record(ctx.out, xml, kind=KIND, **record)
-    bin_rec = Manifest.file_record(ctx.out, xml.with_suffix(".bin"), onnx=False)
-    art.file.external_data = [DataFile(path=bin_rec.path, sha256=bin_rec.sha256, size_bytes=bin_rec.size_bytes)]
-    return art
-
-
-def _versions() -> tuple[str, str]:
-    from importlib import metadata
-
-    return metadata.version("nncf"), metadata.version("openvino")
-
-
 def step_int8_nncf(ctx: ConvertContext, state: QuantState) -> None:
     """``int8_nncf``: the FP32 reference quantized by :func:`quantize_file` into the output folder, graded on
     OpenVINO against the FP32 reference on the held-out data, recorded as an OpenVINO IR."""
@@ -200,7 +161,7 @@ def step_int8_nncf(ctx: ConvertContext, state: QuantState) -> None:
     gate = gate_verdict(stats, state.cfg.gate, state.random_init)
     metrics = ArtifactMetrics(accuracy=stats, gate=gate, summary=summary_line(stats, gate),
                               held_out=state.evaluator.record())
-    nncf_v, ov_v = _versions()
+    nncf_v, ov_v = versions()
     params = Int8NncfParams(nncf_version=nncf_v, openvino_version=ov_v, calibration=state.calib.describe(),
                             calibration_samples=sum(len(next(iter(f.values()))) for f in feeds),
                             fake_quantize=counts["FakeQuantize"], weights_int8=int8, cpu=state.cpu.summary)

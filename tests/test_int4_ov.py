@@ -44,7 +44,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
 
 
 def test_the_ir_is_4_bit_smaller_and_hashed(converted: tuple[Path, Any]) -> None:
-    from convert.int4_ov import constant_types
+    from convert.ovir import constant_types
 
     out, _ = converted
     m = Manifest.load(out)
