@@ -136,6 +136,15 @@ def cache_check(cached: np.ndarray, no_cache: np.ndarray) -> CacheCheck:
                       min_cosine=round(float(cosines(cached, no_cache).min()), 6))
 
 
+def undecodable(art: Artifact, name: str, exc: Exception, log: Any) -> None:
+    """A variant its runtime could not decode: its gate fails with the first line of why."""
+    why = f"greedy decoding failed: {first_line(exc, with_type=True)}"
+    art.metrics.gate = GateResult(drop_points=None, basis=BASIS, budget_points=None, passed=False, samples=0,
+                                  reason=why)
+    art.metrics.summary, art.status = f"gate FAILED: {why}", "failed"
+    log(f"  {name}: {why}")
+
+
 def generation_gate(cmp: GenerationCompare, gate: GenerationGate) -> GateResult:
     """The gate of a variant from its comparison with FP32: agreement (in points) and the worst step cosine."""
     drop = 100.0 * (1.0 - cmp.token_agreement)
@@ -237,11 +246,7 @@ def grade_generation(manifest: Manifest, base: Path, reference: str, variants: l
         except Exception as exc:  # a variant ONNX Runtime cannot decode with fails its gate, the others go on
             if name == reference:
                 raise
-            why = f"greedy decoding failed: {first_line(exc, with_type=True)}"
-            art.metrics.gate = GateResult(drop_points=None, basis=BASIS, budget_points=None, passed=False, samples=0,
-                                          reason=why)
-            art.metrics.summary, art.status = f"gate FAILED: {why}", "failed"
-            log(f"  {name}: {why}")
+            undecodable(art, name, exc, log)
             continue
         art.metrics.generation = check
         verdict = None
@@ -345,11 +350,7 @@ def grade_seq2seq(manifest: Manifest, base: Path, reference: str, variants: list
         except Exception as exc:  # a variant ONNX Runtime cannot decode fails its gate, the others go on
             if is_ref:
                 raise
-            why = f"greedy decoding failed: {first_line(exc, with_type=True)}"
-            art.metrics.gate = GateResult(drop_points=None, basis=BASIS, budget_points=None, passed=False, samples=0,
-                                          reason=why)
-            art.metrics.summary, art.status = f"gate FAILED: {why}", "failed"
-            log(f"  {name}: {why}")
+            undecodable(art, name, exc, log)
             continue
         path, check = _worst(checks)
         check.note += "; decoder paths checked: " + ", ".join(checks)
