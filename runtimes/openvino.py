@@ -24,6 +24,7 @@ from pydantic import Field
 
 from core.errors import BackendUnavailableError, first_line
 from core.flops import openvino_config
+from core.sigstack import keep_valid
 from runtimes.base import BackendOptions, Device, Runner, Session, TritonSettings
 
 #: Compile and run the model once, in a child process (argv: path, the compile settings as JSON).
@@ -192,3 +193,4 @@ class OpenVinoRunner(Runner):
     def _close(self) -> None:
         self.request = None
         self.compiled = None
+        keep_valid()  # the CPU plugin may have put back a freed signal stack (core.sigstack)

@@ -30,6 +30,7 @@ import numpy as np
 
 from core.errors import BackendUnavailableError, first_line
 from core.flops import openvino_config
+from core.sigstack import keep_valid
 from runtimes.decoding import Decoder, DecodeSession, Trace, hf_folder
 from runtimes.ovstateful import KV_CACHE_PRECISION, StatefulRequest, state_map, stateful_model, write_ir
 from runtimes.session import PAST, PAST_DIM
@@ -119,6 +120,7 @@ class OvGenaiDecoder(Decoder):
     def close(self) -> None:
         self.pipe = None
         self.request = None
+        keep_valid()  # the pipeline freed its plugin's signal stack, which may still be set (core.sigstack)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from core.errors import BackendUnavailableError, first_line
+from core.sigstack import keep_valid
 from runtimes.decoding import DecodeSession, RunnerDecoder
 from runtimes.session import PAST, PRESENT, has_kv_cache
 
@@ -231,10 +232,11 @@ class OvStatefulDecoder(RunnerDecoder):
             raise
         # the stateless compile was for the checks above; decoding runs on the stateful request only
         runner.request = runner.compiled = None
+        keep_valid()  # the CPU plugin may have put back a freed signal stack (core.sigstack)
 
     def close(self) -> None:
         self.stateful = None
-        self.runner.close()
+        self.runner.close()  # and the signal stack made valid again (core.sigstack)
 
     def _request(self) -> StatefulRequest:
         if self.stateful is None:

@@ -25,6 +25,7 @@ from core.flops import openvino_config
 from core.manifest import Manifest
 from runtimes.base import RunnerOptions
 from runtimes.decoding import Decoder, GenerationConfig, RunnerDecoder, cosines, greedy, greedy_no_cache
+from runtimes.genbackends import requested
 from runtimes.openvino import OpenVinoRunner
 from runtimes.ort import OrtRunner
 from runtimes.ovgenai import OvGenaiDecoder
@@ -187,4 +188,21 @@ def test_a_variant_the_pipeline_cannot_build_is_refused_in_one_line(gpt2_art: Pa
     with pytest.raises(BackendUnavailableError, match=r"^the OpenVINO model has no present\.9\.key$"):
         pipe.load()
     assert pipe._tmp is None and pipe.pipe is None
-    assert GenerationConfig(artifact_dir=gpt2_art).backends[-1] == "ovgenai"
+    assert requested(GenerationConfig(artifact_dir=gpt2_art))[-1] == "ovgenai"
+
+
+def test_a_signal_after_the_pipeline_is_handled_not_a_crash(gpt2_art: Path) -> None:
+    """OpenVINO's CPU plugin puts back, when a model compiled during a pipeline's life is released, the signal stack
+    the (freed) pipeline had set: the next SIGTERM was a segmentation fault (exit -11) instead of Python's handler.
+    After the decoder closes, the stack set is core.sigstack's own and the handler runs."""
+    code = ("import os, signal, sys\nimport numpy as np\nfrom pathlib import Path\nfrom core.manifest import Manifest\n"
+            "from core import sigstack\nfrom runtimes.decoding import greedy\n"
+            "from runtimes.ovgenai import OvGenaiDecoder\n"
+            f"art = Path({str(gpt2_art)!r}); m = Manifest.load(art)\n"
+            "d = OvGenaiDecoder(m, art, m.artifacts['fp32'], threads=1); d.load()\n"
+            "greedy(d, np.ones((1, 4), np.int64), 2); d.close(); del d\n"
+            "assert sigstack.current() == sigstack.own_stack(), (sigstack.current(), sigstack.own_stack())\n"
+            "def h(*_): raise SystemExit(7)\n"
+            "signal.signal(signal.SIGTERM, h)\nos.kill(os.getpid(), signal.SIGTERM)\nsum(range(1000))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 7, (proc.returncode, proc.stderr[-2000:])
