@@ -40,7 +40,9 @@ class Conversion(BaseModel):
     fp16: bool = Field(default=False, description="Also write an FP16 variant (fp16)")
     int8: bool = Field(default=False, description="Also write a static INT8 variant (int8_static_<method>; needs calib)")
     int8_dynamic: bool = Field(default=False, description="Also write a dynamic INT8 variant (int8_dynamic)")
+    int8_nncf: bool = Field(default=False, description="Also write OpenVINO's own INT8 IR (int8_nncf; needs calib)")
     int4: bool = Field(default=False, description="Also write an INT4 weight-only variant (int4)")
+    int4_ov: bool = Field(default=False, description="Also write OpenVINO's own INT4 IR (int4_ov; KV-cache decoders)")
     # one bool per convert flag of a row of convert.variants.VARIANTS (tests/test_sweep.py checks they match)
     calib: str | None = Field(default=None, description="Calibration data: image folder, .npy/.npz, "
                                                         "imagenet_subset (built in) or synthetic")
