@@ -126,15 +126,20 @@ class HeldOutText:
                 f"of {self.source}")
 
 
+def check_text_source(source: str, flag: str = "--text") -> None:
+    """A held-out text source is ``stdlib`` or a file that is there; else one clear line naming ``flag``."""
+    if source != STDLIB and not Path(source).is_file():
+        raise InputError(f"{flag} {source!r}: no such file (give a UTF-8 text file, or {STDLIB!r} for the held-out "
+                         "standard library files)")
+
+
 def text_bytes(source: str) -> tuple[bytes, str]:
     """(the text, what it is) of ``--text``: ``stdlib`` or a UTF-8 file; anything else is one clear line."""
+    check_text_source(source)
     if source == STDLIB:
         return stdlib_bytes("heldout", STDLIB_TEXT_BYTES), \
             f"the held-out standard library files ({stdlib_folder()}, 1 file in {HELD_OUT_EVERY} by name)"
     path = Path(source)
-    if not path.is_file():
-        raise InputError(f"--text {source!r}: no such file (give a UTF-8 text file, or {STDLIB!r} for the held-out "
-                         "standard library files)")
     data = path.read_bytes()
     try:
         data.decode("utf-8")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from calibration.text import check_text_source
 from convert.config import (
     DEFAULT_OPSET,
     RECOVER_NEEDS_VARIANT,
@@ -223,6 +224,8 @@ class ConvertFlags(BaseModel):
             raise InputError(f"{', '.join(stray)} tunes NNCF's INT4 for OpenVINO: add --int4-ov")
         if self.eval_text is None and "max_perplexity_increase" in self.model_fields_set:
             raise InputError("--max-perplexity-increase gates perplexity on held-out text: add --eval-text FILE|stdlib")
+        if self.eval_text is not None:  # before the export, not after the variants are built
+            check_text_source(self.eval_text, "--eval-text")
         if not self.trt and "dim_range" in self.model_fields_set:
             raise InputError("--dim-range sets a TensorRT profile: add --trt")
         if not self.trt and (stray := self.given(TRT_ONLY_FLAGS)):

@@ -67,6 +67,7 @@ def test_section_rules_hold_for_a_config_built_directly() -> None:
     ({"int8": True, "calib": "synthetic", "calib_method": "kl"}, "unknown --calib-method 'kl'"),
     ({"int8": True}, "--int8 needs calibration data"),
     ({"eval_data": "t.npz"}, "--eval-data measures variants"),
+    ({"int4": True, "eval_text": "/no/such.txt"}, "--eval-text '/no/such.txt': no such file"),  # before the export
     ({"prune_channels": "0.3", "recover": "distill", "train_data": "t.npz", "train_device": "tpu"},
      "unknown --train-device 'tpu'; choose cpu or cuda"),
 ])
