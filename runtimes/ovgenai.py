@@ -31,8 +31,15 @@ import numpy as np
 from core.errors import BackendUnavailableError, first_line
 from core.flops import openvino_config
 from core.sigstack import keep_valid
-from runtimes.decoding import Decoder, DecodeSession, Trace, hf_folder
-from runtimes.ovstateful import KV_CACHE_PRECISION, StatefulRequest, state_map, stateful_model, write_ir
+from runtimes.decoding import Decoder, Trace, hf_folder
+from runtimes.ovstateful import (
+    KV_CACHE_PRECISION,
+    StatefulDecoder,
+    StatefulRequest,
+    state_map,
+    stateful_model,
+    write_ir,
+)
 from runtimes.session import PAST, PAST_DIM
 
 if TYPE_CHECKING:
@@ -79,8 +86,9 @@ def write_pipeline_folder(manifest: Manifest, base: Path, artifact: Artifact, fo
     return {"model": model, "vocab": vocab} | generation
 
 
-class OvGenaiDecoder(Decoder):
-    """A variant run by openvino-genai's LLMPipeline (see the module docstring)."""
+class OvGenaiDecoder(StatefulDecoder):
+    """A variant run by openvino-genai's LLMPipeline (see the module docstring); teacher forcing and logits run on
+    the same stateful IR on an OpenVINO request (``stateful``: the pipeline exposes none)."""
 
     def __init__(self, manifest: Manifest, base: Path, artifact: Artifact, threads: int | None = None,
                  pairs: dict[str, str] | None = None) -> None:
@@ -92,7 +100,7 @@ class OvGenaiDecoder(Decoder):
         self.og: Any = None
         self.ov: Any = None
         self.pipe: Any = None
-        self.request: StatefulRequest | None = None
+        self.stateful: StatefulRequest | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def load(self) -> None:
@@ -106,7 +114,7 @@ class OvGenaiDecoder(Decoder):
             written = write_pipeline_folder(self.manifest, self.base, self.artifact, Path(self._tmp.name), self.pairs)
             self.og, self.ov = og, ov
             self.pipe = og.LLMPipeline(self._tmp.name, "CPU", **self.config)
-            self.request = StatefulRequest(written["model"], self.config)
+            self.stateful = StatefulRequest(written["model"], self.config)
             for batch in (1, 2) if self.manifest.iospec.dynamic_batch else (1,):  # bindings checked here
                 self.generate(np.ones((batch, 2), np.int64), 1)
         except BackendUnavailableError:
@@ -119,7 +127,7 @@ class OvGenaiDecoder(Decoder):
 
     def close(self) -> None:
         self.pipe = None
-        self.request = None
+        self.stateful = None
         keep_valid()  # the pipeline freed its plugin's signal stack, which may still be set (core.sigstack)
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -157,18 +165,6 @@ class OvGenaiDecoder(Decoder):
                 return 0
             total += int(np.prod([int(d) for d in dims])) * np.dtype(t.dtype).itemsize
         return total
-
-    def _request(self) -> StatefulRequest:
-        if self.request is None:
-            raise RuntimeError(f"{self.label}: load() first")
-        return self.request
-
-    def session(self) -> DecodeSession:
-        """Teacher forcing and logits: the same stateful IR on an OpenVINO request (the pipeline exposes none)."""
-        return self._request().session()
-
-    def forward(self, ids: np.ndarray) -> np.ndarray:
-        return self._request().forward(ids)
 
     def extra(self) -> dict[str, Any]:
         return {"ovgenai_logits_from": "the same stateful IR on an OpenVINO infer request (LLMPipeline exposes none)"}

@@ -38,7 +38,7 @@ import numpy as np
 
 from core.errors import BackendUnavailableError, first_line
 from core.sigstack import keep_valid
-from runtimes.decoding import DecodeSession, RunnerDecoder
+from runtimes.decoding import Decoder, DecodeSession, RunnerDecoder
 from runtimes.session import PAST, PRESENT, has_kv_cache
 
 if TYPE_CHECKING:
@@ -206,7 +206,25 @@ class StatefulRequest:
 KV_CACHE_PRECISION = {"f32": "f32", "bf16": "bf16", "f16": "f16"}
 
 
-class OvStatefulDecoder(RunnerDecoder):
+class StatefulDecoder(Decoder):
+    """A decoder whose sessions and forward run on a :class:`StatefulRequest` (``stateful``, set by ``load``): the
+    openvino backend's, and openvino-genai's for what its pipeline does not expose (logits, teacher forcing)."""
+
+    stateful: StatefulRequest | None = None
+
+    def _request(self) -> StatefulRequest:
+        if self.stateful is None:
+            raise RuntimeError(f"{self.label}: load() first")
+        return self.stateful
+
+    def session(self) -> DecodeSession:
+        return self._request().session()
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        return self._request().forward(ids)
+
+
+class OvStatefulDecoder(StatefulDecoder, RunnerDecoder):
     """The openvino generation backend: an ONNX variant on OpenVINO as its stateful model (the module docstring).
 
     ``load`` first loads the variant's :class:`runtimes.openvino.OpenVinoRunner` (its crash probe in a child process,
@@ -237,17 +255,6 @@ class OvStatefulDecoder(RunnerDecoder):
     def close(self) -> None:
         self.stateful = None
         self.runner.close()  # and the signal stack made valid again (core.sigstack)
-
-    def _request(self) -> StatefulRequest:
-        if self.stateful is None:
-            raise RuntimeError(f"{self.label}: load() first")
-        return self.stateful
-
-    def session(self) -> DecodeSession:
-        return self._request().session()
-
-    def forward(self, ids: np.ndarray) -> np.ndarray:
-        return self._request().forward(ids)
 
     def extra(self) -> dict[str, Any]:
         return {"openvino_stateful": True}
