@@ -139,8 +139,10 @@ class OvGenaiDecoder(StatefulDecoder):
             raise RuntimeError(f"{self.label}: load() first")
         og, ov = self.og, self.ov
         cfg = og.GenerationConfig()
+        # ignore_eos: exactly max_new_tokens, EOS chosen like any token; min_new_tokens would mask EOS's logit and
+        # change the tokens of a model that emits it (mistral's coverage row, benchmarks/run_gen_coverage.py)
         cfg.do_sample, cfg.ignore_eos = False, True
-        cfg.max_new_tokens = cfg.min_new_tokens = steps + 1
+        cfg.max_new_tokens = steps + 1
         ids = np.ascontiguousarray(prompt, dtype=np.int64)
         inputs = og.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones(ids.shape, np.int64)))
         t0 = time.perf_counter_ns()
