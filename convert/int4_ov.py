@@ -93,7 +93,10 @@ def compress_file(src: Path, xml: Path, opts: Int4Config, fp32_xml: Path | None 
         if fp32_xml is not None:  # before: compress_weights changes the model in place
             ov.save_model(model, str(fp32_xml), compress_to_fp16=False)
         with quiet():
-            model = nncf.compress_weights(model, mode=mode, group_size=opts.block_size, ratio=opts.ratio)
+            # a weight whose K no group divides (gemma's rotary inv_freq MatMul, K = 1) stays as it is, not an error
+            ignore = nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.IGNORE)
+            model = nncf.compress_weights(model, mode=mode, group_size=opts.block_size, ratio=opts.ratio,
+                                          advanced_parameters=ignore)
         ov.save_model(model, str(xml), compress_to_fp16=False)
     except Exception as exc:
         raise Int4OvError(f"NNCF INT4 compression ({mode_name(opts)}, group {opts.block_size}, ratio {opts.ratio:g}) "

@@ -66,3 +66,40 @@ def test_ovgenai_emits_the_eos_token_greedy_chooses(eos_emitting: tuple[Manifest
         assert got.tokens.tolist() == ref.tolist()
     finally:
         pipe.close()
+
+
+def _matmuls_onnx(path: Path) -> Path:
+    """x (batch x 64) through two 64-wide MatMuls, and t (batch x 1) times a 1 x 8 constant: the shape of the rotary
+    embedding's ``inv_freq`` MatMul in gemma's export (K = 1, which no group of 32 divides)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"W1": rng.normal(size=(64, 64)), "W2": rng.normal(size=(64, 64)), "F": rng.normal(size=(1, 8))}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("MatMul", ["t", "F"], ["r"]),
+             helper.make_node("MatMul", ["h", "W2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64]),
+                     helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 64]),
+         helper.make_tensor_value_info("r", TensorProto.FLOAT, ["batch", 8])],
+        [numpy_helper.from_array(w.astype(np.float32), n) for n, w in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_int4_ov_leaves_a_weight_no_group_divides_in_float(tmp_path: Path) -> None:
+    """gemma's --int4-ov failed as a whole (NNCF InvalidGroupSizeError on /model/rotary_emb/MatMul, K = 1): a weight
+    whose K no group divides now stays as it is (NNCF's group_size_fallback_mode IGNORE), the others are 4-bit."""
+    pytest.importorskip("nncf")
+    import openvino as ov
+
+    from convert.config import Int4Config
+    from convert.int4_ov import compress_file
+
+    xml = tmp_path / "m.xml"
+    types = compress_file(_matmuls_onnx(tmp_path / "m.onnx"), xml, Int4Config())
+    assert types.get("u4", 0) + types.get("i4", 0) >= 1, types
+    consts = {tuple(op.get_output_shape(0)): op.get_element_type().get_type_name()
+              for op in ov.Core().read_model(str(xml)).get_ops() if op.get_type_name() == "Constant"}
+    assert consts.get((1, 8)) == "f32", consts  # the rotary-like weight, untouched
