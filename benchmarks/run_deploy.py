@@ -398,16 +398,36 @@ def _amx_gate(out: dict[str, Any], cpu: dict[str, Any], *units: str) -> dict[str
     return None
 
 
-def _missing_pick(out: dict[str, Any], cpu: dict[str, Any], precision: str) -> dict[str, Any]:
-    """No ``precision`` pick in the head-to-head: not measured when the probe did not offer the precision, else
-    MISSED (tune had it and timed no candidate of it within the budget)."""
+def untimed(candidates: list[Candidate], batch: int) -> dict[str, dict[str, Any]]:
+    """Per precision that tune has candidates of at ``batch`` but timed none: the smallest drop of those over the
+    budget (None if none was) and the first skip line (None if none was skipped)."""
+    out = {}
+    for p in sorted({c.precision for c in candidates if c.batch_size == batch}):
+        mine = [c for c in candidates if c.batch_size == batch and c.precision == p]
+        if any(c.latency_ms is not None for c in mine):
+            continue
+        over = [c.accuracy_drop_points for c in mine if not c.within_budget and c.accuracy_drop_points is not None]
+        out[p] = {"over_budget_drop": min(over) if over else None,
+                  "skipped": next((c.skipped for c in mine if c.skipped), None)}
+    return out
+
+
+def _missing_pick(out: dict[str, Any], cpu: dict[str, Any], precision: str, h2h: dict[str, Any]) -> dict[str, Any]:
+    """No ``precision`` pick in the head-to-head: not measured when the probe did not offer the precision or tune
+    could run none of its candidates (their skip line); MISSED when they were over the accuracy budget or tune had
+    none at all."""
     if precision in ("bf16", "fp16") and precision not in cpu["native"]:
         why = cpu["problems"].get(precision) or f"{precision} not offered by the probe"
         override = f"; ONNXKIT_CPU_PRECISIONS={cpu['override']!r}" if cpu.get("override") is not None else ""
         return _not_measured(out, f"no {precision} candidate: {why}{override}")
+    info = h2h.get("tune_untimed", {}).get(precision, {})
+    if info.get("over_budget_drop") is not None:
+        return out | {"verdict": "MISSED", "figures": f"smallest {precision} drop {info['over_budget_drop']:.3f} points",
+                      "reason": f"every {precision} candidate was over tune's accuracy budget"}
+    if info.get("skipped"):
+        return _not_measured(out, f"tune could run no {precision} candidate: {info['skipped']}")
     return out | {"verdict": "MISSED", "figures": f"no {precision} pick timed",
-                  "reason": f"tune timed no {precision} candidate within the accuracy budget (every one skipped, "
-                            "over the budget, or none could run)"}
+                  "reason": f"tune had no {precision} candidate (no such variant, or none within the budget)"}
 
 
 def target_bf16(h2h: dict[str, Any], batch: int, cpu: dict[str, Any]) -> dict[str, Any]:
@@ -418,7 +438,7 @@ def target_bf16(h2h: dict[str, Any], batch: int, cpu: dict[str, Any]) -> dict[st
         return skip
     fp32, bf16 = _role(h2h, "fp32 pick"), _role(h2h, "bf16 pick")
     if bf16 is None:
-        return _missing_pick(out, cpu, "bf16")
+        return _missing_pick(out, cpu, "bf16", h2h)
     if fp32 is None:
         return out | {"verdict": "MISSED", "figures": "no FP32 pick timed", "reason": "tune timed no FP32 candidate"}
     ratio = _lat(fp32).p50 / _lat(bf16).p50
@@ -440,9 +460,9 @@ def target_int8_bf16(h2h: dict[str, Any], batch: int, cpu: dict[str, Any]) -> di
         return skip
     bf16, int8 = _role(h2h, "bf16 pick"), _role(h2h, "int8 pick")
     if bf16 is None:
-        return _missing_pick(out, cpu, "bf16")
+        return _missing_pick(out, cpu, "bf16", h2h)
     if int8 is None:
-        return _missing_pick(out, cpu, "int8")
+        return _missing_pick(out, cpu, "int8", h2h)
     ratio = _lat(bf16).p50 / _lat(int8).p50
     out |= {"figures": f"{ratio:.2f}x: bf16 {bf16['config']} {_ms(_lat(bf16))}, INT8 {int8['config']} "
                        f"{_ms(_lat(int8))}", "ratio": round(ratio, 3)}
@@ -459,7 +479,7 @@ def target_accuracy(h2h: dict[str, Any], precision: str, cpu: dict[str, Any], bu
                            "reason": None}
     pick = _role(h2h, f"{precision} pick")
     if pick is None:
-        return _missing_pick(out, cpu, precision)
+        return _missing_pick(out, cpu, precision, h2h)
     drop = pick.get("accuracy_drop_points")
     if drop is None:
         return _not_measured(out, f"tune recorded no accuracy for {pick['config']}")
@@ -527,7 +547,7 @@ def _model(model: str, args: argparse.Namespace, cpu: dict[str, Any]) -> tuple[d
         records = [r for r in bench.records if r.batch_size == b]
         entry["head_to_head"][str(b)] = head_to_head(
             folder, variants, b, picks, records, lambda r: _drop(r, random_init), args.budget, gemm,
-            args.h2h_iters, args.rounds)
+            args.h2h_iters, args.rounds) | {"tune_untimed": untimed(result.candidates, b)}
     peak = entry["matmul_peak_gflops"] = max(v for by_lib in peaks.values() for v in by_lib.values())
     entry |= {"peak_measurements_gflops": peaks, "warnings": bench.warnings,
               "rows": [_row(r, random_init, peak) for r in sorted(bench.records,

@@ -21,6 +21,7 @@ from benchmarks.run_deploy import (
     target_bf16,
     target_default,
     target_int8_bf16,
+    untimed,
 )
 from core.metrics import LatencyStats
 
@@ -86,7 +87,14 @@ def test_bf16_met_and_missed_on_amx() -> None:
 
 def test_bf16_pick_missing_on_amx_is_missed_unless_overridden_off() -> None:
     t = target_bf16(h2h(row("winner,fp32 pick", 30.0)), 1, AMX)
-    assert t["verdict"] == "MISSED" and "no bf16 candidate within the accuracy budget" in t["reason"]
+    assert t["verdict"] == "MISSED" and "tune had no bf16 candidate" in t["reason"]
+    over = h2h(row("winner,fp32 pick", 30.0)) | {"tune_untimed": {"bf16": {"over_budget_drop": 1.7, "skipped": None}}}
+    t = target_bf16(over, 1, AMX)
+    assert t["verdict"] == "MISSED" and "over tune's accuracy budget" in t["reason"] and "1.700" in t["figures"]
+    skipped = h2h(row("winner,fp32 pick", 30.0)) | {"tune_untimed": {"bf16": {"over_budget_drop": None,
+                                                                               "skipped": "OpenVINO compiled f32"}}}
+    t = target_bf16(skipped, 1, AMX)
+    assert t["verdict"] == NOT_MEASURED and t["reason"] == "tune could run no bf16 candidate: OpenVINO compiled f32"
     off = AMX | {"native": ["fp32"], "override": "none", "problems": {"bf16": "override"}}
     t = target_bf16(h2h(row("winner,fp32 pick", 30.0)), 1, off)
     assert t["verdict"] == NOT_MEASURED and "ONNXKIT_CPU_PRECISIONS='none'" in t["reason"]
@@ -137,6 +145,24 @@ def test_targets_per_model_on_a_cpu_without_amx() -> None:
     assert by[(8, "bf16 pick's accuracy drop within the default budget")] == NOT_MEASURED
     other = _targets("transformer", {1: fig | figures}, args, AMX, 0.0)
     assert not any(t["target"].startswith("bf16 pick >=") for t in other)
+
+
+def test_untimed_precisions_from_tune_candidates() -> None:
+    from runtimes.tune import Candidate
+
+    lat = LatencyStats.from_samples([5.0, 5.1, 5.2], [[5.0], [5.1], [5.2]])
+
+    def cand(precision: str, **kw: Any) -> Candidate:
+        return Candidate(backend="openvino", variant="opt", precision=precision, settings={}, batch_size=1, **kw)
+
+    got = untimed([cand("fp32", latency_ms=lat, accuracy_drop_points=0.0),
+                   cand("bf16", accuracy_drop_points=1.5, within_budget=False),
+                   cand("bf16", accuracy_drop_points=0.3, skipped="no units"),
+                   cand("fp16", skipped="no fp16 units", within_budget=False),
+                   cand("int8", latency_ms=lat, accuracy_drop_points=0.2), cand("int8", within_budget=False,
+                                                                                 accuracy_drop_points=3.0)], 1)
+    assert got == {"bf16": {"over_budget_drop": 1.5, "skipped": "no units"},
+                   "fp16": {"over_budget_drop": None, "skipped": "no fp16 units"}}
 
 
 # -- the head-to-head's benchmark_app row -------------------------------------------------------------------------------
