@@ -111,27 +111,31 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 
 
 def benchmark_app(path: Path, input_name: str, batch: int, seconds: float, config: dict[str, Any],
-                  dynamic: bool = False) -> dict[str, Any]:
+                  dynamic: bool = False, shape: str | None = None, niter: int | None = None) -> dict[str, Any]:
     """One ``benchmark_app`` run: its median latency (ms), call count and the settings it reports. ``dynamic``:
-    ``-data_shape`` instead of ``-shape``, so the file's dynamic batch is compiled as it is, as the runner does."""
+    ``-data_shape`` instead of ``-shape``, so the file's dynamic batch is compiled as it is, as the runner does.
+    ``shape``: the whole shape argument (every input, e.g. ``a[1,128],b[1,128]``) instead of the image input's;
+    ``niter``: that many calls (``-niter``) instead of ``seconds``."""
     exe = Path(sys.executable).parent / "benchmark_app"
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"CPU": {k: str(v) for k, v in config.items()}}, f)
     cmd = [str(exe), "-m", str(path), "-d", "CPU", "-hint", "latency", "-api", "sync",
-           "-data_shape" if dynamic else "-shape", f"{input_name}[{batch},3,224,224]", "-t", f"{seconds:g}", "-load_config", f.name]
+           "-data_shape" if dynamic else "-shape", shape or f"{input_name}[{batch},3,224,224]",
+           *(["-niter", str(niter)] if niter else ["-t", f"{seconds:g}"]), "-load_config", f.name]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     finally:
         Path(f.name).unlink()
     out = proc.stdout + proc.stderr
-    median = re.search(r"Median:\s+([\d.]+)\s*ms", out)
+    median = re.search(r"Median:\s+([\d.]+)\s*(ms|us)", out)  # sub-ms medians are printed in us
     if proc.returncode != 0 or median is None:
         lines = [ln for ln in out.splitlines() if ln.strip()]
         raise SystemExit(f"benchmark_app failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
     count = re.search(r"Count:\s+(\d+)", out)
     reported = {k: m.group(1).strip() for k in ("PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "INFERENCE_PRECISION_HINT",
                                                 "NUM_STREAMS") if (m := re.search(rf"\b{k}:\s*(.+)", out))}
-    return {"median_ms": float(median.group(1)), "calls": int(count.group(1)) if count else None,
+    return {"median_ms": float(median.group(1)) / (1000.0 if median.group(2) == "us" else 1.0),
+            "calls": int(count.group(1)) if count else None,
             "settings": reported, "command": " ".join([*cmd[:-2], "-load_config", json.dumps(config)])}
 
 
