@@ -196,6 +196,17 @@ def hf_folder(manifest: Manifest) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
+def own_attention(folder: Path) -> dict[str, str]:
+    """``from_pretrained``'s attention for a model whose config caps its attention logits (gemma2's
+    ``attn_logit_softcapping``): its own eager attention, which applies the cap as Optimum's export does;
+    transformers' default SDPA ignores it and gives other logits. Else nothing (the default)."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return {"attn_implementation": "eager"} if isinstance(config, dict) and config.get("attn_logit_softcapping") \
+        else {}
+
+
 class TorchDecoder(Decoder):
     """transformers' model of the source folder, with the weights convert saved (the ``state_dict`` artifact), run
     with ``use_cache=True``; ``compiled``: under ``torch.compile(dynamic=True)``; ``saved_weights=False``: the
@@ -226,7 +237,8 @@ class TorchDecoder(Decoder):
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(self.threads)
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(self.folder), local_files_only=True)
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(self.folder), local_files_only=True,
+                                                                      **own_attention(self.folder))
             if self.weights is not None:
                 model.load_state_dict(torch.load(self.weights, map_location="cpu", weights_only=True), strict=True)
         except Exception as exc:

@@ -103,3 +103,45 @@ def test_int4_ov_leaves_a_weight_no_group_divides_in_float(tmp_path: Path) -> No
     consts = {tuple(op.get_output_shape(0)): op.get_element_type().get_type_name()
               for op in ov.Core().read_model(str(xml)).get_ops() if op.get_type_name() == "Constant"}
     assert consts.get((1, 8)) == "f32", consts  # the rotary-like weight, untouched
+
+
+@pytest.fixture(scope="module")
+def gemma2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-init gemma2 with attention logit softcapping (gemma2's default, 50), large weights so the cap
+    bites."""
+    import torch
+    import transformers as t
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("gemma2")
+    t.Gemma2ForCausalLM(t.Gemma2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=64,
+        initializer_range=0.5, tie_word_embeddings=False)).save_pretrained(folder)
+    return folder
+
+
+def test_eager_reference_applies_gemma2_attention_softcapping(gemma2_folder: Path, llama_art: Path) -> None:
+    """transformers loads gemma2 with SDPA attention by default, which ignores ``attn_logit_softcapping``; Optimum's
+    export applies it (the model's own attention), so every ONNX backend differed from the eager reference at a greedy
+    step (gemma2's coverage row: agreement 84%, cosine 0.998). The eager decoder now loads such a model with its eager
+    attention: its logits are those of the model's own attention, not SDPA's."""
+    import torch
+    import transformers as t
+
+    from runtimes.decoding import TorchDecoder
+
+    ids = np.random.default_rng(1).integers(0, 128, (1, 16))
+    logits = {}
+    for impl in ("eager", "sdpa"):
+        model = t.AutoModelForCausalLM.from_pretrained(gemma2_folder, attn_implementation=impl).eval()
+        with torch.inference_mode():
+            logits[impl] = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(logits["eager"] - logits["sdpa"]).max() > 1e-2  # the cap changes this model's logits
+    d = TorchDecoder(Manifest.load(llama_art), llama_art, gemma2_folder, compiled=False, threads=1,
+                     saved_weights=False)
+    d.load()
+    try:
+        assert np.abs(d.forward(ids) - logits["eager"]).max() < 1e-4
+    finally:
+        d.close()
