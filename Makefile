@@ -26,8 +26,11 @@ demo: $(STAMP)
 	$(BIN)/python cli.py bench artifacts/demo --backends eager,torchscript,ort --batch-sizes 1,4 --warmup 3 --iters 20
 	@echo "report: artifacts/demo/bench/results.html (results.json is the source of truth; .csv and .md beside it)"
 
+# Two workers (the 2-core CI machine; TEST_WORKERS=1 runs it in one process), a whole test file per worker so each
+# module-scoped fixture (a converted model) is built once.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Optional: Debian's chromium, for the HTML report's screenshot test. Installs only as root with apt and
 # never fails: without chromium that one test skips.
