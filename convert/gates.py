@@ -67,7 +67,8 @@ def check_gates(manifest: Manifest) -> None:
     made (``Manifest.failed_variants``: no file, so nothing lists it as a candidate). A variant that ``--recover``
     fine-tuned into a ``*_recovered`` child is that child's starting point: its own gate is recorded, the child's
     counts."""
-    failed = []
+    failed: list[str] = []
+    widen: list[str] = []  # the flags that set the budgets the failed variants missed
     # an unrecovered variant whose fine-tuned child (--recover) exists: kept for comparison, not a failure
     superseded = {a.parent for a in manifest.artifacts.values()
                   if isinstance(a.params, SparsityParams | PruneParams) and a.params.training is not None}
@@ -75,14 +76,20 @@ def check_gates(manifest: Manifest) -> None:
         if a.name in superseded and a.metrics.checker != "failed":
             continue
         if a.metrics.gate is not None and a.metrics.gate.passed is False:
-            failed.append(f"{a.name} {a.metrics.gate.reason or 'is outside its budget'}")
+            reason = a.metrics.gate.reason or "is outside its budget"
+            failed.append(f"{a.name} {reason}")
+            flags = (["--max-accuracy-drop", "--min-cosine"] if a.metrics.generation is None else
+                     [f for word, f in (("agreement", "--min-token-agreement"), ("cosine", "--min-cosine"),
+                                        ("perplexity", "--max-perplexity-increase")) if word in reason])
+            widen += [f for f in flags if f not in widen]
         elif a.status == "failed" and a.metrics.checker == "failed":
             failed.append(f"{a.name} fails onnx.checker")
     parts = []
     if failed:
         parts.append("variant gate failed: " + "; ".join(failed)
                      + " -> marked failed in manifest.json; bench leaves it out unless --variants names it (widen the "
-                       "gate with --max-accuracy-drop / --min-cosine; for INT8 try --auto or another --calib-method)")
+                       f"gate with {' / '.join(widen or ['--max-accuracy-drop', '--min-cosine'])}; for INT8 try --auto "
+                       "or another --calib-method)")
     if not_made := [f for f in manifest.failed_variants if f.status == "failed"]:
         skipped = [f.name for f in manifest.failed_variants if f.status == "skipped"]
         parts.append("variant not made: " + "; ".join(f"{f.name}: {f.reason}" for f in not_made)

@@ -323,24 +323,29 @@ def test_convert_records_each_variants_perplexity_against_fp32(ppl_art: Path) ->
         assert "perplexity" in (art.metrics.summary or "")
 
 
-def test_a_variant_over_its_perplexity_budget_fails_convert(byte_model: Path, ppl_art: Path, tmp_path: Path) -> None:
-    """INT4 raises this model's perplexity (RTN noise on trained weights) more than INT8 does; a budget between the
-    two fails INT4 alone, exit 5, with the reason; the agreement gate passes both (it cannot see the change)."""
-    got = {n: Manifest.load(ppl_art).artifacts[n].metrics.generation for n in ("int8_dynamic", "int4")}
-    inc = {n: g.perplexity.increase for n, g in got.items() if g is not None and g.perplexity is not None}
-    assert inc["int4"] is not None and inc["int8_dynamic"] is not None and inc["int4"] > inc["int8_dynamic"]
-    budget = (max(inc["int8_dynamic"], 0.0) + inc["int4"]) / 2
+def test_a_variant_over_its_perplexity_budget_fails_convert(byte_model: Path, tmp_path: Path) -> None:
+    """Static INT8 calibrated on random token ids (``--calib synthetic``) raises this model's perplexity by about a
+    third (31-36% over four training seeds); dynamic INT8 moves it by well under 1%. With the agreement gate opened
+    (agreement 0, cosine -1), a 10% budget fails the static variant alone, exit 5, on perplexity, naming the flag
+    that sets it. (INT4 against INT8 cannot be this test: on so small a model INT4's change in perplexity is noise of
+    either sign, -0.3% to +1.5% by training seed and CPU.)"""
     out = tmp_path / "art"
     proc = _cli("convert", f"hf:{byte_model}", "--task", "text-generation-with-past", "--no-optimize",
-                "--int8-dynamic", "--int4", "--eval-text", "stdlib", "--max-perplexity-increase", f"{budget:.6f}",
-                "--out", str(out), cwd=tmp_path)
+                "--int8-dynamic", "--int8", "--calib", "synthetic", "--min-token-agreement", "0", "--min-cosine", "-1",
+                "--eval-text", "stdlib", "--max-perplexity-increase", "0.1", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 5, proc.stdout[-3000:] + proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()
-    assert err and "int4 perplexity" in err[-1] and "above FP32's" in err[-1] and "int8_dynamic" not in err[-1], err
+    assert err and "int8_static_minmax perplexity" in err[-1] and "above FP32's" in err[-1], err
+    assert "int8_dynamic" not in err[-1] and "agreement" not in err[-1] and "--max-perplexity-increase" in err[-1]
     manifest = Manifest.load(out)
-    assert manifest.artifacts["int4"].status == "failed" and manifest.artifacts["int8_dynamic"].status == "ok"
-    gate = manifest.artifacts["int4"].metrics.gate
+    static, dynamic = manifest.artifacts["int8_static_minmax"], manifest.artifacts["int8_dynamic"]
+    assert static.status == "failed" and dynamic.status == "ok"
+    gate = static.metrics.gate
     assert gate is not None and gate.passed is False and "perplexity" in (gate.reason or "")
+    ppl = {n: a.metrics.generation.perplexity for n, a in (("static", static), ("dynamic", dynamic))
+           if a.metrics.generation is not None}
+    assert ppl["static"] is not None and ppl["static"].increase is not None and ppl["static"].increase > 0.1
+    assert ppl["dynamic"] is not None and ppl["dynamic"].increase is not None and abs(ppl["dynamic"].increase) < 0.1
 
 
 def test_bench_text_gives_each_variants_perplexity(ppl_art: Path, tmp_path: Path) -> None:
