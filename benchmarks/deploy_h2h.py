@@ -218,8 +218,11 @@ def head_to_head(folder: Path, variants: list[str], batch: int, picks: dict[str,
     rows: list[dict[str, Any]] = []
     for e in sorted(entries, key=lambda x: x.latency.p50 if x.latency else 0.0):
         assert e.latency is not None
-        # the variant's own file's MACs; the GEMM of these rounds is FP32's: only FP32 configurations are read against it
-        gflop, frac = peak_fraction(setup.macs[e.variant].per_point[0], e.latency.p50,
+        # the variant's own file's MACs (a complete stand-in's where its own count is not; none where only a lower
+        # bound is known: its fraction would read as a miss); the GEMM of these rounds is FP32's: only FP32
+        # configurations are read against it
+        macs = setup.macs[e.variant]
+        gflop, frac = peak_fraction(None if macs.lower_bound else macs.per_point[0], e.latency.p50,
                                     gemm_gflops if e.precision == "fp32" else None)
         rows.append({"config": e.key, "backend": e.backend, "variant": e.variant, "precision": e.precision,
                      "roles": e.roles, "latency_ms": e.latency.model_dump(mode="json"), "gflop": gflop,

@@ -95,6 +95,7 @@ class VariantMacs:
 
     per_point: list[int | None]
     note: str | None = None
+    lower_bound: bool = False  # some arithmetic is not in ``per_point`` and no complete count stood in
 
 
 def variant_macs(manifest: Manifest, base: Path, names: Iterable[str],
@@ -102,7 +103,9 @@ def variant_macs(manifest: Manifest, base: Path, names: Iterable[str],
     """Each artifact's MACs at each point's input shapes, counted on its own ONNX file: a pruned, sparsified or
     distilled variant does its own arithmetic, not the FP32 export's. Where the own count is incomplete (contrib ops
     whose shapes no inference finds, or arithmetic not counted: a fused Attention), the nearest ancestor ONNX
-    (``parent``, then ``fp32``) counted completely stands in, with a note. An artifact that is no ONNX file
+    (``parent``, then ``fp32``, then the export's graph rewrites ``opt`` and ``fused``, which do its arithmetic: a
+    torchvision ViT's export loses the attention MatMuls' shapes that onnxslim's ``opt`` keeps) counted completely
+    stands in, with a note. An artifact that is no ONNX file
     (PyTorch weights, a TensorRT plan) takes its nearest ONNX ancestor's count, else the FP32 ONNX's: the same
     model, so no note."""
     counted: dict[str, list[MacCount]] = {}
@@ -113,6 +116,11 @@ def variant_macs(manifest: Manifest, base: Path, names: Iterable[str],
             counted[name] = [count_macs(path, s) for s in shapes]
         return counted[name]
 
+    from core.records import FusionParams, OptimizeParams
+
+    # the FP32 export's graph rewrites: the same arithmetic as the export
+    rewrites = [n for n, a in manifest.artifacts.items()
+                if a.parent == "fp32" and isinstance(a.params, OptimizeParams | FusionParams)]
     out = {}
     for name in names:
         chain = []
@@ -120,7 +128,8 @@ def variant_macs(manifest: Manifest, base: Path, names: Iterable[str],
         while at is not None and at in manifest.artifacts and at not in chain:
             chain.append(at)
             at = manifest.artifacts[at].parent
-        onnx_chain = [a for a in [*chain, "fp32"] if a in manifest.artifacts and manifest.artifacts[a].kind == "onnx"]
+        onnx_chain = [a for a in [*chain, "fp32", *rewrites] if a in manifest.artifacts
+                      and manifest.artifacts[a].kind == "onnx"]
         own = manifest.artifacts[name].kind == "onnx"
         stand_in = next((a for a in dict.fromkeys(onnx_chain) if all(c.complete for c in count(a))), None)
         if stand_in is None:  # nothing complete: the own file's (or the nearest ONNX's) count is a lower bound
@@ -129,7 +138,8 @@ def variant_macs(manifest: Manifest, base: Path, names: Iterable[str],
             left_out = sorted({op for c in counts for op in c.uncounted})
             out[name] = VariantMacs([c.macs for c in counts], f"GFLOP a lower bound: {', '.join(left_out)} not "
                                                               "counted (no inferable shape, or arithmetic core.flops "
-                                                              "does not count)" if left_out else None)
+                                                              "does not count)" if left_out else None,
+                                      lower_bound=bool(left_out))
             continue
         note = None
         if own and stand_in != name:

@@ -107,6 +107,51 @@ def test_each_variants_macs_come_from_its_own_file(variants: Path) -> None:
     assert got["torch"].per_point == [full, 4 * full] and got["torch"].note is None
 
 
+def _with_opaque_attention(src: Path, dst: Path) -> None:
+    """``src`` plus a contrib-domain ``Attention`` node on its input (output unused): arithmetic core.flops cannot
+    count, as a fused transformer's or a torchvision ViT export's attention (whose MatMuls lose their shapes)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    model.graph.node.append(helper.make_node("Attention", [model.graph.input[0].name], ["opaque_out"],
+                                             domain="com.microsoft", num_heads=1))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst))
+
+
+def test_a_graph_rewrite_of_the_export_stands_in_when_neither_it_nor_the_export_is_countable(
+        tiny_artifacts: Path, tmp_path: Path) -> None:
+    """A fused variant (parent fp32) whose own count is incomplete, beside an FP32 export whose count is incomplete
+    too (a torchvision ViT: the run_deploy run of 2026-12-07 read its fused FP32 pick at 6% of peak, a 17x
+    undercount): ``opt``, the export's other graph rewrite, does the same arithmetic and stands in, with a note.
+    Where no file is countable, the count is marked a lower bound."""
+    from core.flops import variant_macs
+    from core.manifest import Manifest
+    from core.records import FusionParams
+
+    base = tmp_path / "art"
+    shutil.copytree(tiny_artifacts, base)
+    manifest = Manifest.load(base)
+    opt = base / manifest.artifacts["opt"].file.path
+    _with_opaque_attention(opt, base / "model.fused.onnx")
+    manifest.record(base, base / "model.fused.onnx", name="fused", kind="onnx", precision="fp32", parent="fp32",
+                    params=FusionParams(model_type="vit", fused_ops={"Attention": 1}))
+    export = base / manifest.artifacts["fp32"].file.path
+    _with_opaque_attention(export, export)  # the export no longer countable either
+    shapes = [{"input": [1, 3, 32, 32]}, {"input": [4, 3, 32, 32]}]
+    full = _conv_macs(32, 16, 3) + _conv_macs(16, 32, 16) + 32 * 10
+    got = variant_macs(manifest, base, ["fused", "fp32", "opt"], shapes)
+    for name in ("fused", "fp32"):
+        assert got[name].per_point == [full, 4 * full] and not got[name].lower_bound, got[name]
+        assert got[name].note is not None and "opt's file" in got[name].note and "Attention" in got[name].note
+    assert got["opt"].note is None
+    _with_opaque_attention(opt, opt)  # now nothing is countable: fused's own count, a lower bound, says so
+    got = variant_macs(manifest, base, ["fused"], shapes)
+    assert got["fused"].lower_bound and got["fused"].note is not None and "lower bound" in got["fused"].note
+    assert got["fused"].per_point == [full, 4 * full]  # what it could count (the opaque op's arithmetic left out)
+
+
 def test_a_qoperator_int8_file_is_counted_or_says_whose_count_it_shows(variants: Path) -> None:
     """A QOperator graph's QLinearConv ops are counted on its own file (ONNX Runtime's shape inference follows its
     contrib ops); where some op still has no shape (the QGemm after a QLinearGlobalAveragePool), the parent's
