@@ -315,9 +315,13 @@ def _target_peak(h2h: dict[str, Any], batch: int, load: float) -> dict[str, Any]
     out: dict[str, Any] = {"target": f"FP32 pick >= {goal:.0%} of the FP32 GEMM peak (same rounds)" if goal else
                            "FP32 pick's fraction of the FP32 GEMM peak (no target at this batch)", "reason": None}
     fp32, gemm = _role(h2h, "fp32 pick"), h2h["gemm"]
-    if fp32 is None or fp32["peak_fraction"] is None:
-        return out | {"verdict": "MISSED" if goal else "-", "figures": "no FP32 pick or no GFLOP count",
-                      "reason": "tune measured no FP32 candidate, or the model's GFLOP could not be counted"}
+    if fp32 is None:
+        return out | {"verdict": "MISSED" if goal else "-", "figures": "no FP32 pick",
+                      "reason": "tune measured no FP32 candidate"}
+    if fp32["peak_fraction"] is None:
+        return out | {"verdict": "not measured" if goal else "-", "figures": f"{fp32['config']}: no GFLOP count",
+                      "reason": "core.flops could not count all of the model's arithmetic on any of its FP32 files "
+                                "(bench's row for it says which ops)"}
     frac, p50 = fp32["peak_fraction"], _lat(fp32).p50
     out["figures"] = (f"{fp32['config']}: {fp32['gflop']:.2f} GFLOP in {p50:.2f} ms = {fp32['gflop'] / p50 * 1e3:.1f} "
                       f"GFLOP/s, {frac:.0%} of the {gemm['library']} GEMM's {gemm['peak_gflops']:.1f} GFLOP/s "
@@ -491,7 +495,9 @@ def target_accuracy(h2h: dict[str, Any], precision: str, cpu: dict[str, Any], bu
 
 
 def _targets(model: str, h2hs: dict[int, dict[str, Any]], args: argparse.Namespace, cpu: dict[str, Any],
-             load: float) -> list[dict[str, Any]]:
+             load: float, int8_gates: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every target of ``model`` per batch; ``int8_gates``: its INT8 variants that failed convert's gate, with the
+    gate's line, named in the reason of a target that found no INT8 pick."""
     from runtimes.tune import TuneConfig
 
     default_budget = float(TuneConfig.model_fields["accuracy_budget"].default)
@@ -504,6 +510,10 @@ def _targets(model: str, h2hs: dict[int, dict[str, Any]], args: argparse.Namespa
         if model in AMX_MODELS and b in INT8_BF16_TARGET_BATCHES:
             rows.append(target_int8_bf16(h2h, b, cpu))
         rows += [target_accuracy(h2h, p, cpu, default_budget) for p in ("bf16", "int8")]
+        if int8_gates and _role(h2h, "int8 pick") is None:
+            for t in rows:
+                if t.get("verdict") == "MISSED" and "INT8" in t["target"].upper() and "bf16" not in t["target"]:
+                    t["reason"] = f"{t['reason']}; failed convert's gate: {'; '.join(int8_gates)}"
         out += [{"model": model, "batch": b, **t} for t in rows]
     return out
 
@@ -530,7 +540,10 @@ def _model(model: str, args: argparse.Namespace, cpu: dict[str, Any]) -> tuple[d
     variants = _variants(folder)
     random_init = is_random_init(Manifest.load(folder).source)
     entry |= {"artifact_dir": str(folder), "convert_flags": flags, "variants": variants,
-              "not_made": [f"{f.name}: {f.reason}" for f in Manifest.load(folder).failed_variants]}
+              "not_made": [f"{f.name}: {f.reason}" for f in Manifest.load(folder).failed_variants],
+              "int8_gate_failed": [f"{a.name} {a.metrics.gate.reason}" for a in Manifest.load(folder).artifacts.values()
+                                   if a.precision == "int8" and a.metrics.gate is not None
+                                   and a.metrics.gate.passed is False]}
     peaks = {"before bench": _peaks()}
     bench, entry["bench_s"] = _bench(folder, variants, args)
     checked = [r.accuracy for r in bench.records if r.accuracy is not None]
@@ -553,7 +566,7 @@ def _model(model: str, args: argparse.Namespace, cpu: dict[str, Any]) -> tuple[d
               "rows": [_row(r, random_init, peak) for r in sorted(bench.records,
                                                                   key=lambda r: (r.batch_size, r.latency_ms.p50))]}
     return entry, _targets(model, {int(b): h for b, h in entry["head_to_head"].items()}, args, cpu,
-                           entry["load_avg_before"][0])
+                           entry["load_avg_before"][0], entry["int8_gate_failed"])
 
 
 def _model_md(model: str, e: dict[str, Any]) -> list[str]:
@@ -567,14 +580,16 @@ def _model_md(model: str, e: dict[str, Any]) -> list[str]:
                          for when, by_lib in e["peak_measurements_gflops"].items())
              + f"); 1-min load before {e['load_avg_before'][0]:.2f}."
              + (f" Measured in another run: `{e['run']['command']}` ({e['run']['date']})." if "run" in e else ""), "",
-             "| batch | backend | variant | p50 ms | 95% interval | samples/s | % of peak | drop pts |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| batch | backend | variant | precision | p50 ms | 95% interval | samples/s | % of peak | drop pts |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in e["rows"]:
         frac, drop = r["peak_fraction"], r["accuracy_drop_points"]
-        lines.append(f"| {r['batch']} | {r['backend']} | {r['variant']} | {r['p50_ms']:.2f} | "
+        lines.append(f"| {r['batch']} | {r['backend']} | {r['variant']} | {r.get('precision', 'fp32')} | "
+                     f"{r['p50_ms']:.2f} | "
                      f"{r['p50_interval_ms'][0]:.2f}-{r['p50_interval_ms'][1]:.2f} | {r['samples_per_s']:.1f} | "
                      f"{'' if frac is None else f'{100 * frac:.0f}%'} | {'' if drop is None else f'{drop:.3f}'} |")
     lines += ["", *[f"- not made: {n}" for n in e.get("not_made", [])],
+              *[f"- failed convert's gate (not benched): {n}" for n in e.get("int8_gate_failed", [])],
               *[f"- skipped in bench: {w}" for w in e["warnings"]]]
     for b, t in e["tune"].items():
         lines.append(f"- tune at batch {b} ({t['objective']}, {t['timed']}/{t['candidates']} candidates timed, "

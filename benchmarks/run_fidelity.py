@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     from core.flops import openvino_config
     from core.iospec import feed_digest
     from core.manifest import Manifest
-    from runtimes.base import RunnerOptions
     from runtimes.harness import BenchConfig, build_pool, run_bench
+    from runtimes.openvino import OpenVinoOptions
     from runtimes.timing import SETTLE, usable_cpus
 
     folder = ensure_converted(MODEL, Path(args.work) / MODEL, ["--int8", "--calib", "imagenet_subset"])
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     pool = build_pool(manifest, cfg, max(cfg.accuracy_samples, *args.batches), lambda _m: None)
     feeds = {b: pool.feed(0, b) for b in args.batches}  # what bench times at each batch size (prepare_bench)
     input_name = manifest.iospec.inputs[0].name
-    ov_config = openvino_config(RunnerOptions().openvino_hint, threads)
+    ov_config = openvino_config(OpenVinoOptions().openvino_hint, threads)
     paths = {v: folder / manifest.artifacts[v].file.path for v in VARIANTS}
     sessions = {v: bare_session(p, threads) for v, p in paths.items()}
     command = "python benchmarks/run_fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)

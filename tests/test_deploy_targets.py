@@ -195,3 +195,36 @@ def test_results_of_two_cpus_never_mix() -> None:
     line = cpu_clash(EPYC, XEON, "deploy_cpu")
     assert line is not None and "Intel(R) Xeon(R) Processor (avx2, avx512, vnni, amx, fp16_arith)" in line
     assert "deploy_cpu_amd_epyc" in line
+
+
+# -- (b) the FP32 pick's fraction of the GEMM peak ----------------------------------------------------------------------
+def test_peak_without_a_complete_gflop_count_is_not_measured_never_missed() -> None:
+    """A FP32 pick whose GFLOP only a lower bound gives (deploy_h2h leaves its fraction None) is 'not measured':
+    the run of 2026-12-07 read vit_b_16's fused FP32 pick at 6% of peak from a 17x undercount and called it MISSED."""
+    from benchmarks.run_deploy import _target_peak
+
+    gemm = {"library": "torch", "peak_gflops": 200.0, "p50_gflops": 195.0}
+    pick = row("fp32 pick", 100.0) | {"gflop": None, "peak_fraction": None}
+    t = _target_peak(h2h(pick) | {"gemm": gemm}, 8, 0.0)
+    assert t["verdict"] == "not measured" and "could not count" in t["reason"]
+    counted = row("fp32 pick", 100.0) | {"gflop": 19.0, "peak_fraction": 0.95}
+    assert _target_peak(h2h(counted) | {"gemm": gemm}, 8, 0.0)["verdict"] == "met"
+    low = row("fp32 pick", 100.0) | {"gflop": 10.0, "peak_fraction": 0.5}
+    assert _target_peak(h2h(low) | {"gemm": gemm}, 8, 0.0)["verdict"] == "MISSED"
+    assert _target_peak(h2h(row("winner", 1.0)) | {"gemm": gemm}, 8, 0.0)["verdict"] == "MISSED"  # no FP32 pick
+
+
+def test_no_int8_pick_names_the_int8_variants_that_failed_their_gate() -> None:
+    """vit_b_16 (random init): every INT8 variant fails convert's gate, so tune has no INT8 candidate; the targets
+    that needed one say which variants failed and by how much, not only 'no INT8 variant within the budget'."""
+    import argparse
+
+    args = argparse.Namespace(tune_backends="ort,openvino")
+    gemm = {"gemm": {"library": "torch", "peak_gflops": 200.0, "p50_gflops": 195.0}}
+    fig = h2h(row("winner,bf16 pick,bench", 10.0, "bf16") | {"gflop": None, "peak_fraction": None},
+              row("fp32 pick,bench", 20.0) | {"gflop": 3.8, "peak_fraction": 0.95}, tool(10.0)) | gemm
+    gates = ["int8_nncf lost 7.34 points of 100 x (1 - output cosine vs FP32) (budget 1)"]
+    rows = _targets("vit_b_16", {1: fig}, args, AMX, 0.0, gates)
+    int8 = [t for t in rows if "INT8" in t["target"].upper() and "bf16" not in t["target"]]
+    assert int8 and all(t["verdict"] == "MISSED" and gates[0] in t["reason"] for t in int8), int8
+    assert all(gates[0] not in (t["reason"] or "") for t in rows if t not in int8)
