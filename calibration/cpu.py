@@ -192,7 +192,9 @@ def features_from_flags(arch: str, model: str, flags: set[str], source: str = ""
         source=source,
     )
     feats.isa = feats.isa_text()
-    have = [n for n, on in (("AVX2", feats.avx2), ("AVX-512", feats.avx512), ("VNNI", feats.vnni),
+    # BF16: what decides whether bf16 rows run natively (AVX512_BF16 on an AMD EPYC without AMX included)
+    bf16 = feats.avx512_bf16 or feats.amx_bf16 or feats.arm_bf16
+    have = [n for n, on in (("AVX2", feats.avx2), ("AVX-512", feats.avx512), ("VNNI", feats.vnni), ("BF16", bf16),
                             ("AMX", feats.amx), ("FP16", feats.fp16_arith), ("dotprod", feats.arm_dotprod)) if on]
     lacks = [n for n, on in (("VNNI", feats.vnni), ("AMX", feats.amx)) if not on] if feats.is_x86 else []
     feats.summary = (f"{arch}{' ' + model if model else ''}: {', '.join(have) or 'no wide SIMD flags found'}"

@@ -74,3 +74,14 @@ def test_old_results_files_fall_back_to_what_they_recorded() -> None:
     assert "- machine: x86_64, 2 cores" in to_markdown(_results(older))
     odd = {"cpu_flags": {"arch": "x86_64", "avx2": "maybe"}, "processor": "x86_64"}  # not a CpuFeatures record
     assert describe_cpu(odd) == "x86_64"
+
+
+def test_the_summary_names_bf16_where_the_cpu_has_it_without_amx() -> None:
+    """An AMD EPYC with AVX512_BF16 and no AMX (Zen 4) computes bf16 natively: its summary, which every results file
+    records, says BF16; an AVX2-only one does not."""
+    from calibration.cpu import features_from_flags
+
+    zen4 = features_from_flags("x86_64", "AMD EPYC", set(ICELAKE.split()) | {"avx512_bf16"})
+    assert "BF16" in zen4.summary.split(":", 1)[1] and "no AMX" in zen4.summary, zen4.summary
+    avx2 = features_from_flags("x86_64", "AMD EPYC", {"avx2", "fma"})
+    assert "BF16" not in avx2.summary, avx2.summary
