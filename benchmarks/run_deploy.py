@@ -319,7 +319,7 @@ def _target_peak(h2h: dict[str, Any], batch: int, load: float) -> dict[str, Any]
         return out | {"verdict": "MISSED" if goal else "-", "figures": "no FP32 pick",
                       "reason": "tune measured no FP32 candidate"}
     if fp32["peak_fraction"] is None:
-        return out | {"verdict": "not measured" if goal else "-", "figures": f"{fp32['config']}: no GFLOP count",
+        return out | {"verdict": NOT_MEASURED if goal else "-", "figures": f"{fp32['config']}: no GFLOP count",
                       "reason": "core.flops could not count all of the model's arithmetic on any of its FP32 files "
                                 "(bench's row for it says which ops)"}
     frac, p50 = fp32["peak_fraction"], _lat(fp32).p50
@@ -351,7 +351,8 @@ def _target_int8(h2h: dict[str, Any], batch: int, vnni: bool) -> dict[str, Any]:
     fp32, int8 = _role(h2h, "fp32 pick"), _role(h2h, "int8 pick")
     if fp32 is None or int8 is None:
         return out | {"verdict": "MISSED", "figures": "no INT8 or no FP32 candidate timed",
-                      "reason": "no INT8 variant within the accuracy budget (or none could run)"}
+                      "reason": "no INT8 variant within the accuracy budget (or none could run)"
+                                + (_gate_failures(h2h) if int8 is None else "")}
     ratio = _lat(fp32).p50 / _lat(int8).p50
     out["figures"] = f"{ratio:.2f}x: FP32 {fp32['config']} {_ms(_lat(fp32))}, INT8 {int8['config']} {_ms(_lat(int8))}"
     out["ratio"] = round(ratio, 3)
@@ -364,6 +365,13 @@ def _target_int8(h2h: dict[str, Any], batch: int, vnni: bool) -> dict[str, Any]:
 
 
 NOT_MEASURED = "not measured"
+
+
+def _gate_failures(h2h: dict[str, Any]) -> str:
+    """The INT8 variants that failed convert's gate, with its line (``int8_gate_failed``, beside ``tune_untimed``),
+    for a target that found no INT8 pick; empty when none failed (or the record predates the field)."""
+    failed = h2h.get("int8_gate_failed") or []
+    return f"; failed convert's gate: {'; '.join(failed)}" if failed else ""
 
 
 def _not_measured(out: dict[str, Any], why: str) -> dict[str, Any]:
@@ -431,7 +439,8 @@ def _missing_pick(out: dict[str, Any], cpu: dict[str, Any], precision: str, h2h:
     if info.get("skipped"):
         return _not_measured(out, f"tune could run no {precision} candidate: {info['skipped']}")
     return out | {"verdict": "MISSED", "figures": f"no {precision} pick timed",
-                  "reason": f"tune had no {precision} candidate (no such variant, or none within the budget)"}
+                  "reason": f"tune had no {precision} candidate (no such variant, or none within the budget)"
+                            + (_gate_failures(h2h) if precision == "int8" else "")}
 
 
 def target_bf16(h2h: dict[str, Any], batch: int, cpu: dict[str, Any]) -> dict[str, Any]:
@@ -495,9 +504,7 @@ def target_accuracy(h2h: dict[str, Any], precision: str, cpu: dict[str, Any], bu
 
 
 def _targets(model: str, h2hs: dict[int, dict[str, Any]], args: argparse.Namespace, cpu: dict[str, Any],
-             load: float, int8_gates: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every target of ``model`` per batch; ``int8_gates``: its INT8 variants that failed convert's gate, with the
-    gate's line, named in the reason of a target that found no INT8 pick."""
+             load: float) -> list[dict[str, Any]]:
     from runtimes.tune import TuneConfig
 
     default_budget = float(TuneConfig.model_fields["accuracy_budget"].default)
@@ -510,10 +517,6 @@ def _targets(model: str, h2hs: dict[int, dict[str, Any]], args: argparse.Namespa
         if model in AMX_MODELS and b in INT8_BF16_TARGET_BATCHES:
             rows.append(target_int8_bf16(h2h, b, cpu))
         rows += [target_accuracy(h2h, p, cpu, default_budget) for p in ("bf16", "int8")]
-        if int8_gates and _role(h2h, "int8 pick") is None:
-            for t in rows:
-                if t.get("verdict") == "MISSED" and "INT8" in t["target"].upper() and "bf16" not in t["target"]:
-                    t["reason"] = f"{t['reason']}; failed convert's gate: {'; '.join(int8_gates)}"
         out += [{"model": model, "batch": b, **t} for t in rows]
     return out
 
@@ -538,10 +541,11 @@ def _model(model: str, args: argparse.Namespace, cpu: dict[str, Any]) -> tuple[d
     entry: dict[str, Any] = {"load_avg_before": os.getloadavg()}
     folder, flags, entry["convert_s"] = _convert(model, args)
     variants = _variants(folder)
-    random_init = is_random_init(Manifest.load(folder).source)
+    manifest = Manifest.load(folder)
+    random_init = is_random_init(manifest.source)
     entry |= {"artifact_dir": str(folder), "convert_flags": flags, "variants": variants,
-              "not_made": [f"{f.name}: {f.reason}" for f in Manifest.load(folder).failed_variants],
-              "int8_gate_failed": [f"{a.name} {a.metrics.gate.reason}" for a in Manifest.load(folder).artifacts.values()
+              "not_made": [f"{f.name}: {f.reason}" for f in manifest.failed_variants],
+              "int8_gate_failed": [f"{a.name} {a.metrics.gate.reason}" for a in manifest.artifacts.values()
                                    if a.precision == "int8" and a.metrics.gate is not None
                                    and a.metrics.gate.passed is False]}
     peaks = {"before bench": _peaks()}
@@ -560,13 +564,14 @@ def _model(model: str, args: argparse.Namespace, cpu: dict[str, Any]) -> tuple[d
         records = [r for r in bench.records if r.batch_size == b]
         entry["head_to_head"][str(b)] = head_to_head(
             folder, variants, b, picks, records, lambda r: _drop(r, random_init), args.budget, gemm,
-            args.h2h_iters, args.rounds) | {"tune_untimed": untimed(result.candidates, b)}
+            args.h2h_iters, args.rounds) | {"tune_untimed": untimed(result.candidates, b),
+                                            "int8_gate_failed": entry["int8_gate_failed"]}
     peak = entry["matmul_peak_gflops"] = max(v for by_lib in peaks.values() for v in by_lib.values())
     entry |= {"peak_measurements_gflops": peaks, "warnings": bench.warnings,
               "rows": [_row(r, random_init, peak) for r in sorted(bench.records,
                                                                   key=lambda r: (r.batch_size, r.latency_ms.p50))]}
     return entry, _targets(model, {int(b): h for b, h in entry["head_to_head"].items()}, args, cpu,
-                           entry["load_avg_before"][0], entry["int8_gate_failed"])
+                           entry["load_avg_before"][0])
 
 
 def _model_md(model: str, e: dict[str, Any]) -> list[str]:

@@ -224,7 +224,7 @@ def test_no_int8_pick_names_the_int8_variants_that_failed_their_gate() -> None:
     fig = h2h(row("winner,bf16 pick,bench", 10.0, "bf16") | {"gflop": None, "peak_fraction": None},
               row("fp32 pick,bench", 20.0) | {"gflop": 3.8, "peak_fraction": 0.95}, tool(10.0)) | gemm
     gates = ["int8_nncf lost 7.34 points of 100 x (1 - output cosine vs FP32) (budget 1)"]
-    rows = _targets("vit_b_16", {1: fig}, args, AMX, 0.0, gates)
+    rows = _targets("vit_b_16", {1: fig | {"int8_gate_failed": gates}}, args, AMX, 0.0)
     int8 = [t for t in rows if "INT8" in t["target"].upper() and "bf16" not in t["target"]]
     assert int8 and all(t["verdict"] == "MISSED" and gates[0] in t["reason"] for t in int8), int8
     assert all(gates[0] not in (t["reason"] or "") for t in rows if t not in int8)
