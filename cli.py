@@ -145,6 +145,9 @@ def convert(
     int8_nncf: Annotated[bool, typer.Option("--int8-nncf", help="Also write OpenVINO's own INT8 (NNCF quantize on "
                                                                 "--calib, an OpenVINO IR the openvino backend runs)",
                                             rich_help_panel="Precision")] = False,
+    nncf_model_type: Annotated[str, typer.Option(help="--int8-nncf: auto | transformer | generic (NNCF's model type; "
+                                                      "auto: transformer where the graph has attention)",
+                                                 rich_help_panel="Precision")] = "auto",
     int4: Annotated[bool, typer.Option("--int4", help="Also write an INT4 weight-only variant (ONNX Runtime "
                                                       "MatMulNBits; MatMul/Gemm weights in 4-bit blocks)",
                                        rich_help_panel="Precision")] = False,

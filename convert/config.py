@@ -153,6 +153,8 @@ class Int8Layout(BaseModel):
 
 
 Int4Algorithm = Literal["rtn", "hqq", "gptq"]
+#: --nncf-model-type: NNCF's model_type for --int8-nncf (auto: transformer where the graph has attention)
+NncfModelType = Literal["auto", "transformer", "generic"]
 
 
 #: MatMulNBits' accuracy level when none is given: 4 (activations quantized to int8 per block, int8 dot products), the
@@ -215,6 +217,9 @@ class QuantConfig(BaseModel):
     int8_nncf: bool = Field(default=False, description="OpenVINO's own INT8 (NNCF quantize, calibrated like --int8), "
                                                        "an OpenVINO IR (convert/int8_nncf.py)",
                             json_schema_extra={"flag": "--int8-nncf"})
+    nncf_model_type: NncfModelType = Field(
+        default="auto", description="--int8-nncf: NNCF's model type; auto: transformer where the graph has attention "
+                                    "(convert/int8_nncf.py)")
     int4: bool = Field(default=False, description="INT4 weight-only (MatMulNBits, convert/int4.py)",
                        json_schema_extra={"flag": "--int4"})
     int4_ov: bool = Field(default=False, description="INT4 weight compression by NNCF for OpenVINO, an OpenVINO IR "

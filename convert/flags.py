@@ -31,6 +31,7 @@ from convert.config import (
     Int4Algorithm,
     Int4Config,
     Int8Layout,
+    NncfModelType,
     QType,
     QuantConfig,
     SparsityConfig,
@@ -65,6 +66,8 @@ INT4_FLAGS = ("int4_algorithm", "int4_accuracy_level")
 #: Flags that tune --int4 or --int4-ov (NNCF's, convert/int4_ov.py); --int4-ratio only --int4-ov.
 INT4_ANY_FLAGS = ("int4_block_size", "int4_symmetric")
 INT4_OV_FLAGS = ("int4_ratio",)
+#: Flags that tune --int8-nncf: without it they act on nothing.
+INT8_NNCF_FLAGS = ("nncf_model_type",)
 
 #: Flags that tune training: without --train-data they act on nothing.
 TRAIN_FLAGS = ("epochs", "lr", "temperature", "label_weight", "patience", "train_time", "train_device")
@@ -112,6 +115,7 @@ TEXT_PARSERS: dict[str, TextParser] = {
     "recover": _recover,
     "train_device": _choice("cpu", "cuda"),
     "int4_algorithm": _choice("rtn", "hqq", "gptq"),
+    "nncf_model_type": _choice("auto", "transformer", "generic"),
 }
 
 
@@ -138,6 +142,7 @@ class ConvertFlags(BaseModel):
     int8: bool = False
     int8_dynamic: bool = False
     int8_nncf: bool = False
+    nncf_model_type: NncfModelType = "auto"
     int4: bool = False
     int4_algorithm: Int4Algorithm = "rtn"
     int4_block_size: int = 32
@@ -222,6 +227,8 @@ class ConvertFlags(BaseModel):
             raise InputError(f"{', '.join(stray)} tune{'s' if len(stray) == 1 else ''} INT4: add --int4 or --int4-ov")
         if not self.int4_ov and (stray := self.given(INT4_OV_FLAGS)):
             raise InputError(f"{', '.join(stray)} tunes NNCF's INT4 for OpenVINO: add --int4-ov")
+        if not self.int8_nncf and (stray := self.given(INT8_NNCF_FLAGS)):
+            raise InputError(f"{', '.join(stray)} tunes NNCF's INT8 for OpenVINO: add --int8-nncf")
         if self.eval_text is None and "max_perplexity_increase" in self.model_fields_set:
             raise InputError("--max-perplexity-increase gates perplexity on held-out text: add --eval-text FILE|stdlib")
         if self.eval_text is not None:  # before the export, not after the variants are built
@@ -269,7 +276,7 @@ class ConvertFlags(BaseModel):
                                 weight_type=self.weight_type, per_channel=self.per_channel,
                                 reduce_range=self.reduce_range,
                                 exclude_nodes=self.exclude_nodes, exclude_op_types=self.exclude_op_types,
-                                extra_layouts=self.int8_layouts,
+                                extra_layouts=self.int8_layouts, nncf_model_type=self.nncf_model_type,
                                 int4_options=Int4Config(algorithm=self.int4_algorithm, block_size=self.int4_block_size,
                                                         symmetric=self.int4_symmetric, ratio=self.int4_ratio,
                                                         accuracy_level=self.int4_accuracy_level))

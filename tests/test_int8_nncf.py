@@ -76,6 +76,90 @@ def test_needs_calibration_data(digits_model: Any, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "--int8-nncf needs calibration data" in res.output, res.output
 
 
+def _fake_quantized(xml: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """(op types a FakeQuantize feeds, op types whose output a FakeQuantize quantizes), with counts."""
+    import openvino as ov
+
+    feeds: dict[str, int] = {}
+    of: dict[str, int] = {}
+    for op in ov.Core().read_model(str(xml)).get_ordered_ops():
+        if op.get_type_name() != "FakeQuantize":
+            continue
+        src = op.input(0).get_source_output().get_node().get_type_name()
+        of[src] = of.get(src, 0) + 1
+        for target in op.output(0).get_target_inputs():
+            kind = target.get_node().get_type_name()
+            feeds[kind] = feeds.get(kind, 0) + 1
+    return feeds, of
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from tests.test_not_measurable import TINY_VIT
+
+    path = tmp_path_factory.mktemp("nncf_vit") / "tiny_vit.py"
+    path.write_text(TINY_VIT)
+    return f"{path}:build"
+
+
+@pytest.mark.parametrize("flag", ["auto", "generic"])
+def test_a_transformer_keeps_softmax_norms_and_residuals_in_float(tiny_vit: str, flag: str, tmp_path: Path) -> None:
+    """A ViT (attention: MatMuls of two activations and a Softmax) is quantized as NNCF's transformer by default: only
+    the MatMuls' and the patch Convolution's inputs are fake-quantized, after SmoothQuant's scaling (Multiply); the
+    Softmax output, the layer norms (MVN) and the residual Adds stay float, where a generic model quantizes them
+    all (vit_b_16: output cosine 0.91 vs FP32 as generic, outside the 1-point gate). ``--nncf-model-type generic``
+    gives the generic quantization back; the manifest records which and why."""
+    args = ["convert", tiny_vit, "--out", str(tmp_path / "out"), "--no-optimize", "--int8-nncf", "--calib",
+            "imagenet_subset", "--calib-size", "8", "--eval-size", "8", "--min-cosine", "-1", "--max-accuracy-drop",
+            "100"] + ([] if flag == "auto" else ["--nncf-model-type", flag])
+    res = CliRunner().invoke(cli.app, args)
+    assert res.exit_code == 0, res.output
+    art = Manifest.load(tmp_path / "out").artifacts["int8_nncf"]
+    feeds, of = _fake_quantized(tmp_path / "out" / art.file.path)
+    params = art.params
+    assert params is not None and params.model_dump()["model_type"] == ("transformer" if flag == "auto" else "generic")
+    if flag == "auto":
+        assert params.model_dump()["model_type_reason"] == ("auto: attention in the graph (4 MatMul of two "
+                                                            "activations, 2 Softmax)")
+        assert set(feeds) <= {"MatMul", "Convolution", "ShapeOf"} and feeds["MatMul"] >= 8, feeds
+        assert set(of) <= {"Parameter", "Multiply"}, of
+        assert "NNCF model type transformer (auto: attention in the graph" in " ".join(res.output.split())
+    else:
+        assert params.model_dump()["model_type_reason"] == "--nncf-model-type generic"
+        assert feeds.get("MVN", 0) >= 4 and of.get("Softmax", 0) == 2 and of.get("Add", 0) > 0, (feeds, of)
+
+
+def test_a_model_without_attention_is_generic(nncf_art: Path) -> None:
+    params = Manifest.load(nncf_art).artifacts["int8_nncf"].params
+    assert params is not None
+    assert params.model_dump()["model_type"] == "generic"
+    assert params.model_dump()["model_type_reason"].startswith("auto: no attention in the graph (0 MatMul of two")
+
+
+def test_attention_ops_counts_activation_matmuls_only() -> None:
+    """A MatMul with a weight (a Constant, through Convert and Transpose) is not attention; one of two inputs is."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from convert.int8_nncf import attention_ops
+
+    x = ops.parameter([2, 4], ov.Type.f32)
+    weight = ops.transpose(ops.convert(ops.constant(np.ones((3, 4), np.float16)), "f32"), [1, 0])
+    projected = ops.matmul(x, weight, False, False)
+    scores = ops.softmax(ops.matmul(projected, projected, False, True), 1)
+    assert attention_ops(ov.Model([scores], [x])) == (1, 1)
+    assert attention_ops(ov.Model([projected], [x])) == (0, 0)
+
+
+def test_model_type_needs_int8_nncf(digits_model: Any, tmp_path: Path) -> None:
+    res = _invoke(digits_model, tmp_path / "out", "--nncf-model-type", "transformer")
+    assert res.exit_code == 2 and "--nncf-model-type tunes NNCF's INT8 for OpenVINO: add --int8-nncf" in res.output
+    res = _invoke(digits_model, tmp_path / "out", "--int8-nncf", "--calib", str(digits_model.calib_npz),
+                  "--nncf-model-type", "bert")
+    assert res.exit_code == 2 and "unknown --nncf-model-type 'bert'; choose auto or transformer or generic" \
+        in " ".join(res.output.split()), res.output
+
+
 def test_only_openvino_runs_it_others_skip_with_a_reason(nncf_art: Path) -> None:
     from runtimes.harness import BenchConfig, run_bench, select_targets
 
