@@ -14,8 +14,8 @@ residual additions around it) in floating point, and SmoothQuant moves activatio
 ``--nncf-model-type auto`` (the default) chooses it when the graph has attention, a Softmax and a MatMul of two
 activations (neither side a weight, :func:`attention_ops`); ``transformer`` or ``generic`` choose it by hand. Why it
 matters: torchvision's vit_b_16 (random init, seeded head) quantized as a generic model kept an output cosine of
-0.907-0.927 against FP32 on the held-out photos, outside the 1-point gate; as a transformer 0.999, no slower on
-OpenVINO (measured by hand with ``benchmark_app``, 2-core AMD EPYC).
+0.927 against FP32 on the held-out photos, outside the 1-point gate; as a transformer 0.997, and tune's pick at
+2.7-3.0x FP32 on OpenVINO (``benchmarks/results/deploy_cpu_amd_epyc.md``, 2-core AMD EPYC).
 
 Why an IR and not NNCF's ONNX backend (``nncf.quantize`` on an ``onnx.ModelProto``, which writes a Q/DQ ONNX file):
 both give the same runtime graph on OpenVINO (the same counts of u8/i8/f32 layers after compiling resnet18 and
