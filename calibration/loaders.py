@@ -39,12 +39,14 @@ from core.manifest import Preprocessing
 
 
 def image_input(iospec: IOSpec) -> tuple[str, int, int, int]:
-    """(name, channels, height, width) of a single NCHW image input, or one clear InputError."""
+    """(name, channels, height, width) of a single NCHW image input, or one clear InputError. A symbolic height or
+    width (a Hugging Face vision export: ``['batch', 3, 'height', 'width']``) takes the value the IOSpec binds it
+    to (``dims``: the export's sample size, or ``--input-shape``)."""
     if len(iospec.inputs) != 1:
         raise InputError(f"image calibration data needs a model with one image input; this one has "
                          f"{iospec.input_names}: pass a .npz keyed by input name instead")
     t = iospec.inputs[0]
-    dims = t.shape[1:]
+    dims = [iospec.dims.get(d, d) if isinstance(d, str) else d for d in t.shape[1:]]
     if len(t.shape) != 4 or not all(isinstance(d, int) for d in dims) or dims[0] not in (1, 3):
         raise InputError(f"image calibration data needs an NCHW input with 1 or 3 channels; input {t.name!r} "
                          f"is {t.shape}: pass a .npy/.npz of tensors instead")

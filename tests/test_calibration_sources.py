@@ -59,6 +59,18 @@ def test_builtin_set_opens_offline_for_rgb_and_gray_models() -> None:
     assert "built-in imagenet_subset" in src.describe() and len(src.digest()) == 64
 
 
+def test_symbolic_image_size_takes_the_bound_dims() -> None:
+    """A Hugging Face vision export's pixel_values is ['batch', 3, 'height', 'width']: the photos are cropped to the
+    size its IOSpec binds (the export's sample size); unbound, it is the one clear line it was."""
+    spec = IOSpec(inputs=[TensorSpec(name="pixel_values", shape=["batch", 3, "height", "width"])],
+                  dims={"height": 48, "width": 48})
+    batch = next(open_source("imagenet_subset", spec, None, size=2, seed=0).iter_batches(2))["pixel_values"]
+    assert batch.shape == (2, 3, 48, 48)
+    unbound = spec.model_copy(update={"dims": {}})
+    with pytest.raises(InputError, match="needs an NCHW input with 1 or 3 channels; input 'pixel_values' is"):
+        open_source("imagenet_subset", unbound, None, size=2, seed=0)
+
+
 def test_windows_are_disjoint_seeded_and_hashed(tmp_path: Path) -> None:
     _images(tmp_path / "imgs", 12)
     held = open_source(str(tmp_path / "imgs"), RGB, None, size=4, seed=3)
