@@ -8,12 +8,12 @@ NNCF inserts ``FakeQuantize`` nodes where OpenVINO's CPU plugin has INT8 kernels
 fast bias correction; the weights are stored as ``i8`` constants with their scales, other constants stay FP32
 (``compress_to_fp16=False``). At compile time the plugin fuses each FakeQuantize pair into its INT8 kernels.
 
-A transformer is quantized with NNCF's ``model_type=TRANSFORMER`` (what Optimum Intel passes for transformers): its
+A transformer is quantized with NNCF's ``model_type=TRANSFORMER`` (Optimum Intel's default): its
 transformer patterns keep the operations INT8 loses most on (the attention's Softmax and the layer norms and
 residual additions around it) in floating point, and SmoothQuant moves activation outliers into the weights first.
-``--nncf-model-type auto`` (the default) chooses it when the graph has attention, a Softmax and a MatMul of two
-activations (neither side a weight, :func:`attention_ops`); ``transformer`` or ``generic`` choose it by hand. Why it
-matters: torchvision's vit_b_16 (random init, seeded head) quantized as a generic model kept an output cosine of
+``--nncf-model-type auto`` (the default) chooses it when the graph has attention, a Softmax and a MatMul or Einsum
+of two activations (neither side a weight, :func:`attention_ops`); ``transformer`` or ``generic`` choose it by hand.
+Why it matters: torchvision's vit_b_16 (random init, seeded head) quantized as a generic model kept an output cosine of
 0.927 against FP32 on the held-out photos, outside the 1-point gate; as a transformer 0.997, and tune's pick at
 2.7-3.0x FP32 on OpenVINO (``benchmarks/results/deploy_cpu_amd_epyc.md``, 2-core AMD EPYC).
 
@@ -107,9 +107,10 @@ def calibration_feeds(state: QuantState, fixed_batch: int | None) -> list[dict[s
 
 
 def attention_ops(model: ov.Model) -> tuple[int, int]:
-    """(MatMuls of two activations, Softmax/ScaledDotProductAttention ops) in ``model``: a MatMul neither of whose
-    inputs is computed from constants alone (a weight, a weight through Convert/Transpose/Reshape) multiplies two
-    activations, as attention's scores and context do; a CNN's or an MLP's MatMuls all have a weight side."""
+    """(MatMuls of two activations, Softmax/ScaledDotProductAttention ops) in ``model``: a MatMul (or an Einsum, as
+    torchvision's MaxViT writes its attention) neither of whose inputs is computed from constants alone (a weight, a
+    weight through Convert/Transpose/Reshape) multiplies two activations, as attention's scores and context do; a
+    CNN's or an MLP's MatMuls all have a weight side."""
     constant: dict[str, bool] = {}  # op name -> computed from Constants alone
     matmuls = softmax = 0
     for op in model.get_ordered_ops():  # topological: an op's inputs come before it
@@ -117,7 +118,7 @@ def attention_ops(model: ov.Model) -> tuple[int, int]:
         sources = [i.get_source_output().get_node().get_name() for i in op.inputs()]
         constant[op.get_name()] = kind == "Constant" or (
             bool(sources) and kind not in ("Parameter", "ReadValue") and all(constant.get(s, False) for s in sources))
-        if kind == "MatMul" and not any(constant.get(s, False) for s in sources):
+        if kind in ("MatMul", "Einsum") and len(sources) >= 2 and not any(constant.get(s, False) for s in sources):
             matmuls += 1
         softmax += kind in ("Softmax", "ScaledDotProductAttention")
     return matmuls, softmax
@@ -130,8 +131,8 @@ def choose_model_type(model: ov.Model, asked: NncfModelType) -> tuple[ModelType,
         return asked, f"--nncf-model-type {asked}"
     matmuls, softmax = attention_ops(model)
     if matmuls and softmax:
-        return "transformer", f"auto: attention in the graph ({matmuls} MatMul of two activations, {softmax} Softmax)"
-    return "generic", f"auto: no attention in the graph ({matmuls} MatMul of two activations, {softmax} Softmax)"
+        return "transformer", f"auto: attention in the graph ({matmuls} MatMul/Einsum of two activations, {softmax} Softmax)"
+    return "generic", f"auto: no attention in the graph ({matmuls} MatMul/Einsum of two activations, {softmax} Softmax)"
 
 
 def quantize_file(src: Path, xml: Path, feeds: list[dict[str, np.ndarray]],

@@ -119,8 +119,8 @@ def test_a_transformer_keeps_softmax_norms_and_residuals_in_float(tiny_vit: str,
     params = art.params
     assert params is not None and params.model_dump()["model_type"] == ("transformer" if flag == "auto" else "generic")
     if flag == "auto":
-        assert params.model_dump()["model_type_reason"] == ("auto: attention in the graph (4 MatMul of two "
-                                                            "activations, 2 Softmax)")
+        assert params.model_dump()["model_type_reason"] == ("auto: attention in the graph (4 MatMul/Einsum of "
+                                                            "two activations, 2 Softmax)")
         assert set(feeds) <= {"MatMul", "Convolution", "ShapeOf"} and feeds["MatMul"] >= 8, feeds
         assert set(of) <= {"Parameter", "Multiply"}, of
         assert "NNCF model type transformer (auto: attention in the graph" in " ".join(res.output.split())
@@ -133,7 +133,7 @@ def test_a_model_without_attention_is_generic(nncf_art: Path) -> None:
     params = Manifest.load(nncf_art).artifacts["int8_nncf"].params
     assert params is not None
     assert params.model_dump()["model_type"] == "generic"
-    assert params.model_dump()["model_type_reason"].startswith("auto: no attention in the graph (0 MatMul of two")
+    assert params.model_dump()["model_type_reason"].startswith("auto: no attention in the graph (0 MatMul/Einsum")
 
 
 def test_attention_ops_counts_activation_matmuls_only() -> None:
@@ -149,6 +149,9 @@ def test_attention_ops_counts_activation_matmuls_only() -> None:
     scores = ops.softmax(ops.matmul(projected, projected, False, True), 1)
     assert attention_ops(ov.Model([scores], [x])) == (1, 1)
     assert attention_ops(ov.Model([projected], [x])) == (0, 0)
+    einsum = ops.softmax(ops.einsum([projected, projected], "ij,kj->ik"), 1)  # MaxViT's attention scores
+    assert attention_ops(ov.Model([einsum], [x])) == (1, 1)
+    assert attention_ops(ov.Model([ops.einsum([projected, weight], "ij,kj->ik")], [x])) == (0, 0)
 
 
 def test_model_type_needs_int8_nncf(digits_model: Any, tmp_path: Path) -> None:
