@@ -20,11 +20,14 @@ import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core.errors import BackendUnavailableError, InputError, first_line
+
+if TYPE_CHECKING:
+    from core.manifest import Preprocessing
 
 PREFIX = "hf:"
 #: Optimum's dim names -> ours, word by word ("past_sequence_length + sequence_length" -> "past_sequence + sequence").
@@ -391,6 +394,57 @@ def id2label(spec: str) -> list[str] | None:
     config = _config(_folder(spec))
     labels = [str(config.id2label[i]) for i in sorted(config.id2label)] if config.id2label else []
     return None if not labels or labels == [f"LABEL_{i}" for i in range(len(labels))] else labels
+
+
+#: Hugging Face image processors' file, beside config.json (save_pretrained of an image processor writes it)
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def _edge(value: Any, key: str = "height") -> int | None:
+    """A processor's size: an int, or a dict with ``shortest_edge`` or ``height``/``width``."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        for k in ("shortest_edge", key):
+            if isinstance(value.get(k), int):
+                return int(value[k])
+    return None
+
+
+def image_preprocessing(spec: str) -> Preprocessing | None:
+    """How the folder's image processor (``preprocessor_config.json``) prepares an image, as the resize (shorter
+    side), center crop and mean/std that image calibration applies; None without a processor file or its numbers.
+    A processor that resizes straight to the model's size without a crop (ViT's) becomes resize = crop = that size:
+    a non-square photo is then center-cropped where the processor would squash it (the recorded source says so)."""
+    import json
+
+    from core.manifest import Preprocessing
+
+    path = _folder(spec) / PROCESSOR_FILE
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{spec}: cannot read {PROCESSOR_FILE}: {first_line(exc)}") from None
+    mean, std = cfg.get("image_mean"), cfg.get("image_std")
+    size = _edge(cfg.get("size"))
+    if not (isinstance(mean, list) and isinstance(std, list) and size):
+        return None
+    if cfg.get("do_normalize") is False:
+        mean, std = [0.0] * len(mean), [1.0] * len(std)
+    kind = cfg.get("image_processor_type", "image processor")
+    crop = _edge(cfg.get("crop_size")) if cfg.get("do_center_crop") else None
+    if crop:  # resize the shorter side, then crop (CLIP, BEiT, ...)
+        resize, how = size, f"resize {size}, center crop {crop}"
+    elif isinstance(cfg.get("crop_pct"), (int, float)) and cfg["crop_pct"] > 0 and size < 384:  # ConvNeXt
+        crop, resize = size, round(size / float(cfg["crop_pct"]))
+        how = f"resize {resize} (size / crop_pct {cfg['crop_pct']}), center crop {crop}"
+    else:  # resize straight to the model's size (ViT, DeiT, Swin)
+        crop, resize = size, size
+        how = f"resize to {size}x{size} (here: shorter side {size} and a center crop, where it squashes)"
+    return Preprocessing(resize=resize, crop=crop, mean=[float(v) for v in mean], std=[float(v) for v in std],
+                         source=f"{PROCESSOR_FILE} ({kind}): {how}")
 
 
 # -- without Optimum: the architecture's own inputs, for torch.onnx's dynamo exporter ---------------------------------
