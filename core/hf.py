@@ -427,6 +427,8 @@ def image_preprocessing(spec: str) -> Preprocessing | None:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{spec}: cannot read {PROCESSOR_FILE}: {first_line(exc)}") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{spec}: {PROCESSOR_FILE} is not a JSON object")
     mean, std = cfg.get("image_mean"), cfg.get("image_std")
     size = _edge(cfg.get("size"))
     if not (isinstance(mean, list) and isinstance(std, list) and size):

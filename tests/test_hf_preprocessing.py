@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.errors import InputError
+
 pytest.importorskip("transformers")
 
 
@@ -48,6 +50,9 @@ def test_no_processor_file_keeps_the_defaults(tmp_path: Path) -> None:
     assert image_preprocessing(_folder(tmp_path, None)) is None
     plain = image_preprocessing(_folder(tmp_path, transformers.ViTImageProcessor(do_normalize=False)))
     assert plain is not None and plain.mean == [0.0] * 3 and plain.std == [1.0] * 3  # no normalization
+    (tmp_path / "preprocessor_config.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="preprocessor_config.json is not a JSON object"):
+        image_preprocessing(f"hf:{tmp_path}")
 
 
 def test_calibration_images_use_the_processor(tmp_path: Path) -> None:
