@@ -42,6 +42,7 @@ from benchmarks.run_coverage_hf import ARCHS, build_folder, versions
 from benchmarks.run_nncf_int8 import _benchmark_app
 from calibration.cpu import describe_cpu
 from convert.ovir import versions as nncf_versions
+from core.manifest import Manifest
 
 #: model -> (expected NNCF model type from the architecture, convert flags beyond --int8-nncf)
 _IMAGES = ["--calib", "imagenet_subset"]
@@ -84,8 +85,6 @@ def _source(model: str, hf_root: Path) -> str:
 def run_one(model: str, kind: str, work: Path, hf_root: Path, fresh: bool) -> dict[str, Any]:
     """Convert ``model`` with ``--nncf-model-type kind`` (unless ``work`` holds that folder from an earlier run and
     not ``fresh``); what the manifest records of int8_nncf."""
-    from core.manifest import Manifest
-
     expected, flags = MODELS[model]
     out = work / f"{model.replace(':', '_')}-{kind}"
     row: dict[str, Any] = {"model": model, "kind": kind, "expected": expected, "seconds": 0.0}
@@ -116,24 +115,27 @@ def run_one(model: str, kind: str, work: Path, hf_root: Path, fresh: bool) -> di
                fake_quantize=params["fake_quantize"], cosine=acc.cosine,
                gate_passed=None if gate is None else gate.passed, gate_reason=None if gate is None else gate.reason,
                samples=None if gate is None else gate.samples,
-               reference_absmax=reference_absmax(out, man.artifacts[art.parent].file.path if art.parent else None))
+               reference_absmax=reference_absmax(out, man, art.parent))
     return row
 
 
-def reference_absmax(folder: Path, reference: str | None) -> float | None:
-    """The largest |output| of the FP32 reference file on the held-out inputs the gate graded on (ONNX Runtime):
-    a random-init network whose activations vanish gives ~1e-14, which INT8 rounds to 0 whatever the model type."""
+def reference_absmax(folder: Path, man: Manifest, reference: str | None) -> float | None:
+    """The largest |output| of the FP32 reference file on the held-out inputs the gate graded on (the manifest's
+    ``held_out`` file, read as bench reads it; ONNX Runtime): a random-init network whose activations vanish gives
+    ~1e-14, which INT8 rounds to 0 whatever the model type. None without kept held-out inputs."""
     import numpy as np
     import onnxruntime as ort
 
-    held = folder / "heldout.npz"
-    if reference is None or not held.is_file():
+    from calibration.pools import heldout_pool
+
+    if reference is None or man.held_out is None:
         return None
-    with np.load(held) as data:
-        feed = {k: data[k] for k in data.files}
-    session = ort.InferenceSession(str(folder / reference), providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    outputs = session.run(None, {k: v for k, v in feed.items() if k in names})
+    pool = heldout_pool(folder, man.held_out, man.iospec, man.held_out.samples)
+    if isinstance(pool, str):
+        return None
+    session = ort.InferenceSession(str(folder / man.artifacts[reference].file.path),
+                                   providers=["CPUExecutionProvider"])
+    outputs = session.run(None, pool.arrays)
     return float(max(np.abs(np.asarray(o, dtype=np.float64)).max() for o in outputs))
 
 
@@ -160,8 +162,6 @@ def time_pairs(rows: list[dict[str, Any]], work: Path, rounds: int, seconds: flo
     auto and generic IRs of each full-size model (torchvision; the tiny Hugging Face configs run in microseconds),
     batch 1, alternating in ``rounds`` interleaved rounds (the order flipped each round): the median of its
     per-round medians, with their range."""
-    from core.manifest import Manifest
-
     pairs = [r["model"] for r in rows if r["kind"] == "auto" and not r["model"].startswith("hf:") and "error" not in r
              and any(g["model"] == r["model"] and g["kind"] == "generic" and "error" not in g for g in rows)]
     per: dict[str, dict[str, list[float]]] = {m: {k: [] for k in KINDS} for m in pairs}

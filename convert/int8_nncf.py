@@ -130,9 +130,10 @@ def choose_model_type(model: ov.Model, asked: NncfModelType) -> tuple[ModelType,
     if asked == "transformer" or asked == "generic":
         return asked, f"--nncf-model-type {asked}"
     matmuls, softmax = attention_ops(model)
+    found = f"({matmuls} MatMul/Einsum of two activations, {softmax} Softmax)"
     if matmuls and softmax:
-        return "transformer", f"auto: attention in the graph ({matmuls} MatMul/Einsum of two activations, {softmax} Softmax)"
-    return "generic", f"auto: no attention in the graph ({matmuls} MatMul/Einsum of two activations, {softmax} Softmax)"
+        return "transformer", f"auto: attention in the graph {found}"
+    return "generic", f"auto: no attention in the graph {found}"
 
 
 def quantize_file(src: Path, xml: Path, feeds: list[dict[str, np.ndarray]],

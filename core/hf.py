@@ -400,12 +400,12 @@ def id2label(spec: str) -> list[str] | None:
 PROCESSOR_FILE = "preprocessor_config.json"
 
 
-def _edge(value: Any, key: str = "height") -> int | None:
-    """A processor's size: an int, or a dict with ``shortest_edge`` or ``height``/``width``."""
+def _edge(value: Any) -> int | None:
+    """A processor's size: an int, or a dict with ``shortest_edge`` or ``height`` (and ``width``, not read)."""
     if isinstance(value, int):
         return value
     if isinstance(value, dict):
-        for k in ("shortest_edge", key):
+        for k in ("shortest_edge", "height"):
             if isinstance(value.get(k), int):
                 return int(value[k])
     return None

@@ -412,17 +412,18 @@ def _hf(spec: str, weights: str | None, task: str | None, seed: int) -> LoadedMo
     if weights:
         raise InputError("--weights cannot be combined with an hf: model: its weights are in the folder")
     torch.manual_seed(seed)
+    pre = hf.image_preprocessing(spec)  # its image processor's, for image calibration
     if (why := hf.optimum_problem()) is not None:
         module, task, samples, axes = hf.load_plain(spec, task)
         source = SourceInfo(model=spec, kind="hf", task=task, weights_note="weights in the Hugging Face folder",
-                            preprocessing=hf.image_preprocessing(spec))
+                            preprocessing=pre)
         return LoadedModel(source=source, module=module, example_inputs=samples, dynamic_axes=axes, exporter="dynamo",
                            notes=[f"{why}: exporting with torch.onnx's dynamo exporter from the architecture's own "
                                   "inputs instead (no *-with-past tasks, no multi-file exports)"])
     model = hf.load_hf_model(spec, task)
     samples, axes = hf.sample_inputs(spec, model)
     source = SourceInfo(model=spec, kind="hf", task=model.task, weights_note="weights in the Hugging Face folder",
-                        preprocessing=hf.image_preprocessing(spec))
+                        preprocessing=pre)
     parts = ", ".join(model.components)
     return LoadedModel(source=source, example_inputs=samples, dynamic_axes=axes, hf=model,
                        notes=[f"Hugging Face {model.task} model, exported by Optimum's exporter "
