@@ -2,7 +2,7 @@
 
 - :class:`convert.heldout.HeldOutEvaluator` runs the FP32 ONNX model once on the held-out inputs (never
   the calibration samples), then each variant on the same inputs: top-1 agreement, max/mean abs error,
-  cosine and, with labels, accuracy (:func:`core.metrics.accuracy_stats`, the statistics ``bench`` reports).
+  cosine (plain, and centered: see :func:`core.metrics.centered_cosine`) and, with labels, accuracy (:func:`core.metrics.accuracy_stats`, the statistics ``bench`` reports).
 - :func:`gate_verdict` applies ``--max-accuracy-drop`` (top-1 points; agreement where there are no labels);
   a constant or all-zero FP32 output fails it as "not measurable".
 - :func:`rank_nodes` ranks quantized nodes by the error each one *adds* (relative error of its output
@@ -55,7 +55,8 @@ def summary_line(stats: AccuracyStats, gate: GateResult) -> str:
         parts.append(f"top-1 agree {100 * stats.top1_agreement:.1f}%")
     if stats.top1_acc is not None and stats.ref_top1_acc is not None:
         parts.append(f"acc {100 * stats.top1_acc:.1f}% (fp32 {100 * stats.ref_top1_acc:.1f}%)")
-    parts.append(f"cos {stats.cosine:.4f}")
+    parts.append(f"cos {stats.cosine:.4f}" + ("" if stats.centered_cosine is None else
+                                                f" (centered {stats.centered_cosine:.4f})"))
     if gate.passed is not None:
         parts.append("gate ok" if gate.passed else f"gate FAILED: {gate.reason}")
     return ", ".join(parts) + f" on {stats.samples} held-out"

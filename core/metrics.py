@@ -93,6 +93,10 @@ class OutputStats(BaseModel):
     mean_abs_err: float
     cosine: float = Field(description="Cosine similarity with the reference; 0.0 when the reference is constant "
                                       "(see not_measurable): never a perfect match")
+    centered_cosine: float | None = Field(
+        default=None, description="Cosine of the part that depends on the input: both outputs minus the reference's "
+                                  "mean over the inputs (see centered_cosine); None with one input or an output "
+                                  "without the inputs' axis; 0.0 when the reference is constant")
     not_measurable: str | None = Field(
         default=None, description="Why no comparison can measure this output, when its reference is constant: "
                                   "'all 0.0' or 'identical for every input' (None: measurable)")
@@ -108,6 +112,9 @@ class AccuracyStats(BaseModel):
     max_abs_err: float
     mean_abs_err: float
     cosine: float
+    centered_cosine: float | None = Field(
+        default=None, description="The worst centered cosine over the measurable outputs (see "
+                                  "core.metrics.centered_cosine); None where no output has one (one input)")
     top1_agreement: float | None = None
     top5_agreement: float | None = None
     top1_acc: float | None = None
@@ -131,6 +138,9 @@ class ParityStats(BaseModel):
     max_rel_err: float
     mean_abs_err: float
     cosine: float = Field(description="Minimum cosine similarity over the measurable outputs (0.0 when none is)")
+    centered_cosine: float | None = Field(
+        default=None, description="Minimum centered cosine over the measurable outputs that have one (see "
+                                  "core.metrics.centered_cosine)")
     per_output: dict[str, OutputStats] = Field(default_factory=dict, description="Each output, by name")
     not_measurable: dict[str, str] = Field(
         default_factory=dict, description="Outputs whose reference is constant over the inputs or all zeros, and how")
@@ -164,6 +174,42 @@ def not_measurable_line(stats: AccuracyStats | ParityStats, samples: int, inputs
     return f"{outs} on the {samples} {inputs}: {what} not measurable"
 
 
+def _rows(r: np.ndarray, samples: int | None) -> int | None:
+    """The number of inputs on ``r``'s leading axis, when there are two or more and ``r`` has that axis."""
+    if samples is None or samples < 2 or np.ndim(r) < 1 or np.shape(r)[0] != samples:
+        return None
+    return samples
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    # np.sum (pairwise, in one thread), not np.dot / np.linalg.norm (BLAS): BLAS splits the sum over its threads,
+    # so the same outputs would give a cosine that differs in the last digits with the process's thread count
+    # (a sweep cell on a 1-CPU Ray worker vs in this process).
+    denom = float(np.sqrt(np.sum(a * a)) * np.sqrt(np.sum(b * b)))
+    return float(np.sum(a * b) / denom) if denom > 0 else 0.0
+
+
+def centered_cosine(g: np.ndarray, r: np.ndarray, samples: int | None) -> float | None:
+    """Cosine of what depends on the input: ``g`` and the reference ``r`` (``samples`` inputs on axis 0), each
+    minus the reference's mean over the inputs, element by element; None with fewer than two inputs, an output
+    without that axis, or shapes that differ. Elements not finite in every input of both are left out.
+
+    The plain cosine is dominated by what every input shares: a random-init resnet50's logits are 98% the same
+    for every photo, so a variant that ignored its input (output: the reference's mean) scored cosine 0.977 and
+    one that kept half of the input's effect 0.994, within a 1-point budget; a random-init shufflenet_v2's share
+    that depends on the input is 1e-9 of its energy, and an INT8 file that had lost it entirely scored 0.99999.
+    Centred, the first scores 0.0, and the third 0.005."""
+    rows = _rows(r, samples)
+    if rows is None or np.shape(g) != np.shape(r):
+        return None
+    g2 = np.asarray(g, dtype=np.float64).reshape(rows, -1)
+    r2 = np.asarray(r, dtype=np.float64).reshape(rows, -1)
+    cols = np.isfinite(g2).all(axis=0) & np.isfinite(r2).all(axis=0)
+    g2, r2 = g2[:, cols], r2[:, cols]
+    mean = r2.mean(axis=0, keepdims=True)
+    return _cos(g2 - mean, r2 - mean)
+
+
 def _one_output(g: np.ndarray, r: np.ndarray, samples: int | None = None) -> tuple[OutputStats, float]:
     """(stats, max relative error) of one output; a shape mismatch is infinitely far; a constant reference
     (see :func:`constant_reference`) has cosine 0.0, never a perfect match. NaN or inf at the same place in both
@@ -175,6 +221,7 @@ def _one_output(g: np.ndarray, r: np.ndarray, samples: int | None = None) -> tup
     constant = constant_reference(np.asarray(r) if finite_r.all() else np.where(np.isfinite(r), r, 0.0), samples)
     if np.shape(g) != np.shape(r):
         return OutputStats(max_abs_err=float("inf"), mean_abs_err=float("inf"), cosine=0.0,
+                           centered_cosine=None if _rows(r, samples) is None else 0.0,
                            not_measurable=constant), float("inf")
     both = np.isfinite(g64) & finite_r
     with np.errstate(invalid="ignore"):
@@ -185,15 +232,14 @@ def _one_output(g: np.ndarray, r: np.ndarray, samples: int | None = None) -> tup
             constant = "no finite value"
         g64, r64 = g64[both], r64[both]
     diff = np.abs(g64 - r64)
-    # np.sum (pairwise, in one thread), not np.dot / np.linalg.norm (BLAS): BLAS splits the sum over its threads,
-    # so the same outputs would give a cosine that differs in the last digits with the process's thread count
-    # (a sweep cell on a 1-CPU Ray worker vs in this process).
-    denom = float(np.sqrt(np.sum(g64 * g64)) * np.sqrt(np.sum(r64 * r64)))
-    cos = 0.0 if constant is not None else float(np.sum(g64 * r64) / denom) if denom > 0 else 0.0
+    cos = 0.0 if constant is not None else _cos(g64, r64)
     rel = float("inf") if mismatched else float((diff / np.maximum(np.abs(r64), 1e-6)).max(initial=0.0))
     max_abs = float("inf") if mismatched else float(diff.max(initial=0.0))
     mean_abs = float("inf") if mismatched else float(diff.mean()) if diff.size else 0.0
-    return OutputStats(max_abs_err=max_abs, mean_abs_err=mean_abs, cosine=cos, not_measurable=constant), rel
+    centered = centered_cosine(g, r, samples)
+    return OutputStats(max_abs_err=max_abs, mean_abs_err=mean_abs, cosine=cos,
+                       centered_cosine=0.0 if constant is not None and centered is not None else centered,
+                       not_measurable=constant), rel
 
 
 def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray],
@@ -209,14 +255,18 @@ def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray],
     for name, g, r in zip(labels, got, ref, strict=True):
         one, rel = _one_output(g, r, samples)
         per[name] = one
+        centered = worst.centered_cosine if one.not_measurable or one.centered_cosine is None else \
+            one.centered_cosine if worst.centered_cosine is None else min(worst.centered_cosine, one.centered_cosine)
         worst = ParityStats(max_abs_err=max(worst.max_abs_err, one.max_abs_err), max_rel_err=max(worst.max_rel_err, rel),
                             mean_abs_err=max(worst.mean_abs_err, one.mean_abs_err),
                             cosine=worst.cosine if one.not_measurable else min(worst.cosine, one.cosine),
-                            not_measurable=worst.not_measurable)
+                            centered_cosine=centered, not_measurable=worst.not_measurable)
         if one.not_measurable:
             worst.not_measurable[name] = one.not_measurable
     if ref and len(worst.not_measurable) == len(ref):
         worst.cosine = 0.0  # nothing was measured: never a perfect match
+        if any(o.centered_cosine is not None for o in per.values()):
+            worst.centered_cosine = 0.0
     if names is not None:
         worst.per_output = per
     return worst
@@ -240,7 +290,8 @@ def accuracy_stats(outputs: Sequence[np.ndarray], ref: Sequence[np.ndarray], lab
         else [f"output_{i}" for i in range(len(ref))]
     cmp = compare_outputs(outputs, ref, names, samples=len(ref[0]))
     stats = AccuracyStats(reference=reference, samples=len(ref[0]), max_abs_err=cmp.max_abs_err,
-                          mean_abs_err=cmp.mean_abs_err, cosine=cmp.cosine, per_output=cmp.per_output,
+                          mean_abs_err=cmp.mean_abs_err, cosine=cmp.cosine, centered_cosine=cmp.centered_cosine,
+                          per_output=cmp.per_output,
                           not_measurable=cmp.not_measurable)
     scored = next((i for i, (r, n) in enumerate(zip(ref, names, strict=True)) if is_class_scores(r.shape, n)), None)
     if scored is None or np.shape(outputs[scored]) != np.shape(ref[scored]):
@@ -279,22 +330,33 @@ def unmeasured_drop(stats: AccuracyStats, random_init: bool = False, inputs: str
     return not_measurable_line(stats.model_copy(update={"not_measurable": unmeasured}), stats.samples, inputs)
 
 
+def cosine_drop(stats: AccuracyStats | ParityStats) -> tuple[float, str]:
+    """(100 x (1 - cosine), what that cosine is): the centered cosine (:func:`centered_cosine`: the part of the
+    outputs that depends on the input) where the outputs have one, else the plain output cosine (one input)."""
+    if stats.centered_cosine is not None:
+        return 100.0 * (1.0 - stats.centered_cosine), "100 x (1 - centered output cosine vs FP32)"
+    return 100.0 * (1.0 - stats.cosine), "100 x (1 - output cosine vs FP32)"
+
+
 def accuracy_drop(stats: AccuracyStats, random_init: bool = False) -> tuple[float, str]:
     """(drop in points, basis): top-1 accuracy loss with labels, else top-1 disagreement with FP32; for an
-    output that is not class scores (an embedding), or for random-init weights, 100 x (1 - cosine with FP32).
-    A reference the drop would rest on that is constant or all zeros raises AccuracyGateError with one line
-    (:func:`unmeasured_drop`): nothing can be measured against it.
+    output that is not class scores (an embedding), or for random-init weights, 100 x (1 - cosine with FP32) on
+    the outputs minus the FP32 reference's mean over the inputs (:func:`cosine_drop`). A reference the drop would
+    rest on that is constant or all zeros raises AccuracyGateError with one line (:func:`unmeasured_drop`):
+    nothing can be measured against it.
 
     Random-init weights give near-uniform class scores whose argmax flips on rounding noise (a random resnet50's
     INT8 variant: cosine 0.9997 with FP32, yet 2 of 11 top-1 classes differ): class agreement measures nothing
-    there, so the output itself is compared."""
+    there, so the output itself is compared, centred: its plain cosine rests on what every input shares (that
+    variant's centered cosine is 0.993)."""
     if (why := unmeasured_drop(stats, random_init)) is not None:
         raise AccuracyGateError(why)
     if stats.top1_acc is not None and stats.ref_top1_acc is not None:
         return 100.0 * (stats.ref_top1_acc - stats.top1_acc), "top-1 accuracy (labels)"
     if random_init:
-        return 100.0 * (1.0 - stats.cosine), ("100 x (1 - output cosine vs FP32): random-init weights, whose "
-                                              "near-uniform class scores make top-1 agreement meaningless")
+        drop, basis = cosine_drop(stats)
+        return drop, f"{basis}: random-init weights, whose near-uniform class scores make top-1 agreement meaningless"
     if stats.top1_agreement is not None:
         return 100.0 * (1.0 - stats.top1_agreement), "top-1 agreement with FP32 (no labels)"
-    return 100.0 * (1.0 - stats.cosine), "100 x (1 - output cosine vs FP32): not a classifier output"
+    drop, basis = cosine_drop(stats)
+    return drop, f"{basis}: not a classifier output"

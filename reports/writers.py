@@ -16,8 +16,8 @@ CSV_COLUMNS = [
     "model", "backend", "variant", "precision", "device", "batch_size", "dims", "input_shapes",
     "latency_ms_p50", "latency_ms_p50_lo", "latency_ms_p50_hi", "latency_ms_p90",
     "latency_ms_p99", "latency_ms_mean", "throughput", "ram_mb", "vram_mb", "cpu_util", "gpu_util",
-    "model_size_mb", "gflop", "peak_fraction", "peak_precision", "peak_basis", "max_abs_err", "mean_abs_err", "cosine", "top1_agreement", "top5_agreement",
-    "top1_acc", "top5_acc", "input_digest", "is_reference",
+    "model_size_mb", "gflop", "peak_fraction", "peak_precision", "peak_basis", "max_abs_err", "mean_abs_err", "cosine",
+    "centered_cosine", "top1_agreement", "top5_agreement", "top1_acc", "top5_acc", "input_digest", "is_reference",
 ]
 
 
@@ -41,7 +41,8 @@ def flat_row(r: BenchRecord) -> dict[str, Any]:
         "peak_precision": r.peak_precision if r.peak_basis is not None else "fp32" if r.peak_fraction is not None else None,
         "peak_basis": peak_basis(r),
         "max_abs_err": acc.max_abs_err if acc else None, "mean_abs_err": acc.mean_abs_err if acc else None,
-        "cosine": acc.cosine if acc else None, "top1_agreement": acc.top1_agreement if acc else None,
+        "cosine": acc.cosine if acc else None, "centered_cosine": acc.centered_cosine if acc else None,
+        "top1_agreement": acc.top1_agreement if acc else None,
         "top5_agreement": acc.top5_agreement if acc else None, "top1_acc": acc.top1_acc if acc else None,
         "top5_acc": acc.top5_acc if acc else None, "input_digest": r.input_digest, "is_reference": is_reference(r),
     }

@@ -30,7 +30,14 @@ from core.flagtext import int_items, ints_field, names_field
 from core.flops import PEAK_MEASURES, measured_peaks, peak_fraction, row_peak, variant_macs
 from core.iospec import IOSpec, feed_digest
 from core.manifest import Artifact, Manifest
-from core.metrics import AccuracyStats, LatencyStats, accuracy_drop, accuracy_stats, unmeasured_drop
+from core.metrics import (
+    AccuracyStats,
+    LatencyStats,
+    accuracy_drop,
+    accuracy_stats,
+    cosine_drop,
+    unmeasured_drop,
+)
 from core.models import is_random_init
 from core.records import TrtQdqParams
 from core.resources import ResourceSampler, check_feed_memory
@@ -161,25 +168,25 @@ def build_pool(manifest: Manifest, cfg: BenchConfig, size: int, log: Callable[[s
             return got
         why = f"the artifact's held-out data does not fit this run: {got}"
     log(f"[yellow]warning:[/] accuracy on random inputs: {why}; pass --data for real inputs. Top-1 is not graded "
-        "on noise: the output cosine is")
+        "on noise: the centered output cosine is")
     return random_pool(manifest.iospec, size, cfg.seed)
 
 
-#: The basis of a drop graded on random inputs (``graded_drop``).
-RANDOM_INPUTS_BASIS = ("100 x (1 - output cosine vs FP32) on random inputs (no held-out data): top-1 on noise is not "
-                       "graded")
+#: How a drop graded on random inputs (``graded_drop``) ends its basis, after the cosine it rests on.
+RANDOM_INPUTS_BASIS = "on random inputs (no held-out data): top-1 on noise is not graded"
 
 
 def graded_drop(stats: AccuracyStats, pool: InputPool, manifest: Manifest) -> tuple[float | None, str]:
     """A variant's drop against FP32 in points, and its basis, as convert's gates and tune grade it
-    (``core.metrics.accuracy_drop``: top-1 accuracy with labels, the output cosine for random-init weights, else
-    top-1 agreement); on random inputs the output cosine only. A reference output the drop rests on that is constant
+    (``core.metrics.accuracy_drop``: top-1 accuracy with labels, the centered output cosine for random-init weights,
+    else top-1 agreement); on random inputs the centered output cosine only. A reference output the drop rests on that is constant
     or all zeros gives (None, the one line that says so): not measurable, never a perfect match."""
     random_init = is_random_init(manifest.source)
     if (why := unmeasured_drop(stats, random_init or pool.kind == "random", pool.source)) is not None:
         return None, why
     if pool.kind == "random":
-        return 100.0 * (1.0 - stats.cosine), RANDOM_INPUTS_BASIS
+        drop, basis = cosine_drop(stats)
+        return drop, f"{basis} {RANDOM_INPUTS_BASIS}"
     return accuracy_drop(stats, random_init)
 
 
@@ -580,7 +587,7 @@ def bench_one(cfg: BenchConfig, log: Callable[[str], None] = print,
             raise BackendUnavailableError("no backend could be measured: " + "; ".join(results.warnings))
         if setup.pool.kind == "random":
             results.warnings.append(f"accuracy graded on random inputs ({setup.pool.source}): the artifact has no "
-                                    "held-out data that fits this run, so top-1 is not graded (the output cosine "
+                                    "held-out data that fits this run, so top-1 is not graded (the centered output cosine "
                                     "is); pass --data for real inputs")
         gpu = stack.enter_context(NvmlSampler(enabled=cfg.device == "cuda"))
         peaks: dict[str, Peak] = {}  # by precision: what each row's % of peak divides by (none off the CPU)

@@ -174,8 +174,8 @@ def test_token_model_quantizes_and_its_gate_uses_output_cosine(tmp_path: Path) -
         acc, gate = art.metrics.accuracy, art.metrics.gate
         assert acc is not None and gate is not None and art.status == "ok", name
         assert acc.top1_agreement is None, "an embedding has no top-1"
-        assert acc.cosine >= 0.99 and gate.basis.startswith("100 x (1 - output cosine")
-        assert gate.drop_points == pytest.approx(100 * (1 - acc.cosine), abs=1e-3)
+        assert acc.cosine >= 0.99 and gate.basis.startswith("100 x (1 - centered output cosine")
+        assert gate.drop_points == pytest.approx(100 * (1 - (acc.centered_cosine or 0.0)), abs=1e-3)
     strict = quant.model_copy(update={"int8_static": False, "fp16": False,
                                       "gate": GateConfig(max_accuracy_drop=1e-6)})
     with pytest.raises(AccuracyGateError, match="int8_dynamic lost"):
