@@ -60,6 +60,35 @@ def session_options(threads: int | None = None, *, spinning: bool = True,
     return so
 
 
+#: Graph optimizers left off for a model with float16 tensors: ONNX Runtime 1.32's NCHWc layout transformer kills
+#: the process (SIGSEGV) while creating a session over some FP16 graphs (torchvision's vit_b_16, or a 2-layer ViT,
+#: after ONNX Runtime's own float16 converter), so ``convert --fp16`` and ``bench`` of such a file died without a
+#: word. Its blocked layout is for FP32 convolutions: an FP16 model loses nothing without it.
+FP16_DISABLED_OPTIMIZERS = ("NchwcTransformer",)
+
+
+def disabled_optimizers(model: Path | bytes) -> list[str]:
+    """The graph optimizers to leave off for ``model`` (a file or a serialised model): FP16_DISABLED_OPTIMIZERS where
+    it has a float16 initializer, else none. Reads the graph without external data."""
+    import onnx
+
+    try:
+        proto = onnx.ModelProto.FromString(model) if isinstance(model, bytes) else \
+            onnx.load(str(model), load_external_data=False)
+    except Exception:
+        return []  # ONNX Runtime says what is wrong with it
+    half = onnx.TensorProto.FLOAT16
+    graphs = [proto.graph]
+    while graphs:  # subgraphs (If / Loop bodies) too
+        g = graphs.pop()
+        if any(t.data_type == half for t in g.initializer) or \
+                any(a.t.data_type == half for n in g.node for a in n.attribute if a.HasField("t")):
+            return list(FP16_DISABLED_OPTIMIZERS)
+        graphs += [a.g for n in g.node for a in n.attribute if a.HasField("g")]
+        graphs += [sub for n in g.node for a in n.attribute for sub in a.graphs]
+    return []
+
+
 def ort_session(model: Path | bytes, threads: int | None = None, providers: list[str] | None = None, *,
                 simulate_qdq: bool = False) -> Any:
     """An ONNX Runtime CPU session (or the given providers) over a file or a serialised model;
@@ -75,7 +104,8 @@ def ort_session(model: Path | bytes, threads: int | None = None, providers: list
     so = session_options(threads, optimization="none" if simulate_qdq else "all")
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=so,
-                                    providers=providers or ["CPUExecutionProvider"])
+                                    providers=providers or ["CPUExecutionProvider"],
+                                    disabled_optimizers=disabled_optimizers(model))
     except Exception as exc:
         what = "the in-memory model" if isinstance(model, bytes) else str(model)
         raise InputError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from None
@@ -230,16 +260,19 @@ class OrtRunner(Runner):
 
             # A non-default stream: ONNX Runtime ignores a user stream whose handle is 0.
             self._stream = torch.cuda.Stream()
+        off = disabled_optimizers(path)
         try:
             try:
-                self.session = ort.InferenceSession(str(path), sess_options=so, providers=self.providers())
+                self.session = ort.InferenceSession(str(path), sess_options=so, providers=self.providers(),
+                                                    disabled_optimizers=off)
             except Exception:
                 if self._stream is None:
                     raise
                 # Older ONNX Runtime without user_compute_stream: its Run() is then host-synchronous,
                 # so events on the current stream still bracket the whole call.
                 self._stream = None
-                self.session = ort.InferenceSession(str(path), sess_options=so, providers=self.providers())
+                self.session = ort.InferenceSession(str(path), sess_options=so, providers=self.providers(),
+                                                    disabled_optimizers=off)
         except Exception as exc:
             raise BackendUnavailableError(f"ONNX Runtime cannot load {path.name}: {first_line(exc)}") from None
         if self.options.device == "cuda" and self.gpu_provider not in self.session.get_providers():
