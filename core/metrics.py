@@ -194,8 +194,8 @@ def centered_cosine(g: np.ndarray, r: np.ndarray, samples: int | None) -> float 
     minus the reference's mean over the inputs, element by element; None with fewer than two inputs, an output
     without that axis, or shapes that differ. Elements not finite in every input of both are left out.
 
-    The plain cosine is dominated by what every input shares: a random-init resnet50's logits are 98% the same
-    for every photo, so a variant that ignored its input (output: the reference's mean) scored cosine 0.977 and
+    The plain cosine is dominated by what every input shares: 95% of a random-init resnet50's logit energy is the
+    same for every photo, so a variant that ignored its input (output: the reference's mean) scored cosine 0.977 and
     one that kept half of the input's effect 0.994, within a 1-point budget; a random-init shufflenet_v2's share
     that depends on the input is 1e-9 of its energy, and an INT8 file that had lost it entirely scored 0.99999.
     Centred, the first scores 0.0, and the third 0.005."""

@@ -1,0 +1,296 @@
+"""The cosine a drop rests on, plain against centered, over architectures: which verdicts the plain one got wrong.
+
+    python benchmarks/run_centered_cosine.py [--only resnet18,transformer,hf:bert,...] [--work artifacts/centered_cosine]
+                                             [--name centered_cosine_cpu] [--fresh]
+
+Where a variant's drop is graded on the output cosine (random-init weights, and outputs that are not class scores),
+convert's gate now uses the centered cosine (``core.metrics.centered_cosine``: both outputs minus the FP32
+reference's mean over the held-out inputs) instead of the plain one. Each model is converted through the CLI as a
+user does (``convert MODEL --fp16 --int8 --int8-nncf --calib ...``, the default gate; a gate failure, exit 5, is a
+verdict and recorded). Per variant the manifest gives its basis, plain and centered cosine and the gate; the verdict
+the plain cosine gave (100 x (1 - cosine) within the 1-point budget and cosine >= 0.99) is set beside it. Per model,
+on the FP32 reference's outputs on the same held-out inputs (ONNX Runtime): the share of their energy that depends on
+the input, and the plain cosine two variants that keep none or half of that part would score (the reference's mean
+for every input; mean + half of each input's deviation): where they pass the 1-point budget, the plain cosine checks
+nothing. And OpenVINO's bf16 compute of the FP32 file on the same inputs (where the CPU has bf16), both cosines.
+The README's INT8 models (AUTO) are also converted with ``--int8 --auto``: how many nodes it keeps in FP32.
+
+Models: torchvision architectures at full size (random init, ``--calib imagenet_subset``), the deploy benchmark's
+BERT (``transformer``: benchmarks/run_transformer.py's, sequence 128, ``--int8-dynamic`` too, ``--calib synthetic``)
+and tiny random-init Hugging Face configs (benchmarks/run_coverage_hf.py's ARCHS). Accuracy only: nothing is timed.
+
+Writes benchmarks/results/<name>.{json,md} with the command, the CPU and the library versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, machine, write
+from benchmarks.run_coverage_hf import versions
+from benchmarks.run_nncf_model_type import _HF_IMAGES, _IMAGES, _TEXT, _ov_versions, _source
+from calibration.cpu import describe_cpu
+from core.manifest import Manifest
+from core.metrics import accuracy_drop, accuracy_stats
+
+SEQUENCE = 128
+_VARIANTS = ["--fp16", "--int8", "--int8-nncf"]
+MODELS: dict[str, list[str]] = {
+    "resnet18": _IMAGES, "resnet50": _IMAGES, "densenet121": _IMAGES, "vit_b_16": _IMAGES,
+    "mobilenet_v3_large": _IMAGES, "efficientnet_b0": _IMAGES, "shufflenet_v2_x1_0": _IMAGES,
+    "regnet_y_400mf": _IMAGES, "convnext_tiny": _IMAGES, "swin_t": _IMAGES,
+    "transformer": ["--input-shape", ",".join(f"{n}:1x{SEQUENCE}" for n in ("input_ids", "attention_mask",
+                                                                              "token_type_ids")),
+                    "--int8-dynamic", "--calib", "synthetic", "--calib-size", "32"],
+    "hf:bert": _TEXT, "hf:distilbert": _TEXT, "hf:vit": _HF_IMAGES,
+}
+BUDGET, MIN_COSINE = 1.0, 0.99  # convert's default gate
+#: The README's INT8 models (`make demo`'s, and the example's): also converted with --int8 --auto
+AUTO = ("resnet18", "densenet121")
+
+
+def _src(model: str, work: Path, hf_root: Path) -> str:
+    if model == "transformer":
+        from benchmarks.run_transformer import _bert_folder
+
+        return str(_bert_folder(work / "transformer-src", "small"))
+    return _source(model, hf_root)
+
+
+def _bf16_cpu() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def reference_figures(folder: Path, man: Manifest, reference: str, bf16: bool) -> dict[str, Any]:
+    """On the held-out inputs the gates graded on: per output, the share of the FP32 reference's energy that depends on
+    the input and the plain cosine of a variant keeping none / half of it; OpenVINO bf16's stats on the FP32 file."""
+    import onnxruntime as ort
+
+    from calibration.pools import heldout_pool
+
+    if man.held_out is None:
+        return {"error": "no held-out inputs kept"}
+    pool = heldout_pool(folder, man.held_out, man.iospec, man.held_out.samples)
+    if isinstance(pool, str):
+        return {"error": pool}
+    path = folder / man.artifacts[reference].file.path
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    ref = [np.asarray(o) for o in session.run(None, pool.arrays)]
+    per: dict[str, Any] = {}
+    for name, r in zip(names, ref, strict=True):
+        r64 = r.astype(np.float64)
+        mean = r64.mean(axis=0, keepdims=True)
+        dev = r64 - mean
+
+        def cos(a: np.ndarray, b: np.ndarray = r64) -> float:
+            return float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
+
+        per[name] = {"input_share": float(np.sum(dev * dev) / np.sum(r64 * r64)),
+                     "ignore_input_cosine": cos(np.broadcast_to(mean, r64.shape)),
+                     "half_input_cosine": cos(mean + 0.5 * dev), "absmax": float(np.abs(r64).max())}
+    out: dict[str, Any] = {"samples": int(ref[0].shape[0]), "outputs": per}
+    if not bf16:
+        out["ov_bf16"] = {"skipped": "this CPU has no bf16 (avx512_bf16 / amx_bf16)"}
+        return out
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    got = compiled(pool.arrays)
+    outs = [np.asarray(got[compiled.output(i)]) for i in range(len(names))]
+    stats = accuracy_stats(outs, ref, None, f"ort:{reference}:fp32", names)
+    drop, basis = accuracy_drop(stats, random_init=man.source.kind == "torchvision" and man.source.weights is None)
+    out["ov_bf16"] = {"cosine": stats.cosine, "centered_cosine": stats.centered_cosine, "drop": drop, "basis": basis}
+    return out
+
+
+def run_one(model: str, work: Path, hf_root: Path, fresh: bool, bf16: bool) -> dict[str, Any]:
+    out = work / model.replace(":", "_")
+    row: dict[str, Any] = {"model": model, "seconds": 0.0}
+    if fresh or not (out / "manifest.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, str(ROOT / "cli.py"), "convert", _src(model, work, hf_root), "--out", str(out),
+               *_VARIANTS, *MODELS[model]]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, timeout=3600)
+        row.update({"exit": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+                    "command": " ".join(cmd[1:])})
+        if proc.returncode not in (0, 5) or not (out / "manifest.json").is_file():
+            errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error:")]
+            row["error"] = errors[-1] if errors else (proc.stdout + proc.stderr).strip().splitlines()[-1:]
+            return row
+    else:
+        row["reused"] = str(out)
+    man = Manifest.load(out)
+    variants: dict[str, Any] = {}
+    reference = None
+    for art in man.artifacts.values():
+        acc, gate = art.metrics.accuracy, art.metrics.gate
+        if acc is None or gate is None:
+            continue
+        reference = reference or acc.reference
+        cosine_basis = "cosine" in gate.basis
+        plain_drop = 100.0 * (1.0 - acc.cosine)
+        plain_ok = (plain_drop <= BUDGET + 1e-9 and acc.cosine >= MIN_COSINE) if cosine_basis else gate.passed
+        variants[art.name] = {"basis": gate.basis, "cosine": acc.cosine, "centered_cosine": acc.centered_cosine,
+                              "drop": gate.drop_points, "passed": gate.passed, "reason": gate.reason,
+                              "plain_drop": plain_drop if cosine_basis else None, "plain_passed": plain_ok}
+    failed = {f.name: f.reason for f in man.failed_variants}
+    ref_name = next((a.name for a in man.artifacts.values() if a.name == "opt"), "fp32")
+    row.update(variants=variants, not_made=failed, reference=reference,
+               figures=reference_figures(out, man, ref_name, bf16))
+    return row
+
+
+def run_auto(model: str, work: Path, fresh: bool) -> dict[str, Any]:
+    """``convert MODEL --int8 --auto``: the method and FP32 nodes --auto chose to get within the budget, and its gate."""
+    import onnx
+
+    out = work / f"{model}-auto"
+    row: dict[str, Any] = {"model": model, "seconds": 0.0}
+    if fresh or not (out / "manifest.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, str(ROOT / "cli.py"), "convert", model, "--out", str(out), "--int8", "--auto",
+               *MODELS[model]]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, timeout=3600)
+        row.update({"exit": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+                    "command": " ".join(cmd[1:])})
+        if not (out / "manifest.json").is_file():
+            row["error"] = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
+            return row
+    man = Manifest.load(out)
+    for art in man.artifacts.values():
+        auto = getattr(art.params, "auto", None)
+        if auto is None or art.metrics.gate is None:
+            continue
+        graph = onnx.load(str(out / man.artifacts[art.parent or "opt"].file.path), load_external_data=False).graph
+        quantizable = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in graph.node)
+        row.update(variant=art.name, method=auto.chosen_method, fp32_nodes=len(auto.fp32_nodes),
+                   conv_gemm_matmul=quantizable, reason=auto.reason, passed=art.metrics.gate.passed,
+                   drop=art.metrics.gate.drop_points)
+    return row
+
+
+def _n(v: float | None, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    flips = [f"{r['model']} {v}" for r in rows for v, x in r.get("variants", {}).items()
+             if x["plain_passed"] is True and x["passed"] is False]
+    rescued = [f"{r['model']} {v}" for r in rows for v, x in r.get("variants", {}).items()
+               if x["plain_passed"] is False and x["passed"] is True]
+    vacuous = [r["model"] for r in rows
+               if any(100 * (1 - o["ignore_input_cosine"]) <= BUDGET for o in r.get("figures", {}).get("outputs", {}).values())]
+    return {"models": len(rows), "errors": [r["model"] for r in rows if "error" in r],
+            "passed_plain_failed_centered": flips, "failed_plain_passed_centered": rescued,
+            "plain_passes_a_variant_ignoring_its_input": vacuous}
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    s = payload["summary"]
+    lines = ["# Plain against centered output cosine: the verdicts of convert's gate", "",
+             f"Command: `{payload['command']}`", "",
+             f"CPU: {describe_cpu(payload['machine'])}; {payload['seconds']:.0f} s; versions: "
+             + ", ".join(f"{k} {v}" for k, v in payload["versions"].items()), "",
+             "Random-init weights, the held-out part of the calibration data, convert's default gate (1 point, "
+             "cosine >= 0.99). plain: 100 x (1 - cosine), the basis before; centered: the cosine of the outputs minus "
+             "the FP32 reference's mean over the inputs, the basis now (for top-1 bases nothing changed). "
+             "input share: the part of the FP32 reference's energy that depends on the input; 'ignoring the input' "
+             "and 'half of it': the plain cosine of a variant that outputs the reference's mean for every input, and "
+             "of one that keeps half of each input's deviation from it.", "",
+             f"Models: {s['models']}; conversion errors: {', '.join(s['errors']) or 'none'}.",
+             "Passed on the plain cosine, fail on the centered one: "
+             f"{', '.join(s['passed_plain_failed_centered']) or 'none'}.",
+             f"Failed on the plain cosine, pass on the centered one: {', '.join(s['failed_plain_passed_centered']) or 'none'}.",
+             "The plain cosine would pass a variant that ignores its input (within 1 point): "
+             f"{', '.join(s['plain_passes_a_variant_ignoring_its_input']) or 'none'}.", "",
+             "## Reference outputs (FP32, ONNX Runtime, held-out inputs)", "",
+             "| model | output | samples | largest | input share | plain cos, ignoring the input | plain cos, half of it |"
+             " OpenVINO bf16: cos / centered / drop |", "|---|---|---|---|---|---|---|---|"]
+    for r in payload["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | failed: {r['error']} | | | | | | |")
+            continue
+        f = r["figures"]
+        if "error" in f:
+            lines.append(f"| {r['model']} | {f['error']} | | | | | | |")
+            continue
+        bf = f.get("ov_bf16", {})
+        bf_s = bf["skipped"] if "skipped" in bf else \
+            f"{_n(bf['cosine'])} / {_n(bf['centered_cosine'])} / {bf['drop']:.2f}"
+        for i, (name, o) in enumerate(f["outputs"].items()):
+            lines.append(f"| {r['model'] if i == 0 else ''} | {name} | {f['samples']} | {o['absmax']:.3g} | "
+                         f"{o['input_share']:.3g} | {o['ignore_input_cosine']:.5f} | {o['half_input_cosine']:.5f} | "
+                         f"{bf_s if i == 0 else ''} |")
+    lines += ["", "## Variants: convert's gate", "",
+              "| model | variant | basis | cosine | centered | plain drop | plain verdict | centered drop | verdict |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in payload["rows"]:
+        for v, x in r.get("variants", {}).items():
+            basis = x["basis"].split(":")[0]
+            verdict = "pass" if x["passed"] else f"FAIL ({x['reason']})" if x["reason"] and "cosine" not in basis \
+                else "FAIL"
+            plain = "-" if x["plain_passed"] is None else "pass" if x["plain_passed"] else "FAIL"
+            lines.append(f"| {r['model']} | {v} | {basis} | {_n(x['cosine'], 5)} | {_n(x['centered_cosine'], 5)} | "
+                         f"{_n(x['plain_drop'], 2)} | {plain} | {_n(x['drop'], 2)} | {verdict} |")
+        for v, why in r.get("not_made", {}).items():
+            lines.append(f"| {r['model']} | {v} | not made: {why} | | | | | | |")
+    if payload.get("auto"):
+        lines += ["", "## `convert MODEL --int8 --auto --calib imagenet_subset` (the same budget)", "",
+                  "| model | variant | method | nodes kept in FP32 | Conv/Gemm/MatMul in the FP32 graph | drop | gate |",
+                  "|---|---|---|---|---|---|---|"]
+        for a in payload["auto"]:
+            if "error" in a or "variant" not in a:
+                lines.append(f"| {a['model']} | failed: {a.get('error', 'no --auto variant')} | | | | | |")
+                continue
+            lines.append(f"| {a['model']} | {a['variant']} | {a['method']} | {a['fp32_nodes']} | "
+                         f"{a['conv_gemm_matmul']} | {_n(a['drop'], 2)} | {'pass' if a['passed'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(MODELS), help="comma-separated models of MODELS")
+    ap.add_argument("--work", default=str(ROOT / "artifacts" / "centered_cosine"))
+    ap.add_argument("--name", default="centered_cosine_cpu")
+    ap.add_argument("--fresh", action="store_true", help="convert again where --work holds a folder from before")
+    args = ap.parse_args()
+    unknown = [m for m in args.only.split(",") if m not in MODELS]
+    if unknown:
+        sys.exit(f"unknown --only {','.join(unknown)}; choose from {','.join(MODELS)}")
+    work = Path(args.work)
+    bf16 = _bf16_cpu()
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="centered-hf-") as hf_root:
+        for model in args.only.split(","):
+            row = run_one(model, work, Path(hf_root), args.fresh, bf16)
+            rows.append(row)
+            got = row.get("error") or ", ".join(
+                f"{v} {_n(x['cosine'])}/{_n(x['centered_cosine'])} {'ok' if x['passed'] else 'FAIL'}"
+                for v, x in row["variants"].items())
+            print(f"{model}: {got} ({row['seconds']} s)", flush=True)
+    autos = [run_auto(m, work, args.fresh) for m in AUTO if m in args.only.split(",")]
+    payload = {"command": "python benchmarks/run_centered_cosine.py " + " ".join(sys.argv[1:]),
+               "machine": machine(), "versions": versions() | _ov_versions(), "seconds": time.perf_counter() - t0,
+               "rows": rows, "summary": summarize(rows), "auto": autos}
+    j, m = write(args.name, payload, markdown(payload))
+    print(f"wrote {j} and {m}")
+
+
+if __name__ == "__main__":
+    main()
