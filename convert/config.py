@@ -50,7 +50,8 @@ QType = Literal["uint8", "int8"]
 
 
 #: The default budget of every variant against FP32 on held-out data: at most 1 point of top-1 lost
-#: (accuracy with labels, agreement without; for outputs that are not class scores, 100 x (1 - cosine)),
+#: (accuracy with labels, agreement without; for outputs that are not class scores and random-init weights,
+#: 100 x (1 - centered cosine)),
 #: and an output cosine of at least 0.99.
 DEFAULT_MAX_ACCURACY_DROP = 1.0
 DEFAULT_MIN_COSINE = 0.99
@@ -64,8 +65,8 @@ class Budget(BaseModel):
 
     max_accuracy_drop: float = Field(
         default=DEFAULT_MAX_ACCURACY_DROP, ge=0,
-        description="Allowed top-1 loss in points (agreement with FP32 when there are no labels; 100 x (1 - cosine) "
-                    "for outputs that are not class scores)")
+        description="Allowed top-1 loss in points (agreement with FP32 when there are no labels; 100 x (1 - "
+                    "centered cosine) for outputs that are not class scores)")
     min_cosine: float = Field(default=DEFAULT_MIN_COSINE, ge=-1, le=1,
                               description="Smallest output cosine with FP32 allowed (worst output, worst over samples)")
 

@@ -2,7 +2,8 @@
 
 - :class:`convert.heldout.HeldOutEvaluator` runs the FP32 ONNX model once on the held-out inputs (never
   the calibration samples), then each variant on the same inputs: top-1 agreement, max/mean abs error,
-  cosine (plain, and centered: see :func:`core.metrics.centered_cosine`) and, with labels, accuracy (:func:`core.metrics.accuracy_stats`, the statistics ``bench`` reports).
+  cosine (plain, and centered: :func:`core.metrics.centered_cosine`) and, with labels, accuracy
+  (:func:`core.metrics.accuracy_stats`, the statistics ``bench`` reports).
 - :func:`gate_verdict` applies ``--max-accuracy-drop`` (top-1 points; agreement where there are no labels);
   a constant or all-zero FP32 output fails it as "not measurable".
 - :func:`rank_nodes` ranks quantized nodes by the error each one *adds* (relative error of its output

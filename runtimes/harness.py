@@ -156,7 +156,7 @@ class Target:
 def build_pool(manifest: Manifest, cfg: BenchConfig, size: int, log: Callable[[str], None]) -> InputPool:
     """The accuracy pool: ``--data`` when given; else the held-out data convert graded the variants on
     (``Manifest.held_out``); random inputs only where the artifact has none, said in one line (then accuracy is
-    graded on the output cosine only, see :func:`graded_drop`)."""
+    graded on the centered output cosine only, see :func:`graded_drop`)."""
     if cfg.data is not None:
         if Path(cfg.data).is_dir():
             return image_pool(manifest.iospec, manifest.source, cfg.data, size, log, cfg.seed)
@@ -179,8 +179,8 @@ RANDOM_INPUTS_BASIS = "on random inputs (no held-out data): top-1 on noise is no
 def graded_drop(stats: AccuracyStats, pool: InputPool, manifest: Manifest) -> tuple[float | None, str]:
     """A variant's drop against FP32 in points, and its basis, as convert's gates and tune grade it
     (``core.metrics.accuracy_drop``: top-1 accuracy with labels, the centered output cosine for random-init weights,
-    else top-1 agreement); on random inputs the centered output cosine only. A reference output the drop rests on that is constant
-    or all zeros gives (None, the one line that says so): not measurable, never a perfect match."""
+    else top-1 agreement); on random inputs the centered output cosine only. A reference output the drop rests on
+    that is constant or all zeros gives (None, the one line that says so): not measurable, never a perfect match."""
     random_init = is_random_init(manifest.source)
     if (why := unmeasured_drop(stats, random_init or pool.kind == "random", pool.source)) is not None:
         return None, why
