@@ -295,6 +295,21 @@ def _write_model(tmp: Path, base: Path, art: Artifact, msg: Any, spec: IOSpec) -
     return model, files
 
 
+def keep_layout_optimizers_off(base: Path, art: Artifact, msg: Any) -> str | None:
+    """An ONNX model with float16 tensors served at the onnxruntime backend's default graph level (all) gets level
+    extended, and the note saying why; None otherwise. The layout level holds the NCHWc transformer that kills ONNX
+    Runtime 1.32 on some FP16 graphs (runtimes.ort.FP16_DISABLED_OPTIMIZERS; the backend has no key to leave one
+    optimizer off), and its blocked layout is for FP32 convolutions."""
+    from runtimes.ort import TRITON_GRAPH_LEVELS, disabled_optimizers
+
+    if art.kind != "onnx" or msg.optimization.graph.level or not disabled_optimizers(base / art.file.path):
+        return None
+    msg.optimization.graph.level = TRITON_GRAPH_LEVELS["extended"]
+    return (f"{msg.name}: float16 tensors, so optimization.graph.level {msg.optimization.graph.level} (extended, not "
+            "the backend's default all): ONNX Runtime 1.32's NCHWc layout transformer segfaults on some FP16 graphs "
+            "(a float16 ViT); it is for FP32 convolutions")
+
+
 def _tuned_note(tuned: TunedSettings | None) -> str:
     if tuned is None:
         return ""
@@ -320,9 +335,11 @@ def package(cfg: PackageConfig, log: Callable[[str], None] = print) -> tuple[Rep
     out = Path(cfg.out)
     _prepare_out(out)
     configs = [(a, build_model_config(served_name(base_name, a), manifest.iospec, a, opts)) for a in arts]
-    for _, msg in configs:
+    for art, msg in configs:
         if tuned is not None:
             apply_tuning(msg, tuned)
+        if (why := keep_layout_optimizers_off(base, art, msg)) is not None:
+            notes.append(why)
         if cfg.input_shape:
             add_warmup(msg, *apply_input_shapes(manifest.iospec, cfg.input_shape))
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
