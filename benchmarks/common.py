@@ -42,6 +42,27 @@ def ensure_converted(model: str, out: Path, extra: list[str] | None = None) -> P
     return out
 
 
+def convert_row(source: str, out: Path, flags: list[str], fresh: bool, timeout: float = 3600) -> dict[str, Any]:
+    """``cli.py convert SOURCE --out OUT FLAGS`` unless ``out`` holds a manifest from an earlier run (and not ``fresh``):
+    what a coverage row records of it (exit code, seconds, command; ``reused`` instead when not run) and ``error``, the
+    last ``error:`` line, when it wrote no manifest or exited with other than 0 or 5 (a gate failure is a verdict)."""
+    import shutil
+    import time
+
+    if not fresh and (out / "manifest.json").is_file():
+        return {"seconds": 0.0, "reused": str(out)}
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, str(ROOT / "cli.py"), "convert", source, "--out", str(out), *flags]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, timeout=timeout)
+    row: dict[str, Any] = {"exit": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+                           "command": " ".join(cmd[1:])}
+    if proc.returncode not in (0, 5) or not (out / "manifest.json").is_file():
+        errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error:")]
+        row["error"] = errors[-1] if errors else (proc.stdout + proc.stderr).strip().splitlines()[-1:]
+    return row
+
+
 def write(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     j, m = RESULTS / f"{name}.json", RESULTS / f"{name}.md"

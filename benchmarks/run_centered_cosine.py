@@ -25,8 +25,6 @@ Writes benchmarks/results/<name>.{json,md} with the command, the CPU and the lib
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, machine, write
+from benchmarks.common import ROOT, convert_row, machine, write
 from benchmarks.run_coverage_hf import versions
 from benchmarks.run_nncf_model_type import _HF_IMAGES, _IMAGES, _TEXT, _ov_versions, _source
 from calibration.cpu import describe_cpu
@@ -118,21 +116,10 @@ def reference_figures(folder: Path, man: Manifest, reference: str, bf16: bool) -
 
 def run_one(model: str, work: Path, hf_root: Path, fresh: bool, bf16: bool) -> dict[str, Any]:
     out = work / model.replace(":", "_")
-    row: dict[str, Any] = {"model": model, "seconds": 0.0}
-    if fresh or not (out / "manifest.json").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, str(ROOT / "cli.py"), "convert", _src(model, work, hf_root), "--out", str(out),
-               *_VARIANTS, *MODELS[model]]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, timeout=3600)
-        row.update({"exit": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
-                    "command": " ".join(cmd[1:])})
-        if proc.returncode not in (0, 5) or not (out / "manifest.json").is_file():
-            errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error:")]
-            row["error"] = errors[-1] if errors else (proc.stdout + proc.stderr).strip().splitlines()[-1:]
-            return row
-    else:
-        row["reused"] = str(out)
+    row: dict[str, Any] = {"model": model, **convert_row(_src(model, work, hf_root), out, [*_VARIANTS, *MODELS[model]],
+                                                         fresh)}
+    if "error" in row:
+        return row
     man = Manifest.load(out)
     variants: dict[str, Any] = {}
     reference = None
@@ -159,18 +146,9 @@ def run_auto(model: str, work: Path, fresh: bool) -> dict[str, Any]:
     import onnx
 
     out = work / f"{model}-auto"
-    row: dict[str, Any] = {"model": model, "seconds": 0.0}
-    if fresh or not (out / "manifest.json").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, str(ROOT / "cli.py"), "convert", model, "--out", str(out), "--int8", "--auto",
-               *MODELS[model]]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, timeout=3600)
-        row.update({"exit": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
-                    "command": " ".join(cmd[1:])})
-        if not (out / "manifest.json").is_file():
-            row["error"] = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
-            return row
+    row: dict[str, Any] = {"model": model, **convert_row(model, out, ["--int8", "--auto", *MODELS[model]], fresh)}
+    if "error" in row:
+        return row
     man = Manifest.load(out)
     for art in man.artifacts.values():
         auto = getattr(art.params, "auto", None)

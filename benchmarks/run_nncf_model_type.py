@@ -26,9 +26,7 @@ Writes benchmarks/results/<name>.{json,md} with the command, the CPU and the lib
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, machine, write
+from benchmarks.common import ROOT, convert_row, machine, write
 from benchmarks.run_coverage_hf import ARCHS, build_folder, versions
 from benchmarks.run_nncf_int8 import _benchmark_app
 from calibration.cpu import describe_cpu
@@ -87,21 +85,11 @@ def run_one(model: str, kind: str, work: Path, hf_root: Path, fresh: bool) -> di
     not ``fresh``); what the manifest records of int8_nncf."""
     expected, flags = MODELS[model]
     out = work / f"{model.replace(':', '_')}-{kind}"
-    row: dict[str, Any] = {"model": model, "kind": kind, "expected": expected, "seconds": 0.0}
-    if fresh or not (out / "manifest.json").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, str(ROOT / "cli.py"), "convert", _source(model, hf_root), "--out", str(out),
-               "--int8-nncf", *flags, "--nncf-model-type", kind]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT, timeout=1800)
-        row.update({"exit": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
-                    "command": " ".join(cmd[1:])})
-        if proc.returncode not in (0, 5) or not (out / "manifest.json").is_file():
-            errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error:")]
-            row["error"] = errors[-1] if errors else (proc.stdout + proc.stderr).strip().splitlines()[-1:]
-            return row
-    else:
-        row["reused"] = str(out)
+    row: dict[str, Any] = {"model": model, "kind": kind, "expected": expected,
+                           **convert_row(_source(model, hf_root), out, ["--int8-nncf", *flags, "--nncf-model-type",
+                                                                         kind], fresh, timeout=1800)}
+    if "error" in row:
+        return row
     man = Manifest.load(out)
     art = man.artifacts.get("int8_nncf")
     if art is None or art.params is None or art.metrics.accuracy is None:
