@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,25 @@ def convert_row(source: str, out: Path, flags: list[str], fresh: bool, timeout: 
         errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error:")]
         row["error"] = errors[-1] if errors else (proc.stdout + proc.stderr).strip().splitlines()[-1:]
     return row
+
+
+def convert_run_args(doc: str | None, models: Sequence[str], work: str, name: str,
+                     extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """The command line of a script that converts each of ``models`` once into ``--work`` (see :func:`convert_row`):
+    ``--only`` (checked against ``models``, one clear line and exit 1 for another; ``args.only`` becomes the list),
+    ``--work`` (default artifacts/WORK), ``--name`` (the results file), ``--fresh``; ``extra`` adds the script's own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(models), help="comma-separated models of MODELS")
+    ap.add_argument("--work", default=str(ROOT / "artifacts" / work))
+    ap.add_argument("--name", default=name)
+    ap.add_argument("--fresh", action="store_true", help="convert again where --work holds a folder from before")
+    if extra is not None:
+        extra(ap)
+    args = ap.parse_args()
+    args.only = args.only.split(",")
+    if unknown := [m for m in args.only if m not in models]:
+        sys.exit(f"unknown --only {','.join(unknown)}; choose from {','.join(models)}")
+    return args
 
 
 def write(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:

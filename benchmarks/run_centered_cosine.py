@@ -24,7 +24,6 @@ Writes benchmarks/results/<name>.{json,md} with the command, the CPU and the lib
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -35,12 +34,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, convert_row, machine, write
+from benchmarks.common import convert_row, convert_run_args, machine, write
 from benchmarks.run_coverage_hf import versions
 from benchmarks.run_nncf_model_type import _HF_IMAGES, _IMAGES, _TEXT, _ov_versions, _source
 from calibration.cpu import describe_cpu
 from core.manifest import Manifest
-from core.metrics import accuracy_drop, accuracy_stats
+from core.metrics import accuracy_drop, accuracy_stats, compare_outputs
 
 SEQUENCE = 128
 _VARIANTS = ["--fp16", "--int8", "--int8-nncf"]
@@ -74,9 +73,8 @@ def _bf16_cpu() -> bool:
 def reference_figures(folder: Path, man: Manifest, reference: str, bf16: bool) -> dict[str, Any]:
     """On the held-out inputs the gates graded on: per output, the share of the FP32 reference's energy that depends on
     the input and the plain cosine of a variant keeping none / half of it; OpenVINO bf16's stats on the FP32 file."""
-    import onnxruntime as ort
-
     from calibration.pools import heldout_pool
+    from runtimes.ort import ort_session
 
     if man.held_out is None:
         return {"error": "no held-out inputs kept"}
@@ -84,7 +82,7 @@ def reference_figures(folder: Path, man: Manifest, reference: str, bf16: bool) -
     if isinstance(pool, str):
         return {"error": pool}
     path = folder / man.artifacts[reference].file.path
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort_session(path)
     names = [o.name for o in session.get_outputs()]
     ref = [np.asarray(o) for o in session.run(None, pool.arrays)]
     per: dict[str, Any] = {}
@@ -92,13 +90,10 @@ def reference_figures(folder: Path, man: Manifest, reference: str, bf16: bool) -
         r64 = r.astype(np.float64)
         mean = r64.mean(axis=0, keepdims=True)
         dev = r64 - mean
-
-        def cos(a: np.ndarray, b: np.ndarray = r64) -> float:
-            return float(np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b)))
-
         per[name] = {"input_share": float(np.sum(dev * dev) / np.sum(r64 * r64)),
-                     "ignore_input_cosine": cos(np.broadcast_to(mean, r64.shape)),
-                     "half_input_cosine": cos(mean + 0.5 * dev), "absmax": float(np.abs(r64).max())}
+                     "ignore_input_cosine": compare_outputs([np.broadcast_to(mean, r64.shape)], [r64]).cosine,
+                     "half_input_cosine": compare_outputs([mean + 0.5 * dev], [r64]).cosine,
+                     "absmax": float(np.abs(r64).max())}
     out: dict[str, Any] = {"samples": int(ref[0].shape[0]), "outputs": per}
     if not bf16:
         out["ov_bf16"] = {"skipped": "this CPU has no bf16 (avx512_bf16 / amx_bf16)"}
@@ -241,28 +236,20 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(MODELS), help="comma-separated models of MODELS")
-    ap.add_argument("--work", default=str(ROOT / "artifacts" / "centered_cosine"))
-    ap.add_argument("--name", default="centered_cosine_cpu")
-    ap.add_argument("--fresh", action="store_true", help="convert again where --work holds a folder from before")
-    args = ap.parse_args()
-    unknown = [m for m in args.only.split(",") if m not in MODELS]
-    if unknown:
-        sys.exit(f"unknown --only {','.join(unknown)}; choose from {','.join(MODELS)}")
+    args = convert_run_args(__doc__, list(MODELS), "centered_cosine", "centered_cosine_cpu")
     work = Path(args.work)
     bf16 = _bf16_cpu()
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="centered-hf-") as hf_root:
-        for model in args.only.split(","):
+        for model in args.only:
             row = run_one(model, work, Path(hf_root), args.fresh, bf16)
             rows.append(row)
             got = row.get("error") or ", ".join(
                 f"{v} {_n(x['cosine'])}/{_n(x['centered_cosine'])} {'ok' if x['passed'] else 'FAIL'}"
                 for v, x in row["variants"].items())
             print(f"{model}: {got} ({row['seconds']} s)", flush=True)
-    autos = [run_auto(m, work, args.fresh) for m in AUTO if m in args.only.split(",")]
+    autos = [run_auto(m, work, args.fresh) for m in AUTO if m in args.only]
     payload = {"command": "python benchmarks/run_centered_cosine.py " + " ".join(sys.argv[1:]),
                "machine": machine(), "versions": versions() | _ov_versions(), "seconds": time.perf_counter() - t0,
                "rows": rows, "summary": summarize(rows), "auto": autos}

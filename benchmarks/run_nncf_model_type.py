@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, convert_row, machine, write
+from benchmarks.common import convert_row, convert_run_args, machine, write
 from benchmarks.run_coverage_hf import ARCHS, build_folder, versions
 from benchmarks.run_nncf_int8 import _benchmark_app
 from calibration.cpu import describe_cpu
@@ -112,17 +112,16 @@ def reference_absmax(folder: Path, man: Manifest, reference: str | None) -> floa
     ``held_out`` file, read as bench reads it; ONNX Runtime): a random-init network whose activations vanish gives
     ~1e-14, which INT8 rounds to 0 whatever the model type. None without kept held-out inputs."""
     import numpy as np
-    import onnxruntime as ort
 
     from calibration.pools import heldout_pool
+    from runtimes.ort import ort_session
 
     if reference is None or man.held_out is None:
         return None
     pool = heldout_pool(folder, man.held_out, man.iospec, man.held_out.samples)
     if isinstance(pool, str):
         return None
-    session = ort.InferenceSession(str(folder / man.artifacts[reference].file.path),
-                                   providers=["CPUExecutionProvider"])
+    session = ort_session(folder / man.artifacts[reference].file.path)
     outputs = session.run(None, pool.arrays)
     return float(max(np.abs(np.asarray(o, dtype=np.float64)).max() for o in outputs))
 
@@ -235,22 +234,16 @@ def markdown(payload: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(MODELS), help="comma-separated models of MODELS")
-    ap.add_argument("--work", default=str(ROOT / "artifacts" / "nncf_model_type"))
-    ap.add_argument("--name", default="nncf_model_type_cpu")
-    ap.add_argument("--fresh", action="store_true", help="convert again where --work holds a folder from before")
-    ap.add_argument("--rounds", type=int, default=3, help="benchmark_app rounds per IR (0: no timing)")
-    ap.add_argument("--seconds", type=float, default=8.0, help="benchmark_app's -t per IR and round")
-    args = ap.parse_args()
-    unknown = [m for m in args.only.split(",") if m not in MODELS]
-    if unknown:
-        sys.exit(f"unknown --only {','.join(unknown)}; choose from {','.join(MODELS)}")
+    def timing_args(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--rounds", type=int, default=3, help="benchmark_app rounds per IR (0: no timing)")
+        ap.add_argument("--seconds", type=float, default=8.0, help="benchmark_app's -t per IR and round")
+
+    args = convert_run_args(__doc__, list(MODELS), "nncf_model_type", "nncf_model_type_cpu", timing_args)
     work = Path(args.work)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="nncf-hf-") as hf_root:
-        for model in args.only.split(","):
+        for model in args.only:
             for kind in KINDS:
                 row = run_one(model, kind, work, Path(hf_root), args.fresh)
                 rows.append(row)

@@ -255,14 +255,14 @@ def compare_outputs(got: Sequence[np.ndarray], ref: Sequence[np.ndarray],
     for name, g, r in zip(labels, got, ref, strict=True):
         one, rel = _one_output(g, r, samples)
         per[name] = one
-        centered = worst.centered_cosine if one.not_measurable or one.centered_cosine is None else \
-            one.centered_cosine if worst.centered_cosine is None else min(worst.centered_cosine, one.centered_cosine)
         worst = ParityStats(max_abs_err=max(worst.max_abs_err, one.max_abs_err), max_rel_err=max(worst.max_rel_err, rel),
                             mean_abs_err=max(worst.mean_abs_err, one.mean_abs_err),
                             cosine=worst.cosine if one.not_measurable else min(worst.cosine, one.cosine),
-                            centered_cosine=centered, not_measurable=worst.not_measurable)
+                            not_measurable=worst.not_measurable)
         if one.not_measurable:
             worst.not_measurable[name] = one.not_measurable
+    measured = [o.centered_cosine for o in per.values() if o.centered_cosine is not None and not o.not_measurable]
+    worst.centered_cosine = min(measured, default=None)
     if ref and len(worst.not_measurable) == len(ref):
         worst.cosine = 0.0  # nothing was measured: never a perfect match
         if any(o.centered_cosine is not None for o in per.values()):
