@@ -84,6 +84,16 @@ def convert_run_args(doc: str | None, models: Sequence[str], work: str, name: st
     return args
 
 
+def header_lines(title: str, payload: dict[str, Any]) -> list[str]:
+    """A results file's opening: its title, the command, and the CPU with the run's seconds and library versions
+    (``payload``'s command, machine, seconds and versions)."""
+    from calibration.cpu import describe_cpu
+
+    return [f"# {title}", "", f"Command: `{payload['command']}`", "",
+            f"CPU: {describe_cpu(payload['machine'])}; {payload['seconds']:.0f} s; versions: "
+            + ", ".join(f"{k} {v}" for k, v in payload["versions"].items()), ""]
+
+
 def write(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     j, m = RESULTS / f"{name}.json", RESULTS / f"{name}.md"

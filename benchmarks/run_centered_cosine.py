@@ -34,10 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import convert_row, convert_run_args, machine, write
+from benchmarks.common import convert_row, convert_run_args, header_lines, machine, write
 from benchmarks.run_coverage_hf import versions
 from benchmarks.run_nncf_model_type import _HF_IMAGES, _IMAGES, _TEXT, _ov_versions, _source
-from calibration.cpu import describe_cpu
 from core.manifest import Manifest
 from core.metrics import accuracy_drop, accuracy_stats, compare_outputs
 
@@ -175,10 +174,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(payload: dict[str, Any]) -> str:
     s = payload["summary"]
-    lines = ["# Plain against centered output cosine: the verdicts of convert's gate", "",
-             f"Command: `{payload['command']}`", "",
-             f"CPU: {describe_cpu(payload['machine'])}; {payload['seconds']:.0f} s; versions: "
-             + ", ".join(f"{k} {v}" for k, v in payload["versions"].items()), "",
+    lines = [*header_lines("Plain against centered output cosine: the verdicts of convert's gate", payload),
              "Random-init weights, the held-out part of the calibration data, convert's default gate (1 point, "
              "cosine >= 0.99). plain: 100 x (1 - cosine), the basis before; centered: the cosine of the outputs minus "
              "the FP32 reference's mean over the inputs, the basis now (for top-1 bases nothing changed). "

@@ -35,10 +35,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import convert_row, convert_run_args, machine, write
+from benchmarks.common import convert_row, convert_run_args, header_lines, machine, write
 from benchmarks.run_coverage_hf import ARCHS, build_folder, versions
 from benchmarks.run_nncf_int8 import _benchmark_app
-from calibration.cpu import describe_cpu
 from convert.ovir import versions as nncf_versions
 from core.manifest import Manifest
 
@@ -197,10 +196,8 @@ def _fmt(row: dict[str, Any]) -> str:
 
 def markdown(payload: dict[str, Any]) -> str:
     summary = payload["summary"]
-    lines = ["# int8_nncf: NNCF's model type chosen per architecture (auto) and against generic", "",
-             f"Command: `{payload['command']}`", "",
-             f"CPU: {describe_cpu(payload['machine'])}; {payload['seconds']:.0f} s; versions: "
-             + ", ".join(f"{k} {v}" for k, v in payload["versions"].items()), "",
+    lines = [*header_lines("int8_nncf: NNCF's model type chosen per architecture (auto) and against generic",
+                           payload),
              "Random-init weights; cosine: output cosine of int8_nncf against FP32 on the held-out part of "
              "the calibration data, on OpenVINO (f32 compute where not quantized); gate: convert's default "
              "(random init: cosine >= 0.99). The expected type is the architecture's (attention or none).", "",
