@@ -199,7 +199,8 @@ def convert(
     max_accuracy_drop: Annotated[float, typer.Option(min=0.0, help="The gate of every FP16/INT8/sparse/pruned "
                                                      "variant: top-1 points it may lose against FP32 on held-out "
                                                      "data (agreement without labels; 100 x (1 - centered cosine) "
-                                                     "for outputs that are not class scores). Outside it: marked "
+                                                     "for outputs that are not class scores, random inputs and a "
+                                                     "top-1 that is one class for every input). Outside it: marked "
                                                      "failed, left out of bench unless named, exit 5",
                                                      rich_help_panel="Accuracy gate")] = 1.0,
     min_cosine: Annotated[float, typer.Option(min=-1.0, max=1.0, help="The gate's other half: the smallest output "

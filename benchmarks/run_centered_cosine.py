@@ -1,4 +1,4 @@
-"""The cosine a drop rests on, plain against centered, over architectures: which verdicts the plain one got wrong.
+"""The basis a drop rests on, before and now, over architectures: which verdicts the old bases got wrong.
 
     python benchmarks/run_centered_cosine.py [--only resnet18,transformer,hf:bert,...] [--work artifacts/centered_cosine]
                                              [--name centered_cosine_cpu] [--fresh]
@@ -14,6 +14,12 @@ the input, and the plain cosine two variants that keep none or half of that part
 for every input; mean + half of each input's deviation): where they pass the 1-point budget, the plain cosine checks
 nothing. And OpenVINO's bf16 compute of the FP32 file on the same inputs (where the CPU has bf16), both cosines.
 The README's INT8 models (AUTO) are also converted with ``--int8 --auto``: how many nodes it keeps in FP32.
+
+Top-1 agreement (a classifier without labels) is no basis where it sees nothing: where the FP32 reference's top-1 is
+one class for every held-out input (``core.metrics.vacuous_agreement``), and on random inputs (``--calib synthetic``,
+as bench on random inputs); both are graded on the centered cosine now. Per variant the number of classes the
+reference's top-1 takes is recorded, and for the one-class rows the verdict top-1 agreement gave (its disagreement
+within the budget and cosine >= 0.99) is the verdict before (random inputs kept no agreement to recompute it from).
 
 Models: torchvision architectures at full size (random init, ``--calib imagenet_subset``), the deploy benchmark's
 BERT (``transformer``: benchmarks/run_transformer.py's, sequence 128, ``--int8-dynamic`` too, ``--calib synthetic``)
@@ -38,7 +44,7 @@ from benchmarks.common import convert_row, convert_run_args, header_lines, machi
 from benchmarks.run_coverage_hf import versions
 from benchmarks.run_nncf_model_type import _HF_IMAGES, _IMAGES, _TEXT, _ov_versions, _source
 from core.manifest import Manifest
-from core.metrics import accuracy_drop, accuracy_stats, compare_outputs
+from core.metrics import AccuracyStats, accuracy_drop, accuracy_stats, compare_outputs
 
 SEQUENCE = 128
 _VARIANTS = ["--fp16", "--int8", "--int8-nncf"]
@@ -50,8 +56,12 @@ MODELS: dict[str, list[str]] = {
                                                                               "token_type_ids")),
                     "--int8-dynamic", "--calib", "synthetic", "--calib-size", "32"],
     "hf:bert": _TEXT, "hf:distilbert": _TEXT, "hf:vit": _HF_IMAGES,
+    **{f"hf:{name}": _HF_IMAGES for name in ("deit", "beit", "dinov2", "resnet", "regnet", "convnext", "swin",
+                                             "mobilenet_v2", "mobilevit")},
 }
 BUDGET, MIN_COSINE = 1.0, 0.99  # convert's default gate
+#: the basis's words for a reference whose top-1 is one class (core.metrics.vacuous_agreement)
+ONE_CLASS = "top-1 is one class for all"
 #: The README's INT8 models (`make demo`'s, and the example's): also converted with --int8 --auto
 AUTO = ("resnet18", "densenet121")
 
@@ -122,17 +132,30 @@ def run_one(model: str, work: Path, hf_root: Path, fresh: bool, bf16: bool) -> d
         if acc is None or gate is None:
             continue
         reference = reference or acc.reference
-        cosine_basis = "cosine" in gate.basis
-        plain_drop = 100.0 * (1.0 - acc.cosine)
-        plain_ok = (plain_drop <= BUDGET + 1e-9 and acc.cosine >= MIN_COSINE) if cosine_basis else gate.passed
         variants[art.name] = {"basis": gate.basis, "cosine": acc.cosine, "centered_cosine": acc.centered_cosine,
                               "drop": gate.drop_points, "passed": gate.passed, "reason": gate.reason,
-                              "plain_drop": plain_drop if cosine_basis else None, "plain_passed": plain_ok}
+                              "ref_top1_classes": acc.ref_top1_classes, **_before(acc, gate.basis, gate.passed)}
     failed = {f.name: f.reason for f in man.failed_variants}
     ref_name = next((a.name for a in man.artifacts.values() if a.name == "opt"), "fp32")
     row.update(variants=variants, not_made=failed, reference=reference,
                figures=reference_figures(out, man, ref_name, bf16))
     return row
+
+
+def _before(acc: AccuracyStats, basis: str, passed: bool | None) -> dict[str, Any]:
+    """The basis, drop and verdict the gate gave before: the plain cosine where the centered one is graded now, top-1
+    agreement where it saw nothing (a one-class reference; random inputs, whose agreement was not kept: no verdict)."""
+    if ONE_CLASS in basis and acc.top1_agreement is not None:  # random-init weights were on the cosine before
+        drop = 100.0 * (1.0 - acc.top1_agreement)
+        return {"before": "top-1 agreement", "before_drop": drop,
+                "before_passed": drop <= BUDGET + 1e-9 and acc.cosine >= MIN_COSINE}
+    if "random inputs" in basis:
+        return {"before": "top-1 agreement on random inputs", "before_drop": None, "before_passed": None}
+    if "cosine" in basis:
+        drop = 100.0 * (1.0 - acc.cosine)
+        return {"before": "plain cosine", "before_drop": drop,
+                "before_passed": drop <= BUDGET + 1e-9 and acc.cosine >= MIN_COSINE}
+    return {"before": "unchanged", "before_drop": None, "before_passed": passed}
 
 
 def run_auto(model: str, work: Path, fresh: bool) -> dict[str, Any]:
@@ -161,30 +184,46 @@ def _n(v: float | None, digits: int = 4) -> str:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    flips = [f"{r['model']} {v}" for r in rows for v, x in r.get("variants", {}).items()
-             if x["plain_passed"] is True and x["passed"] is False]
-    rescued = [f"{r['model']} {v}" for r in rows for v, x in r.get("variants", {}).items()
-               if x["plain_passed"] is False and x["passed"] is True]
+    flips = [f"{r['model']} {v} ({x['before']})" for r in rows for v, x in r.get("variants", {}).items()
+             if x["before_passed"] is True and x["passed"] is False]
+    rescued = [f"{r['model']} {v} ({x['before']})" for r in rows for v, x in r.get("variants", {}).items()
+               if x["before_passed"] is False and x["passed"] is True]
+    one_class = sorted({r["model"] for r in rows for x in r.get("variants", {}).values()
+                        if x["ref_top1_classes"] == 1})
     vacuous = [r["model"] for r in rows
                if any(100 * (1 - o["ignore_input_cosine"]) <= BUDGET for o in r.get("figures", {}).get("outputs", {}).values())]
     return {"models": len(rows), "errors": [r["model"] for r in rows if "error" in r],
-            "passed_plain_failed_centered": flips, "failed_plain_passed_centered": rescued,
+            "passed_before_failed_now": flips, "failed_before_passed_now": rescued,
+            "one_class_reference": one_class,
             "plain_passes_a_variant_ignoring_its_input": vacuous}
+
+
+_WHY = {"random-init": "random-init weights", "the FP32 reference's top-1 is one class": "one-class reference",
+        "random inputs": "random inputs", "not a classifier": "not class scores"}
+
+
+def _why(basis: str) -> str:
+    tail = basis.split(": ", 1)[1] if ": " in basis else ""
+    return next((f" ({short})" for start, short in _WHY.items() if tail.startswith(start)), "")
 
 
 def markdown(payload: dict[str, Any]) -> str:
     s = payload["summary"]
-    lines = [*header_lines("Plain against centered output cosine: the verdicts of convert's gate", payload),
+    lines = [*header_lines("The basis of convert's gate, before and now: plain cosine and blind top-1 agreement against "
+                           "the centered cosine", payload),
              "Random-init weights, the held-out part of the calibration data, convert's default gate (1 point, "
-             "cosine >= 0.99). plain: 100 x (1 - cosine), the basis before; centered: the cosine of the outputs minus "
-             "the FP32 reference's mean over the inputs, the basis now (for top-1 bases nothing changed). "
+             "cosine >= 0.99). Before: 100 x (1 - plain cosine) where a drop rested on the cosine, and top-1 "
+             "disagreement with FP32 for classifiers without labels, even where the FP32 reference's top-1 was one "
+             "class for every held-out input or the inputs were random; now: the centered cosine (the outputs minus "
+             "the FP32 reference's mean over the inputs) in all of those cases. "
              "input share: the part of the FP32 reference's energy that depends on the input; 'ignoring the input' "
              "and 'half of it': the plain cosine of a variant that outputs the reference's mean for every input, and "
              "of one that keeps half of each input's deviation from it.", "",
              f"Models: {s['models']}; conversion errors: {', '.join(s['errors']) or 'none'}.",
-             "Passed on the plain cosine, fail on the centered one: "
-             f"{', '.join(s['passed_plain_failed_centered']) or 'none'}.",
-             f"Failed on the plain cosine, pass on the centered one: {', '.join(s['failed_plain_passed_centered']) or 'none'}.",
+             "FP32 reference's top-1 one class for every held-out input (top-1 agreement sees nothing; torchvision "
+             f"names were graded on the cosine already, as random-init): {', '.join(s['one_class_reference']) or 'none'}.",
+             f"Passed before, fail now: {', '.join(s['passed_before_failed_now']) or 'none'}.",
+             f"Failed before, pass now: {', '.join(s['failed_before_passed_now']) or 'none'}.",
              "The plain cosine would pass a variant that ignores its input (within 1 point): "
              f"{', '.join(s['plain_passes_a_variant_ignoring_its_input']) or 'none'}.", "",
              "## Reference outputs (FP32, ONNX Runtime, held-out inputs)", "",
@@ -206,18 +245,21 @@ def markdown(payload: dict[str, Any]) -> str:
                          f"{o['input_share']:.3g} | {o['ignore_input_cosine']:.5f} | {o['half_input_cosine']:.5f} | "
                          f"{bf_s if i == 0 else ''} |")
     lines += ["", "## Variants: convert's gate", "",
-              "| model | variant | basis | cosine | centered | plain drop | plain verdict | centered drop | verdict |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| model | variant | basis (why) | ref top-1 classes | cosine | centered | before: basis | drop | verdict "
+              "| drop now | verdict now |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         for v, x in r.get("variants", {}).items():
             basis = x["basis"].split(":")[0]
             verdict = "pass" if x["passed"] else f"FAIL ({x['reason']})" if x["reason"] and "cosine" not in basis \
                 else "FAIL"
-            plain = "-" if x["plain_passed"] is None else "pass" if x["plain_passed"] else "FAIL"
-            lines.append(f"| {r['model']} | {v} | {basis} | {_n(x['cosine'], 5)} | {_n(x['centered_cosine'], 5)} | "
-                         f"{_n(x['plain_drop'], 2)} | {plain} | {_n(x['drop'], 2)} | {verdict} |")
+            before = "-" if x["before_passed"] is None else "pass" if x["before_passed"] else "FAIL"
+            classes = "-" if x["ref_top1_classes"] is None else x["ref_top1_classes"]
+            lines.append(f"| {r['model']} | {v} | {basis}{_why(x['basis'])} | {classes} | {_n(x['cosine'], 5)} | "
+                         f"{_n(x['centered_cosine'], 5)} | {x['before']} | {_n(x['before_drop'], 2)} | {before} | "
+                         f"{_n(x['drop'], 2)} | {verdict} |")
         for v, why in r.get("not_made", {}).items():
-            lines.append(f"| {r['model']} | {v} | not made: {why} | | | | | | |")
+            lines.append(f"| {r['model']} | {v} | not made: {why} | | | | | | | | |")
     if payload.get("auto"):
         lines += ["", "## `convert MODEL --int8 --auto --calib imagenet_subset` (the same budget)", "",
                   "| model | variant | method | nodes kept in FP32 | Conv/Gemm/MatMul in the FP32 graph | drop | gate |",

@@ -44,6 +44,8 @@ class SpecFeeds:
     so that an input without a batch axis (the merged decoder's ``use_cache_branch``) keeps its shape and a derived
     dim (``past_sequence + sequence``) follows its parts."""
 
+    kind = "synthetic"
+
     def __init__(self, spec: IOSpec, size: int, seed: int, what: str) -> None:
         self.spec, self.size, self.seed, self.what = spec, size, seed, what
 
@@ -57,7 +59,7 @@ class SpecFeeds:
     def manifest_record(self) -> dict[str, Any]:
         h = hashlib.sha256(self.spec.model_dump_json().encode())
         h.update(f"{self.seed}/{self.size}".encode())
-        return {"source": self.what, "kind": "synthetic", "sha256": h.hexdigest(), "num_samples": self.size,
+        return {"source": self.what, "kind": self.kind, "sha256": h.hexdigest(), "num_samples": self.size,
                 "skipped": 0, "labels": False, "warnings": []}
 
 

@@ -50,8 +50,8 @@ QType = Literal["uint8", "int8"]
 
 
 #: The default budget of every variant against FP32 on held-out data: at most 1 point of top-1 lost
-#: (accuracy with labels, agreement without; for outputs that are not class scores and random-init weights,
-#: 100 x (1 - centered cosine)),
+#: (accuracy with labels, agreement without; for outputs that are not class scores, random-init weights, random
+#: inputs and a reference whose top-1 is one class for every input, 100 x (1 - centered cosine)),
 #: and an output cosine of at least 0.99.
 DEFAULT_MAX_ACCURACY_DROP = 1.0
 DEFAULT_MIN_COSINE = 0.99

@@ -41,6 +41,8 @@ LabelledBatch = tuple[dict[str, np.ndarray], np.ndarray | None]
 class HeldOutData(Protocol):
     """Held-out inputs read in batches, with their labels when known (a ``Source`` is one)."""
 
+    kind: str  # "synthetic" for random inputs (no top-k agreement on them: see core.metrics.accuracy_stats)
+
     def iter_labelled(self, batch_size: int) -> Iterator[LabelledBatch]: ...
 
     def describe(self) -> str: ...
@@ -53,6 +55,7 @@ class PoolData:
 
     def __init__(self, pool: InputPool) -> None:
         self.pool = pool
+        self.kind = "synthetic" if pool.kind == "random" else "pool"
 
     def iter_labelled(self, batch_size: int) -> Iterator[LabelledBatch]:
         labels = self.pool.labels
@@ -68,7 +71,7 @@ class PoolData:
         for name in sorted(self.pool.arrays):
             h.update(name.encode())
             h.update(np.ascontiguousarray(self.pool.arrays[name]).tobytes())
-        return {"source": self.pool.source, "kind": "synthetic" if self.pool.kind == "random" else "pool", "sha256": h.hexdigest(), "num_samples": self.pool.size,
+        return {"source": self.pool.source, "kind": self.kind, "sha256": h.hexdigest(), "num_samples": self.pool.size,
                 "skipped": 0, "labels": self.pool.labels is not None, "warnings": []}
 
 
@@ -132,7 +135,7 @@ class HeldOutEvaluator:
             raise RuntimeError("set_reference() first")
         got, _ = self.outputs(path, simulate_qdq, session)
         return accuracy_stats(got, self.reference, self.labels, f"ort:{self.reference_name}:fp32:cpu",
-                              self.output_names)
+                              self.output_names, random_inputs=self.data.kind == "synthetic")
 
     def change(self, path: Path) -> AccuracyChange:
         """:meth:`evaluate`, with the inputs named and the drops against FP32 in points."""

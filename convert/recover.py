@@ -14,8 +14,9 @@ the training data), timed interleaved with it, and sized. Their gate is the defa
 (accuracy with labels, agreement without); the output-cosine half is not applied to them
 (:func:`trained_budget`): a trained model is a new function whose logits are free to differ in scale
 (on the digits CNN a recovered variant above FP32's accuracy has a logit cosine of about 0.97), and
-the cosine is still recorded. Without ``--eval-data`` the held-out inputs are random and only
-agreement is graded, which a retrained model rarely keeps: give labelled held-out data.
+the cosine is still recorded. Without ``--eval-data`` the held-out inputs are random: top-1 agreement on noise
+measures nothing, so the drop is 100 x (1 - centered output cosine), as bench grades random inputs, which a
+retrained model (a new function) rarely keeps within the budget: give labelled held-out data.
 """
 
 from __future__ import annotations

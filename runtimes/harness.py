@@ -416,14 +416,10 @@ class Loaded:
 
 
 def pool_accuracy(setup: BenchSetup, runner: Runner) -> AccuracyStats:
-    """``runner``'s outputs on the accuracy pool against the reference's (every output, by name). On random inputs
-    the top-k agreement is left out: the argmax of noise measures nothing (a static INT8 resnet18 at 82% top-1
-    agreement on held-out photos agreed on 0% of random-normal inputs)."""
-    stats = accuracy_stats(run_pool(runner, setup.pool, setup.chunk), setup.ref_out, setup.pool.labels,
-                           setup.ref_label, runner.manifest.iospec.output_names)
-    if setup.pool.kind == "random":
-        stats = stats.model_copy(update={"top1_agreement": None, "top5_agreement": None})
-    return stats
+    """``runner``'s outputs on the accuracy pool against the reference's (every output, by name; no top-k agreement
+    on random inputs: see :func:`core.metrics.accuracy_stats`)."""
+    return accuracy_stats(run_pool(runner, setup.pool, setup.chunk), setup.ref_out, setup.pool.labels,
+                          setup.ref_label, runner.manifest.iospec.output_names, random_inputs=setup.pool.kind == "random")
 
 
 def _load_target(setup: BenchSetup, t: Target, runner: Runner, skip: Callable[[str], None],

@@ -19,7 +19,8 @@ from convert.gates import gate_verdict
 from convert.pipeline import run_convert
 from core.errors import AccuracyGateError
 from core.manifest import Manifest
-from core.metrics import accuracy_drop, accuracy_stats, centered_cosine, compare_outputs
+from core.metrics import AccuracyStats, accuracy_drop, accuracy_stats, centered_cosine, compare_outputs
+from core.records import GateResult
 
 
 def _shared_heavy(n: int = 16, classes: int = 100, seed: int = 0) -> np.ndarray:
@@ -81,45 +82,26 @@ def test_centered_cosine_per_output_worst_and_non_finite_columns() -> None:
     assert compare_outputs([ref[:, :5]], [ref], ["logits"]).centered_cosine == 0.0
 
 
-BIASED = '''
-import torch
-from torch import nn
-
-INPUT_SHAPE = (1, 3, 32, 32)
+BIASED = Path(__file__).resolve().parent / "fixtures" / "biased.py"
 
 
-class Biased(nn.Module):
-    """Outputs that are 99.99% a bias every input shares, plus a small part each input sets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-        self.fc = nn.Linear(8, 10)
-        with torch.no_grad():
-            self.fc.bias.copy_(torch.linspace(-50.0, 50.0, 10))
-
-    def forward(self, x):
-        return self.fc(self.features(x).flatten(1)).reshape(-1, 2, 5)  # not class scores: graded on the cosine
-
-
-def build():
-    return Biased()
-'''
-
-
-def test_int8_that_loses_the_input_effect_fails_its_gate(tmp_path: Path) -> None:
-    """ONNX Runtime's static INT8 quantizes the output over the range of the shared bias (+-50, steps of 0.4), which
-    rounds away the part the input sets: the plain cosine 0.99999 passed it, the centered one fails it."""
-    (tmp_path / "biased.py").write_text(BIASED)
+def run_biased_int8(tmp_path: Path, factory: str) -> tuple[AccuracyStats, GateResult]:
+    """``convert tests/fixtures/biased.py:FACTORY --int8``: it fails its gate (exit 5); the INT8 file's stats and gate."""
     out = tmp_path / "out"
-    cfg = ConvertConfig(export=ExportConfig(model=f"{tmp_path / 'biased.py'}:build"), out=out,
+    cfg = ConvertConfig(export=ExportConfig(model=f"{BIASED}:{factory}"), out=out,
                         quant=QuantConfig(int8_static=True, calib=CalibConfig(data="imagenet_subset", size=16)))
     with pytest.raises(AccuracyGateError, match="int8_static_minmax lost"):
         run_convert(cfg, log=lambda _m: None)
     art = Manifest.load(out).artifacts["int8_static_minmax"]
     acc, gate = art.metrics.accuracy, art.metrics.gate
     assert acc is not None and gate is not None and gate.passed is False
+    return acc, gate
+
+
+def test_int8_that_loses_the_input_effect_fails_its_gate(tmp_path: Path) -> None:
+    """ONNX Runtime's static INT8 quantizes the output over the range of the shared bias (+-50, steps of 0.4), which
+    rounds away the part the input sets: the plain cosine 0.99999 passed it, the centered one fails it."""
+    acc, gate = run_biased_int8(tmp_path, "build")
     assert acc.cosine > 0.9999  # what the old basis graded: a drop of 0.00 points
     assert acc.centered_cosine is not None and acc.centered_cosine < 0.9
     assert gate.basis.startswith("100 x (1 - centered output cosine vs FP32): not a classifier output")

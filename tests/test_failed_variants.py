@@ -122,13 +122,14 @@ def _checked(path: Path) -> None:
 
 def test_a_variant_the_quantizer_rejects_is_marked_failed_and_the_rest_is_written(tmp_path: Path) -> None:
     """Static INT8 with int8 activations and uint8 weights: ONNX Runtime's quantize_static refuses the pair at run
-    time. FP16 and dynamic INT8 are still written and valid; the old code dropped the whole run."""
+    time. FP16 and dynamic INT8 are still written and valid; the old code dropped the whole run. (The tiny random
+    CNN's dynamic INT8 keeps about 97% of the input's effect on the random held-out inputs: a 5-point budget.)"""
     from core.manifest import Manifest
 
     out = tmp_path / "art"
     proc = _cli("convert", f"{TINY}:build", "--input-shape", "1x3x32x32", "--fp16", "--int8-dynamic", "--int8",
-                "--calib", "synthetic", "--activation-type", "int8", "--weight-type", "uint8", "--out", str(out),
-                cwd=tmp_path)
+                "--calib", "synthetic", "--activation-type", "int8", "--weight-type", "uint8", "--max-accuracy-drop",
+                "5", "--out", str(out), cwd=tmp_path)
     assert proc.returncode == AccuracyGateError.exit_code, proc.stdout[-3000:] + proc.stderr
     errors = _error_lines(proc)
     assert len(errors) == 1 and "int8_static_minmax" in errors[0] and "doesn't support" in errors[0], errors

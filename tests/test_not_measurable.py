@@ -69,8 +69,8 @@ def test_gate_fails_in_one_line_on_an_all_zero_reference(random_init: bool) -> N
 
 
 def test_a_constant_output_beside_one_that_varies_is_listed_not_fatal() -> None:
-    """The cosine basis rests on the outputs that vary; the constant one is listed as unmeasured. On the top-1
-    basis the class-score output must vary."""
+    """The cosine basis rests on the outputs that vary; the constant one is listed as unmeasured. A class-score
+    output that is constant gives no top-1 basis (its top-1 is one class): the outputs that vary are graded."""
     ref = _scores()
     anchors = np.tile(np.arange(4, dtype=np.float32), (8, 1))
     stats = accuracy_stats([ref * 1.001, anchors], [ref, anchors], None, "r", ["logits", "anchors"])
@@ -80,8 +80,12 @@ def test_a_constant_output_beside_one_that_varies_is_listed_not_fatal() -> None:
     assert gate.passed is True and gate.drop_points is not None
     flat = accuracy_stats([anchors, ref], [anchors, ref], None, "r", ["anchors_scores", "logits"])
     assert flat.scored_output == "anchors_scores"  # the first [batch, N] output is taken as class scores
+    assert flat.ref_top1_classes == 1 and flat.not_measurable == {"anchors_scores": "identical for every input"}
     top1 = gate_verdict(flat, Budget(), random_init=False)
-    assert top1.passed is False and top1.reason is not None and "output anchors_scores" in top1.reason
+    assert top1.passed is True and "top-1 is one class for all 8 inputs" in top1.basis
+    ignoring = np.broadcast_to(ref.mean(0), ref.shape)  # logits that ignore the input: top-1 agrees 100% here
+    blind = accuracy_stats([anchors, ignoring], [anchors, ref], None, "r", ["anchors_scores", "logits"])
+    assert blind.top1_agreement == 1.0 and gate_verdict(blind, Budget(), random_init=False).passed is False
 
 
 ZERO_HEAD = '''

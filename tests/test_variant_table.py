@@ -31,7 +31,9 @@ class RoundedParams(VariantParams):
     rounded_tensors: int
 
 
-DECIMALS = 2
+#: the tiny CNN's output keeps its input's effect within the 1-point budget at 4 decimals (at 2 it lost 52 points of
+#: the centered cosine on the random held-out inputs, which top-1 agreement on those inputs had not seen)
+DECIMALS = 4
 
 
 def step_rounded(ctx: ConvertContext, state: QuantState) -> None:
