@@ -70,13 +70,16 @@ _RESNET = {"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [1, 1], "laye
 class Arch:
     """One architecture: its family, config class and tiny config, and the model class saved (whose task
     Optimum infers); ``processor``: an image processor class and its settings, saved alongside only where
-    Optimum's exporter reads one (DINOv2's dummy-input generator loads the folder's preprocessor)."""
+    Optimum's exporter reads one (DINOv2's dummy-input generator loads the folder's preprocessor); ``norm_images``:
+    the side of the seeded images its BatchNorm statistics are measured on before saving (``core.tvzoo.measure_norms``),
+    where at init (mean 0, variance 1) the activations vanish block by block and every input gets the same output."""
 
     family: str
     config_class: str
     model_class: str
     config: dict[str, Any] = field(default_factory=dict)
     processor: tuple[str, dict[str, Any]] | None = None
+    norm_images: int | None = None
 
 
 ARCHS: dict[str, Arch] = {
@@ -157,12 +160,13 @@ ARCHS: dict[str, Arch] = {
     "swin": Arch("vision", "SwinConfig", "SwinForImageClassification",
                  {"image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [1, 1], "num_heads": [2, 2],
                   "window_size": 4, "num_labels": 3}),
+    # at init their logits are ~1e-26 and exactly 0.0 for every input: BatchNorm statistics measured
     "mobilenet_v2": Arch("vision", "MobileNetV2Config", "MobileNetV2ForImageClassification",
-                         {"image_size": 32, "depth_multiplier": 0.25, "min_depth": 4, "num_labels": 3}),
+                         {"image_size": 32, "depth_multiplier": 0.25, "min_depth": 4, "num_labels": 3}, norm_images=32),
     "mobilevit": Arch("vision", "MobileViTConfig", "MobileViTForImageClassification",
                       {"image_size": 32, "patch_size": 2, "hidden_sizes": [16, 16, 16],
                        "neck_hidden_sizes": [8, 8, 16, 16, 16, 16, 32], "num_attention_heads": 2,
-                       "num_labels": 3}),
+                       "num_labels": 3}, norm_images=32),
     "segformer": Arch("vision", "SegformerConfig", "SegformerForSemanticSegmentation",
                       {"num_encoder_blocks": 2, "depths": [1, 1], "sr_ratios": [2, 1], "hidden_sizes": [16, 32],
                        "num_attention_heads": [1, 2], "patch_sizes": [7, 3], "strides": [4, 2],
@@ -228,6 +232,11 @@ def build_folder(model_type: str, arch: Arch, folder: Path) -> None:
     if config.model_type != model_type:
         raise ValueError(f"{arch.config_class} builds model_type {config.model_type!r}, not {model_type!r}")
     model = getattr(transformers, arch.model_class)(config).eval()
+    if arch.norm_images is not None:
+        from core.tvzoo import measure_norms
+
+        side = arch.norm_images
+        measure_norms(model, torch.randn(16, config.num_channels, side, side, generator=torch.Generator().manual_seed(0)))
     model.save_pretrained(folder)
     if arch.processor is not None:
         name, settings = arch.processor

@@ -298,10 +298,23 @@ def calibrate_norms(name: str, module: Any, inputs: Inputs, seed: int) -> str:
 
     if family(name) not in CALIBRATED:
         return ""
+    images = torch.from_numpy(calibration_images(name, inputs, seed))
+    if not (count := measure_norms(module, images)):
+        return ""
+    shape = "x".join(map(str, images.shape[1:]))
+    return (f"its {count} BatchNorm layers' running statistics set from their inputs on {len(images)} seeded "
+            f"{shape} images (each channel's mean, one variance per layer; at PyTorch's init they are mean 0, variance "
+            "1: no normalisation, features that vanish block by block, an output that ignores the input)")
+
+
+def measure_norms(module: Any, images: Any) -> int:
+    """Set ``module``'s BatchNorm layers' running statistics from their inputs on ``images`` (a tensor the module is
+    called with; see :func:`calibrate_norms`): each channel's mean and one variance per layer. How many layers."""
+    import torch
+
     norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
-        return ""
-    images = torch.from_numpy(calibration_images(name, inputs, seed))
+        return 0
     done: set[int] = set()
 
     def measure(norm: Any, args: tuple[Any, ...]) -> None:
@@ -322,10 +335,7 @@ def calibrate_norms(name: str, module: Any, inputs: Inputs, seed: int) -> str:
     finally:
         for h in hooks:
             h.remove()
-    shape = "x".join(map(str, images.shape[1:]))
-    return (f"its {len(norms)} BatchNorm layers' running statistics set from their inputs on {len(images)} seeded "
-            f"{shape} images (each channel's mean, one variance per layer; at PyTorch's init they are mean 0, variance "
-            "1: no normalisation, features that vanish block by block, an output that ignores the input)")
+    return len(norms)
 
 
 def calibration_images(name: str, inputs: Inputs, seed: int) -> np.ndarray:
