@@ -156,6 +156,10 @@ class Int8Layout(BaseModel):
 Int4Algorithm = Literal["rtn", "hqq", "gptq"]
 #: --nncf-model-type: NNCF's model_type for --int8-nncf (auto: transformer where the graph has attention)
 NncfModelType = Literal["auto", "transformer", "generic"]
+#: --int8-ops: the op types static INT8 quantizes (convert/ort_quant.py:static_op_types). all: every type ONNX Runtime
+#: can quantize (its own default); weighted: Conv/ConvTranspose/Gemm/MatMul only; auto: weighted where
+#: the graph has attention (convert/attention.py), else all
+Int8OpSet = Literal["auto", "all", "weighted"]
 
 
 #: MatMulNBits' accuracy level when none is given: 4 (activations quantized to int8 per block, int8 dot products), the
@@ -238,6 +242,10 @@ class QuantConfig(BaseModel):
                                           "layout, named int8_static_<method>_<layout>; bench and tune compare them")
     exclude_nodes: list[str] = Field(default_factory=list, description="Node names kept in FP32")
     exclude_op_types: list[str] = Field(default_factory=list, description="Op types kept in FP32")
+    int8_ops: Int8OpSet = Field(
+        default="auto", description="Static INT8: the op types quantized; auto: only Conv/ConvTranspose/Gemm/MatMul "
+                                    "where the graph has attention (its layer norms, residual Adds and GELU stay "
+                                    "float), else every type ONNX Runtime can quantize (convert/ort_quant.py)")
     trt_qdq: bool = Field(default=False, description="Also write int8_trt from the same calibration: Q/DQ by "
                                                      "TensorRT's rules, for an INT8 engine (convert --trt --int8)")
     gate: GateConfig = Field(default_factory=GateConfig)

@@ -31,6 +31,7 @@ from convert.config import (
     Int4Algorithm,
     Int4Config,
     Int8Layout,
+    Int8OpSet,
     NncfModelType,
     QType,
     QuantConfig,
@@ -68,6 +69,8 @@ INT4_ANY_FLAGS = ("int4_block_size", "int4_symmetric")
 INT4_OV_FLAGS = ("int4_ratio",)
 #: Flags that tune --int8-nncf: without it they act on nothing.
 INT8_NNCF_FLAGS = ("nncf_model_type",)
+#: Flags that tune --int8 (ONNX Runtime's static INT8) only.
+INT8_STATIC_FLAGS = ("int8_ops",)
 
 #: Flags that tune training: without --train-data they act on nothing.
 TRAIN_FLAGS = ("epochs", "lr", "temperature", "label_weight", "patience", "train_time", "train_device")
@@ -116,6 +119,7 @@ TEXT_PARSERS: dict[str, TextParser] = {
     "train_device": _choice("cpu", "cuda"),
     "int4_algorithm": _choice("rtn", "hqq", "gptq"),
     "nncf_model_type": _choice("auto", "transformer", "generic"),
+    "int8_ops": _choice("auto", "all", "weighted"),
 }
 
 
@@ -167,6 +171,7 @@ class ConvertFlags(BaseModel):
     int8_layouts: list[Int8Layout] = Field(default_factory=list)
     exclude_nodes: list[str] = Field(default_factory=list)
     exclude_op_types: list[str] = Field(default_factory=list)
+    int8_ops: Int8OpSet = "auto"
     max_accuracy_drop: float = 1.0
     min_cosine: float = 0.99
     auto: bool = False
@@ -229,6 +234,8 @@ class ConvertFlags(BaseModel):
             raise InputError(f"{', '.join(stray)} tunes NNCF's INT4 for OpenVINO: add --int4-ov")
         if not self.int8_nncf and (stray := self.given(INT8_NNCF_FLAGS)):
             raise InputError(f"{', '.join(stray)} tunes NNCF's INT8 for OpenVINO: add --int8-nncf")
+        if not self.int8 and (stray := self.given(INT8_STATIC_FLAGS)):
+            raise InputError(f"{', '.join(stray)} tunes static INT8 (ONNX Runtime's quantize_static): add --int8")
         if self.eval_text is None and "max_perplexity_increase" in self.model_fields_set:
             raise InputError("--max-perplexity-increase gates perplexity on held-out text: add --eval-text FILE|stdlib")
         if self.eval_text is not None:  # before the export, not after the variants are built
@@ -276,7 +283,8 @@ class ConvertFlags(BaseModel):
                                 weight_type=self.weight_type, per_channel=self.per_channel,
                                 reduce_range=self.reduce_range,
                                 exclude_nodes=self.exclude_nodes, exclude_op_types=self.exclude_op_types,
-                                extra_layouts=self.int8_layouts, nncf_model_type=self.nncf_model_type,
+                                int8_ops=self.int8_ops, extra_layouts=self.int8_layouts,
+                                nncf_model_type=self.nncf_model_type,
                                 int4_options=Int4Config(algorithm=self.int4_algorithm, block_size=self.int4_block_size,
                                                         symmetric=self.int4_symmetric, ratio=self.int4_ratio,
                                                         accuracy_level=self.int4_accuracy_level))

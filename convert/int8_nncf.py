@@ -12,7 +12,7 @@ A transformer is quantized with NNCF's ``model_type=TRANSFORMER`` (Optimum Intel
 transformer patterns keep the operations INT8 loses most on (the attention's Softmax and the layer norms and
 residual additions around it) in floating point, and SmoothQuant moves activation outliers into the weights first.
 ``--nncf-model-type auto`` (the default) chooses it when the graph has attention, a Softmax and a MatMul or Einsum
-of two activations (neither side a weight, :func:`attention_ops`); ``transformer`` or ``generic`` choose it by hand.
+of two activations (neither side a weight, :mod:`convert.attention`); ``transformer`` or ``generic`` choose it by hand.
 Why it matters: torchvision's vit_b_16 (random init, seeded head) quantized as a generic model kept an output cosine of
 0.927 against FP32 on the held-out photos, outside the 1-point gate; as a transformer 0.997, and tune's pick at
 2.7-3.0x FP32 on OpenVINO (``benchmarks/results/deploy_cpu_amd_epyc.md``, 2-core AMD EPYC).
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import ConfigDict, Field
 
+from convert.attention import ov_attention
 from convert.config import NncfModelType, QuantConfig
 from convert.context import ConvertContext
 from convert.gates import gate_verdict, summary_line
@@ -106,34 +107,15 @@ def calibration_feeds(state: QuantState, fixed_batch: int | None) -> list[dict[s
             if fixed_batch is None or len(next(iter(b.values()))) == fixed_batch]
 
 
-def attention_ops(model: ov.Model) -> tuple[int, int]:
-    """(MatMuls of two activations, Softmax/ScaledDotProductAttention ops) in ``model``: a MatMul (or an Einsum, as
-    torchvision's MaxViT writes its attention) neither of whose inputs is computed from constants alone (a weight, a
-    weight through Convert/Transpose/Reshape) multiplies two activations, as attention's scores and context do; a
-    CNN's or an MLP's MatMuls all have a weight side."""
-    constant: dict[str, bool] = {}  # op name -> computed from Constants alone
-    matmuls = softmax = 0
-    for op in model.get_ordered_ops():  # topological: an op's inputs come before it
-        kind = op.get_type_name()
-        sources = [i.get_source_output().get_node().get_name() for i in op.inputs()]
-        constant[op.get_name()] = kind == "Constant" or (
-            bool(sources) and kind not in ("Parameter", "ReadValue") and all(constant.get(s, False) for s in sources))
-        if kind in ("MatMul", "Einsum") and len(sources) >= 2 and not any(constant.get(s, False) for s in sources):
-            matmuls += 1
-        softmax += kind in ("Softmax", "ScaledDotProductAttention")
-    return matmuls, softmax
-
-
 def choose_model_type(model: ov.Model, asked: NncfModelType) -> tuple[ModelType, str]:
     """NNCF's model type for ``model`` and why: ``asked`` unless it is ``auto``, else transformer where the graph
-    has attention (:func:`attention_ops`)."""
+    has attention (:func:`convert.attention.ov_attention`)."""
     if asked == "transformer" or asked == "generic":
         return asked, f"--nncf-model-type {asked}"
-    matmuls, softmax = attention_ops(model)
-    found = f"({matmuls} MatMul/Einsum of two activations, {softmax} Softmax)"
-    if matmuls and softmax:
-        return "transformer", f"auto: attention in the graph {found}"
-    return "generic", f"auto: no attention in the graph {found}"
+    count = ov_attention(model)
+    if count.found:
+        return "transformer", f"auto: attention in the graph {count.describe()}"
+    return "generic", f"auto: no attention in the graph {count.describe()}"
 
 
 def quantize_file(src: Path, xml: Path, feeds: list[dict[str, np.ndarray]],

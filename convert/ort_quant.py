@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from convert.config import CalibMethod, Int8Layout, QType, QuantConfig
+from convert.attention import onnx_attention
+from convert.config import CalibMethod, Int8Layout, Int8OpSet, QType, QuantConfig
 from core.errors import InputError, ToolkitError, first_line
 from core.fsutil import scratch_cwd
 
@@ -77,6 +78,40 @@ def quantizable_op_types(exclude: list[str]) -> list[str]:
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     return sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - set(exclude))
+
+
+#: --int8-ops weighted: the op types static INT8 quantizes in a model with attention (their inputs and, as ONNX
+#: Runtime's QDQ quantizer does, their outputs: the MatMuls around the Softmax read and write INT8 as in NNCF's
+#: transformer type). ONNX Runtime's own default quantizes every type it can, the layer norms, the residual Adds and
+#: GELU's Muls included, and torchvision's vit_b_16 (random init, seeded head) lost 17.4 points of top-1 agreement on the
+#: held-out photos that way, 0.26 with only these (``benchmarks/results/int8_ops_cpu.md``: 20 architectures, latency).
+#: NNCF's transformer model type keeps the same ops float.
+WEIGHTED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def static_op_types(model: Path, op_set: Int8OpSet, exclude: list[str]) -> tuple[list[str], str]:
+    """The op types static INT8 quantizes in ``model`` (minus ``exclude``) for ``--int8-ops op_set``, and why; an
+    InputError where the graph has none of them (ONNX Runtime would write an FP32 copy, or read an empty list as
+    every type)."""
+    import onnx
+
+    graph = onnx.load(str(model), load_external_data=False).graph
+    everything = quantizable_op_types(exclude)
+    weighted = [t for t in WEIGHTED_OP_TYPES if t not in exclude]
+    if op_set == "all":
+        ops, why = everything, "--int8-ops all: every op type ONNX Runtime can quantize"
+    elif op_set == "weighted":
+        ops, why = weighted, "--int8-ops weighted: " + "/".join(weighted) + " only"
+    elif (count := onnx_attention(graph)).found:
+        ops, why = weighted, (f"auto: attention in the graph {count.describe()}: {'/'.join(weighted)} only; layer "
+                              "norms, residual Adds and GELU stay float")
+    else:
+        ops, why = everything, (f"auto: no attention in the graph {count.describe()}: every op type ONNX Runtime can "
+                                "quantize")
+    if not {n.op_type for n in graph.node} & set(ops):
+        raise InputError(f"static INT8 has nothing to quantize: the graph has no op of {', '.join(ops) or 'no type'} "
+                         f"({why}{'; --exclude-op-types ' + ','.join(exclude) if exclude else ''})")
+    return ops, why
 
 
 def check_exclusions(model: Path, cfg: QuantConfig) -> None:
@@ -142,10 +177,11 @@ def quantize_qdq(model: Path, out: Path, method: CalibMethod, cache: Path, fp32_
 
 
 def quantize_static_file(model: Path, out: Path, method: CalibMethod, cache: Path, cfg: QuantConfig,
-                         reduce_range: bool, fp32_nodes: list[str], layout: Int8Layout | None = None) -> None:
-    """Static quantization of ``model`` into ``out`` from saved calibration ranges, in ``layout`` (default: the
-    config's own, QDQ)."""
+                         reduce_range: bool, fp32_nodes: list[str], op_types: list[str],
+                         layout: Int8Layout | None = None) -> None:
+    """Static quantization of ``op_types`` (:func:`static_op_types`) in ``model`` into ``out`` from saved
+    calibration ranges, in ``layout`` (default: the config's own, QDQ)."""
     layout = layout or cfg.layout
     quantize_qdq(model, out, method, cache, fp32_nodes, cfg, f"static INT8 quantization ({layout.name})", layout,
-                 op_types_to_quantize=quantizable_op_types(cfg.exclude_op_types), reduce_range=reduce_range,
+                 op_types_to_quantize=op_types, reduce_range=reduce_range,
                  activation_type=ort_qtype(layout.activation_type), weight_type=ort_qtype(cfg.weight_type))

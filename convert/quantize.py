@@ -3,7 +3,9 @@
 Static INT8 (``--int8``) follows ONNX Runtime's recipe: ``quant_pre_process`` (shape inference and
 optimization), then QDQ ``quantize_static`` with per-channel weights and a calibration method
 (MinMax, Entropy, Percentile) whose ranges :mod:`convert.calibrate` computes batch by batch and
-caches in the output folder. On x86-64 without VNNI, ``reduce_range`` is switched on (ONNX Runtime's
+caches in the output folder. Which op types it quantizes, :func:`convert.ort_quant.static_op_types` chooses
+(``--int8-ops``; by default only Conv/Gemm/MatMul where the graph has attention) and the manifest records with why.
+On x86-64 without VNNI, ``reduce_range`` is switched on (ONNX Runtime's
 guidance for U8S8 there), and the user is told when INT8 is not expected to be faster than FP32 on
 this CPU. For TensorRT (``convert --trt --int8``), the same ranges also give ``int8_trt``
 (:mod:`convert.trt_qdq`).
@@ -44,6 +46,7 @@ from convert.ort_quant import (
     quantizable_op_types,
     quantize_dynamic_file,
     quantize_static_file,
+    static_op_types,
 )
 from convert.precision import convert_fp16
 from convert.trt_qdq import quantize_trt_file, trt_op_types, trt_qdq_problems
@@ -80,6 +83,7 @@ class QuantState:
     random_init: bool = False  # random weights: gated on output cosine, not on class agreement
     prepped: Path | None = None  # the reference after quant_pre_process (by the first INT8 step, prepare_int8)
     calibrations: Calibrations | None = None  # static INT8: the calibration run of each method (prepare_int8)
+    static_ops: tuple[list[str], str] | None = None  # static INT8: the op types it quantizes, and why (prepare_int8)
     prepare_error: Exception | None = None  # why prepare_int8 failed: every INT8 variant fails with it
 
     @property
@@ -95,6 +99,11 @@ class QuantState:
         if self.calibrations is None:
             raise RuntimeError("static INT8 was not asked for: there is no calibration")
         return self.calibrations
+
+    def static_op_types(self) -> list[str]:
+        if self.static_ops is None:
+            raise RuntimeError("static INT8 was not asked for: its op types were not chosen")
+        return self.static_ops[0]
 
 
 def _open_data(ctx: ConvertContext, cfg: QuantConfig) -> QuantData:
@@ -148,6 +157,9 @@ def prepare_int8(ctx: ConvertContext, state: QuantState) -> None:
     cfg = state.cfg
     try:
         prepped = _prepare(ctx, cfg, state.reference_file, state.work)
+        if cfg.int8_static:
+            state.static_ops = ops, why = static_op_types(prepped, cfg.int8_ops, cfg.exclude_op_types)
+            ctx.log(f"static INT8 quantizes {len(ops)} op type(s): {why}")
     except Exception as exc:
         state.prepare_error = exc
         raise
@@ -220,7 +232,8 @@ def _build_static(state: QuantState, method: CalibMethod, fp32_nodes: list[str],
     run = cal.run(method)
     layout = layout or state.cfg.layout
     out = state.work / f"int8_static_{method}_{len(fp32_nodes)}_{layout.name}.onnx"
-    quantize_static_file(cal.model, out, run.method, run.cache, state.cfg, state.reduce_range, fp32_nodes, layout)
+    quantize_static_file(cal.model, out, run.method, run.cache, state.cfg, state.reduce_range, fp32_nodes,
+                         state.static_op_types(), layout)
     stats = (on or state.evaluator).evaluate(out)
     return Trial(method=method, fp32_nodes=fp32_nodes, stats=stats,
                  gate=gate_verdict(stats, state.cfg.gate, state.random_init), path=out)
@@ -307,8 +320,9 @@ def _record_static(ctx: ConvertContext, state: QuantState, trial: Trial, auto: A
     params = StaticQuantParams(
         method=trial.method, quant_format=fmt, layout=layout.name, activation_type=layout.activation_type, weight_type=cfg.weight_type,
         per_channel=layout.per_channel, reduce_range=state.reduce_range, exclude_nodes=cfg.exclude_nodes,
-        exclude_op_types=cfg.exclude_op_types, fp32_nodes=trial.fp32_nodes, cpu=state.cpu.summary,
-        calibration=state.static().record(trial.method), auto=auto)
+        exclude_op_types=cfg.exclude_op_types, op_types=state.static_op_types(),
+        op_types_reason=state.static_ops[1] if state.static_ops else None, fp32_nodes=trial.fp32_nodes,
+        cpu=state.cpu.summary, calibration=state.static().record(trial.method), auto=auto)
     name = f"int8_static_{trial.method}" + ("" if main else f"_{layout.name}")
     record_variant(ctx, state, trial.path, name=name, precision="int8", params=params, stats=trial.stats, notes=notes)
 

@@ -154,6 +154,9 @@ class StaticQuantParams(_QuantCommon):
     layout: str | None = Field(default=None, description="Int8Layout name (qdq_pc_u8, qop_pt_u8, ...)")
     activation_type: str
     exclude_op_types: list[str] = Field(default_factory=list)
+    op_types: list[str] | None = Field(default=None, description="The op types quantized (--int8-ops); None in "
+                                                                  "manifests before it was recorded")
+    op_types_reason: str | None = Field(default=None, description="Why those op types (--int8-ops auto: attention)")
     fp32_nodes: list[str] = Field(default_factory=list)
     cpu: str
     calibration: CalibrationRecord

@@ -124,7 +124,7 @@ def test_the_cli_defaults_are_the_flags_defaults() -> None:
     from convert.flags import ConvertFlags
 
     params = typer.main.get_command(cli.app).commands["convert"].params  # type: ignore[attr-defined]
-    asked = {"model": "m", "fp16": True, "int4": True, "int4_ov": True, "int8_nncf": True,  # every rule met
+    asked = {"model": "m", "fp16": True, "int8": True, "int4": True, "int4_ov": True, "int8_nncf": True,  # every rule met
              "train_data": "t.npz", "distill_into": "s.py:build", "eval_text": "stdlib"}
     shown = {p.name: p.default for p in params if p.default is not None and p.name not in asked}
     unset = [p.name for p in params if p.default is None and p.name not in asked]

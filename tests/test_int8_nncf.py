@@ -136,22 +136,22 @@ def test_a_model_without_attention_is_generic(nncf_art: Path) -> None:
     assert params.model_dump()["model_type_reason"].startswith("auto: no attention in the graph (0 MatMul/Einsum")
 
 
-def test_attention_ops_counts_activation_matmuls_only() -> None:
+def test_attention_counts_activation_matmuls_only() -> None:
     """A MatMul with a weight (a Constant, through Convert and Transpose) is not attention; one of two inputs is."""
     import openvino as ov
     import openvino.opset13 as ops
 
-    from convert.int8_nncf import attention_ops
+    from convert.attention import AttentionCount, ov_attention
 
     x = ops.parameter([2, 4], ov.Type.f32)
     weight = ops.transpose(ops.convert(ops.constant(np.ones((3, 4), np.float16)), "f32"), [1, 0])
     projected = ops.matmul(x, weight, False, False)
     scores = ops.softmax(ops.matmul(projected, projected, False, True), 1)
-    assert attention_ops(ov.Model([scores], [x])) == (1, 1)
-    assert attention_ops(ov.Model([projected], [x])) == (0, 0)
+    assert ov_attention(ov.Model([scores], [x])) == AttentionCount(1, 1)
+    assert ov_attention(ov.Model([projected], [x])) == AttentionCount(0, 0)
     einsum = ops.softmax(ops.einsum([projected, projected], "ij,kj->ik"), 1)  # MaxViT's attention scores
-    assert attention_ops(ov.Model([einsum], [x])) == (1, 1)
-    assert attention_ops(ov.Model([ops.einsum([projected, weight], "ij,kj->ik")], [x])) == (0, 0)
+    assert ov_attention(ov.Model([einsum], [x])) == AttentionCount(1, 1)
+    assert ov_attention(ov.Model([ops.einsum([projected, weight], "ij,kj->ik")], [x])) == AttentionCount(0, 0)
 
 
 def test_model_type_needs_int8_nncf(digits_model: Any, tmp_path: Path) -> None:
