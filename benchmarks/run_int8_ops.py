@@ -26,6 +26,9 @@ Models: torchvision architectures at their real sizes (random init, seeded head,
 and without attention; the deploy benchmark's BERT (``transformer``, sequence 128, ``--calib synthetic``); tiny
 random-init Hugging Face configs of real families (benchmarks/run_coverage_hf.py's ARCHS).
 
+``int8_trt`` (the Q/DQ file for a TensorRT INT8 engine) follows the static op set: per model with attention it is
+built from the auto run's ranges with and without the Adds, and graded as convert grades it (:func:`trt_rows`).
+
 Writes benchmarks/results/<name>.{json,md} with the command, the CPU and the library versions.
 """
 
@@ -47,6 +50,7 @@ from benchmarks.common import convert_row, convert_run_args, header_lines, machi
 from benchmarks.run_centered_cosine import SEQUENCE, _src
 from benchmarks.run_coverage_hf import versions
 from benchmarks.run_nncf_model_type import _HF_IMAGES, _IMAGES, _TEXT
+from convert.config import Budget, QuantConfig
 from core.manifest import Manifest
 
 _BERT = ["--input-shape", ",".join(f"{n}:1x{SEQUENCE}" for n in ("input_ids", "attention_mask", "token_type_ids")),
@@ -133,6 +137,54 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
         choice = "not measured" if "error" in auto or not auto else \
             "pass" if auto.get("op_set") == auto.get("expected") else "MISS"
         out[model] = {"choice": choice, **{k: by.get(k, {}) for k in KINDS}}
+    return out
+
+
+def trt_rows(verdicts: dict[str, Any]) -> dict[str, Any]:
+    """``int8_trt`` (Q/DQ by TensorRT's rules, convert/trt_qdq.py) of each model with attention, from the auto run's
+    ranges: TensorRT's op set as ``--int8-ops auto`` gives it (no Add) against with the Adds (every op type), graded
+    as convert grades int8_trt (simulated Q/DQ on ONNX Runtime, core.metrics on the kept held-out inputs; text models
+    keep none: skipped). TensorRT itself is not installed here."""
+    from calibration.pools import heldout_pool
+    from convert.gates import gate_verdict
+    from convert.ort_quant import preprocess_for_quantization, quantizable_op_types
+    from convert.trt_qdq import quantize_trt_file, trt_op_types
+    from core.metrics import accuracy_stats
+    from core.models import is_random_init
+    from runtimes.ort import ort_session
+
+    out: dict[str, Any] = {}
+    for model, v in verdicts.items():
+        auto = v["auto"]
+        if auto.get("op_set") != "weighted" or "error" in auto:
+            continue
+        folder = Path(auto["folder"])
+        man = Manifest.load(folder)
+        if man.held_out is None:
+            out[model] = {"skipped": "no held-out inputs kept (random ones)"}
+            continue
+        pool = heldout_pool(folder, man.held_out, man.iospec, man.held_out.samples)
+        assert not isinstance(pool, str), pool
+        params = man.artifacts[VARIANT].params
+        cache = folder / params.calibration.cache  # type: ignore[union-attr]
+        ref = ort_session(folder / man.artifacts[man.best_fp32()].file.path)
+        names = [o.name for o in ref.get_outputs()]
+        reference = [np.asarray(o) for o in ref.run(None, pool.arrays)]
+        rows: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            prepped, built = Path(tmp) / "prepped.onnx", Path(tmp) / "int8_trt.onnx"
+            preprocess_for_quantization(folder / man.artifacts[man.best_fp32()].file.path, prepped)
+            for kind, static in (("auto", auto["op_types"]), ("all", quantizable_op_types([]))):
+                ops = trt_op_types(static)
+                quantize_trt_file(prepped, built, "minmax", cache, QuantConfig(), [], ops)
+                got = [np.asarray(o) for o in ort_session(built, simulate_qdq=True).run(None, pool.arrays)]
+                stats = accuracy_stats(got, reference, pool.labels, "fp32", names)
+                gate = gate_verdict(stats, Budget(), is_random_init(man.source))  # convert's default gate
+                rows[kind] = {"op_types": ops, "drop": gate.drop_points, "basis": gate.basis,
+                              "centered_cosine": stats.centered_cosine, "passed": gate.passed}
+        out[model] = rows
+        print(f"{model} int8_trt: auto {rows['auto']['drop']:.2f}, with Add {rows['all']['drop']:.2f} points",
+              flush=True)
     return out
 
 
@@ -224,6 +276,20 @@ def markdown(payload: dict[str, Any]) -> str:
     if excl:
         lines += ["", "optimum's --exclude-op-types per model: "
                   + "; ".join(f"{m}: {','.join(e)}" for m, e in excl.items())]
+    trt = payload.get("int8_trt", {})
+    if trt:
+        lines += ["", "## int8_trt (Q/DQ by TensorRT's rules) of the models with attention, from the same ranges", "",
+                  "Graded as convert grades int8_trt: simulated Q/DQ on ONNX Runtime against FP32 on the held-out "
+                  "photos (TensorRT is not installed here). auto: TensorRT's op set among --int8-ops auto's "
+                  "(no Add); with Add: TensorRT's whole set (Conv, ConvTranspose, Gemm, MatMul, Add), what int8_trt "
+                  "quantized before.", "", "| model | auto | with Add |", "|---|---|---|"]
+        for model, r in trt.items():
+            if "skipped" in r:
+                lines.append(f"| {model} | skipped: {r['skipped']} | |")
+                continue
+            lines.append(f"| {model} | " + " | ".join(
+                f"{r[k]['drop']:.2f} pts, centered {r[k]['centered_cosine']:.4f}, "
+                f"{'gate ok' if r[k]['passed'] else 'gate FAILED'}" for k in ("auto", "all")) + " |")
     timing = payload["timing"]
     if timing.get("models"):
         lines += ["", f"## Latency (bare onnxruntime.InferenceSession.run loop, default options, batch 1, "
@@ -263,10 +329,11 @@ def main() -> None:
                 rows.append(row := run_one(model, "optimum", work, Path(hf_root), args.fresh, exclude))
                 print(f"{model} optimum: {_fmt(row, auto)} ({row['seconds']} s)", flush=True)
     verdicts = verdict(rows)
+    trt = trt_rows(verdicts)
     timing = time_models(verdicts, args.rounds, args.seconds) if args.rounds else {"models": {}}
     payload = {"command": "python benchmarks/run_int8_ops.py " + " ".join(sys.argv[1:]), "machine": machine(),
                "versions": versions(), "seconds": time.perf_counter() - t0, "rows": rows, "verdicts": verdicts,
-               "summary": summarize(verdicts), "timing": timing}
+               "summary": summarize(verdicts), "int8_trt": trt, "timing": timing}
     j, m = write(args.name, payload, markdown(payload))
     print(f"wrote {j} and {m}")
 

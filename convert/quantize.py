@@ -331,16 +331,17 @@ def step_int8_trt(ctx: ConvertContext, state: QuantState, trial: Trial) -> None:
     """``int8_trt``: the chosen method's ranges (and --auto's FP32 nodes), quantized by TensorRT's rules."""
     cfg, cal = state.cfg, state.static()
     run = cal.run(trial.method)
+    ops = trt_op_types(state.static_op_types())
     ctx.log(f"INT8 Q/DQ for TensorRT ({trial.method} ranges: signed symmetric INT8, per-channel "
-            f"{cfg.per_channel}, FP32 bias, ops {', '.join(trt_op_types(cfg))})")
+            f"{cfg.per_channel}, FP32 bias, ops {', '.join(ops)})")
     out = state.work / "int8_trt.onnx"
-    quantize_trt_file(cal.model, out, run.method, run.cache, cfg, trial.fp32_nodes)
+    quantize_trt_file(cal.model, out, run.method, run.cache, cfg, trial.fp32_nodes, ops)
     if problems := trt_qdq_problems(out):
         raise QuantizeError("the TensorRT Q/DQ model breaks TensorRT's rules: " + "; ".join(problems))
     # Judged as TensorRT computes it (Q/DQ simulated, INT32-exact): ONNX Runtime's fused x86 kernels
     # saturate with full-range signed INT8 weights, which TensorRT's do not.
     params = TrtQdqParams(method=trial.method, weight_type="int8", per_channel=cfg.per_channel, reduce_range=False,
-                          op_types=trt_op_types(cfg), exclude_nodes=cfg.exclude_nodes, fp32_nodes=trial.fp32_nodes,
+                          op_types=ops, exclude_nodes=cfg.exclude_nodes, fp32_nodes=trial.fp32_nodes,
                           calibration=cal.record(trial.method),
                           accuracy_evaluated_as="simulated Q/DQ (ONNX Runtime, graph optimizations off)")
     record_variant(ctx, state, out, name="int8_trt", precision="int8", params=params,

@@ -136,3 +136,23 @@ def test_nothing_left_to_quantize_is_an_input_error(digits_model: Any, tmp_path:
     assert res.exit_code == 2, res.output
     assert ("static INT8 has nothing to quantize: the graph has no op of ConvTranspose, MatMul (--int8-ops weighted"
             in " ".join(res.output.split())), res.output
+
+
+@pytest.mark.parametrize("ops", ["auto", "all"])
+def test_int8_trt_follows_the_op_set(vit_runs: dict[str, Path], ops: str, tmp_path: Path) -> None:
+    """``int8_trt`` (TensorRT's Q/DQ, convert --trt --int8) quantizes TensorRT's op types among static INT8's: a ViT's
+    residual Adds stay float under auto (quantized, they cost vit_b_16 ~20 points) and are quantized under all."""
+    from convert.config import CalibConfig, ConvertConfig, ExportConfig, GateConfig, QuantConfig
+    from convert.pipeline import run_convert
+
+    quant = QuantConfig(int8_static=True, trt_qdq=True, int8_ops=ops, calib=CalibConfig(data="imagenet_subset", size=8),
+                        gate=GateConfig(max_accuracy_drop=100.0, min_cosine=-1.0, eval_size=8))
+    cfg = ConvertConfig(export=ExportConfig(model=f"{vit_runs['auto'].parent / 'tiny_vit.py'}:build", optimize=False),
+                        out=tmp_path / "out", quant=quant)
+    manifest, _ = run_convert(cfg, log=lambda _m: None)
+    trt = manifest.artifacts["int8_trt"]
+    apart = _quantized_apart_from_weighted(tmp_path / "out" / trt.file.path)
+    if ops == "auto":
+        assert trt.params.op_types == ["Conv", "ConvTranspose", "Gemm", "MatMul"] and apart == set()
+    else:
+        assert trt.params.op_types == ["Conv", "ConvTranspose", "Gemm", "MatMul", "Add"] and "Add" in apart
