@@ -1,11 +1,12 @@
-"""Does a graph have attention? The one rule the INT8 steps share, over an OpenVINO model or an ONNX file.
+"""Does a graph have attention? The one rule the INT8 steps share, over an OpenVINO model or an ONNX graph.
 
 Attention multiplies two activations (its scores ``Q @ K^T`` and its context ``softmax(scores) @ V``) where a CNN's
 or an MLP's MatMuls all have a weight side, and it has a Softmax. A MatMul (or an Einsum, as torchvision's MaxViT
 writes its attention) is counted when neither input is computed from constants alone (a weight, a weight through
 Convert/Transpose/Reshape). Fused attention (ONNX Runtime's ``com.microsoft`` Attention, MultiHeadAttention,
-GroupQueryAttention; OpenVINO's ScaledDotProductAttention) counts as both. NNCF's model type (:mod:`convert.int8_nncf`) and the op types ONNX Runtime's
-static INT8 quantizes (:mod:`convert.ort_quant`) are chosen by it.
+GroupQueryAttention; OpenVINO's ScaledDotProductAttention) counts as both. NNCF's model type
+(:mod:`convert.int8_nncf`) and the op types ONNX Runtime's static INT8 quantizes (:mod:`convert.ort_quant`) are
+chosen by it.
 """
 
 from __future__ import annotations

@@ -101,9 +101,13 @@ class QuantState:
         return self.calibrations
 
     def static_op_types(self) -> list[str]:
+        return self.static_op_choice()[0]
+
+    def static_op_choice(self) -> tuple[list[str], str]:
+        """The op types static INT8 quantizes and why (:func:`convert.ort_quant.static_op_types`)."""
         if self.static_ops is None:
             raise RuntimeError("static INT8 was not asked for: its op types were not chosen")
-        return self.static_ops[0]
+        return self.static_ops
 
 
 def _open_data(ctx: ConvertContext, cfg: QuantConfig) -> QuantData:
@@ -321,7 +325,7 @@ def _record_static(ctx: ConvertContext, state: QuantState, trial: Trial, auto: A
         method=trial.method, quant_format=fmt, layout=layout.name, activation_type=layout.activation_type, weight_type=cfg.weight_type,
         per_channel=layout.per_channel, reduce_range=state.reduce_range, exclude_nodes=cfg.exclude_nodes,
         exclude_op_types=cfg.exclude_op_types, op_types=state.static_op_types(),
-        op_types_reason=state.static_ops[1] if state.static_ops else None, fp32_nodes=trial.fp32_nodes,
+        op_types_reason=state.static_op_choice()[1], fp32_nodes=trial.fp32_nodes,
         cpu=state.cpu.summary, calibration=state.static().record(trial.method), auto=auto)
     name = f"int8_static_{trial.method}" + ("" if main else f"_{layout.name}")
     record_variant(ctx, state, trial.path, name=name, precision="int8", params=params, stats=trial.stats, notes=notes)

@@ -22,7 +22,7 @@ def trt_op_types(static_ops: list[str]) -> list[str]:
     """The op types ``int8_trt`` quantizes: ``TRT_QDQ_OP_TYPES`` among those static INT8 quantizes (``static_ops``,
     :func:`convert.ort_quant.static_op_types`: --int8-ops and --exclude-op-types). Where the graph has attention that
     leaves the Adds out: a ViT's residual Adds quantized cost torchvision's vit_b_16 19.8 points, without them 0.35
-    (simulated Q/DQ, random init, the held-out photos)."""
+    (simulated Q/DQ, random init, the held-out photos; ``benchmarks/results/int8_ops_cpu.md``)."""
     return [t for t in TRT_QDQ_OP_TYPES if t in static_ops]
 
 
