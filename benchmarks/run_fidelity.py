@@ -151,12 +151,14 @@ def bare_session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def bare_loop(sess: Any, feed: dict[str, np.ndarray], calls: int) -> float:
-    """p50 (ms) of ``calls`` consecutive ``session.run`` calls after 3 untimed ones."""
+def bare_loop(sess: Any, feed: dict[str, np.ndarray], calls: int, seconds: float = 0.0) -> float:
+    """p50 (ms) of consecutive ``session.run`` calls after 3 untimed ones: ``calls`` of them, and more until
+    ``seconds`` have passed."""
     for _ in range(3):
         sess.run(None, feed)
-    out = []
-    for _ in range(calls):
+    out: list[float] = []
+    end = time.perf_counter() + seconds
+    while len(out) < calls or time.perf_counter() < end:
         t0 = time.perf_counter_ns()
         sess.run(None, feed)
         out.append((time.perf_counter_ns() - t0) / 1e6)

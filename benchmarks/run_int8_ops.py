@@ -47,14 +47,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import convert_row, convert_run_args, header_lines, machine, write
-from benchmarks.run_centered_cosine import SEQUENCE, _src
+from benchmarks.run_centered_cosine import BERT_FLAGS, _src
 from benchmarks.run_coverage_hf import versions
+from benchmarks.run_fidelity import bare_loop
 from benchmarks.run_nncf_model_type import _HF_IMAGES, _IMAGES, _TEXT
 from convert.config import Budget, QuantConfig
 from core.manifest import Manifest
 
-_BERT = ["--input-shape", ",".join(f"{n}:1x{SEQUENCE}" for n in ("input_ids", "attention_mask", "token_type_ids")),
-         "--calib", "synthetic", "--calib-size", "32"]
 #: model -> (the op set expected from the architecture: weighted with attention, else all; convert flags)
 MODELS: dict[str, tuple[str, list[str]]] = {
     "resnet18": ("all", _IMAGES),
@@ -64,7 +63,7 @@ MODELS: dict[str, tuple[str, list[str]]] = {
     "vit_b_16": ("weighted", _IMAGES),
     "swin_t": ("weighted", _IMAGES),  # windowed attention
     "maxvit_t": ("weighted", _IMAGES),  # convolutions and attention
-    "transformer": ("weighted", _BERT),
+    "transformer": ("weighted", BERT_FLAGS),
     "hf:bert": ("weighted", _TEXT),
     "hf:distilbert": ("weighted", _TEXT),
     "hf:roberta": ("weighted", _TEXT),
@@ -188,19 +187,6 @@ def trt_rows(verdicts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _bench_once(session: Any, feed: dict[str, np.ndarray], seconds: float) -> float:
-    """Median ms of ``session.run`` over ``seconds`` (after 3 warm-up calls)."""
-    for _ in range(3):
-        session.run(None, feed)
-    times: list[float] = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 5:
-        t = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
 def time_models(verdicts: dict[str, Any], rounds: int, seconds: float) -> dict[str, Any]:
     """A bare InferenceSession loop (default options) on FP32 and each INT8 file of the full-size models with
     attention, batch 1, one session per file, in ``rounds`` interleaved rounds (the order flipped each round): the
@@ -225,7 +211,7 @@ def time_models(verdicts: dict[str, Any], rounds: int, seconds: float) -> dict[s
     for i in range(rounds):
         for model, by in sessions.items():
             for kind in (list(by) if i % 2 == 0 else list(reversed(by))):
-                per[model][kind].append(_bench_once(by[kind], feeds[model], seconds))
+                per[model][kind].append(bare_loop(by[kind], feeds[model], 5, seconds))
         print(f"timing round {i + 1}/{rounds} done", flush=True)
     return {"models": {m: {k: {"median_ms": statistics.median(v), "range_ms": [min(v), max(v)], "rounds": v}
                            for k, v in by.items()} for m, by in per.items()},
