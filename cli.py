@@ -199,7 +199,9 @@ def convert(
     int8_ops: Annotated[str, typer.Option(help="Static INT8 (--int8): the op types quantized: auto | all | weighted "
                                                "(weighted: only Conv/ConvTranspose/Gemm/MatMul; all: every "
                                                "type ONNX Runtime can quantize, its default; auto: weighted where the "
-                                               "graph has attention, else all)", rich_help_panel="Precision")] = "auto",
+                                               "graph has attention, else all). A list (auto,all) adds a variant per "
+                                               "further set whose op types differ (int8_static_METHOD_SET), for "
+                                               "bench/tune to compare", rich_help_panel="Precision")] = "auto",
     max_accuracy_drop: Annotated[float, typer.Option(min=0.0, help="The gate of every FP16/INT8/sparse/pruned "
                                                      "variant: top-1 points it may lose against FP32 on held-out "
                                                      "data (agreement without labels; 100 x (1 - centered cosine) "

@@ -10,7 +10,9 @@ Per model, everything through ``cli.py`` (what users run), random-init weights:
    held-out photos apart from the calibration ones, by source photo) plus ``--int8-layouts`` (the main INT8 variant
    is QDQ per-channel u8; each layout named adds one variant). ``transformer``: the random-init 4-layer BERT of
    benchmarks/run_transformer.py (``hf:``, needs ``.[hf]``) bound at sequence 128, with ``--int8-dynamic`` (what ORT
-   advises for transformers) and static ``--int8 --calib synthetic`` (random token ids: no text set is built in).
+   advises for transformers) and static ``--int8 --calib synthetic`` (random token ids: no text set is built in)
+   with ``--int8-ops auto,all``: its MatMul-only file and, from the same ranges, the every-op-type one (1.18x faster
+   for this BERT in benchmarks/results/int8_ops_cpu.md's bare-loop timing, both within the gate); tune times both.
    Every model also gets ``--int8-nncf`` (OpenVINO's own INT8, an IR only openvino runs, same calibration data and
    gate); where NNCF fails or its variant misses the gate, convert records it failed and the run goes on without it
    (the model's "not made" line).
@@ -192,8 +194,8 @@ def _convert(model: str, args: argparse.Namespace) -> tuple[Path, list[str], flo
 
         src = _bert_folder(work / TRANSFORMER, "small")
         shape = ",".join(f"{n}:1x{SEQUENCE}" for n in ("input_ids", "attention_mask", "token_type_ids"))
-        flags = ["--input-shape", shape, "--int8-dynamic", "--int8", "--int8-nncf", "--calib", "synthetic",
-                 "--calib-size", "32"]
+        flags = ["--input-shape", shape, "--int8-dynamic", "--int8", "--int8-ops", "auto,all", "--int8-nncf",
+                 "--calib", "synthetic", "--calib-size", "32"]
     else:
         src = model
         flags = ["--int8", "--int8-nncf", "--calib", "imagenet_subset",

@@ -246,6 +246,11 @@ class QuantConfig(BaseModel):
         default="auto", description="Static INT8: the op types quantized; auto: only Conv/ConvTranspose/Gemm/MatMul "
                                     "where the graph has attention (its layer norms, residual Adds and GELU stay "
                                     "float), else every type ONNX Runtime can quantize (convert/ort_quant.py)")
+    extra_int8_ops: list[Int8OpSet] = Field(
+        default_factory=list, description="More static INT8 variants from the same calibration and FP32 nodes, one per "
+                                          "op set whose op types differ from int8_ops', in the main layout, named "
+                                          "int8_static_<method>_<set> (set: all or weighted); bench and tune compare "
+                                          "them")
     trt_qdq: bool = Field(default=False, description="Also write int8_trt from the same calibration: Q/DQ by "
                                                      "TensorRT's rules, for an INT8 engine (convert --trt --int8)")
     gate: GateConfig = Field(default_factory=GateConfig)

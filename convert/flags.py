@@ -88,6 +88,15 @@ def _choice(*choices: str) -> TextParser:
     return parse
 
 
+def _op_sets(items: list[str], flag: str) -> list[str]:
+    """``--int8-ops auto,all``: each of auto/all/weighted, once; the first is the main variant's."""
+    pick = _choice("auto", "all", "weighted")
+    sets = [pick(t, flag) for t in items]
+    if len(set(sets)) < len(sets):
+        raise InputError(f"{flag} {','.join(items)!r} names an op set twice")
+    return sets
+
+
 def _shapes(text: str, _flag: str) -> InputShape:
     shapes = parse_input_shapes(text)
     return shapes[None] if None in shapes else {str(k): v for k, v in shapes.items()}
@@ -119,7 +128,7 @@ TEXT_PARSERS: dict[str, TextParser] = {
     "train_device": _choice("cpu", "cuda"),
     "int4_algorithm": _choice("rtn", "hqq", "gptq"),
     "nncf_model_type": _choice("auto", "transformer", "generic"),
-    "int8_ops": _choice("auto", "all", "weighted"),
+    "int8_ops": lambda text, flag: _op_sets(csv_items(text, flag), flag),
 }
 
 
@@ -171,7 +180,7 @@ class ConvertFlags(BaseModel):
     int8_layouts: list[Int8Layout] = Field(default_factory=list)
     exclude_nodes: list[str] = Field(default_factory=list)
     exclude_op_types: list[str] = Field(default_factory=list)
-    int8_ops: Int8OpSet = "auto"
+    int8_ops: list[Int8OpSet] = Field(default=["auto"], min_length=1)
     max_accuracy_drop: float = 1.0
     min_cosine: float = 0.99
     auto: bool = False
@@ -283,7 +292,7 @@ class ConvertFlags(BaseModel):
                                 weight_type=self.weight_type, per_channel=self.per_channel,
                                 reduce_range=self.reduce_range,
                                 exclude_nodes=self.exclude_nodes, exclude_op_types=self.exclude_op_types,
-                                int8_ops=self.int8_ops, extra_layouts=self.int8_layouts,
+                                int8_ops=self.int8_ops[0], extra_int8_ops=self.int8_ops[1:], extra_layouts=self.int8_layouts,
                                 nncf_model_type=self.nncf_model_type,
                                 int4_options=Int4Config(algorithm=self.int4_algorithm, block_size=self.int4_block_size,
                                                         symmetric=self.int4_symmetric, ratio=self.int4_ratio,

@@ -12,7 +12,7 @@ import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 from convert.attention import onnx_attention
 from convert.config import CalibMethod, Int8Layout, Int8OpSet, QType, QuantConfig
@@ -89,38 +89,45 @@ def quantizable_op_types(exclude: list[str]) -> list[str]:
 WEIGHTED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def static_op_types(model: Path, op_set: Int8OpSet, exclude: list[str]) -> tuple[list[str], str]:
-    """The op types static INT8 quantizes in ``model`` (minus ``exclude``) for ``--int8-ops op_set``, and why; an
-    InputError where the graph has none of them (ONNX Runtime would write an FP32 copy, or read an empty list as
-    every type)."""
-    import onnx
+class OpChoice(NamedTuple):
+    """What static INT8 quantizes for one ``--int8-ops`` set: the set it came to (auto resolves to all or weighted),
+    its op types, and why."""
 
-    graph = onnx.load(str(model), load_external_data=False).graph
+    set: Literal["all", "weighted"]
+    ops: list[str]
+    why: str
+
+
+def static_op_types(graph: Any, op_set: Int8OpSet, exclude: list[str]) -> OpChoice:
+    """The op types static INT8 quantizes in ``graph`` (an ONNX GraphProto; minus ``exclude``) for ``--int8-ops
+    op_set``, and why; an InputError where the graph has none of them (ONNX Runtime would write an FP32 copy, or read
+    an empty list as every type)."""
     everything = quantizable_op_types(exclude)
     weighted = [t for t in WEIGHTED_OP_TYPES if t not in exclude]
+    choice: OpChoice
     if op_set == "all":
-        ops, why = everything, "--int8-ops all: every op type ONNX Runtime can quantize"
+        choice = OpChoice("all", everything, "--int8-ops all: every op type ONNX Runtime can quantize")
     elif op_set == "weighted":
-        ops, why = weighted, "--int8-ops weighted: " + "/".join(weighted) + " only"
+        choice = OpChoice("weighted", weighted, "--int8-ops weighted: " + "/".join(weighted) + " only")
     elif (count := onnx_attention(graph)).found:
-        ops, why = weighted, (f"auto: attention in the graph {count.describe()}: {'/'.join(weighted)} only; layer "
-                              "norms, residual Adds and GELU stay float")
+        choice = OpChoice("weighted", weighted, f"auto: attention in the graph {count.describe()}: "
+                                                f"{'/'.join(weighted)} only; layer norms, residual Adds and GELU stay "
+                                                "float")
     else:
-        ops, why = everything, (f"auto: no attention in the graph {count.describe()}: every op type ONNX Runtime can "
-                                "quantize")
-    if not {n.op_type for n in graph.node} & set(ops):
-        raise InputError(f"static INT8 has nothing to quantize: the graph has no op of {', '.join(ops) or 'no type'} "
-                         f"({why}{'; --exclude-op-types ' + ','.join(exclude) if exclude else ''})")
-    return ops, why
+        choice = OpChoice("all", everything, f"auto: no attention in the graph {count.describe()}: every op type "
+                                             "ONNX Runtime can quantize")
+    if not {n.op_type for n in graph.node} & set(choice.ops):
+        raise InputError(f"static INT8 has nothing to quantize: the graph has no op of "
+                         f"{', '.join(choice.ops) or 'no type'} ({choice.why}"
+                         f"{'; --exclude-op-types ' + ','.join(exclude) if exclude else ''})")
+    return choice
 
 
-def check_exclusions(model: Path, cfg: QuantConfig) -> None:
-    """Unknown ``--exclude-nodes``/``--exclude-op-types`` are one clear InputError naming what exists."""
+def check_exclusions(graph: Any, cfg: QuantConfig) -> None:
+    """Unknown ``--exclude-nodes``/``--exclude-op-types`` in ``graph`` (the pre-processed model's GraphProto) are one
+    clear InputError naming what exists."""
     import difflib
 
-    import onnx
-
-    graph = onnx.load(str(model), load_external_data=False).graph
     names = [n.name for n in graph.node]
     ops = sorted({n.op_type for n in graph.node})
     problems = []

@@ -23,10 +23,10 @@ as failed with its reason and the others are still made; ``int8_trt`` is skipped
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from calibration.cpu import CpuFeatures, cpu_features
 from calibration.ort_reader import OrtCalibrationReader
@@ -40,6 +40,7 @@ from convert.context import ConvertContext, attempt_variant, skip_variant
 from convert.gates import NodeScore, Trial, auto_search, gate_verdict, rank_nodes, summary_line
 from convert.heldout import HeldOutEvaluator, keep_heldout
 from convert.ort_quant import (
+    OpChoice,
     QuantizeError,
     check_exclusions,
     preprocess_for_quantization,
@@ -83,7 +84,8 @@ class QuantState:
     random_init: bool = False  # random weights: gated on output cosine, not on class agreement
     prepped: Path | None = None  # the reference after quant_pre_process (by the first INT8 step, prepare_int8)
     calibrations: Calibrations | None = None  # static INT8: the calibration run of each method (prepare_int8)
-    static_ops: tuple[list[str], str] | None = None  # static INT8: the op types it quantizes, and why (prepare_int8)
+    static_ops: OpChoice | None = None  # static INT8: the op types it quantizes, and why (prepare_int8)
+    extra_ops: list[OpChoice] = field(default_factory=list)  # --int8-ops' further sets whose op types differ
     prepare_error: Exception | None = None  # why prepare_int8 failed: every INT8 variant fails with it
 
     @property
@@ -101,9 +103,9 @@ class QuantState:
         return self.calibrations
 
     def static_op_types(self) -> list[str]:
-        return self.static_op_choice()[0]
+        return self.static_op_choice().ops
 
-    def static_op_choice(self) -> tuple[list[str], str]:
+    def static_op_choice(self) -> OpChoice:
         """The op types static INT8 quantizes and why (:func:`convert.ort_quant.static_op_types`)."""
         if self.static_ops is None:
             raise RuntimeError("static INT8 was not asked for: its op types were not chosen")
@@ -122,13 +124,34 @@ def _open_data(ctx: ConvertContext, cfg: QuantConfig) -> QuantData:
     return data
 
 
-def _prepare(ctx: ConvertContext, cfg: QuantConfig, src: Path, work: Path) -> Path:
+def _prepare(ctx: ConvertContext, cfg: QuantConfig, src: Path, work: Path) -> tuple[Path, Any]:
+    """The pre-processed model's path and its graph (an ONNX GraphProto without its weights' data)."""
+    import onnx
+
     out = work / "prepped.onnx"
     ctx.log("quantization pre-processing (ONNX Runtime quant_pre_process: shape inference, optimization)")
     if note := preprocess_for_quantization(src, out):
         ctx.log(f"quantization pre-processing: {note}")
-    check_exclusions(out, cfg)
-    return out
+    graph = onnx.load(str(out), load_external_data=False).graph
+    check_exclusions(graph, cfg)
+    return out, graph
+
+
+def _choose_op_sets(ctx: ConvertContext, cfg: QuantConfig, graph: Any) -> tuple[OpChoice, list[OpChoice]]:
+    """``--int8-ops``: the main variant's op types, and each further set's whose op types differ from those before it
+    (``auto,weighted`` on a model with attention is one set: said in one line)."""
+    main = static_op_types(graph, cfg.int8_ops, cfg.exclude_op_types)
+    ctx.log(f"static INT8 quantizes {len(main.ops)} op type(s): {main.why}")
+    extra: list[OpChoice] = []
+    for op_set in cfg.extra_int8_ops:
+        choice = static_op_types(graph, op_set, cfg.exclude_op_types)
+        if any(set(choice.ops) == set(c.ops) for c in [main, *extra]):
+            ctx.log(f"--int8-ops {op_set}: the same op types as an earlier set ({choice.why}); no variant of its own")
+            continue
+        ctx.log(f"--int8-ops {op_set}: also int8_static_<method>_{choice.set}, {len(choice.ops)} op type(s): "
+                f"{choice.why}")
+        extra.append(choice)
+    return main, extra
 
 
 def setup_quant(ctx: ConvertContext, cfg: QuantConfig, work: Path) -> QuantState:
@@ -160,10 +183,9 @@ def prepare_int8(ctx: ConvertContext, state: QuantState) -> None:
         return
     cfg = state.cfg
     try:
-        prepped = _prepare(ctx, cfg, state.reference_file, state.work)
+        prepped, graph = _prepare(ctx, cfg, state.reference_file, state.work)
         if cfg.int8_static:
-            state.static_ops = ops, why = static_op_types(prepped, cfg.int8_ops, cfg.exclude_op_types)
-            ctx.log(f"static INT8 quantizes {len(ops)} op type(s): {why}")
+            state.static_ops, state.extra_ops = _choose_op_sets(ctx, cfg, graph)
     except Exception as exc:
         state.prepare_error = exc
         raise
@@ -229,15 +251,17 @@ def step_int8_dynamic(ctx: ConvertContext, state: QuantState) -> None:
 
 
 def _build_static(state: QuantState, method: CalibMethod, fp32_nodes: list[str],
-                  on: HeldOutEvaluator | None = None, layout: Int8Layout | None = None) -> Trial:
+                  on: HeldOutEvaluator | None = None, layout: Int8Layout | None = None,
+                  ops: OpChoice | None = None) -> Trial:
     """Static INT8 from ``method``'s ranges with ``fp32_nodes`` left in FP32, in ``layout`` (default: the
-    config's), graded on ``on`` (default: the held-out data)."""
+    config's), of the op types of ``ops`` (default: the main set's), graded on ``on`` (default: the held-out data)."""
     cal = state.static()
     run = cal.run(method)
     layout = layout or state.cfg.layout
-    out = state.work / f"int8_static_{method}_{len(fp32_nodes)}_{layout.name}.onnx"
+    ops = ops or state.static_op_choice()
+    out = state.work / f"int8_static_{method}_{len(fp32_nodes)}_{layout.name}_{ops.set}.onnx"
     quantize_static_file(cal.model, out, run.method, run.cache, state.cfg, state.reduce_range, fp32_nodes,
-                         state.static_op_types(), layout)
+                         ops.ops, layout)
     stats = (on or state.evaluator).evaluate(out)
     return Trial(method=method, fp32_nodes=fp32_nodes, stats=stats,
                  gate=gate_verdict(stats, state.cfg.gate, state.random_init), path=out)
@@ -292,6 +316,8 @@ def step_int8_static(ctx: ConvertContext, state: QuantState) -> None:
         for trial, auto in pick():
             for layout in dict.fromkeys([cfg.layout, *cfg.extra_layouts]):
                 _record_static(ctx, state, trial, auto, layout, notes)
+            for ops in state.extra_ops:
+                _record_static(ctx, state, trial, auto, cfg.layout, notes, ops)
             chosen.append(trial)
 
     # one attempt per calibration method (its layouts with it); --auto's choice is one attempt
@@ -312,22 +338,29 @@ def step_int8_static(ctx: ConvertContext, state: QuantState) -> None:
 
 
 def _record_static(ctx: ConvertContext, state: QuantState, trial: Trial, auto: AutoRecord | None, layout: Int8Layout,
-                   notes: list[str]) -> None:
-    """``trial`` (the config's own layout: int8_static_METHOD) or, for another layout, the same method's ranges and
-    FP32 nodes quantized in that layout and graded on the same held-out data (int8_static_METHOD_LAYOUT)."""
-    cfg, main = state.cfg, layout == state.cfg.layout
+                   notes: list[str], ops: OpChoice | None = None) -> None:
+    """``trial`` (the config's own layout and op set: int8_static_METHOD) or, for another layout, the same method's
+    ranges and FP32 nodes quantized in that layout (int8_static_METHOD_LAYOUT) or, for another op set (``ops``, in
+    the config's layout), of those op types (int8_static_METHOD_SET), graded on the same held-out data."""
+    cfg = state.cfg
+    main = layout == cfg.layout and ops is None
     fmt: Literal["QOperator", "QDQ"] = "QOperator" if layout.quant_format == "qoperator" else "QDQ"
-    if not main:
+    suffix = ""
+    if ops is not None:
+        ctx.log(f"  {trial.method}: op set {ops.set} ({len(ops.ops)} op type(s))")
+        trial, suffix = _build_static(state, trial.method, trial.fp32_nodes, ops=ops), f"_{ops.set}"
+    elif not main:
         ctx.log(f"  {trial.method}: layout {layout.name} ({fmt}, per-channel {layout.per_channel}, "
                 f"activations {layout.activation_type})")
-        trial = _build_static(state, trial.method, trial.fp32_nodes, layout=layout)
+        trial, suffix = _build_static(state, trial.method, trial.fp32_nodes, layout=layout), f"_{layout.name}"
+    choice = ops or state.static_op_choice()
     params = StaticQuantParams(
         method=trial.method, quant_format=fmt, layout=layout.name, activation_type=layout.activation_type, weight_type=cfg.weight_type,
         per_channel=layout.per_channel, reduce_range=state.reduce_range, exclude_nodes=cfg.exclude_nodes,
-        exclude_op_types=cfg.exclude_op_types, op_types=state.static_op_types(),
-        op_types_reason=state.static_op_choice()[1], fp32_nodes=trial.fp32_nodes,
+        exclude_op_types=cfg.exclude_op_types, op_types=choice.ops, op_types_reason=choice.why,
+        fp32_nodes=trial.fp32_nodes,
         cpu=state.cpu.summary, calibration=state.static().record(trial.method), auto=auto)
-    name = f"int8_static_{trial.method}" + ("" if main else f"_{layout.name}")
+    name = f"int8_static_{trial.method}{suffix}"
     record_variant(ctx, state, trial.path, name=name, precision="int8", params=params, stats=trial.stats, notes=notes)
 
 

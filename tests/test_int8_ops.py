@@ -65,39 +65,43 @@ def _quantized_apart_from_weighted(path: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def vit_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def vit_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The tiny ViT converted once with ``--int8-ops auto,all,weighted``: (its folder, convert's output)."""
     root = tmp_path_factory.mktemp("int8_ops")
     (root / "tiny_vit.py").write_text(TINY_VIT)
-    outs = {}
-    for ops in ("auto", "all"):
-        out = root / ops
-        res = CliRunner().invoke(cli.app, [
-            "convert", f"{root / 'tiny_vit.py'}:build", "--out", str(out), "--no-optimize", "--int8", "--calib",
-            "imagenet_subset", "--calib-size", "16", "--eval-size", "16", "--max-accuracy-drop", "100",
-            "--min-cosine", "-1", *([] if ops == "auto" else ["--int8-ops", ops])])
-        assert res.exit_code == 0, res.output
-        outs[ops] = out
-    return outs
+    out = root / "out"
+    res = CliRunner().invoke(cli.app, [
+        "convert", f"{root / 'tiny_vit.py'}:build", "--out", str(out), "--no-optimize", "--int8", "--calib",
+        "imagenet_subset", "--calib-size", "16", "--eval-size", "16", "--max-accuracy-drop", "100",
+        "--min-cosine", "-1", "--int8-ops", "auto,all,weighted"])
+    assert res.exit_code == 0, res.output
+    return out, " ".join(res.output.split())
 
 
-def _static(out: Path) -> Any:
-    return Manifest.load(out).artifacts["int8_static_minmax"]
+def _static(out: Path, name: str = "int8_static_minmax") -> Any:
+    return Manifest.load(out).artifacts[name]
 
 
-def test_a_transformer_quantizes_only_its_weighted_ops(vit_runs: dict[str, Path]) -> None:
+def test_a_transformer_quantizes_only_its_weighted_ops(vit_run: tuple[Path, str]) -> None:
     """A ViT's static INT8 quantizes its MatMuls (weights and attention's two activations), Gemm and patch Conv only
-    (their inputs and outputs: no activation is quantized apart from them), says why in the manifest; its output moves much less from FP32 than with every op type quantized
-    (the tiny ViT: centered cosine 0.9990 against 0.9700 on 16 held-out photos)."""
-    art = _static(vit_runs["auto"])
+    (their inputs and outputs: no activation is quantized apart from them), says why in the manifest; its output moves
+    much less from FP32 than with every op type quantized (the tiny ViT: centered cosine 0.9990 against 0.9700 on 16
+    held-out photos). The further op sets of ``--int8-ops auto,all,weighted``: all is a variant of its own
+    (int8_static_minmax_all, same ranges and held-out data), weighted is what auto chose (no variant)."""
+    out, log = vit_run
+    art = _static(out)
     assert set(art.params.op_types) == WEIGHTED
     assert art.params.op_types_reason.startswith("auto: attention in the graph (4 MatMul/Einsum of two activations, "
                                                  "2 Softmax)")
-    assert _quantized_apart_from_weighted(vit_runs["auto"] / art.file.path) == set()
-    every = _static(vit_runs["all"])
+    assert _quantized_apart_from_weighted(out / art.file.path) == set()
+    every = _static(out, "int8_static_minmax_all")
     assert every.params.op_types_reason == "--int8-ops all: every op type ONNX Runtime can quantize"
-    assert {"LayerNormalization", "Add"} <= _quantized_apart_from_weighted(vit_runs["all"] / every.file.path)
+    assert every.params.calibration == art.params.calibration and every.metrics.held_out == art.metrics.held_out
+    assert {"LayerNormalization", "Add"} <= _quantized_apart_from_weighted(out / every.file.path)
     auto_c, all_c = art.metrics.accuracy.centered_cosine, every.metrics.accuracy.centered_cosine
     assert 1 - auto_c < (1 - all_c) / 5, (auto_c, all_c)
+    assert "int8_static_minmax_weighted" not in Manifest.load(out).artifacts
+    assert "--int8-ops weighted: the same op types as an earlier set" in log, log
 
 
 def test_a_cnn_keeps_every_op_type(digits_model: Any, tmp_path: Path) -> None:
@@ -123,6 +127,9 @@ def test_the_flag_needs_int8_and_a_known_value(digits_model: Any, tmp_path: Path
     res = run("--int8", "--calib", str(digits_model.calib_npz), "--int8-ops", "matmul")
     assert res.exit_code == 2 and "unknown --int8-ops 'matmul'; choose auto or all or weighted" \
         in " ".join(res.output.split()), res.output
+    res = run("--int8", "--calib", str(digits_model.calib_npz), "--int8-ops", "all,weighted,all")
+    assert res.exit_code == 2 and "--int8-ops 'all,weighted,all' names an op set twice" \
+        in " ".join(res.output.split()), res.output
     assert not (tmp_path / "out").exists()
 
 
@@ -139,7 +146,7 @@ def test_nothing_left_to_quantize_is_an_input_error(digits_model: Any, tmp_path:
 
 
 @pytest.mark.parametrize("ops", ["auto", "all"])
-def test_int8_trt_follows_the_op_set(vit_runs: dict[str, Path], ops: str, tmp_path: Path) -> None:
+def test_int8_trt_follows_the_op_set(vit_run: tuple[Path, str], ops: str, tmp_path: Path) -> None:
     """``int8_trt`` (TensorRT's Q/DQ, convert --trt --int8) quantizes TensorRT's op types among static INT8's: a ViT's
     residual Adds stay float under auto (quantized, they cost vit_b_16 ~20 points) and are quantized under all."""
     from convert.config import CalibConfig, ConvertConfig, ExportConfig, GateConfig, QuantConfig
@@ -147,7 +154,7 @@ def test_int8_trt_follows_the_op_set(vit_runs: dict[str, Path], ops: str, tmp_pa
 
     quant = QuantConfig(int8_static=True, trt_qdq=True, int8_ops=ops, calib=CalibConfig(data="imagenet_subset", size=8),
                         gate=GateConfig(max_accuracy_drop=100.0, min_cosine=-1.0, eval_size=8))
-    cfg = ConvertConfig(export=ExportConfig(model=f"{vit_runs['auto'].parent / 'tiny_vit.py'}:build", optimize=False),
+    cfg = ConvertConfig(export=ExportConfig(model=f"{vit_run[0].parent / 'tiny_vit.py'}:build", optimize=False),
                         out=tmp_path / "out", quant=quant)
     manifest, _ = run_convert(cfg, log=lambda _m: None)
     trt = manifest.artifacts["int8_trt"]
