@@ -42,14 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import convert_row, convert_run_args, header_lines, machine, write
 from benchmarks.run_coverage_hf import versions
+from benchmarks.run_deploy import BERT_FLAGS
 from benchmarks.run_nncf_model_type import _HF_IMAGES, _IMAGES, _TEXT, _ov_versions, _source
 from core.manifest import Manifest
 from core.metrics import AccuracyStats, accuracy_drop, accuracy_stats, compare_outputs
 
-SEQUENCE = 128
-#: the deploy benchmark's BERT: its inputs bound at SEQUENCE, static INT8 calibrated on random token ids
-BERT_FLAGS = ["--input-shape", ",".join(f"{n}:1x{SEQUENCE}" for n in ("input_ids", "attention_mask", "token_type_ids")),
-              "--calib", "synthetic", "--calib-size", "32"]
 _VARIANTS = ["--fp16", "--int8", "--int8-nncf"]
 MODELS: dict[str, list[str]] = {
     "resnet18": _IMAGES, "resnet50": _IMAGES, "densenet121": _IMAGES, "vit_b_16": _IMAGES,

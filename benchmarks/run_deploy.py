@@ -86,6 +86,11 @@ if TYPE_CHECKING:
 
 TRANSFORMER = "transformer"
 SEQUENCE = 128
+#: the BERT's inputs bound at SEQUENCE, and its static INT8 calibrated on random token ids (no text set is built in);
+#: run_centered_cosine and run_int8_ops convert the same model with BERT_FLAGS
+BERT_SHAPE = ["--input-shape", ",".join(f"{n}:1x{SEQUENCE}" for n in ("input_ids", "attention_mask", "token_type_ids"))]
+BERT_CALIB = ["--calib", "synthetic", "--calib-size", "32"]
+BERT_FLAGS = [*BERT_SHAPE, *BERT_CALIB]
 PEAK_TARGET = {1: 0.70, 8: 0.85}
 INT8_TARGET = 1.5
 INT8_TARGET_BATCHES = (1, 8)
@@ -193,9 +198,7 @@ def _convert(model: str, args: argparse.Namespace) -> tuple[Path, list[str], flo
         from benchmarks.run_transformer import _bert_folder
 
         src = _bert_folder(work / TRANSFORMER, "small")
-        shape = ",".join(f"{n}:1x{SEQUENCE}" for n in ("input_ids", "attention_mask", "token_type_ids"))
-        flags = ["--input-shape", shape, "--int8-dynamic", "--int8", "--int8-ops", "auto,all", "--int8-nncf",
-                 "--calib", "synthetic", "--calib-size", "32"]
+        flags = [*BERT_SHAPE, "--int8-dynamic", "--int8", "--int8-ops", "auto,all", "--int8-nncf", *BERT_CALIB]
     else:
         src = model
         flags = ["--int8", "--int8-nncf", "--calib", "imagenet_subset",

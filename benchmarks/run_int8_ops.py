@@ -47,8 +47,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import convert_row, convert_run_args, header_lines, machine, write
-from benchmarks.run_centered_cosine import BERT_FLAGS, _src
+from benchmarks.run_centered_cosine import _src
 from benchmarks.run_coverage_hf import versions
+from benchmarks.run_deploy import BERT_FLAGS
 from benchmarks.run_fidelity import bare_loop
 from benchmarks.run_nncf_model_type import _HF_IMAGES, _IMAGES, _TEXT
 from convert.config import Budget, QuantConfig
