@@ -185,19 +185,16 @@ def _missing_parents(target: Path) -> list[Path]:
     return list(reversed(missing))
 
 
-def _make_stage(target: Path) -> tuple[Path, list[Path]]:
+def _make_stage(target: Path, stage: Path) -> None:
+    """Create ``stage`` (and ``target``'s missing parents); the caller removes both when this or its block fails."""
     if target.exists() and not target.is_dir():
         raise InputError(f"output folder {target} exists and is not a folder")
-    created = _missing_parents(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(target)
-        stage = staging_path(target)
         stage.mkdir()
     except OSError as exc:
-        _remove_empty(created)
         raise InputError(f"output folder {target} cannot be written: {exc.strerror or exc}") from None
-    return stage, created
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -216,9 +213,11 @@ def staged_folder(target: Path, carry: Callable[[str], bool] | None = None) -> I
     # DIR/..: the folder it names, so that the staging folder beside it is not inside it (and copied into itself)
     target = target.resolve() if target.name == ".." else target.absolute()
     with signals_raise():
-        stage, created = _make_stage(target)
+        # named before they exist, so that a signal arriving while they are made (or just after) still removes them
+        stage, created = staging_path(target), _missing_parents(target)
         committed = False
         try:
+            _make_stage(target, stage)
             if carry is not None and target.is_dir():
                 carry_into(target, stage, carry)
             yield stage
@@ -243,12 +242,12 @@ def staged_files(folder: Path, names: list[str]) -> Iterator[Path]:
     folder = Path(folder)
     with signals_raise():
         created = _missing_parents(folder / "x")
-        folder.mkdir(parents=True, exist_ok=True)
         stage = folder / f"{STAGING_TAG.strip('-')}-{os.getpid()}"
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir()
         ok = False
-        try:
+        try:  # from before the folders are made: a signal arriving meanwhile still removes them
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(stage, ignore_errors=True)
+            stage.mkdir()
             yield stage
             _Guard.raise_swallowed()
             with _Guard.deferred():

@@ -313,3 +313,31 @@ def test_int8_variants_of_a_large_model_keep_external_data(tmp_path: Path, monke
         assert rec.external_data, f"{name} was written inline"
         ort.InferenceSession(str(out / rec.path), providers=["CPUExecutionProvider"])
     assert manifest.verify(out) == []
+
+
+@pytest.mark.parametrize("where", ["folder", "files"])
+def test_a_signal_just_after_the_staging_folder_is_made_still_removes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """The signal handler can run on the very next bytecode after ``mkdir`` made the staging folder, before any
+    ``try`` that would remove it (seen once in test_signal_during_a_rerun_leaves_the_old_folder[staging-SIGTERM]):
+    here KeyboardInterrupt is raised right there, and neither the staging folder nor a new parent is left."""
+    from core import transaction
+
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_interrupt(self: Path, mode: int = 0o777, parents: bool = False, exist_ok: bool = False) -> None:
+        real_mkdir(self, mode, parents, exist_ok)
+        if transaction.STAGING_TAG.strip("-") in self.name:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_interrupt)
+    target = tmp_path / "new" / "out"
+    with pytest.raises(KeyboardInterrupt):
+        if where == "folder":
+            with transaction.staged_folder(target):
+                pytest.fail("the block must not run")
+        else:
+            with transaction.staged_files(target, ["results.json"]):
+                pytest.fail("the block must not run")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
